@@ -1,0 +1,57 @@
+"""Plain-torch attention over a paged KV cache: the CPU path and the kernels' reference.
+
+The cache of one layer is a pair of tensors [num_blocks, block_size, Hkv, Dh]. A token at
+position p of a sequence lives in block `block_table[p // block_size]` at offset
+`p % block_size`; `slot = block * block_size + offset` flattens that (slot -1: padding).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def write_kv_ref(
+    k: torch.Tensor,  # [T, Hkv, Dh]
+    v: torch.Tensor,  # [T, Hkv, Dh]
+    k_cache: torch.Tensor,  # [N, B, Hkv, Dh]
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,  # [T] int64, -1 = padding
+) -> None:
+    keep = slot_mapping >= 0
+    slots = slot_mapping[keep]
+    k_cache.view(-1, *k_cache.shape[2:])[slots] = k[keep].to(k_cache.dtype)
+    v_cache.view(-1, *v_cache.shape[2:])[slots] = v[keep].to(v_cache.dtype)
+
+
+def paged_attention_ref(
+    q: torch.Tensor,  # [T, Hq, Dh] all sequences' new tokens, concatenated
+    k_cache: torch.Tensor,  # [N, B, Hkv, Dh]
+    v_cache: torch.Tensor,
+    block_tables: list[list[int]],  # per sequence
+    seq_lens: list[int],  # per sequence: context length including this step's tokens
+    query_lens: list[int],  # per sequence: tokens of this step
+    scale: float,
+) -> torch.Tensor:  # [T, Hq, Dh]
+    block_size = k_cache.shape[1]
+    hq, hkv = q.shape[1], k_cache.shape[2]
+    out = torch.empty_like(q)
+    start = 0
+    for table, seq_len, q_len in zip(block_tables, seq_lens, query_lens):
+        n_blocks = -(-seq_len // block_size)
+        blocks = torch.tensor(table[:n_blocks], dtype=torch.long, device=q.device)
+        keys = k_cache[blocks].reshape(-1, hkv, k_cache.shape[-1])[:seq_len]  # [S, Hkv, Dh]
+        vals = v_cache[blocks].reshape(-1, hkv, v_cache.shape[-1])[:seq_len]
+        if hq != hkv:
+            keys = keys.repeat_interleave(hq // hkv, dim=1)
+            vals = vals.repeat_interleave(hq // hkv, dim=1)
+        qs = q[start:start + q_len].transpose(0, 1)  # [Hq, q_len, Dh]
+        # query i sits at position seq_len - q_len + i and sees keys up to that position
+        pos_q = torch.arange(seq_len - q_len, seq_len, device=q.device).unsqueeze(1)
+        mask = torch.arange(seq_len, device=q.device).unsqueeze(0) <= pos_q  # [q_len, S]
+        o = F.scaled_dot_product_attention(
+            qs, keys.transpose(0, 1).to(q.dtype), vals.transpose(0, 1).to(q.dtype),
+            attn_mask=mask, scale=scale)
+        out[start:start + q_len] = o.transpose(0, 1)
+        start += q_len
+    return out

@@ -1,0 +1,35 @@
+"""What one forward pass needs besides the tokens: attention metadata, KV caches, brownout.
+
+Built by the runner for every step (or captured once per CUDA-graph bucket with persistent
+tensors). The model reads it; it never reaches back into the engine.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+
+@dataclass
+class AttnMeta:
+    slot_mapping: torch.Tensor  # [T] int64: cache slot of each new token, -1 = padding
+    block_tables: torch.Tensor  # [B, max_blocks] int32
+    seq_lens: torch.Tensor  # [B] int32: context length after this step
+    query_start_loc: torch.Tensor  # [B+1] int32: row offsets of each sequence's tokens
+    max_query_len: int
+    # host copies, read only by the plain-torch path
+    block_tables_list: list[list[int]] = field(default_factory=list)
+    seq_lens_list: list[int] = field(default_factory=list)
+    query_lens_list: list[int] = field(default_factory=list)
+
+
+@dataclass
+class ForwardContext:
+    attn: Optional[AttnMeta] = None  # None: plain causal attention over [B, L] (no cache)
+    kv_caches: Optional[list[tuple[torch.Tensor, torch.Tensor]]] = None  # per layer
+    tau: Optional[torch.Tensor] = None  # 0-d float32; None: brownout off
+    valid: Optional[torch.Tensor] = None  # [T] bool: False on CUDA-graph padding rows
+    touched: list[torch.Tensor] = field(default_factory=list)  # per MoE layer, 0-d int64
+    use_kernels: bool = False  # Triton kernels (GPU) instead of the plain-torch path

@@ -1,0 +1,62 @@
+"""Self-attention with rotary embedding, optional QKV bias and per-head q/k RMSNorm,
+over a paged KV cache (serving) or over a plain [B, L] batch (calibration, evaluation)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from brownout.kernels.attention_ref import paged_attention_ref, write_kv_ref
+from brownout.models.context import ForwardContext
+from brownout.models.layers.common import RMSNorm, Rotary
+from brownout.models.spec import MoESpec
+
+
+class Attention(nn.Module):
+    def __init__(self, spec: MoESpec, rotary: Rotary, layer_idx: int):
+        super().__init__()
+        self.spec = spec
+        self.layer_idx = layer_idx
+        self.qkv_proj = nn.Linear(spec.hidden_size, spec.q_size + 2 * spec.kv_size, bias=spec.qkv_bias)
+        self.o_proj = nn.Linear(spec.q_size, spec.hidden_size, bias=False)
+        self.q_norm = RMSNorm(spec.head_dim, spec.rms_norm_eps) if spec.qk_norm else None
+        self.k_norm = RMSNorm(spec.head_dim, spec.rms_norm_eps) if spec.qk_norm else None
+        self.rotary = rotary
+        self.scale = spec.head_dim ** -0.5
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        s = self.spec
+        # x [..., T, D] -> q [..., T, Hq, Dh], k/v [..., T, Hkv, Dh]
+        q, k, v = self.qkv_proj(x).split([s.q_size, s.kv_size, s.kv_size], dim=-1)
+        q = q.unflatten(-1, (s.num_heads, s.head_dim))
+        k = k.unflatten(-1, (s.num_kv_heads, s.head_dim))
+        v = v.unflatten(-1, (s.num_kv_heads, s.head_dim))
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = self.rotary(q, positions), self.rotary(k, positions)
+        if ctx.attn is None:
+            out = self._full(q, k, v)
+        else:
+            out = self._paged(q, k, v, ctx)
+        return self.o_proj(out.flatten(-2))
+
+    def _full(self, q, k, v) -> torch.Tensor:
+        # q [B, L, Hq, Dh]: plain causal attention, no cache
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
+            scale=self.scale, enable_gqa=q.shape[2] != k.shape[2])
+        return out.transpose(1, 2)
+
+    def _paged(self, q, k, v, ctx: ForwardContext) -> torch.Tensor:
+        meta = ctx.attn
+        k_cache, v_cache = ctx.kv_caches[self.layer_idx]
+        if ctx.use_kernels:
+            from brownout.kernels.paged_attention import paged_attention, write_kv
+
+            write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+            return paged_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens,
+                                   meta.query_start_loc, meta.max_query_len, self.scale)
+        write_kv_ref(k, v, k_cache, v_cache, meta.slot_mapping)
+        return paged_attention_ref(q, k_cache, v_cache, meta.block_tables_list,
+                                   meta.seq_lens_list, meta.query_lens_list, self.scale)

@@ -1,0 +1,24 @@
+"""Mixtral (8 experts, top-2, renormalised, no shared expert). Its checkpoints name the
+expert projections w1 (gate), w3 (up), w2 (down) under block_sparse_moe.
+Reference: transformers' modeling_mixtral."""
+
+from __future__ import annotations
+
+from brownout.models.spec import MoESpec, check_rope_scaling, head_dim_of, rope_theta_of
+
+ARCHITECTURE = "MixtralForCausalLM"
+MOE_PREFIX = "block_sparse_moe"
+EXPERT_NAMES = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
+
+
+def spec_from_config(cfg) -> MoESpec:
+    check_rope_scaling(cfg)
+    return MoESpec(
+        architecture=ARCHITECTURE, vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
+        num_layers=cfg.num_hidden_layers, num_heads=cfg.num_attention_heads,
+        num_kv_heads=cfg.num_key_value_heads, head_dim=head_dim_of(cfg),
+        num_experts=cfg.num_local_experts, top_k=cfg.num_experts_per_tok,
+        moe_intermediate_size=cfg.intermediate_size, renormalize=True,
+        rms_norm_eps=cfg.rms_norm_eps, rope_theta=rope_theta_of(cfg, 1e6),
+        max_position_embeddings=cfg.max_position_embeddings,
+        tie_word_embeddings=bool(getattr(cfg, "tie_word_embeddings", False)))

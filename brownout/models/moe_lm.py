@@ -1,0 +1,83 @@
+"""The MoE decoder language model shared by every supported family.
+
+Families differ only in their `MoESpec` (QKV bias, q/k norm, shared expert, top-k
+renormalisation) and in checkpoint names (see `runner/loader.py`), so one model class
+serves all. Two entry points: `forward` over a flat batch of tokens with a paged KV cache
+(serving) and `forward_full` over a [B, L] batch without cache (calibration, evaluation).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from brownout.models.context import ForwardContext
+from brownout.models.layers.attention import Attention
+from brownout.models.layers.common import RMSNorm, Rotary, SwiGLU
+from brownout.models.layers.moe import SparseMoE
+from brownout.models.spec import MoESpec
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, spec: MoESpec, rotary: Rotary, idx: int, extra_slots: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+        self.self_attn = Attention(spec, rotary, idx)
+        self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+        if idx in spec.dense_layers:
+            self.mlp: nn.Module = SwiGLU(spec.hidden_size, spec.dense_intermediate_size)
+        else:
+            self.mlp = SparseMoE(spec, extra_slots)
+
+    def forward(self, x, positions, ctx: ForwardContext) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), positions, ctx)
+        h = self.post_attention_layernorm(x)
+        return x + (self.mlp(h, ctx) if isinstance(self.mlp, SparseMoE) else self.mlp(h))
+
+
+class MoEForCausalLM(nn.Module):
+    def __init__(self, spec: MoESpec, extra_slots: int = 0, max_positions: Optional[int] = None):
+        super().__init__()
+        self.spec = spec
+        self.extra_slots = extra_slots
+        self.rotary = Rotary(spec.head_dim, max_positions or spec.max_position_embeddings, spec.rope_theta)
+        self.embed_tokens = nn.Embedding(spec.vocab_size, spec.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(spec, self.rotary, i, extra_slots)
+                                    for i in range(spec.num_layers))
+        self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+        self.lm_head = nn.Linear(spec.hidden_size, spec.vocab_size, bias=False)
+        if spec.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    def moe_layers(self) -> list[SparseMoE]:
+        return [layer.mlp for layer in self.layers if isinstance(layer.mlp, SparseMoE)]
+
+    @property
+    def brownout_ready(self) -> bool:
+        moes = self.moe_layers()
+        return bool(moes) and all(m.brownout_ready for m in moes)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        """input_ids/positions [T] (paged) or [B, L] (full); returns final hidden states."""
+        x = self.embed_tokens(input_ids)
+        for layer in self.layers:
+            x = layer(x, positions, ctx)
+        return self.norm(x)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden).float()
+
+    @torch.inference_mode()
+    def forward_full(self, input_ids: torch.Tensor, tau: Optional[float] = None) -> torch.Tensor:
+        """Logits [B, L, V] of a batch of equal-length sequences, causal, no KV cache.
+
+        With `tau` set (and united experts installed) brownout counts are taken over all
+        B*L tokens, as in one serving step of that many tokens.
+        """
+        B, L = input_ids.shape
+        positions = torch.arange(L, device=input_ids.device).expand(B, L)
+        tau_t = None if tau is None else torch.tensor(float(tau), device=input_ids.device)
+        ctx = ForwardContext(tau=tau_t, touched=None)
+        return self.compute_logits(self.forward(input_ids, positions, ctx))

@@ -1,0 +1,190 @@
+"""Build a model from a Hugging Face-format checkpoint (safetensors only) or from a config
+with random weights (load_format="dummy"), on the chosen device and dtype.
+
+Checkpoint tensors are mapped onto the packed layout of `MoEForCausalLM`: q/k/v fused into
+one projection, every expert's gate/up into `w13[e]` and down into `w2[e]`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+from safetensors import safe_open
+
+from brownout.config import ModelLoadConfig
+from brownout.models.moe_lm import MoEForCausalLM
+from brownout.models.registry import PRESETS, family_of, preset_config
+from brownout.models.spec import MoESpec
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class LoadedModel:
+    model: MoEForCausalLM
+    spec: MoESpec
+    hf_config: object
+    device: torch.device
+    dtype: torch.dtype
+    model_dir: Optional[Path]  # None for a dummy preset
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device: 'cuda' requested but no CUDA device is available")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return DTYPES[name]
+
+
+def load_hf_config(load: ModelLoadConfig):
+    if load.load_format == "dummy" and load.model in PRESETS:
+        return preset_config(load.model)
+    path = Path(load.model)
+    if not (path / "config.json").is_file():
+        presets = f"; with --load-format dummy a preset name: {', '.join(PRESETS)}"
+        raise ValueError(f"model: {load.model!r} is not a directory with a config.json{presets}")
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(str(path))
+
+
+@contextmanager
+def _default(device: torch.device, dtype: torch.dtype):
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with device:
+            yield
+    finally:
+        torch.set_default_dtype(old)
+
+
+def load_model(load: ModelLoadConfig) -> LoadedModel:
+    hf_config = load_hf_config(load)
+    spec = family_of(hf_config).spec_from_config(hf_config)
+    device = resolve_device(load.device)
+    dtype = resolve_dtype(load.dtype, device)
+    extra = load.extra_expert_slots
+    if extra is None:
+        extra = math.ceil(spec.num_experts / 2)  # room for way-2 (or coarser) united experts
+    max_pos = min(spec.max_position_embeddings, load.max_model_len or spec.max_position_embeddings)
+    with _default(device, dtype):
+        model = MoEForCausalLM(spec, extra_slots=extra, max_positions=max_pos)
+    model.eval().requires_grad_(False)
+    if load.load_format == "dummy":
+        _init_dummy(model, load.seed)
+        model_dir = Path(load.model) if (Path(load.model) / "config.json").is_file() else None
+    else:
+        model_dir = Path(load.model)
+        load_safetensors(model, spec, model_dir)
+    return LoadedModel(model, spec, hf_config, device, dtype, model_dir)
+
+
+@torch.no_grad()
+def _init_dummy(model: MoEForCausalLM, seed: int) -> None:
+    gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+    for name, p in model.named_parameters():
+        if name.endswith("norm.weight"):
+            p.fill_(1.0)
+        else:
+            p.normal_(0.0, 0.02, generator=gen)
+
+
+_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+_EXPERT = re.compile(r"^(?:mlp|block_sparse_moe)\.experts\.(\d+)\.(\w+)\.weight$")
+_PROJ_ALIASES = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
+
+
+def checkpoint_files(model_dir: Path) -> list[Path]:
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [model_dir / n for n in names]
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise ValueError(f"model: no *.safetensors files in {model_dir} (only safetensors are read)")
+    return files
+
+
+@torch.no_grad()
+def load_safetensors(model: MoEForCausalLM, spec: MoESpec, model_dir: Path) -> None:
+    params = dict(model.named_parameters())
+    filled: set[str] = set()
+    for file in checkpoint_files(model_dir):
+        with safe_open(str(file), framework="pt") as f:
+            for key in f.keys():
+                target = _place(params, spec, key, f.get_tensor(key))
+                if target is None:
+                    log.warning("ignoring checkpoint tensor %s", key)
+                else:
+                    filled.add(target)
+    expected = {n for n in params if ".w13" not in n and ".w2" not in n}
+    expected |= {n for n in params if n.endswith((".w13", ".w2"))}
+    if spec.tie_word_embeddings:
+        expected.discard("lm_head.weight")
+    missing = sorted(expected - filled)
+    if missing:
+        raise ValueError(f"checkpoint {model_dir} lacks {len(missing)} tensors, e.g. {missing[:5]}")
+
+
+def _place(params: dict, spec: MoESpec, key: str, t: torch.Tensor) -> Optional[str]:
+    """Copy one checkpoint tensor into the model; return the parameter name it filled."""
+    top = {"model.embed_tokens.weight": "embed_tokens.weight", "model.norm.weight": "norm.weight",
+           "lm_head.weight": "lm_head.weight"}
+    if key in top:
+        params[top[key]].copy_(t)
+        return top[key]
+    m = _LAYER.match(key)
+    if not m:
+        return None
+    i, rest = int(m.group(1)), m.group(2)
+    pre = f"layers.{i}."
+    inter = spec.moe_intermediate_size
+    if rest.startswith("self_attn.") and rest.split(".")[1] in ("q_proj", "k_proj", "v_proj"):
+        proj, kind = rest.split(".")[1:3]
+        lo = {"q_proj": 0, "k_proj": spec.q_size, "v_proj": spec.q_size + spec.kv_size}[proj]
+        n = spec.q_size if proj == "q_proj" else spec.kv_size
+        params[pre + f"self_attn.qkv_proj.{kind}"][lo:lo + n].copy_(t)
+        return pre + f"self_attn.qkv_proj.{kind}"  # filled once all three arrived
+    em = _EXPERT.match(rest)
+    if em:
+        e, proj = int(em.group(1)), _PROJ_ALIASES.get(em.group(2), em.group(2))
+        if proj == "down_proj":
+            params[pre + "mlp.w2"][e].copy_(t)
+            return pre + "mlp.w2"
+        lo = 0 if proj == "gate_proj" else inter
+        params[pre + "mlp.w13"][e, lo:lo + inter].copy_(t)
+        return pre + "mlp.w13"
+    rest = re.sub(r"^block_sparse_moe\.", "mlp.", rest)
+    if rest in ("mlp.experts.gate_up_proj", "mlp.experts.down_proj"):  # already packed
+        name = pre + ("mlp.w13" if "gate_up" in rest else "mlp.w2")
+        params[name][: t.shape[0]].copy_(t)
+        return name
+    for dense in ("mlp.shared_expert.", "mlp."):
+        if rest in (dense + "gate_proj.weight", dense + "up_proj.weight"):
+            w = params[pre + dense + "gate_up_proj.weight"]
+            half = w.shape[0] // 2
+            lo = 0 if "gate_proj" in rest else half
+            w[lo:lo + half].copy_(t)
+            return pre + dense + "gate_up_proj.weight"
+    if pre + rest in params:
+        params[pre + rest].copy_(t)
+        return pre + rest
+    return None
