@@ -107,6 +107,7 @@ class SLOConfig:
 @dataclass(frozen=True, slots=True)
 class ModelLoadConfig:
     model: str  # directory of a HF-format checkpoint, or a preset name with load_format=dummy
+    tokenizer: Optional[str] = None  # default: the model directory
     load_format: str = "auto"  # auto (safetensors) | dummy (random weights from the config)
     dtype: str = "auto"  # auto: bf16 on GPU, fp32 on CPU | float32 | bfloat16 | float16
     device: str = "auto"  # auto | cpu | cuda

@@ -151,7 +151,8 @@ class ScheduledSeq:
     sample: bool  # True when this chunk reaches the end of the known tokens: sample a token
     sampling: SamplingParams
     output_len: int  # tokens generated so far (seeds the per-request generator offset)
-    want_prompt_logprobs: bool = False  # return logprobs of token_ids[1:] and the next token
+    # prompt tokens that follow each position of this chunk (prompt logprobs); None: not asked
+    prompt_logprob_targets: Optional[list[int]] = None
 
 
 @dataclass(slots=True)

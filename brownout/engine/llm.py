@@ -1,0 +1,84 @@
+"""Offline API: `LLM(model=...).generate(prompts, SamplingParams(...))` and `LLM.chat`.
+
+Drives the same `LLMEngine` the server runs, to completion, and returns whole outputs.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from typing import Optional, Sequence, Union
+
+from brownout.config import (BrownoutConfig, CacheConfig, EngineConfig, ModelLoadConfig,
+                             SchedulerConfig, SLOConfig)
+from brownout.engine.llm_engine import LLMEngine, default_model_dir
+from brownout.types import FinishReason, Logprob, SamplingParams
+
+
+@dataclass
+class Completion:
+    request_id: str
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    text: str
+    finish_reason: Optional[FinishReason]
+    logprobs: list[Logprob]
+    prompt_logprobs: Optional[list[Optional[Logprob]]]
+
+
+class LLM:
+    def __init__(self, model: Optional[str] = None, *, united_experts: Optional[str] = None,
+                 tau: float = 1.0, load_format: str = "auto", device: str = "auto",
+                 dtype: str = "auto", seed: int = 0, max_model_len: Optional[int] = None,
+                 tokenizer: Optional[str] = None, enforce_eager: bool = False,
+                 cache: Optional[CacheConfig] = None, scheduler: Optional[SchedulerConfig] = None):
+        load = ModelLoadConfig(model=model or default_model_dir(), load_format=load_format,
+                               device=device, dtype=dtype, seed=seed, max_model_len=max_model_len,
+                               tokenizer=tokenizer, enforce_eager=enforce_eager)
+        policy = "fixed" if tau < 1.0 else "off"
+        self.engine = LLMEngine(EngineConfig(
+            load=load, cache=cache or CacheConfig(), scheduler=scheduler or SchedulerConfig(),
+            brownout=BrownoutConfig(united_experts=united_experts, tau_prefill=tau, tau_decode=tau),
+            slo=SLOConfig(policy=policy)))
+        self._ids = itertools.count()
+
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    def generate(self, prompts: Union[str, Sequence[Union[str, list[int]]]],
+                 params: Optional[SamplingParams] = None) -> list[Completion]:
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]  # type: ignore[list-item]
+        params = params or SamplingParams()
+        ids = []
+        for prompt in prompts:
+            rid = f"offline-{next(self._ids)}"
+            self.engine.add_request(rid, prompt, params)
+            ids.append(rid)
+        return self._run(ids)
+
+    def chat(self, messages: Union[list[dict], list[list[dict]]],
+             params: Optional[SamplingParams] = None) -> list[Completion]:
+        convs = [messages] if messages and isinstance(messages[0], dict) else messages
+        return self.generate([self.engine.apply_chat_template(c) for c in convs], params)
+
+    def _run(self, ids: list[str]) -> list[Completion]:
+        results: dict[str, Completion] = {}
+        texts = {rid: [] for rid in ids}
+        logprobs = {rid: [] for rid in ids}
+        prompt_lps: dict[str, Optional[list]] = {rid: None for rid in ids}
+        while self.engine.has_unfinished_requests():
+            for out in self.engine.step():
+                if out.request_id not in texts:
+                    continue
+                texts[out.request_id].append(out.new_text)
+                logprobs[out.request_id].extend(out.new_logprobs)
+                if out.prompt_logprobs is not None:
+                    prompt_lps[out.request_id] = out.prompt_logprobs
+                if out.finished:
+                    results[out.request_id] = Completion(
+                        out.request_id, out.prompt_token_ids, out.output_token_ids,
+                        "".join(texts[out.request_id]), out.finish_reason,
+                        logprobs[out.request_id], prompt_lps[out.request_id])
+        return [results[rid] for rid in ids]

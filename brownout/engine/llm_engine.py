@@ -1,0 +1,278 @@
+"""The engine: requests in, one scheduled step at a time, incremental outputs out.
+
+The step loop is schedule -> choose tau -> run -> postprocess. The SLO controller sees only
+step stats and request timings and answers with the brownout threshold for the next step.
+Used as is by the offline `LLM` API and, in its own process, by the HTTP server.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Optional, Union
+
+from brownout.config import EngineConfig
+from brownout.control import PlannedStep, make_controller
+from brownout.engine.block_manager import BlockManager
+from brownout.engine.detokenizer import IncrementalDetokenizer
+from brownout.engine.request import Request, Status
+from brownout.engine.scheduler import Scheduler
+from brownout.types import (FinishReason, RequestOutput, RunnerOutput, SamplingParams,
+                            SchedulerOutput, StepStats, ValidationError)
+
+log = logging.getLogger(__name__)
+
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+
+
+class AdmissionError(RuntimeError):
+    """The waiting queue is full; the client should retry after `retry_after_s`."""
+
+    def __init__(self, message: str, retry_after_s: float):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+def default_model_dir() -> str:
+    """The embedded demo model shipped inside the package."""
+    return str(ASSETS / "demo" / "model")
+
+
+def default_united_dir(way: int = 4) -> Optional[str]:
+    path = ASSETS / "demo" / f"united-way{way}"
+    return str(path) if (path / "manifest.json").is_file() else None
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig, clock=time.monotonic):
+        from brownout.runner.loader import load_model
+        from brownout.runner.model_runner import ModelRunner
+
+        self.config = config
+        self.clock = clock
+        loaded = load_model(config.load)
+        if config.brownout.united_experts:
+            from brownout.unite import load_united
+
+            load_united(loaded.model, config.brownout.united_experts)
+        self.spec = loaded.spec
+        self.runner = ModelRunner(loaded, config.cache)
+        self.tokenizer = _load_tokenizer(config, loaded)
+        self.model_name = Path(config.load.model).name if loaded.model_dir else config.load.model
+        limit = config.load.max_model_len or self.spec.max_position_embeddings
+        self.max_model_len = min(limit, self.spec.max_position_embeddings,
+                                 self.runner.num_blocks * config.cache.block_size)
+        self.eos_ids = _eos_ids(loaded, self.tokenizer)
+        self.blocks = BlockManager(self.runner.num_blocks, config.cache.block_size)
+        self.scheduler = Scheduler(config.scheduler, self.blocks)
+        self.controller = make_controller(config.slo, clock=clock, fixed_tau=config.brownout.tau_decode)
+        self.requests: dict[str, Request] = {}
+        self.last_step_stats: Optional[StepStats] = None
+        self.prompt_tokens_total = 0
+        self.generation_tokens_total = 0
+        self._step_time_ema = 0.05
+
+    # ---- requests ----------------------------------------------------------------------
+    def encode(self, prompt: Union[str, list[int]]) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValidationError("prompt", "this model has no tokenizer: send token ids")
+            return self.tokenizer.encode(prompt, add_special_tokens=False)
+        if not all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            raise ValidationError("prompt", "must be a string or a list of integer token ids")
+        return list(prompt)
+
+    def apply_chat_template(self, messages: list[dict]) -> list[int]:
+        if not isinstance(messages, list) or not messages:
+            raise ValidationError("messages", "must be a non-empty list of {role, content}")
+        if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
+            raise ValidationError("messages", "this model has no chat template")
+        try:
+            text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        except Exception as exc:  # jinja errors on odd messages: the client's fault
+            raise ValidationError("messages", f"cannot apply the chat template: {exc}") from exc
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def add_request(self, request_id: str, prompt: Union[str, list[int]], params: SamplingParams,
+                    arrival_time: Optional[float] = None, priority: int = 0) -> list[int]:
+        if request_id in self.requests:
+            raise ValidationError("request_id", f"{request_id!r} is already in use")
+        ids = self.encode(prompt)
+        if not ids:
+            raise ValidationError("prompt", "must not be empty")
+        if len(ids) >= self.max_model_len:
+            raise ValidationError("prompt", f"has {len(ids)} tokens; the model's context allows at most "
+                                            f"{self.max_model_len - 1} prompt tokens")
+        if max(ids) >= self.spec.vocab_size or min(ids) < 0:
+            raise ValidationError("prompt", f"token ids must be in [0, {self.spec.vocab_size - 1}]")
+        sched = self.config.scheduler
+        if len(self.scheduler.waiting) >= sched.max_waiting_requests or \
+                self.scheduler.num_waiting_tokens + len(ids) > sched.max_waiting_tokens:
+            raise AdmissionError("the waiting queue is full", self._retry_after())
+        req = Request(request_id, ids, params, arrival_time or self.clock(), priority)
+        req.detok_state = IncrementalDetokenizer(self.tokenizer, ids, params.stop,
+                                                 params.include_stop_str_in_output)
+        self.requests[request_id] = req
+        self.scheduler.add(req)
+        return ids
+
+    def _retry_after(self) -> float:
+        queued = self.scheduler.num_waiting_tokens + len(self.scheduler.running)
+        per_step = self.config.scheduler.max_num_batched_tokens
+        return max(1.0, round(queued / per_step * self._step_time_ema, 1))
+
+    def abort_request(self, request_id: str) -> None:
+        req = self.requests.pop(request_id, None)
+        if req is None:
+            return
+        self.scheduler.remove(req)
+        self.runner.release(request_id)
+        req.status = Status.FINISHED
+        req.finish_reason = FinishReason.ABORT
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    # ---- the step loop -----------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        outputs = self._expire_waiting()
+        sched = self.scheduler.schedule()
+        outputs += [self._finish(r) for r in self._drain_capacity_finished()]
+        if not sched.seqs:
+            return outputs
+        start = self.clock()
+        tau = self.controller.choose_tau(self._planned(sched))
+        result = self.runner.execute(sched, tau)
+        latency = self.clock() - start
+        self._step_time_ema = 0.9 * self._step_time_ema + 0.1 * latency
+        outputs += self._postprocess(sched, result, start + latency)
+        stats = StepStats(start_time=start, latency_s=latency,
+                          num_prefill_tokens=sched.num_prefill_tokens,
+                          num_decode_tokens=sched.num_decode_tokens, batch_size=len(sched.seqs),
+                          has_prefill=sched.has_prefill, tau=result.tau,
+                          experts_touched=result.experts_touched,
+                          num_waiting=len(self.scheduler.waiting),
+                          num_running=len(self.scheduler.running), kv_usage=self.blocks.usage)
+        self.last_step_stats = stats
+        self.controller.observe_step(stats)
+        return outputs
+
+    def _planned(self, sched: SchedulerOutput) -> PlannedStep:
+        return PlannedStep(num_prefill_tokens=sched.num_prefill_tokens,
+                           num_decode_tokens=sched.num_decode_tokens, batch_size=len(sched.seqs),
+                           num_waiting=len(self.scheduler.waiting),
+                           waiting_tokens=self.scheduler.num_waiting_tokens,
+                           has_prefill=sched.has_prefill)
+
+    def _expire_waiting(self) -> list[RequestOutput]:
+        timeout = self.config.scheduler.queue_timeout_s
+        if timeout is None:
+            return []
+        now = self.clock()
+        expired = [r for r in self.scheduler.waiting
+                   if r.num_computed == 0 and not r.output_token_ids and now - r.arrival_time > timeout]
+        for req in expired:
+            self.scheduler.remove(req)
+            req.status, req.finish_reason = Status.FINISHED, FinishReason.TIMEOUT
+        return [self._finish(r) for r in expired]
+
+    def _drain_capacity_finished(self) -> list[Request]:
+        done, self.scheduler.capacity_finished = self.scheduler.capacity_finished, []
+        return [r for r in done if r.request_id in self.requests]
+
+    def _postprocess(self, sched: SchedulerOutput, result: RunnerOutput, now: float) -> list[RequestOutput]:
+        outputs = []
+        for s in sched.seqs:
+            req = self.requests.get(s.request_id)
+            if req is None or req.finished:
+                continue
+            req.num_computed += len(s.token_ids)
+            if req.metrics.first_scheduled_time is None:
+                req.metrics.first_scheduled_time = now
+            if s.request_id in result.prompt_logprobs:
+                req.prompt_logprobs.extend(result.prompt_logprobs[s.request_id])
+            if s.start_pos < len(req.prompt_token_ids):
+                self.prompt_tokens_total += min(len(s.token_ids), len(req.prompt_token_ids) - s.start_pos)
+            token = result.sampled.get(s.request_id)
+            if token is None:
+                continue
+            outputs.append(self._append_token(req, token, result.logprobs.get(s.request_id), now))
+        return outputs
+
+    def _append_token(self, req: Request, token: int, logprob, now: float) -> RequestOutput:
+        req.output_token_ids.append(token)
+        self.generation_tokens_total += 1
+        m = req.metrics
+        m.first_token_time = m.first_token_time or now
+        m.last_token_time = now
+        detok: IncrementalDetokenizer = req.detok_state
+        detok.add(token)
+        p = req.sampling
+        reason, cut = None, detok.find_stop()
+        if cut is not None:
+            reason = FinishReason.STOP
+        elif (not p.ignore_eos and token in self.eos_ids) or token in p.stop_token_ids:
+            reason = FinishReason.STOP
+        elif len(req.output_token_ids) >= p.max_tokens or req.num_tokens >= self.max_model_len:
+            reason = FinishReason.LENGTH
+        text = detok.flush(reason is not None, cut)
+        out = RequestOutput(request_id=req.request_id, prompt_token_ids=req.prompt_token_ids,
+                            new_token_ids=[token], new_text=text,
+                            output_token_ids=list(req.output_token_ids),
+                            new_logprobs=[logprob] if logprob is not None else [])
+        if p.prompt_logprobs is not None and not req.prompt_logprobs_sent:
+            out.prompt_logprobs = [None] + list(req.prompt_logprobs)
+            req.prompt_logprobs_sent = True
+        if reason is not None:
+            req.status, req.finish_reason = Status.FINISHED, reason
+            self.scheduler.remove(req)
+            self._complete(req, out, now)
+        return out
+
+    def _complete(self, req: Request, out: RequestOutput, now: float) -> None:
+        self.requests.pop(req.request_id, None)
+        self.runner.release(req.request_id)
+        req.metrics.finished_time = now
+        out.finished, out.finish_reason, out.metrics = True, req.finish_reason, req.metrics
+        m = req.metrics
+        n_out = len(req.output_token_ids)
+        tpot = (now - m.first_token_time) / (n_out - 1) if n_out > 1 and m.first_token_time else None
+        self.controller.observe_request(m.ttft, tpot, now)
+
+    def _finish(self, req: Request) -> RequestOutput:
+        out = RequestOutput(request_id=req.request_id, prompt_token_ids=req.prompt_token_ids,
+                            new_token_ids=[], new_text="", output_token_ids=list(req.output_token_ids))
+        self._complete(req, out, self.clock())
+        return out
+
+    def snapshot(self) -> dict:
+        return dict(num_running=len(self.scheduler.running), num_waiting=len(self.scheduler.waiting),
+                    kv_usage=self.blocks.usage, tau_prefill=self.controller.tau_prefill,
+                    tau_decode=self.controller.tau_decode,
+                    num_preemptions_total=self.scheduler.num_preemptions,
+                    prompt_tokens_total=self.prompt_tokens_total,
+                    generation_tokens_total=self.generation_tokens_total,
+                    slo_violations=dict(self.controller.violations),
+                    brownout_ready=self.runner.brownout_ready)
+
+
+def _load_tokenizer(config: EngineConfig, loaded):
+    from transformers import AutoTokenizer
+
+    source = config.load.tokenizer or (str(loaded.model_dir) if loaded.model_dir else None)
+    if source is None:
+        return None
+    try:
+        return AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError) as exc:
+        log.warning("no tokenizer at %s (%s): prompts must be token ids", source, exc)
+        return None
+
+
+def _eos_ids(loaded, tokenizer) -> set[int]:
+    ids = getattr(loaded.hf_config, "eos_token_id", None)
+    ids = set(ids if isinstance(ids, list) else [ids] if ids is not None else [])
+    if tokenizer is not None and tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return ids

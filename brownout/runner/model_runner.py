@@ -1,0 +1,162 @@
+"""Turns one `SchedulerOutput` into tensors, runs the model and samples.
+
+Owns the paged KV cache tensors, the brownout threshold (a device tensor the MoE layers
+read, so CUDA-graph replays need no recapture) and the per-request sampling generators.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Optional
+
+import torch
+
+from brownout.config import CacheConfig
+from brownout.models.context import AttnMeta, ForwardContext
+from brownout.runner.loader import LoadedModel
+from brownout.runner.sampler import sample, token_logprobs
+from brownout.types import Logprob, RunnerOutput, SchedulerOutput
+
+log = logging.getLogger(__name__)
+
+
+def kv_block_bytes(loaded: LoadedModel, block_size: int) -> int:
+    s = loaded.spec
+    return 2 * s.num_layers * block_size * s.num_kv_heads * s.head_dim * loaded.dtype.itemsize
+
+
+def plan_num_blocks(loaded: LoadedModel, cache: CacheConfig) -> int:
+    if cache.num_blocks is not None:
+        return cache.num_blocks
+    per_block = kv_block_bytes(loaded, cache.block_size)
+    if loaded.device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(loaded.device)
+        budget = int(total * cache.gpu_memory_utilization) - (total - free)
+        budget -= 2 * 1024**3  # activations, logits, CUDA graphs
+    else:
+        budget = cache.cpu_kv_bytes
+    n = budget // per_block
+    if n < 1:
+        raise ValueError(f"no room for the KV cache: budget {budget} bytes, one block {per_block} bytes; "
+                         "raise gpu_memory_utilization / cpu_kv_bytes")
+    return int(n)
+
+
+class ModelRunner:
+    def __init__(self, loaded: LoadedModel, cache: CacheConfig):
+        self.loaded = loaded
+        self.model = loaded.model
+        self.device = loaded.device
+        self.block_size = cache.block_size
+        self.num_blocks = plan_num_blocks(loaded, cache)
+        s = loaded.spec
+        shape = (self.num_blocks, cache.block_size, s.num_kv_heads, s.head_dim)
+        self.kv_caches = [(torch.zeros(shape, dtype=loaded.dtype, device=self.device),
+                           torch.zeros(shape, dtype=loaded.dtype, device=self.device))
+                          for _ in range(s.num_layers)]
+        self.use_kernels = self.device.type == "cuda" and _kernels_available()
+        self.tau = torch.ones((), dtype=torch.float32, device=self.device)
+        self._generators: dict[str, Optional[torch.Generator]] = {}
+        log.info("KV cache: %d blocks of %d tokens (%.1f MiB)", self.num_blocks, self.block_size,
+                 self.num_blocks * kv_block_bytes(loaded, self.block_size) / 2**20)
+
+    @property
+    def brownout_ready(self) -> bool:
+        return self.model.brownout_ready
+
+    def release(self, request_id: str) -> None:
+        self._generators.pop(request_id, None)
+
+    def _generator(self, request_id: str, seed: Optional[int]) -> Optional[torch.Generator]:
+        if seed is None:
+            return None
+        if request_id not in self._generators:
+            self._generators[request_id] = torch.Generator(device=self.device).manual_seed(seed)
+        return self._generators[request_id]
+
+    def _prepare(self, sched: SchedulerOutput) -> tuple[torch.Tensor, torch.Tensor, AttnMeta]:
+        bs = self.block_size
+        ids, pos, slots, q_lens, seq_lens, tables = [], [], [], [], [], []
+        for s in sched.seqs:
+            n = len(s.token_ids)
+            ids.extend(s.token_ids)
+            positions = range(s.start_pos, s.start_pos + n)
+            pos.extend(positions)
+            slots.extend(s.block_table[p // bs] * bs + p % bs for p in positions)
+            q_lens.append(n)
+            seq_lens.append(s.start_pos + n)
+            tables.append(s.block_table)
+        width = max(len(t) for t in tables)
+        dev = self.device
+        qsl = [0]
+        for n in q_lens:
+            qsl.append(qsl[-1] + n)
+        meta = AttnMeta(
+            slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
+            block_tables=torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32, device=dev),
+            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
+            query_start_loc=torch.tensor(qsl, dtype=torch.int32, device=dev),
+            max_query_len=max(q_lens), block_tables_list=tables, seq_lens_list=seq_lens,
+            query_lens_list=q_lens)
+        return (torch.tensor(ids, dtype=torch.long, device=dev),
+                torch.tensor(pos, dtype=torch.long, device=dev), meta)
+
+    @torch.inference_mode()
+    def execute(self, sched: SchedulerOutput, tau: float = 1.0) -> RunnerOutput:
+        input_ids, positions, meta = self._prepare(sched)
+        brownout = self.brownout_ready and tau < 1.0
+        if brownout:
+            self.tau.fill_(tau)
+        ctx = ForwardContext(attn=meta, kv_caches=self.kv_caches, tau=self.tau if brownout else None,
+                             use_kernels=self.use_kernels)
+        hidden = self.model(input_ids, positions, ctx)  # [T, D]
+        out = self._sample(sched, hidden, meta)
+        out.experts_touched = torch.stack(ctx.touched).tolist() if ctx.touched else []
+        out.tau = tau if self.brownout_ready else 1.0
+        return out
+
+    def _sample(self, sched: SchedulerOutput, hidden: torch.Tensor, meta: AttnMeta) -> RunnerOutput:
+        out = RunnerOutput(sampled={})
+        offsets, acc = [], 0
+        for n in meta.query_lens_list:
+            offsets.append(acc)
+            acc += n
+        rows = [offsets[i] + len(s.token_ids) - 1 for i, s in enumerate(sched.seqs) if s.sample]
+        to_sample = [s for s in sched.seqs if s.sample]
+        if to_sample:
+            logits = self.model.compute_logits(hidden[rows])  # [B, V]
+            params = [s.sampling for s in to_sample]
+            gens = [self._generator(s.request_id, s.sampling.seed) for s in to_sample]
+            tokens = sample(logits, params, gens)
+            for s, tok in zip(to_sample, tokens.tolist()):
+                out.sampled[s.request_id] = tok
+            want = [i for i, s in enumerate(to_sample) if s.sampling.logprobs is not None]
+            if want:
+                num_top = max(to_sample[i].sampling.logprobs for i in want)
+                lps = token_logprobs(logits[want], tokens[want], num_top)
+                for i, lp in zip(want, lps):
+                    n = to_sample[i].sampling.logprobs
+                    lp.top = dict(list(lp.top.items())[:n])
+                    out.logprobs[to_sample[i].request_id] = lp
+        for i, s in enumerate(sched.seqs):
+            if s.prompt_logprob_targets is not None:
+                out.prompt_logprobs[s.request_id] = self._prompt_logprobs(s, hidden, offsets[i])
+        return out
+
+    def _prompt_logprobs(self, s, hidden: torch.Tensor, offset: int) -> list[Optional[Logprob]]:
+        targets = s.prompt_logprob_targets
+        if not targets:
+            return []
+        logits = self.model.compute_logits(hidden[offset:offset + len(targets)])
+        tgt = torch.tensor(targets, device=logits.device)
+        return list(token_logprobs(logits, tgt, s.sampling.prompt_logprobs or 0))
+
+
+def _kernels_available() -> bool:
+    try:
+        from brownout.kernels.fused_moe import fused_moe_available
+
+        import brownout.kernels.paged_attention  # noqa: F401
+    except ImportError:
+        return False
+    return fused_moe_available()
