@@ -57,7 +57,9 @@ class LLMEngine:
 
             load_united(loaded.model, config.brownout.united_experts)
         self.spec = loaded.spec
-        self.runner = ModelRunner(loaded, config.cache)
+        self.runner = ModelRunner(loaded, config.cache, max_batch=config.scheduler.max_num_seqs,
+                                  max_model_len=config.load.max_model_len,
+                                  enforce_eager=config.load.enforce_eager)
         self.tokenizer = _load_tokenizer(config, loaded)
         self.model_name = Path(config.load.model).name if loaded.model_dir else config.load.model
         limit = config.load.max_model_len or self.spec.max_position_embeddings

@@ -20,10 +20,3 @@ def select_experts(
         weights = weights / weights.sum(dim=-1, keepdim=True)
     return weights, ids.to(torch.int32)
 
-
-def count_slots_touched(topk_ids: torch.Tensor, num_slots: int) -> torch.Tensor:
-    """Distinct expert slots with at least one assignment (ids of -1 ignored); 0-d int64."""
-    ids = topk_ids.reshape(-1).long()
-    hits = torch.zeros(num_slots + 1, dtype=torch.int64, device=ids.device)
-    hits.scatter_add_(0, ids.clamp(min=-1) + 1, torch.ones_like(ids))
-    return (hits[1:] > 0).sum()

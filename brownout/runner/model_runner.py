@@ -13,6 +13,7 @@ import torch
 
 from brownout.config import CacheConfig
 from brownout.models.context import AttnMeta, ForwardContext
+from brownout.runner.cuda_graphs import DecodeGraphs
 from brownout.runner.loader import LoadedModel
 from brownout.runner.sampler import sample, token_logprobs
 from brownout.types import Logprob, RunnerOutput, SchedulerOutput
@@ -43,7 +44,8 @@ def plan_num_blocks(loaded: LoadedModel, cache: CacheConfig) -> int:
 
 
 class ModelRunner:
-    def __init__(self, loaded: LoadedModel, cache: CacheConfig):
+    def __init__(self, loaded: LoadedModel, cache: CacheConfig, max_batch: int = 64,
+                 max_model_len: Optional[int] = None, enforce_eager: bool = False):
         self.loaded = loaded
         self.model = loaded.model
         self.device = loaded.device
@@ -57,6 +59,12 @@ class ModelRunner:
         self.use_kernels = self.device.type == "cuda" and _kernels_available()
         self.tau = torch.ones((), dtype=torch.float32, device=self.device)
         self._generators: dict[str, Optional[torch.Generator]] = {}
+        self.graphs: Optional[DecodeGraphs] = None
+        if self.use_kernels and not enforce_eager:
+            max_len = max_model_len or s.max_position_embeddings
+            self.graphs = DecodeGraphs(self.model, self.kv_caches, self.tau, min(max_batch, 512),
+                                       -(-max_len // cache.block_size), self.brownout_ready)
+            self.graphs.capture()
         log.info("KV cache: %d blocks of %d tokens (%.1f MiB)", self.num_blocks, self.block_size,
                  self.num_blocks * kv_block_bytes(loaded, self.block_size) / 2**20)
 
@@ -104,16 +112,29 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput, tau: float = 1.0) -> RunnerOutput:
         input_ids, positions, meta = self._prepare(sched)
-        brownout = self.brownout_ready and tau < 1.0
-        if brownout:
+        if self.brownout_ready:
             self.tau.fill_(tau)
-        ctx = ForwardContext(attn=meta, kv_caches=self.kv_caches, tau=self.tau if brownout else None,
-                             use_kernels=self.use_kernels)
-        hidden = self.model(input_ids, positions, ctx)  # [T, D]
+        if self._graph_step(sched, meta):
+            hidden, touched = self.graphs.run(input_ids, positions, meta.slot_mapping,
+                                              meta.block_tables, meta.seq_lens)
+        else:
+            # eager: at tau = 1 routing is skipped altogether (it would change nothing)
+            brownout = self.brownout_ready and tau < 1.0
+            ctx = ForwardContext(attn=meta, kv_caches=self.kv_caches,
+                                 tau=self.tau if brownout else None, use_kernels=self.use_kernels)
+            hidden = self.model(input_ids, positions, ctx)  # [T, D]
+            touched = torch.stack(ctx.touched) if ctx.touched else None
         out = self._sample(sched, hidden, meta)
-        out.experts_touched = torch.stack(ctx.touched).tolist() if ctx.touched else []
+        out.experts_touched = touched.tolist() if touched is not None else []
         out.tau = tau if self.brownout_ready else 1.0
         return out
+
+    def _graph_step(self, sched: SchedulerOutput, meta: AttnMeta) -> bool:
+        if self.graphs is None or meta.max_query_len != 1:
+            return False
+        if not all(s.sample and s.prompt_logprob_targets is None for s in sched.seqs):
+            return False
+        return self.graphs.fits(len(sched.seqs), meta.block_tables.shape[1])
 
     def _sample(self, sched: SchedulerOutput, hidden: torch.Tensor, meta: AttnMeta) -> RunnerOutput:
         out = RunnerOutput(sampled={})

@@ -14,7 +14,8 @@ import torch
 from torch import nn
 
 from brownout.kernels.moe_ref import moe_experts_ref
-from brownout.kernels.routing import count_slots_touched, select_experts
+from brownout.kernels.brownout_routing import brownout_route, count_touched
+from brownout.kernels.routing import select_experts
 from brownout.models.context import ForwardContext
 from brownout.models.layers.common import SwiGLU
 from brownout.models.spec import MoESpec
@@ -70,12 +71,10 @@ class SparseMoE(nn.Module):
         if self.capture is not None:
             self.capture.append(dict(x=x.detach().cpu(), topk_ids=ids.cpu(), topk_weights=weights.cpu()))
         if ctx.tau is not None and self.brownout_ready:
-            from brownout.kernels.brownout_routing import brownout_route
-
             ids, weights = brownout_route(ids, weights, ctx.tau, self.group_of, self.num_experts, ctx.valid)
         if ctx.touched is not None:
             counted = ids if ctx.valid is None else torch.where(ctx.valid.unsqueeze(1), ids, -1)
-            ctx.touched.append(count_slots_touched(counted, self.num_slots))
+            ctx.touched.append(count_touched(counted, self.num_slots))
         out = self._experts(x, weights, ids, ctx)
         if self.shared_expert is not None:
             shared = self.shared_expert(x)
