@@ -1,0 +1,351 @@
+"""Fused MoE experts in Triton: align/sort, gate+up grouped GEMM with SiLU*mul, down GEMM, top-k sum.
+
+Same semantics as `moe_ref.moe_experts_ref`: expert slot ids may point past the routed
+experts (united experts sit in the extra slots) and an id of -1 skips the assignment.
+Four launches and no host synchronisation, so the whole call can live in a CUDA graph:
+  1. `_align_kernel` (one program): count assignments per slot, pad each slot's list to a
+     multiple of BLOCK_M, and write the flat assignment ids grouped by slot plus the slot
+     of every BLOCK_M rows (-1 past the end). The padded length has the fixed bound
+     T*k + min(T*k, S) * (BLOCK_M - 1), so grids depend on shapes only.
+  2. `_gate_up_kernel`: per row block, h = silu(x W_gate^T) * (x W_up^T) for its slot.
+  3. `_down_kernel`: y = routing_weight * (h W_down^T), one row per assignment.
+  4. `_topk_sum_kernel`: out[t] = sum over the token's assignments with id >= 0.
+Design after the grouped-GEMM scheme of vLLM's fused_moe (block-aligned sorted token ids);
+tile configs are JSON files beside this module, one per device (see `get_config`).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU installs without triton use the torch reference
+    triton = None
+
+logger = logging.getLogger(__name__)
+
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _kernels_interpreted() -> bool:
+    """True when triton decorated this module's kernels for its CPU interpreter.
+
+    Decided once, when the module was imported with TRITON_INTERPRET=1."""
+    return triton is not None and not isinstance(_gate_up_kernel, triton.runtime.JITFunction)
+
+
+def fused_moe_available() -> bool:
+    """True when the Triton kernels can run: triton importable and CUDA (or the interpreter)."""
+    return triton is not None and (torch.cuda.is_available() or _interpreting())
+
+
+# ----------------------------------------------------------------------------- configs
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
+def config_key(num_slots: int, inter: int, hidden: int, dtype: torch.dtype) -> str:
+    """JSON key of a weight shape: S slots, N = I (FFN width), K = D (hidden), dtype."""
+    return f"S={num_slots},N={inter},K={hidden},dtype={str(dtype).replace('torch.', '')}"
+
+
+def device_config_file(device_name: str) -> Path:
+    return CONFIG_DIR / f"{device_name.replace(' ', '_')}.json"
+
+
+@functools.cache
+def _load_device_configs(device_name: str) -> dict:
+    path = device_config_file(device_name)
+    if not path.is_file():
+        logger.info("no fused_moe tile configs for %s; using defaults", device_name)
+        return {}
+    with open(path) as f:
+        return json.load(f)
+
+
+def default_config(num_tokens: int, top_k: int, num_slots: int, inter: int, hidden: int,
+                   on_gpu: bool) -> dict:
+    """Tiles for shapes nobody tuned: small row blocks while the per-slot lists are short."""
+    if not on_gpu:  # the interpreter: small tiles keep numpy work per program low
+        return {"BLOCK_M": 16, "BLOCK_N": min(32, max(16, _next_pow2(inter))),
+                "BLOCK_K": min(32, max(16, _next_pow2(hidden))), "GROUP_M": 1,
+                "num_warps": 4, "num_stages": 1}
+    rows_per_slot = num_tokens * top_k / max(1, num_slots)
+    if rows_per_slot <= 16:
+        return {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128, "GROUP_M": 1,
+                "num_warps": 4, "num_stages": 4}
+    if rows_per_slot <= 64:
+        return {"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 128, "GROUP_M": 4,
+                "num_warps": 4, "num_stages": 4}
+    return {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8,
+            "num_warps": 8, "num_stages": 3}
+
+
+def lookup_config(table: dict, num_tokens: int, num_slots: int, inter: int, hidden: int,
+                  dtype: torch.dtype) -> dict | None:
+    """The tuned tiles of the nearest token-count bucket for this weight shape, or None."""
+    by_m = table.get(config_key(num_slots, inter, hidden, dtype))
+    if not by_m:
+        return None
+    bucket = min(by_m, key=lambda m: (abs(int(m) - num_tokens), int(m)))
+    return dict(by_m[bucket])
+
+
+def get_config(num_tokens: int, top_k: int, num_slots: int, inter: int, hidden: int,
+               dtype: torch.dtype, device: torch.device) -> dict:
+    """Tuned tiles for (S, N, K, dtype) at the nearest tuned token count, else the default.
+
+    The device's JSON is read on first use only (never at import)."""
+    on_gpu = device.type == "cuda" and not _kernels_interpreted()
+    if on_gpu:
+        table = _load_device_configs(torch.cuda.get_device_name(device))
+        cfg = lookup_config(table, num_tokens, num_slots, inter, hidden, dtype)
+        if cfg is not None:
+            return cfg
+    return default_config(num_tokens, top_k, num_slots, inter, hidden, on_gpu)
+
+
+# ----------------------------------------------------------------------------- kernels
+
+if triton is not None:
+
+    @triton.jit
+    def _align_kernel(ids_ptr, counts_ptr, rank_ptr, offsets_ptr, sorted_ptr, block_slot_ptr,
+                      n_assign, num_slots, n_blocks,
+                      BLOCK_M: tl.constexpr, S_PAD: tl.constexpr, CHUNK: tl.constexpr):
+        # one program: ids [T*k] -> sorted_ptr [padded] flat ids grouped by slot,
+        # block_slot_ptr [n_blocks] slot of each BLOCK_M rows (-1: past the end)
+        s = tl.arange(0, S_PAD)
+        tl.store(counts_ptr + s, tl.zeros([S_PAD], tl.int32), mask=s < num_slots)
+        tl.debug_barrier()
+        for c0 in range(0, n_assign, CHUNK):  # rank of each assignment inside its slot
+            offs = c0 + tl.arange(0, CHUNK)
+            e = tl.load(ids_ptr + offs, mask=offs < n_assign, other=-1).to(tl.int32)
+            ok = (offs < n_assign) & (e >= 0)
+            r = tl.atomic_add(counts_ptr + e, 1, mask=ok)
+            tl.store(rank_ptr + offs, r, mask=ok)
+        tl.debug_barrier()
+        cnt = tl.load(counts_ptr + s, mask=s < num_slots, other=0)
+        padded = (cnt + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+        end = tl.cumsum(padded, 0)
+        start = end - padded
+        total = tl.sum(padded, 0)
+        tl.store(offsets_ptr + s, start, mask=s < num_slots)
+        # padding rows of each slot get the sentinel n_assign
+        j = tl.arange(0, BLOCK_M)
+        pad_pos = (start + cnt)[:, None] + j[None, :]
+        pad_ok = (j[None, :] < (padded - cnt)[:, None]) & (s < num_slots)[:, None]
+        tl.store(sorted_ptr + pad_pos, tl.full([S_PAD, BLOCK_M], 0, tl.int32) + n_assign,
+                 mask=pad_ok)
+        for b0 in range(0, n_blocks, CHUNK):  # owner of row block b: first slot ending past it
+            b = b0 + tl.arange(0, CHUNK)
+            row = b * BLOCK_M
+            before = (end[None, :] <= row[:, None]) & (s < num_slots)[None, :]
+            slot = tl.sum(before.to(tl.int32), 1)
+            tl.store(block_slot_ptr + b, tl.where(row < total, slot, -1), mask=b < n_blocks)
+        tl.debug_barrier()
+        for c0 in range(0, n_assign, CHUNK):
+            offs = c0 + tl.arange(0, CHUNK)
+            e = tl.load(ids_ptr + offs, mask=offs < n_assign, other=-1).to(tl.int32)
+            ok = (offs < n_assign) & (e >= 0)
+            r = tl.load(rank_ptr + offs, mask=ok, other=0)
+            o = tl.load(offsets_ptr + e, mask=ok, other=0)
+            tl.store(sorted_ptr + o + r, offs.to(tl.int32), mask=ok)
+
+    @triton.jit
+    def _block_coords(n_blocks, N, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+        # grouped order: GROUP_M row blocks share each weight tile while it sits in L2
+        pid = tl.program_id(0)
+        num_n = tl.cdiv(N, BLOCK_N)
+        per_group = GROUP_M * num_n
+        first_m = (pid // per_group) * GROUP_M
+        group_rows = tl.minimum(n_blocks - first_m, GROUP_M)
+        pid_m = first_m + (pid % per_group) % group_rows
+        pid_n = (pid % per_group) // group_rows
+        return pid_m, pid_n
+
+    @triton.jit
+    def _gate_up_kernel(x_ptr, w13_ptr, h_ptr, sorted_ptr, block_slot_ptr,
+                        n_assign, top_k, n_blocks, D, I,
+                        stride_xt, stride_ws, stride_wn, stride_ht,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                        GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, DOT_F32: tl.constexpr):
+        # h [T*k, I] = silu(x W_gate^T) * (x W_up^T) for the rows of one slot
+        pid_m, pid_n = _block_coords(n_blocks, I, BLOCK_N, GROUP_M)
+        slot = tl.load(block_slot_ptr + pid_m).to(tl.int64)
+        if slot < 0:
+            return
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        aid = tl.load(sorted_ptr + offs_m)  # flat assignment ids, n_assign = padding
+        row_ok = aid < n_assign
+        tok = (aid // top_k).to(tl.int64)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < I
+        offs_k = tl.arange(0, BLOCK_K)
+        a_ptrs = x_ptr + tok[:, None] * stride_xt + offs_k[None, :]  # [BM, BK]
+        g_ptrs = w13_ptr + slot * stride_ws + offs_n[None, :] * stride_wn + offs_k[:, None]
+        u_ptrs = g_ptrs + I * stride_wn  # up rows follow the I gate rows
+        acc_g = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        acc_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for k0 in range(0, tl.cdiv(D, BLOCK_K)):
+            if EVEN_K:
+                a = tl.load(a_ptrs, mask=row_ok[:, None], other=0.0)
+                g = tl.load(g_ptrs, mask=n_ok[None, :], other=0.0)
+                u = tl.load(u_ptrs, mask=n_ok[None, :], other=0.0)
+            else:
+                k_ok = offs_k < D - k0 * BLOCK_K
+                a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+                g = tl.load(g_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+                u = tl.load(u_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+            if DOT_F32:  # the interpreter's bf16 dot is wrong; upcast there only
+                a, g, u = a.to(tl.float32), g.to(tl.float32), u.to(tl.float32)
+            acc_g = tl.dot(a, g, acc_g)
+            acc_u = tl.dot(a, u, acc_u)
+            a_ptrs += BLOCK_K
+            g_ptrs += BLOCK_K
+            u_ptrs += BLOCK_K
+        h = acc_g * tl.sigmoid(acc_g) * acc_u
+        h_ptrs = h_ptr + aid.to(tl.int64)[:, None] * stride_ht + offs_n[None, :]
+        tl.store(h_ptrs, h.to(h_ptr.dtype.element_ty), mask=row_ok[:, None] & n_ok[None, :])
+
+    @triton.jit
+    def _down_kernel(h_ptr, w2_ptr, y_ptr, weights_ptr, sorted_ptr, block_slot_ptr,
+                     n_assign, n_blocks, D, I,
+                     stride_ht, stride_ws, stride_wn, stride_yt,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                     GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, DOT_F32: tl.constexpr):
+        # y [T*k, D] = routing_weight * (h W_down^T) for the rows of one slot
+        pid_m, pid_n = _block_coords(n_blocks, D, BLOCK_N, GROUP_M)
+        slot = tl.load(block_slot_ptr + pid_m).to(tl.int64)
+        if slot < 0:
+            return
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        aid = tl.load(sorted_ptr + offs_m)
+        row_ok = aid < n_assign
+        aid64 = aid.to(tl.int64)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < D
+        offs_k = tl.arange(0, BLOCK_K)
+        a_ptrs = h_ptr + aid64[:, None] * stride_ht + offs_k[None, :]  # [BM, BK]
+        b_ptrs = w2_ptr + slot * stride_ws + offs_n[None, :] * stride_wn + offs_k[:, None]
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for k0 in range(0, tl.cdiv(I, BLOCK_K)):
+            if EVEN_K:
+                a = tl.load(a_ptrs, mask=row_ok[:, None], other=0.0)
+                b = tl.load(b_ptrs, mask=n_ok[None, :], other=0.0)
+            else:
+                k_ok = offs_k < I - k0 * BLOCK_K
+                a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+                b = tl.load(b_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+            if DOT_F32:
+                a, b = a.to(tl.float32), b.to(tl.float32)
+            acc = tl.dot(a, b, acc)
+            a_ptrs += BLOCK_K
+            b_ptrs += BLOCK_K
+        w = tl.load(weights_ptr + aid, mask=row_ok, other=0.0).to(tl.float32)
+        y = acc * w[:, None]
+        y_ptrs = y_ptr + aid64[:, None] * stride_yt + offs_n[None, :]
+        tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=row_ok[:, None] & n_ok[None, :])
+
+    @triton.jit
+    def _topk_sum_kernel(y_ptr, ids_ptr, out_ptr, top_k, D, BLOCK_D: tl.constexpr):
+        # out[t] = sum_j y[t*k + j] over j with id >= 0 (skipped rows were never written)
+        t = tl.program_id(0).to(tl.int64)
+        offs = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+        d_ok = offs < D
+        acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+        for j in range(0, top_k):
+            e = tl.load(ids_ptr + t * top_k + j + offs * 0)  # broadcast: [BLOCK_D] copies
+            y = tl.load(y_ptr + (t * top_k + j) * D + offs, mask=d_ok & (e >= 0), other=0.0)
+            acc += y.to(tl.float32)
+        tl.store(out_ptr + t * D + offs, acc.to(out_ptr.dtype.element_ty), mask=d_ok)
+
+
+# ----------------------------------------------------------------------------- host side
+
+def moe_align(topk_ids: torch.Tensor, num_slots: int, block_m: int):
+    """Flat assignment ids grouped by slot and padded to `block_m`, plus each block's slot.
+
+    Returns (sorted_ids [P] int32 with n_assign as padding, block_slot [P // block_m] int32
+    with -1 past the used length); P = T*k + min(T*k, S) * (block_m - 1) rounded up."""
+    ids = topk_ids.reshape(-1)  # [T*k]
+    n_assign = ids.numel()
+    n_blocks = triton.cdiv(n_assign + min(n_assign, num_slots) * (block_m - 1), block_m)
+    dev = ids.device
+    sorted_ids = torch.empty(n_blocks * block_m, dtype=torch.int32, device=dev)
+    block_slot = torch.empty(n_blocks, dtype=torch.int32, device=dev)
+    scratch = torch.empty(2 * num_slots + n_assign, dtype=torch.int32, device=dev)
+    counts, offsets, rank = scratch[:num_slots], scratch[num_slots:2 * num_slots], \
+        scratch[2 * num_slots:]
+    _align_kernel[(1,)](ids, counts, rank, offsets, sorted_ids, block_slot,
+                        n_assign, num_slots, n_blocks,
+                        BLOCK_M=block_m, S_PAD=max(16, _next_pow2(num_slots)), CHUNK=256,
+                        num_warps=4)
+    return sorted_ids, block_slot
+
+
+def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
+              topk_weights: torch.Tensor, topk_ids: torch.Tensor, *,
+              config: dict | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """out[t] = sum_j w[t,j] * expert_{id[t,j]}(x[t]) over j with id >= 0; dtype of x.
+
+    x [T, D]; w13 [S, 2I, D] (gate rows then up rows); w2 [S, D, I];
+    topk_weights [T, k] float; topk_ids [T, k] int in [-1, S). `out` [T, D] contiguous,
+    optional (a static buffer for graph capture)."""
+    T, D = x.shape
+    S, two_i, _ = w13.shape
+    inter = two_i // 2
+    top_k = topk_ids.shape[1]
+    if w13.shape[2] != D or w2.shape != (S, D, inter) or topk_weights.shape != topk_ids.shape:
+        raise ValueError(f"shape mismatch: x {tuple(x.shape)}, w13 {tuple(w13.shape)}, "
+                         f"w2 {tuple(w2.shape)}, topk {tuple(topk_ids.shape)}")
+    if out is None:
+        out = torch.empty(T, D, dtype=x.dtype, device=x.device)  # [T, D]
+    if T == 0:
+        return out
+    cfg = config or get_config(T, top_k, S, inter, D, x.dtype, x.device)
+    down = {**cfg, **cfg.get("down", {})}
+    x, w13, w2 = x.contiguous(), w13.contiguous(), w2.contiguous()
+    ids = topk_ids.contiguous()
+    weights = topk_weights.contiguous()
+    n_assign = T * top_k
+    bm = cfg["BLOCK_M"]
+    sorted_ids, block_slot = moe_align(ids, S, bm)
+    n_blocks = block_slot.numel()
+    dot_f32 = _kernels_interpreted()  # the interpreter's bf16 dot is wrong
+
+    h = torch.empty(n_assign, inter, dtype=x.dtype, device=x.device)  # [T*k, I]
+    grid = (n_blocks * triton.cdiv(inter, cfg["BLOCK_N"]),)
+    _gate_up_kernel[grid](
+        x, w13, h, sorted_ids, block_slot, n_assign, top_k, n_blocks, D, inter,
+        x.stride(0), w13.stride(0), w13.stride(1), h.stride(0),
+        BLOCK_M=bm, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], GROUP_M=cfg["GROUP_M"],
+        EVEN_K=D % cfg["BLOCK_K"] == 0, DOT_F32=dot_f32,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+
+    y = torch.empty(n_assign, D, dtype=x.dtype, device=x.device)  # [T*k, D]
+    grid = (n_blocks * triton.cdiv(D, down["BLOCK_N"]),)
+    _down_kernel[grid](
+        h, w2, y, weights, sorted_ids, block_slot, n_assign, n_blocks, D, inter,
+        h.stride(0), w2.stride(0), w2.stride(1), y.stride(0),
+        BLOCK_M=bm, BLOCK_N=down["BLOCK_N"], BLOCK_K=down["BLOCK_K"],
+        GROUP_M=down["GROUP_M"], EVEN_K=inter % down["BLOCK_K"] == 0, DOT_F32=dot_f32,
+        num_warps=down["num_warps"], num_stages=down["num_stages"])
+
+    block_d = min(1024, _next_pow2(D))
+    _topk_sum_kernel[(T, triton.cdiv(D, block_d))](y, ids, out, top_k, D, BLOCK_D=block_d,
+                                                    num_warps=4)
+    return out
