@@ -1,0 +1,102 @@
+"""POST /v1/chat/completions: chat with the model's chat template, streaming or not.
+
+The engine process applies the chat template and tokenises; without max_tokens (or
+max_completion_tokens) the answer may run to the end of the context, capped by the
+server's max_tokens limit.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from brownout.api.generation import (DONE, AbortingStreamingResponse, abort_all, check_finish,
+                                     collect, created, finish_reason, merged, new_id, sse,
+                                     stream_error, submit_all, until_disconnect)
+from brownout.api.schemas import ChatCompletionRequest
+from brownout.api.state import ServerState, parse_body
+from brownout.engine.client import RequestStream, TokenLogprob
+from brownout.types import ValidationError
+
+
+def _token(text: str, logprob: float) -> dict:
+    return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+
+
+def _content_logprobs(logprobs: list[TokenLogprob], top_n: int) -> list[dict]:
+    content = []
+    for lp in logprobs:
+        entry = _token(lp.text, lp.logprob)
+        tops = sorted(lp.top.items(), key=lambda kv: -kv[1])[:top_n]
+        entry["top_logprobs"] = [_token(lp.top_texts.get(t, ""), v) for t, v in tops]
+        content.append(entry)
+    return content
+
+
+def _usage(stream: RequestStream, completion_tokens: int) -> dict:
+    prompt = len(stream.prompt_token_ids)
+    return {"prompt_tokens": prompt, "completion_tokens": completion_tokens,
+            "total_tokens": prompt + completion_tokens}
+
+
+async def create_chat_completion(request: Request, state: ServerState) -> Response:
+    body = await parse_body(request, ChatCompletionRequest)
+    state.check_model(body.model)
+    try:
+        params, defaulted = body.to_sampling_params(state.server.max_tokens_limit)
+    except ValidationError as exc:  # our name for the top-N count is top_logprobs
+        if exc.field == "logprobs":
+            raise ValidationError("top_logprobs", exc.message) from None
+        raise
+    messages = [m.as_dict() for m in body.messages]
+    job = dict(prompt=None, messages=messages, params=params, priority=body.priority,
+               clamp_max_tokens=defaulted)
+    request_id = new_id("chatcmpl")
+    streams = await submit_all(state.client, request_id, [job])
+    top_n: Optional[int] = params.logprobs
+    model = state.served_model_name
+    if body.stream:
+        return AbortingStreamingResponse(_stream(request_id, model, body, top_n, streams[0]),
+                                         on_close=lambda: abort_all(state.client, streams))
+    choices = await until_disconnect(request, state.client, streams, collect(streams))
+    if choices is None:
+        return Response(status_code=499)  # nobody is listening
+    c = choices[0]
+    logprobs = None if top_n is None else {"content": _content_logprobs(c.logprobs, top_n)}
+    return JSONResponse({
+        "id": request_id, "object": "chat.completion", "created": created(), "model": model,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": c.text},
+                     "logprobs": logprobs, "finish_reason": c.finish_reason}],
+        "usage": _usage(streams[0], len(c.token_ids))})
+
+
+async def _stream(request_id: str, model: str, body: ChatCompletionRequest,
+                  top_n: Optional[int], stream: RequestStream):
+    base = {"id": request_id, "object": "chat.completion.chunk", "created": created(),
+            "model": model}
+    extra = {"usage": None} if body.include_usage else {}
+    completion_tokens = 0
+
+    def chunk(delta: dict, logprobs=None, reason=None) -> str:
+        choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": reason}
+        return sse({**base, "choices": [choice], **extra})
+
+    try:
+        yield chunk({"role": "assistant", "content": ""})
+        async for _, out in merged([stream]):
+            check_finish(out)
+            completion_tokens += len(out.new_token_ids)
+            logprobs = None
+            if top_n is not None and out.new_logprobs:
+                logprobs = {"content": _content_logprobs(out.new_logprobs, top_n)}
+            reason = finish_reason(out)
+            if out.new_text or logprobs or reason:
+                delta = {"content": out.new_text} if out.new_text else {}
+                yield chunk(delta, logprobs, reason)
+        if body.include_usage:
+            yield sse({**base, "choices": [], "usage": _usage(stream, completion_tokens)})
+    except Exception as exc:  # noqa: BLE001 - reported to the client inside the stream
+        yield stream_error(exc)
+    yield DONE

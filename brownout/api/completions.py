@@ -1,0 +1,139 @@
+"""POST /v1/completions: legacy text completions, streaming or not.
+
+Supports `echo` with prompt logprobs in the legacy format (`tokens`, `token_logprobs`,
+`top_logprobs`, `text_offset`; the first prompt token's logprob is null), which is how
+lm-eval's local-completions model scores log-likelihoods: echo=true, logprobs=N and
+max_tokens=0 or 1. The engine needs max_tokens >= 1, so max_tokens=0 runs one token and
+drops it from the text, the logprobs and the usage.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from brownout.api.generation import (DONE, AbortingStreamingResponse, Choice, abort_all,
+                                     check_finish, collect, created, finish_reason, merged, new_id,
+                                     sse, stream_error, submit_all, until_disconnect)
+from brownout.api.schemas import CompletionRequest
+from brownout.api.state import ServerState, parse_body
+from brownout.engine.client import RequestStream, TokenLogprob
+
+Entry = tuple[str, Optional[float], Optional[dict[str, float]]]  # token text, logprob, top
+
+
+def _entry(lp: Optional[TokenLogprob], text: str) -> Entry:
+    if lp is None:
+        return (text, None, None)
+    return (lp.text or text, lp.logprob, {lp.top_texts.get(t, str(t)): v for t, v in lp.top.items()})
+
+
+def _prompt_entries(stream: RequestStream, prompt_logprobs) -> list[Entry]:
+    texts = stream.prompt_token_texts or [""] * len(stream.prompt_token_ids)
+    plps = prompt_logprobs or []
+    return [_entry(plps[i] if i < len(plps) else None, texts[i]) for i in range(len(texts))]
+
+
+def _legacy(entries: list[Entry], offset: int) -> dict:
+    out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    for text, lp, top in entries:
+        out["tokens"].append(text)
+        out["token_logprobs"].append(lp)
+        out["top_logprobs"].append(top)
+        out["text_offset"].append(offset)
+        offset += len(text)
+    return out
+
+
+class _Plan:
+    """What one request asked for, beyond sampling."""
+
+    def __init__(self, body: CompletionRequest):
+        self.echo = body.echo
+        self.want_logprobs = body.logprobs is not None
+        self.drop_generated = body.echo and body.max_tokens == 0  # scoring only
+
+    def text(self, stream: RequestStream, generated: str, first: bool) -> str:
+        text = "" if self.drop_generated else generated
+        return (stream.prompt_text or "") + text if self.echo and first else text
+
+    def entries(self, stream: RequestStream, logprobs: list, prompt_logprobs, first: bool) -> list[Entry]:
+        entries = [] if self.drop_generated else [_entry(lp, lp.text) for lp in logprobs]
+        return _prompt_entries(stream, prompt_logprobs) + entries if self.echo and first else entries
+
+    def completion_tokens(self, n: int) -> int:
+        return 0 if self.drop_generated else n
+
+
+def _usage(streams: list[RequestStream], completion_tokens: int) -> dict:
+    prompt = sum(len(s.prompt_token_ids) for s in streams)
+    return {"prompt_tokens": prompt, "completion_tokens": completion_tokens,
+            "total_tokens": prompt + completion_tokens}
+
+
+async def create_completion(request: Request, state: ServerState) -> Response:
+    body = await parse_body(request, CompletionRequest)
+    state.check_model(body.model)
+    params = body.to_sampling_params(state.server.max_tokens_limit)
+    prompts = body.prompts()
+    jobs = [dict(prompt=p, params=params, priority=body.priority, want_prompt_text=body.echo)
+            for p in prompts]
+    request_id = new_id("cmpl")
+    streams = await submit_all(state.client, request_id, jobs)
+    plan = _Plan(body)
+    model = state.served_model_name
+    if body.stream:
+        return AbortingStreamingResponse(_stream(request_id, model, body, plan, streams),
+                                         on_close=lambda: abort_all(state.client, streams))
+    choices = await until_disconnect(request, state.client, streams, collect(streams))
+    if choices is None:
+        return Response(status_code=499)  # nobody is listening
+    return JSONResponse(_response(request_id, model, plan, streams, choices))
+
+
+def _response(request_id: str, model: str, plan: _Plan, streams: list[RequestStream],
+              choices: list[Choice]) -> dict:
+    out, completion_tokens = [], 0
+    for i, (stream, c) in enumerate(zip(streams, choices)):
+        offset = 0 if plan.echo else len(stream.prompt_text or "")
+        logprobs = None
+        if plan.want_logprobs:
+            logprobs = _legacy(plan.entries(stream, c.logprobs, c.prompt_logprobs, True), offset)
+        out.append({"index": i, "text": plan.text(stream, c.text, True), "logprobs": logprobs,
+                    "finish_reason": c.finish_reason})
+        completion_tokens += plan.completion_tokens(len(c.token_ids))
+    return {"id": request_id, "object": "text_completion", "created": created(), "model": model,
+            "choices": out, "usage": _usage(streams, completion_tokens)}
+
+
+async def _stream(request_id: str, model: str, body: CompletionRequest, plan: _Plan,
+                  streams: list[RequestStream]):
+    started = [False] * len(streams)
+    offsets = [0] * len(streams)
+    completion_tokens = 0
+    include_usage = body.include_usage
+    base = {"id": request_id, "object": "text_completion", "created": created(), "model": model}
+    try:
+        async for i, out in merged(streams):
+            check_finish(out)
+            first, started[i] = not started[i], True
+            stream = streams[i]
+            logprobs = None
+            if plan.want_logprobs:
+                entries = plan.entries(stream, out.new_logprobs, out.prompt_logprobs, first)
+                logprobs = _legacy(entries, offsets[i])
+                offsets[i] += sum(len(e[0]) for e in entries)
+            completion_tokens += plan.completion_tokens(len(out.new_token_ids))
+            choice = {"index": i, "text": plan.text(stream, out.new_text, first),
+                      "logprobs": logprobs, "finish_reason": finish_reason(out)}
+            chunk = {**base, "choices": [choice]}
+            if include_usage:
+                chunk["usage"] = None
+            yield sse(chunk)
+        if include_usage:
+            yield sse({**base, "choices": [], "usage": _usage(streams, completion_tokens)})
+    except Exception as exc:  # noqa: BLE001 - reported to the client inside the stream
+        yield stream_error(exc)
+    yield DONE

@@ -1,0 +1,137 @@
+"""`brownout serve`: build the engine and server configs from flags, then run uvicorn.
+
+Flags left unset keep the config defaults (the SLO knobs default to the paper's settings,
+see brownout.config.SLOConfig). A bad value is reported as a CLI error naming the flag.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Optional
+
+from brownout.config import (BrownoutConfig, CacheConfig, EngineConfig, ModelLoadConfig,
+                             SchedulerConfig, ServerConfig, SLOConfig)
+from brownout.types import ValidationError
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MODEL_FACTORY = "brownout.engine.llm_engine:default_model_dir"
+
+# config field -> flag, where the two names differ
+_FLAG_OF_FIELD = {
+    "queue_timeout_s": "--queue-timeout", "policy": "--slo-policy", "slo_policy": "--slo-policy",
+    "ttft_s": "--slo-ttft", "tpot_s": "--slo-tpot", "prefill_step_s": "--slo-prefill-step",
+    "decode_step_s": "--slo-decode-step", "window_s": "--slo-window",
+    "check_interval_s": "--slo-check-interval", "shrink_factor": "--slo-shrink-factor",
+    "increase_step": "--slo-increase-step", "warning_ratio": "--slo-warning-ratio",
+    "tau_prefill": "--fixed-tau", "tau_decode": "--fixed-tau", "num_blocks": "--num-kv-blocks",
+    "united_experts": "--united-experts",
+}
+
+# flag dest -> SLOConfig field
+_SLO_FLAGS = {
+    "slo_ttft": "ttft_s", "slo_tpot": "tpot_s", "slo_prefill_step": "prefill_step_s",
+    "slo_decode_step": "decode_step_s", "slo_window": "window_s",
+    "slo_check_interval": "check_interval_s", "slo_shrink_factor": "shrink_factor",
+    "slo_increase_step": "increase_step", "slo_warning_ratio": "warning_ratio",
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    slo = SLOConfig()
+    sched = SchedulerConfig()
+    srv = ServerConfig()
+    g = parser.add_argument_group("model")
+    g.add_argument("--model", default=None, help="checkpoint directory (default: the embedded demo model)")
+    g.add_argument("--united-experts", default=None, help="directory written by `brownout unite`")
+    g.add_argument("--served-model-name", default=None, help="model name clients use (default: the model's)")
+    g.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
+    g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    g.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto")
+    g.add_argument("--load-format", choices=("auto", "dummy"), default="auto")
+    g.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+    g.add_argument("--seed", type=int, default=0)
+    g = parser.add_argument_group("scheduler and admission")
+    g.add_argument("--max-num-seqs", type=int, default=None, help=f"batch size (default {sched.max_num_seqs})")
+    g.add_argument("--max-num-batched-tokens", type=int, default=None,
+                   help=f"token budget per step (default {sched.max_num_batched_tokens})")
+    g.add_argument("--max-waiting-requests", type=int, default=None,
+                   help=f"bounded queue; beyond it requests get 429 (default {sched.max_waiting_requests})")
+    g.add_argument("--queue-timeout", type=float, default=None, help="seconds a request may wait (default: no limit)")
+    g.add_argument("--num-kv-blocks", type=int, default=None, help="KV cache blocks (default: from memory)")
+    g.add_argument("--block-size", type=int, default=None, help="tokens per KV block")
+    g = parser.add_argument_group("brownout and SLO control")
+    g.add_argument("--slo-policy", choices=("off", "fixed", "aimd", "predictive"), default=None,
+                   help=f"dimmer policy (default {slo.policy}; 'fixed' when --fixed-tau is given)")
+    g.add_argument("--fixed-tau", type=float, default=None, help="tau for the fixed policy (initial tau otherwise)")
+    for dest, name in _SLO_FLAGS.items():
+        g.add_argument("--" + dest.replace("_", "-"), dest=dest, type=float, default=None,
+                       help=f"default {getattr(slo, name)}")
+    g = parser.add_argument_group("server")
+    g.add_argument("--host", default=srv.host, help="bind address (default 127.0.0.1: local only)")
+    g.add_argument("--port", type=int, default=srv.port)
+    g.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1")
+    g.add_argument("--max-body-bytes", type=int, default=srv.max_body_bytes)
+    g.add_argument("--max-prompt-tokens", type=int, default=None, help="default: the context length - 1")
+    g.add_argument("--max-tokens-limit", type=int, default=srv.max_tokens_limit,
+                   help="largest max_tokens a request may ask for")
+    g.add_argument("--engine-factory", default=None, help=argparse.SUPPRESS)  # test seam
+
+
+def _given(args, mapping: dict[str, str]) -> dict:
+    return {field: getattr(args, dest) for dest, field in mapping.items()
+            if getattr(args, dest, None) is not None}
+
+
+def build_configs(args) -> tuple[EngineConfig, ServerConfig]:
+    """Configs from parsed flags; raises ValidationError naming the bad field."""
+    policy = args.slo_policy or ("fixed" if args.fixed_tau is not None else SLOConfig().policy)
+    if policy == "fixed" and args.fixed_tau is None:
+        raise ValidationError("fixed_tau", "the fixed policy needs --fixed-tau in [0, 1]")
+    tau = {} if args.fixed_tau is None else {"tau_prefill": args.fixed_tau, "tau_decode": args.fixed_tau}
+    load = ModelLoadConfig(model=args.model or "", load_format=args.load_format, dtype=args.dtype,
+                           device=args.device, seed=args.seed, max_model_len=args.max_model_len,
+                           enforce_eager=args.enforce_eager)
+    cache = CacheConfig(**_given(args, {"num_kv_blocks": "num_blocks", "block_size": "block_size"}))
+    scheduler = SchedulerConfig(**_given(args, {
+        "max_num_seqs": "max_num_seqs", "max_num_batched_tokens": "max_num_batched_tokens",
+        "max_waiting_requests": "max_waiting_requests", "queue_timeout": "queue_timeout_s"}))
+    engine = EngineConfig(load=load, cache=cache, scheduler=scheduler,
+                          brownout=BrownoutConfig(united_experts=args.united_experts, **tau),
+                          slo=SLOConfig(policy=policy, **_given(args, _SLO_FLAGS)))
+    server = ServerConfig(host=args.host, port=args.port, api_key=args.api_key,
+                          served_model_name=args.served_model_name,
+                          max_body_bytes=args.max_body_bytes,
+                          max_prompt_tokens=args.max_prompt_tokens,
+                          max_tokens_limit=args.max_tokens_limit)
+    if args.max_prompt_tokens is not None and args.max_prompt_tokens < 1:
+        raise ValidationError("max_prompt_tokens", f"must be >= 1, got {args.max_prompt_tokens}")
+    return engine, server
+
+
+def flag_of(field: str) -> str:
+    return _FLAG_OF_FIELD.get(field, "--" + field.replace("_", "-"))
+
+
+def run(args) -> int:
+    import uvicorn  # only when serving: keeps `brownout --help` fast
+
+    from brownout.api.server import create_app
+    from brownout.engine.client import EngineClient
+    from brownout.engine.worker import DEFAULT_ENGINE_FACTORY, WorkerOptions
+
+    try:
+        engine_config, server_config = build_configs(args)
+    except ValidationError as exc:
+        print(f"brownout serve: error: {flag_of(exc.field)}: {exc.message}", file=sys.stderr)
+        return 2
+    options = WorkerOptions(engine_factory=args.engine_factory or DEFAULT_ENGINE_FACTORY,
+                            max_prompt_tokens=server_config.max_prompt_tokens,
+                            default_model_factory=None if args.model else DEFAULT_MODEL_FACTORY,
+                            log_level=logging.getLogger().getEffectiveLevel())
+    app = create_app(EngineClient(engine_config, options), server_config)
+    uvicorn.run(app, host=server_config.host, port=server_config.port, log_level="info",
+                timeout_graceful_shutdown=5)
+    return 0

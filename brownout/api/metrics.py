@@ -1,0 +1,147 @@
+"""Prometheus metrics, named as vLLM names them, plus the brownout-specific ones.
+
+Fed by the engine client's step feed (`EngineListener`), so every request is counted
+whether or not its HTTP client is still connected. Token times are the engine process's
+step-end timestamps (monotonic clock, shared by both processes on one host).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from brownout.types import RequestOutput, StepStats
+
+TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5,
+                5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0)
+ITL_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75,
+               1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
+REQUEST_BUCKETS = (0.01, 0.05, 0.1, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0,
+                   30.0, 40.0, 50.0, 60.0, 120.0, 240.0, 480.0, 960.0)
+STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.25,
+                0.3, 0.5, 0.75, 1.0, 2.5, 5.0)
+EXPERT_BUCKETS = (1, 2, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256)
+
+
+class ServerMetrics:
+    """All metrics of one server, in a private registry."""
+
+    def __init__(self, model_name: str):
+        self.registry = CollectorRegistry()
+        r, m = self.registry, ["model_name"]
+        self._model = model_name
+        self.ttft = Histogram("vllm:time_to_first_token_seconds", "Time to first token",
+                              m, buckets=TTFT_BUCKETS, registry=r)
+        self.itl = Histogram("vllm:inter_token_latency_seconds", "Time between output tokens",
+                             m, buckets=ITL_BUCKETS, registry=r)
+        self.tpot = Histogram("vllm:time_per_output_token_seconds",
+                              "Time per output token (per token, same as inter-token latency)",
+                              m, buckets=ITL_BUCKETS, registry=r)
+        self.request_tpot = Histogram("vllm:request_time_per_output_token_seconds",
+                                      "Per request: (e2e - TTFT) / (output tokens - 1)",
+                                      m, buckets=ITL_BUCKETS, registry=r)
+        self.e2e = Histogram("vllm:e2e_request_latency_seconds", "End-to-end request latency",
+                             m, buckets=REQUEST_BUCKETS, registry=r)
+        self.queue_time = Histogram("vllm:request_queue_time_seconds", "Time spent waiting",
+                                    m, buckets=REQUEST_BUCKETS, registry=r)
+        self.running = Gauge("vllm:num_requests_running", "Requests in the batch", m, registry=r)
+        self.waiting = Gauge("vllm:num_requests_waiting", "Requests waiting", m, registry=r)
+        self.kv_usage = Gauge("vllm:kv_cache_usage_perc", "KV cache usage (1 = full)", m, registry=r)
+        self.prompt_tokens = Counter("vllm:prompt_tokens", "Prefilled prompt tokens", m, registry=r)
+        self.generation_tokens = Counter("vllm:generation_tokens", "Generated tokens", m, registry=r)
+        self.preemptions = Counter("vllm:num_preemptions", "Preemptions", m, registry=r)
+        self.request_success = Counter("vllm:request_success", "Finished requests",
+                                       m + ["finished_reason"], registry=r)
+        self.tau = Gauge("brownout_tau", "Brownout threshold (1 = exact model)", ["phase"], registry=r)
+        self.experts = Histogram("brownout_experts_touched",
+                                 "Distinct expert slots read per step (mean over MoE layers)",
+                                 buckets=EXPERT_BUCKETS, registry=r)
+        self.slo_violations = Counter("brownout_slo_violations", "SLO violations seen by the controller",
+                                      ["kind"], registry=r)
+        self.step_latency = Histogram("brownout_step_latency_seconds", "Engine step latency",
+                                      ["phase"], buckets=STEP_BUCKETS, registry=r)
+        for phase in ("prefill", "decode"):
+            self.tau.labels(phase).set(1.0)
+        self._arrival: dict[str, float] = {}
+        self._last_token: dict[str, float] = {}
+        self._seen_preemptions = 0
+        self._seen_violations: dict[str, float] = {}
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+    # ------------------------------------------------------------------ EngineListener
+    def on_request_start(self, request_id: str, arrival_time: float) -> None:
+        self._arrival[request_id] = arrival_time
+
+    def on_request_end(self, request_id: str) -> None:
+        self._arrival.pop(request_id, None)
+        self._last_token.pop(request_id, None)
+
+    def on_step(self, t: float, outputs: list[RequestOutput], stats: Optional[StepStats],
+                snapshot: dict) -> None:
+        for out in outputs:
+            self._on_output(t, out)
+        if stats is not None:
+            phase = "prefill" if stats.has_prefill else "decode"
+            self.step_latency.labels(phase).observe(stats.latency_s)
+            if stats.experts_touched:
+                self.experts.observe(stats.mean_experts_touched)
+        self.on_snapshot(snapshot)
+
+    def _on_output(self, t: float, out: RequestOutput) -> None:
+        rid, m = out.request_id, self._model
+        if out.new_token_ids:
+            self.generation_tokens.labels(m).inc(len(out.new_token_ids))
+            prev = self._last_token.get(rid)
+            if prev is None:  # first token: the prompt has been prefilled
+                self.prompt_tokens.labels(m).inc(len(out.prompt_token_ids))
+                if rid in self._arrival:
+                    self.ttft.labels(m).observe(max(0.0, t - self._arrival[rid]))
+            else:
+                gap = max(0.0, (t - prev) / len(out.new_token_ids))
+                for _ in out.new_token_ids:
+                    self.itl.labels(m).observe(gap)
+                    self.tpot.labels(m).observe(gap)
+            self._last_token[rid] = t
+        if out.finished:
+            self._on_finished(t, out)
+
+    def _on_finished(self, t: float, out: RequestOutput) -> None:
+        m = self._model
+        arrival = self._arrival.get(out.request_id)
+        metrics = out.metrics
+        if metrics is not None:
+            arrival = metrics.arrival_time
+            if metrics.queue_time is not None:
+                self.queue_time.labels(m).observe(max(0.0, metrics.queue_time))
+            first, last = metrics.first_token_time, metrics.last_token_time
+            n = len(out.output_token_ids)
+            if first is not None and last is not None and n > 1:
+                self.request_tpot.labels(m).observe(max(0.0, (last - first) / (n - 1)))
+        if arrival is not None:
+            self.e2e.labels(m).observe(max(0.0, t - arrival))
+        reason = out.finish_reason.value if out.finish_reason is not None else "stop"
+        self.request_success.labels(m, reason).inc()
+        self.on_request_end(out.request_id)
+
+    def on_snapshot(self, snapshot: dict) -> None:
+        if not snapshot:
+            return
+        m = self._model
+        self.running.labels(m).set(snapshot.get("num_running", 0))
+        self.waiting.labels(m).set(snapshot.get("num_waiting", 0))
+        self.kv_usage.labels(m).set(snapshot.get("kv_usage", 0.0))
+        for phase in ("prefill", "decode"):
+            if f"tau_{phase}" in snapshot:
+                self.tau.labels(phase).set(snapshot[f"tau_{phase}"])
+        total = snapshot.get("num_preemptions_total", self._seen_preemptions)
+        if total > self._seen_preemptions:
+            self.preemptions.labels(m).inc(total - self._seen_preemptions)
+            self._seen_preemptions = total
+        for kind, count in (snapshot.get("slo_violations") or {}).items():
+            seen = self._seen_violations.get(kind, 0)
+            if count > seen:
+                self.slo_violations.labels(kind).inc(count - seen)
+                self._seen_violations[kind] = count

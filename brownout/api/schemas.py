@@ -1,0 +1,167 @@
+"""Request bodies of the OpenAI-compatible endpoints (pydantic, strict types).
+
+Types are checked here (a string where a number belongs is a 400, not a silent cast);
+value ranges are checked by `SamplingParams` and by `to_sampling_params`, which raise
+`ValidationError` naming the field and the allowed range. Unknown fields are ignored,
+as OpenAI clients send fields we do not use (user, metadata, ...).
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
+
+from brownout.types import SamplingParams, ValidationError
+
+Number = Union[StrictInt, StrictFloat]
+Stop = Union[StrictStr, list[StrictStr], None]
+MAX_PROMPTS_PER_REQUEST = 64
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+class StreamOptions(_Body):
+    include_usage: StrictBool = False
+
+
+class _Common(_Body):
+    """Fields shared by completions and chat completions."""
+
+    model: Optional[StrictStr] = None
+    stream: StrictBool = False
+    stream_options: Optional[StreamOptions] = None
+    n: StrictInt = 1
+    temperature: Optional[Number] = None
+    top_p: Optional[Number] = None
+    top_k: Optional[StrictInt] = None  # extension (vLLM)
+    seed: Optional[StrictInt] = None
+    stop: Stop = None
+    stop_token_ids: Optional[list[StrictInt]] = None  # extension
+    ignore_eos: StrictBool = False  # extension
+    presence_penalty: Optional[Number] = None
+    frequency_penalty: Optional[Number] = None
+    logit_bias: Optional[dict[str, Number]] = None
+    priority: StrictInt = 0  # extension: lower runs first under the priority policy
+
+    def check_common(self) -> None:
+        if self.n != 1:
+            raise ValidationError("n", f"only n=1 is supported, got {self.n}")
+        if self.stream_options is not None and not self.stream:
+            raise ValidationError("stream_options", "is only allowed when stream is true")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if getattr(self, name) not in (None, 0, 0.0):
+                raise ValidationError(name, "is not supported (only 0)")
+        if self.logit_bias:
+            raise ValidationError("logit_bias", "is not supported")
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+    def sampling(self, max_tokens: int, logprobs: Optional[int],
+                 prompt_logprobs: Optional[int] = None) -> SamplingParams:
+        stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        return SamplingParams(
+            max_tokens=max_tokens,
+            temperature=1.0 if self.temperature is None else self.temperature,
+            top_p=1.0 if self.top_p is None else self.top_p,
+            top_k=-1 if self.top_k is None else self.top_k,
+            seed=self.seed, stop=stop, stop_token_ids=list(self.stop_token_ids or []),
+            ignore_eos=self.ignore_eos, logprobs=logprobs, prompt_logprobs=prompt_logprobs)
+
+
+def check_max_tokens(name: str, value: int, limit: int, allow_zero: bool = False) -> None:
+    lo = 0 if allow_zero else 1
+    if not lo <= value <= limit:
+        raise ValidationError(name, f"must be in [{lo}, {limit}], got {value}")
+
+
+class CompletionRequest(_Common):
+    prompt: Union[StrictStr, list[StrictInt], list[StrictStr], list[list[StrictInt]]]
+    max_tokens: Optional[StrictInt] = 16
+    logprobs: Optional[StrictInt] = None
+    echo: StrictBool = False
+    suffix: Optional[StrictStr] = None
+    best_of: Optional[StrictInt] = None
+
+    def prompts(self) -> list[Union[str, list[int]]]:
+        """The prompt as a list of prompts (each text or token ids)."""
+        p = self.prompt
+        if isinstance(p, str):
+            prompts = [p]
+        elif not p:
+            raise ValidationError("prompt", "must not be empty")
+        elif isinstance(p[0], int):
+            prompts = [p]
+        else:
+            prompts = list(p)
+        if len(prompts) > MAX_PROMPTS_PER_REQUEST:
+            raise ValidationError("prompt", f"at most {MAX_PROMPTS_PER_REQUEST} prompts per "
+                                            f"request, got {len(prompts)}")
+        for one in prompts:
+            if len(one) == 0:
+                raise ValidationError("prompt", "must not be empty")
+            if isinstance(one, list) and any(t < 0 for t in one):
+                raise ValidationError("prompt", "token ids must be >= 0")
+        return prompts
+
+    def to_sampling_params(self, max_tokens_limit: int) -> SamplingParams:
+        """Sampling for each prompt. `max_tokens=0` (echo scoring) runs one token, later dropped."""
+        self.check_common()
+        if self.suffix:
+            raise ValidationError("suffix", "is not supported")
+        if self.best_of not in (None, 1):
+            raise ValidationError("best_of", f"only best_of=1 is supported, got {self.best_of}")
+        max_tokens = 16 if self.max_tokens is None else self.max_tokens
+        check_max_tokens("max_tokens", max_tokens, max_tokens_limit, allow_zero=self.echo)
+        if self.logprobs is not None and not 0 <= self.logprobs <= 20:
+            raise ValidationError("logprobs", f"must be in [0, 20], got {self.logprobs}")
+        prompt_logprobs = self.logprobs if self.echo and self.logprobs is not None else None
+        return self.sampling(max(1, max_tokens), self.logprobs, prompt_logprobs)
+
+
+class TextPart(_Body):
+    type: Literal["text"]
+    text: StrictStr
+
+
+class ChatMessage(_Body):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: Union[StrictStr, list[TextPart], None] = None
+    name: Optional[StrictStr] = None
+
+    def as_dict(self) -> dict:
+        content = self.content
+        if isinstance(content, list):
+            content = "".join(part.text for part in content)
+        return {"role": self.role, "content": content or ""}
+
+
+class ChatCompletionRequest(_Common):
+    messages: list[ChatMessage] = Field(...)
+    max_tokens: Optional[StrictInt] = None
+    max_completion_tokens: Optional[StrictInt] = None
+    logprobs: StrictBool = False
+    top_logprobs: Optional[StrictInt] = None
+
+    def to_sampling_params(self, max_tokens_limit: int) -> tuple[SamplingParams, bool]:
+        """Sampling params and whether max_tokens was defaulted (then fit to the context)."""
+        self.check_common()
+        if not self.messages:
+            raise ValidationError("messages", "must contain at least one message")
+        name, value = "max_completion_tokens", self.max_completion_tokens
+        if value is None:
+            name, value = "max_tokens", self.max_tokens
+        defaulted = value is None
+        if not defaulted:
+            check_max_tokens(name, value, max_tokens_limit)
+        if self.top_logprobs is not None:
+            if not self.logprobs:
+                raise ValidationError("top_logprobs", "requires logprobs to be true")
+            if not 0 <= self.top_logprobs <= 20:
+                raise ValidationError("top_logprobs", f"must be in [0, 20], got {self.top_logprobs}")
+        logprobs = (self.top_logprobs or 0) if self.logprobs else None
+        return self.sampling(max_tokens_limit if defaulted else value, logprobs), defaulted

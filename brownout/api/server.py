@@ -1,0 +1,81 @@
+"""The FastAPI application: routes, lifespan (engine process start/stop), guards.
+
+Routes: POST /v1/completions, POST /v1/chat/completions, GET /v1/models, GET /health,
+GET /metrics (Prometheus text format). The engine runs in its own process, started when
+the app starts and stopped when it stops; see brownout/engine/client.py.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+
+from fastapi import FastAPI, Request
+from starlette.responses import JSONResponse, Response
+
+from brownout.api.chat import create_chat_completion
+from brownout.api.completions import create_completion
+from brownout.api.errors import install_handlers
+from brownout.api.metrics import ServerMetrics
+from brownout.api.middleware import GuardMiddleware
+from brownout.api.state import ServerState
+from brownout.config import ServerConfig
+from brownout.engine.client import EngineClient
+
+logger = logging.getLogger(__name__)
+
+PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+def create_app(client: EngineClient, server: ServerConfig) -> FastAPI:
+    """An app serving the engine behind `client` (started by the app's lifespan)."""
+    state = ServerState(client=client, server=server)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI):
+        info = await client.start()
+        state.served_model_name = server.served_model_name or info.model_name
+        state.model_aliases = {info.model_name}
+        state.metrics = ServerMetrics(state.served_model_name)
+        client.listeners.append(state.metrics)
+        state.metrics.on_snapshot(client.last_snapshot)
+        logger.info("serving %r on http://%s:%d", state.served_model_name, server.host, server.port)
+        try:
+            yield
+        finally:
+            await client.shutdown()
+
+    app = FastAPI(title="brownout-serve", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.server_state = state
+    install_handlers(app)
+    app.add_middleware(GuardMiddleware, api_key=server.api_key, max_body_bytes=server.max_body_bytes)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        return await create_completion(request, state)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        return await create_chat_completion(request, state)
+
+    @app.get("/v1/models")
+    async def models() -> JSONResponse:
+        info = client.info
+        card = {"id": state.served_model_name, "object": "model", "created": int(time.time()),
+                "owned_by": "brownout", "root": info.model_name if info else None,
+                "max_model_len": info.max_model_len if info else None}
+        return JSONResponse({"object": "list", "data": [card]})
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        if not client.is_alive:
+            return JSONResponse({"status": "dead", "reason": client.dead_reason}, status_code=503)
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        body = state.metrics.render() if state.metrics else b""
+        return Response(body, media_type=PROMETHEUS_CONTENT_TYPE)
+
+    return app

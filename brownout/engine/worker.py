@@ -1,0 +1,250 @@
+"""The engine's own process: receives commands, steps the engine, sends outputs back.
+
+`worker_main` is the spawn target. It is torch-free at import time: the engine class is
+named by a "module:attr" string and imported inside the child, so the HTTP process never
+loads torch. All tokenisation and chat templating happen here; the parent only sees token
+ids and text.
+
+Wire protocol (plain tuples of builtin types and `brownout.types` dataclasses, so the
+parent can unpickle them without importing the engine):
+  parent -> child: ("add", AddCommand) | ("abort", request_id) | ("shutdown",)
+  child -> parent: ("ready", info) | ("fatal", message)
+                   | ("added", request_id, AddResult) | ("add_error", request_id, AddError)
+                   | ("step", time, [PackedOutput], StepStats | None, snapshot)
+                   | ("snapshot", time, snapshot)
+When idle the child blocks on its command queue; while it has work it drains commands
+without blocking between steps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import logging
+import multiprocessing
+import queue
+import signal
+import time
+import traceback
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Any, Optional, Union
+
+from brownout.types import FinishReason, Logprob, RequestMetrics, SamplingParams, StepStats
+from brownout.types import ValidationError
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_ENGINE_FACTORY = "brownout.engine.llm_engine:LLMEngine"
+
+# (token_id, token_text, logprob, [(alt_id, alt_text, alt_logprob), ...]) or None
+PackedLogprob = Optional[tuple]
+
+
+@dataclass(slots=True)
+class AddCommand:
+    request_id: str
+    prompt: Union[str, list[int], None]  # text or token ids (completions)
+    messages: Optional[list[dict]]  # chat messages (chat completions); prompt is None then
+    params: SamplingParams
+    arrival_time: float
+    priority: int = 0
+    clamp_max_tokens: bool = False  # shrink max_tokens to fit the context (chat default)
+    want_prompt_text: bool = False  # echo: send the prompt's text and per-token text back
+
+
+@dataclass(slots=True)
+class AddResult:
+    prompt_token_ids: list[int]
+    max_tokens: int  # after clamping
+    prompt_text: Optional[str] = None
+    prompt_token_texts: Optional[list[str]] = None
+
+
+@dataclass(slots=True)
+class AddError:
+    kind: str  # "validation" | "admission" | "internal"
+    message: str
+    field: Optional[str] = None
+    retry_after_s: Optional[float] = None
+
+
+@dataclass(slots=True)
+class PackedOutput:
+    """One request's step output, without the full token lists (the parent rebuilds them)."""
+
+    request_id: str
+    new_token_ids: list[int]
+    new_text: str
+    finished: bool
+    finish_reason: Optional[FinishReason]
+    new_logprobs: list[PackedLogprob] = field(default_factory=list)
+    prompt_logprobs: Optional[list[PackedLogprob]] = None
+    metrics: Optional[RequestMetrics] = None
+
+
+@dataclass(slots=True)
+class WorkerOptions:
+    engine_factory: str = DEFAULT_ENGINE_FACTORY
+    max_prompt_tokens: Optional[int] = None  # default: max_model_len - 1
+    # "module:function" returning the model directory to use when config.load.model is ""
+    default_model_factory: Optional[str] = None
+    log_level: int = logging.INFO
+
+
+def _load_factory(spec: str):
+    module_name, _, attr = spec.partition(":")
+    return getattr(importlib.import_module(module_name), attr)
+
+
+class _Session:
+    """The child's state: the engine plus helpers to turn its outputs into wire tuples."""
+
+    def __init__(self, engine: Any, options: WorkerOptions, out_q):
+        self.engine = engine
+        self.out_q = out_q
+        self.max_model_len = int(engine.max_model_len)
+        self.max_prompt_tokens = min(options.max_prompt_tokens or self.max_model_len - 1,
+                                     self.max_model_len - 1)
+        self.token_text = lru_cache(maxsize=65536)(self._decode_one)
+
+    def _decode_one(self, token_id: int) -> str:
+        return self.engine.tokenizer.decode([token_id])
+
+    # ------------------------------------------------------------------ commands
+    def add(self, cmd: AddCommand) -> None:
+        try:
+            result = self._add(cmd)
+        except ValidationError as exc:
+            self.out_q.put(("add_error", cmd.request_id, AddError("validation", exc.message, exc.field)))
+        except Exception as exc:  # the engine's AdmissionError carries retry_after_s
+            retry = getattr(exc, "retry_after_s", None)
+            if retry is not None or type(exc).__name__ == "AdmissionError":
+                err = AddError("admission", str(exc), retry_after_s=float(retry or 1.0))
+            else:
+                logger.exception("add_request %s failed", cmd.request_id)
+                err = AddError("internal", f"{type(exc).__name__}: {exc}")
+            self.out_q.put(("add_error", cmd.request_id, err))
+        else:
+            self.out_q.put(("added", cmd.request_id, result))
+
+    def _add(self, cmd: AddCommand) -> AddResult:
+        prompt = cmd.prompt
+        if cmd.messages is not None:
+            prompt = [int(t) for t in self.engine.apply_chat_template(cmd.messages)]
+        if isinstance(prompt, list):
+            self._check_prompt_len(len(prompt), "messages" if cmd.messages is not None else "prompt")
+            if cmd.clamp_max_tokens:
+                cmd.params.max_tokens = max(1, min(cmd.params.max_tokens,
+                                                   self.max_model_len - len(prompt)))
+        ids = [int(t) for t in self.engine.add_request(
+            cmd.request_id, prompt, cmd.params, arrival_time=cmd.arrival_time,
+            priority=cmd.priority)]
+        try:  # a text prompt is only measured once the engine has tokenised it
+            self._check_prompt_len(len(ids), "prompt")
+        except ValidationError:
+            self.engine.abort_request(cmd.request_id)
+            raise
+        result = AddResult(ids, cmd.params.max_tokens)
+        if cmd.want_prompt_text:
+            result.prompt_text = prompt if isinstance(prompt, str) else self.engine.tokenizer.decode(ids)
+            result.prompt_token_texts = [self.token_text(t) for t in ids]
+        return result
+
+    def _check_prompt_len(self, n: int, field_name: str) -> None:
+        if n > self.max_prompt_tokens:
+            raise ValidationError(field_name, f"prompt has {n} tokens; at most "
+                                              f"{self.max_prompt_tokens} are allowed")
+        if n == 0:
+            raise ValidationError(field_name, "prompt is empty (0 tokens)")
+
+    # ------------------------------------------------------------------ outputs
+    def _pack_logprob(self, lp: Optional[Logprob]) -> PackedLogprob:
+        if lp is None:
+            return None
+        tops = [(int(t), self.token_text(int(t)), float(v)) for t, v in lp.top.items()]
+        return (int(lp.token_id), self.token_text(int(lp.token_id)), float(lp.logprob), tops)
+
+    def pack(self, out) -> PackedOutput:
+        packed = PackedOutput(out.request_id, [int(t) for t in out.new_token_ids], str(out.new_text),
+                              bool(out.finished), out.finish_reason, metrics=out.metrics)
+        if out.new_logprobs:
+            packed.new_logprobs = [self._pack_logprob(lp) for lp in out.new_logprobs]
+        if out.prompt_logprobs is not None:
+            packed.prompt_logprobs = [self._pack_logprob(lp) for lp in out.prompt_logprobs]
+        return packed
+
+    def snapshot(self) -> dict:
+        return dict(self.engine.snapshot())
+
+    def step(self) -> None:
+        outputs = self.engine.step()
+        stats: Optional[StepStats] = getattr(self.engine, "last_step_stats", None)
+        packed = [self.pack(o) for o in outputs]
+        self.out_q.put(("step", time.monotonic(), packed, stats, self.snapshot()))
+
+
+class ParentGone(Exception):
+    """The serving process died without sending shutdown."""
+
+
+def _next_commands(cmd_q, block: bool) -> list[tuple]:
+    """All queued commands; waits for the first one only when `block` (the engine is idle)."""
+    cmds = []
+    parent = multiprocessing.parent_process()
+    while block and not cmds:
+        try:  # wake up once a second only to notice an orphaned worker
+            cmds.append(cmd_q.get(timeout=1.0))
+        except queue.Empty:
+            if parent is not None and not parent.is_alive():
+                raise ParentGone()
+    while True:
+        try:
+            cmds.append(cmd_q.get_nowait())
+        except queue.Empty:
+            return cmds
+
+
+def _serve(session: _Session, cmd_q) -> None:
+    engine = session.engine
+    while True:
+        cmds = _next_commands(cmd_q, block=not engine.has_unfinished_requests())
+        for cmd in cmds:
+            if cmd[0] == "add":
+                session.add(cmd[1])
+            elif cmd[0] == "abort":
+                engine.abort_request(cmd[1])
+            elif cmd[0] == "shutdown":
+                return
+        if engine.has_unfinished_requests():
+            session.step()
+        elif cmds:  # aborts free KV blocks: let the parent's gauges see it
+            session.out_q.put(("snapshot", time.monotonic(), session.snapshot()))
+
+
+def worker_main(config: Any, options: WorkerOptions, cmd_q, out_q) -> None:
+    """Spawn target: build the engine from `config`, report ready, serve until shutdown."""
+    logging.basicConfig(level=options.log_level,
+                        format="%(asctime)s %(levelname)s %(name)s[engine]: %(message)s")
+    # Ctrl-C reaches the whole process group; the parent decides when the engine stops.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        if not config.load.model and options.default_model_factory:
+            model_dir = str(_load_factory(options.default_model_factory)())
+            config = dataclasses.replace(config, load=dataclasses.replace(config.load, model=model_dir))
+        engine = _load_factory(options.engine_factory)(config)
+        session = _Session(engine, options, out_q)
+        out_q.put(("ready", {"model_name": str(engine.model_name),
+                             "max_model_len": session.max_model_len,
+                             "max_prompt_tokens": session.max_prompt_tokens}))
+        out_q.put(("snapshot", time.monotonic(), session.snapshot()))
+        _serve(session, cmd_q)
+    except ParentGone:
+        logger.warning("serving process is gone; engine exits")
+        out_q.cancel_join_thread()
+    except BaseException as exc:  # report why, so the parent can fail requests with a reason
+        logger.error("engine failed: %s", traceback.format_exc())
+        out_q.put(("fatal", f"{type(exc).__name__}: {exc}"))
+    finally:
+        out_q.close()
+        out_q.join_thread()
