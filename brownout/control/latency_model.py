@@ -1,0 +1,178 @@
+"""Online models behind the predictive controller: experts touched, and step latency.
+
+`ExpertsModel` estimates E(tau, T), the distinct expert slots a step of T tokens touches
+(summed over MoE layers) at threshold tau, as E1(T) * r(tau):
+  E1(T)  at tau ~ 1, a running mean per log2(T) bucket, interpolated in log2(T), made
+         non-decreasing in T; past the largest bucket seen it grows log-linearly, never
+         faster than linearly in T (distinct experts cannot grow faster than T * top_k).
+  r(tau) the ratio E / E1(T) observed at each tau bucket (0.1 wide), with r(1) = 1 and a
+         prior knot at tau = 0 until that bucket is seen; made non-decreasing in tau
+         (raising a noisy dip: over-predicting experts errs on the safe side).
+`StepLatencyModel` fits latency ~ a + b*tokens + c*batch + d*experts by ridge least
+squares with exponential forgetting (recent steps weigh more), shrunk toward a prior
+that gives a share `prior_expert_share` of the mean latency to expert reads (decode is
+memory-bound, SPEC 1.1); the prior only decides what the data cannot (e.g. experts and
+tokens moving together while tau sits at 1). Slopes are kept non-negative.
+Both are numpy only, never raise on degenerate input and return None when unfit.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import numpy as np
+
+TAU_BUCKETS = 10  # tau bucket width 1/10
+
+
+def _running_update(mean: float, n: int, x: float, alpha: float) -> float:
+    """Mean of the first samples, then an exponential moving average (tracks drift)."""
+    w = max(alpha, 1.0 / n)
+    return mean + w * (x - mean)
+
+
+class ExpertsModel:
+    def __init__(self, alpha: float = 0.05, r0_prior: float = 0.3):
+        self.alpha = alpha
+        self.r0_prior = r0_prior  # guess of E(tau=0)/E(tau=1) before tau=0 was observed
+        self._full: dict[int, list] = {}  # log2 bucket -> [n, mean log2 T, mean E1]
+        self._ratio: dict[int, list] = {}  # tau bucket -> [n, mean ratio]
+        self._full_knots: Optional[tuple[np.ndarray, np.ndarray]] = None  # caches, reset on update
+        self._ratio_knots: Optional[tuple[np.ndarray, np.ndarray]] = None
+
+    @property
+    def ready(self) -> bool:
+        return bool(self._full)
+
+    def update(self, tau: float, tokens: int, experts: float) -> None:
+        if tokens <= 0 or not (math.isfinite(experts) and math.isfinite(tau)) or experts < 0:
+            return
+        if tau >= 1.0 - 0.5 / TAU_BUCKETS:
+            lx = math.log2(tokens)
+            rec = self._full.setdefault(int(lx), [0, 0.0, 0.0])
+            rec[0] += 1
+            rec[1] = _running_update(rec[1], rec[0], lx, self.alpha)
+            rec[2] = _running_update(rec[2], rec[0], experts, self.alpha)
+            self._full_knots = None
+            return
+        full = self.full(tokens)
+        if full is None or full <= 0:
+            return
+        rec = self._ratio.setdefault(int(round(tau * TAU_BUCKETS)), [0, 0.0])
+        rec[0] += 1
+        rec[1] = _running_update(rec[1], rec[0], min(experts / full, 1.5), self.alpha)
+        self._ratio_knots = None
+
+    def full(self, tokens: float) -> Optional[float]:
+        """E1(T): experts touched at tau = 1 by a step of `tokens` tokens."""
+        if not self._full or tokens <= 0:
+            return None if not self._full else 0.0
+        if self._full_knots is None:
+            recs = sorted(self._full.values(), key=lambda r: r[1])
+            self._full_knots = (np.array([r[1] for r in recs]),
+                                np.maximum.accumulate(np.array([r[2] for r in recs])))
+        xs, ys = self._full_knots
+        lx = math.log2(tokens)
+        if lx <= xs[0]:
+            return float(ys[0] * tokens / 2.0 ** xs[0])  # below: at most linear in T
+        if lx <= xs[-1]:
+            return float(np.interp(lx, xs, ys))
+        cap = ys[-1] * tokens / 2.0 ** xs[-1]
+        if len(xs) >= 2 and xs[-1] - xs[-2] > 1e-9:
+            slope = max(0.0, (ys[-1] - ys[-2]) / (xs[-1] - xs[-2]))
+        else:
+            slope = 0.5 * ys[-1]  # one bucket only: assume half of linear growth
+        return float(min(cap, ys[-1] + slope * (lx - xs[-1])))
+
+    def ratio(self, taus: np.ndarray) -> np.ndarray:
+        """r(tau) = E(tau) / E1, non-decreasing in tau, r(1) = 1."""
+        if self._ratio_knots is None:
+            knots = {1.0: 1.0}
+            for b, (n, r) in self._ratio.items():
+                if n > 0:
+                    knots[b / TAU_BUCKETS] = r
+            if 0.0 not in knots:
+                knots[0.0] = min([self.r0_prior, *knots.values()])
+            kx = np.array(sorted(knots))
+            self._ratio_knots = (kx, np.maximum.accumulate(np.array([knots[x] for x in kx])))
+        kx, ky = self._ratio_knots
+        return np.interp(np.clip(taus, 0.0, 1.0), kx, ky)
+
+    def predict(self, taus: np.ndarray, tokens: float) -> Optional[np.ndarray]:
+        full = self.full(tokens)
+        if full is None:
+            return None
+        return full * self.ratio(np.asarray(taus, dtype=float))
+
+
+class StepLatencyModel:
+    """Exponentially weighted ridge fit of step latency on [1, tokens, batch, experts].
+
+    Keeps the weighted moments S = sum_i w_i z_i z_i^T of z = [1, T, B, E, latency] with
+    w_i halving every `half_life_steps` steps, so an update and a refit cost O(1).
+    """
+
+    def __init__(self, half_life_steps: float = 256.0, ridge: float = 1e-3,
+                 prior_expert_share: float = 0.5):
+        self.decay = 0.5 ** (1.0 / half_life_steps)
+        self.ridge = ridge
+        self.prior_expert_share = prior_expert_share
+        self._S = np.zeros((5, 5))
+        self.num_samples = 0
+        self.theta: Optional[np.ndarray] = None  # [a, b, c, d]
+
+    def add(self, tokens: float, batch: float, experts: float, latency: float) -> None:
+        z = np.array([1.0, tokens, batch, experts, latency], dtype=float)
+        if not np.all(np.isfinite(z)) or latency < 0:
+            return
+        self._S *= self.decay
+        self._S += np.outer(z, z)
+        self.num_samples += 1
+
+    def fit(self) -> bool:
+        """Refit from the moments; keeps the previous fit if this one is not finite."""
+        if self.num_samples < 2:
+            return False
+        theta = self._solve(self._S[:4, :4], self._S[:4, 4], self._prior())
+        if theta is None or not np.all(np.isfinite(theta)):
+            return False
+        self.theta = theta
+        return True
+
+    def _prior(self) -> np.ndarray:
+        w, y_mean = self._S[0, 0], self._S[0, 4] / self._S[0, 0]
+        e_mean = self._S[0, 3] / w
+        if e_mean <= 0:
+            return np.array([y_mean, 0.0, 0.0, 0.0])
+        f = self.prior_expert_share
+        return np.array([(1 - f) * y_mean, 0.0, 0.0, f * y_mean / e_mean])
+
+    def _solve(self, XtX: np.ndarray, Xty: np.ndarray, prior: np.ndarray) -> Optional[np.ndarray]:
+        # Ridge strength per coefficient on the scale of its own data, so the prior only
+        # wins where the data are flat (collinear or constant features).
+        lam = self.ridge * (np.diag(XtX) + 1e-12)
+        A = XtX + np.diag(lam)
+        b = Xty + lam * prior
+        active = [0, 1, 2, 3]
+        theta = np.zeros(4)
+        for _ in range(4):  # active set: drop slopes that come out negative
+            idx = np.ix_(active, active)
+            try:
+                sol = np.linalg.solve(A[idx], b[active])
+            except np.linalg.LinAlgError:
+                sol = np.linalg.lstsq(A[idx], b[active], rcond=None)[0]
+            theta = np.zeros(4)
+            theta[active] = sol
+            negative = [j for j in active if j > 0 and theta[j] < 0]
+            if not negative:
+                return theta
+            active = [j for j in active if j not in negative]
+        theta[1:] = np.maximum(theta[1:], 0.0)
+        return theta
+
+    def predict(self, X: np.ndarray) -> Optional[np.ndarray]:
+        """Latency for rows [1, tokens, batch, experts]; None before the first fit."""
+        if self.theta is None:
+            return None
+        return np.maximum(np.asarray(X, dtype=float) @ self.theta, 0.0)

@@ -1,0 +1,190 @@
+"""Predictive SLO controller: pick, before each step, the largest tau that will meet the SLO.
+
+Model (fitted online from `StepStats`, see `brownout.control.latency_model`):
+  E(tau, T)        distinct experts touched by a step of T tokens at tau = E1(T) * r(tau)
+  L(T, B, E)       step latency ~ a + b*T + c*B + d*E (weighted ridge, sliding window)
+  bias, sigma      per phase, moving mean and spread of the out-of-sample residual
+                   (observed latency - prediction made before the step); the bias corrects
+                   what the linear model misses, sigma prices the noise.
+Decision for a planned step of phase p (prefill or decode) with T tokens and B requests:
+  target   = SLO_p * (1 - margin - pressure_p - growth)
+             SLO_prefill = prefill_step_s; SLO_decode = min(decode_step_s, tpot_s).
+             pressure_p rises while the user-facing P90 (TTFT for prefill, TPOT for decode,
+             over `window_s`) exceeds its SLO and decays otherwise; growth is added while
+             the waiting queue is growing, so the controller dims before latency breaks.
+  P90(tau) = L(T, B, E(tau, T)) + bias_p + z * sigma_p  for tau on a grid 1.0, 0.9, ..., 0
+  tau      = the largest grid tau with P90(tau) <= target; for prefill steps with a
+             queue, also waiting_tokens * P90(tau) / T <= ttft_s * (1 - margin) (the
+             queue must drain within the TTFT SLO); if no tau qualifies, the lowest.
+Smoothing: lowering is immediate (safety first); raising needs P90 <= target * (1 -
+hysteresis) and is limited to `max_raise_per_s` per second, so tau does not flap.
+Until the models have `min_samples` steps (or when steps carry no expert counts), the
+policy behaves exactly like `aimd`, whose state it keeps in step with its own choices.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections import deque
+from typing import Optional
+
+import numpy as np
+
+from brownout.config import SLOConfig
+from brownout.control.latency_model import ExpertsModel, StepLatencyModel
+from brownout.control.policies import AIMDController, Clock, Controller, PlannedStep
+from brownout.control.windows import DECODE, PHASES, PREFILL
+from brownout.types import StepStats
+
+logger = logging.getLogger(__name__)
+
+
+class PredictiveController(Controller):
+    name = "predictive"
+
+    def __init__(self, slo: SLOConfig, clock: Clock = time.monotonic, *,
+                 grid_points: int = 21, margin: float = 0.05, z: float = 1.28,
+                 min_samples: int = 24, hysteresis: float = 0.05, max_raise_per_s: float = 1.0,
+                 residual_alpha: float = 0.1, growth_margin: float = 0.05,
+                 max_pressure: float = 0.3):
+        super().__init__(slo, clock)
+        self.grid = np.linspace(1.0, 0.0, grid_points)  # descending: the first fit wins
+        self.grid = self.grid[self.grid >= slo.min_tau - 1e-12]
+        if self.grid.size == 0 or self.grid[-1] > slo.min_tau:
+            self.grid = np.append(self.grid, slo.min_tau)
+        self.margin, self.z, self.min_samples = margin, z, min_samples
+        self.hysteresis, self.max_raise_per_s = hysteresis, max_raise_per_s
+        self.residual_alpha, self.growth_margin = residual_alpha, growth_margin
+        self.max_pressure = max_pressure
+        self.experts = ExpertsModel()
+        self.latency = StepLatencyModel()
+        self._fallback = AIMDController(slo, clock)
+        self._bias = {p: 0.0 for p in PHASES}
+        self._var = {p: 0.0 for p in PHASES}
+        self._pressure = {p: 0.0 for p in PHASES}
+        self._last_choose = {p: -math.inf for p in PHASES}
+        self._pending: Optional[tuple[str, float]] = None  # (phase, predicted latency)
+        self._waiting: deque[tuple[float, int]] = deque()
+        self._last_pressure_update = clock()
+
+    # -- readiness ----------------------------------------------------------------------
+    @property
+    def ready(self) -> bool:
+        return (self.latency.theta is not None and self.experts.ready
+                and self.latency.num_samples >= self.min_samples)
+
+    def step_slo(self, phase: str) -> float:
+        if phase == PREFILL:
+            return self.slo.prefill_step_s
+        return min(self.slo.decode_step_s, self.slo.tpot_s)
+
+    # -- prediction ---------------------------------------------------------------------
+    def predict_latency(self, taus, tokens: int, batch: int) -> Optional[np.ndarray]:
+        """Model-only latency (no bias) of a step at each tau; None when unfit."""
+        taus = np.atleast_1d(np.asarray(taus, dtype=float))
+        experts = self.experts.predict(taus, max(tokens, 1))
+        if experts is None:
+            return None
+        X = np.column_stack([np.ones_like(taus), np.full_like(taus, tokens),
+                             np.full_like(taus, batch), experts])
+        return self.latency.predict(X)
+
+    def _p90(self, phase: str, lat: np.ndarray) -> np.ndarray:
+        return lat + self._bias[phase] + self.z * math.sqrt(self._var[phase])
+
+    # -- decision -----------------------------------------------------------------------
+    def _decide(self, phase: str, planned: PlannedStep, now: float) -> float:
+        self._note_waiting(now, planned.num_waiting)
+        self._pending = None
+        prev = self._tau[phase]
+        taus = np.append(self.grid, prev)  # the grid, then the current tau
+        lat = self.predict_latency(taus, planned.num_tokens, planned.batch_size) \
+            if self.ready else None
+        if lat is None or not np.all(np.isfinite(lat)):
+            tau = self._fallback.choose_tau(planned)
+            self._last_choose[phase] = now
+            return tau
+        tau = self._pick(phase, planned, self._p90(phase, lat), now)
+        self._last_choose[phase] = now
+        self._fallback.set_tau(phase, tau)
+        pred = self.predict_latency([tau], planned.num_tokens, planned.batch_size)
+        if pred is not None:
+            self._pending = (phase, float(pred[0]))
+        return tau
+
+    def _target(self, phase: str) -> float:
+        growth = self.growth_margin if self._queue_growing() else 0.0
+        return self.step_slo(phase) * (1.0 - self.margin - self._pressure[phase] - growth)
+
+    def _feasible(self, phase: str, planned: PlannedStep, p90: np.ndarray,
+                  target: float) -> np.ndarray:
+        ok = p90 <= target
+        if phase == PREFILL and planned.waiting_tokens > 0 and planned.num_tokens > 0:
+            drain = planned.waiting_tokens * p90 / planned.num_tokens
+            ok &= drain <= self.slo.ttft_s * (1.0 - self.margin)
+        return ok
+
+    def _pick(self, phase: str, planned: PlannedStep, p90: np.ndarray, now: float) -> float:
+        """p90: predicted P90 latency at each grid tau, then at the current tau."""
+        target = self._target(phase)
+        prev = self._tau[phase]
+        ok = self._feasible(phase, planned, p90, target)
+        ok_grid, ok_prev = ok[:-1], bool(ok[-1])
+        if not ok_prev:  # dim at once to the largest tau that qualifies (or the lowest)
+            return float(self.grid[np.argmax(ok_grid)]) if ok_grid.any() else float(self.grid[-1])
+        # Raise only with headroom (hysteresis), and only so fast.
+        ok_up = self._feasible(phase, planned, p90[:-1], target * (1.0 - self.hysteresis))
+        up = float(self.grid[np.argmax(ok_up)]) if ok_up.any() else prev
+        if up <= prev:
+            return prev
+        dt = now - self._last_choose[phase]
+        return min(up, prev + self.max_raise_per_s * max(dt, 0.0))
+
+    # -- feedback -----------------------------------------------------------------------
+    def _after_step(self, phase: str, stats: StepStats, now: float) -> None:
+        self._fallback.observe_step(stats)
+        self._update_pressure(now)
+        lat = stats.latency_s
+        if lat is None or not math.isfinite(lat) or lat < 0:
+            self._pending = None
+            return
+        tokens = stats.num_prefill_tokens + stats.num_decode_tokens
+        if stats.experts_touched:
+            experts = float(sum(stats.experts_touched))
+            self.experts.update(stats.tau, tokens, experts)
+            self.latency.add(tokens, stats.batch_size, experts, lat)
+            self.latency.fit()
+        if self._pending is not None and self._pending[0] == phase:
+            self._update_residual(phase, lat - self._pending[1])
+        self._pending = None
+
+    def _update_residual(self, phase: str, residual: float) -> None:
+        a = self.residual_alpha
+        dev = residual - self._bias[phase]
+        self._bias[phase] += a * dev
+        self._var[phase] = (1 - a) * (self._var[phase] + a * dev * dev)
+
+    def _update_pressure(self, now: float) -> None:
+        """Once a second: tighten a phase's target while its user-facing SLO is missed."""
+        if now - self._last_pressure_update < 1.0:
+            return
+        self._last_pressure_update = now
+        for phase, key, slo in ((PREFILL, "ttft", self.slo.ttft_s),
+                                (DECODE, "tpot", self.slo.tpot_s)):
+            p = self.windows.percentile(key, self.slo.percentile, self.slo.window_s, now)
+            if p is not None and p > slo:
+                self._pressure[phase] = min(self.max_pressure, self._pressure[phase] + 0.05)
+            else:
+                self._pressure[phase] = max(0.0, self._pressure[phase] - 0.025)
+
+    def _note_waiting(self, now: float, num_waiting: int) -> None:
+        self._waiting.append((now, int(num_waiting)))
+        while self._waiting and self._waiting[0][0] < now - 1.0:
+            self._waiting.popleft()
+
+    def _queue_growing(self) -> bool:
+        if len(self._waiting) < 2:
+            return False
+        return self._waiting[-1][1] > self._waiting[0][1] and self._waiting[-1][1] > 0
