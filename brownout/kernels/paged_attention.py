@@ -1,0 +1,240 @@
+"""Triton attention over a paged KV cache (decode and chunked prefill) and the cache writer.
+
+Layout as in `attention_ref`: a layer's cache is [num_blocks, block_size, Hkv, Dh]; sequence b
+owns the query rows query_start_loc[b]:query_start_loc[b+1], which are the last tokens of its
+context of seq_lens[b] tokens (causal mask). One program serves one query tile of one KV head
+and all its GQA query heads, so each KV tile is read once for the group. When batch x heads
+cannot fill the GPU (small-batch decode), the context is split across programs
+(flash-decoding) and a second kernel merges the partial softmaxes. No host synchronisation:
+every data-dependent bound is read on the device. Online softmax after FlashAttention-2.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU installs without triton use the torch reference
+    triton = None
+
+
+def _kernels_interpreted() -> bool:
+    """True when triton decorated this module's kernels for its CPU interpreter.
+
+    Decided once, when the module was imported with TRITON_INTERPRET=1."""
+    return triton is not None and not isinstance(_attn_kernel, triton.runtime.JITFunction)
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
+if triton is not None:
+
+    @triton.jit
+    def _attn_kernel(q_ptr, k_ptr, v_ptr, out_ptr, part_acc_ptr, part_ml_ptr,
+                     block_tables_ptr, seq_lens_ptr, qsl_ptr, scale_log2, n_q_tiles, T, Hq,
+                     stride_qt, stride_qh, stride_kb, stride_ks, stride_kh,
+                     stride_vb, stride_vs, stride_vh, stride_bt, stride_ot, stride_oh,
+                     G: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr,
+                     BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                     KV_BLOCK: tl.constexpr, NUM_SPLITS: tl.constexpr, DOT_F32: tl.constexpr):
+        b = tl.program_id(0) // n_q_tiles
+        q_tile = tl.program_id(0) % n_q_tiles
+        kvh = tl.program_id(1)
+        split = tl.program_id(2)
+        q_start = tl.load(qsl_ptr + b)
+        q_len = tl.load(qsl_ptr + b + 1) - q_start
+        if q_tile * BLOCK_Q >= q_len:
+            return
+        seq_len = tl.load(seq_lens_ptr + b)
+        first_pos = seq_len - q_len  # context position of the sequence's first query row
+        # rows: BLOCK_Q query tokens x G heads sharing KV head kvh, padded to BLOCK_M
+        r = tl.arange(0, BLOCK_M)
+        qi = q_tile * BLOCK_Q + r // G
+        head = kvh * G + r % G
+        row_ok = (r < BLOCK_Q * G) & (qi < q_len)
+        q_pos = first_pos + qi
+        d = tl.arange(0, BLOCK_D)
+        d_ok = d < HEAD_DIM
+        q_off = (q_start + qi).to(tl.int64) * stride_qt + head * stride_qh
+        q = tl.load(q_ptr + q_off[:, None] + d[None, :], mask=row_ok[:, None] & d_ok[None, :],
+                    other=0.0)  # [BM, BD]
+        if DOT_F32:  # the interpreter's bf16 dot is wrong; upcast there only
+            q = q.to(tl.float32)
+        # causal: this tile sees keys [0, kv_end); split `split` takes one slice of that
+        kv_end = first_pos + tl.minimum(q_len, (q_tile + 1) * BLOCK_Q)
+        per_split = tl.cdiv(tl.cdiv(kv_end, NUM_SPLITS), BLOCK_N) * BLOCK_N
+        lo = split * per_split
+        hi = tl.minimum(kv_end, lo + per_split)
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        for n0 in range(lo, hi, BLOCK_N):
+            pos = n0 + tl.arange(0, BLOCK_N)
+            pos_ok = pos < hi
+            blk = tl.load(block_tables_ptr + b * stride_bt + pos // KV_BLOCK, mask=pos_ok, other=0)
+            blk = blk.to(tl.int64)
+            k_off = blk * stride_kb + (pos % KV_BLOCK) * stride_ks + kvh * stride_kh
+            k = tl.load(k_ptr + k_off[None, :] + d[:, None], mask=pos_ok[None, :] & d_ok[:, None],
+                        other=0.0)  # [BD, BN]
+            v_off = blk * stride_vb + (pos % KV_BLOCK) * stride_vs + kvh * stride_vh
+            v = tl.load(v_ptr + v_off[:, None] + d[None, :], mask=pos_ok[:, None] & d_ok[None, :],
+                        other=0.0)  # [BN, BD]
+            if DOT_F32:
+                k, v = k.to(tl.float32), v.to(tl.float32)
+            s = tl.dot(q, k) * scale_log2  # [BM, BN], log2 domain
+            s = tl.where(pos_ok[None, :] & (pos[None, :] <= q_pos[:, None]), s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no key yet
+            p = tl.exp2(s - m_use[:, None])
+            alpha = tl.exp2(m_i - m_use)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            m_i = m_new
+        t_row = (q_start + qi).to(tl.int64)
+        st_ok = row_ok[:, None] & d_ok[None, :]
+        if NUM_SPLITS == 1:
+            o = acc / l_i[:, None]
+            o_off = t_row * stride_ot + head * stride_oh
+            tl.store(out_ptr + o_off[:, None] + d[None, :], o.to(out_ptr.dtype.element_ty),
+                     mask=st_ok)
+        else:  # unnormalised partials [NUM_SPLITS, T, Hq, ...] for _merge_kernel
+            row = (split * T + t_row) * Hq + head
+            tl.store(part_acc_ptr + row[:, None] * HEAD_DIM + d[None, :], acc, mask=st_ok)
+            tl.store(part_ml_ptr + row * 2, m_i, mask=row_ok)
+            tl.store(part_ml_ptr + row * 2 + 1, l_i, mask=row_ok)
+
+    @triton.jit
+    def _merge_kernel(part_acc_ptr, part_ml_ptr, out_ptr, T, Hq, stride_ot, stride_oh,
+                      HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                      NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr):
+        # out = sum_s 2^(m_s - M) acc_s / sum_s 2^(m_s - M) l_s for one (token, head)
+        t = tl.program_id(0).to(tl.int64)
+        h = tl.program_id(1)
+        s = tl.arange(0, SPLITS_PAD)
+        s_ok = s < NUM_SPLITS
+        row = (s * T + t) * Hq + h
+        m = tl.load(part_ml_ptr + row * 2, mask=s_ok, other=float("-inf"))
+        l = tl.load(part_ml_ptr + row * 2 + 1, mask=s_ok, other=0.0)
+        m_max = tl.max(m, 0)
+        w = tl.where(m == float("-inf"), 0.0, tl.exp2(m - m_max))
+        d = tl.arange(0, BLOCK_D)
+        acc = tl.load(part_acc_ptr + row[:, None] * HEAD_DIM + d[None, :],
+                      mask=s_ok[:, None] & (d < HEAD_DIM)[None, :], other=0.0)
+        o = tl.sum(acc * w[:, None], 0) / tl.sum(l * w, 0)
+        tl.store(out_ptr + t * stride_ot + h * stride_oh + d, o.to(out_ptr.dtype.element_ty),
+                 mask=d < HEAD_DIM)
+
+    @triton.jit
+    def _write_kv_kernel(k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_ptr, Hkv,
+                         stride_kt, stride_kh, stride_vt, stride_vh,
+                         stride_cb, stride_cs, stride_ch, stride_vcb, stride_vcs, stride_vch,
+                         HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+                         KV_BLOCK: tl.constexpr):
+        t = tl.program_id(0).to(tl.int64)
+        slot = tl.load(slot_ptr + t).to(tl.int64)
+        if slot < 0:  # padding token
+            return
+        blk = slot // KV_BLOCK
+        off = slot % KV_BLOCK
+        h = tl.arange(0, BLOCK_H)
+        d = tl.arange(0, BLOCK_D)
+        ok = (h < Hkv)[:, None] & (d < HEAD_DIM)[None, :]
+        k = tl.load(k_ptr + t * stride_kt + h[:, None] * stride_kh + d[None, :], mask=ok)
+        v = tl.load(v_ptr + t * stride_vt + h[:, None] * stride_vh + d[None, :], mask=ok)
+        kc = k_cache_ptr + blk * stride_cb + off * stride_cs + h[:, None] * stride_ch + d[None, :]
+        vc = v_cache_ptr + blk * stride_vcb + off * stride_vcs + h[:, None] * stride_vch + d[None, :]
+        tl.store(kc, k.to(k_cache_ptr.dtype.element_ty), mask=ok)
+        tl.store(vc, v.to(v_cache_ptr.dtype.element_ty), mask=ok)
+
+
+@functools.cache
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def choose_num_splits(num_programs: int, max_context: int, device: torch.device) -> int:
+    """Split the context only when batch x heads x query tiles leaves the GPU half idle."""
+    if device.type != "cuda" or _kernels_interpreted():
+        return 1
+    target = 2 * _sm_count(device.index if device.index is not None else
+                           torch.cuda.current_device())
+    if num_programs >= target:
+        return 1
+    return max(1, min(triton.cdiv(target, num_programs), max_context // 256, 16))
+
+
+def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                    block_tables: torch.Tensor, seq_lens: torch.Tensor,
+                    query_start_loc: torch.Tensor, max_query_len: int, scale: float,
+                    *, num_splits: int | None = None,
+                    out: torch.Tensor | None = None) -> torch.Tensor:
+    """Causal attention of q [T, Hq, Dh] over each sequence's paged context; out like q.
+
+    k_cache/v_cache [num_blocks, block_size, Hkv, Dh]; block_tables [B, max_blocks] int32;
+    seq_lens [B] int32 (context including this step's tokens); query_start_loc [B+1] int32;
+    max_query_len a host int (an upper bound is fine); num_splits overrides the context
+    split; out [T, Hq, Dh] optional (a static buffer for graph capture)."""
+    T, Hq, Dh = q.shape
+    _, block_size, Hkv, _ = k_cache.shape
+    if Hq % Hkv != 0 or k_cache.shape[-1] != Dh or v_cache.shape != k_cache.shape:
+        raise ValueError(f"shape mismatch: q {tuple(q.shape)}, k_cache {tuple(k_cache.shape)}, "
+                         f"v_cache {tuple(v_cache.shape)}")
+    if out is None:
+        out = torch.empty_like(q)
+    B = block_tables.shape[0]
+    if T == 0 or B == 0:
+        return out
+    G = Hq // Hkv
+    block_q = max(1, min(_next_pow2(max(1, max_query_len)), 64 // _next_pow2(G)))
+    block_m = max(16, _next_pow2(block_q * G))
+    n_q_tiles = triton.cdiv(max(1, max_query_len), block_q)
+    on_gpu = q.device.type == "cuda" and not _kernels_interpreted()
+    block_n = 64 if on_gpu else 16
+    if num_splits is None:
+        num_splits = choose_num_splits(B * n_q_tiles * Hkv, block_tables.shape[1] * block_size,
+                                       q.device)
+    if num_splits > 1:
+        part_acc = torch.empty(num_splits, T, Hq, Dh, dtype=torch.float32, device=q.device)
+        part_ml = torch.empty(num_splits, T, Hq, 2, dtype=torch.float32, device=q.device)
+    else:
+        part_acc = part_ml = out  # unused
+    block_d = _next_pow2(Dh)
+    _attn_kernel[(B * n_q_tiles, Hkv, num_splits)](
+        q, k_cache, v_cache, out, part_acc, part_ml, block_tables, seq_lens, query_start_loc,
+        scale * math.log2(math.e), n_q_tiles, T, Hq,
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
+        out.stride(0), out.stride(1),
+        G=G, BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=block_n, HEAD_DIM=Dh, BLOCK_D=block_d,
+        KV_BLOCK=block_size, NUM_SPLITS=num_splits, DOT_F32=_kernels_interpreted(),
+        num_warps=4 if block_m <= 64 else 8, num_stages=3 if on_gpu else 1)
+    if num_splits > 1:
+        _merge_kernel[(T, Hq)](part_acc, part_ml, out, T, Hq, out.stride(0), out.stride(1),
+                               HEAD_DIM=Dh, BLOCK_D=block_d, NUM_SPLITS=num_splits,
+                               SPLITS_PAD=max(2, _next_pow2(num_splits)), num_warps=4)
+    return out
+
+
+def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+             slot_mapping: torch.Tensor) -> None:
+    """k_cache/v_cache[slot // block_size, slot % block_size] = k/v[t]; slot -1 is skipped.
+
+    k, v [T, Hkv, Dh] (last dim contiguous); slot_mapping [T] int."""
+    T, Hkv, Dh = k.shape
+    if T == 0:
+        return
+    if k.stride(-1) != 1 or v.stride(-1) != 1:
+        k, v = k.contiguous(), v.contiguous()
+    _write_kv_kernel[(T,)](
+        k, v, k_cache, v_cache, slot_mapping, Hkv, k.stride(0), k.stride(1), v.stride(0),
+        v.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        HEAD_DIM=Dh, BLOCK_H=_next_pow2(Hkv), BLOCK_D=_next_pow2(Dh), KV_BLOCK=k_cache.shape[1],
+        num_warps=4)

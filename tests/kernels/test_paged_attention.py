@@ -1,0 +1,207 @@
+"""Triton paged attention and KV-cache writer against float64 references.
+
+Without CUDA the kernels run under triton's CPU interpreter on small shapes; larger grids
+run on a GPU. Cache slots outside every sequence's context hold NaN, so a read past the
+context shows; the output is poisoned with NaN before each call.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+
+
+def _import_kernels(name: str):
+    """Import a kernel module; without CUDA, under triton's CPU interpreter.
+
+    Triton decorates its own library for the interpreter only if TRITON_INTERPRET is set
+    before triton is first imported, so it is set around that import and restored after.
+    Returns None when triton was already imported for compiled kernels (then a fresh
+    process runs this file)."""
+    if CUDA or os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.importorskip("triton")
+        return importlib.import_module(name)
+    if "triton" in sys.modules:
+        return None
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        pytest.importorskip("triton")
+        return importlib.import_module(name)
+    finally:
+        del os.environ["TRITON_INTERPRET"]
+
+
+pa = _import_kernels("brownout.kernels.paged_attention")
+needs_kernels = pytest.mark.skipif(pa is None, reason="run by test_cpu_suite_in_fresh_process")
+TOL = {torch.float32: 1e-3, torch.bfloat16: 2e-2}
+
+
+@pytest.fixture(autouse=True)
+def _interpreter_env(monkeypatch):
+    """Triton's interpreter also reads the variable while it runs (lazy imports)."""
+    if not CUDA:
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+
+@pytest.mark.skipif(pa is not None, reason="kernels imported here")
+def test_cpu_suite_in_fresh_process():
+    """Triton was imported before this file could select its interpreter: rerun apart."""
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                          "-m", "not gpu", __file__], env=env, capture_output=True, text=True,
+                         timeout=900)
+    assert res.returncode == 0, res.stdout[-5000:] + res.stderr[-2000:]
+
+
+def make_batch(seq_lens, q_lens, hq, hkv, dh, block_size, dtype, seed):
+    """Random paged batch: shuffled physical blocks, NaN in every slot outside a context."""
+    g = torch.Generator().manual_seed(seed)
+    n_blocks = [math.ceil(s / block_size) for s in seq_lens]
+    max_blocks = max(n_blocks) + 1  # a spare column: tables are wider than any context
+    num_phys = sum(n_blocks) + 3
+    perm = torch.randperm(num_phys, generator=g)
+    tables = torch.zeros(len(seq_lens), max_blocks, dtype=torch.int32)
+    k_cache = torch.full((num_phys, block_size, hkv, dh), float("nan"))
+    v_cache = torch.full_like(k_cache, float("nan"))
+    start = 0
+    for b, (s, nb) in enumerate(zip(seq_lens, n_blocks)):
+        tables[b, :nb] = perm[start:start + nb]
+        tables[b, nb:] = perm[-1]  # never inside a context: all NaN
+        start += nb
+        for p in range(s):
+            blk, off = int(tables[b, p // block_size]), p % block_size
+            k_cache[blk, off] = torch.randn(hkv, dh, generator=g)
+            v_cache[blk, off] = torch.randn(hkv, dh, generator=g)
+    q = torch.randn(sum(q_lens), hq, dh, generator=g)
+    qsl = torch.tensor([0] + list(torch.tensor(q_lens).cumsum(0)), dtype=torch.int32)
+    to = dict(device=DEVICE)
+    return (q.to(dtype=dtype, **to), k_cache.to(dtype=dtype, **to), v_cache.to(dtype=dtype, **to),
+            tables.to(**to), torch.tensor(seq_lens, dtype=torch.int32, **to), qsl.to(**to))
+
+
+def reference(q, k_cache, v_cache, tables, seq_lens, qsl, scale):
+    """Gather each sequence's context, causal masked softmax, all in float64."""
+    bs, hkv, dh = k_cache.shape[1:]
+    g = q.shape[1] // hkv
+    out = torch.empty(q.shape, dtype=torch.float64)
+    for b in range(tables.shape[0]):
+        s, q0, q1 = int(seq_lens[b]), int(qsl[b]), int(qsl[b + 1])
+        pos = torch.arange(s)
+        slots = tables[b].cpu().long()[pos // bs] * bs + pos % bs
+        keys = k_cache.cpu().reshape(-1, hkv, dh)[slots].double().repeat_interleave(g, 1)
+        vals = v_cache.cpu().reshape(-1, hkv, dh)[slots].double().repeat_interleave(g, 1)
+        qs = q[q0:q1].cpu().double()  # [n, Hq, Dh]
+        scores = torch.einsum("qhd,khd->hqk", qs, keys) * scale
+        q_pos = torch.arange(s - (q1 - q0), s)
+        scores = scores.masked_fill(pos[None, None, :] > q_pos[None, :, None], float("-inf"))
+        out[q0:q1] = torch.einsum("hqk,khd->qhd", scores.softmax(-1), vals)
+    return out
+
+
+def check(seq_lens, q_lens, hq, hkv, dh, block_size, dtype, seed, num_splits=None):
+    q, kc, vc, tables, lens, qsl = make_batch(seq_lens, q_lens, hq, hkv, dh, block_size, dtype,
+                                              seed)
+    scale = dh ** -0.5
+    out = torch.full_like(q, float("nan"))
+    res = pa.paged_attention(q, kc, vc, tables, lens, qsl, max(q_lens), scale,
+                             num_splits=num_splits, out=out)
+    assert res is out
+    assert torch.isfinite(out).all(), "unwritten or non-finite output"
+    ref = reference(q, kc, vc, tables, lens, qsl, scale)
+    err = ((out.cpu().double() - ref).norm() / ref.norm()).item()
+    assert err < TOL[dtype], f"relative error {err:.2e}"
+
+
+@needs_kernels
+@pytest.mark.parametrize("hq,hkv", [(2, 2), (4, 1), (6, 2)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_and_chunked_prefill(hq, hkv, dtype):
+    # decode rows (q_len 1), a chunk in the middle of a context, and a whole prompt
+    check([9, 40, 23], [1, 7, 23], hq, hkv, 32, 16, dtype, seed=hq * 10 + hkv)
+
+
+@needs_kernels
+@pytest.mark.parametrize("num_splits", [2, 3])
+def test_split_context_merge(num_splits):
+    check([5, 70, 33], [1, 1, 4], 4, 2, 32, 8, torch.float32, seed=num_splits,
+          num_splits=num_splits)
+
+
+@needs_kernels
+def test_odd_head_dim_and_block_size():
+    check([13, 3], [2, 3], 3, 3, 24, 4, torch.float32, seed=7)
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_write_kv_skips_padding(dtype):
+    g = torch.Generator().manual_seed(11)
+    T, hkv, dh, nb, bs = 10, 2, 16, 4, 4
+    k = torch.randn(T, hkv, dh, generator=g).to(dtype).to(DEVICE)
+    v = torch.randn(T, hkv, dh, generator=g).to(dtype).to(DEVICE)
+    slots = torch.randperm(nb * bs, generator=g)[:T]
+    slots[[2, 7]] = -1
+    slots = slots.to(DEVICE)
+    k_cache = torch.randn(nb, bs, hkv, dh, generator=g).to(dtype).to(DEVICE)
+    v_cache = torch.randn(nb, bs, hkv, dh, generator=g).to(dtype).to(DEVICE)
+    k_want, v_want = k_cache.clone(), v_cache.clone()
+    keep = slots >= 0
+    k_want.view(-1, hkv, dh)[slots[keep]] = k[keep]
+    v_want.view(-1, hkv, dh)[slots[keep]] = v[keep]
+    pa.write_kv(k, v, k_cache, v_cache, slots)
+    assert torch.equal(k_cache, k_want) and torch.equal(v_cache, v_want)
+
+
+# ----------------------------------------------------------------------------- GPU
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("hq,hkv,dh", [(16, 16, 128), (32, 4, 128), (16, 2, 64)])
+@pytest.mark.parametrize("batch,ctx", [(1, 2048), (16, 512), (64, 100)])
+def test_decode_grid_gpu(batch, ctx, hq, hkv, dh, dtype):
+    g = torch.Generator().manual_seed(batch * ctx)
+    lens = torch.randint(1, ctx + 1, (batch,), generator=g).tolist()
+    lens[0] = ctx
+    check(lens, [1] * batch, hq, hkv, dh, 16, dtype, seed=batch + ctx + hq)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("hq,hkv", [(16, 16), (32, 4)])
+def test_mixed_prefill_gpu(hq, hkv, dtype):
+    seq_lens, q_lens = [1000, 300, 77, 2048, 5], [1, 300, 64, 512, 5]
+    check(seq_lens, q_lens, hq, hkv, 128, 16, dtype, seed=hq)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_no_host_sync_and_graph_capture_gpu():
+    q, kc, vc, tables, lens, qsl = make_batch([300, 17, 64], [1, 1, 1], 16, 4, 128, 16,
+                                              torch.bfloat16, 3)
+    out = torch.empty_like(q)
+    pa.paged_attention(q, kc, vc, tables, lens, qsl, 1, 0.1, out=out)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        pa.paged_attention(q, kc, vc, tables, lens, qsl, 1, 0.1, out=out)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        pa.paged_attention(q, kc, vc, tables, lens, qsl, 1, 0.1, out=out)
+    lens.copy_(torch.tensor([299, 1, 60], dtype=torch.int32))  # shorter contexts, same graph
+    out.fill_(float("nan"))
+    graph.replay()
+    ref = reference(q, kc, vc, tables, lens, qsl, 0.1)
+    assert ((out.cpu().double() - ref).norm() / ref.norm()).item() < TOL[torch.bfloat16]
