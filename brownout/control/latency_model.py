@@ -9,8 +9,8 @@
          prior knot at tau = 0 until that bucket is seen; made non-decreasing in tau
          (raising a noisy dip: over-predicting experts errs on the safe side).
 `StepLatencyModel` fits latency ~ a + b*tokens + c*batch + d*experts by ridge least
-squares with exponential forgetting (recent steps weigh more), shrunk toward a prior
-that gives a share `prior_expert_share` of the mean latency to expert reads (decode is
+squares with exponential forgetting (recent steps weigh more); the slopes are shrunk
+toward a prior that gives a share `prior_expert_share` of the mean latency to expert reads (decode is
 memory-bound, SPEC 1.1); the prior only decides what the data cannot (e.g. experts and
 tokens moving together while tau sits at 1). Slopes are kept non-negative.
 Both are numpy only, never raise on degenerate input and return None when unfit.
@@ -134,42 +134,42 @@ class StepLatencyModel:
         """Refit from the moments; keeps the previous fit if this one is not finite."""
         if self.num_samples < 2:
             return False
-        theta = self._solve(self._S[:4, :4], self._S[:4, 4], self._prior())
+        theta = self._solve()
         if theta is None or not np.all(np.isfinite(theta)):
             return False
         self.theta = theta
         return True
 
-    def _prior(self) -> np.ndarray:
-        w, y_mean = self._S[0, 0], self._S[0, 4] / self._S[0, 0]
-        e_mean = self._S[0, 3] / w
-        if e_mean <= 0:
-            return np.array([y_mean, 0.0, 0.0, 0.0])
-        f = self.prior_expert_share
-        return np.array([(1 - f) * y_mean, 0.0, 0.0, f * y_mean / e_mean])
-
-    def _solve(self, XtX: np.ndarray, Xty: np.ndarray, prior: np.ndarray) -> Optional[np.ndarray]:
-        # Ridge strength per coefficient on the scale of its own data, so the prior only
-        # wins where the data are flat (collinear or constant features).
-        lam = self.ridge * (np.diag(XtX) + 1e-12)
-        A = XtX + np.diag(lam)
-        b = Xty + lam * prior
-        active = [0, 1, 2, 3]
-        theta = np.zeros(4)
-        for _ in range(4):  # active set: drop slopes that come out negative
+    def _solve(self) -> Optional[np.ndarray]:
+        w = self._S[0, 0]
+        mean = self._S[0, 1:] / w  # weighted means of [T, B, E, latency]
+        cov = self._S[1:, 1:] / w - np.outer(mean, mean)
+        cxx, cxy = cov[:3, :3], cov[:3, 3]
+        # Prior slopes: a share of the mean latency goes to expert reads, none to the rest.
+        prior = np.zeros(3)
+        if mean[2] > 0:
+            prior[2] = self.prior_expert_share * mean[3] / mean[2]
+        # Ridge on each slope on the scale of its own spread, plus a floor relative to
+        # its mean: the prior only decides where the data are flat (collinear or
+        # constant features, e.g. experts moving with tokens while tau sits at 1).
+        lam = self.ridge * np.maximum(np.diag(cxx), 0.0) + 1e-6 * mean[:3] ** 2 + 1e-15
+        A, b = cxx + np.diag(lam), cxy + lam * prior
+        active = [0, 1, 2]
+        slopes = np.zeros(3)
+        for _ in range(3):  # active set: slopes that come out negative are fixed at 0
             idx = np.ix_(active, active)
             try:
                 sol = np.linalg.solve(A[idx], b[active])
             except np.linalg.LinAlgError:
                 sol = np.linalg.lstsq(A[idx], b[active], rcond=None)[0]
-            theta = np.zeros(4)
-            theta[active] = sol
-            negative = [j for j in active if j > 0 and theta[j] < 0]
+            slopes = np.zeros(3)
+            slopes[active] = sol
+            negative = [j for j in active if slopes[j] < 0]
             if not negative:
-                return theta
+                break
             active = [j for j in active if j not in negative]
-        theta[1:] = np.maximum(theta[1:], 0.0)
-        return theta
+        slopes = np.maximum(slopes, 0.0)
+        return np.concatenate([[mean[3] - slopes @ mean[:3]], slopes])
 
     def predict(self, X: np.ndarray) -> Optional[np.ndarray]:
         """Latency for rows [1, tokens, batch, experts]; None before the first fit."""

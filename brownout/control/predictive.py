@@ -2,7 +2,7 @@
 
 Model (fitted online from `StepStats`, see `brownout.control.latency_model`):
   E(tau, T)        distinct experts touched by a step of T tokens at tau = E1(T) * r(tau)
-  L(T, B, E)       step latency ~ a + b*T + c*B + d*E (weighted ridge, sliding window)
+  L(T, B, E)       step latency ~ a + b*T + c*B + d*E (ridge, exponential forgetting)
   bias, sigma      per phase, moving mean and spread of the out-of-sample residual
                    (observed latency - prediction made before the step); the bias corrects
                    what the linear model misses, sigma prices the noise.
@@ -12,7 +12,7 @@ Decision for a planned step of phase p (prefill or decode) with T tokens and B r
              pressure_p rises while the user-facing P90 (TTFT for prefill, TPOT for decode,
              over `window_s`) exceeds its SLO and decays otherwise; growth is added while
              the waiting queue is growing, so the controller dims before latency breaks.
-  P90(tau) = L(T, B, E(tau, T)) + bias_p + z * sigma_p  for tau on a grid 1.0, 0.9, ..., 0
+  P90(tau) = L(T, B, E(tau, T)) + bias_p + z * sigma_p  for tau on a grid 1.0, 0.95, ..., 0
   tau      = the largest grid tau with P90(tau) <= target; for prefill steps with a
              queue, also waiting_tokens * P90(tau) / T <= ttft_s * (1 - margin) (the
              queue must drain within the TTFT SLO); if no tau qualifies, the lowest.

@@ -1,0 +1,140 @@
+"""The predictive policy and its online models, on synthetic traces and a simulated engine.
+
+The simulated system has latency = 0.01 + 0.002 * experts touched, where experts touched
+come from brownout routing at the chosen tau (see simulated_engine.py).
+"""
+
+import math
+
+import numpy as np
+import pytest
+
+from brownout.config import SLOConfig
+from brownout.control import AIMDController, PlannedStep, make_controller
+from brownout.control.latency_model import ExpertsModel, StepLatencyModel
+from brownout.control.predictive import PredictiveController
+from brownout.types import StepStats
+from simulated_engine import FakeClock, simulate
+
+SIM_SLO = dict(decode_step_s=0.1, tpot_s=0.3, prefill_step_s=0.25, ttft_s=2.0)
+PHASE_SLO = {True: 0.25, False: 0.1}  # has_prefill -> step SLO
+
+
+def poisson_phases(seed, phases):
+    """Requests of 32-255 prompt and 24-95 output tokens; `phases` = [(seconds, rate)]."""
+    rng = np.random.default_rng(seed)
+    out, t0 = [], 0.0
+    for duration, rate in phases:
+        t = t0 + rng.exponential(1 / rate)
+        while t < t0 + duration:
+            out.append((t, int(rng.integers(32, 256)), int(rng.integers(24, 96))))
+            t += rng.exponential(1 / rate)
+        t0 += duration
+    return out
+
+
+def run(policy, arrivals, until, seed=0):
+    clock = FakeClock()
+    ctrl = make_controller(SLOConfig(policy=policy, **SIM_SLO), clock)
+    return ctrl, simulate(ctrl, clock, arrivals, until=until, seed=seed)
+
+
+# -- the models -----------------------------------------------------------------------
+def test_latency_model_recovers_coefficients():
+    rng = np.random.default_rng(0)
+    m = StepLatencyModel()
+    for _ in range(300):
+        t, b, e = rng.integers(1, 512), rng.integers(1, 64), rng.integers(10, 60)
+        m.add(t, b, e, 0.005 + 1e-4 * t + 2e-4 * b + 0.002 * e + rng.normal(0, 1e-4))
+    assert m.fit()
+    assert m.theta == pytest.approx([0.005, 1e-4, 2e-4, 0.002], rel=0.1, abs=3e-4)
+
+
+def test_latency_model_degenerate_data():
+    m = StepLatencyModel()
+    assert m.predict(np.ones((1, 4))) is None and not m.fit()
+    for _ in range(100):  # the same step again and again: features are collinear
+        m.add(8, 8, 30, 0.07)
+    m.add(8, 8, 30, math.nan)
+    m.add(math.inf, 8, 30, 0.07)
+    assert m.fit() and np.all(np.isfinite(m.theta)) and np.all(m.theta[1:] >= 0)
+    assert m.predict(np.array([[1, 8, 8, 30]]))[0] == pytest.approx(0.07, rel=1e-3)
+    # the prior gives expert reads a share of the latency: fewer experts, faster
+    assert m.predict(np.array([[1, 8, 8, 10]]))[0] < 0.07
+
+
+def test_experts_model_monotone_and_learns_ratio():
+    m = ExpertsModel()
+    assert m.predict([1.0], 16) is None
+    for tokens, experts in ((4, 12), (16, 30), (64, 50)):
+        for _ in range(5):
+            m.update(1.0, tokens, experts)
+    assert m.full(16) == pytest.approx(30) and m.full(32) == pytest.approx(40)
+    assert 50 < m.full(128) <= 100  # grows past the data, at most linearly
+    assert m.full(2) == pytest.approx(6)
+    for _ in range(5):
+        m.update(0.5, 64, 25)
+    grid = np.linspace(0, 1, 11)
+    pred = m.predict(grid, 64)
+    assert pred[5] == pytest.approx(25) and pred[-1] == pytest.approx(50)
+    assert np.all(np.diff(pred) >= 0)
+    m.update(0.3, 64, math.nan)  # ignored
+    m.update(0.3, 0, 10)  # ignored
+    assert np.all(np.isfinite(m.predict(grid, 64)))
+
+
+# -- the controller -------------------------------------------------------------------
+def test_behaves_like_aimd_until_it_has_data():
+    clock = FakeClock()
+    slo = SLOConfig(policy="predictive")
+    pred, ref = PredictiveController(slo, clock), AIMDController(slo, clock)
+    step = PlannedStep(0, 8, 8)
+    for i in range(1, 200):  # no expert counts: the model can never be fitted
+        clock.t = i * 0.1
+        a, b = pred.choose_tau(step), ref.choose_tau(step)
+        assert a == pytest.approx(b)
+        for c, tau in ((pred, a), (ref, b)):
+            c.observe_step(StepStats(0.0, 0.3, 0, 8, 8, False, tau))
+    assert not pred.ready and pred.tau_decode < 1.0
+
+
+@pytest.mark.parametrize("latency", [math.nan, math.inf, -1.0, 0.0, 0.07])
+def test_degenerate_steps_never_crash(latency):
+    clock = FakeClock()
+    ctrl = make_controller(SLOConfig(policy="predictive", min_tau=0.2), clock)
+    for i in range(100):
+        clock.t = i * 0.05
+        for planned in (PlannedStep(0, 8, 8), PlannedStep(0, 0, 0), PlannedStep(64, 0, 1, 5, 300)):
+            tau = ctrl.choose_tau(planned)
+            assert 0.2 <= tau <= 1.0 and math.isfinite(tau)
+            ctrl.observe_step(StepStats(0.0, latency, planned.num_prefill_tokens,
+                                        planned.num_decode_tokens, planned.batch_size,
+                                        planned.has_prefill, tau, experts_touched=[30, 30]))
+        ctrl.observe_request(math.nan, None, clock.t)
+    assert set(ctrl.violations) >= {"prefill_step", "decode_step", "ttft", "tpot"}
+
+
+def test_step_load_increase_dims_before_violating_and_recovers():
+    arrivals = poisson_phases(0, [(30, 1.5), (30, 8.0), (40, 1.5)])
+    _, off = run("off", arrivals, 100)
+    assert off.violation_windows(PHASE_SLO, 30, 60) >= 10  # the burst really needs dimming
+    ctrl, res = run("predictive", arrivals, 100)
+    assert res.violation_windows(PHASE_SLO, 0, 100) <= 1
+    decode = [(end, lat, tau) for end, lat, pre, tau in res.steps if not pre]
+    first_dim = next(end for end, _, tau in decode if tau < 1.0)
+    first_late = next((end for end, lat, _ in decode if lat > PHASE_SLO[False]), math.inf)
+    first_off_late = next(end for end, lat, pre, _ in off.steps if not pre and lat > 0.1)
+    assert 30 < first_dim < first_off_late and first_dim < first_late
+    assert min(tau for end, _, tau in decode if 35 < end < 60) <= 0.9  # it dimmed ...
+    assert ctrl.tau_decode == 1.0 and ctrl.tau_prefill == 1.0  # ... and gave it all back
+    assert res.mean_tau(80, 100) == 1.0
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_beats_aimd_on_a_bursty_trace(seed):
+    arrivals = poisson_phases(seed, [(20, 2.0), (15, 12.0), (20, 2.0), (15, 12.0), (30, 1.0)])
+    _, aimd = run("aimd", arrivals, 100, seed)
+    _, pred = run("predictive", arrivals, 100, seed)
+    v_aimd, v_pred = aimd.violation_windows(PHASE_SLO), pred.violation_windows(PHASE_SLO)
+    assert v_pred < v_aimd
+    assert pred.mean_tau() >= aimd.mean_tau()
