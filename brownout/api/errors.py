@@ -113,6 +113,11 @@ def install_handlers(app: FastAPI) -> None:
         code = "not_found" if exc.status_code == 404 else None
         return APIError(exc.status_code, str(exc.detail), code=code).response()
 
-    @app.exception_handler(Exception)
-    async def _unhandled(_: Request, exc: Exception):
+    async def _mapped(_: Request, exc: Exception):
         return to_api_error(exc).response()
+
+    # Registered one by one: a handler for plain `Exception` runs in Starlette's outermost
+    # middleware, which re-raises after answering and so drops the keep-alive connection.
+    for exc_type in (ValidationError, AdmissionError, EngineDeadError, EngineInternalError):
+        app.add_exception_handler(exc_type, _mapped)
+    app.add_exception_handler(Exception, _mapped)

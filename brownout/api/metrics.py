@@ -65,8 +65,10 @@ class ServerMetrics:
             self.tau.labels(phase).set(1.0)
         self._arrival: dict[str, float] = {}
         self._last_token: dict[str, float] = {}
-        self._seen_preemptions = 0
-        self._seen_violations: dict[str, float] = {}
+        self._seen_totals: dict[str, float] = {}
+        # Newer engines report prompt/generation token totals in their snapshot (prompt
+        # tokens counted as prefilled, chunk by chunk); else count them from the outputs.
+        self._engine_counts_tokens = False
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -81,6 +83,7 @@ class ServerMetrics:
 
     def on_step(self, t: float, outputs: list[RequestOutput], stats: Optional[StepStats],
                 snapshot: dict) -> None:
+        self._engine_counts_tokens = "generation_tokens_total" in snapshot
         for out in outputs:
             self._on_output(t, out)
         if stats is not None:
@@ -93,10 +96,12 @@ class ServerMetrics:
     def _on_output(self, t: float, out: RequestOutput) -> None:
         rid, m = out.request_id, self._model
         if out.new_token_ids:
-            self.generation_tokens.labels(m).inc(len(out.new_token_ids))
+            if not self._engine_counts_tokens:
+                self.generation_tokens.labels(m).inc(len(out.new_token_ids))
             prev = self._last_token.get(rid)
             if prev is None:  # first token: the prompt has been prefilled
-                self.prompt_tokens.labels(m).inc(len(out.prompt_token_ids))
+                if not self._engine_counts_tokens:
+                    self.prompt_tokens.labels(m).inc(len(out.prompt_token_ids))
                 if rid in self._arrival:
                     self.ttft.labels(m).observe(max(0.0, t - self._arrival[rid]))
             else:
@@ -136,12 +141,20 @@ class ServerMetrics:
         for phase in ("prefill", "decode"):
             if f"tau_{phase}" in snapshot:
                 self.tau.labels(phase).set(snapshot[f"tau_{phase}"])
-        total = snapshot.get("num_preemptions_total", self._seen_preemptions)
-        if total > self._seen_preemptions:
-            self.preemptions.labels(m).inc(total - self._seen_preemptions)
-            self._seen_preemptions = total
+        for key, counter in (("num_preemptions_total", self.preemptions),
+                             ("prompt_tokens_total", self.prompt_tokens),
+                             ("generation_tokens_total", self.generation_tokens)):
+            self._advance(counter.labels(m), key, snapshot)
+        self._engine_counts_tokens = "generation_tokens_total" in snapshot
         for kind, count in (snapshot.get("slo_violations") or {}).items():
-            seen = self._seen_violations.get(kind, 0)
-            if count > seen:
-                self.slo_violations.labels(kind).inc(count - seen)
-                self._seen_violations[kind] = count
+            self._advance(self.slo_violations.labels(kind), f"slo_violations/{kind}", count)
+
+    def _advance(self, counter, key: str, source) -> None:
+        """Move a counter to the engine's running total (the engine reports totals, not deltas)."""
+        total = source.get(key) if isinstance(source, dict) else source
+        if total is None:
+            return
+        seen = self._seen_totals.get(key, 0)
+        if total > seen:
+            counter.inc(total - seen)
+            self._seen_totals[key] = total

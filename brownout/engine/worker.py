@@ -109,7 +109,11 @@ class _Session:
         self.token_text = lru_cache(maxsize=65536)(self._decode_one)
 
     def _decode_one(self, token_id: int) -> str:
-        return self.engine.tokenizer.decode([token_id])
+        return self._decode([token_id])
+
+    def _decode(self, ids: list[int]) -> str:
+        tokenizer = self.engine.tokenizer
+        return "" if tokenizer is None else tokenizer.decode(ids)
 
     # ------------------------------------------------------------------ commands
     def add(self, cmd: AddCommand) -> None:
@@ -147,7 +151,7 @@ class _Session:
             raise
         result = AddResult(ids, cmd.params.max_tokens)
         if cmd.want_prompt_text:
-            result.prompt_text = prompt if isinstance(prompt, str) else self.engine.tokenizer.decode(ids)
+            result.prompt_text = prompt if isinstance(prompt, str) else self._decode(ids)
             result.prompt_token_texts = [self.token_text(t) for t in ids]
         return result
 
