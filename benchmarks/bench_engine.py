@@ -1,0 +1,287 @@
+"""H100 benchmark of the engine on dummy Qwen1.5-MoE-A2.7B weights (random, bf16).
+
+Stages (each writes its raw JSON under --out as soon as it finishes):
+  bandwidth   device-to-device copy bandwidth (bytes read + written)
+  decode      full decode step, batch x context, eager vs CUDA graph, vs the step roofline
+              (all weights the step touches + KV read) / measured bandwidth
+  brownout    MoE layer and decode step vs tau for way 4 and way 2 united experts (dummy:
+              uniform averages of contiguous groups), batch 8..128, vs tau = 1 and the
+              roofline of the expert slots actually touched; routing overhead at tau = 1
+  offline     offline throughput of our engine vs transformers `generate`, same weights
+              (ours copied from the transformers model), same prompts and output lengths
+
+Run: python benchmarks/bench_engine.py --out $OUT [--stages decode,brownout,offline]
+Random router weights route almost uniformly; real checkpoints are skewed, so the expert
+savings of brownout here are a lower bound of what a trained model gets at the same tau.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import logging
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from brownout.config import CacheConfig, ModelLoadConfig
+from brownout.kernels.brownout_routing import contiguous_groups
+from brownout.models.context import ForwardContext
+from brownout.runner.loader import load_model
+from brownout.runner.model_runner import ModelRunner
+from brownout.types import SamplingParams, ScheduledSeq, SchedulerOutput
+
+PRESET = "qwen1.5-moe-a2.7b"
+TAUS = [1.0, 0.8, 0.6, 0.4, 0.2, 0.0]
+log = logging.getLogger("bench_engine")
+
+
+def cuda_time_ms(fn, iters: int = 20, warmup: int = 3) -> float:
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def copy_bandwidth() -> float:
+    n = 1 << 30
+    src = torch.randn(n // 2, dtype=torch.bfloat16, device="cuda")
+    dst = torch.empty_like(src)
+    ms = cuda_time_ms(lambda: dst.copy_(src), iters=20)
+    return 2 * n / (ms / 1e3)  # bytes/s, read + write
+
+
+def install_dummy_united(model, way: int) -> None:
+    """Uniform average of contiguous groups: timing does not depend on the values."""
+    for moe in model.moe_layers():
+        E = moe.num_experts
+        group_of = contiguous_groups(E, way, device=moe.w13.device)
+        G = int(group_of.max()) + 1
+        w13_u = torch.zeros(G, *moe.w13.shape[1:], dtype=torch.float32, device=moe.w13.device)
+        w2_u = torch.zeros(G, *moe.w2.shape[1:], dtype=torch.float32, device=moe.w2.device)
+        w13_u.index_add_(0, group_of, moe.w13[:E].float())
+        w2_u.index_add_(0, group_of, moe.w2[:E].float())
+        sizes = torch.bincount(group_of, minlength=G).float()
+        moe.install_united((w13_u / sizes.view(-1, 1, 1)).to(moe.w13.dtype),
+                           (w2_u / sizes.view(-1, 1, 1)).to(moe.w2.dtype), group_of)
+
+
+def weight_bytes(model) -> dict:
+    spec = model.spec
+    expert = 3 * spec.hidden_size * spec.moe_intermediate_size * 2  # one expert, bf16
+    dense = sum(p.numel() * p.element_size() for n, p in model.named_parameters()
+                if not n.endswith((".w13", ".w2")) and n != "embed_tokens.weight")
+    moe = model.moe_layers()[0]
+    moe_dense = sum(p.numel() * p.element_size() for n, p in moe.named_parameters()
+                    if not n.endswith(("w13", "w2")))
+    return dict(expert=expert, dense=dense, moe_layer_dense=moe_dense,
+                kv_per_token=spec.kv_bytes_per_token(2))
+
+
+def decode_sched(B: int, ctx: int, block_size: int, vocab: int) -> SchedulerOutput:
+    gen = torch.Generator().manual_seed(B * 7919 + ctx)
+    per_seq = -(-(ctx + 1) // block_size)
+    seqs = []
+    for b in range(B):
+        table = list(range(b * per_seq, (b + 1) * per_seq))
+        tok = int(torch.randint(0, vocab, (1,), generator=gen))
+        seqs.append(ScheduledSeq(request_id=f"s{b}", token_ids=[tok], start_pos=ctx, block_table=table,
+                                 sample=True, sampling=SamplingParams(temperature=0.0, max_tokens=8),
+                                 output_len=1))
+    return SchedulerOutput(seqs=seqs, num_prefill_tokens=0, num_decode_tokens=B)
+
+
+def step_roofline_s(wb: dict, touched: list[int], B: int, ctx: int, bw: float) -> float:
+    byts = wb["dense"] + sum(touched) * wb["expert"] + B * (ctx + 1) * wb["kv_per_token"]
+    return byts / bw
+
+
+def time_step(runner: ModelRunner, sched: SchedulerOutput, tau: float, graphs: bool):
+    saved = runner.graphs
+    if not graphs:
+        runner.graphs = None
+    try:
+        out = runner.execute(sched, tau)
+        ms = cuda_time_ms(lambda: runner.execute(sched, tau), iters=10)
+    finally:
+        runner.graphs = saved
+    return ms, out.experts_touched
+
+
+def stage_decode(runner, wb, bw, out_dir: Path, gen) -> list[dict]:
+    rows = []
+    for ctx in (512, 2048):
+        for B in (1, 8, 32, 64, 128):
+            if B * (ctx + 1) > runner.num_blocks * runner.block_size:
+                continue
+            sched = decode_sched(B, ctx, runner.block_size, runner.model.spec.vocab_size)
+            for graphs in (False, True):
+                ms, touched = time_step(runner, sched, 1.0, graphs)
+                roof = step_roofline_s(wb, touched, B, ctx, bw) * 1e3
+                rows.append(dict(ctx=ctx, batch=B, cuda_graph=graphs, step_ms=ms, roofline_ms=roof,
+                                 ratio=ms / roof, experts_touched_mean=sum(touched) / len(touched)))
+                log.info("decode %s", rows[-1])
+    (out_dir / "decode.json").write_text(json.dumps(rows, indent=1))
+    return rows
+
+
+def moe_layer_graph(moe, x, tau_t, with_routing: bool):
+    ctx = ForwardContext(tau=tau_t if with_routing else None, touched=[], use_kernels=True)
+    moe(x, ctx)  # warm-up / compile
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    ctx = ForwardContext(tau=tau_t if with_routing else None, touched=[], use_kernels=True)
+    with torch.cuda.graph(graph):
+        moe(x, ctx)
+    return graph, ctx.touched[0]
+
+
+def stage_brownout(runner, wb, bw, out_dir: Path, gen) -> dict:
+    model = runner.model
+    moe = model.moe_layers()[0]
+    D = model.spec.hidden_size
+    result = dict(moe_layer=[], decode=[], routing_overhead=[])
+    for way in (4, 2):
+        install_dummy_united(model, way)
+        for B in (8, 16, 32, 64, 128):
+            x = torch.randn(B, D, dtype=torch.bfloat16, device="cuda", generator=gen) * 0.5
+            tau_t = torch.ones((), device="cuda")
+            g_plain, _ = moe_layer_graph(moe, x, tau_t, with_routing=False)
+            g_route, touched_t = moe_layer_graph(moe, x, tau_t, with_routing=True)
+            base = cuda_time_ms(g_plain.replay, iters=50)
+            if way == 4:
+                routed = cuda_time_ms(g_route.replay, iters=50)
+                result["routing_overhead"].append(dict(batch=B, plain_ms=base, routed_tau1_ms=routed,
+                                                       overhead=routed / base - 1))
+            for tau in TAUS:
+                tau_t.fill_(tau)
+                ms = cuda_time_ms(g_route.replay, iters=50)
+                touched = int(touched_t)
+                roof = (touched * wb["expert"] + wb["moe_layer_dense"] + 4 * B * D * 2) / bw * 1e3
+                result["moe_layer"].append(dict(way=way, batch=B, tau=tau, ms=ms, slots_touched=touched,
+                                                roofline_ms=roof, ratio_roofline=ms / roof,
+                                                vs_no_brownout=ms / base))
+                log.info("moe %s", result["moe_layer"][-1])
+        for B in (8, 32, 64, 128):
+            sched = decode_sched(B, 512, runner.block_size, model.spec.vocab_size)
+            base_ms = None
+            for tau in TAUS:
+                ms, touched = time_step(runner, sched, tau, graphs=True)
+                base_ms = base_ms or ms
+                roof = step_roofline_s(wb, touched, B, 512, bw) * 1e3
+                result["decode"].append(dict(way=way, batch=B, ctx=512, tau=tau, step_ms=ms,
+                                             vs_tau1=ms / base_ms, roofline_ms=roof, ratio_roofline=ms / roof,
+                                             experts_touched_mean=sum(touched) / len(touched)))
+                log.info("decode-tau %s", result["decode"][-1])
+    (out_dir / "brownout.json").write_text(json.dumps(result, indent=1))
+    return result
+
+
+def stage_offline(out_dir: Path, n_prompts: int = 64, prompt_len: int = 128, out_len: int = 128) -> dict:
+    from transformers import GenerationConfig
+
+    from brownout.engine.llm import LLM
+    from brownout.models.registry import preset_config
+    from brownout.runner.loader import _place
+
+    cfg = preset_config(PRESET)
+    gen = torch.Generator().manual_seed(0)
+    prompts = torch.randint(0, cfg.vocab_size, (n_prompts, prompt_len), generator=gen)
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("cuda"):
+        hf = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).eval()
+    gcfg = GenerationConfig(max_new_tokens=out_len, min_new_tokens=out_len, do_sample=False,
+                            eos_token_id=None, pad_token_id=0)
+    ids = prompts.cuda()
+    with torch.inference_mode():
+        hf.generate(ids[:2, :16], generation_config=GenerationConfig(max_new_tokens=4, do_sample=False,
+                                                                   pad_token_id=0))
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        hf_out = hf.generate(ids, generation_config=gcfg)
+        torch.cuda.synchronize()
+        hf_s = time.perf_counter() - t0
+    hf_tokens = hf_out[:, prompt_len:].tolist()
+    llm = LLM(PRESET, load_format="dummy", device="cuda", dtype="bfloat16",
+              cache=CacheConfig(num_blocks=n_prompts * ((prompt_len + out_len) // 16 + 2)),
+              scheduler=__import__("brownout.config", fromlist=["SchedulerConfig"]).SchedulerConfig(
+                  max_num_seqs=n_prompts, max_num_batched_tokens=8192))
+    model = llm.engine.runner.model
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for key, t in hf.state_dict().items():
+            _place(params, model.spec, key, t)
+    del hf
+    gc.collect()
+    torch.cuda.empty_cache()
+    sp = SamplingParams(max_tokens=out_len, temperature=0.0, ignore_eos=True)
+    llm.generate([p[:16] for p in prompts.tolist()[:4]], SamplingParams(max_tokens=4, temperature=0))
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    outs = llm.generate(prompts.tolist(), sp)
+    ours_s = time.perf_counter() - t0
+    same = sum(o.token_ids[:16] == h[:16] for o, h in zip(outs, hf_tokens))
+    result = dict(n_prompts=n_prompts, prompt_len=prompt_len, out_len=out_len,
+                  transformers_s=hf_s, transformers_tok_s=n_prompts * out_len / hf_s,
+                  ours_s=ours_s, ours_tok_s=n_prompts * out_len / ours_s, speedup=hf_s / ours_s,
+                  first16_tokens_equal=f"{same}/{n_prompts}")
+    log.info("offline %s", result)
+    (out_dir / "offline.json").write_text(json.dumps(result, indent=1))
+    del llm
+    gc.collect()
+    torch.cuda.empty_cache()
+    return result
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--stages", default="decode,brownout,offline")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    args.out.mkdir(parents=True, exist_ok=True)
+    stages = args.stages.split(",")
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, preset=PRESET,
+                weights="dummy (random normal, std 0.02), bf16")
+    meta["copy_bandwidth_Bps"] = bw = copy_bandwidth()
+    log.info("copy bandwidth %.2f TB/s", bw / 1e12)
+    (args.out / "meta.json").write_text(json.dumps(meta, indent=1))
+    if "decode" in stages or "brownout" in stages:
+        loaded = load_model(ModelLoadConfig(model=PRESET, load_format="dummy", device="cuda",
+                                            dtype="bfloat16", extra_expert_slots=30))
+        install_dummy_united(loaded.model, 4)  # so the captured graphs include routing
+        num_blocks = 64 * -(-2049 // 16) + 64
+        runner = ModelRunner(loaded, CacheConfig(num_blocks=num_blocks), max_batch=128,
+                             max_model_len=4096)
+        for k, v in runner.kv_caches:
+            k.normal_(generator=gen)
+            v.normal_(generator=gen)
+        wb = weight_bytes(loaded.model)
+        meta["weight_bytes"] = wb
+        (args.out / "meta.json").write_text(json.dumps(meta, indent=1))
+        if "decode" in stages:
+            stage_decode(runner, wb, bw, args.out, gen)
+        if "brownout" in stages:
+            stage_brownout(runner, wb, bw, args.out, gen)
+        del runner, loaded
+        gc.collect()
+        torch.cuda.empty_cache()
+    if "offline" in stages:
+        stage_offline(args.out)
+
+
+if __name__ == "__main__":
+    main()
