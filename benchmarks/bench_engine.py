@@ -28,11 +28,11 @@ from pathlib import Path
 import torch
 
 from brownout.config import CacheConfig, ModelLoadConfig
-from brownout.kernels.brownout_routing import contiguous_groups
 from brownout.models.context import ForwardContext
 from brownout.runner.loader import load_model
 from brownout.runner.model_runner import ModelRunner
 from brownout.types import SamplingParams, ScheduledSeq, SchedulerOutput
+from brownout.unite.uncalibrated import install_uncalibrated
 
 PRESET = "qwen1.5-moe-a2.7b"
 TAUS = [1.0, 0.8, 0.6, 0.4, 0.2, 0.0]
@@ -60,21 +60,6 @@ def copy_bandwidth() -> float:
     dst = torch.empty_like(src)
     ms = cuda_time_ms(lambda: dst.copy_(src), iters=20)
     return 2 * n / (ms / 1e3)  # bytes/s, read + write
-
-
-def install_dummy_united(model, way: int) -> None:
-    """Uniform average of contiguous groups: timing does not depend on the values."""
-    for moe in model.moe_layers():
-        E = moe.num_experts
-        group_of = contiguous_groups(E, way, device=moe.w13.device)
-        G = int(group_of.max()) + 1
-        w13_u = torch.zeros(G, *moe.w13.shape[1:], dtype=torch.float32, device=moe.w13.device)
-        w2_u = torch.zeros(G, *moe.w2.shape[1:], dtype=torch.float32, device=moe.w2.device)
-        w13_u.index_add_(0, group_of, moe.w13[:E].float())
-        w2_u.index_add_(0, group_of, moe.w2[:E].float())
-        sizes = torch.bincount(group_of, minlength=G).float()
-        moe.install_united((w13_u / sizes.view(-1, 1, 1)).to(moe.w13.dtype),
-                           (w2_u / sizes.view(-1, 1, 1)).to(moe.w2.dtype), group_of)
 
 
 def weight_bytes(model) -> dict:
@@ -153,7 +138,7 @@ def stage_brownout(runner, wb, bw, out_dir: Path, gen) -> dict:
     D = model.spec.hidden_size
     result = dict(moe_layer=[], decode=[], routing_overhead=[])
     for way in (4, 2):
-        install_dummy_united(model, way)
+        install_uncalibrated(model, way)
         for B in (8, 16, 32, 64, 128):
             x = torch.randn(B, D, dtype=torch.bfloat16, device="cuda", generator=gen) * 0.5
             tau_t = torch.ones((), device="cuda")
@@ -262,7 +247,7 @@ def main() -> None:
     if "decode" in stages or "brownout" in stages:
         loaded = load_model(ModelLoadConfig(model=PRESET, load_format="dummy", device="cuda",
                                             dtype="bfloat16", extra_expert_slots=30))
-        install_dummy_united(loaded.model, 4)  # so the captured graphs include routing
+        install_uncalibrated(loaded.model, 4)  # so the captured graphs include routing
         num_blocks = 64 * -(-2049 // 16) + 64
         runner = ModelRunner(loaded, CacheConfig(num_blocks=num_blocks), max_batch=128,
                              max_model_len=4096)

@@ -53,9 +53,7 @@ class LLMEngine:
         self.clock = clock
         loaded = load_model(config.load)
         if config.brownout.united_experts:
-            from brownout.unite import load_united
-
-            load_united(loaded.model, config.brownout.united_experts)
+            _install_united(loaded, config.brownout.united_experts)
         self.spec = loaded.spec
         self.runner = ModelRunner(loaded, config.cache, max_batch=config.scheduler.max_num_seqs,
                                   max_model_len=config.load.max_model_len,
@@ -257,6 +255,17 @@ class LLMEngine:
                     generation_tokens_total=self.generation_tokens_total,
                     slo_violations=dict(self.controller.violations),
                     brownout_ready=self.runner.brownout_ready)
+
+
+def _install_united(loaded, spec: str) -> None:
+    from brownout.unite.store import load_united
+    from brownout.unite.uncalibrated import install_uncalibrated, parse_uncalibrated
+
+    way = parse_uncalibrated(spec)
+    if way is not None:
+        install_uncalibrated(loaded.model, way)
+    else:
+        load_united(loaded, Path(spec))
 
 
 def _load_tokenizer(config: EngineConfig, loaded):
