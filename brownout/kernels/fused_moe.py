@@ -138,7 +138,8 @@ if triton is not None:
             r = tl.atomic_add(counts_ptr + e, 1, mask=ok)
             tl.store(rank_ptr + offs, r, mask=ok)
         tl.debug_barrier()
-        cnt = tl.load(counts_ptr + s, mask=s < num_slots, other=0)
+        # ".cg" reads at L2: the atomics and other threads' stores never passed through L1
+        cnt = tl.load(counts_ptr + s, mask=s < num_slots, other=0, cache_modifier=".cg")
         padded = (cnt + BLOCK_M - 1) // BLOCK_M * BLOCK_M
         end = tl.cumsum(padded, 0)
         start = end - padded
@@ -161,8 +162,8 @@ if triton is not None:
             offs = c0 + tl.arange(0, CHUNK)
             e = tl.load(ids_ptr + offs, mask=offs < n_assign, other=-1).to(tl.int32)
             ok = (offs < n_assign) & (e >= 0)
-            r = tl.load(rank_ptr + offs, mask=ok, other=0)
-            o = tl.load(offsets_ptr + e, mask=ok, other=0)
+            r = tl.load(rank_ptr + offs, mask=ok, other=0, cache_modifier=".cg")
+            o = tl.load(offsets_ptr + e, mask=ok, other=0, cache_modifier=".cg")
             tl.store(sorted_ptr + o + r, offs.to(tl.int32), mask=ok)
 
     @triton.jit

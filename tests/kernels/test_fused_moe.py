@@ -163,15 +163,14 @@ def test_align_groups_every_assignment_once():
     sorted_ids, block_slot = fm.moe_align(ids, S, bm)
     sorted_ids, block_slot, flat = sorted_ids.cpu(), block_slot.cpu(), ids.reshape(-1).cpu()
     n = flat.numel()
-    real = sorted_ids[sorted_ids < n]
-    assert sorted(real.tolist()) == [i for i in range(n) if flat[i] >= 0]
-    used = int((block_slot >= 0).sum())
+    used = int((block_slot >= 0).sum())  # rows past used * bm are never read
     assert (block_slot[used:] == -1).all() and (block_slot[:used].diff() >= 0).all()
     rows = sorted_ids[:used * bm].view(used, bm)
+    assert (rows >= 0).all() and (rows <= n).all()  # padding rows hold the sentinel n
+    assert sorted(rows[rows < n].tolist()) == [i for i in range(n) if flat[i] >= 0]
     for b in range(used):
         members = rows[b][rows[b] < n].long()
         assert len(members) > 0 and (flat[members] == block_slot[b]).all()
-    assert (sorted_ids[:used * bm] <= n).all()  # padding rows hold the sentinel n
 
 
 @needs_kernels

@@ -73,14 +73,14 @@ def make_batch(seq_lens, q_lens, hq, hkv, dh, block_size, dtype, seed):
     k_cache = torch.full((num_phys, block_size, hkv, dh), float("nan"))
     v_cache = torch.full_like(k_cache, float("nan"))
     start = 0
-    for b, (s, nb) in enumerate(zip(seq_lens, n_blocks)):
+    for b, nb in enumerate(n_blocks):
         tables[b, :nb] = perm[start:start + nb]
         tables[b, nb:] = perm[-1]  # never inside a context: all NaN
         start += nb
-        for p in range(s):
-            blk, off = int(tables[b, p // block_size]), p % block_size
-            k_cache[blk, off] = torch.randn(hkv, dh, generator=g)
-            v_cache[blk, off] = torch.randn(hkv, dh, generator=g)
+    slots = torch.cat([tables[b].long()[torch.arange(s) // block_size] * block_size
+                       + torch.arange(s) % block_size for b, s in enumerate(seq_lens)])
+    k_cache.view(-1, hkv, dh)[slots] = torch.randn(len(slots), hkv, dh, generator=g)
+    v_cache.view(-1, hkv, dh)[slots] = torch.randn(len(slots), hkv, dh, generator=g)
     q = torch.randn(sum(q_lens), hq, dh, generator=g)
     qsl = torch.tensor([0] + list(torch.tensor(q_lens).cumsum(0)), dtype=torch.int32)
     to = dict(device=DEVICE)

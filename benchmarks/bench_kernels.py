@@ -1,0 +1,329 @@
+"""Benchmark of the Triton fused MoE and paged attention against their rooflines (GPU).
+
+Measures device-to-device copy bandwidth, then
+  * fused_moe at Qwen1.5-MoE-A2.7B shapes (D 2048, I 1408, 60 routed + 15 united slots, top-4,
+    bf16, random weights) for 1..256 tokens: a tile sweep (winners -> configs JSON), the
+    tuned and default times, a naive per-expert torch loop, and the roofline
+    (bytes of the distinct slots touched + activations) / copy bandwidth;
+  * paged attention decode (Hq = Hkv = 16, Dh 128, block 16, bf16) for batch x context
+    against its roofline (KV bytes read) and torch SDPA on gathered KV.
+Kernel times are CUDA-graph replays timed by triton.testing.do_bench (median, L2 flushed
+before each replay); routing sets rotate so the slots touched are sampled, not fixed.
+Usage: python benchmarks/bench_kernels.py --out DIR [--budget-s 240] [--smoke]
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import logging
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from brownout.kernels import fused_moe as fm
+from brownout.kernels import paged_attention as pa
+from brownout.kernels.moe_ref import moe_experts_ref
+
+log = logging.getLogger("bench_kernels")
+TOKENS = [1, 2, 4, 8, 16, 32, 64, 128, 256]
+N_ROT = 4  # routing sets per token count
+
+
+def bench_ms(fn, smoke: bool, graph: bool = True) -> float:
+    """Median ms of one call: a captured graph's replay (or eager calls), L2 flushed each."""
+    if smoke:
+        t0 = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t0) * 1e3
+    import triton.testing
+    fn()  # compile
+    torch.cuda.synchronize()
+    if graph:
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            fn()
+        fn = g.replay
+    return triton.testing.do_bench(fn, warmup=5, rep=25, return_mode="median")
+
+
+def copy_bandwidth_gbs(smoke: bool) -> float:
+    n = (1 << 20) if smoke else (1 << 30)  # bytes per buffer
+    src = torch.randn(n // 4, device=DEVICE)
+    dst = torch.empty_like(src)
+    ms = bench_ms(lambda: dst.copy_(src), smoke, graph=False)
+    return 2 * n / ms / 1e6
+
+
+# ----------------------------------------------------------------------------- MoE
+
+def brownout_routing(T, E, way, k, cold, gen):
+    """Router top-k over E experts; every assignment of a `cold` expert goes to its group's
+    united slot E + e // way; a token's second hit on one united slot is summed into the
+    first and becomes -1 (what brownout de-duplication does)."""
+    probs = torch.softmax(torch.randn(T, E, generator=gen), -1)
+    w, ids = torch.topk(probs, k, -1)  # [T, k]
+    ids = torch.where(cold[ids], E + ids // way, ids)
+    for j in range(1, k):
+        for i in range(j):
+            dup = (ids[:, j] == ids[:, i]) & (ids[:, i] >= 0)
+            w[:, i] += torch.where(dup, w[:, j], torch.zeros_like(w[:, j]))
+            ids[:, j] = torch.where(dup, torch.full_like(ids[:, j], -1), ids[:, j])
+    return w.to(DEVICE), ids.to(torch.int32).to(DEVICE)
+
+
+def moe_shape(smoke):
+    return dict(D=64, I=32, E=8, way=4, k=2) if smoke else \
+        dict(D=2048, I=1408, E=60, way=4, k=4)
+
+
+class MoECase:
+    """Weights once; for each token count N_ROT (x, weights, ids) sets and their roofline."""
+
+    def __init__(self, smoke, bw_gbs, scenario, weights_from=None):
+        s = self.shape = moe_shape(smoke)
+        self.S = s["E"] + s["E"] // s["way"]
+        gen = torch.Generator().manual_seed(0 if scenario == "brownout" else 1)
+        if weights_from is not None:
+            self.w13, self.w2 = weights_from.w13, weights_from.w2
+        else:
+            self.w13 = (torch.randn(self.S, 2 * s["I"], s["D"], device=DEVICE)
+                        / s["D"] ** 0.5).to(DTYPE)
+            self.w2 = (torch.randn(self.S, s["D"], s["I"], device=DEVICE)
+                       / s["I"] ** 0.5).to(DTYPE)
+        cold = torch.zeros(s["E"], dtype=torch.bool)
+        if scenario == "brownout":  # a third of the experts redirected (a mid-tau state)
+            cold[torch.randperm(s["E"], generator=gen)[: s["E"] // 3]] = True
+        self.sets = {}
+        for T in TOKENS:
+            sets = []
+            for _ in range(N_ROT):
+                w, ids = brownout_routing(T, s["E"], s["way"], s["k"], cold, gen)
+                x = torch.randn(T, s["D"], generator=gen).to(DTYPE).to(DEVICE)
+                sets.append((x, w, ids, torch.empty_like(x)))
+            self.sets[T] = sets
+        self.bw = bw_gbs
+        self.w64 = None
+
+    def roofline_us(self, T):
+        s, el = self.shape, torch.finfo(DTYPE).bits // 8
+        per_slot = 3 * s["I"] * s["D"] * el  # gate, up, down
+        slots = [int(torch.unique(ids[ids >= 0]).numel()) for _, _, ids, _ in self.sets[T]]
+        mean_slots = sum(slots) / len(slots)
+        nbytes = mean_slots * per_slot + 2 * T * s["D"] * el  # + x read, out written
+        return nbytes / self.bw / 1e3, mean_slots
+
+    def time_us(self, T, cfg, smoke, graph=True):
+        """Median us of one call, cycling through the routing sets (one graph per set)."""
+        fns = [(lambda x=x, w=w, ids=ids, out=out:
+                fm.fused_moe(x, self.w13, self.w2, w, ids, config=cfg, out=out))
+               for x, w, ids, out in self.sets[T]]
+        if smoke or not graph:
+            calls = itertools.cycle(fns)
+            return 1e3 * bench_ms(lambda: next(calls)(), smoke, graph=False)
+        import triton.testing
+        replays = []
+        for fn in fns:
+            fn()  # compile and warm outside the capture
+            torch.cuda.synchronize()
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                fn()
+            replays.append(g)
+        cyc = itertools.cycle(replays)
+        return 1e3 * triton.testing.do_bench(lambda: next(cyc).replay(), warmup=5, rep=25,
+                                             return_mode="median")
+
+    def naive_us(self, T, smoke):
+        calls = itertools.cycle(self.sets[T])
+
+        def run():
+            x, w, ids, _ = next(calls)
+            return moe_experts_ref(x, self.w13, self.w2, w, ids)
+        return 1e3 * bench_ms(run, smoke, graph=False)
+
+    def check(self, T, cfg):
+        """Relative error against float64 on the first routing set."""
+        if self.w64 is None:
+            self.w64 = (self.w13.double(), self.w2.double())
+        x, w, ids, _ = self.sets[T][0]
+        got = fm.fused_moe(x, self.w13, self.w2, w, ids, config=cfg).double()
+        ref = moe_experts_ref(x.double(), *self.w64, w, ids)
+        return float((got - ref).norm() / ref.norm())
+
+
+def candidates(T, smoke):
+    """Tile candidates (gate/up tiles; the down GEMM is tuned after, see sweep)."""
+    if smoke:
+        return [{"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 1, "num_warps": 4,
+                 "num_stages": 1}]
+    out = []
+    for bn, bk, st in [(32, 128, 4), (32, 256, 3), (64, 64, 5), (64, 128, 3), (64, 128, 4),
+                       (64, 256, 3), (128, 64, 4), (128, 128, 3)]:
+        out.append({"BLOCK_M": 16, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 1,
+                    "num_warps": 4, "num_stages": st})
+    if T >= 64:
+        out += [{"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 128, "GROUP_M": 4, "num_warps": 4,
+                 "num_stages": 4},
+                {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 8,
+                 "num_stages": 3}]
+    return out
+
+
+DOWN_CANDIDATES = [{"BLOCK_N": bn, "BLOCK_K": bk, "num_stages": st}
+                   for bn, bk, st in [(32, 128, 4), (64, 64, 5), (64, 128, 4), (128, 64, 4),
+                                      (128, 128, 3), (64, 256, 3)]]
+
+
+def sweep(case, T, smoke, deadline):
+    """Gate/up tiles first (down = same tiles), then the down GEMM's own tiles."""
+    best, best_us, tried = None, float("inf"), []
+    for cfg in candidates(T, smoke):
+        if time.time() > deadline:
+            break
+        try:
+            us = case.time_us(T, cfg, smoke)
+        except Exception as exc:  # e.g. out of shared memory
+            log.warning("T=%d %s failed: %s", T, cfg, str(exc)[:120])
+            continue
+        tried.append({"config": cfg, "us": us})
+        if us < best_us:
+            best, best_us = cfg, us
+    for down in ([] if smoke else DOWN_CANDIDATES):
+        if best is None or time.time() > deadline:
+            break
+        cfg = {**best, "down": {**down, "GROUP_M": best["GROUP_M"],
+                                "num_warps": best["num_warps"]}}
+        try:
+            us = case.time_us(T, cfg, smoke)
+        except Exception as exc:
+            log.warning("T=%d %s failed: %s", T, cfg, str(exc)[:120])
+            continue
+        tried.append({"config": cfg, "us": us})
+        if us < best_us:
+            best, best_us = cfg, us
+    return best, best_us, tried
+
+
+def bench_moe(bw, smoke, deadline):
+    results = {"sweep": {}, "rows": []}
+    case = MoECase(smoke, bw, "brownout")
+    s = case.shape
+    key = fm.config_key(case.S, s["I"], s["D"], DTYPE)
+    table = {key: {}}
+    for T in TOKENS:
+        best, best_us, tried = sweep(case, T, smoke, deadline)
+        results["sweep"][T] = tried
+        if best is not None:
+            table[key][str(T)] = best
+    plain = MoECase(smoke, bw, "plain", weights_from=case)
+    for name, c in [("brownout", case), ("plain", plain)]:
+        c.w64 = case.w64
+        for T in TOKENS:
+            tuned = fm.lookup_config(table, T, c.S, s["I"], s["D"], DTYPE)
+            dflt = fm.default_config(T, s["k"], c.S, s["I"], s["D"], on_gpu=not smoke)
+            roof, slots = c.roofline_us(T)
+            row = {"scenario": name, "tokens": T, "slots_touched": slots, "roofline_us": roof,
+                   "tuned_us": c.time_us(T, tuned or dflt, smoke),
+                   "default_us": c.time_us(T, dflt, smoke),
+                   "tuned_eager_us": c.time_us(T, tuned or dflt, smoke, graph=False),
+                   "naive_torch_us": c.naive_us(T, smoke),
+                   "rel_err_vs_fp64": c.check(T, tuned or dflt), "config": tuned or dflt}
+            row["ratio"] = row["tuned_us"] / roof
+            results["rows"].append(row)
+            log.info("moe %s T=%d %.1f us (roof %.1f, x%.2f)", name, T, row["tuned_us"], roof,
+                     row["ratio"])
+    return results, table
+
+
+# ----------------------------------------------------------------------------- attention
+
+def bench_attention(bw, smoke):
+    rows = []
+    H, Dh, bs = (2, 32, 16) if smoke else (16, 128, 16)
+    grid = [(1, 64), (2, 64)] if smoke else [(b, c) for c in (512, 2048) for b in (1, 16, 64, 128)]
+    el = torch.finfo(DTYPE).bits // 8
+    for B, ctx in grid:
+        nb = ctx // bs
+        k_cache = torch.randn(B * nb, bs, H, Dh, device=DEVICE).to(DTYPE)
+        v_cache = torch.randn_like(k_cache)
+        tables = torch.randperm(B * nb, device=DEVICE).to(torch.int32).view(B, nb)
+        lens = torch.full((B,), ctx, dtype=torch.int32, device=DEVICE)
+        qsl = torch.arange(B + 1, dtype=torch.int32, device=DEVICE)
+        q = torch.randn(B, H, Dh, device=DEVICE).to(DTYPE)
+        out = torch.empty_like(q)
+        scale = Dh ** -0.5
+        nbytes = 2 * B * ctx * H * Dh * el + 2 * q.numel() * el
+        roof = nbytes / bw / 1e3
+        row = {"batch": B, "context": ctx, "kv_bytes": nbytes, "roofline_us": roof}
+        for splits in (None, 1):
+            fn = (lambda s=splits: pa.paged_attention(q, k_cache, v_cache, tables, lens, qsl, 1,
+                                                      scale, num_splits=s, out=out))
+            row["triton_us" if splits is None else "triton_nosplit_us"] = 1e3 * bench_ms(fn, smoke)
+        kd = k_cache[tables.long()].view(B, ctx, H, Dh).transpose(1, 2).contiguous()
+        vd = v_cache[tables.long()].view(B, ctx, H, Dh).transpose(1, 2).contiguous()
+        ref = torch.nn.functional.scaled_dot_product_attention(
+            q.unsqueeze(2).float(), kd.float(), vd.float(), scale=scale).squeeze(2)
+        row["rel_err_vs_fp32"] = float((out.float() - ref).norm() / ref.norm())
+        sdpa = lambda: torch.nn.functional.scaled_dot_product_attention(  # noqa: E731
+            q.unsqueeze(2), kd, vd, scale=scale)
+
+        def gather_sdpa():
+            kg = k_cache[tables.long()].view(B, ctx, H, Dh).transpose(1, 2)
+            vg = v_cache[tables.long()].view(B, ctx, H, Dh).transpose(1, 2)
+            return torch.nn.functional.scaled_dot_product_attention(q.unsqueeze(2), kg, vg,
+                                                                    scale=scale)
+        row["sdpa_dense_us"] = 1e3 * bench_ms(sdpa, smoke)
+        row["sdpa_gather_us"] = 1e3 * bench_ms(gather_sdpa, smoke)
+        row["ratio"] = row["triton_us"] / roof
+        rows.append(row)
+        log.info("attn B=%d ctx=%d %.1f us (roof %.1f, x%.2f)", B, ctx, row["triton_us"], roof,
+                 row["ratio"])
+        del k_cache, v_cache, kd, vd
+    return rows
+
+
+def main():
+    global DEVICE, DTYPE
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--budget-s", type=float, default=240, help="wall time for the MoE sweep")
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU interpreter")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    DEVICE = "cpu" if args.smoke else "cuda"
+    DTYPE = torch.float32 if args.smoke else torch.bfloat16
+    args.out.mkdir(parents=True, exist_ok=True)
+    name = "cpu-interpreter" if args.smoke else torch.cuda.get_device_name()
+    import triton
+    res = {"device": name, "torch": torch.__version__, "triton": triton.__version__,
+           "python": platform.python_version(), "dtype": str(DTYPE)}
+    t_start = time.time()
+    res["copy_bw_gbs"] = copy_bandwidth_gbs(args.smoke)
+    log.info("copy bandwidth %.0f GB/s", res["copy_bw_gbs"])
+    res["attention"] = bench_attention(res["copy_bw_gbs"], args.smoke)
+    (args.out / "kernels_raw.json").write_text(json.dumps(res, indent=1))
+    res["moe"], table = bench_moe(res["copy_bw_gbs"], args.smoke, t_start + args.budget_s)
+    (args.out / "kernels_raw.json").write_text(json.dumps(res, indent=1))
+    cfg_name = fm.device_config_file(name).name
+    (args.out / cfg_name).write_text(json.dumps(table, indent=1, sort_keys=True))
+    print(f"\n{name}: copy {res['copy_bw_gbs']:.0f} GB/s")
+    print("moe scenario T slots roof_us tuned_us ratio default_us eager_us naive_us err")
+    for r in res["moe"]["rows"]:
+        print(f"moe {r['scenario']} {r['tokens']} {r['slots_touched']:.1f} {r['roofline_us']:.1f} "
+              f"{r['tuned_us']:.1f} {r['ratio']:.2f} {r['default_us']:.1f} "
+              f"{r['tuned_eager_us']:.1f} {r['naive_torch_us']:.1f} {r['rel_err_vs_fp64']:.1e}")
+    print("attn B ctx roof_us triton_us ratio nosplit_us sdpa_dense_us sdpa_gather_us err")
+    for r in res["attention"]:
+        print(f"attn {r['batch']} {r['context']} {r['roofline_us']:.1f} {r['triton_us']:.1f} "
+              f"{r['ratio']:.2f} {r['triton_nosplit_us']:.1f} {r['sdpa_dense_us']:.1f} "
+              f"{r['sdpa_gather_us']:.1f} {r['rel_err_vs_fp32']:.1e}")
+
+
+DEVICE, DTYPE = "cuda", torch.bfloat16
+
+if __name__ == "__main__":
+    main()
