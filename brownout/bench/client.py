@@ -164,7 +164,7 @@ class LoadClient:
                         rec["retry_after"] = _retry_after(resp.headers.get("Retry-After"))
                     return
                 await self._read_stream(resp, rec)
-        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as e:
+        except Exception as e:  # one bad response must not end the whole run
             rec["error"] = f"{type(e).__name__}: {e}"[:500]
 
     async def _read_stream(self, resp: aiohttp.ClientResponse, rec: dict[str, Any]) -> None:

@@ -26,6 +26,11 @@ def _figure(rows: int = 1, height: float = 3.0) -> tuple[Figure, list]:
     return fig, list(axes)
 
 
+def _legend(ax, loc: str) -> None:
+    if ax.get_legend_handles_labels()[0]:  # an empty legend only warns
+        ax.legend(loc=loc, fontsize=8)
+
+
 def _save(fig: Figure, path: Path) -> Path:
     fig.savefig(path, dpi=110)
     return path
@@ -71,7 +76,7 @@ def plot_latency(run: Run, path: Path, slo_ttft=None, slo_tpot=None) -> Path:
         if slo:
             ax.axhline(slo, color="red", linestyle="--", label=f"SLO {slo:g} s")
         ax.set_ylabel(f"{key.upper()} (s)")
-        ax.legend(loc="upper right", fontsize=8)
+        _legend(ax, "upper right")
     axes[-1].set_xlabel("time (s)")
     fig.suptitle(f"{run.label}: latency over time")
     return _save(fig, path)
@@ -86,7 +91,7 @@ def plot_tau(run: Run, path: Path) -> Path:
     ax.set_ylim(-0.05, 1.05)
     ax.set_ylabel("tau")
     ax.set_xlabel("time (s)")
-    ax.legend(loc="lower right", fontsize=8)
+    _legend(ax, "lower right")
     fig.suptitle(f"{run.label}: brownout threshold")
     return _save(fig, path)
 
@@ -104,7 +109,7 @@ def plot_rates(run: Run, path: Path) -> Path:
         ax.plot(*rate_per_window(rejected, end=end), drawstyle="steps-post", label="rejected")
     ax.set_ylabel("requests / s")
     ax.set_xlabel("time (s)")
-    ax.legend(loc="upper right", fontsize=8)
+    _legend(ax, "upper right")
     fig.suptitle(f"{run.label}: offered vs served rate")
     return _save(fig, path)
 
@@ -122,8 +127,8 @@ def plot_queue(run: Run, path: Path) -> Path:
         ax2 = ax.twinx()
         ax2.plot(t, v, color="grey", linestyle=":", label="KV cache use")
         ax2.set_ylabel("KV cache use")
-        ax2.legend(loc="upper left", fontsize=8)
-    ax.legend(loc="upper right", fontsize=8)
+        _legend(ax2, "upper left")
+    _legend(ax, "upper right")
     fig.suptitle(f"{run.label}: queue depth")
     return _save(fig, path)
 
@@ -149,7 +154,7 @@ def plot_comparison(runs: Sequence[Run], out_dir: str | Path, slo_ttft: Optional
         if slo:
             ax.axhline(slo, color="red", linestyle="--", label="SLO")
         ax.set_ylabel(f"P90 {key} (s)")
-        ax.legend(loc="upper right", fontsize=8)
+        _legend(ax, "upper right")
     axes[-1].set_xlabel("time (s)")
     paths = [_save(fig, out_dir / "compare_latency.png")]
     fig, axes = _figure(2)
@@ -165,6 +170,6 @@ def plot_comparison(runs: Sequence[Run], out_dir: str | Path, slo_ttft: Optional
     axes[1].set_ylabel("served req/s")
     axes[1].set_xlabel("time (s)")
     for ax in axes:
-        ax.legend(loc="lower right", fontsize=8)
+        _legend(ax, "lower right")
     paths.append(_save(fig, out_dir / "compare_tau_served.png"))
     return paths

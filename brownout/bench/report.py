@@ -295,11 +295,11 @@ def compare_runs(run_dirs: Sequence[str | Path], out_dir: Optional[str | Path] =
     runs = [load_run(d) for d in run_dirs]
     if not runs:
         raise ValueError("no runs to compare")
-    meta_slo = runs[0].meta.get("slo", {})
+    base_run = next((r for r in runs if r.label == baseline_label), runs[0])
+    meta_slo = next((r.meta["slo"] for r in (base_run, *runs) if r.meta.get("slo")), {})
     slo = dict(slo_ttft=slo_ttft if slo_ttft is not None else meta_slo.get("ttft_s"),
                slo_tpot=slo_tpot if slo_tpot is not None else meta_slo.get("tpot_s"),
                slo_e2e=slo_e2e if slo_e2e is not None else meta_slo.get("e2e_s"))
-    base_run = next((r for r in runs if r.label == baseline_label), runs[0])
     base = compute_report(base_run, **slo)
     table = load_eval_table(eval_table) if eval_table else None
     rows = []

@@ -75,7 +75,8 @@ class PredictiveController(Controller):
         return (self.latency.theta is not None and self.experts.ready
                 and self.latency.num_samples >= self.min_samples)
 
-    def step_slo(self, phase: str) -> float:
+    def target_slo(self, phase: str) -> float:
+        """The step latency aimed at: the step SLO, for decode also the TPOT SLO."""
         if phase == PREFILL:
             return self.slo.prefill_step_s
         return min(self.slo.decode_step_s, self.slo.tpot_s)
@@ -116,7 +117,7 @@ class PredictiveController(Controller):
 
     def _target(self, phase: str) -> float:
         growth = self.growth_margin if self._queue_growing() else 0.0
-        return self.step_slo(phase) * (1.0 - self.margin - self._pressure[phase] - growth)
+        return self.target_slo(phase) * (1.0 - self.margin - self._pressure[phase] - growth)
 
     def _feasible(self, phase: str, planned: PlannedStep, p90: np.ndarray,
                   target: float) -> np.ndarray:
