@@ -48,7 +48,7 @@ class PredictiveController(Controller):
                  grid_points: int = 21, margin: float = 0.05, z: float = 1.28,
                  min_samples: int = 24, hysteresis: float = 0.05, max_raise_per_s: float = 1.0,
                  residual_alpha: float = 0.1, growth_margin: float = 0.05,
-                 max_pressure: float = 0.3):
+                 max_pressure: float = 0.3, refit_every: int = 4):
         super().__init__(slo, clock)
         self.grid = np.linspace(1.0, 0.0, grid_points)  # descending: the first fit wins
         self.grid = self.grid[self.grid >= slo.min_tau - 1e-12]
@@ -57,7 +57,7 @@ class PredictiveController(Controller):
         self.margin, self.z, self.min_samples = margin, z, min_samples
         self.hysteresis, self.max_raise_per_s = hysteresis, max_raise_per_s
         self.residual_alpha, self.growth_margin = residual_alpha, growth_margin
-        self.max_pressure = max_pressure
+        self.max_pressure, self.refit_every = max_pressure, max(1, refit_every)
         self.experts = ExpertsModel()
         self.latency = StepLatencyModel()
         self._fallback = AIMDController(slo, clock)
@@ -84,13 +84,11 @@ class PredictiveController(Controller):
     # -- prediction ---------------------------------------------------------------------
     def predict_latency(self, taus, tokens: int, batch: int) -> Optional[np.ndarray]:
         """Model-only latency (no bias) of a step at each tau; None when unfit."""
-        taus = np.atleast_1d(np.asarray(taus, dtype=float))
-        experts = self.experts.predict(taus, max(tokens, 1))
-        if experts is None:
+        theta = self.latency.theta
+        experts = self.experts.predict(np.atleast_1d(np.asarray(taus, dtype=float)), max(tokens, 1))
+        if experts is None or theta is None:
             return None
-        X = np.column_stack([np.ones_like(taus), np.full_like(taus, tokens),
-                             np.full_like(taus, batch), experts])
-        return self.latency.predict(X)
+        return np.maximum(theta[0] + theta[1] * tokens + theta[2] * batch + theta[3] * experts, 0.0)
 
     def _p90(self, phase: str, lat: np.ndarray) -> np.ndarray:
         return lat + self._bias[phase] + self.z * math.sqrt(self._var[phase])
@@ -110,9 +108,10 @@ class PredictiveController(Controller):
         tau = self._pick(phase, planned, self._p90(phase, lat), now)
         self._last_choose[phase] = now
         self._fallback.set_tau(phase, tau)
-        pred = self.predict_latency([tau], planned.num_tokens, planned.batch_size)
-        if pred is not None:
-            self._pending = (phase, float(pred[0]))
+        hit = np.flatnonzero(np.abs(taus - tau) < 1e-12)
+        pred = lat[hit[:1]] if hit.size else \
+            self.predict_latency([tau], planned.num_tokens, planned.batch_size)
+        self._pending = (phase, float(pred[0]))
         return tau
 
     def _target(self, phase: str) -> float:
@@ -156,7 +155,9 @@ class PredictiveController(Controller):
             experts = float(sum(stats.experts_touched))
             self.experts.update(stats.tau, tokens, experts)
             self.latency.add(tokens, stats.batch_size, experts, lat)
-            self.latency.fit()
+            # The fit moves slowly: refitting every few steps saves host time per step.
+            if self.latency.theta is None or self.latency.num_samples % self.refit_every == 0:
+                self.latency.fit()
         if self._pending is not None and self._pending[0] == phase:
             self._update_residual(phase, lat - self._pending[1])
         self._pending = None

@@ -138,3 +138,25 @@ def test_beats_aimd_on_a_bursty_trace(seed):
     v_aimd, v_pred = aimd.violation_windows(PHASE_SLO), pred.violation_windows(PHASE_SLO)
     assert v_pred < v_aimd
     assert pred.mean_tau() >= aimd.mean_tau()
+
+
+def test_queue_of_waiting_prompts_dims_prefill():
+    """A backlog that cannot drain within the TTFT SLO at tau = 1 lowers the prefill tau."""
+    clock = FakeClock()
+    ctrl = PredictiveController(SLOConfig(policy="predictive", ttft_s=2.0), clock)
+    rng = np.random.default_rng(0)
+    for i in range(400):  # explore: random tau and sizes, experts fall with tau
+        clock.t = i * 0.05
+        tau, tokens = float(rng.choice(np.linspace(0, 1, 11))), int(rng.integers(1, 512))
+        experts = min(60.0, 4 * tokens) * (0.25 + 0.75 * tau)
+        ctrl.observe_step(StepStats(0.0, 0.01 + 0.002 * experts, tokens, 0, 4, True, tau,
+                                    experts_touched=[experts]))
+    assert ctrl.ready
+    idle = ctrl.choose_tau(PlannedStep(256, 0, 4))
+    assert idle == 1.0  # 0.13 s fits the 0.25 s prefill step SLO
+    clock.t += 0.001
+    backlog = ctrl.choose_tau(PlannedStep(256, 0, 4, num_waiting=20, waiting_tokens=5000))
+    assert 0.0 < backlog < 1.0
+    # drain estimate at the chosen tau fits the TTFT SLO
+    lat = ctrl.predict_latency([backlog], 256, 4)[0]
+    assert 5000 * lat / 256 <= 2.0
