@@ -5,6 +5,10 @@ positions, cache slots, block tables, context lengths, the padding mask and the 
 threshold `tau`. A replay copies the step's values into those buffers; nothing is
 recaptured when tau changes. Padding rows have slot -1 (no KV write), context length 1 over
 block 0 (a harmless read) and are masked out of brownout counts.
+
+With united experts installed each bucket has two graphs: one with brownout routing, which
+reads `tau` from its device tensor, and one without, replayed when the controller asks for
+tau = 1 (routing would change nothing then), so full quality costs no routing time.
 """
 
 from __future__ import annotations
@@ -42,20 +46,20 @@ class DecodeGraphs:
         self.seq_lens = torch.ones(max_batch, dtype=torch.int32, device=dev)
         self.query_start_loc = torch.arange(max_batch + 1, dtype=torch.int32, device=dev)
         self.valid = torch.zeros(max_batch, dtype=torch.bool, device=dev)
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.hidden: dict[int, torch.Tensor] = {}
-        self.touched: dict[int, Optional[torch.Tensor]] = {}
+        # (batch bucket, routed) -> graph and its output buffers
+        self.graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}
+        self.hidden: dict[tuple[int, bool], torch.Tensor] = {}
+        self.touched: dict[tuple[int, bool], Optional[torch.Tensor]] = {}
 
-    def _ctx(self, b: int) -> ForwardContext:
+    def _ctx(self, b: int, routed: bool) -> ForwardContext:
         meta = AttnMeta(slot_mapping=self.slots[:b], block_tables=self.block_tables[:b],
                         seq_lens=self.seq_lens[:b], query_start_loc=self.query_start_loc[:b + 1],
                         max_query_len=1)
-        return ForwardContext(attn=meta, kv_caches=self.kv_caches,
-                              tau=self.tau if self.with_brownout else None,
+        return ForwardContext(attn=meta, kv_caches=self.kv_caches, tau=self.tau if routed else None,
                               valid=self.valid[:b], touched=[], use_kernels=True)
 
-    def _forward(self, b: int):
-        ctx = self._ctx(b)
+    def _forward(self, b: int, routed: bool):
+        ctx = self._ctx(b, routed)
         hidden = self.model(self.input_ids[:b], self.positions[:b], ctx)
         touched = torch.stack(ctx.touched) if ctx.touched else None
         return hidden, touched
@@ -63,19 +67,22 @@ class DecodeGraphs:
     @torch.inference_mode()
     def capture(self) -> None:
         pool = torch.cuda.graph_pool_handle()
+        variants = (False, True) if self.with_brownout else (False,)
         for b in reversed(self.sizes):  # largest first so smaller graphs reuse its memory
-            self._forward(b)  # warm-up: compiles kernels outside the capture
-            torch.cuda.synchronize()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                hidden, touched = self._forward(b)
-            self.graphs[b], self.hidden[b], self.touched[b] = graph, hidden, touched
+            for routed in variants:
+                key = (b, routed)
+                self._forward(b, routed)  # warm-up: compiles kernels outside the capture
+                torch.cuda.synchronize()
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool):
+                    hidden, touched = self._forward(b, routed)
+                self.graphs[key], self.hidden[key], self.touched[key] = graph, hidden, touched
         log.info("captured decode CUDA graphs for batch sizes %s", self.sizes)
 
     def fits(self, batch: int, width: int) -> bool:
         return batch <= self.max_batch and width <= self.block_tables.shape[1]
 
-    def run(self, input_ids, positions, slots, block_tables, seq_lens):
+    def run(self, input_ids, positions, slots, block_tables, seq_lens, routed: bool):
         """Replay for a decode batch; returns (hidden [B, D], touched [L] or None)."""
         B = input_ids.shape[0]
         b = self.sizes[bisect.bisect_left(self.sizes, B)]
@@ -88,5 +95,6 @@ class DecodeGraphs:
         self.seq_lens[B:b].fill_(1)
         self.block_tables[B:b].zero_()
         self.valid[:b] = torch.arange(b, device=self.valid.device) < B
-        self.graphs[b].replay()
-        return self.hidden[b][:B], self.touched[b]
+        key = (b, routed and self.with_brownout)
+        self.graphs[key].replay()
+        return self.hidden[key][:B], self.touched[key]

@@ -116,7 +116,7 @@ class ModelRunner:
             self.tau.fill_(tau)
         if self._graph_step(sched, meta):
             hidden, touched = self.graphs.run(input_ids, positions, meta.slot_mapping,
-                                              meta.block_tables, meta.seq_lens)
+                                              meta.block_tables, meta.seq_lens, routed=tau < 1.0)
         else:
             # eager: at tau = 1 routing is skipped altogether (it would change nothing)
             brownout = self.brownout_ready and tau < 1.0
