@@ -3,9 +3,9 @@
 Each request is sent at its scheduled time to /v1/completions (or /v1/chat/completions)
 with `stream=true` and `stream_options.include_usage`, exactly as a user's client would.
 Per request it records (seconds from the start of the run): scheduled and actual send
-time (`first_sent`, and `sent` of the last attempt), the time of every chunk that carried text, completion, HTTP status, error text,
-output tokens (the final usage chunk if the server sends one, else the count of text
-chunks) and prompt tokens. 429 and 503 are recorded as rejected with their Retry-After
+time (`first_sent`, and `sent` of the last attempt), the time of every chunk that carried
+a token (see `_is_token`), completion, HTTP status, error text, output tokens (the final
+usage chunk if the server sends one, else the count of token chunks) and prompt tokens. 429 and 503 are recorded as rejected with their Retry-After
 and are not retried unless `max_retries` says so. Records go to requests.jsonl as they
 finish. Meanwhile /metrics is scraped every `scrape_interval_s` (Prometheus text:
 brownout_tau{phase=...}, vllm:num_requests_running / _waiting, vllm:kv_cache_usage_perc)
@@ -167,6 +167,19 @@ class LoadClient:
         except Exception as e:  # one bad response must not end the whole run
             rec["error"] = f"{type(e).__name__}: {e}"[:500]
 
+    def _is_token(self, choice: dict[str, Any]) -> bool:
+        """Whether a streamed choice carries a generated token. Text counts; so does an
+        empty non-final chunk (a token whose text the server holds back, e.g. half a
+        UTF-8 character); a role-only chat chunk or a bare finish chunk does not."""
+        final = choice.get("finish_reason") is not None
+        if self.chat:
+            delta = choice.get("delta") or {}
+            if delta.get("content"):
+                return True
+            return "role" not in delta and not final and "delta" in choice
+        text = choice.get("text")
+        return bool(text) or (text is not None and not final)
+
     async def _read_stream(self, resp: aiohttp.ClientResponse, rec: dict[str, Any]) -> None:
         usage = None
         async for raw in resp.content:
@@ -183,8 +196,7 @@ class LoadClient:
                 break
             usage = chunk.get("usage") or usage
             for choice in chunk.get("choices") or []:
-                text = (choice.get("delta") or {}).get("content") if self.chat else choice.get("text")
-                if text:
+                if self._is_token(choice):
                     rec["token_times"].append(now)
                     if rec["first_token"] is None:
                         rec["first_token"] = now

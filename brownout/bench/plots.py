@@ -125,7 +125,7 @@ def plot_queue(run: Run, path: Path) -> Path:
     t, v = _series(run, "kv_cache_usage")
     if t.size:
         ax2 = ax.twinx()
-        ax2.plot(t, v, color="grey", linestyle=":", label="KV cache use")
+        ax2.plot(t, v, color="grey", linestyle=":", drawstyle="steps-post", label="KV cache use")
         ax2.set_ylabel("KV cache use")
         _legend(ax2, "upper left")
     _legend(ax, "upper right")

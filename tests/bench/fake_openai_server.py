@@ -3,7 +3,7 @@
 Streams `max_tokens` text chunks: the first after `first_delay` s, then one every `itl` s,
 a finish chunk, a usage chunk when asked (`stream_options.include_usage`), then [DONE].
 A prompt containing REJECT gets 429 with Retry-After: 2; FAIL gets 500; ERRORMID gets an
-error event mid-stream. GET /metrics serves fixed Prometheus gauges (`tau` settable).
+error event mid-stream; HOLD makes the second token's text empty (held back). GET /metrics serves fixed Prometheus gauges (`tau` settable).
 """
 
 from __future__ import annotations
@@ -81,7 +81,8 @@ class FakeServer:
             if "ERRORMID" in prompt and i == 2:
                 await send({"error": {"message": "engine died"}})
                 return
-            piece = {"delta": {"content": f" w{i}"}} if chat else {"text": f" w{i}"}
+            text = "" if "HOLD" in prompt and i == 1 else f" w{i}"  # a held-back token
+            piece = {"delta": {"content": text} if text else {}} if chat else {"text": text}
             await send({"choices": [{"index": 0, **piece, "finish_reason": None}]})
         await send({"choices": [{"index": 0, **({"delta": {}} if chat else {"text": ""}),
                                  "finish_reason": "length"}]})

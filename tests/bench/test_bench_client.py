@@ -62,6 +62,13 @@ def test_chat_mode_and_count_without_usage(tmp_path):
     assert rec["first_token"] - rec["sent"] >= 0.05 and rec["prompt_tokens"] is None
 
 
+@pytest.mark.parametrize("chat", [False, True])
+def test_held_back_token_counts(tmp_path, chat):
+    with serve_fake(first_delay=0.02, itl=0.02, usage=False) as (url, _):
+        recs, _ = run_client(url, requests_(["HOLD it"], max_tokens=4), tmp_path, chat=chat, model="m")
+    assert recs[0]["output_tokens"] == 4 and len(recs[0]["token_times"]) == 4
+
+
 def test_retries_rejected_when_asked(tmp_path):
     with serve_fake() as (url, server):
         client = LoadClient(url, max_retries=1, scrape_interval_s=0.1)
