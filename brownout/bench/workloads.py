@@ -7,7 +7,8 @@ SPEC strings, `KIND:key=value,key=value`:
   poisson:rate=R,duration=S             exponential gaps
   gamma:rate=R,burstiness=B,duration=S  gamma gaps, shape B, scale 1/(R*B) (vLLM's
                                         definition: mean rate R, CV 1/sqrt(B); B=1 is Poisson)
-  step:rate=R,factor=F,at=T,duration=S[,burstiness=B]   rate R before T, R*F after
+  step:rate=R,factor=F,at=T,duration=S[,until=T2,burstiness=B]
+                                        rate R before T, R*F from T (until T2, then R)
   ramp:start=R0,end=R1,duration=S       Poisson, rate linear from R0 to R1
   trace:path=P[,speedup=X,start=T0,duration=S,max_prompt=N,max_output=N]
         replay a CSV with columns TIMESTAMP,ContextTokens,GeneratedTokens (Azure LLM
@@ -83,12 +84,16 @@ def gamma_arrivals(rate: float, duration: float, burstiness: float,
 
 
 def step_arrivals(rate: float, factor: float, at: float, duration: float,
-                  rng: np.random.Generator, burstiness: float = 1.0) -> list[Arrival]:
-    """Rate `rate` before `at`, `rate * factor` from `at` to `duration`."""
+                  rng: np.random.Generator, burstiness: float = 1.0,
+                  until: Optional[float] = None) -> list[Arrival]:
+    """Rate `rate` before `at`, `rate * factor` from `at` to `until` (default: the end),
+    then `rate` again."""
     at = min(max(at, 0.0), duration)
+    until = duration if until is None else min(max(until, at), duration)
     before = _gamma_times(rate, at, burstiness, rng)
-    after = _gamma_times(rate * factor, duration - at, burstiness, rng, t0=at)
-    return [Arrival(float(t)) for t in np.concatenate([before, after])]
+    burst = _gamma_times(rate * factor, until - at, burstiness, rng, t0=at)
+    after = _gamma_times(rate, duration - until, burstiness, rng, t0=until)
+    return [Arrival(float(t)) for t in np.concatenate([before, burst, after])]
 
 
 def ramp_arrivals(start: float, end: float, duration: float,
@@ -164,9 +169,9 @@ _KINDS: dict[str, tuple[Callable, dict]] = {
     "gamma": (lambda p, rng: gamma_arrivals(p["rate"], p["duration"], p["burstiness"], rng),
               {"rate": (float, REQUIRED), "burstiness": (float, 1.0), "duration": (float, 60.0)}),
     "step": (lambda p, rng: step_arrivals(p["rate"], p["factor"], p["at"], p["duration"], rng,
-                                          p["burstiness"]),
+                                          p["burstiness"], p["until"]),
              {"rate": (float, REQUIRED), "factor": (float, 2.0), "at": (float, REQUIRED),
-              "duration": (float, 60.0), "burstiness": (float, 1.0)}),
+              "duration": (float, 60.0), "until": (float, None), "burstiness": (float, 1.0)}),
     "ramp": (lambda p, rng: ramp_arrivals(p["start"], p["end"], p["duration"], rng),
              {"start": (float, REQUIRED), "end": (float, REQUIRED), "duration": (float, 60.0)}),
     "trace": (lambda p, rng: trace_arrivals(p["path"], p["speedup"], p["start"], p["duration"],
@@ -175,7 +180,7 @@ _KINDS: dict[str, tuple[Callable, dict]] = {
                "duration": (float, None), "max_prompt": (int, None), "max_output": (int, None)}),
 }
 _POSITIVE = {"rate", "duration", "burstiness", "speedup", "max_prompt", "max_output"}
-_NON_NEGATIVE = {"factor", "at", "start", "end", "max_requests"}
+_NON_NEGATIVE = {"factor", "at", "until", "start", "end", "max_requests"}
 
 
 def _typed(kind: str, raw: dict[str, str]) -> dict:

@@ -7,6 +7,7 @@ Used as is by the offline `LLM` API and, in its own process, by the HTTP server.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from pathlib import Path
@@ -66,7 +67,12 @@ class LLMEngine:
         self.eos_ids = _eos_ids(loaded, self.tokenizer)
         self.blocks = BlockManager(self.runner.num_blocks, config.cache.block_size)
         self.scheduler = Scheduler(config.scheduler, self.blocks)
-        self.controller = make_controller(config.slo, clock=clock, fixed_tau=config.brownout.tau_decode)
+        slo = config.slo
+        if slo.policy != "off" and not self.runner.brownout_ready:
+            log.warning("SLO policy %r needs united experts (--united-experts); brownout stays off",
+                        slo.policy)
+            slo = dataclasses.replace(slo, policy="off")
+        self.controller = make_controller(slo, clock=clock, fixed_tau=config.brownout.tau_decode)
         self.requests: dict[str, Request] = {}
         self.last_step_stats: Optional[StepStats] = None
         self.prompt_tokens_total = 0

@@ -1,0 +1,137 @@
+"""`brownout demo`: the main job. A bursty-load comparison on the embedded demo model.
+
+1. Calibrate to this machine: start the server with brownout off, measure the unloaded
+   latency of a request and the served throughput under overload; derive SLO targets
+   (TTFT, TPOT, step latency) and a base request rate from them, so the effect shows the
+   same way on a laptop or a 2-core CI box.
+2. Run one step-burst workload (base rate, then `factor` times more for a while, then
+   back) against the server with brownout off, with the paper's `aimd` controller and with
+   the `predictive` controller, each on a fresh server with the way-4 united experts.
+3. Print the side-by-side table and write reports and plots under --out.
+The controller checks every second over a 2 s window (the paper: every 5 s) because the
+whole demo lasts a few minutes; the flags are the same a production server takes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+from typing import Any, Optional
+
+from brownout.bench.cli import run_bench
+from brownout.bench.experiment import ServerConfig, run_configs, server_process
+
+log = logging.getLogger(__name__)
+
+OUTPUT_TOKENS = 24  # per request; with synthetic prompts of ~48 tokens
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", default="demo-out", help="output directory (default: demo-out)")
+    p.add_argument("--model", default=None, help="checkpoint (default: the embedded demo model)")
+    p.add_argument("--united-experts", default=None,
+                   help="united experts (default: the embedded way-4 set of the demo model)")
+    p.add_argument("--duration", type=float, default=36.0, help="seconds of load per run")
+    p.add_argument("--burst-factor", type=float, default=2.5, help="rate multiplier during the burst")
+    p.add_argument("--base-load", type=float, default=0.6,
+                   help="base rate as a fraction of the measured capacity with brownout off")
+    p.add_argument("--policies", default="off,aimd,predictive")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
+    p.add_argument("--no-progress", action="store_true")
+
+
+def _base_flags(args) -> list[str]:
+    from brownout.engine.llm_engine import default_model_dir, default_united_dir
+
+    model = args.model or default_model_dir()
+    united = args.united_experts or (default_united_dir(4) if args.model is None else None)
+    flags = ["--model", model, "--device", args.device, "--max-num-seqs", "16",
+             "--max-waiting-requests", "256"]
+    if united:
+        flags += ["--united-experts", united]
+    return flags
+
+
+def calibrate(args, out: Path, flags: list[str]) -> dict[str, Any]:
+    """Unloaded latency and overloaded throughput of this machine with brownout off."""
+    progress = not args.no_progress
+    with server_process(flags + ["--slo-policy", "off"], out / "server-calibration.log") as url:
+        quiet = dict(slo_ttft=None, slo_tpot=None, progress=progress, plots=False,
+                     max_tokens=OUTPUT_TOKENS)
+        idle = run_bench(url, "constant:rate=1,duration=4", "synthetic:prompt_len=48", out / "calib-idle",
+                         **quiet)
+        busy = run_bench(url, "constant:rate=40,duration=5", "synthetic:prompt_len=48",
+                         out / "calib-busy", **quiet)
+    tpot0 = idle["latency"]["tpot"]["p50"]
+    ttft0 = idle["latency"]["ttft"]["p50"]
+    tpot_busy = busy["latency"]["tpot"]["p50"]
+    capacity_req_s = busy["throughput_tok_s"] / OUTPUT_TOKENS
+    # SLOs between the idle and the saturated latency: met at the base load, broken by a
+    # burst that overloads the exact model
+    tpot_slo = round(tpot0 + 0.6 * (tpot_busy - tpot0), 4)
+    cal = dict(unloaded_tpot_s=tpot0, unloaded_ttft_s=ttft0, saturated_tpot_s=tpot_busy,
+               capacity_req_s=capacity_req_s, slo_tpot_s=tpot_slo,
+               slo_ttft_s=round(max(1.0, 8 * ttft0), 3), slo_decode_step_s=tpot_slo,
+               slo_prefill_step_s=round(2 * tpot_slo, 4),
+               base_rate=round(args.base_load * capacity_req_s, 3))
+    (out / "calibration.json").write_text(json.dumps(cal, indent=2))
+    return cal
+
+
+def policy_flags(policy: str, cal: dict[str, Any]) -> list[str]:
+    return ["--slo-policy", policy, "--slo-ttft", str(cal["slo_ttft_s"]),
+            "--slo-tpot", str(cal["slo_tpot_s"]), "--slo-decode-step", str(cal["slo_decode_step_s"]),
+            "--slo-prefill-step", str(cal["slo_prefill_step_s"]), "--slo-window", "2",
+            "--slo-check-interval", "1"]
+
+
+def run(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    flags = _base_flags(args)
+    cal = calibrate(args, out, flags)
+    print(f"calibrated: capacity {cal['capacity_req_s']:.2f} req/s, SLO TPOT {cal['slo_tpot_s']*1e3:.0f} ms, "
+          f"TTFT {cal['slo_ttft_s']:.2f} s, base rate {cal['base_rate']:.2f} req/s")
+    d = args.duration
+    workload = (f"step:rate={cal['base_rate']},factor={args.burst_factor},at={d / 3:.1f},"
+                f"until={2 * d / 3:.1f},duration={d}")
+    configs = [ServerConfig(p, flags + policy_flags(p, cal)) for p in args.policies.split(",")]
+    result = run_configs(configs, workload, out, prompts="synthetic:prompt_len=48",
+                         slo_ttft=cal["slo_ttft_s"], slo_tpot=cal["slo_tpot_s"],
+                         eval_table=_eval_table(), progress=not args.no_progress,
+                         bench_kw=dict(max_tokens=OUTPUT_TOKENS))
+    _print_table(result, workload)
+    print(f"reports and plots: {out}/")
+    return 0
+
+
+def _eval_table() -> Optional[Path]:
+    from brownout.engine.llm_engine import ASSETS
+
+    path = ASSETS / "demo" / "perplexity-way4.json"
+    return path if path.is_file() else None
+
+
+def _print_table(result: dict[str, Any], workload: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"brownout demo: {workload}")
+    cols = [("label", "policy"), ("violations", "SLO-violation windows"), ("reduction", "reduction vs off"),
+            ("goodput_req_s", "goodput req/s"), ("throughput_tok_s", "tok/s"), ("p90_ttft_s", "P90 TTFT s"),
+            ("p90_tpot_s", "P90 TPOT s"), ("mean_tau", "mean tau"), ("perplexity", "ppl @ mean tau")]
+    for _, name in cols:
+        table.add_column(name, justify="right")
+    for row in result["rows"]:
+        table.add_row(*[_fmt(row.get(k)) for k, _ in cols])
+    Console().print(table)
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.3f}" if abs(v) < 100 else f"{v:.0f}"
+    return str(v)
