@@ -239,6 +239,37 @@ def bench_moe(bw, smoke, deadline):
     return results, table
 
 
+def moe_breakdown(smoke, tokens=(1, 8, 64)):
+    """Per-kernel GPU time of eager fused_moe calls (profiler), beside the graph time."""
+    from torch.profiler import ProfilerActivity, profile
+    case = MoECase(smoke, 1.0, "plain")
+    s = case.shape
+    out = {}
+    for T in tokens:
+        cfg = fm.get_config(T, s["k"], case.S, s["I"], s["D"], DTYPE, torch.device(DEVICE))
+        calls = itertools.cycle(case.sets[T])
+        run = lambda: (lambda x, w, ids, o: fm.fused_moe(  # noqa: E731
+            x, case.w13, case.w2, w, ids, out=o))(*next(calls))
+        for _ in range(3):
+            run()
+        torch.cuda.synchronize()
+        n = 20
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(n):
+                run()
+            torch.cuda.synchronize()
+        kernels = {}
+        for ev in prof.key_averages():
+            t = getattr(ev, "device_time_total", None) or getattr(ev, "cuda_time_total", 0)
+            if t > 0:
+                kernels[ev.key] = t / n
+        out[T] = {"config": cfg, "kernels_us": kernels, "graph_us": case.time_us(T, cfg, smoke),
+                  "roofline_slots": case.roofline_us(T)[1]}
+        log.info("breakdown T=%d graph %.1f us: %s", T, out[T]["graph_us"],
+                 {k[:40]: round(v, 1) for k, v in kernels.items()})
+    return out
+
+
 # ----------------------------------------------------------------------------- attention
 
 def bench_attention(bw, smoke):
@@ -292,6 +323,8 @@ def main():
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--budget-s", type=float, default=240, help="wall time for the MoE sweep")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU interpreter")
+    ap.add_argument("--breakdown", action="store_true",
+                    help="only the per-kernel profile of fused_moe (tuned configs from JSON)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     DEVICE = "cpu" if args.smoke else "cuda"
@@ -301,6 +334,10 @@ def main():
     import triton
     res = {"device": name, "torch": torch.__version__, "triton": triton.__version__,
            "python": platform.python_version(), "dtype": str(DTYPE)}
+    if args.breakdown:
+        res["moe_breakdown"] = moe_breakdown(args.smoke)
+        (args.out / "kernels_breakdown.json").write_text(json.dumps(res, indent=1))
+        return
     t_start = time.time()
     res["copy_bw_gbs"] = copy_bandwidth_gbs(args.smoke)
     log.info("copy bandwidth %.0f GB/s", res["copy_bw_gbs"])

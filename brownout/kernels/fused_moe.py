@@ -1,4 +1,4 @@
-"""Fused MoE experts in Triton: align/sort, gate+up grouped GEMM with SiLU*mul, down GEMM, top-k sum.
+"""Fused MoE experts in Triton: align, gate+up GEMM with SiLU*mul, down GEMM, top-k sum.
 
 Same semantics as `moe_ref.moe_experts_ref`: expert slot ids may point past the routed
 experts (united experts sit in the extra slots) and an id of -1 skips the assignment.
@@ -46,6 +46,14 @@ def _kernels_interpreted() -> bool:
     return triton is not None and not isinstance(_gate_up_kernel, triton.runtime.JITFunction)
 
 
+def _dot_precision(dtype: torch.dtype) -> str | None:
+    """float32 dots as three tf32 products: one tf32 pass drops low mantissa bits and
+    loses ~1e-3 per GEMM on Hopper; bf16/fp16 keep triton's default."""
+    if dtype == torch.float32 and not _kernels_interpreted():
+        return "tf32x3"
+    return None
+
+
 def fused_moe_available() -> bool:
     """True when the Triton kernels can run: triton importable and CUDA (or the interpreter)."""
     return triton is not None and (torch.cuda.is_available() or _interpreting())
@@ -76,22 +84,38 @@ def _load_device_configs(device_name: str) -> dict:
         return json.load(f)
 
 
+def fit_shared_memory(cfg: dict, elem_bytes: int, budget: int = 200 * 1024) -> dict:
+    """Fewer pipeline stages, then shorter K tiles, until the gate/up GEMM's buffers
+    (one x tile and two weight tiles per stage) fit the shared-memory budget."""
+    cfg = dict(cfg)
+
+    def need(c):
+        return c["num_stages"] * elem_bytes * c["BLOCK_K"] * (c["BLOCK_M"] + 2 * c["BLOCK_N"])
+    while need(cfg) > budget and cfg["num_stages"] > 2:
+        cfg["num_stages"] -= 1
+    while need(cfg) > budget and cfg["BLOCK_K"] > 32:
+        cfg["BLOCK_K"] //= 2
+    return cfg
+
+
 def default_config(num_tokens: int, top_k: int, num_slots: int, inter: int, hidden: int,
-                   on_gpu: bool) -> dict:
+                   on_gpu: bool, elem_bytes: int = 2) -> dict:
     """Tiles for shapes nobody tuned: small row blocks while the per-slot lists are short."""
     if not on_gpu:  # the interpreter: small tiles keep numpy work per program low
         return {"BLOCK_M": 16, "BLOCK_N": min(32, max(16, _next_pow2(inter))),
                 "BLOCK_K": min(32, max(16, _next_pow2(hidden))), "GROUP_M": 1,
                 "num_warps": 4, "num_stages": 1}
     rows_per_slot = num_tokens * top_k / max(1, num_slots)
-    if rows_per_slot <= 16:
-        return {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128, "GROUP_M": 1,
-                "num_warps": 4, "num_stages": 4}
-    if rows_per_slot <= 64:
-        return {"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 128, "GROUP_M": 4,
-                "num_warps": 4, "num_stages": 4}
-    return {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8,
-            "num_warps": 8, "num_stages": 3}
+    if rows_per_slot <= 16:  # decode: weights stream once, H100 sweep winners
+        cfg = {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128, "GROUP_M": 1,
+               "num_warps": 4, "num_stages": 4}
+    elif rows_per_slot <= 64:
+        cfg = {"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 128, "GROUP_M": 4,
+               "num_warps": 4, "num_stages": 4}
+    else:
+        cfg = {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8,
+               "num_warps": 8, "num_stages": 3}
+    return fit_shared_memory(cfg, elem_bytes)
 
 
 def lookup_config(table: dict, num_tokens: int, num_slots: int, inter: int, hidden: int,
@@ -115,7 +139,8 @@ def get_config(num_tokens: int, top_k: int, num_slots: int, inter: int, hidden: 
         cfg = lookup_config(table, num_tokens, num_slots, inter, hidden, dtype)
         if cfg is not None:
             return cfg
-    return default_config(num_tokens, top_k, num_slots, inter, hidden, on_gpu)
+    return default_config(num_tokens, top_k, num_slots, inter, hidden, on_gpu,
+                          torch.finfo(dtype).bits // 8)
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -183,7 +208,8 @@ if triton is not None:
                         n_assign, top_k, n_blocks, D, I,
                         stride_xt, stride_ws, stride_wn, stride_ht,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                        GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, DOT_F32: tl.constexpr):
+                        GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, DOT_F32: tl.constexpr,
+                        PRECISION: tl.constexpr):
         # h [T*k, I] = silu(x W_gate^T) * (x W_up^T) for the rows of one slot
         pid_m, pid_n = _block_coords(n_blocks, I, BLOCK_N, GROUP_M)
         slot = tl.load(block_slot_ptr + pid_m).to(tl.int64)
@@ -213,8 +239,8 @@ if triton is not None:
                 u = tl.load(u_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
             if DOT_F32:  # the interpreter's bf16 dot is wrong; upcast there only
                 a, g, u = a.to(tl.float32), g.to(tl.float32), u.to(tl.float32)
-            acc_g = tl.dot(a, g, acc_g)
-            acc_u = tl.dot(a, u, acc_u)
+            acc_g = tl.dot(a, g, acc_g, input_precision=PRECISION)
+            acc_u = tl.dot(a, u, acc_u, input_precision=PRECISION)
             a_ptrs += BLOCK_K
             g_ptrs += BLOCK_K
             u_ptrs += BLOCK_K
@@ -227,7 +253,8 @@ if triton is not None:
                      n_assign, n_blocks, D, I,
                      stride_ht, stride_ws, stride_wn, stride_yt,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                     GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, DOT_F32: tl.constexpr):
+                     GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, DOT_F32: tl.constexpr,
+                     PRECISION: tl.constexpr):
         # y [T*k, D] = routing_weight * (h W_down^T) for the rows of one slot
         pid_m, pid_n = _block_coords(n_blocks, D, BLOCK_N, GROUP_M)
         slot = tl.load(block_slot_ptr + pid_m).to(tl.int64)
@@ -253,7 +280,7 @@ if triton is not None:
                 b = tl.load(b_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
             if DOT_F32:
                 a, b = a.to(tl.float32), b.to(tl.float32)
-            acc = tl.dot(a, b, acc)
+            acc = tl.dot(a, b, acc, input_precision=PRECISION)
             a_ptrs += BLOCK_K
             b_ptrs += BLOCK_K
         w = tl.load(weights_ptr + aid, mask=row_ok, other=0.0).to(tl.float32)
@@ -327,6 +354,7 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
     sorted_ids, block_slot = moe_align(ids, S, bm)
     n_blocks = block_slot.numel()
     dot_f32 = _kernels_interpreted()  # the interpreter's bf16 dot is wrong
+    precision = _dot_precision(x.dtype)
 
     h = torch.empty(n_assign, inter, dtype=x.dtype, device=x.device)  # [T*k, I]
     grid = (n_blocks * triton.cdiv(inter, cfg["BLOCK_N"]),)
@@ -334,7 +362,7 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
         x, w13, h, sorted_ids, block_slot, n_assign, top_k, n_blocks, D, inter,
         x.stride(0), w13.stride(0), w13.stride(1), h.stride(0),
         BLOCK_M=bm, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], GROUP_M=cfg["GROUP_M"],
-        EVEN_K=D % cfg["BLOCK_K"] == 0, DOT_F32=dot_f32,
+        EVEN_K=D % cfg["BLOCK_K"] == 0, DOT_F32=dot_f32, PRECISION=precision,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 
     y = torch.empty(n_assign, D, dtype=x.dtype, device=x.device)  # [T*k, D]
@@ -344,6 +372,7 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
         h.stride(0), w2.stride(0), w2.stride(1), y.stride(0),
         BLOCK_M=bm, BLOCK_N=down["BLOCK_N"], BLOCK_K=down["BLOCK_K"],
         GROUP_M=down["GROUP_M"], EVEN_K=inter % down["BLOCK_K"] == 0, DOT_F32=dot_f32,
+        PRECISION=precision,
         num_warps=down["num_warps"], num_stages=down["num_stages"])
 
     block_d = min(1024, _next_pow2(D))

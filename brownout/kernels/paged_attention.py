@@ -43,7 +43,8 @@ if triton is not None:
                      stride_vb, stride_vs, stride_vh, stride_bt, stride_ot, stride_oh,
                      G: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr,
                      BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                     KV_BLOCK: tl.constexpr, NUM_SPLITS: tl.constexpr, DOT_F32: tl.constexpr):
+                     KV_BLOCK: tl.constexpr, NUM_SPLITS: tl.constexpr, DOT_F32: tl.constexpr,
+                     PRECISION: tl.constexpr):
         b = tl.program_id(0) // n_q_tiles
         q_tile = tl.program_id(0) % n_q_tiles
         kvh = tl.program_id(1)
@@ -88,14 +89,14 @@ if triton is not None:
                         other=0.0)  # [BN, BD]
             if DOT_F32:
                 k, v = k.to(tl.float32), v.to(tl.float32)
-            s = tl.dot(q, k) * scale_log2  # [BM, BN], log2 domain
+            s = tl.dot(q, k, input_precision=PRECISION) * scale_log2  # [BM, BN], log2 domain
             s = tl.where(pos_ok[None, :] & (pos[None, :] <= q_pos[:, None]), s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no key yet
             p = tl.exp2(s - m_use[:, None])
             alpha = tl.exp2(m_i - m_use)
             l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
             m_i = m_new
         t_row = (q_start + qi).to(tl.int64)
         st_ok = row_ok[:, None] & d_ok[None, :]
@@ -148,10 +149,10 @@ if triton is not None:
         ok = (h < Hkv)[:, None] & (d < HEAD_DIM)[None, :]
         k = tl.load(k_ptr + t * stride_kt + h[:, None] * stride_kh + d[None, :], mask=ok)
         v = tl.load(v_ptr + t * stride_vt + h[:, None] * stride_vh + d[None, :], mask=ok)
-        kc = k_cache_ptr + blk * stride_cb + off * stride_cs + h[:, None] * stride_ch + d[None, :]
-        vc = v_cache_ptr + blk * stride_vcb + off * stride_vcs + h[:, None] * stride_vch + d[None, :]
-        tl.store(kc, k.to(k_cache_ptr.dtype.element_ty), mask=ok)
-        tl.store(vc, v.to(v_cache_ptr.dtype.element_ty), mask=ok)
+        kc = k_cache_ptr + blk * stride_cb + off * stride_cs + h[:, None] * stride_ch
+        vc = v_cache_ptr + blk * stride_vcb + off * stride_vcs + h[:, None] * stride_vch
+        tl.store(kc + d[None, :], k.to(k_cache_ptr.dtype.element_ty), mask=ok)
+        tl.store(vc + d[None, :], v.to(v_cache_ptr.dtype.element_ty), mask=ok)
 
 
 @functools.cache
@@ -214,6 +215,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         out.stride(0), out.stride(1),
         G=G, BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=block_n, HEAD_DIM=Dh, BLOCK_D=block_d,
         KV_BLOCK=block_size, NUM_SPLITS=num_splits, DOT_F32=_kernels_interpreted(),
+        PRECISION="tf32x3" if q.dtype == torch.float32 and on_gpu else None,
         num_warps=4 if block_m <= 64 else 8, num_stages=3 if on_gpu else 1)
     if num_splits > 1:
         _merge_kernel[(T, Hq)](part_acc, part_ml, out, T, Hq, out.stride(0), out.stride(1),

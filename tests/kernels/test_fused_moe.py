@@ -33,12 +33,14 @@ def _import_kernels(name: str):
     if CUDA or os.environ.get("TRITON_INTERPRET") == "1":
         pytest.importorskip("triton")
         return importlib.import_module(name)
-    if "triton" in sys.modules:
-        return None
+    tr = sys.modules.get("triton")
+    if tr is not None and isinstance(tr.language.zeros, tr.runtime.JITFunction):
+        return None  # triton's library was decorated for compiled kernels
     os.environ["TRITON_INTERPRET"] = "1"
     try:
         pytest.importorskip("triton")
-        return importlib.import_module(name)
+        mod = importlib.import_module(name)
+        return mod if mod._kernels_interpreted() else importlib.reload(mod)
     finally:
         del os.environ["TRITON_INTERPRET"]
 
@@ -197,6 +199,18 @@ def test_committed_configs_are_valid():
                 assert int(bucket) > 0 and required <= set(cfg), (path.name, key, bucket)
                 sizes = [cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]]
                 assert all(s >= 16 and s & (s - 1) == 0 for s in sizes)
+                elem = 4 if key.endswith("float32") else 2
+                assert fm.fit_shared_memory(cfg, elem, budget=227 * 1024) == cfg
+
+
+@needs_kernels
+@pytest.mark.parametrize("elem_bytes", [2, 4])
+def test_default_configs_fit_shared_memory(elem_bytes):
+    for tokens in (1, 64, 4096):
+        cfg = fm.default_config(tokens, 8, 10, 1408, 2048, on_gpu=True, elem_bytes=elem_bytes)
+        need = cfg["num_stages"] * elem_bytes * cfg["BLOCK_K"] * (cfg["BLOCK_M"]
+                                                                   + 2 * cfg["BLOCK_N"])
+        assert need <= 200 * 1024 and cfg["num_stages"] >= 2
 
 
 @needs_kernels
