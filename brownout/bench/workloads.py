@@ -15,7 +15,8 @@ SPEC strings, `KIND:key=value,key=value`:
         inference trace format; TIMESTAMP a date-time or seconds). `start` is an offset
         into the trace in trace seconds; the trace plays `speedup` times faster; `duration`
         is the run length in seconds after speed-up (trace seconds covered:
-        duration * speedup).
+        duration * speedup). `burst=F,burst_at=T1,burst_until=T2` plays the trace F times
+        faster again between run seconds T1 and T2: a step burst of real arrivals.
 Every spec takes `max_requests=N` (keep the first N arrivals).
 """
 
@@ -146,16 +147,40 @@ def read_trace(path: str | Path) -> list[tuple[float, int, int]]:
     return [(t - t0, c, g) for t, c, g in rows]
 
 
+def _trace_clock(speedup: float, burst: float, burst_at: Optional[float],
+                 burst_until: Optional[float]):
+    """Map trace seconds (from the window start) to run seconds; the trace plays `speedup`
+    times faster, and `burst` times faster again between run times burst_at and burst_until."""
+    if burst_at is None or burst == 1.0:
+        return lambda tau: tau / speedup
+    at_tau = burst_at * speedup
+    until_tau = at_tau + ((burst_until if burst_until is not None else math.inf) - burst_at) * speedup * burst
+
+    def clock(tau: float) -> float:
+        if tau < at_tau:
+            return tau / speedup
+        if tau < until_tau:
+            return burst_at + (tau - at_tau) / (speedup * burst)
+        return burst_until + (tau - until_tau) / speedup
+    return clock
+
+
 def trace_arrivals(path: str | Path, speedup: float = 1.0, start: float = 0.0,
                    duration: Optional[float] = None, max_prompt: Optional[int] = None,
-                   max_output: Optional[int] = None) -> list[Arrival]:
-    end = math.inf if duration is None else start + duration * speedup
+                   max_output: Optional[int] = None, burst: float = 1.0,
+                   burst_at: Optional[float] = None, burst_until: Optional[float] = None) -> list[Arrival]:
+    clock = _trace_clock(speedup, burst, burst_at, burst_until)
+    end = math.inf if duration is None else duration
     out = []
     for t, ctx, gen in read_trace(path):
-        if start <= t < end:
-            ctx = max(1, min(ctx, max_prompt) if max_prompt else ctx)
-            gen = max(1, min(gen, max_output) if max_output else gen)
-            out.append(Arrival((t - start) / speedup, ctx, gen))
+        if t < start:
+            continue
+        run_t = clock(t - start)
+        if run_t >= end:
+            break
+        ctx = max(1, min(ctx, max_prompt) if max_prompt else ctx)
+        gen = max(1, min(gen, max_output) if max_output else gen)
+        out.append(Arrival(run_t, ctx, gen))
     return out
 
 
@@ -175,12 +200,14 @@ _KINDS: dict[str, tuple[Callable, dict]] = {
     "ramp": (lambda p, rng: ramp_arrivals(p["start"], p["end"], p["duration"], rng),
              {"start": (float, REQUIRED), "end": (float, REQUIRED), "duration": (float, 60.0)}),
     "trace": (lambda p, rng: trace_arrivals(p["path"], p["speedup"], p["start"], p["duration"],
-                                            p["max_prompt"], p["max_output"]),
+                                            p["max_prompt"], p["max_output"], p["burst"],
+                                            p["burst_at"], p["burst_until"]),
               {"path": (str, REQUIRED), "speedup": (float, 1.0), "start": (float, 0.0),
-               "duration": (float, None), "max_prompt": (int, None), "max_output": (int, None)}),
+               "duration": (float, None), "max_prompt": (int, None), "max_output": (int, None),
+               "burst": (float, 1.0), "burst_at": (float, None), "burst_until": (float, None)}),
 }
-_POSITIVE = {"rate", "duration", "burstiness", "speedup", "max_prompt", "max_output"}
-_NON_NEGATIVE = {"factor", "at", "until", "start", "end", "max_requests"}
+_POSITIVE = {"rate", "duration", "burstiness", "speedup", "max_prompt", "max_output", "burst"}
+_NON_NEGATIVE = {"factor", "at", "until", "burst_at", "burst_until", "start", "end", "max_requests"}
 
 
 def _typed(kind: str, raw: dict[str, str]) -> dict:
