@@ -184,11 +184,25 @@ def finish(model, args, special, history, held, device, n_params, best_step) -> 
     (out / "demo_expert_load.json").write_text(json.dumps(load))
 
 
+def greedy_samples(model_dir: Path, prompts=("ROMEO:\n", "My fellow citizens, ")) -> str:
+    """Greedy continuations with transformers on the CPU: a sanity check of the checkpoint."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    texts = []
+    for prompt in prompts:
+        ids = tok(prompt, return_tensors="pt").input_ids
+        out = model.generate(ids, max_new_tokens=40, do_sample=False)
+        texts.append(tok.decode(out[0]))
+    return "\n---\n".join(texts)
+
+
 def report(args) -> None:
     """Markdown summaries of the training log and the expert load."""
     from demo_report import write_reports
 
-    write_reports(Path(args.results_dir))
+    write_reports(Path(args.results_dir), greedy_samples(Path(args.tokenizer_dir)))
 
 
 def main() -> None:
