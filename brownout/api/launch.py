@@ -45,7 +45,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     srv = ServerConfig()
     g = parser.add_argument_group("model")
     g.add_argument("--model", default=None, help="checkpoint directory (default: the embedded demo model)")
-    g.add_argument("--united-experts", default=None, help="directory written by `brownout unite`")
+    g.add_argument("--united-experts", default=None,
+                   help="directory written by `brownout unite`, or average:WAY (uncalibrated, built at load)")
+    g.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the model's)")
+    g.add_argument("--gpu-memory-utilization", type=float, default=None,
+                   help="fraction of GPU memory for weights and KV cache (default 0.85)")
     g.add_argument("--served-model-name", default=None, help="model name clients use (default: the model's)")
     g.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
     g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
@@ -93,8 +97,9 @@ def build_configs(args) -> tuple[EngineConfig, ServerConfig]:
     tau = {} if args.fixed_tau is None else {"tau_prefill": args.fixed_tau, "tau_decode": args.fixed_tau}
     load = ModelLoadConfig(model=args.model or "", load_format=args.load_format, dtype=args.dtype,
                            device=args.device, seed=args.seed, max_model_len=args.max_model_len,
-                           enforce_eager=args.enforce_eager)
-    cache = CacheConfig(**_given(args, {"num_kv_blocks": "num_blocks", "block_size": "block_size"}))
+                           enforce_eager=args.enforce_eager, tokenizer=args.tokenizer)
+    cache = CacheConfig(**_given(args, {"num_kv_blocks": "num_blocks", "block_size": "block_size",
+                                        "gpu_memory_utilization": "gpu_memory_utilization"}))
     scheduler = SchedulerConfig(**_given(args, {
         "max_num_seqs": "max_num_seqs", "max_num_batched_tokens": "max_num_batched_tokens",
         "max_waiting_requests": "max_waiting_requests", "queue_timeout": "queue_timeout_s"}))

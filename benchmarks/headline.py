@@ -1,0 +1,164 @@
+"""Headline experiment: SLOs under a burst of real arrivals, brownout off vs aimd vs predictive.
+
+Server: dummy Qwen1.5-MoE-A2.7B weights (random, bf16) with uncalibrated way-4 united
+experts (`average:4`), the demo model's tokenizer for text prompts, one GPU. Client: the
+bench client over loopback on the same machine. Steps:
+  1. calibrate with brownout off: unloaded latency and served throughput under overload,
+     using the trace's own prompt/output lengths; SLO targets between the two;
+  2. a window of the Azure LLM 2023 conversation trace, sped up so its base load is about
+     70% of the measured capacity, with the trace playing 2x faster in the middle third
+     (a 2x step burst of real arrivals); one run per policy, each on a fresh server;
+  3. a rate sweep (Poisson arrivals, trace lengths) with brownout off and predictive: the
+     largest rate whose P90 TTFT and P90 TPOT meet the SLOs.
+Run: python benchmarks/headline.py --out $OUT  (needs fastapi/uvicorn installed)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from pathlib import Path
+
+from brownout.bench.cli import run_bench
+from brownout.bench.experiment import ServerConfig, run_configs, server_process
+from brownout.bench.report import load_run, meets_slo, request_latencies
+from brownout.bench.workloads import read_trace
+
+ROOT = Path(__file__).resolve().parents[1]
+TRACE = ROOT / ".." / "shared" / "data" / "traces" / "azure_llm_2023_conv.csv"
+TOKENIZER = ROOT / "brownout" / "assets" / "demo" / "model"
+log = logging.getLogger("headline")
+
+
+def base_flags(args) -> list[str]:
+    model = ["--model", args.model] if args.model else \
+        ["--load-format", "dummy", "--model", "qwen1.5-moe-a2.7b", "--tokenizer", str(TOKENIZER)]
+    return [*model, "--united-experts", "average:4", "--device", args.device, "--max-num-seqs", "64",
+            "--max-num-batched-tokens", "2048", "--max-model-len", "4096",
+            "--max-waiting-requests", "1024"] + \
+        (["--gpu-memory-utilization", "0.9"] if args.device == "cuda" else [])
+
+
+def trace_spec(args, speedup: float, duration: float, extra: str = "") -> str:
+    return (f"trace:path={args.trace},start={args.trace_start},speedup={speedup:.4f},"
+            f"duration={duration},max_prompt={args.max_prompt},max_output={args.max_output}{extra}")
+
+
+def read_trace_rate(path: Path, t0: float, t1: float) -> float:
+    """Requests per trace second in [t0, t1)."""
+    return sum(t0 <= t < t1 for t, _, _ in read_trace(path)) / (t1 - t0)
+
+
+def calibrate(args, out: Path) -> dict:
+    flags = base_flags(args) + ["--slo-policy", "off"]
+    quiet = dict(slo_ttft=None, slo_tpot=None, progress=False, plots=False)
+    with server_process(flags, out / "server-calibration.log") as url:
+        idle = run_bench(url, trace_spec(args, 0.2, 8), "synthetic", out / "calib-idle", **quiet)
+        busy = run_bench(url, trace_spec(args, 20.0, args.probe_s), "synthetic", out / "calib-busy", **quiet)
+    busy_run = load_run(out / "calib-busy")
+    served = [r for r in busy_run.requests if r.get("done") is not None and not r.get("rejected")]
+    mean_out = sum(int(r.get("output_tokens") or 0) for r in served) / max(1, len(served))
+    capacity_req_s = busy["throughput_tok_s"] / max(1.0, mean_out)
+    tpot0, tpot_busy = idle["latency"]["tpot"]["p50"], busy["latency"]["tpot"]["p50"]
+    trace_rate = read_trace_rate(args.trace, args.trace_start, args.trace_start + 600)
+    cal = dict(unloaded_tpot_s=tpot0, unloaded_ttft_s=idle["latency"]["ttft"]["p50"],
+               saturated_tpot_s=tpot_busy, capacity_req_s=capacity_req_s, mean_output_tokens=mean_out,
+               trace_rate_req_s=trace_rate,
+               slo_tpot_s=round(tpot0 + 0.5 * (tpot_busy - tpot0), 4),
+               slo_ttft_s=round(max(0.5, 5 * idle["latency"]["ttft"]["p50"]), 3))
+    cal["slo_decode_step_s"] = cal["slo_tpot_s"]
+    cal["slo_prefill_step_s"] = round(2.5 * cal["slo_tpot_s"], 4)
+    cal["speedup"] = args.base_load * capacity_req_s / trace_rate
+    (out / "calibration.json").write_text(json.dumps(cal, indent=2))
+    log.info("calibration %s", cal)
+    return cal
+
+
+def policy_flags(policy: str, cal: dict, args) -> list[str]:
+    return ["--slo-policy", policy, "--slo-ttft", str(cal["slo_ttft_s"]), "--slo-tpot", str(cal["slo_tpot_s"]),
+            "--slo-decode-step", str(cal["slo_decode_step_s"]),
+            "--slo-prefill-step", str(cal["slo_prefill_step_s"]),
+            "--slo-window", "2", "--slo-check-interval", str(args.check_interval)]
+
+
+def burst_goodput(run_dir: Path, slo: dict, t0: float, t1: float) -> float:
+    """Requests sent during [t0, t1) (run time) that met every SLO, per second."""
+    run = load_run(run_dir)
+    start = min(r.get("first_sent", r.get("sent")) for r in run.requests)
+    good = 0
+    for rec in run.requests:
+        sent = rec.get("first_sent", rec.get("sent")) - start
+        if t0 <= sent < t1 and meets_slo(request_latencies(rec), slo):
+            good += 1
+    return good / (t1 - t0)
+
+
+def sweep(args, cal: dict, out: Path) -> list[dict]:
+    rows = []
+    slo = {"ttft": cal["slo_ttft_s"], "tpot": cal["slo_tpot_s"], "e2e": None}
+    for policy in ("off", "predictive"):
+        flags = base_flags(args) + policy_flags(policy, cal, args)
+        with server_process(flags, out / f"server-sweep-{policy}.log") as url:
+            for frac in args.sweep:
+                speed = frac * cal["capacity_req_s"] / cal["trace_rate_req_s"]
+                rep = run_bench(url, trace_spec(args, speed, args.sweep_s), "synthetic",
+                                out / f"sweep-{policy}-{frac}", slo_ttft=slo["ttft"], slo_tpot=slo["tpot"],
+                                progress=False, plots=False, policy=policy)
+                ok = (rep["latency"]["ttft"]["p90"] or 1e9) <= slo["ttft"] and \
+                     (rep["latency"]["tpot"]["p90"] or 1e9) <= slo["tpot"] and rep["num_rejected"] == 0
+                rows.append(dict(policy=policy, load_fraction=frac, offered_req_s=rep["meta"]["offered_rate"],
+                                 p90_ttft_s=rep["latency"]["ttft"]["p90"], p90_tpot_s=rep["latency"]["tpot"]["p90"],
+                                 goodput_req_s=rep["goodput_req_s"], mean_tau=rep["tau"]["mean"], meets_slo=ok))
+                log.info("sweep %s", rows[-1])
+                time.sleep(3)  # let the queue drain and the controller settle
+    (out / "sweep.json").write_text(json.dumps(rows, indent=2))
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--model", default=None, help="a checkpoint instead of dummy Qwen1.5-MoE (dry runs)")
+    ap.add_argument("--trace", type=Path, default=TRACE)
+    ap.add_argument("--trace-start", type=float, default=600.0, help="offset into the trace, seconds")
+    ap.add_argument("--duration", type=float, default=75.0, help="seconds per policy run")
+    ap.add_argument("--base-load", type=float, default=0.7)
+    ap.add_argument("--burst", type=float, default=2.0)
+    ap.add_argument("--max-prompt", type=int, default=1024)
+    ap.add_argument("--max-output", type=int, default=128)
+    ap.add_argument("--probe-s", type=float, default=15.0)
+    ap.add_argument("--check-interval", type=float, default=1.0)
+    ap.add_argument("--sweep", type=lambda s: [float(x) for x in s.split(",")], default=[0.8, 1.1, 1.4])
+    ap.add_argument("--sweep-s", type=float, default=20.0)
+    ap.add_argument("--skip-sweep", action="store_true")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    args.out.mkdir(parents=True, exist_ok=True)
+    cal = calibrate(args, args.out)
+    d = args.duration
+    t0, t1 = round(d / 3, 1), round(2 * d / 3, 1)
+    workload = trace_spec(args, cal["speedup"], d, f",burst={args.burst},burst_at={t0},burst_until={t1}")
+    configs = [ServerConfig(p, base_flags(args) + policy_flags(p, cal, args))
+               for p in ("off", "aimd", "predictive")]
+    result = run_configs(configs, workload, args.out, prompts="synthetic",
+                         slo_ttft=cal["slo_ttft_s"], slo_tpot=cal["slo_tpot_s"], progress=False)
+    slo = {"ttft": cal["slo_ttft_s"], "tpot": cal["slo_tpot_s"], "e2e": None}
+    for row in result["rows"]:
+        row["burst_goodput_req_s"] = burst_goodput(args.out / row["label"], slo, t0, t1)
+    base = next(r for r in result["rows"] if r["label"] == "off")
+    for row in result["rows"]:
+        row["burst_goodput_vs_off"] = row["burst_goodput_req_s"] / max(base["burst_goodput_req_s"], 1e-9)
+    summary = dict(workload=workload, calibration=cal, burst_window_s=[t0, t1], rows=result["rows"])
+    (args.out / "headline.json").write_text(json.dumps(summary, indent=2))
+    for row in result["rows"]:
+        log.info("%s", row)
+    if not args.skip_sweep:
+        summary["sweep"] = sweep(args, cal, args.out)
+        (args.out / "headline.json").write_text(json.dumps(summary, indent=2))
+
+
+if __name__ == "__main__":
+    main()
