@@ -1,0 +1,151 @@
+"""Build united experts for every MoE layer of a loaded model (SPEC 1.2), one layer at a time.
+
+Per layer: capture calibration states (if any), group the experts, build one united
+expert per group with the chosen method, measure each group's fit error on a held-out
+split of its calibration tokens, then drop the layer's states before the next layer.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+
+from brownout.unite import grouping, methods
+from brownout.unite.calibration import LayerStates, capture_layer, file_sha256, group_targets
+from brownout.unite.store import FORMAT_VERSION, config_sha256, model_shapes
+
+log = logging.getLogger(__name__)
+
+METHODS = ("average", "frequency", "distill")
+GROUPINGS = ("contiguous", "similarity")
+
+
+@dataclass
+class UniteOptions:
+    way: int
+    grouping: str = "contiguous"
+    method: str = "average"
+    seed: int = 0
+    calibration_files: Sequence[Path] = ()
+    calibration_tokens: int = 32768
+    seq_len: int = 512
+    batch_tokens: int = 2048
+    similarity_sample: int = 1024  # states on which expert outputs are compared
+    max_group_tokens: Optional[int] = 65536  # calibration tokens per group kept for fitting
+    distill: methods.DistillConfig = field(default_factory=methods.DistillConfig)
+    save_dtype: Optional[torch.dtype] = None  # None: the model's expert dtype
+
+    def __post_init__(self) -> None:
+        if self.way < 2:
+            raise ValueError(f"way: must be >= 2, got {self.way}")
+        if self.grouping not in GROUPINGS:
+            raise ValueError(f"grouping: must be one of {'|'.join(GROUPINGS)}, got {self.grouping!r}")
+        if self.method not in METHODS:
+            raise ValueError(f"method: must be one of {'|'.join(METHODS)}, got {self.method!r}")
+        needs_data = self.grouping == "similarity" or self.method != "average"
+        if needs_data and not self.calibration_files:
+            raise ValueError(f"calibration: grouping {self.grouping!r} with method {self.method!r} "
+                             "needs calibration text (--calibration FILE)")
+
+
+def _expert_outputs(w13, w2, x: torch.Tensor) -> torch.Tensor:
+    """Every expert's output on the same states: w13 [E, 2I, D], x [n, D] -> [E, n, D]."""
+    return torch.stack([methods.expert_forward(w13[e], w2[e], x) for e in range(w13.shape[0])])
+
+
+def _similarity(states: LayerStates, w13, w2, sample: int, seed: int) -> torch.Tensor:
+    n = states.x.shape[0]
+    rows = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:sample]
+    return grouping.output_similarity(_expert_outputs(w13, w2, states.x[rows].to(w13.device)))
+
+
+def build_layer(moe, states: Optional[LayerStates], opts: UniteOptions, layer: int, progress=None):
+    """United experts of one layer -> (w13_u [G, 2I, D], w2_u [G, D, I], group_of [E], report)."""
+    E = moe.num_experts
+    w13 = moe.w13[:E].detach().float()  # [E, 2I, D]
+    w2 = moe.w2[:E].detach().float()  # [E, D, I]
+    sim = _similarity(states, w13, w2, opts.similarity_sample, opts.seed + layer) \
+        if opts.grouping == "similarity" else None
+    group_of = grouping.make_groups(opts.grouping, E, opts.way, sim)  # [E]
+    counts = states.counts(E) if states is not None else None
+    united13, united2, report = [], [], []
+    for g, members in enumerate(grouping.groups_from_map(group_of)):
+        init = methods.average(w13, w2, members) if opts.method == "average" \
+            else methods.frequency(w13, w2, members, counts)
+        final, entry = init, {"group": g, "members": members}
+        if states is not None:
+            data = methods.GroupData(*group_targets(
+                states, members, E, lambda e, x: methods.expert_forward(w13[e], w2[e], x),
+                opts.max_group_tokens, w13.device))
+            train, val = data.split(opts.distill.held_out, opts.seed * 1000 + layer * 100 + g)
+            entry.update(tokens=int(data.x.shape[0]), assignments=int(counts[members].sum()),
+                         error_before=methods.fit_error(*init, val))
+            if opts.method == "distill":
+                *final, info = methods.distill(*init, train, val, opts.distill, opts.seed + g)
+                entry.update(info)
+            entry["error_after"] = methods.fit_error(*final, val)
+        united13.append(final[0])
+        united2.append(final[1])
+        report.append(entry)
+        if progress is not None:
+            progress.update(1)
+    return torch.stack(united13), torch.stack(united2), group_of, report
+
+
+def build_united(loaded, opts: UniteOptions, windows: Optional[torch.Tensor], progress_factory=None):
+    """All MoE layers -> (tensors for united.safetensors, manifest)."""
+    model, spec = loaded.model, loaded.spec
+    layers = list(zip(spec.moe_layers, model.moe_layers()))
+    save_dtype = opts.save_dtype or layers[0][1].w13.dtype
+    groups_per_layer = math.ceil(spec.num_experts / opts.way)
+    progress = progress_factory(total=len(layers) * groups_per_layer) if progress_factory else None
+    tensors, grouping_map, fit = {}, {}, {}
+    for i, (layer, moe) in enumerate(layers):
+        states = capture_layer(model, i, windows, opts.batch_tokens, loaded.device) \
+            if windows is not None else None
+        if progress is not None:
+            progress.set_description(f"layer {layer}")
+        w13_u, w2_u, group_of, report = build_layer(moe, states, opts, layer, progress)
+        del states  # one layer's calibration states in memory at a time
+        tensors[f"layers.{layer}.w13"] = w13_u.to(save_dtype).cpu()
+        tensors[f"layers.{layer}.w2"] = w2_u.to(save_dtype).cpu()
+        tensors[f"layers.{layer}.group_of"] = group_of.cpu()
+        grouping_map[str(layer)] = group_of.tolist()
+        fit[str(layer)] = report
+    if progress is not None:
+        progress.close()
+    return tensors, make_manifest(loaded, opts, windows, grouping_map, fit, save_dtype)
+
+
+def make_manifest(loaded, opts: UniteOptions, windows, grouping_map, fit, save_dtype) -> dict:
+    model_dir = loaded.model_dir
+    has_config = model_dir is not None and (Path(model_dir) / "config.json").is_file()
+    calibration = None
+    if opts.calibration_files:
+        calibration = {"files": [{"path": str(p), "sha256": file_sha256(Path(p))}
+                                 for p in opts.calibration_files],
+                       "tokens": int(windows.numel()) if windows is not None else 0,
+                       "seq_len": opts.seq_len}
+    return {
+        "format_version": FORMAT_VERSION,
+        "source_model": str(model_dir) if model_dir is not None else None,
+        "source_config_sha256": config_sha256(Path(model_dir)) if has_config else None,
+        "architecture": loaded.spec.architecture,
+        "shapes": model_shapes(loaded.spec),
+        "way": opts.way,
+        "num_groups": math.ceil(loaded.spec.num_experts / opts.way),
+        "grouping": {"kind": opts.grouping, "group_of": grouping_map},
+        "method": opts.method,
+        "distill": vars(opts.distill) if opts.method == "distill" else None,
+        "calibration": calibration,
+        "seed": opts.seed,
+        "dtype": str(save_dtype).removeprefix("torch."),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "fit_error": fit,
+    }
