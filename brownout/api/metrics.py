@@ -61,8 +61,16 @@ class ServerMetrics:
                                       ["kind"], registry=r)
         self.step_latency = Histogram("brownout_step_latency_seconds", "Engine step latency",
                                       ["phase"], buckets=STEP_BUCKETS, registry=r)
+        # Children exist from the start, so every series is scrapeable (at 0) before traffic.
+        for metric in (self.ttft, self.itl, self.tpot, self.request_tpot, self.e2e,
+                       self.queue_time, self.running, self.waiting, self.kv_usage,
+                       self.prompt_tokens, self.generation_tokens, self.preemptions):
+            metric.labels(model_name)
+        for reason in ("stop", "length", "abort", "timeout"):
+            self.request_success.labels(model_name, reason)
         for phase in ("prefill", "decode"):
             self.tau.labels(phase).set(1.0)
+            self.step_latency.labels(phase)
         self._arrival: dict[str, float] = {}
         self._last_token: dict[str, float] = {}
         self._seen_totals: dict[str, float] = {}
@@ -147,6 +155,7 @@ class ServerMetrics:
             self._advance(counter.labels(m), key, snapshot)
         self._engine_counts_tokens = "generation_tokens_total" in snapshot
         for kind, count in (snapshot.get("slo_violations") or {}).items():
+            self.slo_violations.labels(kind)  # listed at 0 before the first violation
             self._advance(self.slo_violations.labels(kind), f"slo_violations/{kind}", count)
 
     def _advance(self, counter, key: str, source) -> None:

@@ -75,7 +75,10 @@ def create_app(client: EngineClient, server: ServerConfig) -> FastAPI:
 
     @app.get("/metrics")
     async def metrics() -> Response:
-        body = state.metrics.render() if state.metrics else b""
+        if state.metrics is None:
+            return Response(b"", media_type=PROMETHEUS_CONTENT_TYPE)
+        state.metrics.on_snapshot(client.last_snapshot)  # gauges as of now, even when idle
+        body = state.metrics.render()
         return Response(body, media_type=PROMETHEUS_CONTENT_TYPE)
 
     return app

@@ -129,6 +129,7 @@ class EngineClient:
         self._proc = None
         self._stop = threading.Event()
         self._reader: Optional[threading.Thread] = None
+        self._cmd_q = self._out_q = None
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> EngineInfo:
@@ -161,7 +162,7 @@ class EngineClient:
 
     async def shutdown(self, timeout_s: float = 10.0) -> None:
         self._stop.set()
-        if self._proc is None:
+        if self._proc is None or self._cmd_q is None:  # never started, or already shut down
             return
         if self._proc.is_alive():
             self._cmd_q.put(("shutdown",))
@@ -171,6 +172,13 @@ class EngineClient:
             self._proc.terminate()
             self._proc.join(5.0)
         self._mark_dead("engine shut down")
+        if self._reader is not None:
+            self._reader.join(2.0)
+        for q in (self._cmd_q, self._out_q):
+            q.close()
+            q.join_thread()
+        # Dropped so their semaphores are released now, not reported as leaked at exit.
+        self._cmd_q = self._out_q = None
 
     @property
     def is_alive(self) -> bool:

@@ -65,7 +65,7 @@ def test_burst_gets_429_never_5xx(server):
     statuses = [r["status"] for r in results]
     assert set(statuses) <= {200, 429}, statuses
     assert statuses.count(429) > 0, "a burst 10x the capacity must be refused in part"
-    assert statuses.count(200) >= 2 + 4, statuses  # at least a full batch and a full queue
+    assert statuses.count(200) >= 4, statuses  # at least a full waiting queue
     for r in results:
         if r["status"] == 429:
             assert int(r["headers"]["retry-after"]) >= 1
