@@ -1,0 +1,124 @@
+"""`brownout eval`: perplexity and multiple-choice accuracy at fixed brownout thresholds.
+
+Examples:
+  brownout eval perplexity --model brownout/assets/demo/model \
+      --united brownout/assets/demo/united-way4 --tau 1,0.8,0.6,0.4,0.2,0 \
+      --text ../shared/data/eval/wikitext2_raw_valid.txt --max-tokens 65536 --out ppl.json
+  brownout eval choice --model DIR --united DIR --tau 1,0 --data questions.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+DEFAULT_TAUS = "1,0.8,0.6,0.4,0.2,0"
+
+
+def parse_taus(text: str) -> list[float]:
+    try:
+        taus = [float(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"tau: expected comma-separated numbers, got {text!r}") from None
+    if not taus or any(not 0.0 <= t <= 1.0 for t in taus):
+        raise argparse.ArgumentTypeError(f"tau: each value must be in [0, 1], got {text!r}")
+    return taus
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="checkpoint directory")
+    p.add_argument("--united", default=None, help="united-expert directory (needed for tau < 1)")
+    p.add_argument("--tau", type=parse_taus, default=parse_taus(DEFAULT_TAUS),
+                   help=f"comma-separated thresholds (default {DEFAULT_TAUS})")
+    p.add_argument("--batch-tokens", type=int, default=2048, help="tokens per step (engine default)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    p.add_argument("--out", type=Path, default=None, help="write results as JSON here")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="eval_command", required=True, metavar="TASK")
+    ppl = sub.add_parser("perplexity", help="perplexity of a text at each tau")
+    _common(ppl)
+    ppl.add_argument("--text", required=True, type=Path, help="plain-text file")
+    ppl.add_argument("--max-tokens", type=int, default=None, help="score only this many tokens")
+    ppl.add_argument("--window", type=int, default=512, help="tokens per scored window")
+    choice = sub.add_parser("choice", help="multiple-choice accuracy by log-likelihood at each tau")
+    _common(choice)
+    choice.add_argument("--data", required=True, type=Path,
+                        help='JSON lines: {"context": str, "choices": [str, ...], "label": int}')
+    choice.add_argument("--max-len", type=int, default=1024, help="longest candidate (tokens)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from brownout.eval.scoring import check_taus, load_eval_model
+
+    check_taus(args.tau, args.united is not None)
+    start = time.perf_counter()
+    em = load_eval_model(args.model, args.united, args.device, args.dtype)
+    if args.eval_command == "perplexity":
+        results, meta = _run_perplexity(args, em)
+    else:
+        results, meta = _run_choice(args, em)
+    report = {"task": args.eval_command, "model": args.model, "united": args.united,
+              "united_method": (em.united or {}).get("method"),
+              "united_grouping": ((em.united or {}).get("grouping") or {}).get("kind"),
+              "united_way": (em.united or {}).get("way"), "device": str(em.device),
+              "dtype": args.dtype, "batch_tokens": args.batch_tokens, "machine": platform.node(),
+              "elapsed_s": time.perf_counter() - start, **meta, "results": results}
+    _print_table(report)
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=1) + "\n")
+        print(f"wrote {args.out}")
+    return 0
+
+
+def _run_perplexity(args, em):
+    from tqdm import tqdm
+
+    from brownout.eval.perplexity import evaluate_perplexity, make_batches, tokenize_text
+
+    ids = tokenize_text(em.tokenizer, args.text.read_text(encoding="utf-8"), args.max_tokens)
+    batches = make_batches(ids, args.window, args.batch_tokens)
+    with tqdm(total=len(batches) * len(args.tau), unit="step") as bar:
+        results = evaluate_perplexity(em.model, batches, args.tau, em.device, bar)
+    return results, {"text": str(args.text), "window": args.window, "tokens_read": int(ids.numel())}
+
+
+def _run_choice(args, em):
+    from tqdm import tqdm
+
+    from brownout.eval.choice import evaluate_choice, read_questions
+
+    questions = read_questions(args.data)
+    with tqdm(total=len(args.tau), unit="tau") as bar:
+        results = evaluate_choice(em.model, em.tokenizer, questions, args.tau, args.batch_tokens,
+                                  em.device, args.max_len, bar)
+    return results, {"data": str(args.data)}
+
+
+def _print_table(report: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    united = report["united"] or "none"
+    table = Table(title=f"{report['task']} of {report['model']} (united: {united})")
+    table.add_column("tau", justify="right")
+    if report["task"] == "perplexity":
+        base = report["results"][0]["perplexity"]
+        for col in ("perplexity", "vs first tau", "slots touched / layer"):
+            table.add_column(col, justify="right")
+        for r in report["results"]:
+            touched = r["mean_slots_touched"]
+            table.add_row(f"{r['tau']:g}", f"{r['perplexity']:.3f}", f"{r['perplexity'] / base - 1:+.1%}",
+                          f"{sum(touched) / max(1, len(touched)):.1f}")
+    else:
+        table.add_column("acc", justify="right")
+        table.add_column("acc_norm", justify="right")
+        for r in report["results"]:
+            table.add_row(f"{r['tau']:g}", f"{r['acc']:.3f}", f"{r['acc_norm']:.3f}")
+    Console().print(table)
