@@ -11,8 +11,8 @@ __version__ = "0.1.0"
 
 
 def __getattr__(name: str):
-    if name == "LLM":
-        from brownout.engine.llm import LLM
+    if name == "LLM":  # imported by name so that `import brownout` stays light
+        import importlib
 
-        return LLM
+        return importlib.import_module("brownout.engine.llm").LLM
     raise AttributeError(name)

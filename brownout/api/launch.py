@@ -16,7 +16,7 @@ from brownout.types import ValidationError
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_MODEL_FACTORY = "brownout.engine.llm_engine:default_model_dir"
+DEFAULT_MODEL_FACTORY = "brownout.defaults:default_model_dir"
 
 # config field -> flag, where the two names differ
 _FLAG_OF_FIELD = {

@@ -22,6 +22,7 @@ from typing import Any, Optional
 
 from brownout.bench.cli import run_bench
 from brownout.bench.experiment import ServerConfig, run_configs, server_process
+from brownout.defaults import ASSETS, default_model_dir, default_united_dir
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +44,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _base_flags(args) -> list[str]:
-    from brownout.engine.llm_engine import default_model_dir, default_united_dir
-
     model = args.model or default_model_dir()
     united = args.united_experts or (default_united_dir(4) if args.model is None else None)
     flags = ["--model", model, "--device", args.device, "--max-num-seqs", "16",
@@ -108,8 +107,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _eval_table() -> Optional[Path]:
-    from brownout.engine.llm_engine import ASSETS
-
     path = ASSETS / "demo" / "perplexity-way4.json"
     return path if path.is_file() else None
 

@@ -8,11 +8,13 @@
   r(tau) the ratio E / E1(T) observed at each tau bucket (0.1 wide), with r(1) = 1 and a
          prior knot at tau = 0 until that bucket is seen; made non-decreasing in tau
          (raising a noisy dip: over-predicting experts errs on the safe side).
-`StepLatencyModel` fits latency ~ a + b*tokens + c*batch + d*experts by ridge least
+`StepLatencyModel` fits latency ~ a + b*tokens + c*batch + d*experts + r*routed by ridge least
 squares with exponential forgetting (recent steps weigh more); the slopes are shrunk
 toward a prior that gives a share `prior_expert_share` of the mean latency to expert reads (decode is
 memory-bound, SPEC 1.1); the prior only decides what the data cannot (e.g. experts and
-tokens moving together while tau sits at 1). Slopes are kept non-negative.
+tokens moving together while tau sits at 1). Slopes are kept non-negative. `routed` is 1
+for a step run with brownout routing (tau < 1): its fixed cost, which fewer expert reads
+must repay, so the controller does not dim when dimming cannot make a step faster.
 Both are numpy only, never raise on degenerate input and return None when unfit.
 """
 
@@ -107,9 +109,9 @@ class ExpertsModel:
 
 
 class StepLatencyModel:
-    """Exponentially weighted ridge fit of step latency on [1, tokens, batch, experts].
+    """Exponentially weighted ridge fit of step latency on [1, tokens, batch, experts, routed].
 
-    Keeps the weighted moments S = sum_i w_i z_i z_i^T of z = [1, T, B, E, latency] with
+    Keeps the weighted moments S = sum_i w_i z_i z_i^T of z = [1, T, B, E, R, latency] with
     w_i halving every `half_life_steps` steps, so an update and a refit cost O(1).
     """
 
@@ -118,12 +120,13 @@ class StepLatencyModel:
         self.decay = 0.5 ** (1.0 / half_life_steps)
         self.ridge = ridge
         self.prior_expert_share = prior_expert_share
-        self._S = np.zeros((5, 5))
+        self._S = np.zeros((6, 6))
         self.num_samples = 0
-        self.theta: Optional[np.ndarray] = None  # [a, b, c, d]
+        self.theta: Optional[np.ndarray] = None  # [a, b, c, d, r]
 
-    def add(self, tokens: float, batch: float, experts: float, latency: float) -> None:
-        z = np.array([1.0, tokens, batch, experts, latency], dtype=float)
+    def add(self, tokens: float, batch: float, experts: float, latency: float,
+            routed: float = 0.0) -> None:
+        z = np.array([1.0, tokens, batch, experts, routed, latency], dtype=float)
         if not np.all(np.isfinite(z)) or latency < 0:
             return
         self._S *= self.decay
@@ -142,37 +145,37 @@ class StepLatencyModel:
 
     def _solve(self) -> Optional[np.ndarray]:
         w = self._S[0, 0]
-        mean = self._S[0, 1:] / w  # weighted means of [T, B, E, latency]
+        mean = self._S[0, 1:] / w  # weighted means of [T, B, E, R, latency]
         cov = self._S[1:, 1:] / w - np.outer(mean, mean)
-        cxx, cxy = cov[:3, :3], cov[:3, 3]
+        cxx, cxy = cov[:4, :4], cov[:4, 4]
         # Prior slopes: a share of the mean latency goes to expert reads, none to the rest.
-        prior = np.zeros(3)
+        prior = np.zeros(4)
         if mean[2] > 0:
-            prior[2] = self.prior_expert_share * mean[3] / mean[2]
+            prior[2] = self.prior_expert_share * mean[4] / mean[2]
         # Ridge on each slope on the scale of its own spread, plus a floor relative to
         # its mean: the prior only decides where the data are flat (collinear or
         # constant features, e.g. experts moving with tokens while tau sits at 1).
-        lam = self.ridge * np.maximum(np.diag(cxx), 0.0) + 1e-6 * mean[:3] ** 2 + 1e-15
+        lam = self.ridge * np.maximum(np.diag(cxx), 0.0) + 1e-6 * mean[:4] ** 2 + 1e-9
         A, b = cxx + np.diag(lam), cxy + lam * prior
-        active = [0, 1, 2]
-        slopes = np.zeros(3)
-        for _ in range(3):  # active set: slopes that come out negative are fixed at 0
+        active = [0, 1, 2, 3]
+        slopes = np.zeros(4)
+        for _ in range(4):  # active set: slopes that come out negative are fixed at 0
             idx = np.ix_(active, active)
             try:
                 sol = np.linalg.solve(A[idx], b[active])
             except np.linalg.LinAlgError:
                 sol = np.linalg.lstsq(A[idx], b[active], rcond=None)[0]
-            slopes = np.zeros(3)
+            slopes = np.zeros(4)
             slopes[active] = sol
             negative = [j for j in active if slopes[j] < 0]
             if not negative:
                 break
             active = [j for j in active if j not in negative]
         slopes = np.maximum(slopes, 0.0)
-        return np.concatenate([[mean[3] - slopes @ mean[:3]], slopes])
+        return np.concatenate([[mean[4] - slopes @ mean[:4]], slopes])
 
     def predict(self, X: np.ndarray) -> Optional[np.ndarray]:
-        """Latency for rows [1, tokens, batch, experts]; None before the first fit."""
+        """Latency for rows [1, tokens, batch, experts, routed]; None before the first fit."""
         if self.theta is None:
             return None
         return np.maximum(np.asarray(X, dtype=float) @ self.theta, 0.0)

@@ -88,7 +88,9 @@ class PredictiveController(Controller):
         experts = self.experts.predict(np.atleast_1d(np.asarray(taus, dtype=float)), max(tokens, 1))
         if experts is None or theta is None:
             return None
-        return np.maximum(theta[0] + theta[1] * tokens + theta[2] * batch + theta[3] * experts, 0.0)
+        routed = (np.atleast_1d(np.asarray(taus, dtype=float)) < 1.0).astype(float)
+        return np.maximum(theta[0] + theta[1] * tokens + theta[2] * batch + theta[3] * experts
+                          + theta[4] * routed, 0.0)
 
     def _p90(self, phase: str, lat: np.ndarray) -> np.ndarray:
         return lat + self._bias[phase] + self.z * math.sqrt(self._var[phase])
@@ -154,7 +156,7 @@ class PredictiveController(Controller):
         if stats.experts_touched:
             experts = float(sum(stats.experts_touched))
             self.experts.update(stats.tau, tokens, experts)
-            self.latency.add(tokens, stats.batch_size, experts, lat)
+            self.latency.add(tokens, stats.batch_size, experts, lat, float(stats.tau < 1.0))
             # The fit moves slowly: refitting every few steps saves host time per step.
             if self.latency.theta is None or self.latency.num_samples % self.refit_every == 0:
                 self.latency.fit()

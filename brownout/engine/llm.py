@@ -1,6 +1,8 @@
 """Offline API: `LLM(model=...).generate(prompts, SamplingParams(...))` and `LLM.chat`.
 
 Drives the same `LLMEngine` the server runs, to completion, and returns whole outputs.
+`LLM(..., tensor_parallel_size=N, enable_expert_parallel=True)` splits the model over N
+processes; `close()` (or a `with` block) stops them.
 """
 
 from __future__ import annotations
@@ -11,7 +13,8 @@ from typing import Optional, Sequence, Union
 
 from brownout.config import (BrownoutConfig, CacheConfig, EngineConfig, ModelLoadConfig,
                              SchedulerConfig, SLOConfig)
-from brownout.engine.llm_engine import LLMEngine, default_model_dir
+from brownout.defaults import default_model_dir
+from brownout.engine.llm_engine import LLMEngine
 from brownout.types import FinishReason, Logprob, SamplingParams
 
 
@@ -31,10 +34,13 @@ class LLM:
                  tau: float = 1.0, load_format: str = "auto", device: str = "auto",
                  dtype: str = "auto", seed: int = 0, max_model_len: Optional[int] = None,
                  tokenizer: Optional[str] = None, enforce_eager: bool = False,
-                 cache: Optional[CacheConfig] = None, scheduler: Optional[SchedulerConfig] = None):
+                 cache: Optional[CacheConfig] = None, scheduler: Optional[SchedulerConfig] = None,
+                 tensor_parallel_size: int = 1, enable_expert_parallel: bool = False):
         load = ModelLoadConfig(model=model or default_model_dir(), load_format=load_format,
                                device=device, dtype=dtype, seed=seed, max_model_len=max_model_len,
-                               tokenizer=tokenizer, enforce_eager=enforce_eager)
+                               tokenizer=tokenizer, enforce_eager=enforce_eager,
+                               tensor_parallel_size=tensor_parallel_size,
+                               enable_expert_parallel=enable_expert_parallel)
         policy = "fixed" if tau < 1.0 else "off"
         self.engine = LLMEngine(EngineConfig(
             load=load, cache=cache or CacheConfig(), scheduler=scheduler or SchedulerConfig(),
@@ -45,6 +51,16 @@ class LLM:
     @property
     def tokenizer(self):
         return self.engine.tokenizer
+
+    def close(self) -> None:
+        """Stop the worker processes of a tensor-parallel engine."""
+        self.engine.close()
+
+    def __enter__(self) -> "LLM":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def generate(self, prompts: Union[str, Sequence[Union[str, list[int]]]],
                  params: Optional[SamplingParams] = None) -> list[Completion]:

@@ -3,6 +3,9 @@
 The step loop is schedule -> choose tau -> run -> postprocess. The SLO controller sees only
 step stats and request timings and answers with the brownout threshold for the next step.
 Used as is by the offline `LLM` API and, in its own process, by the HTTP server.
+With `tensor_parallel_size` N > 1 this process is rank 0 of N: it starts ranks 1..N-1
+(brownout.distributed), which run the same forward on their shard of the model each step;
+the scheduler, the controller and sampling stay here. `close()` stops them.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from pathlib import Path
 from typing import Optional, Union
 
 from brownout.config import EngineConfig
+from brownout.defaults import DEMO_MODEL_NAME, default_model_dir, default_united_dir  # noqa: F401
 from brownout.control import PlannedStep, make_controller
 from brownout.engine.block_manager import BlockManager
 from brownout.engine.detokenizer import IncrementalDetokenizer
@@ -24,7 +28,6 @@ from brownout.types import (FinishReason, RequestOutput, RunnerOutput, SamplingP
 
 log = logging.getLogger(__name__)
 
-ASSETS = Path(__file__).resolve().parent.parent / "assets"
 
 
 class AdmissionError(RuntimeError):
@@ -35,32 +38,40 @@ class AdmissionError(RuntimeError):
         self.retry_after_s = retry_after_s
 
 
-def default_model_dir() -> str:
-    """The embedded demo model shipped inside the package."""
-    return str(ASSETS / "demo" / "model")
+def build_model_runner(config: EngineConfig, parallel=None):
+    """Load (this rank's shard of) the model, install united experts, build the runner.
 
+    Every rank of a parallel engine runs this, in the same order: it holds collectives."""
+    from brownout.runner.loader import load_model
+    from brownout.runner.model_runner import ModelRunner
 
-def default_united_dir(way: int = 4) -> Optional[str]:
-    path = ASSETS / "demo" / f"united-way{way}"
-    return str(path) if (path / "manifest.json").is_file() else None
+    loaded = load_model(config.load, parallel)
+    if config.brownout.united_experts:
+        _install_united(loaded, config.brownout.united_experts)
+    runner = ModelRunner(loaded, config.cache, max_batch=config.scheduler.max_num_seqs,
+                         max_model_len=config.load.max_model_len,
+                         enforce_eager=config.load.enforce_eager)
+    return loaded, runner
 
 
 class LLMEngine:
     def __init__(self, config: EngineConfig, clock=time.monotonic):
-        from brownout.runner.loader import load_model
-        from brownout.runner.model_runner import ModelRunner
-
         self.config = config
         self.clock = clock
-        loaded = load_model(config.load)
-        if config.brownout.united_experts:
-            _install_united(loaded, config.brownout.united_experts)
+        self.workers = None  # ranks 1..N-1 of a tensor-parallel engine
+        if config.load.tensor_parallel_size > 1:
+            from brownout.distributed.launch import WorkerGroup
+
+            self.workers = WorkerGroup(config)
+        try:
+            loaded, runner = build_model_runner(config, self.workers and self.workers.parallel)
+        except BaseException:
+            self.close()
+            raise
         self.spec = loaded.spec
-        self.runner = ModelRunner(loaded, config.cache, max_batch=config.scheduler.max_num_seqs,
-                                  max_model_len=config.load.max_model_len,
-                                  enforce_eager=config.load.enforce_eager)
+        self.runner = runner if self.workers is None else self.workers.wrap(runner)
         self.tokenizer = _load_tokenizer(config, loaded)
-        self.model_name = Path(config.load.model).name if loaded.model_dir else config.load.model
+        self.model_name = _model_name(config.load.model, loaded.model_dir)
         limit = config.load.max_model_len or self.spec.max_position_embeddings
         self.max_model_len = min(limit, self.spec.max_position_embeddings,
                                  self.runner.num_blocks * config.cache.block_size)
@@ -252,6 +263,11 @@ class LLMEngine:
         self._complete(req, out, self.clock())
         return out
 
+    def close(self) -> None:
+        """Stop the worker processes of a tensor-parallel engine (nothing to do otherwise)."""
+        if self.workers is not None:
+            self.workers.close()
+
     def snapshot(self) -> dict:
         return dict(num_running=len(self.scheduler.running), num_waiting=len(self.scheduler.waiting),
                     kv_usage=self.blocks.usage, tau_prefill=self.controller.tau_prefill,
@@ -263,12 +279,24 @@ class LLMEngine:
                     brownout_ready=self.runner.brownout_ready)
 
 
+def _model_name(model: str, model_dir: Optional[Path]) -> str:
+    if model_dir is None:
+        return model  # a dummy preset
+    if model_dir.resolve() == Path(default_model_dir()).resolve():
+        return DEMO_MODEL_NAME
+    return model_dir.name
+
+
 def _install_united(loaded, spec: str) -> None:
     from brownout.unite.store import load_united
     from brownout.unite.uncalibrated import install_uncalibrated, parse_uncalibrated
 
     way = parse_uncalibrated(spec)
-    if way is not None:
+    if way is not None and loaded.parallel.active:  # no rank holds every whole expert
+        from brownout.distributed.united import install_average
+
+        install_average(loaded.model, way)
+    elif way is not None:
         install_uncalibrated(loaded.model, way)
     else:
         load_united(loaded, Path(spec))

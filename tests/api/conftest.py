@@ -30,7 +30,7 @@ def free_port() -> int:
 
 @pytest.fixture(scope="session")
 def model_dir(tmp_path_factory) -> Path:
-    from brownout.engine.llm_engine import default_model_dir
+    from brownout.defaults import default_model_dir
 
     default = Path(default_model_dir())
     if (default / "config.json").is_file() and any(default.glob("*.safetensors")):

@@ -45,22 +45,37 @@ def test_latency_model_recovers_coefficients():
     m = StepLatencyModel()
     for _ in range(300):
         t, b, e = rng.integers(1, 512), rng.integers(1, 64), rng.integers(10, 60)
-        m.add(t, b, e, 0.005 + 1e-4 * t + 2e-4 * b + 0.002 * e + rng.normal(0, 1e-4))
+        r = float(rng.random() < 0.5)
+        m.add(t, b, e, 0.005 + 1e-4 * t + 2e-4 * b + 0.002 * e + 0.004 * r + rng.normal(0, 1e-4), r)
     assert m.fit()
-    assert m.theta == pytest.approx([0.005, 1e-4, 2e-4, 0.002], rel=0.1, abs=3e-4)
+    assert m.theta == pytest.approx([0.005, 1e-4, 2e-4, 0.002, 0.004], rel=0.1, abs=3e-4)
+
+
+def test_latency_model_learns_a_routing_cost_that_fewer_experts_do_not_repay():
+    """Routed steps touch fewer experts yet are slower: dimming must not look faster."""
+    rng = np.random.default_rng(1)
+    m = StepLatencyModel()
+    for _ in range(400):
+        routed = rng.random() < 0.5
+        e = rng.integers(20, 35) if routed else rng.integers(45, 60)
+        lat = 0.05 + 0.0002 * e + (0.03 if routed else 0.0) + rng.normal(0, 1e-3)
+        m.add(2048, 40, e, lat, float(routed))
+    assert m.fit()
+    plain, dimmed = m.predict(np.array([[1, 2048, 40, 50, 0.0], [1, 2048, 40, 25, 1.0]]))
+    assert dimmed > plain
 
 
 def test_latency_model_degenerate_data():
     m = StepLatencyModel()
-    assert m.predict(np.ones((1, 4))) is None and not m.fit()
+    assert m.predict(np.ones((1, 5))) is None and not m.fit()
     for _ in range(100):  # the same step again and again: features are collinear
         m.add(8, 8, 30, 0.07)
     m.add(8, 8, 30, math.nan)
     m.add(math.inf, 8, 30, 0.07)
     assert m.fit() and np.all(np.isfinite(m.theta)) and np.all(m.theta[1:] >= 0)
-    assert m.predict(np.array([[1, 8, 8, 30]]))[0] == pytest.approx(0.07, rel=1e-3)
+    assert m.predict(np.array([[1, 8, 8, 30, 0]]))[0] == pytest.approx(0.07, rel=1e-3)
     # the prior gives expert reads a share of the latency: fewer experts, faster
-    assert m.predict(np.array([[1, 8, 8, 10]]))[0] < 0.07
+    assert m.predict(np.array([[1, 8, 8, 10, 0]]))[0] < 0.07
 
 
 def test_experts_model_monotone_and_learns_ratio():
