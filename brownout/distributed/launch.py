@@ -1,0 +1,172 @@
+"""Start, feed and stop the processes of a tensor-parallel engine.
+
+Rank 0 is the process that builds the `LLMEngine`: it runs the scheduler, joins the model's
+collectives and samples. Ranks 1..N-1 are worker processes started here as
+`python -m brownout.distributed.worker` (a plain subprocess, not multiprocessing: the HTTP
+server's engine process is a daemonic multiprocessing child, and those may not have
+children). Rendezvous is a TCP store on 127.0.0.1 at a free port (the workers read
+MASTER_ADDR / MASTER_PORT / RANK / WORLD_SIZE). Backend: NCCL on GPUs (rank r uses GPU r),
+gloo on CPUs; control messages always travel over a separate gloo group.
+
+Each step rank 0 broadcasts ("step", SchedulerOutput, tau) with `broadcast_object_list`
+(the processes are our own, in one trusted group), then runs the same forward; "stop" ends
+the workers. `close()` (also registered with atexit) stops them; a worker whose parent
+disappears exits on its own (see worker.py).
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import subprocess
+import sys
+import time
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from brownout.config import EngineConfig
+from brownout.distributed.parallel import ParallelInfo, check_split
+
+log = logging.getLogger(__name__)
+
+# NVLink multicast stays off in every process we start on a GPU machine: a program using it
+# can put a shared host's GPUs out of service
+SAFE_GPU_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
+                "NVSHMEM_DISABLE_NVLS": "1"}
+STARTUP_TIMEOUT_S = 600.0
+# an idle server sends no step for a long time; the workers wait on this group meanwhile
+CONTROL_TIMEOUT = timedelta(days=365)
+READY_KEY = "brownout/ready/{}"
+
+
+def backend_for(device: torch.device) -> str:
+    return "nccl" if device.type == "cuda" else "gloo"
+
+
+def broadcast_message(message: Any, group) -> Any:
+    """Rank 0's `message` on every rank (the argument is ignored on the others)."""
+    box = [message]
+    dist.broadcast_object_list(box, src=0, group=group)
+    return box[0]
+
+
+class WorkerGroup:
+    """Rank 0's handle on ranks 1..N-1: starts them, sends them each step, stops them."""
+
+    def __init__(self, config: EngineConfig):
+        from brownout.models.registry import spec_of
+        from brownout.runner.loader import load_hf_config, resolve_device
+
+        load = config.load
+        self.world_size = ws = load.tensor_parallel_size
+        # a model that cannot be split this way fails here, before any process starts
+        check_split(spec_of(load_hf_config(load)), ParallelInfo(0, ws, load.enable_expert_parallel))
+        device = resolve_device(load.device)
+        backend = backend_for(device)
+        if dist.is_initialized():
+            raise RuntimeError("tensor_parallel_size: this process already belongs to a process "
+                               "group; close the other parallel engine first")
+        if device.type == "cuda":
+            if torch.cuda.device_count() < ws:
+                raise ValueError(f"tensor_parallel_size: {ws} needs {ws} GPUs, "
+                                 f"{torch.cuda.device_count()} visible")
+            torch.cuda.set_device(0)
+        os.environ.update(SAFE_GPU_ENV)
+        self._closed = False
+        self.store = dist.TCPStore("127.0.0.1", 0, ws, is_master=True, wait_for_workers=False,
+                                   timeout=timedelta(seconds=STARTUP_TIMEOUT_S))
+        self.procs = [self._spawn(rank, backend) for rank in range(1, ws)]
+        try:
+            self._wait_ready()
+            kwargs = {"device_id": torch.device("cuda", 0)} if backend == "nccl" else {}
+            dist.init_process_group(backend, store=self.store, rank=0, world_size=ws, **kwargs)
+            cpu_group = dist.new_group(backend="gloo", timeout=CONTROL_TIMEOUT)
+            broadcast_message((config, logging.getLogger().getEffectiveLevel()), cpu_group)
+        except BaseException:
+            self._kill()
+            raise
+        self.parallel = ParallelInfo(rank=0, world_size=ws, expert_parallel=load.enable_expert_parallel,
+                                     cpu_group=cpu_group)
+        atexit.register(self.close)
+        log.info("tensor parallel over %d %s processes (%s), expert parallel %s", ws, device.type,
+                 backend, "on" if self.parallel.ep else "off")
+
+    def _spawn(self, rank: int, backend: str) -> subprocess.Popen:
+        env = dict(os.environ, **SAFE_GPU_ENV, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(self.store.port),
+                   RANK=str(rank), WORLD_SIZE=str(self.world_size), BROWNOUT_DIST_BACKEND=backend,
+                   BROWNOUT_PARENT_PID=str(os.getpid()))
+        return subprocess.Popen([sys.executable, "-m", "brownout.distributed.worker"], env=env)
+
+    def _wait_ready(self) -> None:
+        keys = [READY_KEY.format(r) for r in range(1, self.world_size)]
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        while not self.store.check(keys):
+            self.check_alive()
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"tensor-parallel workers did not start in {STARTUP_TIMEOUT_S:.0f} s")
+            time.sleep(0.05)
+
+    def check_alive(self) -> None:
+        for rank, proc in enumerate(self.procs, start=1):
+            code = proc.poll()
+            if code is not None:
+                raise RuntimeError(f"tensor-parallel worker of rank {rank} exited with code {code}")
+
+    def broadcast(self, message: Any) -> None:
+        self.check_alive()
+        broadcast_message(message, self.parallel.cpu_group)
+
+    def wrap(self, runner) -> "ParallelRunner":
+        return ParallelRunner(runner, self)
+
+    def close(self, timeout_s: float = 30.0) -> None:
+        """Stop the workers and leave the process group; safe to call twice."""
+        if self._closed:
+            return
+        self._closed = True
+        atexit.unregister(self.close)
+        try:
+            self.broadcast(("stop",))
+        except Exception as exc:  # a dead worker: the others are killed below
+            log.warning("could not stop tensor-parallel workers cleanly: %s", exc)
+        deadline = time.monotonic() + timeout_s
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                log.warning("tensor-parallel worker %d did not stop; killing it", proc.pid)
+        self._kill()
+        try:
+            dist.destroy_process_group()
+        except Exception as exc:
+            log.warning("leaving the process group failed: %s", exc)
+
+    def _kill(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
+class ParallelRunner:
+    """Rank 0's runner: sends each step to the workers, then runs it here and samples.
+
+    Every other attribute is the wrapped `ModelRunner`'s."""
+
+    def __init__(self, runner, workers: WorkerGroup):
+        self.runner = runner
+        self.workers = workers
+
+    def execute(self, sched, tau: float = 1.0):
+        self.workers.broadcast(("step", sched, tau))
+        return self.runner.execute(sched, tau)
+
+    def close(self) -> None:
+        self.workers.close()
+
+    def __getattr__(self, name: str):
+        return getattr(self.runner, name)
