@@ -115,6 +115,8 @@ class ModelLoadConfig:
     max_model_len: Optional[int] = None
     enforce_eager: bool = False  # no CUDA graphs
     extra_expert_slots: Optional[int] = None  # default: room for way-2 united experts
+    tensor_parallel_size: int = 1  # processes (GPUs) the model is split over
+    enable_expert_parallel: bool = False  # split routed experts by rank, not along their width
 
     def __post_init__(self) -> None:
         if self.load_format not in ("auto", "dummy"):
@@ -125,6 +127,11 @@ class ModelLoadConfig:
             raise ValidationError("device", f"must be auto|cpu|cuda, got {self.device!r}")
         if self.max_model_len is not None:
             _check_range("max_model_len", self.max_model_len, 1)
+        if isinstance(self.tensor_parallel_size, bool) or not isinstance(self.tensor_parallel_size, int) \
+                or self.tensor_parallel_size < 1:
+            raise ValidationError("tensor_parallel_size", f"must be an integer >= 1, got {self.tensor_parallel_size!r}")
+        if not isinstance(self.enable_expert_parallel, bool):
+            raise ValidationError("enable_expert_parallel", f"must be true or false, got {self.enable_expert_parallel!r}")
 
 
 @dataclass(frozen=True, slots=True)
