@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from brownout.distributed.parallel import SINGLE, ParallelInfo
 
 
 class RMSNorm(nn.Module):
@@ -41,10 +45,16 @@ class Rotary(nn.Module):
 
 
 class SwiGLU(nn.Module):
-    """A dense gated FFN (dense layers and the shared expert)."""
+    """A dense gated FFN (dense layers and the shared expert).
 
-    def __init__(self, hidden: int, inter: int):
+    Under tensor parallelism the intermediate dimension is split: gate/up are column
+    parallel, down is row parallel, so `forward` returns this rank's partial sum (the
+    decoder layer all-reduces it).
+    """
+
+    def __init__(self, hidden: int, inter: int, parallel: Optional[ParallelInfo] = None):
         super().__init__()
+        _, inter = (parallel or SINGLE).split(inter, "MLP intermediate size")  # local width
         self.gate_up_proj = nn.Linear(hidden, 2 * inter, bias=False)  # [2I, D] gate then up
         self.down_proj = nn.Linear(inter, hidden, bias=False)
         self.inter = inter
