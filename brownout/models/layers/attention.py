@@ -1,12 +1,19 @@
 """Self-attention with rotary embedding, optional QKV bias and per-head q/k RMSNorm,
-over a paged KV cache (serving) or over a plain [B, L] batch (calibration, evaluation)."""
+over a paged KV cache (serving) or over a plain [B, L] batch (calibration, evaluation).
+
+Under tensor parallelism a rank holds only its heads (qkv_proj column parallel, o_proj row
+parallel, its KV cache only its kv heads) and returns its partial sum of o_proj; the
+decoder layer all-reduces it."""
 
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from brownout.distributed.parallel import SINGLE, ParallelInfo
 from brownout.kernels.attention_ref import paged_attention_ref, write_kv_ref
 from brownout.models.context import ForwardContext
 from brownout.models.layers.common import RMSNorm, Rotary
@@ -14,12 +21,17 @@ from brownout.models.spec import MoESpec
 
 
 class Attention(nn.Module):
-    def __init__(self, spec: MoESpec, rotary: Rotary, layer_idx: int):
+    def __init__(self, spec: MoESpec, rotary: Rotary, layer_idx: int,
+                 parallel: Optional[ParallelInfo] = None):
         super().__init__()
         self.spec = spec
         self.layer_idx = layer_idx
-        self.qkv_proj = nn.Linear(spec.hidden_size, spec.q_size + 2 * spec.kv_size, bias=spec.qkv_bias)
-        self.o_proj = nn.Linear(spec.q_size, spec.hidden_size, bias=False)
+        heads = (parallel or SINGLE).attention_heads(spec.num_heads, spec.num_kv_heads)
+        self.num_heads, self.num_kv_heads = heads.num_heads, heads.num_kv_heads  # this rank's
+        self.q_size = self.num_heads * spec.head_dim
+        self.kv_size = self.num_kv_heads * spec.head_dim
+        self.qkv_proj = nn.Linear(spec.hidden_size, self.q_size + 2 * self.kv_size, bias=spec.qkv_bias)
+        self.o_proj = nn.Linear(self.q_size, spec.hidden_size, bias=False)
         self.q_norm = RMSNorm(spec.head_dim, spec.rms_norm_eps) if spec.qk_norm else None
         self.k_norm = RMSNorm(spec.head_dim, spec.rms_norm_eps) if spec.qk_norm else None
         self.rotary = rotary
@@ -28,10 +40,10 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         s = self.spec
         # x [..., T, D] -> q [..., T, Hq, Dh], k/v [..., T, Hkv, Dh]
-        q, k, v = self.qkv_proj(x).split([s.q_size, s.kv_size, s.kv_size], dim=-1)
-        q = q.unflatten(-1, (s.num_heads, s.head_dim))
-        k = k.unflatten(-1, (s.num_kv_heads, s.head_dim))
-        v = v.unflatten(-1, (s.num_kv_heads, s.head_dim))
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.unflatten(-1, (self.num_heads, s.head_dim))
+        k = k.unflatten(-1, (self.num_kv_heads, s.head_dim))
+        v = v.unflatten(-1, (self.num_kv_heads, s.head_dim))
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.rotary(q, positions), self.rotary(k, positions)
