@@ -4,6 +4,12 @@ Weights of all experts of a layer sit in two packed tensors, `w13` [S, 2I, D] (g
 then up rows) and `w2` [S, D, I], where S = E routed experts + extra slots. United experts
 (SPEC 1.2) are installed into slots E..E+G-1; brownout routing (SPEC 1.3) remaps router
 choices onto them on the device, so the expert kernel runs unchanged on the new ids.
+
+Under tensor parallelism the router, brownout routing and slot ids stay global (every rank
+computes them for all tokens, identically); a rank holds either every slot's slice of the
+intermediate dimension, or, with expert parallelism, whole experts (its routed experts,
+then the united experts placed on it; `local_of` maps global slot -> local slot or -1).
+`forward` returns this rank's partial sum; the decoder layer all-reduces it.
 """
 
 from __future__ import annotations
@@ -13,6 +19,9 @@ from typing import Optional
 import torch
 from torch import nn
 
+from brownout.distributed.experts import local_slots, localize, slot_table
+from brownout.distributed.parallel import SINGLE, ParallelInfo
+from brownout.distributed.sharding import shard_dim, shard_gate_up
 from brownout.kernels.moe_ref import moe_experts_ref
 from brownout.kernels.brownout_routing import brownout_route, count_touched
 from brownout.kernels.routing import select_experts
@@ -22,17 +31,28 @@ from brownout.models.spec import MoESpec
 
 
 class SparseMoE(nn.Module):
-    def __init__(self, spec: MoESpec, extra_slots: int):
+    def __init__(self, spec: MoESpec, extra_slots: int, parallel: Optional[ParallelInfo] = None):
         super().__init__()
+        self.parallel = parallel = parallel or SINGLE
         E, D, inter = spec.num_experts, spec.hidden_size, spec.moe_intermediate_size
         self.num_experts = E
         self.top_k = spec.top_k
         self.renormalize = spec.renormalize
-        self.num_slots = E + extra_slots
+        self.num_slots = E + extra_slots  # global slot ids
+        self.inter = inter  # full width of one expert
         self.gate = nn.Linear(D, E, bias=False)  # router
-        self.w13 = nn.Parameter(torch.empty(self.num_slots, 2 * inter, D))  # [S, 2I, D]
-        self.w2 = nn.Parameter(torch.empty(self.num_slots, D, inter))  # [S, D, I]
-        self.shared_expert = SwiGLU(D, spec.shared_expert_intermediate_size) \
+        lo, n_local = parallel.expert_range(E)
+        self.num_local_experts = n_local
+        slots = n_local if parallel.ep else self.num_slots  # this rank's slots (EP: routed only)
+        local_inter = inter if parallel.ep else parallel.split(inter, "expert intermediate size")[1]
+        self.w13 = nn.Parameter(torch.empty(slots, 2 * local_inter, D))  # [S, 2I, D]
+        self.w2 = nn.Parameter(torch.empty(slots, D, local_inter))  # [S, D, I]
+        local_of = None
+        if parallel.ep:
+            local_of = torch.full((self.num_slots,), -1, dtype=torch.long)
+            local_of[lo:lo + n_local] = torch.arange(n_local)
+        self.register_buffer("local_of", local_of, persistent=False)
+        self.shared_expert = SwiGLU(D, spec.shared_expert_intermediate_size, parallel) \
             if spec.shared_expert_intermediate_size else None
         self.shared_expert_gate = nn.Linear(D, 1, bias=False) \
             if (self.shared_expert is not None and spec.shared_expert_gate) else None
@@ -46,22 +66,45 @@ class SparseMoE(nn.Module):
 
     @torch.no_grad()
     def install_united(self, w13_u: torch.Tensor, w2_u: torch.Tensor, group_of: torch.Tensor) -> None:
-        """Place G united experts into slots E..E+G-1; group_of [E] maps expert -> group."""
+        """Place G united experts into slots E..E+G-1; group_of [E] maps expert -> group.
+
+        w13_u [G, 2I, D] and w2_u [G, D, I] are whole united experts; under tensor
+        parallelism each rank keeps its part (its slice of I, or its placed slots)."""
         G = w13_u.shape[0]
         if G > self.num_slots - self.num_experts:
             raise ValueError(f"{G} united experts do not fit the {self.num_slots - self.num_experts} "
                              f"extra expert slots; load with more extra_expert_slots")
-        if tuple(w13_u.shape[1:]) != tuple(self.w13.shape[1:]) or \
-                tuple(w2_u.shape[1:]) != tuple(self.w2.shape[1:]):
+        D = self.gate.in_features
+        full13, full2 = (2 * self.inter, D), (D, self.inter)
+        if tuple(w13_u.shape[1:]) != full13 or tuple(w2_u.shape[1:]) != full2:
             raise ValueError(f"united expert shapes {tuple(w13_u.shape)}/{tuple(w2_u.shape)} do not "
-                             f"match the model's experts {tuple(self.w13.shape[1:])}/{tuple(self.w2.shape[1:])}")
+                             f"match the model's experts {full13}/{full2}")
         if group_of.shape != (self.num_experts,) or int(group_of.min()) < 0 or int(group_of.max()) >= G:
             raise ValueError(f"group_of must map each of the {self.num_experts} experts to a group in [0, {G})")
         E = self.num_experts
-        self.w13[E:E + G].copy_(w13_u)
-        self.w2[E:E + G].copy_(w2_u)
+        if self.parallel.ep:
+            self._install_placed(w13_u, w2_u, group_of)
+        else:
+            self.w13[E:E + G].copy_(shard_gate_up(w13_u, self.parallel, self.inter, dim=1))
+            self.w2[E:E + G].copy_(shard_dim(w2_u, self.parallel, 2, "expert intermediate size"))
         self.group_of.copy_(group_of.to(self.group_of.device, torch.long))
         self.num_groups = G
+
+    def _install_placed(self, w13_u: torch.Tensor, w2_u: torch.Tensor, group_of: torch.Tensor) -> None:
+        """Expert parallel: keep the united experts placed on this rank after its routed ones."""
+        p = self.parallel
+        rank_of, local = slot_table(group_of.cpu(), w13_u.shape[0], self.num_slots, p.world_size)
+        mine = torch.nonzero(rank_of[self.num_experts:] == p.rank).flatten()  # [G_r] group ids
+        n = self.num_local_experts
+        w13 = torch.cat([self.w13[:n], w13_u[mine.to(w13_u.device)].to(self.w13)])  # [n + G_r, 2I, D]
+        w2 = torch.cat([self.w2[:n], w2_u[mine.to(w2_u.device)].to(self.w2)])  # [n + G_r, D, I]
+        if w13.shape == self.w13.shape:
+            self.w13.copy_(w13)
+            self.w2.copy_(w2)
+        else:  # another number of united slots lands here: new storage (before graph capture)
+            self.w13 = nn.Parameter(w13, requires_grad=False)
+            self.w2 = nn.Parameter(w2, requires_grad=False)
+        self.local_of.copy_(local_slots(rank_of, local, p.rank).to(self.local_of.device))
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         shape = x.shape
@@ -84,6 +127,8 @@ class SparseMoE(nn.Module):
         return out.reshape(shape)
 
     def _experts(self, x, weights, ids, ctx: ForwardContext) -> torch.Tensor:
+        if self.local_of is not None:  # expert parallel: only the slots held here
+            ids = localize(ids, self.local_of)
         if ctx.use_kernels:
             from brownout.kernels.fused_moe import fused_moe
 
