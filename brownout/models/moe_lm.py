@@ -4,6 +4,10 @@ Families differ only in their `MoESpec` (QKV bias, q/k norm, shared expert, top-
 renormalisation) and in checkpoint names (see `runner/loader.py`), so one model class
 serves all. Two entry points: `forward` over a flat batch of tokens with a paged KV cache
 (serving) and `forward_full` over a [B, L] batch without cache (calibration, evaluation).
+
+Under tensor parallelism (`parallel`, see brownout.distributed.parallel) attention and the
+MLP / MoE block return partial sums that each decoder layer all-reduces; embeddings, norms
+and lm_head are replicated, so every rank holds the same hidden states between sublayers.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from brownout.distributed.parallel import SINGLE, ParallelInfo
 from brownout.models.context import ForwardContext
 from brownout.models.layers.attention import Attention
 from brownout.models.layers.common import RMSNorm, Rotary, SwiGLU
@@ -21,30 +26,38 @@ from brownout.models.spec import MoESpec
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, spec: MoESpec, rotary: Rotary, idx: int, extra_slots: int):
+    def __init__(self, spec: MoESpec, rotary: Rotary, idx: int, extra_slots: int,
+                 parallel: ParallelInfo = SINGLE):
         super().__init__()
         self.input_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
-        self.self_attn = Attention(spec, rotary, idx)
+        self.self_attn = Attention(spec, rotary, idx, parallel)
         self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
         if idx in spec.dense_layers:
-            self.mlp: nn.Module = SwiGLU(spec.hidden_size, spec.dense_intermediate_size)
+            self.mlp: nn.Module = SwiGLU(spec.hidden_size, spec.dense_intermediate_size, parallel)
         else:
-            self.mlp = SparseMoE(spec, extra_slots)
+            self.mlp = SparseMoE(spec, extra_slots, parallel)
+        self.reduce = parallel.all_reduce if parallel.active else None  # sum of partial outputs
 
     def forward(self, x, positions, ctx: ForwardContext) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), positions, ctx)
+        attn = self.self_attn(self.input_layernorm(x), positions, ctx)
+        x = x + (attn if self.reduce is None else self.reduce(attn))
         h = self.post_attention_layernorm(x)
-        return x + (self.mlp(h, ctx) if isinstance(self.mlp, SparseMoE) else self.mlp(h))
+        mlp = self.mlp(h, ctx) if isinstance(self.mlp, SparseMoE) else self.mlp(h)
+        return x + (mlp if self.reduce is None else self.reduce(mlp))
 
 
 class MoEForCausalLM(nn.Module):
-    def __init__(self, spec: MoESpec, extra_slots: int = 0, max_positions: Optional[int] = None):
+    def __init__(self, spec: MoESpec, extra_slots: int = 0, max_positions: Optional[int] = None,
+                 parallel: Optional[ParallelInfo] = None):
         super().__init__()
         self.spec = spec
         self.extra_slots = extra_slots
+        self.parallel = parallel or SINGLE
+        # kv heads this rank caches (all of them in one process)
+        self.num_local_kv_heads = self.parallel.attention_heads(spec.num_heads, spec.num_kv_heads).num_kv_heads
         self.rotary = Rotary(spec.head_dim, max_positions or spec.max_position_embeddings, spec.rope_theta)
         self.embed_tokens = nn.Embedding(spec.vocab_size, spec.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(spec, self.rotary, i, extra_slots)
+        self.layers = nn.ModuleList(DecoderLayer(spec, self.rotary, i, extra_slots, self.parallel)
                                     for i in range(spec.num_layers))
         self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
         self.lm_head = nn.Linear(spec.hidden_size, spec.vocab_size, bias=False)
