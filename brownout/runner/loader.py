@@ -2,7 +2,9 @@
 with random weights (load_format="dummy"), on the chosen device and dtype.
 
 Checkpoint tensors are mapped onto the packed layout of `MoEForCausalLM`: q/k/v fused into
-one projection, every expert's gate/up into `w13[e]` and down into `w2[e]`.
+one projection, every expert's gate/up into `w13[e]` and down into `w2[e]`. Under tensor
+parallelism each rank keeps only its part of every tensor (brownout.distributed.sharding);
+dummy weights are drawn at full size and then split, so they equal the one-process ones.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ import torch
 from safetensors import safe_open
 
 from brownout.config import ModelLoadConfig
+from brownout.distributed.parallel import SINGLE, ParallelInfo
+from brownout.distributed.sharding import expert_piece, expert_slot, local_part, qkv_piece, shard_dim
 from brownout.models.moe_lm import MoEForCausalLM
 from brownout.models.registry import PRESETS, family_of, preset_config
 from brownout.models.spec import MoESpec
@@ -37,6 +41,7 @@ class LoadedModel:
     device: torch.device
     dtype: torch.dtype
     model_dir: Optional[Path]  # None for a dummy preset
+    parallel: ParallelInfo = SINGLE  # this process's rank and how the model is split
 
 
 def resolve_device(name: str) -> torch.device:
@@ -76,7 +81,9 @@ def _default(device: torch.device, dtype: torch.dtype):
         torch.set_default_dtype(old)
 
 
-def load_model(load: ModelLoadConfig) -> LoadedModel:
+def load_model(load: ModelLoadConfig, parallel: Optional[ParallelInfo] = None) -> LoadedModel:
+    """This rank's shard of the model (the whole model in one process)."""
+    parallel = parallel or SINGLE
     hf_config = load_hf_config(load)
     spec = family_of(hf_config).spec_from_config(hf_config)
     device = resolve_device(load.device)
@@ -86,7 +93,7 @@ def load_model(load: ModelLoadConfig) -> LoadedModel:
         extra = math.ceil(spec.num_experts / 2)  # room for way-2 (or coarser) united experts
     max_pos = min(spec.max_position_embeddings, load.max_model_len or spec.max_position_embeddings)
     with _default(device, dtype):
-        model = MoEForCausalLM(spec, extra_slots=extra, max_positions=max_pos)
+        model = MoEForCausalLM(spec, extra_slots=extra, max_positions=max_pos, parallel=parallel)
     model.eval().requires_grad_(False)
     if load.load_format == "dummy":
         _init_dummy(model, load.seed)
@@ -94,7 +101,7 @@ def load_model(load: ModelLoadConfig) -> LoadedModel:
     else:
         model_dir = Path(load.model)
         load_safetensors(model, spec, model_dir)
-    return LoadedModel(model, spec, hf_config, device, dtype, model_dir)
+    return LoadedModel(model, spec, hf_config, device, dtype, model_dir, parallel)
 
 
 @torch.no_grad()
@@ -103,8 +110,29 @@ def _init_dummy(model: MoEForCausalLM, seed: int) -> None:
     for name, p in model.named_parameters():
         if name.endswith("norm.weight"):
             p.fill_(1.0)
+        elif model.parallel.active:  # draw the full tensor, keep this rank's part
+            full = torch.empty(_full_shape(model, name, p), dtype=p.dtype, device=p.device)
+            p.copy_(local_part(name, full.normal_(0.0, 0.02, generator=gen), model.spec, model.parallel))
         else:
             p.normal_(0.0, 0.02, generator=gen)
+
+
+def _full_shape(model: MoEForCausalLM, name: str, p: torch.Tensor) -> tuple[int, ...]:
+    """Shape of parameter `name` in the one-process model."""
+    s, ws = model.spec, model.parallel.world_size
+    if name.endswith(("self_attn.qkv_proj.weight", "self_attn.qkv_proj.bias")):
+        return (s.q_size + 2 * s.kv_size,) + tuple(p.shape[1:])
+    if name.endswith("self_attn.o_proj.weight"):
+        return (p.shape[0], s.q_size)
+    if name.endswith("gate_up_proj.weight"):
+        return (p.shape[0] * ws, p.shape[1])
+    if name.endswith("down_proj.weight"):
+        return (p.shape[0], p.shape[1] * ws)
+    if name.endswith((".w13", ".w2")):
+        slots = s.num_experts + model.extra_slots
+        inter = s.moe_intermediate_size
+        return (slots, 2 * inter, s.hidden_size) if name.endswith(".w13") else (slots, s.hidden_size, inter)
+    return tuple(p.shape)
 
 
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
@@ -130,7 +158,7 @@ def load_safetensors(model: MoEForCausalLM, spec: MoESpec, model_dir: Path) -> N
     for file in checkpoint_files(model_dir):
         with safe_open(str(file), framework="pt") as f:
             for key in f.keys():
-                target = _place(params, spec, key, f.get_tensor(key))
+                target = _place(params, spec, key, f.get_tensor(key), model.parallel)
                 if target is None:
                     log.warning("ignoring checkpoint tensor %s", key)
                 else:
@@ -144,8 +172,10 @@ def load_safetensors(model: MoEForCausalLM, spec: MoESpec, model_dir: Path) -> N
         raise ValueError(f"checkpoint {model_dir} lacks {len(missing)} tensors, e.g. {missing[:5]}")
 
 
-def _place(params: dict, spec: MoESpec, key: str, t: torch.Tensor) -> Optional[str]:
-    """Copy one checkpoint tensor into the model; return the parameter name it filled."""
+def _place(params: dict, spec: MoESpec, key: str, t: torch.Tensor,
+           parallel: ParallelInfo = SINGLE) -> Optional[str]:
+    """Copy (this rank's part of) one checkpoint tensor into the model; return the parameter
+    name it filled."""
     top = {"model.embed_tokens.weight": "embed_tokens.weight", "model.norm.weight": "norm.weight",
            "lm_head.weight": "lm_head.weight"}
     if key in top:
@@ -156,25 +186,30 @@ def _place(params: dict, spec: MoESpec, key: str, t: torch.Tensor) -> Optional[s
         return None
     i, rest = int(m.group(1)), m.group(2)
     pre = f"layers.{i}."
-    inter = spec.moe_intermediate_size
     if rest.startswith("self_attn.") and rest.split(".")[1] in ("q_proj", "k_proj", "v_proj"):
         proj, kind = rest.split(".")[1:3]
-        lo = {"q_proj": 0, "k_proj": spec.q_size, "v_proj": spec.q_size + spec.kv_size}[proj]
-        n = spec.q_size if proj == "q_proj" else spec.kv_size
-        params[pre + f"self_attn.qkv_proj.{kind}"][lo:lo + n].copy_(t)
+        lo, rows = qkv_piece(proj, t, spec, parallel)
+        params[pre + f"self_attn.qkv_proj.{kind}"][lo:lo + rows.shape[0]].copy_(rows)
         return pre + f"self_attn.qkv_proj.{kind}"  # filled once all three arrived
     em = _EXPERT.match(rest)
     if em:
         e, proj = int(em.group(1)), _PROJ_ALIASES.get(em.group(2), em.group(2))
+        name = pre + ("mlp.w2" if proj == "down_proj" else "mlp.w13")
+        slot = expert_slot(e, spec, parallel)
+        if slot is None:  # expert parallel: another rank holds expert e
+            return name
+        t = expert_piece(proj, t, parallel)
         if proj == "down_proj":
-            params[pre + "mlp.w2"][e].copy_(t)
-            return pre + "mlp.w2"
+            params[name][slot].copy_(t)
+            return name
+        inter = t.shape[0]  # this rank's width
         lo = 0 if proj == "gate_proj" else inter
-        params[pre + "mlp.w13"][e, lo:lo + inter].copy_(t)
-        return pre + "mlp.w13"
+        params[name][slot, lo:lo + inter].copy_(t)
+        return name
     rest = re.sub(r"^block_sparse_moe\.", "mlp.", rest)
     if rest in ("mlp.experts.gate_up_proj", "mlp.experts.down_proj"):  # already packed
         name = pre + ("mlp.w13" if "gate_up" in rest else "mlp.w2")
+        t = local_part(name, t, spec, parallel)
         params[name][: t.shape[0]].copy_(t)
         return name
     for dense in ("mlp.shared_expert.", "mlp."):
@@ -182,9 +217,9 @@ def _place(params: dict, spec: MoESpec, key: str, t: torch.Tensor) -> Optional[s
             w = params[pre + dense + "gate_up_proj.weight"]
             half = w.shape[0] // 2
             lo = 0 if "gate_proj" in rest else half
-            w[lo:lo + half].copy_(t)
+            w[lo:lo + half].copy_(shard_dim(t, parallel, 0, "MLP intermediate size"))
             return pre + dense + "gate_up_proj.weight"
     if pre + rest in params:
-        params[pre + rest].copy_(t)
+        params[pre + rest].copy_(local_part(pre + rest, t, spec, parallel))
         return pre + rest
     return None
