@@ -2,6 +2,8 @@
 
 Owns the paged KV cache tensors, the brownout threshold (a device tensor the MoE layers
 read, so CUDA-graph replays need no recapture) and the per-request sampling generators.
+Under tensor parallelism every rank runs `forward` on the same step (its KV cache holds only
+its kv heads, and all ranks agree on the number of blocks); only rank 0 samples.
 """
 
 from __future__ import annotations
@@ -22,8 +24,8 @@ log = logging.getLogger(__name__)
 
 
 def kv_block_bytes(loaded: LoadedModel, block_size: int) -> int:
-    s = loaded.spec
-    return 2 * s.num_layers * block_size * s.num_kv_heads * s.head_dim * loaded.dtype.itemsize
+    s = loaded.spec  # kv heads of this rank only
+    return 2 * s.num_layers * block_size * loaded.model.num_local_kv_heads * s.head_dim * loaded.dtype.itemsize
 
 
 def plan_num_blocks(loaded: LoadedModel, cache: CacheConfig) -> int:
@@ -50,9 +52,10 @@ class ModelRunner:
         self.model = loaded.model
         self.device = loaded.device
         self.block_size = cache.block_size
-        self.num_blocks = plan_num_blocks(loaded, cache)
+        # the scheduler on rank 0 hands out block ids that must exist on every rank
+        self.num_blocks = loaded.parallel.min_over_ranks(plan_num_blocks(loaded, cache))
         s = loaded.spec
-        shape = (self.num_blocks, cache.block_size, s.num_kv_heads, s.head_dim)
+        shape = (self.num_blocks, cache.block_size, self.model.num_local_kv_heads, s.head_dim)
         self.kv_caches = [(torch.zeros(shape, dtype=loaded.dtype, device=self.device),
                            torch.zeros(shape, dtype=loaded.dtype, device=self.device))
                           for _ in range(s.num_layers)]
@@ -111,6 +114,15 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput, tau: float = 1.0) -> RunnerOutput:
+        hidden, touched, meta = self.forward(sched, tau)
+        out = self._sample(sched, hidden, meta)
+        out.experts_touched = touched.tolist() if touched is not None else []
+        out.tau = tau if self.brownout_ready else 1.0
+        return out
+
+    @torch.inference_mode()
+    def forward(self, sched: SchedulerOutput, tau: float = 1.0):
+        """Run the model on one step -> (hidden [T, D], touched [L] or None, meta); no sampling."""
         input_ids, positions, meta = self._prepare(sched)
         if self.brownout_ready:
             self.tau.fill_(tau)
@@ -124,10 +136,7 @@ class ModelRunner:
                                  tau=self.tau if brownout else None, use_kernels=self.use_kernels)
             hidden = self.model(input_ids, positions, ctx)  # [T, D]
             touched = torch.stack(ctx.touched) if ctx.touched else None
-        out = self._sample(sched, hidden, meta)
-        out.experts_touched = touched.tolist() if touched is not None else []
-        out.tau = tau if self.brownout_ready else 1.0
-        return out
+        return hidden, touched, meta
 
     def _graph_step(self, sched: SchedulerOutput, meta: AttnMeta) -> bool:
         if self.graphs is None or meta.max_query_len != 1:
