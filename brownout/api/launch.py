@@ -56,6 +56,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--load-format", choices=("auto", "dummy"), default="auto")
     g.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--tensor-parallel-size", type=int, default=1,
+                   help="split the model over this many processes (GPUs); default 1")
+    g.add_argument("--enable-expert-parallel", action="store_true",
+                   help="split routed experts by rank instead of along their width")
     g = parser.add_argument_group("scheduler and admission")
     g.add_argument("--max-num-seqs", type=int, default=None, help=f"batch size (default {sched.max_num_seqs})")
     g.add_argument("--max-num-batched-tokens", type=int, default=None,
@@ -96,7 +100,9 @@ def build_configs(args) -> tuple[EngineConfig, ServerConfig]:
     tau = {} if args.fixed_tau is None else {"tau_prefill": args.fixed_tau, "tau_decode": args.fixed_tau}
     load = ModelLoadConfig(model=args.model or "", load_format=args.load_format, dtype=args.dtype,
                            device=args.device, seed=args.seed, max_model_len=args.max_model_len,
-                           enforce_eager=args.enforce_eager, tokenizer=args.tokenizer)
+                           enforce_eager=args.enforce_eager, tokenizer=args.tokenizer,
+                           tensor_parallel_size=args.tensor_parallel_size,
+                           enable_expert_parallel=args.enable_expert_parallel)
     cache = CacheConfig(**_given(args, {"num_kv_blocks": "num_blocks", "block_size": "block_size",
                                         "gpu_memory_utilization": "gpu_memory_utilization"}))
     scheduler = SchedulerConfig(**_given(args, {
