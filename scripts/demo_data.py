@@ -36,7 +36,7 @@ def chat_text(question: str, answer: str) -> str:
     return f"{IM_START}user\n{question}{IM_END}\n{IM_START}assistant\n{answer}{IM_END}\n"
 
 
-def _split_plain(text: str) -> tuple[str, str]:
+def split_plain(text: str) -> tuple[str, str]:
     """Cut at a line boundary so the held-out part starts on a fresh line."""
     cut = text.rfind("\n", 0, int(len(text) * (1 - HELD_OUT_FRACTION))) + 1
     return text[:cut], text[cut:]
@@ -46,7 +46,7 @@ def load_documents(text_dir: Path) -> dict[str, list[str]]:
     """{"train": [...], "held_out": [...]} documents, one plain file or one chat each."""
     split: dict[str, list[str]] = {"train": [], "held_out": []}
     for name in PLAIN_SOURCES:
-        train, held = _split_plain((text_dir / name).read_text(encoding="utf-8"))
+        train, held = split_plain((text_dir / name).read_text(encoding="utf-8"))
         split["train"].append(train)
         split["held_out"].append(held)
     rows = [json.loads(line) for line in (text_dir / CHAT_SOURCE).read_text().splitlines() if line]

@@ -46,7 +46,8 @@ def calibration_windows(tokenizer, files: Sequence[Path], max_tokens: int, seq_l
     for path in files:
         text = Path(path).read_text(encoding="utf-8", errors="replace")
         # tokenize a prefix large enough for the budget (bytes >= tokens for BPE)
-        ids = tokenizer(text[: per_file * 16], add_special_tokens=False)["input_ids"][:per_file]
+        ids = tokenizer(text[: per_file * 16], add_special_tokens=False, verbose=False)["input_ids"]
+        ids = ids[:per_file]
         n = len(ids) // seq_len
         if n == 0:
             raise ValueError(f"calibration: {path} has fewer than {seq_len} tokens")

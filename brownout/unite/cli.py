@@ -26,7 +26,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="plain-text calibration file(s); needed by similarity/frequency/distill")
     p.add_argument("--calibration-tokens", type=int, default=32768)
     p.add_argument("--seq-len", type=int, default=512, help="calibration window length")
-    p.add_argument("--distill-steps", type=int, default=600, help="Adam steps per group at most")
+    p.add_argument("--distill-steps", type=int, default=1000, help="Adam steps per group at most")
     p.add_argument("--out", required=True, type=Path, help="output directory")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")

@@ -77,7 +77,7 @@ def fit_error(w13: torch.Tensor, w2: torch.Tensor, data: GroupData, chunk: int =
 
 @dataclass
 class DistillConfig:
-    max_steps: int = 600
+    max_steps: int = 1000
     batch_tokens: int = 1024
     lr_scale: float = 0.02  # Adam step relative to the RMS of each weight tensor
     eval_every: int = 25
