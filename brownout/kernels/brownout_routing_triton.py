@@ -1,0 +1,217 @@
+"""Brownout routing (SPEC 1.3) as Triton kernels: one launch for small steps, two for large.
+
+Same outputs as `brownout_routing.brownout_route_torch`, without its ~25 small launches:
+  1. `_plan_kernel` (one program): per-expert counts of the valid assignments (a histogram
+     over chunks of the T*k ids), the keep set from an [E, CH] "who sorts before me"
+     comparison per chunk of CH experts (count desc, lower id first), the lone-member rule
+     from an [E, CH] same-group comparison, and the remap table `slot_of` [E] in scratch.
+     Each phase reads what the previous one stored, after a block barrier.
+  2. `_apply_kernel` (grid over token blocks): gather `slot_of[ids]`, merge a token's
+     assignments that land on one united slot through a [BLOCK_T, K, K] comparison, write
+     ids and weights. For small steps the plan program runs this loop itself (one launch).
+No host synchronisation, grids depend on shapes only and `tau` may be a 0-d device
+tensor, so a call can be captured in a CUDA graph. The keep test is done in float64 on
+integers, exactly as the torch version (`before < float64(tau) * total`).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU installs without triton use the torch version
+    triton = None
+
+MAX_EXPERTS = 1024  # beyond this the [E, CH] tiles stop fitting one program; torch is used
+MAX_TOP_K = 16
+FUSED_MAX_ASSIGNMENTS = 2048  # T*k up to this: one launch (plan + apply in one program)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _kernels_interpreted() -> bool:
+    """True when triton decorated this module's kernels for its CPU interpreter."""
+    return triton is not None and not isinstance(_plan_kernel, triton.runtime.JITFunction)
+
+
+def triton_route_available(device: torch.device, num_experts: int, top_k: int) -> bool:
+    """True when the kernels can run these shapes on `device` (CUDA, or the interpreter)."""
+    if triton is None or num_experts > MAX_EXPERTS or top_k > MAX_TOP_K:
+        return False
+    return device.type == "cuda" or _kernels_interpreted()
+
+
+if triton is not None:
+
+    @triton.jit
+    def _apply_block(t0, ids_ptr, w_ptr, valid_ptr, slot_ptr, out_ids_ptr, out_w_ptr,
+                     T, K, E, s_it, s_ik, s_wt, s_wk, s_v,
+                     HAS_VALID: tl.constexpr, BLOCK_T: tl.constexpr, K_PAD: tl.constexpr):
+        """Remap and merge tokens [t0, t0 + BLOCK_T). Shapes: BT tokens, KP top-k slots."""
+        offs_t = t0 + tl.arange(0, BLOCK_T)  # [BT]
+        offs_j = tl.arange(0, K_PAD)  # [KP]
+        mj = offs_j < K
+        m2 = (offs_t < T)[:, None] & mj[None, :]  # [BT, KP]
+        e = tl.load(ids_ptr + offs_t[:, None] * s_it + offs_j[None, :] * s_ik, mask=m2, other=0)
+        e = tl.minimum(tl.maximum(e.to(tl.int32), 0), E - 1)  # the torch version clamps too
+        w = tl.load(w_ptr + offs_t[:, None] * s_wt + offs_j[None, :] * s_wk, mask=m2, other=0.0)
+        wf = w.to(tl.float32)
+        slot = tl.load(slot_ptr + e, mask=m2, other=-1)  # [BT, KP]
+        united = slot >= E
+        # same[t, j, j']: position j' holds the united slot of position j
+        same = (slot[:, :, None] == slot[:, None, :]) & united[:, :, None] & mj[None, None, :]
+        earlier = offs_j[None, None, :] < offs_j[None, :, None]  # j' < j
+        has_earlier = tl.max((same & earlier).to(tl.int32), axis=2) > 0  # [BT, KP]
+        summed = tl.sum(tl.where(same, wf[:, None, :], 0.0), axis=2)  # [BT, KP]
+        new_w = tl.where(united, summed, wf)
+        new_id = tl.where(has_earlier, -1, slot)
+        new_w = tl.where(has_earlier, 0.0, new_w)
+        if HAS_VALID:
+            v = tl.load(valid_ptr + offs_t * s_v, mask=offs_t < T, other=0) != 0  # [BT]
+            new_id = tl.where(v[:, None], new_id, -1)
+            new_w = tl.where(v[:, None], new_w, 0.0)
+        out = offs_t[:, None] * K + offs_j[None, :]  # outputs are contiguous [T, K]
+        tl.store(out_ids_ptr + out, new_id.to(out_ids_ptr.dtype.element_ty), mask=m2)
+        tl.store(out_w_ptr + out, new_w.to(out_w_ptr.dtype.element_ty), mask=m2)
+
+    @triton.jit(do_not_specialize=["T"])  # one binary for every step length
+    def _plan_kernel(ids_ptr, w_ptr, valid_ptr, group_ptr, tau_ptr, tau_val, scratch_ptr,
+                     out_ids_ptr, out_w_ptr, T, K, E,
+                     s_it, s_ik, s_wt, s_wk, s_v, s_g,
+                     HAS_VALID: tl.constexpr, TAU_IS_PTR: tl.constexpr, FUSED: tl.constexpr,
+                     E_PAD: tl.constexpr, HBINS: tl.constexpr, CH: tl.constexpr,
+                     BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, K_PAD: tl.constexpr):
+        """Counts, keep set, lone-member rule -> slot_of in scratch[2E:3E]; then, if FUSED,
+        the apply loop over all tokens. scratch: counts [E], redirected [E], slot_of [E]."""
+        cnt_ptr = scratch_ptr
+        red_ptr = scratch_ptr + E
+        slot_ptr = scratch_ptr + 2 * E
+        # 1. histogram of valid assignments; masked ones go to bin HBINS-1 >= E, dropped
+        hist = tl.zeros([HBINS], dtype=tl.int32)
+        N = T * K
+        for start in range(0, N, BLOCK_N):
+            n = start + tl.arange(0, BLOCK_N)  # [BN] flat assignment index
+            m = n < N
+            t = n // K
+            e = tl.load(ids_ptr + t * s_it + (n - t * K) * s_ik, mask=m, other=0)
+            e = tl.minimum(tl.maximum(e.to(tl.int32), 0), E - 1)
+            if HAS_VALID:
+                m = m & (tl.load(valid_ptr + t * s_v, mask=m, other=0) != 0)
+            hist += tl.histogram(tl.where(m, e, HBINS - 1), HBINS)
+        offs_h = tl.arange(0, HBINS)
+        total = tl.sum(tl.where(offs_h < E, hist, 0))
+        tl.store(cnt_ptr + offs_h, hist, mask=offs_h < E)
+        tl.debug_barrier()
+        # 2. keep set: before[e] = sum of counts of experts ordered before e
+        offs_e = tl.arange(0, E_PAD)  # [EP]
+        me = offs_e < E
+        c_e = tl.load(cnt_ptr + offs_e, mask=me, other=0)
+        before = tl.zeros([E_PAD], dtype=tl.int32)
+        for s in range(0, E_PAD, CH):
+            offs_c = s + tl.arange(0, CH)  # [CH]
+            c_c = tl.load(cnt_ptr + offs_c, mask=offs_c < E, other=0)
+            ahead = (c_c[None, :] > c_e[:, None]) | (
+                (c_c[None, :] == c_e[:, None]) & (offs_c[None, :] < offs_e[:, None]))  # [EP, CH]
+            before += tl.sum(tl.where(ahead, c_c[None, :], 0), axis=1)
+        if TAU_IS_PTR:
+            tau = tl.load(tau_ptr).to(tl.float64)
+        else:
+            tau = tl.cast(tau_val, tl.float64)  # a float argument is float32
+        kept = before.to(tl.float64) < tau * total.to(tl.float64)
+        redirected = (c_e > 0) & (kept == 0) & me  # [EP]
+        g_e = tl.load(group_ptr + offs_e * s_g, mask=me, other=-1).to(tl.int32)
+        tl.store(red_ptr + offs_e, redirected.to(tl.int32), mask=me)
+        tl.debug_barrier()
+        # 3. lone-member rule: a group needs >= 2 redirected members to use its united slot
+        n_red = tl.zeros([E_PAD], dtype=tl.int32)
+        for s in range(0, E_PAD, CH):
+            offs_c = s + tl.arange(0, CH)
+            r_c = tl.load(red_ptr + offs_c, mask=offs_c < E, other=0)
+            g_c = tl.load(group_ptr + offs_c * s_g, mask=offs_c < E, other=-1).to(tl.int32)
+            n_red += tl.sum(tl.where(g_c[None, :] == g_e[:, None], r_c[None, :], 0), axis=1)
+        slot = tl.where(redirected & (n_red >= 2), E + g_e, offs_e)
+        tl.store(slot_ptr + offs_e, slot, mask=me)
+        if FUSED:
+            tl.debug_barrier()
+            for t0 in range(0, T, BLOCK_T):
+                _apply_block(t0, ids_ptr, w_ptr, valid_ptr, slot_ptr, out_ids_ptr, out_w_ptr,
+                             T, K, E, s_it, s_ik, s_wt, s_wk, s_v, HAS_VALID, BLOCK_T, K_PAD)
+
+    @triton.jit(do_not_specialize=["T"])
+    def _apply_kernel(ids_ptr, w_ptr, valid_ptr, slot_ptr, out_ids_ptr, out_w_ptr,
+                      T, K, E, s_it, s_ik, s_wt, s_wk, s_v,
+                      HAS_VALID: tl.constexpr, BLOCK_T: tl.constexpr, K_PAD: tl.constexpr):
+        _apply_block(tl.program_id(0) * BLOCK_T, ids_ptr, w_ptr, valid_ptr, slot_ptr,
+                     out_ids_ptr, out_w_ptr, T, K, E, s_it, s_ik, s_wt, s_wk, s_v,
+                     HAS_VALID, BLOCK_T, K_PAD)
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def _plan_config(n_assign: int) -> tuple[int, int]:
+    """(BLOCK_N, num_warps) of the one-program plan kernel: wider for long steps, since
+    its histogram loop runs on one SM and waits on load latency. Few buckets, few binaries."""
+    if n_assign <= FUSED_MAX_ASSIGNMENTS:
+        return 1024, 4
+    if n_assign <= 8192:
+        return 2048, 8
+    return 4096, 16
+
+
+def brownout_route_triton(
+    topk_ids: torch.Tensor,  # [T, k] int, expert ids in [0, E)
+    topk_weights: torch.Tensor,  # [T, k] float
+    tau,  # 0-d tensor (any float dtype, on the device) or a Python float
+    group_of: torch.Tensor,  # [E] int, group index of each routed expert
+    num_experts: int,
+    valid: Optional[torch.Tensor] = None,  # [T] bool
+    fused: Optional[bool] = None,  # one launch; None: by size (FUSED_MAX_ASSIGNMENTS)
+) -> tuple[torch.Tensor, torch.Tensor]:  # ids [T, k] (input dtype, -1 = skip), weights [T, k]
+    """`brownout_route` in one or two Triton launches (see the module docstring)."""
+    T, k = topk_ids.shape
+    E = num_experts
+    dev = topk_ids.device
+    out_ids = torch.empty((T, k), dtype=topk_ids.dtype, device=dev)
+    out_w = torch.empty((T, k), dtype=topk_weights.dtype, device=dev)
+    if T == 0:
+        return out_ids, out_w
+    scratch = torch.empty(3 * E, dtype=torch.int32, device=dev)  # counts, redirected, slot_of
+    tau_is_ptr = torch.is_tensor(tau)
+    if tau_is_ptr and tau.device != dev:
+        tau = tau.to(dev)  # out of contract (a host tensor); the copy is not capturable
+    # a Python tau is rounded to float32 here as the torch version does (the interpreter
+    # hands float arguments over unrounded)
+    tau_val = 0.0 if tau_is_ptr else float(torch.tensor(float(tau), dtype=torch.float32))
+    tau_ptr = tau if tau_is_ptr else scratch
+    has_valid = valid is not None
+    v = valid.view(torch.uint8) if has_valid and valid.dtype == torch.bool else valid
+    v = v if has_valid else scratch
+    s_v = v.stride(0) if has_valid else 0
+    if fused is None:
+        fused = T * k <= FUSED_MAX_ASSIGNMENTS
+    e_pad = max(2, _pow2(E))
+    k_pad = max(2, _pow2(k))
+    block_t = min(256, 4096 // (k_pad * k_pad))  # [BT, KP, KP] tiles of <= 4K elements
+    block_n, warps = _plan_config(T * k)
+    strides = (topk_ids.stride(0), topk_ids.stride(1), topk_weights.stride(0),
+               topk_weights.stride(1), s_v)
+    _plan_kernel[(1,)](
+        topk_ids, topk_weights, v, group_of, tau_ptr, tau_val, scratch, out_ids, out_w,
+        T, k, E, *strides, group_of.stride(0),
+        HAS_VALID=has_valid, TAU_IS_PTR=tau_is_ptr, FUSED=fused, E_PAD=e_pad,
+        HBINS=_pow2(E + 1), CH=min(e_pad, max(8, 4096 // e_pad)), BLOCK_N=block_n, BLOCK_T=block_t,
+        K_PAD=k_pad, num_warps=warps)
+    if not fused:
+        _apply_kernel[(triton.cdiv(T, block_t),)](
+            topk_ids, topk_weights, v, scratch[2 * E:], out_ids, out_w, T, k, E, *strides,
+            HAS_VALID=has_valid, BLOCK_T=block_t, K_PAD=k_pad, num_warps=4)
+    return out_ids, out_w

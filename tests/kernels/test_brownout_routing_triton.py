@@ -1,0 +1,253 @@
+"""Triton brownout routing against the torch version (`brownout_route_torch`).
+
+Ids must match exactly, weights to 1e-6 (merged weights may be summed in another order).
+Without CUDA the kernels run under triton's CPU interpreter on a subset; the full grid
+(experts {8, 60, 64, 128} x top-k {2, 4, 8} x tokens {1, 7, 64, 300} x way {2, 4, 8} x
+tau {0, 0.3, 0.5, 0.8, 1} x valid mask x routing shape) and the CUDA-graph checks run on
+a GPU.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from brownout.kernels import brownout_routing
+from brownout.kernels.brownout_routing import brownout_route_torch, contiguous_groups
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+
+
+def _import_kernels(name: str):
+    """Import a kernel module; without CUDA, under triton's CPU interpreter.
+
+    Triton decorates its own library for the interpreter only if TRITON_INTERPRET is set
+    before triton is first imported, so it is set around that import and restored after.
+    Returns None when triton was already imported for compiled kernels (then a fresh
+    process runs this file)."""
+    if CUDA or os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.importorskip("triton")
+        return importlib.import_module(name)
+    tr = sys.modules.get("triton")
+    if tr is not None and isinstance(tr.language.zeros, tr.runtime.JITFunction):
+        return None
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        pytest.importorskip("triton")
+        mod = importlib.import_module(name)
+        return mod if mod._kernels_interpreted() else importlib.reload(mod)
+    finally:
+        del os.environ["TRITON_INTERPRET"]
+
+
+bt = _import_kernels("brownout.kernels.brownout_routing_triton")
+
+
+@pytest.fixture(autouse=True)
+def _interpreter_env(monkeypatch):
+    """Triton's interpreter also reads the variable while it runs (lazy imports)."""
+    if not CUDA:
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+
+needs_kernels = pytest.mark.skipif(bt is None, reason="run by test_cpu_suite_in_fresh_process")
+
+
+@pytest.mark.skipif(bt is not None, reason="kernels imported here")
+def test_cpu_suite_in_fresh_process():
+    """Triton was imported before this file could select its interpreter: rerun apart."""
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                          "-m", "not gpu", __file__], env=env, capture_output=True, text=True,
+                         timeout=900)
+    assert res.returncode == 0, res.stdout[-5000:] + res.stderr[-2000:]
+
+
+TAUS = (0.0, 0.3, 0.5, 0.8, 1.0)
+SHAPES = ("skew", "uniform", "ties", "shuffled")
+
+
+def make_case(T, E, k, way, shape, seed, with_valid, device=DEVICE):
+    """Router output [T, k] (k distinct ids per token), group_of [E], valid [T] or None.
+
+    skew: a few hot experts; uniform: iid logits; ties: round-robin ids, so every count
+    ties and tau * total lands exactly on cumulative counts; shuffled: skewed routing with
+    a non-contiguous grouping. Groups are contiguous elsewhere (last one smaller when way
+    does not divide E)."""
+    g = torch.Generator().manual_seed(seed)
+    group_of = contiguous_groups(E, way)
+    if shape == "ties":
+        ids = (torch.arange(T).unsqueeze(1) * k + torch.arange(k)) % E  # [T, k]
+        w = torch.rand(T, k, generator=g)
+    else:
+        logits = torch.randn(T, E, generator=g)  # [T, E]
+        if shape in ("skew", "shuffled"):
+            logits = logits + 3.0 * torch.randn(E, generator=g)
+        w, ids = torch.topk(torch.softmax(logits, -1), k)
+        if shape == "shuffled":
+            group_of = group_of[torch.randperm(E, generator=g)]
+    valid = torch.rand(T, generator=g) > 0.3 if with_valid else None
+    to = lambda x: None if x is None else x.to(device)  # noqa: E731
+    return to(ids.to(torch.int32)), to(w.float()), to(group_of), to(valid)
+
+
+def check(ids, w, tau, group_of, E, valid, fused=None):
+    """Triton == torch version on the same inputs; returns the torch outputs."""
+    ref_ids, ref_w = brownout_route_torch(ids, w, tau, group_of, E, valid)
+    out_ids, out_w = bt.brownout_route_triton(ids, w, tau, group_of, E, valid, fused=fused)
+    assert out_ids.dtype == ids.dtype and out_w.dtype == w.dtype
+    assert torch.equal(out_ids, ref_ids), (out_ids, ref_ids)
+    torch.testing.assert_close(out_w, ref_w, atol=1e-6, rtol=0)
+    return ref_ids, ref_w
+
+
+def run_grid(E, k, T, ways, with_valids, seed0=0):
+    """Every tau and routing shape for the given ways and valid-mask settings."""
+    redirected = 0
+    for wi, way in enumerate(ways):
+        for vi, with_valid in enumerate(with_valids):
+            for si, shape in enumerate(SHAPES):
+                case = make_case(T, E, k, way, shape, seed0 + 100 * wi + 10 * vi + si, with_valid)
+                for tau in TAUS:
+                    tau_t = torch.tensor(tau, dtype=torch.float32, device=DEVICE)
+                    ref_ids, _ = check(*case[:2], tau_t, case[2], E, case[3])
+                    redirected += int((ref_ids >= E).sum())
+    return redirected
+
+
+# ----------------------------------------------------------------------------- CPU subset
+
+@needs_kernels
+@pytest.mark.parametrize("E,k,T,way,with_valid", [
+    (8, 2, 7, 2, False), (60, 4, 64, 8, True), (64, 8, 300, 4, True), (128, 8, 1, 8, False),
+    (8, 8, 64, 4, True),
+])
+def test_small_grid(E, k, T, way, with_valid):
+    redirected = run_grid(E, k, T, (way,), (with_valid,), seed0=E + k + T)
+    assert T == 1 or redirected > 0  # the cases exercise the remap, not only identity
+
+
+@needs_kernels
+@pytest.mark.parametrize("fused", [True, False])
+def test_one_and_two_launches(fused):
+    ids, w, group_of, valid = make_case(300, 60, 4, 4, "skew", 1, True)
+    for tau in (0.0, 0.5, 0.9):
+        check(ids, w, torch.tensor(tau, device=DEVICE), group_of, 60, valid, fused=fused)
+
+
+@needs_kernels
+def test_tau_one_without_mask_is_bit_identical():
+    ids, w, group_of, _ = make_case(64, 60, 4, 4, "skew", 2, False)
+    out_ids, out_w = bt.brownout_route_triton(ids, w, torch.tensor(1.0, device=DEVICE),
+                                              group_of, 60)
+    assert torch.equal(out_ids, ids) and torch.equal(out_w, w)
+
+
+@needs_kernels
+def test_ties_at_the_keep_boundary():
+    """8 experts used twice each: tau = 0.5 keeps exactly the 4 lowest ids (0..3)."""
+    ids, w, _, _ = make_case(8, 8, 2, 2, "ties", 3, False)
+    group_of = contiguous_groups(8, 2, device=DEVICE)
+    out_ids, _ = check(ids, w, torch.tensor(0.5, device=DEVICE), group_of, 8, None)
+    assert set(out_ids.unique().tolist()) == {-1, 0, 1, 2, 3, 10, 11}
+
+
+@needs_kernels
+def test_tau_forms_and_input_layouts():
+    """Python float and float64 tau, int64 ids, non-contiguous ids and weights."""
+    ids, w, group_of, valid = make_case(64, 64, 4, 8, "skew", 4, True)
+    check(ids, w, 0.3, group_of, 64, valid)
+    check(ids, w, torch.tensor(0.3, dtype=torch.float64, device=DEVICE), group_of, 64, valid)
+    check(ids.long(), w, 0.5, group_of, 64, valid)
+    wide_ids = torch.zeros(64, 8, dtype=torch.int32, device=DEVICE)
+    wide_ids[:, ::2] = ids
+    check(wide_ids[:, ::2], w.t().contiguous().t(), 0.5, group_of, 64, valid)
+
+
+@needs_kernels
+def test_all_padding_and_empty_step():
+    ids, w, group_of, _ = make_case(7, 8, 2, 2, "skew", 5, False)
+    none_valid = torch.zeros(7, dtype=torch.bool, device=DEVICE)
+    out_ids, out_w = check(ids, w, 0.5, group_of, 8, none_valid)
+    assert (out_ids == -1).all() and (out_w == 0).all()
+    out_ids, out_w = bt.brownout_route_triton(ids[:0], w[:0], 0.5, group_of, 8)
+    assert out_ids.shape == (0, 2) and out_w.shape == (0, 2)
+
+
+def test_dispatcher_keeps_torch_on_cpu():
+    ids, w, group_of, valid = make_case(64, 60, 4, 4, "skew", 6, True, device="cpu")
+    a = brownout_routing.brownout_route(ids, w, torch.tensor(0.5), group_of, 60, valid)
+    b = brownout_route_torch(ids, w, torch.tensor(0.5), group_of, 60, valid)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+@needs_kernels
+def test_availability_limits():
+    dev = torch.device(DEVICE)
+    assert bt.triton_route_available(dev, 128, 8)
+    assert not bt.triton_route_available(dev, bt.MAX_EXPERTS + 1, 8)
+    assert not bt.triton_route_available(dev, 64, bt.MAX_TOP_K + 1)
+
+
+# ----------------------------------------------------------------------------- GPU
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("T", [1, 7, 64, 300])
+@pytest.mark.parametrize("k", [2, 4, 8])
+@pytest.mark.parametrize("E", [8, 60, 64, 128])
+def test_full_grid(E, k, T):
+    redirected = run_grid(E, k, T, (2, 4, 8), (False, True), seed0=1000 * E + 10 * k + T)
+    assert T == 1 or redirected > 0
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("E,k,T", [(256, 8, 4096), (128, 8, 16384), (60, 4, 2048), (512, 6, 999)])
+def test_large_steps(E, k, T):
+    ids, w, group_of, valid = make_case(T, E, k, 4, "skew", T, True)
+    for tau in (0.0, 0.5, 0.8):
+        for fused in (True, False):
+            check(ids, w, torch.tensor(tau, device="cuda"), group_of, E, valid, fused=fused)
+
+
+@pytest.mark.gpu
+def test_dispatcher_uses_triton_on_cuda(monkeypatch):
+    calls = []
+    real = bt.brownout_route_triton
+    monkeypatch.setattr(bt, "brownout_route_triton", lambda *a: calls.append(1) or real(*a))
+    ids, w, group_of, valid = make_case(64, 60, 4, 4, "skew", 7, True)
+    a = brownout_routing.brownout_route(ids, w, torch.tensor(0.5, device="cuda"), group_of, 60, valid)
+    b = brownout_route_torch(ids, w, torch.tensor(0.5, device="cuda"), group_of, 60, valid)
+    assert calls and torch.equal(a[0], b[0])
+    torch.testing.assert_close(a[1], b[1], atol=1e-6, rtol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("T", [64, 2048])
+def test_cuda_graph_with_device_tau_and_no_sync(T):
+    """Captured once; tau changes in its device tensor between replays."""
+    ids, w, group_of, valid = make_case(T, 60, 4, 4, "skew", 8, True)
+    tau = torch.tensor(1.0, device="cuda")
+    bt.brownout_route_triton(ids, w, tau, group_of, 60, valid)  # compile outside capture
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        bt.brownout_route_triton(ids, w, tau, group_of, 60, valid)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out_ids, out_w = bt.brownout_route_triton(ids, w, tau, group_of, 60, valid)
+    for value in (0.0, 0.4, 0.8, 1.0):
+        tau.fill_(value)
+        out_ids.fill_(-7)
+        out_w.fill_(float("nan"))
+        graph.replay()
+        ref_ids, ref_w = brownout_route_torch(ids, w, tau, group_of, 60, valid)
+        assert torch.equal(out_ids, ref_ids)
+        torch.testing.assert_close(out_w, ref_w, atol=1e-6, rtol=0)
