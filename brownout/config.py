@@ -127,11 +127,12 @@ class ModelLoadConfig:
             raise ValidationError("device", f"must be auto|cpu|cuda, got {self.device!r}")
         if self.max_model_len is not None:
             _check_range("max_model_len", self.max_model_len, 1)
-        if isinstance(self.tensor_parallel_size, bool) or not isinstance(self.tensor_parallel_size, int) \
-                or self.tensor_parallel_size < 1:
-            raise ValidationError("tensor_parallel_size", f"must be an integer >= 1, got {self.tensor_parallel_size!r}")
+        tp = self.tensor_parallel_size
+        if isinstance(tp, bool) or not isinstance(tp, int) or tp < 1:
+            raise ValidationError("tensor_parallel_size", f"must be an integer >= 1, got {tp!r}")
         if not isinstance(self.enable_expert_parallel, bool):
-            raise ValidationError("enable_expert_parallel", f"must be true or false, got {self.enable_expert_parallel!r}")
+            raise ValidationError("enable_expert_parallel",
+                                  f"must be true or false, got {self.enable_expert_parallel!r}")
 
 
 @dataclass(frozen=True, slots=True)
