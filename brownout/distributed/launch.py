@@ -21,6 +21,7 @@ import logging
 import os
 import subprocess
 import sys
+import threading
 import time
 from datetime import timedelta
 from typing import Any
@@ -52,6 +53,24 @@ def broadcast_message(message: Any, group) -> Any:
     box = [message]
     dist.broadcast_object_list(box, src=0, group=group)
     return box[0]
+
+
+def leave_group(timeout_s: float = 20.0) -> None:
+    """`destroy_process_group`, given up after `timeout_s`: NCCL teardown has been reported
+    to hang after CUDA-graph capture of collectives, and a stuck exit must not hang the host."""
+    done = threading.Event()
+
+    def run():
+        try:
+            dist.destroy_process_group()
+        except Exception as exc:
+            log.warning("leaving the process group failed: %s", exc)
+        finally:
+            done.set()
+
+    threading.Thread(target=run, name="leave-group", daemon=True).start()
+    if not done.wait(timeout_s):
+        log.warning("leaving the process group did not finish in %.0f s; going on", timeout_s)
 
 
 class WorkerGroup:
@@ -140,10 +159,7 @@ class WorkerGroup:
             except subprocess.TimeoutExpired:
                 log.warning("tensor-parallel worker %d did not stop; killing it", proc.pid)
         self._kill()
-        try:
-            dist.destroy_process_group()
-        except Exception as exc:
-            log.warning("leaving the process group failed: %s", exc)
+        leave_group()
 
     def _kill(self) -> None:
         for proc in self.procs:

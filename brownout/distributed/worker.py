@@ -52,9 +52,7 @@ def _join(rank: int, world_size: int, backend: str):
 
 
 def serve(rank: int, world_size: int, backend: str) -> None:
-    import torch.distributed as dist
-
-    from brownout.distributed.launch import broadcast_message
+    from brownout.distributed.launch import broadcast_message, leave_group
     from brownout.distributed.parallel import ParallelInfo
 
     cpu_group = _join(rank, world_size, backend)
@@ -73,7 +71,7 @@ def serve(rank: int, world_size: int, backend: str) -> None:
             break
         _, sched, tau = message
         runner.forward(sched, tau)
-    dist.destroy_process_group()
+    leave_group()
 
 
 def main() -> int:
