@@ -18,6 +18,9 @@ Padding tokens (`valid[t]` False) are not counted and come back with id -1 and w
 so they touch no expert slot at all. With `valid=None` every token is valid and tau = 1
 returns the input ids and weights unchanged (bit-identical).
 
+`brownout_route` runs the Triton kernels of `brownout_routing_triton` (one or two launches)
+for CUDA tensors when triton is installed, and `brownout_route_torch` (the reference) else.
+
 Reference: BrownoutServe (united experts + dynamic bypassing of cold experts).
 """
 

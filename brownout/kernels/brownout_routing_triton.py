@@ -29,7 +29,10 @@ except ImportError:  # CPU installs without triton use the torch version
 
 MAX_EXPERTS = 1024  # beyond this the [E, CH] tiles stop fitting one program; torch is used
 MAX_TOP_K = 16
-FUSED_MAX_ASSIGNMENTS = 2048  # T*k up to this: one launch (plan + apply in one program)
+# T*k up to this: one launch (plan + apply in one program). H100, 60 experts, top-4, T 2048
+# (benchmarks/results/routing_h100.md): one launch 73 us eager vs 121 us for two (host launch
+# cost dominates), but 20 vs 11 us inside a CUDA graph; steps this long run eager.
+FUSED_MAX_ASSIGNMENTS = 8192
 
 
 def _interpreting() -> bool:
@@ -160,7 +163,7 @@ def _pow2(n: int) -> int:
 def _plan_config(n_assign: int) -> tuple[int, int]:
     """(BLOCK_N, num_warps) of the one-program plan kernel: wider for long steps, since
     its histogram loop runs on one SM and waits on load latency. Few buckets, few binaries."""
-    if n_assign <= FUSED_MAX_ASSIGNMENTS:
+    if n_assign <= 2048:
         return 1024, 4
     if n_assign <= 8192:
         return 2048, 8
