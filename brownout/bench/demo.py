@@ -27,6 +27,7 @@ from brownout.defaults import ASSETS, default_model_dir, default_united_dir
 log = logging.getLogger(__name__)
 
 OUTPUT_TOKENS = 24  # per request; with synthetic prompts of ~48 tokens
+MAX_NUM_SEQS = 16
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -46,7 +47,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def _base_flags(args) -> list[str]:
     model = args.model or default_model_dir()
     united = args.united_experts or (default_united_dir(4) if args.model is None else None)
-    flags = ["--model", model, "--device", args.device, "--max-num-seqs", "16",
+    flags = ["--model", model, "--device", args.device, "--max-num-seqs", str(MAX_NUM_SEQS),
              "--max-waiting-requests", "256"]
     if united:
         flags += ["--united-experts", united]
@@ -61,8 +62,9 @@ def calibrate(args, out: Path, flags: list[str]) -> dict[str, Any]:
                      max_tokens=OUTPUT_TOKENS)
         idle = run_bench(url, "constant:rate=1,duration=4", "synthetic:prompt_len=48", out / "calib-idle",
                          **quiet)
-        busy = run_bench(url, "constant:rate=40,duration=5", "synthetic:prompt_len=48",
-                         out / "calib-busy", **quiet)
+        # three full batches at once: served throughput at saturation, in bounded time
+        burst = f"constant:rate=1000,duration=1,max_requests={3 * MAX_NUM_SEQS}"
+        busy = run_bench(url, burst, "synthetic:prompt_len=48", out / "calib-busy", **quiet)
     tpot0 = idle["latency"]["tpot"]["p50"]
     ttft0 = idle["latency"]["ttft"]["p50"]
     tpot_busy = busy["latency"]["tpot"]["p50"]
