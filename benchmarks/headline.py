@@ -55,6 +55,8 @@ def calibrate(args, out: Path) -> dict:
     flags = base_flags(args) + ["--slo-policy", "off"]
     quiet = dict(slo_ttft=None, slo_tpot=None, progress=False, plots=False)
     with server_process(flags, out / "server-calibration.log") as url:
+        # not measured: compiles anything the engine's own warm-up did not reach
+        run_bench(url, trace_spec(args, 2.0, 5), "synthetic", out / "calib-warmup", **quiet)
         idle = run_bench(url, trace_spec(args, 0.2, 8), "synthetic", out / "calib-idle", **quiet)
         busy = run_bench(url, trace_spec(args, 20.0, args.probe_s), "synthetic", out / "calib-busy", **quiet)
     busy_run = load_run(out / "calib-busy")

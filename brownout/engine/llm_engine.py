@@ -51,6 +51,8 @@ def build_model_runner(config: EngineConfig, parallel=None):
     runner = ModelRunner(loaded, config.cache, max_batch=config.scheduler.max_num_seqs,
                          max_model_len=config.load.max_model_len,
                          enforce_eager=config.load.enforce_eager)
+    runner.warm_up(min(config.scheduler.max_num_batched_tokens,
+                       config.load.max_model_len or loaded.spec.max_position_embeddings))
     return loaded, runner
 
 

@@ -71,6 +71,28 @@ class ModelRunner:
         log.info("KV cache: %d blocks of %d tokens (%.1f MiB)", self.num_blocks, self.block_size,
                  self.num_blocks * kv_block_bytes(loaded, self.block_size) / 2**20)
 
+    def warm_up(self, max_tokens: int) -> None:
+        """Run prefill-sized steps once before serving so the Triton kernels compile now
+        (each token-count bucket has its own tiles) and not inside the first requests,
+        where compilation would show up as seconds of time to first token. The KV blocks
+        written here belong to no request yet."""
+        if not self.use_kernels or self.loaded.parallel.active:
+            return
+        from brownout.types import SamplingParams, ScheduledSeq
+
+        capacity = self.num_blocks * self.block_size
+        sizes = sorted({n for n in (1, 8, 32, 128, 512, max_tokens) if n <= min(max_tokens, capacity)})
+        taus = (1.0, 0.5) if self.brownout_ready else (1.0,)
+        params = SamplingParams(temperature=0.0, max_tokens=1)
+        for n in sizes:
+            table = list(range(-(-n // self.block_size)))
+            seq = ScheduledSeq(request_id="warm-up", token_ids=[0] * n, start_pos=0, block_table=table,
+                               sample=True, sampling=params, output_len=0)
+            for tau in taus:
+                self.execute(SchedulerOutput(seqs=[seq], num_prefill_tokens=n, num_decode_tokens=0), tau)
+        torch.cuda.synchronize(self.device)
+        log.info("warmed up prefill steps of %s tokens", sizes)
+
     @property
     def brownout_ready(self) -> bool:
         return self.model.brownout_ready
