@@ -36,7 +36,7 @@ class UniteOptions:
     calibration_tokens: int = 32768
     seq_len: int = 512
     batch_tokens: int = 2048
-    similarity_sample: int = 1024  # states on which expert outputs are compared
+    similarity_sample: int = 256  # routed states per expert on which outputs are compared
     max_group_tokens: Optional[int] = 65536  # calibration tokens per group kept for fitting
     distill: methods.DistillConfig = field(default_factory=methods.DistillConfig)
     save_dtype: Optional[torch.dtype] = None  # None: the model's expert dtype
@@ -54,15 +54,21 @@ class UniteOptions:
                              "needs calibration text (--calibration FILE)")
 
 
-def _expert_outputs(w13, w2, x: torch.Tensor) -> torch.Tensor:
-    """Every expert's output on the same states: w13 [E, 2I, D], x [n, D] -> [E, n, D]."""
-    return torch.stack([methods.expert_forward(w13[e], w2[e], x) for e in range(w13.shape[0])])
-
-
-def _similarity(states: LayerStates, w13, w2, sample: int, seed: int) -> torch.Tensor:
-    n = states.x.shape[0]
-    rows = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:sample]
-    return grouping.output_similarity(_expert_outputs(w13, w2, states.x[rows].to(w13.device)))
+def _affinity(states: LayerStates, w13, w2, per_expert: int, seed: int) -> torch.Tensor:
+    """Load-weighted merge affinity of every pair of experts (see grouping) -> [E, E]."""
+    E = w13.shape[0]
+    gen = torch.Generator().manual_seed(seed)
+    ids = states.topk_ids.long()  # [N, k]
+    rows, owner = [], []
+    for e in range(E):  # a sample of the states routed to each expert
+        mine = (ids == e).any(dim=1).nonzero().flatten()
+        mine = mine[torch.randperm(mine.numel(), generator=gen)[:per_expert]]
+        rows.append(mine)
+        owner.append(torch.full((mine.numel(),), e, dtype=torch.long))
+    x = states.x[torch.cat(rows)].to(w13.device)  # [n, D]
+    outputs = torch.stack([methods.expert_forward(w13[e], w2[e], x) for e in range(E)]).cpu()
+    distance = grouping.routed_distance(outputs, torch.cat(owner), E)  # [E, E]
+    return grouping.merge_affinity(distance, states.counts(E))
 
 
 def build_layer(moe, states: Optional[LayerStates], opts: UniteOptions, layer: int, progress=None):
@@ -70,7 +76,7 @@ def build_layer(moe, states: Optional[LayerStates], opts: UniteOptions, layer: i
     E = moe.num_experts
     w13 = moe.w13[:E].detach().float()  # [E, 2I, D]
     w2 = moe.w2[:E].detach().float()  # [E, D, I]
-    sim = _similarity(states, w13, w2, opts.similarity_sample, opts.seed + layer) \
+    sim = _affinity(states, w13, w2, opts.similarity_sample, opts.seed + layer) \
         if opts.grouping == "similarity" else None
     group_of = grouping.make_groups(opts.grouping, E, opts.way, sim)  # [E]
     counts = states.counts(E) if states is not None else None

@@ -1,15 +1,20 @@
 """Partition one layer's experts into groups of `way` (SPEC 1.2).
 
-`contiguous`: the paper's `group(e) = e // way`. `similarity`: experts whose outputs on
-the same calibration states point the same way share a group, so one united expert can
-stand in for each of them with less error. Groups have exactly `way` members, except
-the last, which is smaller when `way` does not divide `E`.
+`contiguous`: the paper's `group(e) = e // way`. `similarity`: experts are grouped so that
+one united expert can stand in for each member with the least expected error. The cost
+of putting experts a and b together is how far apart their outputs are on the
+calibration states routed to either of them, times the harmonic load
+`c_a * c_b / (c_a + c_b)`: a count-weighted merge of a busy and a rarely used expert is
+close to the busy one, so such a pair costs little even when their outputs differ, while
+two busy experts must be alike to share a united expert. (Plain output similarity,
+ignoring load, grouped busy experts together and was worse than contiguous groups on the
+demo model.) Groups have exactly `way` members, except the last, which is smaller when
+`way` does not divide `E`.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from brownout.kernels.brownout_routing import contiguous_groups
 
@@ -21,10 +26,34 @@ def group_sizes(num_experts: int, way: int) -> list[int]:
     return sizes
 
 
-def output_similarity(outputs: torch.Tensor) -> torch.Tensor:
-    """outputs [E, n, D] of every expert on the same n states -> cosine similarity [E, E]."""
-    flat = F.normalize(outputs.flatten(1).double(), dim=1)  # [E, n*D]
-    return flat @ flat.t()
+def routed_distance(outputs: torch.Tensor, owner: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Mean squared output distance of each pair of experts on the states routed to either.
+
+    outputs [E, n, D]: every expert's output on n calibration states; owner [n]: the
+    expert each state was sampled for. Returns d [E, E], relative to the mean output norm.
+    """
+    out = outputs.double()
+    scale = out.pow(2).sum(-1).mean().clamp_min(1e-30)
+    sums = torch.zeros(num_experts, num_experts, num_experts, dtype=torch.float64)  # [c, a, b]
+    sizes = torch.bincount(owner, minlength=num_experts).double()  # [E]
+    for c in range(num_experts):
+        o = out[:, owner == c]  # [E, n_c, D]
+        if o.shape[1] == 0:
+            continue
+        norms = o.pow(2).sum(dim=(1, 2))  # [E]
+        gram = torch.einsum("and,bnd->ab", o, o)  # [E, E]
+        sums[c] = norms[:, None] + norms[None, :] - 2 * gram  # sum over S_c of ||o_a - o_b||^2
+    idx = torch.arange(num_experts)
+    pair_sum = sums[idx[:, None], idx[:, None], idx[None, :]] + sums[idx[None, :], idx[:, None], idx[None, :]]
+    pair_n = (sizes[:, None] + sizes[None, :]).clamp_min(1)
+    return (pair_sum / pair_n / scale).clamp_min(0)
+
+
+def merge_affinity(distance: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Affinity (higher = better together) = -distance * harmonic load of the pair."""
+    c = counts.double()
+    harmonic = c[:, None] * c[None, :] / (c[:, None] + c[None, :]).clamp_min(1e-9)
+    return -(distance.double() * harmonic)
 
 
 def _within(sim: torch.Tensor, members: list[int]) -> float:
@@ -78,7 +107,7 @@ def _improve_by_swaps(sim: torch.Tensor, groups: list[list[int]], max_passes: in
 
 
 def similarity_groups(sim: torch.Tensor, way: int) -> torch.Tensor:
-    """Balanced clustering of experts by output similarity -> group_of [E] int64.
+    """Balanced clustering maximising within-group affinity `sim` [E, E] -> group_of [E].
 
     Groups are numbered by their lowest member so the map is deterministic.
     """

@@ -121,19 +121,45 @@ def test_capture_matches_full_forward_routing(qwen, calib_file):
     assert torch.equal(states.topk_ids, full[0]["topk_ids"])
 
 
+def _cluster_outputs(cluster, n=20, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    base = torch.randn(max(cluster) + 1, n * len(cluster), 8, generator=gen)
+    outputs = torch.stack([base[c] + 0.01 * torch.randn(n * len(cluster), 8, generator=gen)
+                           for c in cluster])  # [E, n*E, D]
+    owner = torch.arange(len(cluster)).repeat_interleave(n)  # n states sampled per expert
+    return outputs, owner
+
+
+def test_routed_distance_matches_slow_loop():
+    outputs, owner = _cluster_outputs([0, 1, 0, 2, 1], n=3)
+    got = grouping.routed_distance(outputs, owner, 5)
+    scale = outputs.double().pow(2).sum(-1).mean()
+    for a in range(5):
+        for b in range(5):
+            rows = (owner == a) | (owner == b)
+            want = (outputs[a, rows].double() - outputs[b, rows].double()).pow(2).sum(-1).mean() / scale
+            assert got[a, b].item() == pytest.approx(want.item(), rel=1e-9, abs=1e-12)
+
+
 def test_similarity_grouping_recovers_clusters():
     # experts {0,5,6}, {1,3,7}, {2,4,8} produce near-identical outputs within each cluster
-    gen = torch.Generator().manual_seed(0)
-    base = torch.randn(3, 50, 8, generator=gen)
     cluster = [0, 1, 2, 1, 2, 0, 0, 1, 2]
-    outputs = torch.stack([base[c] + 0.01 * torch.randn(50, 8, generator=gen) for c in cluster])
-    group_of = grouping.similarity_groups(grouping.output_similarity(outputs), 3)
-    assert group_of.tolist() == [0, 1, 2, 1, 2, 0, 0, 1, 2]
+    outputs, owner = _cluster_outputs(cluster)
+    affinity = grouping.merge_affinity(grouping.routed_distance(outputs, owner, 9), torch.ones(9))
+    assert grouping.similarity_groups(affinity, 3).tolist() == [0, 1, 2, 1, 2, 0, 0, 1, 2]
+
+
+def test_busy_experts_pair_with_rarely_used_ones():
+    # four equally different experts: load decides; 0 and 1 are busy, 2 and 3 rarely used
+    outputs, owner = _cluster_outputs([0, 1, 2, 3])
+    distance = grouping.routed_distance(outputs, owner, 4)
+    group_of = grouping.similarity_groups(grouping.merge_affinity(distance, torch.tensor([900, 800, 3, 2])), 2)
+    assert group_of[0] != group_of[1] and group_of[2] != group_of[3]
 
 
 def test_similarity_groups_are_balanced_last_smaller():
-    sim = grouping.output_similarity(torch.randn(10, 20, 4, generator=torch.Generator().manual_seed(1)))
-    group_of = grouping.similarity_groups(sim, 4)
+    sim = torch.randn(10, 10, generator=torch.Generator().manual_seed(1))
+    group_of = grouping.similarity_groups(sim + sim.t(), 4)
     sizes = torch.bincount(group_of).tolist()
     assert sizes == [4, 4, 2]
     assert grouping.group_sizes(10, 4) == [4, 4, 2]
