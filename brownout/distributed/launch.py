@@ -56,13 +56,18 @@ def broadcast_message(message: Any, group) -> Any:
 
 
 def leave_group(timeout_s: float = 20.0) -> None:
-    """`destroy_process_group`, given up after `timeout_s`: NCCL teardown has been reported
-    to hang after CUDA-graph capture of collectives, and a stuck exit must not hang the host."""
+    """Leave the process group, given up after `timeout_s`. With NCCL the communicators are
+    aborted, not destroyed: destroying them after CUDA-graph capture of collectives hung
+    (seen on 2 H200s), and abort never waits on the other ranks."""
     done = threading.Event()
+    abort = getattr(dist.distributed_c10d, "_abort_process_group", None)
 
     def run():
         try:
-            dist.destroy_process_group()
+            if dist.get_backend() == "nccl" and abort is not None:
+                abort()
+            else:
+                dist.destroy_process_group()
         except Exception as exc:
             log.warning("leaving the process group failed: %s", exc)
         finally:

@@ -71,7 +71,8 @@ def serve(rank: int, world_size: int, backend: str) -> None:
             break
         _, sched, tau = message
         runner.forward(sched, tau)
-    leave_group()
+    if backend != "nccl":  # with NCCL the process just ends (main): no teardown can hang
+        leave_group()
 
 
 def main() -> int:
@@ -79,11 +80,16 @@ def main() -> int:
     _watch_parent(int(os.environ["BROWNOUT_PARENT_PID"]))
     # Ctrl-C reaches the whole process group; rank 0 decides when the workers stop
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    backend = os.environ["BROWNOUT_DIST_BACKEND"]
     try:
-        serve(rank, world_size, os.environ["BROWNOUT_DIST_BACKEND"])
+        serve(rank, world_size, backend)
     except Exception:
         log.error("tensor-parallel worker of rank %d failed:\n%s", rank, traceback.format_exc())
         return 1
+    if backend == "nccl":  # skip interpreter teardown: NCCL communicator destructors can hang
+        logging.shutdown()
+        sys.stdout.flush()
+        os._exit(0)
     return 0
 
 
