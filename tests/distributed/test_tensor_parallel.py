@@ -33,19 +33,28 @@ def _tokens(llm: LLM) -> list[list[int]]:
     return [o.token_ids for o in llm.generate(_prompts(), GREEDY)]
 
 
-@pytest.fixture(scope="module")
-def reference(tiny_models):
-    """One process: plain tokens (no united experts), and brownout tokens at each tau with
-    average:2 united experts."""
-    ref = {}
-    for fam in FAMILIES:
-        path = str(tiny_models[fam])
-        ref[fam, "plain"] = _tokens(LLM(path, **ENGINE))
+class _Reference(dict):
+    """One process's tokens, computed on first use per family: plain (no united experts),
+    and with brownout at each tau (average:2 united experts)."""
+
+    def __init__(self, models):
+        super().__init__()
+        self.models = models
+
+    def __missing__(self, key):
+        fam = key[0]
+        path = str(self.models[fam])
+        self[fam, "plain"] = _tokens(LLM(path, **ENGINE))
         llm = LLM(path, united_experts="average:2", **ENGINE)
         for tau in TAUS:
             _set_tau(llm, tau)
-            ref[fam, tau] = _tokens(llm)
-    return ref
+            self[fam, tau] = _tokens(llm)
+        return self[key]
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_models):
+    return _Reference(tiny_models)
 
 
 @pytest.fixture(scope="module", params=[(f, ep) for f in FAMILIES for ep in (False, True)],
