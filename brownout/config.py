@@ -114,6 +114,7 @@ class ModelLoadConfig:
     seed: int = 0
     max_model_len: Optional[int] = None
     enforce_eager: bool = False  # no CUDA graphs
+    cpu_threads: Optional[int] = None  # torch threads on the CPU (None: torch's default)
     extra_expert_slots: Optional[int] = None  # default: room for way-2 united experts
     tensor_parallel_size: int = 1  # processes (GPUs) the model is split over
     enable_expert_parallel: bool = False  # split routed experts by rank, not along their width
@@ -127,6 +128,8 @@ class ModelLoadConfig:
             raise ValidationError("device", f"must be auto|cpu|cuda, got {self.device!r}")
         if self.max_model_len is not None:
             _check_range("max_model_len", self.max_model_len, 1)
+        if self.cpu_threads is not None:
+            _check_range("cpu_threads", self.cpu_threads, 1, 1024)
         tp = self.tensor_parallel_size
         if isinstance(tp, bool) or not isinstance(tp, int) or tp < 1:
             raise ValidationError("tensor_parallel_size", f"must be an integer >= 1, got {tp!r}")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from brownout.config import (BrownoutConfig, CacheConfig, EngineConfig, ModelLoadConfig,
@@ -55,6 +56,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto")
     g.add_argument("--load-format", choices=("auto", "dummy"), default="auto")
     g.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+    g.add_argument("--cpu-threads", type=int, default=None,
+                   help="torch threads of the engine on the CPU (default: cores - 1, leaving one core "
+                        "to the HTTP process: an engine contending for every core runs far slower)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--tensor-parallel-size", type=int, default=1,
                    help="split the model over this many processes (GPUs); default 1")
@@ -102,7 +106,8 @@ def build_configs(args) -> tuple[EngineConfig, ServerConfig]:
                            device=args.device, seed=args.seed, max_model_len=args.max_model_len,
                            enforce_eager=args.enforce_eager, tokenizer=args.tokenizer,
                            tensor_parallel_size=args.tensor_parallel_size,
-                           enable_expert_parallel=args.enable_expert_parallel)
+                           enable_expert_parallel=args.enable_expert_parallel,
+                           cpu_threads=args.cpu_threads or max(1, (os.cpu_count() or 2) - 1))
     cache = CacheConfig(**_given(args, {"num_kv_blocks": "num_blocks", "block_size": "block_size",
                                         "gpu_memory_utilization": "gpu_memory_utilization"}))
     scheduler = SchedulerConfig(**_given(args, {

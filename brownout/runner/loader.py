@@ -52,6 +52,12 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def set_cpu_threads(device: torch.device, threads: Optional[int]) -> None:
+    """Torch threads of this process on the CPU (None: leave torch's default)."""
+    if device.type == "cpu" and threads and torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+
+
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -87,6 +93,7 @@ def load_model(load: ModelLoadConfig, parallel: Optional[ParallelInfo] = None) -
     hf_config = load_hf_config(load)
     spec = family_of(hf_config).spec_from_config(hf_config)
     device = resolve_device(load.device)
+    set_cpu_threads(device, load.cpu_threads)
     dtype = resolve_dtype(load.dtype, device)
     extra = load.extra_expert_slots
     if extra is None:
