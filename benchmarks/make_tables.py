@@ -1,6 +1,8 @@
 """Render the markdown tables of benchmarks/results from their raw JSON files.
 
-Run: python benchmarks/make_tables.py   (rewrites engine_decode_h100.md, headline_h100_run1.md)
+Run: python benchmarks/make_tables.py [--demo-dir DIR]
+(rewrites engine_decode_h100.md, headline_h100_run1.md, demo_cpu.md; with --demo-dir,
+first collects demo_cpu.json from the output directory of `brownout demo`)
 """
 
 from __future__ import annotations
@@ -60,6 +62,47 @@ def headline(name: str) -> None:
     (RESULTS / f"{name}.md").write_text("\n".join(lines) + "\n")
 
 
+def collect_demo(demo_dir: Path, machine: str) -> None:
+    out = {"machine": machine, "command": "brownout demo --out demo-out --no-progress", "parts": {}}
+    for part in sorted(p.name for p in demo_dir.iterdir() if (p / "comparison.json").is_file()):
+        meta = json.loads((demo_dir / part / "off" / "meta.json").read_text())
+        out["parts"][part] = {"calibration": json.loads((demo_dir / part / "calibration.json").read_text()),
+                              "workload": meta["workload"],
+                              "comparison": json.loads((demo_dir / part / "comparison.json").read_text())}
+    (RESULTS / "demo_cpu.json").write_text(json.dumps(out, indent=1))
+
+
+def demo_cpu() -> None:
+    data = json.loads((RESULTS / "demo_cpu.json").read_text())
+    md = ["# The main job on the CPU (`brownout demo`)", "",
+          f"Machine: {data['machine']}. Command: `{data['command']}`; raw per-request logs, metrics "
+          "scrapes, reports and plots in `raw/demo_cpu.tgz`. Timings on a CPU say nothing of GPU "
+          "performance; they show the control loop at work.", ""]
+    for part, d in data["parts"].items():
+        cal = d["calibration"]
+        md += [f"## {part}", "", f"Workload `{d['workload']}`; SLOs TTFT {cal['slo_ttft_s']} s, TPOT "
+               f"{cal['slo_tpot_s'] * 1e3:.1f} ms; full-batch TPOT {cal['full_batch_tpot_s'] * 1e3:.1f} ms "
+               f"at tau 1 vs {cal['full_batch_tpot_tau0_s'] * 1e3:.1f} ms at tau 0.", "",
+               "| policy | violation windows | reduction vs off | goodput req/s | tok/s | P90 TTFT s "
+               "| P90 TPOT s | mean tau |", "|---|---|---|---|---|---|---|---|"]
+        for r in d["comparison"]["rows"]:
+            md.append(f"| {r['label']} | {r['violations']} | {_f(r['reduction'])} | {_f(r['goodput_req_s'])} | "
+                      f"{_f(r['throughput_tok_s'], 0)} | {_f(r['p90_ttft_s'])} | {_f(r['p90_tpot_s'], 4)} | "
+                      f"{_f(r['mean_tau'])} |")
+        md.append("")
+    (RESULTS / "demo_cpu.md").write_text("\n".join(md))
+
+
 if __name__ == "__main__":
+    import argparse
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--demo-dir", type=Path, default=None)
+    ap.add_argument("--machine", default="development box: 2-core x86-64 VM, no GPU, CPU-only torch "
+                                         "2.13.0 (busy with other jobs at times)")
+    args = ap.parse_args()
+    if args.demo_dir:
+        collect_demo(args.demo_dir, args.machine)
     engine_decode()
     headline("headline_h100_run1")
+    demo_cpu()

@@ -34,6 +34,15 @@ PRESETS: dict[str, dict] = {
         num_experts=128, num_experts_per_tok=8, norm_topk_prob=True,
         max_position_embeddings=40960, rope_theta=1000000.0, rms_norm_eps=1e-6,
         tie_word_embeddings=False),
+    # not a published model: a Qwen2-MoE whose experts (6 MB each in float32) do not fit a
+    # CPU's caches, so expert reads bound a decode step on a CPU as they do on a GPU
+    "cpu-moe": dict(
+        architectures=["Qwen2MoeForCausalLM"], model_type="qwen2_moe", vocab_size=8192,
+        hidden_size=512, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=8,
+        num_key_value_heads=8, max_position_embeddings=2048, rope_theta=10000.0, rms_norm_eps=1e-6,
+        num_experts=32, num_experts_per_tok=4, moe_intermediate_size=1024,
+        shared_expert_intermediate_size=1024, norm_topk_prob=False, decoder_sparse_step=1,
+        tie_word_embeddings=False),
 }
 
 
