@@ -3,7 +3,8 @@ renormalisation by default. Reference: transformers' modeling_qwen2_moe."""
 
 from __future__ import annotations
 
-from brownout.models.spec import MoESpec, check_rope_scaling, head_dim_of, rope_theta_of
+from brownout.models.spec import (MoESpec, check_rope_scaling, dense_layers_of, head_dim_of,
+                                  rope_theta_of)
 
 ARCHITECTURE = "Qwen2MoeForCausalLM"
 MOE_PREFIX = "mlp"  # model.layers.N.mlp.experts.M.{gate,up,down}_proj.weight
@@ -11,10 +12,7 @@ MOE_PREFIX = "mlp"  # model.layers.N.mlp.experts.M.{gate,up,down}_proj.weight
 
 def spec_from_config(cfg) -> MoESpec:
     check_rope_scaling(cfg)
-    step = int(getattr(cfg, "decoder_sparse_step", 1) or 1)
-    only_mlp = set(getattr(cfg, "mlp_only_layers", []) or [])
-    dense = tuple(i for i in range(cfg.num_hidden_layers)
-                  if i in only_mlp or cfg.num_experts == 0 or (i + 1) % step != 0)
+    dense = dense_layers_of(cfg)
     return MoESpec(
         architecture=ARCHITECTURE, vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
         num_layers=cfg.num_hidden_layers, num_heads=cfg.num_attention_heads,

@@ -66,3 +66,12 @@ def check_rope_scaling(hf_config) -> None:
 def head_dim_of(hf_config) -> int:
     return int(getattr(hf_config, "head_dim", None)
                or hf_config.hidden_size // hf_config.num_attention_heads)
+
+
+def dense_layers_of(cfg) -> tuple[int, ...]:
+    """Layers with a dense MLP in the Qwen MoE families: `mlp_only_layers`, and all but every
+    `decoder_sparse_step`-th layer."""
+    step = int(getattr(cfg, "decoder_sparse_step", 1) or 1)
+    only_mlp = set(getattr(cfg, "mlp_only_layers", []) or [])
+    return tuple(i for i in range(cfg.num_hidden_layers)
+                 if i in only_mlp or cfg.num_experts == 0 or (i + 1) % step != 0)

@@ -8,51 +8,17 @@ poisons the output with NaN before the call.
 
 from __future__ import annotations
 
-import importlib
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from brownout.kernels.moe_ref import moe_experts_ref
 
-CUDA = torch.cuda.is_available()
-DEVICE = "cuda" if CUDA else "cpu"
+from triton_interpret import CUDA, DEVICE, import_kernels, rerun_in_fresh_process
 
 
-def _import_kernels(name: str):
-    """Import a kernel module; without CUDA, under triton's CPU interpreter.
-
-    Triton decorates its own library for the interpreter only if TRITON_INTERPRET is set
-    before triton is first imported, so it is set around that import and restored after,
-    leaving other modules' view of the environment alone. Returns None when triton was
-    already imported for compiled kernels (then a fresh process runs this file)."""
-    if CUDA or os.environ.get("TRITON_INTERPRET") == "1":
-        pytest.importorskip("triton")
-        return importlib.import_module(name)
-    tr = sys.modules.get("triton")
-    if tr is not None and isinstance(tr.language.zeros, tr.runtime.JITFunction):
-        return None  # triton's library was decorated for compiled kernels
-    os.environ["TRITON_INTERPRET"] = "1"
-    try:
-        pytest.importorskip("triton")
-        mod = importlib.import_module(name)
-        return mod if mod._kernels_interpreted() else importlib.reload(mod)
-    finally:
-        del os.environ["TRITON_INTERPRET"]
-
-
-fm = _import_kernels("brownout.kernels.fused_moe")
-
-
-@pytest.fixture(autouse=True)
-def _interpreter_env(monkeypatch):
-    """Triton's interpreter also reads the variable while it runs (lazy imports)."""
-    if not CUDA:
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
+fm = import_kernels("brownout.kernels.fused_moe")
 
 
 needs_kernels = pytest.mark.skipif(fm is None, reason="run by test_cpu_suite_in_fresh_process")
@@ -60,12 +26,9 @@ needs_kernels = pytest.mark.skipif(fm is None, reason="run by test_cpu_suite_in_
 
 @pytest.mark.skipif(fm is not None, reason="kernels imported here")
 def test_cpu_suite_in_fresh_process():
-    """Triton was imported before this file could select its interpreter: rerun apart."""
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                          "-m", "not gpu", __file__], env=env, capture_output=True, text=True,
-                         timeout=900)
-    assert res.returncode == 0, res.stdout[-5000:] + res.stderr[-2000:]
+    rerun_in_fresh_process(__file__)
+
+
 TOL = {torch.float32: 1e-3, torch.bfloat16: 2e-2}
 
 
