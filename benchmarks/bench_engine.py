@@ -21,11 +21,11 @@ import argparse
 import gc
 import json
 import logging
-import statistics
 import time
 from pathlib import Path
 
 import torch
+from gpu_timing import cuda_time_ms
 
 from brownout.config import CacheConfig, ModelLoadConfig
 from brownout.models.context import ForwardContext
@@ -39,19 +39,6 @@ TAUS = [1.0, 0.8, 0.6, 0.4, 0.2, 0.0]
 log = logging.getLogger("bench_engine")
 
 
-def cuda_time_ms(fn, iters: int = 20, warmup: int = 3) -> float:
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
 
 
 def copy_bandwidth() -> float:

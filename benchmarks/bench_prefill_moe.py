@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 from pathlib import Path
 
 import torch
+from gpu_timing import cuda_time_ms
 
 from brownout.config import ModelLoadConfig
 from brownout.kernels.brownout_routing import brownout_route
@@ -24,19 +24,6 @@ from brownout.runner.loader import load_model
 from brownout.unite.uncalibrated import install_uncalibrated
 
 
-def cuda_ms(fn, iters: int = 20) -> float:
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -61,18 +48,18 @@ def main() -> None:
         for tau in (None, 1.0, 0.5, 0.0):
             tau_t = None if tau is None else torch.tensor(tau, device="cuda")
             ctx = ForwardContext(tau=tau_t, touched=None, use_kernels=True)
-            row[f"layer_tau_{tau}"] = cuda_ms(lambda: moe(x, ctx))
-        row["router_topk"] = cuda_ms(lambda: select_experts(moe.gate(x), moe.top_k, moe.renormalize))
+            row[f"layer_tau_{tau}"] = cuda_time_ms(lambda: moe(x, ctx))
+        row["router_topk"] = cuda_time_ms(lambda: select_experts(moe.gate(x), moe.top_k, moe.renormalize))
         tau0 = torch.tensor(0.0, device="cuda")
-        row["brownout_route"] = cuda_ms(lambda: brownout_route(ids, weights, tau0, moe.group_of, E))
+        row["brownout_route"] = cuda_time_ms(lambda: brownout_route(ids, weights, tau0, moe.group_of, E))
         rid, rw = brownout_route(ids, weights, tau0, moe.group_of, E)
         row["slots_tau0"] = int(torch.unique(rid[rid >= 0]).numel())
-        row["fused_plain_ids"] = cuda_ms(lambda: fused_moe(x, moe.w13, moe.w2, weights, ids))
-        row["fused_remapped_ids"] = cuda_ms(lambda: fused_moe(x, moe.w13, moe.w2, rw, rid))
+        row["fused_plain_ids"] = cuda_time_ms(lambda: fused_moe(x, moe.w13, moe.w2, weights, ids))
+        row["fused_remapped_ids"] = cuda_time_ms(lambda: fused_moe(x, moe.w13, moe.w2, rw, rid))
         no_dup = torch.where(rid < 0, torch.full_like(rid, E), rid)
-        row["fused_remapped_no_minus1"] = cuda_ms(lambda: fused_moe(x, moe.w13, moe.w2, rw, no_dup))
+        row["fused_remapped_no_minus1"] = cuda_time_ms(lambda: fused_moe(x, moe.w13, moe.w2, rw, no_dup))
         if moe.shared_expert is not None:
-            row["shared_expert"] = cuda_ms(lambda: moe.shared_expert(x))
+            row["shared_expert"] = cuda_time_ms(lambda: moe.shared_expert(x))
         rows.append(row)
         print(json.dumps(row))
     (args.out / "prefill_moe.json").write_text(json.dumps(dict(device=torch.cuda.get_device_name(),

@@ -17,11 +17,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 from pathlib import Path
 
 import torch
 import triton
+from gpu_timing import cuda_time_ms
 
 from brownout.kernels import brownout_routing_triton as bt
 from brownout.kernels.brownout_routing import brownout_route, brownout_route_torch, contiguous_groups
@@ -30,18 +30,7 @@ E, K, WAY, TAU = 60, 4, 4, 0.5
 
 
 def eager_us(fn, iters: int = 50) -> float:
-    for _ in range(5):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) * 1e3)
-    return statistics.median(times)
+    return cuda_time_ms(fn, iters=iters, warmup=5) * 1e3
 
 
 def graph_us(fn, calls: int = 10, iters: int = 30) -> float:
