@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from brownout.bench.cli import run_bench
 from brownout.cli import main
 from fake_openai_server import serve_fake
@@ -15,7 +17,7 @@ def test_run_bench_writes_everything(tmp_path):
     assert len(server.bodies) == 20 and server.metrics_hits >= 2
     assert report["num_ok"] == 20 and report["label"] == "aimd"
     assert report["violations"]["any"]["count"] == 0 and report["goodput_fraction"] == 1.0
-    assert report["tau"]["prefill"] == 0.6 and report["tau"]["decode"] == 0.3
+    assert report["tau"]["prefill"] == pytest.approx(0.6) and report["tau"]["decode"] == pytest.approx(0.3)
     assert report["output_tokens"] == 80
     names = {p.name for p in (tmp_path / "run").iterdir()}
     assert {"meta.json", "requests.jsonl", "metrics.jsonl", "report.json", "report.md",
