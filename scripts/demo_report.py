@@ -74,8 +74,8 @@ def training_md(training: dict, sample: str = "") -> str:
              f"{cfg['num_experts']} routed experts of width {cfg['moe_intermediate_size']}, "
              f"top-{cfg['num_experts_per_tok']}, shared expert width "
              f"{cfg['shared_expert_intermediate_size']} with sigmoid gate, no top-k renormalisation",
-             f"- data: byte-level BPE (8192 tokens) over Shakespeare, US inaugural and State of the "
-             f"Union addresses, GSM8K as ChatML chats; 5% of each source held out",
+             "- data: byte-level BPE (8192 tokens) over Shakespeare, US inaugural and State of the "
+             "Union addresses, GSM8K as ChatML chats; 5% of each source held out",
              f"- optimisation: AdamW, peak lr {tr['lr']}, warmup {tr['warmup']}, cosine to 10%, "
              f"bf16 autocast, {training['tokens_per_step']:,} tokens per step, "
              f"{training['steps']} steps in {hist[-1]['elapsed_s']:.0f} s; the checkpoint kept is "
