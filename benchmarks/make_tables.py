@@ -62,21 +62,21 @@ def headline(name: str) -> None:
     (RESULTS / f"{name}.md").write_text("\n".join(lines) + "\n")
 
 
-def collect_demo(demo_dir: Path, machine: str) -> None:
+def collect_demo(demo_dir: Path, machine: str, name: str = "demo_cpu") -> None:
     out = {"machine": machine, "command": "brownout demo --out demo-out --no-progress", "parts": {}}
     for part in sorted(p.name for p in demo_dir.iterdir() if (p / "comparison.json").is_file()):
         meta = json.loads((demo_dir / part / "off" / "meta.json").read_text())
         out["parts"][part] = {"calibration": json.loads((demo_dir / part / "calibration.json").read_text()),
                               "workload": meta["workload"],
                               "comparison": json.loads((demo_dir / part / "comparison.json").read_text())}
-    (RESULTS / "demo_cpu.json").write_text(json.dumps(out, indent=1))
+    (RESULTS / f"{name}.json").write_text(json.dumps(out, indent=1))
 
 
-def demo_cpu() -> None:
-    data = json.loads((RESULTS / "demo_cpu.json").read_text())
+def demo_cpu(name: str = "demo_cpu") -> None:
+    data = json.loads((RESULTS / f"{name}.json").read_text())
     md = ["# The main job on the CPU (`brownout demo`)", "",
           f"Machine: {data['machine']}. Command: `{data['command']}`; raw per-request logs, metrics "
-          "scrapes, reports and plots in `raw/demo_cpu.tgz`. Timings on a CPU say nothing of GPU "
+          f"scrapes, reports and plots in `raw/{name}.tgz`. Timings on a CPU say nothing of GPU "
           "performance; they show the control loop at work.", ""]
     for part, d in data["parts"].items():
         cal = d["calibration"]
@@ -90,7 +90,9 @@ def demo_cpu() -> None:
                       f"{_f(r['throughput_tok_s'], 0)} | {_f(r['p90_ttft_s'])} | {_f(r['p90_tpot_s'], 4)} | "
                       f"{_f(r['mean_tau'])} |")
         md.append("")
-    (RESULTS / "demo_cpu.md").write_text("\n".join(md))
+    if data.get("note"):
+        md += [data["note"], ""]
+    (RESULTS / f"{name}.md").write_text("\n".join(md))
 
 
 if __name__ == "__main__":
@@ -106,3 +108,4 @@ if __name__ == "__main__":
     engine_decode()
     headline("headline_h100_run1")
     demo_cpu()
+    demo_cpu("demo_cpu_run1")
