@@ -7,6 +7,7 @@ Stages (each writes its raw JSON under --out as soon as it finishes):
   brownout    MoE layer and decode step vs tau for way 4 and way 2 united experts (dummy:
               uniform averages of contiguous groups), batch 8..128, vs tau = 1 and the
               roofline of the expert slots actually touched; routing overhead at tau = 1
+  profile     GPU kernel time per decode step by kernel (torch.profiler), batch 1 and 64
   offline     offline throughput of our engine vs transformers `generate`, same weights
               (ours copied from the transformers model), same prompts and output lengths
 
@@ -108,6 +109,32 @@ def stage_decode(runner, wb, bw, out_dir: Path, gen) -> list[dict]:
     return rows
 
 
+def stage_profile(runner, out_dir: Path, B: int = 64, ctx: int = 512) -> dict:
+    """Where the decode step's time goes: GPU kernel totals over 5 CUDA-graph replays at tau 1."""
+    from torch.profiler import ProfilerActivity, profile
+
+    sched = decode_sched(B, ctx, runner.block_size, runner.model.spec.vocab_size)
+    for _ in range(3):
+        runner.execute(sched, 1.0)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(5):
+            runner.execute(sched, 1.0)
+        torch.cuda.synchronize()
+    rows = []
+    for ev in prof.key_averages():
+        dev_us = getattr(ev, "device_time_total", 0) or getattr(ev, "cuda_time_total", 0)
+        if dev_us and ev.device_type.name == "CUDA":
+            rows.append(dict(name=ev.key[:120], calls=ev.count // 5, device_us_per_step=dev_us / 5))
+    rows.sort(key=lambda r: -r["device_us_per_step"])
+    result = dict(batch=B, ctx=ctx, kernels=rows, total_device_us_per_step=sum(r["device_us_per_step"] for r in rows))
+    (out_dir / f"profile_b{B}.json").write_text(json.dumps(result, indent=1))
+    (out_dir / f"profile_b{B}.txt").write_text(
+        prof.key_averages().table(sort_by="device_time_total", row_limit=40))
+    log.info("profile b%d: %.0f us of kernels per step", B, result["total_device_us_per_step"])
+    return result
+
+
 def moe_layer_graph(moe, x, tau_t, with_routing: bool):
     ctx = ForwardContext(tau=tau_t if with_routing else None, touched=[], use_kernels=True)
     moe(x, ctx)  # warm-up / compile
@@ -160,33 +187,35 @@ def stage_brownout(runner, wb, bw, out_dir: Path, gen) -> dict:
     return result
 
 
-def stage_offline(out_dir: Path, n_prompts: int = 64, prompt_len: int = 128, out_len: int = 128) -> dict:
+def stage_offline(out_dir: Path, n_prompts: int = 64, prompt_len: int = 128, out_len: int = 128,
+                  preset: str = PRESET, device: str = "cuda") -> dict:
     from transformers import GenerationConfig
 
     from brownout.engine.llm import LLM
     from brownout.models.registry import preset_config
     from brownout.runner.loader import _place
 
-    cfg = preset_config(PRESET)
+    cfg = preset_config(preset)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     gen = torch.Generator().manual_seed(0)
     prompts = torch.randint(0, cfg.vocab_size, (n_prompts, prompt_len), generator=gen)
     from transformers import AutoModelForCausalLM
 
-    with torch.device("cuda"):
+    with torch.device(device):
         hf = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).eval()
     gcfg = GenerationConfig(max_new_tokens=out_len, min_new_tokens=out_len, do_sample=False,
                             eos_token_id=None, pad_token_id=0)
-    ids = prompts.cuda()
+    ids = prompts.to(device)
     with torch.inference_mode():
         hf.generate(ids[:2, :16], generation_config=GenerationConfig(max_new_tokens=4, do_sample=False,
                                                                    pad_token_id=0))
-        torch.cuda.synchronize()
+        sync()
         t0 = time.perf_counter()
         hf_out = hf.generate(ids, generation_config=gcfg)
-        torch.cuda.synchronize()
+        sync()
         hf_s = time.perf_counter() - t0
     hf_tokens = hf_out[:, prompt_len:].tolist()
-    llm = LLM(PRESET, load_format="dummy", device="cuda", dtype="bfloat16",
+    llm = LLM(preset, load_format="dummy", device=device, dtype="bfloat16",
               cache=CacheConfig(num_blocks=n_prompts * ((prompt_len + out_len) // 16 + 2)),
               scheduler=__import__("brownout.config", fromlist=["SchedulerConfig"]).SchedulerConfig(
                   max_num_seqs=n_prompts, max_num_batched_tokens=8192))
@@ -197,10 +226,10 @@ def stage_offline(out_dir: Path, n_prompts: int = 64, prompt_len: int = 128, out
             _place(params, model.spec, key, t)
     del hf
     gc.collect()
-    torch.cuda.empty_cache()
+    torch.cuda.empty_cache() if device == "cuda" else None
     sp = SamplingParams(max_tokens=out_len, temperature=0.0, ignore_eos=True)
     llm.generate([p[:16] for p in prompts.tolist()[:4]], SamplingParams(max_tokens=4, temperature=0))
-    torch.cuda.synchronize()
+    sync()
     t0 = time.perf_counter()
     outs = llm.generate(prompts.tolist(), sp)
     ours_s = time.perf_counter() - t0
@@ -213,14 +242,14 @@ def stage_offline(out_dir: Path, n_prompts: int = 64, prompt_len: int = 128, out
     (out_dir / "offline.json").write_text(json.dumps(result, indent=1))
     del llm
     gc.collect()
-    torch.cuda.empty_cache()
+    torch.cuda.empty_cache() if device == "cuda" else None
     return result
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--stages", default="decode,brownout,offline")
+    ap.add_argument("--stages", default="decode,profile,brownout,offline")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     args.out.mkdir(parents=True, exist_ok=True)
@@ -231,7 +260,7 @@ def main() -> None:
     meta["copy_bandwidth_Bps"] = bw = copy_bandwidth()
     log.info("copy bandwidth %.2f TB/s", bw / 1e12)
     (args.out / "meta.json").write_text(json.dumps(meta, indent=1))
-    if "decode" in stages or "brownout" in stages:
+    if {"decode", "brownout", "profile"} & set(stages):
         loaded = load_model(ModelLoadConfig(model=PRESET, load_format="dummy", device="cuda",
                                             dtype="bfloat16", extra_expert_slots=30))
         install_uncalibrated(loaded.model, 4)  # so the captured graphs include routing
@@ -246,6 +275,12 @@ def main() -> None:
         (args.out / "meta.json").write_text(json.dumps(meta, indent=1))
         if "decode" in stages:
             stage_decode(runner, wb, bw, args.out, gen)
+        if "profile" in stages:
+            for B in (1, 64):
+                try:
+                    stage_profile(runner, args.out, B=B)
+                except Exception:  # a profiler problem must not cost the other stages
+                    log.exception("profile stage failed")
         if "brownout" in stages:
             stage_brownout(runner, wb, bw, args.out, gen)
         del runner, loaded
