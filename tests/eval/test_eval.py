@@ -120,10 +120,17 @@ def test_padding_is_not_counted_by_brownout(qwen, united):
     out_a, _ = run_step(em.model, pad_a, 0.5, valid)
     out_b, _ = run_step(em.model, pad_b, 0.5, valid)
     torch.testing.assert_close(out_a[valid], out_b[valid])
-    # counted, the same padding does change the keep set (the check above can fail)
+    # counted, padding does change the keep set for some filler (so the check above can fail);
+    # which filler flips a keep decision depends on the random tiny model, so try several
     cnt_a, _ = run_step(em.model, pad_a, 0.5)
-    cnt_b, _ = run_step(em.model, pad_b, 0.5)
-    assert not torch.allclose(cnt_a[valid], cnt_b[valid])
+    gen = torch.Generator().manual_seed(2)
+    changed = False
+    for _ in range(8):
+        pad_c = ids.clone()
+        pad_c[1, 4:] = torch.randint(0, 300, (28,), generator=gen)
+        cnt_c, _ = run_step(em.model, pad_c, 0.5)
+        changed = changed or not torch.allclose(cnt_a[valid], cnt_c[valid])
+    assert changed
 
 
 def test_cli_perplexity_and_choice(qwen, united, tmp_path):
