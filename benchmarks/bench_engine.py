@@ -7,7 +7,7 @@ Stages (each writes its raw JSON under --out as soon as it finishes):
   brownout    MoE layer and decode step vs tau for way 4 and way 2 united experts (dummy:
               uniform averages of contiguous groups), batch 8..128, vs tau = 1 and the
               roofline of the expert slots actually touched; routing overhead at tau = 1
-  profile     GPU kernel time per decode step by kernel (torch.profiler), batch 1 and 64
+  profile     kernel and host time per decode step (torch.profiler): batch 1 and 64 graphed, 64 eager
   offline     offline throughput of our engine vs transformers `generate`, same weights
               (ours copied from the transformers model), same prompts and output lengths
 
@@ -109,29 +109,40 @@ def stage_decode(runner, wb, bw, out_dir: Path, gen) -> list[dict]:
     return rows
 
 
-def stage_profile(runner, out_dir: Path, B: int = 64, ctx: int = 512) -> dict:
-    """Where the decode step's time goes: GPU kernel totals over 5 CUDA-graph replays at tau 1."""
+def stage_profile(runner, out_dir: Path, B: int = 64, ctx: int = 512, graphs: bool = True) -> dict:
+    """Where the decode step's time goes: kernel totals over 5 steps at tau 1 (CUDA-graph
+    replays, or eager steps, where the table sorted by host time shows the launch cost)."""
     from torch.profiler import ProfilerActivity, profile
 
     sched = decode_sched(B, ctx, runner.block_size, runner.model.spec.vocab_size)
+    saved = runner.graphs
+    if not graphs:
+        runner.graphs = None
     for _ in range(3):
         runner.execute(sched, 1.0)
     torch.cuda.synchronize()
+    t0 = time.perf_counter()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(5):
             runner.execute(sched, 1.0)
         torch.cuda.synchronize()
+    wall_ms = (time.perf_counter() - t0) / 5 * 1e3
+    runner.graphs = saved
+    tag = f"b{B}" + ("" if graphs else "_eager")
     rows = []
     for ev in prof.key_averages():
         dev_us = getattr(ev, "device_time_total", 0) or getattr(ev, "cuda_time_total", 0)
         if dev_us and ev.device_type.name == "CUDA":
             rows.append(dict(name=ev.key[:120], calls=ev.count // 5, device_us_per_step=dev_us / 5))
     rows.sort(key=lambda r: -r["device_us_per_step"])
-    result = dict(batch=B, ctx=ctx, kernels=rows, total_device_us_per_step=sum(r["device_us_per_step"] for r in rows))
-    (out_dir / f"profile_b{B}.json").write_text(json.dumps(result, indent=1))
-    (out_dir / f"profile_b{B}.txt").write_text(
-        prof.key_averages().table(sort_by="device_time_total", row_limit=40))
-    log.info("profile b%d: %.0f us of kernels per step", B, result["total_device_us_per_step"])
+    result = dict(batch=B, ctx=ctx, cuda_graph=graphs, profiled_wall_ms_per_step=wall_ms, kernels=rows,
+                  total_device_us_per_step=sum(r["device_us_per_step"] for r in rows))
+    (out_dir / f"profile_{tag}.json").write_text(json.dumps(result, indent=1))
+    (out_dir / f"profile_{tag}.txt").write_text(
+        prof.key_averages().table(sort_by="device_time_total", row_limit=40) + "\n\n" +
+        prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=40))
+    log.info("profile %s: %.0f us of kernels per step, %.1f ms wall per profiled step", tag,
+             result["total_device_us_per_step"], wall_ms)
     return result
 
 
@@ -276,9 +287,9 @@ def main() -> None:
         if "decode" in stages:
             stage_decode(runner, wb, bw, args.out, gen)
         if "profile" in stages:
-            for B in (1, 64):
+            for B, graphs in ((1, True), (64, True), (64, False)):
                 try:
-                    stage_profile(runner, args.out, B=B)
+                    stage_profile(runner, args.out, B=B, graphs=graphs)
                 except Exception:  # a profiler problem must not cost the other stages
                     log.exception("profile stage failed")
         if "brownout" in stages:

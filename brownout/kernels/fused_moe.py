@@ -100,7 +100,11 @@ def fit_shared_memory(cfg: dict, elem_bytes: int, budget: int = 200 * 1024) -> d
 
 def default_config(num_tokens: int, top_k: int, num_slots: int, inter: int, hidden: int,
                    on_gpu: bool, elem_bytes: int = 2) -> dict:
-    """Tiles for shapes nobody tuned: small row blocks while the per-slot lists are short."""
+    """Tiles for shapes nobody tuned: one row block per slot while the per-slot lists are
+    short (decode is bandwidth-bound: a second row block of a slot reads its weights again),
+    large tiles once they are long (prefill is compute-bound).
+
+    `num_slots` is the number of slots the rows are expected to spread over."""
     if not on_gpu:  # the interpreter: small tiles keep numpy work per program low
         return {"BLOCK_M": 16, "BLOCK_N": min(32, max(16, _next_pow2(inter))),
                 "BLOCK_K": min(32, max(16, _next_pow2(hidden))), "GROUP_M": 1,
@@ -109,9 +113,12 @@ def default_config(num_tokens: int, top_k: int, num_slots: int, inter: int, hidd
     if rows_per_slot <= 16:  # decode: weights stream once, H100 sweep winners
         cfg = {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128, "GROUP_M": 1,
                "num_warps": 4, "num_stages": 4}
-    elif rows_per_slot <= 64:
+    elif rows_per_slot <= 32:
         cfg = {"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 128, "GROUP_M": 4,
                "num_warps": 4, "num_stages": 4}
+    elif rows_per_slot <= 64:
+        cfg = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 128, "GROUP_M": 4,
+               "num_warps": 4, "num_stages": 3}
     else:
         cfg = {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8,
                "num_warps": 8, "num_stages": 3}
@@ -129,17 +136,23 @@ def lookup_config(table: dict, num_tokens: int, num_slots: int, inter: int, hidd
 
 
 def get_config(num_tokens: int, top_k: int, num_slots: int, inter: int, hidden: int,
-               dtype: torch.dtype, device: torch.device) -> dict:
+               dtype: torch.dtype, device: torch.device, busy_slots: int | None = None) -> dict:
     """Tuned tiles for (S, N, K, dtype) at the nearest tuned token count, else the default.
 
+    `busy_slots`: how many slots the rows are expected to land in when fewer than all
+    (brownout routing packs a cold tail into the united slots: at tau = 0 a way-4 model
+    sends every row to S/5 slots, so each slot gets ~4x the rows a plain step gives it).
+    The tuned tables were swept over plain routing; when the expected rows per busy slot
+    outgrow a 16-row block, the default tiles sized for those rows are used instead.
     The device's JSON is read on first use only (never at import)."""
     on_gpu = device.type == "cuda" and not _kernels_interpreted()
-    if on_gpu:
+    spread = num_slots if busy_slots is None else max(1, min(busy_slots, num_slots))
+    if on_gpu and (spread == num_slots or num_tokens * top_k / spread <= 16):
         table = _load_device_configs(torch.cuda.get_device_name(device))
         cfg = lookup_config(table, num_tokens, num_slots, inter, hidden, dtype)
         if cfg is not None:
             return cfg
-    return default_config(num_tokens, top_k, num_slots, inter, hidden, on_gpu,
+    return default_config(num_tokens, top_k, spread, inter, hidden, on_gpu,
                           torch.finfo(dtype).bits // 8)
 
 
@@ -327,12 +340,14 @@ def moe_align(topk_ids: torch.Tensor, num_slots: int, block_m: int):
 
 def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
               topk_weights: torch.Tensor, topk_ids: torch.Tensor, *,
-              config: dict | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+              config: dict | None = None, out: torch.Tensor | None = None,
+              busy_slots: int | None = None) -> torch.Tensor:
     """out[t] = sum_j w[t,j] * expert_{id[t,j]}(x[t]) over j with id >= 0; dtype of x.
 
     x [T, D]; w13 [S, 2I, D] (gate rows then up rows); w2 [S, D, I];
     topk_weights [T, k] float; topk_ids [T, k] int in [-1, S). `out` [T, D] contiguous,
-    optional (a static buffer for graph capture)."""
+    optional (a static buffer for graph capture). `busy_slots`: expected number of slots in
+    use when routing concentrates rows (tile choice only; see `get_config`)."""
     T, D = x.shape
     S, two_i, _ = w13.shape
     inter = two_i // 2
@@ -344,7 +359,7 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
         out = torch.empty(T, D, dtype=x.dtype, device=x.device)  # [T, D]
     if T == 0:
         return out
-    cfg = config or get_config(T, top_k, S, inter, D, x.dtype, x.device)
+    cfg = config or get_config(T, top_k, S, inter, D, x.dtype, x.device, busy_slots)
     down = {**cfg, **cfg.get("down", {})}
     x, w13, w2 = x.contiguous(), w13.contiguous(), w2.contiguous()
     ids = topk_ids.contiguous()

@@ -177,6 +177,27 @@ def test_default_configs_fit_shared_memory(elem_bytes):
 
 
 @needs_kernels
+def test_busy_slots_size_the_row_block(monkeypatch):
+    """Brownout at low tau crowds the rows of a step into the united slots: the row block
+    must then cover a united slot's rows, or its weights are read once per extra block."""
+    key = fm.config_key(75, 1408, 2048, torch.bfloat16)
+    table = {key: {"64": {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128, "GROUP_M": 1,
+                          "num_warps": 4, "num_stages": 4}}}
+    monkeypatch.setattr(fm, "_load_device_configs", lambda name: table)
+    monkeypatch.setattr(fm, "_kernels_interpreted", lambda: False)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "fake")
+    cuda = torch.device("cuda")
+    plain = fm.get_config(64, 4, 75, 1408, 2048, torch.bfloat16, cuda)
+    assert plain["BLOCK_M"] == 16  # the tuned table, rows spread over all slots
+    for T in (8, 64, 128, 512):
+        rows = T * 4 / 15  # way 4, tau 0: every row in one of 15 united slots
+        cfg = fm.get_config(T, 4, 75, 1408, 2048, torch.bfloat16, cuda, busy_slots=15)
+        assert cfg["BLOCK_M"] >= min(rows, 64), (T, cfg)
+    # few rows even when crowded: the tuned table still applies
+    assert fm.get_config(8, 4, 75, 1408, 2048, torch.bfloat16, cuda, busy_slots=15) == table[key]["64"]
+
+
+@needs_kernels
 def test_available_is_bool():
     assert isinstance(fm.fused_moe_available(), bool)
 

@@ -118,7 +118,8 @@ class SparseMoE(nn.Module):
         if ctx.touched is not None:
             counted = ids if ctx.valid is None else torch.where(ctx.valid.unsqueeze(1), ids, -1)
             ctx.touched.append(count_touched(counted, self.num_slots))
-        out = self._experts(x, weights, ids, ctx)
+        routed = ctx.tau is not None and self.brownout_ready
+        out = self._experts(x, weights, ids, ctx, routed)
         if self.shared_expert is not None:
             shared = self.shared_expert(x)
             if self.shared_expert_gate is not None:
@@ -126,11 +127,14 @@ class SparseMoE(nn.Module):
             out = out + shared
         return out.reshape(shape)
 
-    def _experts(self, x, weights, ids, ctx: ForwardContext) -> torch.Tensor:
+    def _experts(self, x, weights, ids, ctx: ForwardContext, routed: bool = False) -> torch.Tensor:
         if self.local_of is not None:  # expert parallel: only the slots held here
             ids = localize(ids, self.local_of)
         if ctx.use_kernels:
             from brownout.kernels.fused_moe import fused_moe
 
-            return fused_moe(x, self.w13, self.w2, weights, ids)
+            # routed: tiles sized for the low-tau case, where the rows crowd into the united
+            # slots (the routed path only runs at tau < 1; tau = 1 takes the plain one)
+            return fused_moe(x, self.w13, self.w2, weights, ids,
+                             busy_slots=self.num_groups if routed else None)
         return moe_experts_ref(x, self.w13, self.w2, weights, ids)
