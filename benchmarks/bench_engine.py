@@ -8,6 +8,7 @@ Stages (each writes its raw JSON under --out as soon as it finishes):
               uniform averages of contiguous groups), batch 8..128, vs tau = 1 and the
               roofline of the expert slots actually touched; routing overhead at tau = 1
   profile     kernel and host time per decode step (torch.profiler): batch 1 and 64 graphed, 64 eager
+  prefill     eager prefill steps of 512 / 2048 tokens at tau 1 and 0: wall vs kernel time
   offline     offline throughput of our engine vs transformers `generate`, same weights
               (ours copied from the transformers model), same prompts and output lengths
 
@@ -73,6 +74,40 @@ def decode_sched(B: int, ctx: int, block_size: int, vocab: int) -> SchedulerOutp
                                  sample=True, sampling=SamplingParams(temperature=0.0, max_tokens=8),
                                  output_len=1))
     return SchedulerOutput(seqs=seqs, num_prefill_tokens=0, num_decode_tokens=B)
+
+
+def prefill_sched(T: int, block_size: int, vocab: int, seqs: int = 4) -> SchedulerOutput:
+    """`seqs` fresh prompts of T / seqs tokens each in one step (a chunked-prefill step)."""
+    gen = torch.Generator().manual_seed(T)
+    n = T // seqs
+    per_seq = -(-n // block_size)
+    out = [ScheduledSeq(request_id=f"p{b}", token_ids=torch.randint(0, vocab, (n,), generator=gen).tolist(),
+                        start_pos=0, block_table=list(range(b * per_seq, (b + 1) * per_seq)), sample=True,
+                        sampling=SamplingParams(temperature=0.0, max_tokens=8), output_len=0)
+           for b in range(seqs)]
+    return SchedulerOutput(seqs=out, num_prefill_tokens=n * seqs, num_decode_tokens=0)
+
+
+def stage_prefill(runner, out_dir: Path) -> list[dict]:
+    """Eager prefill steps (as a serving engine runs them) of 512 and 2048 tokens at tau 1
+    and 0: wall time per step (host launch cost included) and GPU kernel time per step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    rows = []
+    for T in (512, 2048):
+        sched = prefill_sched(T, runner.block_size, runner.model.spec.vocab_size)
+        for tau in (1.0, 0.0):
+            ms = cuda_time_ms(lambda: runner.execute(sched, tau), iters=10)
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                for _ in range(3):
+                    runner.execute(sched, tau)
+                torch.cuda.synchronize()
+            kern = sum(getattr(ev, "device_time_total", 0) for ev in prof.key_averages()
+                       if ev.device_type.name == "CUDA") / 3 / 1e3
+            rows.append(dict(tokens=T, tau=tau, step_ms=ms, kernel_ms=kern))
+            log.info("prefill %s", rows[-1])
+    (out_dir / "prefill.json").write_text(json.dumps(rows, indent=1))
+    return rows
 
 
 def step_roofline_s(wb: dict, touched: list[int], B: int, ctx: int, bw: float) -> float:
@@ -271,7 +306,7 @@ def main() -> None:
     meta["copy_bandwidth_Bps"] = bw = copy_bandwidth()
     log.info("copy bandwidth %.2f TB/s", bw / 1e12)
     (args.out / "meta.json").write_text(json.dumps(meta, indent=1))
-    if {"decode", "brownout", "profile"} & set(stages):
+    if {"decode", "brownout", "profile", "prefill"} & set(stages):
         loaded = load_model(ModelLoadConfig(model=PRESET, load_format="dummy", device="cuda",
                                             dtype="bfloat16", extra_expert_slots=30))
         install_uncalibrated(loaded.model, 4)  # so the captured graphs include routing
@@ -292,6 +327,8 @@ def main() -> None:
                     stage_profile(runner, args.out, B=B, graphs=graphs)
                 except Exception:  # a profiler problem must not cost the other stages
                     log.exception("profile stage failed")
+        if "prefill" in stages:
+            stage_prefill(runner, args.out)
         if "brownout" in stages:
             stage_brownout(runner, wb, bw, args.out, gen)
         del runner, loaded

@@ -56,6 +56,8 @@ def main() -> None:
         row["slots_tau0"] = int(torch.unique(rid[rid >= 0]).numel())
         row["fused_plain_ids"] = cuda_time_ms(lambda: fused_moe(x, moe.w13, moe.w2, weights, ids))
         row["fused_remapped_ids"] = cuda_time_ms(lambda: fused_moe(x, moe.w13, moe.w2, rw, rid))
+        row["fused_remapped_ids_busy_slots"] = cuda_time_ms(
+            lambda: fused_moe(x, moe.w13, moe.w2, rw, rid, busy_slots=moe.num_groups))
         no_dup = torch.where(rid < 0, torch.full_like(rid, E), rid)
         row["fused_remapped_no_minus1"] = cuda_time_ms(lambda: fused_moe(x, moe.w13, moe.w2, rw, no_dup))
         if moe.shared_expert is not None:

@@ -1,0 +1,64 @@
+"""Where a headline run's engine time went: step counts and mean step latency by phase
+(steps with prefill work vs decode-only steps), per window, from the server's /metrics
+scrapes that the bench client saved (metrics.jsonl of each policy run).
+
+Run: python benchmarks/headline_steps.py HEADLINE_DIR [--window 3] [--out FILE.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+PHASES = ("prefill", "decode")
+
+
+def _key(kind: str, phase: str) -> str:
+    return f"brownout_step_latency_seconds_{kind},phase={phase}"
+
+
+def step_table(metrics: list[dict], window: int) -> list[dict]:
+    """One row per `window` scrapes: steps, mean step seconds and busy seconds per phase."""
+    rows = []
+    for prev, cur in zip(metrics[::window], metrics[window::window]):
+        row = dict(t=round(cur["t"], 1), running=cur["running"], waiting=cur["waiting"],
+                   tau_prefill=cur["tau_prefill"], tau_decode=cur["tau_decode"])
+        for phase in PHASES:
+            n = cur["brownout"][_key("count", phase)] - prev["brownout"][_key("count", phase)]
+            s = cur["brownout"][_key("sum", phase)] - prev["brownout"][_key("sum", phase)]
+            row[f"{phase}_steps"], row[f"{phase}_busy_s"] = n, s
+            row[f"{phase}_mean_ms"] = 1e3 * s / n if n else None
+        rows.append(row)
+    return rows
+
+
+def summarize(rows: list[dict]) -> dict:
+    busy = {p: sum(r[f"{p}_busy_s"] for r in rows) for p in PHASES}
+    steps = {p: sum(r[f"{p}_steps"] for r in rows) for p in PHASES}
+    total = sum(busy.values()) or 1.0
+    return {p: dict(steps=steps[p], busy_s=busy[p], share_of_busy=busy[p] / total,
+                    mean_ms=1e3 * busy[p] / steps[p] if steps[p] else None) for p in PHASES}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("headline_dir", type=Path)
+    ap.add_argument("--window", type=int, default=3, help="scrapes (about seconds) per row")
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args()
+    result = {}
+    for run in sorted(p for p in args.headline_dir.iterdir() if (p / "metrics.jsonl").is_file()):
+        metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line]
+        rows = step_table(metrics, args.window)
+        result[run.name] = dict(summary=summarize(rows), windows=rows)
+        s = result[run.name]["summary"]
+        print(f"{run.name:24s} " + "  ".join(
+            f"{p}: {s[p]['steps']:.0f} steps, mean {s[p]['mean_ms'] or 0:.1f} ms, "
+            f"{100 * s[p]['share_of_busy']:.0f}% of busy time" for p in PHASES))
+    if args.out:
+        args.out.write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
