@@ -39,6 +39,84 @@ def engine_decode() -> None:
     (RESULTS / "engine_decode_h100.md").write_text("\n".join(lines) + "\n")
 
 
+def engine(name: str) -> None:
+    """Tables of a `bench_engine.py` run collected into results/NAME.json (any of its stages)."""
+    data = json.loads((RESULTS / f"{name}.json").read_text())
+    meta = data["meta"]
+    md = [f"# Engine on the GPU: {name}", "",
+          f"{meta['device']}, torch {meta['torch']}, dummy {meta['preset']} ({meta['weights']}); copy bandwidth "
+          f"{meta['copy_bandwidth_Bps'] / 1e12:.2f} TB/s (read + write) measured in the same run. Command: "
+          f"`{data['command']}`. " + data.get("note", ""), ""]
+    if data.get("decode"):
+        md += ["## Decode step vs its roofline", "",
+               "Step = `ModelRunner.execute` end to end (input prep, forward, sampling, host copy of the "
+               "tokens), tau = 1. Roofline = (non-expert weights + distinct expert slots touched x expert "
+               "bytes + KV read) / copy bandwidth.", "",
+               "| context | batch | CUDA graph | step ms | roofline ms | step / roofline | experts touched / layer |",
+               "|---|---|---|---|---|---|---|"]
+        for r in data["decode"]:
+            md.append(f"| {r['ctx']} | {r['batch']} | {'yes' if r['cuda_graph'] else 'no'} | {r['step_ms']:.2f} | "
+                      f"{r['roofline_ms']:.2f} | {r['ratio']:.2f} | {r['experts_touched_mean']:.1f} |")
+        md.append("")
+    b = data.get("brownout")
+    if b:
+        md += ["## Brownout: one MoE layer (CUDA graph) vs tau", "",
+               "Way-4 / way-2 uniform-average united experts of contiguous groups; random router weights "
+               "route almost uniformly, so the slots kept at a given tau are a lower bound of a trained "
+               "model's savings. `vs tau 1` is against the routing-free layer of the same batch.", "",
+               "| way | batch | tau | ms | slots touched | / roofline | vs brownout off |", "|---|---|---|---|---|---|---|"]
+        for r in b["moe_layer"]:
+            md.append(f"| {r['way']} | {r['batch']} | {r['tau']} | {r['ms']:.4f} | {r['slots_touched']} | "
+                      f"{r['ratio_roofline']:.2f} | {r['vs_no_brownout']:.3f} |")
+        md += ["", "Routing overhead at tau = 1 (routed graph vs routing-free graph, MoE layer):", "",
+               "| batch | plain ms | routed at tau 1 ms | overhead |", "|---|---|---|---|"]
+        for r in b["routing_overhead"]:
+            md.append(f"| {r['batch']} | {r['plain_ms']:.4f} | {r['routed_tau1_ms']:.4f} | {100 * r['overhead']:.1f}% |")
+        md += ["", "## Brownout: full decode step (CUDA graph, context 512) vs tau", "",
+               "| way | batch | tau | step ms | vs tau 1 | / roofline | experts touched / layer |",
+               "|---|---|---|---|---|---|---|"]
+        for r in b["decode"]:
+            md.append(f"| {r['way']} | {r['batch']} | {r['tau']} | {r['step_ms']:.2f} | {r['vs_tau1']:.3f} | "
+                      f"{r['ratio_roofline']:.2f} | {r['experts_touched_mean']:.1f} |")
+        md.append("")
+    if data.get("prefill"):
+        md += ["## Eager prefill steps (4 prompts per step) at tau 1 and 0", "",
+               "| tokens | tau | step ms (wall) | GPU kernel ms |", "|---|---|---|---|"]
+        for r in data["prefill"]:
+            md.append(f"| {r['tokens']} | {r['tau']} | {r['step_ms']:.2f} | {r['kernel_ms']:.2f} |")
+        md.append("")
+    if data.get("prefill_moe"):
+        md += ["## One MoE layer at prefill sizes, eager (ms)", "",
+               "| tokens | " + " | ".join(k for k in data["prefill_moe"][0] if k != "tokens") + " |",
+               "|---" * len(data["prefill_moe"][0]) + "|"]
+        for r in data["prefill_moe"]:
+            md.append("| " + " | ".join(_f(v) for v in r.values()) + " |")
+        md.append("")
+    for key in sorted(k for k in data if k.startswith("profile_")):
+        prof = data[key]
+        md += [f"## Kernel time per decode step, batch {prof['batch']}, context {prof['ctx']}, "
+               f"{'CUDA graph' if prof.get('cuda_graph', True) else 'eager'} (torch.profiler, top 12)", "",
+               f"Kernels in all: {prof['total_device_us_per_step'] / 1e3:.2f} ms per step"
+               + (f"; wall {prof['profiled_wall_ms_per_step']:.2f} ms per profiled step" if "profiled_wall_ms_per_step" in prof else "")
+               + ".", "", "| kernel | calls / step | us / step |", "|---|---|---|"]
+        for r in prof["kernels"][:12]:
+            md.append(f"| `{r['name'][:70]}` | {r['calls']} | {r['device_us_per_step']:.0f} |")
+        md.append("")
+    if data.get("offline"):
+        o = data["offline"]
+        md += ["## Offline throughput vs transformers `generate`", "",
+               f"{o['n_prompts']} prompts of {o['prompt_len']} random tokens, {o['out_len']} greedy output tokens each, "
+               "same weights (ours copied from the transformers model), bf16, same GPU, one call each after a warm-up.", "",
+               "| engine | seconds | output tok/s |", "|---|---|---|",
+               f"| transformers `generate` | {o['transformers_s']:.2f} | {o['transformers_tok_s']:.0f} |",
+               f"| brownout-serve `LLM.generate` | {o['ours_s']:.2f} | {o['ours_tok_s']:.0f} |", "",
+               f"Speed-up {o['speedup']:.2f}x. First 16 greedy tokens identical for {o['first16_tokens_equal']} "
+               "prompts (random bf16 weights give near-tied logits; the two implementations round differently).", ""]
+    if data.get("gpu_tests"):
+        md += [f"GPU tests in the same run: {data['gpu_tests']}.", ""]
+    (RESULTS / f"{name}.md").write_text("\n".join(md))
+
+
 def headline(name: str) -> None:
     data = json.loads((RESULTS / f"{name}.json").read_text())
     cal = data["calibration"]
@@ -107,5 +185,10 @@ if __name__ == "__main__":
         collect_demo(args.demo_dir, args.machine)
     engine_decode()
     headline("headline_h100_run1")
+    for p in sorted(RESULTS.glob("engine_h200_run*.json")):
+        engine(p.stem)
+    for p in sorted(RESULTS.glob("headline_h200_run*.json")):
+        if not p.stem.endswith("_steps"):
+            headline(p.stem)
     demo_cpu()
     demo_cpu("demo_cpu_run1")
