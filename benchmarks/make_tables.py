@@ -137,6 +137,17 @@ def headline(name: str) -> None:
         for r in data["sweep"]:
             lines.append(f"| {r['policy']} | {r['load_fraction']} | {_f(r['offered_req_s'])} | {_f(r['p90_ttft_s'])} | "
                          f"{_f(r['p90_tpot_s'], 4)} | {_f(r['goodput_req_s'])} | {_f(r['mean_tau'])} | {r['meets_slo']} |")
+    if data.get("note"):
+        lines += ["", data["note"]]
+    steps = RESULTS / f"{name}_steps.json"
+    if steps.is_file():
+        lines += ["", "Engine time by step phase (`benchmarks/headline_steps.py`, from the /metrics scrapes):", "",
+                  "| run | prefill steps | mean prefill step ms | share of busy time | decode steps | mean decode step ms |",
+                  "|---|---|---|---|---|---|"]
+        for run, v in json.loads(steps.read_text()).items():
+            p, d = v["summary"]["prefill"], v["summary"]["decode"]
+            lines.append(f"| {run} | {p['steps']:.0f} | {_f(p['mean_ms'], 1)} | {100 * p['share_of_busy']:.0f}% | "
+                         f"{d['steps']:.0f} | {_f(d['mean_ms'], 1)} |")
     (RESULTS / f"{name}.md").write_text("\n".join(lines) + "\n")
 
 
