@@ -99,12 +99,12 @@ def fit_shared_memory(cfg: dict, elem_bytes: int, budget: int = 200 * 1024) -> d
 
 
 def default_config(num_tokens: int, top_k: int, num_slots: int, inter: int, hidden: int,
-                   on_gpu: bool, elem_bytes: int = 2) -> dict:
-    """Tiles for shapes nobody tuned: one row block per slot while the per-slot lists are
-    short (decode is bandwidth-bound: a second row block of a slot reads its weights again),
-    large tiles once they are long (prefill is compute-bound).
+                   on_gpu: bool, elem_bytes: int = 2, crowded: bool = False) -> dict:
+    """Tiles for shapes nobody tuned: small row blocks while the per-slot lists are short.
 
-    `num_slots` is the number of slots the rows are expected to spread over."""
+    `num_slots` is the number of slots the rows are expected to spread over. `crowded`
+    (brownout routing): the row block grows up to 64 to cover a united slot's rows, as a
+    second row block of a slot reads its weights again; plain steps keep the H100 tiers."""
     if not on_gpu:  # the interpreter: small tiles keep numpy work per program low
         return {"BLOCK_M": 16, "BLOCK_N": min(32, max(16, _next_pow2(inter))),
                 "BLOCK_K": min(32, max(16, _next_pow2(hidden))), "GROUP_M": 1,
@@ -113,12 +113,12 @@ def default_config(num_tokens: int, top_k: int, num_slots: int, inter: int, hidd
     if rows_per_slot <= 16:  # decode: weights stream once, H100 sweep winners
         cfg = {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128, "GROUP_M": 1,
                "num_warps": 4, "num_stages": 4}
-    elif rows_per_slot <= 32:
-        cfg = {"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 128, "GROUP_M": 4,
-               "num_warps": 4, "num_stages": 4}
-    elif rows_per_slot <= 64:
+    elif crowded and 32 < rows_per_slot <= 64:
         cfg = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 128, "GROUP_M": 4,
                "num_warps": 4, "num_stages": 3}
+    elif rows_per_slot <= 64:
+        cfg = {"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 128, "GROUP_M": 4,
+               "num_warps": 4, "num_stages": 4}
     else:
         cfg = {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8,
                "num_warps": 8, "num_stages": 3}
@@ -153,14 +153,15 @@ def get_config(num_tokens: int, top_k: int, num_slots: int, inter: int, hidden: 
         if cfg is not None:
             return cfg
     return default_config(num_tokens, top_k, spread, inter, hidden, on_gpu,
-                          torch.finfo(dtype).bits // 8)
+                          torch.finfo(dtype).bits // 8, crowded=spread < num_slots)
 
 
 # ----------------------------------------------------------------------------- kernels
 
 if triton is not None:
 
-    @triton.jit
+    # per-step sizes are not specialised on: one binary, no compile while serving
+    @triton.jit(do_not_specialize=["n_assign", "n_blocks"])
     def _align_kernel(ids_ptr, counts_ptr, rank_ptr, offsets_ptr, sorted_ptr, block_slot_ptr,
                       n_assign, num_slots, n_blocks,
                       BLOCK_M: tl.constexpr, S_PAD: tl.constexpr, CHUNK: tl.constexpr):
@@ -216,7 +217,8 @@ if triton is not None:
         pid_n = (pid % per_group) // group_rows
         return pid_m, pid_n
 
-    @triton.jit
+    # per-step sizes are not specialised on: one binary, no compile while serving
+    @triton.jit(do_not_specialize=["n_assign", "n_blocks"])
     def _gate_up_kernel(x_ptr, w13_ptr, h_ptr, sorted_ptr, block_slot_ptr,
                         n_assign, top_k, n_blocks, D, I,
                         stride_xt, stride_ws, stride_wn, stride_ht,
@@ -261,7 +263,8 @@ if triton is not None:
         h_ptrs = h_ptr + aid.to(tl.int64)[:, None] * stride_ht + offs_n[None, :]
         tl.store(h_ptrs, h.to(h_ptr.dtype.element_ty), mask=row_ok[:, None] & n_ok[None, :])
 
-    @triton.jit
+    # per-step sizes are not specialised on: one binary, no compile while serving
+    @triton.jit(do_not_specialize=["n_assign", "n_blocks"])
     def _down_kernel(h_ptr, w2_ptr, y_ptr, weights_ptr, sorted_ptr, block_slot_ptr,
                      n_assign, n_blocks, D, I,
                      stride_ht, stride_ws, stride_wn, stride_yt,

@@ -36,7 +36,8 @@ def _next_pow2(n: int) -> int:
 
 if triton is not None:
 
-    @triton.jit
+    # per-step sizes are not specialised on: one binary, no compile while serving
+    @triton.jit(do_not_specialize=["n_q_tiles", "T"])
     def _attn_kernel(q_ptr, k_ptr, v_ptr, out_ptr, part_acc_ptr, part_ml_ptr,
                      block_tables_ptr, seq_lens_ptr, qsl_ptr, scale_log2, n_q_tiles, T, Hq,
                      stride_qt, stride_qh, stride_kb, stride_ks, stride_kh,
@@ -111,7 +112,8 @@ if triton is not None:
             tl.store(part_ml_ptr + row * 2, m_i, mask=row_ok)
             tl.store(part_ml_ptr + row * 2 + 1, l_i, mask=row_ok)
 
-    @triton.jit
+    # per-step sizes are not specialised on: one binary, no compile while serving
+    @triton.jit(do_not_specialize=["T"])
     def _merge_kernel(part_acc_ptr, part_ml_ptr, out_ptr, T, Hq, stride_ot, stride_oh,
                       HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                       NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr):
@@ -168,7 +170,8 @@ def choose_num_splits(num_programs: int, max_context: int, device: torch.device)
                            torch.cuda.current_device())
     if num_programs >= target:
         return 1
-    return max(1, min(triton.cdiv(target, num_programs), max_context // 256, 16))
+    n = max(1, min(triton.cdiv(target, num_programs), max_context // 256, 16))
+    return 1 << (n.bit_length() - 1)  # a power of two: NUM_SPLITS compiles 5 ways, not 16
 
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
