@@ -15,7 +15,10 @@ Decision for a planned step of phase p (prefill or decode) with T tokens and B r
   P90(tau) = L(T, B, E(tau, T)) + bias_p + z * sigma_p  for tau on a grid 1.0, 0.95, ..., 0
   tau      = the largest grid tau with P90(tau) <= target; for prefill steps with a
              queue, also waiting_tokens * P90(tau) / T <= ttft_s * (1 - margin) (the
-             queue must drain within the TTFT SLO); if no tau qualifies, the lowest.
+             queue must drain within the TTFT SLO); if no tau qualifies, best effort: the
+             largest tau predicted within `effort_tolerance` of the fastest one (the
+             lowest tau when dimming pays; tau 1 when the step would be no faster, as for a
+             host-bound step, so no accuracy is spent for nothing).
 Smoothing: lowering is immediate (safety first); raising needs P90 <= target * (1 -
 hysteresis) and is limited to `max_raise_per_s` per second, so tau does not flap.
 Until the models have `min_samples` steps (or when steps carry no expert counts), the
@@ -48,7 +51,7 @@ class PredictiveController(Controller):
                  grid_points: int = 21, margin: float = 0.05, z: float = 1.28,
                  min_samples: int = 24, hysteresis: float = 0.05, max_raise_per_s: float = 1.0,
                  residual_alpha: float = 0.1, growth_margin: float = 0.05,
-                 max_pressure: float = 0.3, refit_every: int = 4):
+                 max_pressure: float = 0.3, refit_every: int = 4, effort_tolerance: float = 0.03):
         super().__init__(slo, clock)
         self.grid = np.linspace(1.0, 0.0, grid_points)  # descending: the first fit wins
         self.grid = self.grid[self.grid >= slo.min_tau - 1e-12]
@@ -58,6 +61,7 @@ class PredictiveController(Controller):
         self.hysteresis, self.max_raise_per_s = hysteresis, max_raise_per_s
         self.residual_alpha, self.growth_margin = residual_alpha, growth_margin
         self.max_pressure, self.refit_every = max_pressure, max(1, refit_every)
+        self.effort_tolerance = effort_tolerance
         self.experts = ExpertsModel()
         self.latency = StepLatencyModel()
         self._fallback = AIMDController(slo, clock)
@@ -134,8 +138,8 @@ class PredictiveController(Controller):
         prev = self._tau[phase]
         ok = self._feasible(phase, planned, p90, target)
         ok_grid, ok_prev = ok[:-1], bool(ok[-1])
-        if not ok_prev:  # dim at once to the largest tau that qualifies (or the lowest)
-            return float(self.grid[np.argmax(ok_grid)]) if ok_grid.any() else float(self.grid[-1])
+        if not ok_prev:  # dim at once to the largest tau that qualifies (or best effort)
+            return float(self.grid[np.argmax(ok_grid)]) if ok_grid.any() else self._best_effort(p90[:-1])
         # Raise only with headroom (hysteresis), and only so fast.
         ok_up = self._feasible(phase, planned, p90[:-1], target * (1.0 - self.hysteresis))
         up = float(self.grid[np.argmax(ok_up)]) if ok_up.any() else prev
@@ -143,6 +147,13 @@ class PredictiveController(Controller):
             return prev
         dt = now - self._last_choose[phase]
         return min(up, prev + self.max_raise_per_s * max(dt, 0.0))
+
+    def _best_effort(self, p90_grid: np.ndarray) -> float:
+        """No tau meets the target: the largest tau whose predicted P90 is within
+        `effort_tolerance` of the fastest prediction."""
+        fastest = float(p90_grid.min())
+        near = p90_grid <= fastest * (1.0 + self.effort_tolerance) + 1e-12
+        return float(self.grid[np.argmax(near)])
 
     # -- feedback -----------------------------------------------------------------------
     def _after_step(self, phase: str, stats: StepStats, now: float) -> None:
