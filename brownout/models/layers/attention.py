@@ -46,7 +46,7 @@ class Attention(nn.Module):
         v = v.unflatten(-1, (self.num_kv_heads, s.head_dim))
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rotary(q, positions), self.rotary(k, positions)
+        q, k = self.rotary.apply_qk(q, k, positions)
         if ctx.attn is None:
             out = self._full(q, k, v)
         else:

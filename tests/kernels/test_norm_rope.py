@@ -1,0 +1,114 @@
+"""Triton RMSNorm and rotary against the torch layers they replace on the GPU.
+
+Without CUDA the kernels run under triton's CPU interpreter; the reference is the torch
+code of `RMSNorm` / `Rotary` (which the layers run on the CPU), and a float64 evaluation.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from brownout.models.layers.common import RMSNorm, Rotary
+
+from triton_interpret import CUDA, DEVICE, import_kernels, rerun_in_fresh_process
+
+nr = import_kernels("brownout.kernels.norm_rope")
+needs_kernels = pytest.mark.skipif(nr is None, reason="run by test_cpu_suite_in_fresh_process")
+
+
+@pytest.mark.skipif(nr is not None, reason="kernels imported here")
+def test_cpu_suite_in_fresh_process():
+    rerun_in_fresh_process(__file__)
+
+
+def torch_rms_norm(norm: RMSNorm, x: torch.Tensor) -> torch.Tensor:
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + norm.eps)
+    return norm.weight * xf.to(x.dtype)
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows,D", [(1, 64), (7, 100), (33, 256)])
+def test_rms_norm_matches_the_layer(dtype, rows, D):
+    g = torch.Generator().manual_seed(rows * D)
+    norm = RMSNorm(D, 1e-6).to(DEVICE, dtype)
+    with torch.no_grad():
+        norm.weight.copy_(torch.rand(D, generator=g) + 0.5)
+    x = (torch.randn(rows, D, generator=g) * 3).to(DEVICE, dtype)
+    ref = torch_rms_norm(norm, x)
+    out = nr.rms_norm(x, norm.weight.detach(), norm.eps)
+    assert out.dtype == x.dtype and out.shape == x.shape
+    if dtype == torch.float32:
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    else:  # one bf16 rounding step apart at most
+        torch.testing.assert_close(out.float(), ref.float(), rtol=1.6e-2, atol=1e-2)
+    x64 = x.double()
+    exact = norm.weight.double() * x64 * torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + norm.eps)
+    assert (out.double() - exact).abs().max() <= (2e-5 if dtype == torch.float32 else 5e-2)
+
+
+@needs_kernels
+def test_rms_norm_of_a_strided_view_and_empty_input():
+    x = torch.randn(5, 3, 64).to(DEVICE)[:, 1]  # rows 192 apart
+    w = torch.rand(64).to(DEVICE)
+    torch.testing.assert_close(nr.rms_norm(x, w, 1e-5), torch_rms_norm(_norm(w, 1e-5), x))
+    assert nr.rms_norm(torch.empty(0, 64, device=DEVICE), w, 1e-5).shape == (0, 64)
+    with pytest.raises(ValueError, match="last dim"):
+        nr.rms_norm(x, torch.ones(32, device=DEVICE), 1e-5)
+
+
+def _norm(w: torch.Tensor, eps: float) -> RMSNorm:
+    norm = RMSNorm(w.numel(), eps).to(w.device)
+    with torch.no_grad():
+        norm.weight.copy_(w)
+    return norm
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("T,Hq,Hk,Dh", [(1, 4, 4, 64), (9, 16, 2, 128), (40, 3, 1, 32)])
+def test_rotary_in_place_matches_the_layer(dtype, T, Hq, Hk, Dh):
+    g = torch.Generator().manual_seed(T * Hq + Dh)
+    rot = Rotary(Dh, 4096, 10000.0).to(DEVICE)
+    # q and k as views into one fused projection output, as the attention layer has them
+    qkv = torch.randn(T, (Hq + 2 * Hk) * Dh, generator=g).to(DEVICE, dtype)
+    q = qkv[:, : Hq * Dh].unflatten(-1, (Hq, Dh))
+    k = qkv[:, Hq * Dh: (Hq + Hk) * Dh].unflatten(-1, (Hk, Dh))
+    v_before = qkv[:, (Hq + Hk) * Dh:].clone()
+    positions = torch.randint(0, 4096, (T,), generator=g).to(DEVICE)
+    ref_q, ref_k = rot(q.clone(), positions), rot(k.clone(), positions)
+    nr.rotary_(q, positions, rot.cos, rot.sin)
+    nr.rotary_(k, positions, rot.cos, rot.sin)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1.6e-2, atol=1e-2)
+    torch.testing.assert_close(q.float(), ref_q.float(), **tol)
+    torch.testing.assert_close(k.float(), ref_k.float(), **tol)
+    assert torch.equal(qkv[:, (Hq + Hk) * Dh:], v_before)  # v untouched
+
+
+@needs_kernels
+def test_rotary_refuses_shapes_it_does_not_serve():
+    rot = Rotary(96, 16, 10000.0)
+    x = torch.randn(2, 2, 96).to(DEVICE)
+    with pytest.raises(ValueError, match="power-of-two"):
+        nr.rotary_(x, torch.zeros(2, dtype=torch.long, device=DEVICE), rot.cos.to(DEVICE), rot.sin.to(DEVICE))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+def test_layers_take_the_kernels_on_cuda_and_agree():
+    torch.manual_seed(0)
+    norm = RMSNorm(2048, 1e-6).cuda().to(torch.bfloat16)
+    x = torch.randn(64, 2048, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        torch.testing.assert_close(norm(x).float(), torch_rms_norm(norm, x).float(), rtol=1.6e-2, atol=1e-2)
+    rot = Rotary(128, 4096, 1e6).cuda()
+    q = torch.randn(64, 16, 128, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(64, 16, 128, device="cuda", dtype=torch.bfloat16)
+    pos = torch.randint(0, 4096, (64,), device="cuda")
+    ref_q, ref_k = rot(q, pos), rot(k, pos)
+    with torch.no_grad():
+        out_q, out_k = rot.apply_qk(q.clone(), k.clone(), pos)
+    torch.testing.assert_close(out_q.float(), ref_q.float(), rtol=1.6e-2, atol=1e-2)
+    torch.testing.assert_close(out_k.float(), ref_k.float(), rtol=1.6e-2, atol=1e-2)
