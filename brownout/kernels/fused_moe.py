@@ -163,8 +163,9 @@ if triton is not None:
     # per-step sizes are not specialised on: one binary, no compile while serving
     @triton.jit(do_not_specialize=["n_assign", "n_blocks"])
     def _align_kernel(ids_ptr, counts_ptr, rank_ptr, offsets_ptr, sorted_ptr, block_slot_ptr,
-                      n_assign, num_slots, n_blocks,
-                      BLOCK_M: tl.constexpr, S_PAD: tl.constexpr, CHUNK: tl.constexpr):
+                      touched_ptr, n_assign, num_slots, n_blocks,
+                      BLOCK_M: tl.constexpr, S_PAD: tl.constexpr, CHUNK: tl.constexpr,
+                      COUNT_TOUCHED: tl.constexpr):
         # one program: ids [T*k] -> sorted_ptr [padded] flat ids grouped by slot,
         # block_slot_ptr [n_blocks] slot of each BLOCK_M rows (-1: past the end)
         s = tl.arange(0, S_PAD)
@@ -179,6 +180,8 @@ if triton is not None:
         tl.debug_barrier()
         # ".cg" reads at L2: the atomics and other threads' stores never passed through L1
         cnt = tl.load(counts_ptr + s, mask=s < num_slots, other=0, cache_modifier=".cg")
+        if COUNT_TOUCHED:  # distinct slots with an assignment: the step stats' figure
+            tl.store(touched_ptr, tl.sum((cnt > 0).to(tl.int64), 0))
         padded = (cnt + BLOCK_M - 1) // BLOCK_M * BLOCK_M
         end = tl.cumsum(padded, 0)
         start = end - padded
@@ -320,11 +323,13 @@ if triton is not None:
 
 # ----------------------------------------------------------------------------- host side
 
-def moe_align(topk_ids: torch.Tensor, num_slots: int, block_m: int):
+def moe_align(topk_ids: torch.Tensor, num_slots: int, block_m: int,
+              touched_out: torch.Tensor | None = None):
     """Flat assignment ids grouped by slot and padded to `block_m`, plus each block's slot.
 
     Returns (sorted_ids [P] int32 with n_assign as padding, block_slot [P // block_m] int32
-    with -1 past the used length); P = T*k + min(T*k, S) * (block_m - 1) rounded up."""
+    with -1 past the used length); P = T*k + min(T*k, S) * (block_m - 1) rounded up.
+    `touched_out` (0-d int64), when given, receives the number of distinct slots used."""
     ids = topk_ids.reshape(-1)  # [T*k]
     n_assign = ids.numel()
     n_blocks = triton.cdiv(n_assign + min(n_assign, num_slots) * (block_m - 1), block_m)
@@ -335,22 +340,26 @@ def moe_align(topk_ids: torch.Tensor, num_slots: int, block_m: int):
     counts, offsets, rank = scratch[:num_slots], scratch[num_slots:2 * num_slots], \
         scratch[2 * num_slots:]
     _align_kernel[(1,)](ids, counts, rank, offsets, sorted_ids, block_slot,
+                        counts if touched_out is None else touched_out,
                         n_assign, num_slots, n_blocks,
                         BLOCK_M=block_m, S_PAD=max(16, _next_pow2(num_slots)), CHUNK=256,
-                        num_warps=4)
+                        COUNT_TOUCHED=touched_out is not None, num_warps=4)
     return sorted_ids, block_slot
 
 
 def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
               topk_weights: torch.Tensor, topk_ids: torch.Tensor, *,
               config: dict | None = None, out: torch.Tensor | None = None,
-              busy_slots: int | None = None) -> torch.Tensor:
+              busy_slots: int | None = None,
+              touched_out: torch.Tensor | None = None) -> torch.Tensor:
     """out[t] = sum_j w[t,j] * expert_{id[t,j]}(x[t]) over j with id >= 0; dtype of x.
 
     x [T, D]; w13 [S, 2I, D] (gate rows then up rows); w2 [S, D, I];
     topk_weights [T, k] float; topk_ids [T, k] int in [-1, S). `out` [T, D] contiguous,
     optional (a static buffer for graph capture). `busy_slots`: expected number of slots in
-    use when routing concentrates rows (tile choice only; see `get_config`)."""
+    use when routing concentrates rows (tile choice only; see `get_config`). `touched_out`
+    (0-d int64): receives the number of distinct slots with an assignment, counted by the
+    align kernel (saves the ~6 small kernels of `count_touched` per layer)."""
     T, D = x.shape
     S, two_i, _ = w13.shape
     inter = two_i // 2
@@ -361,6 +370,8 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
     if out is None:
         out = torch.empty(T, D, dtype=x.dtype, device=x.device)  # [T, D]
     if T == 0:
+        if touched_out is not None:
+            touched_out.zero_()
         return out
     cfg = config or get_config(T, top_k, S, inter, D, x.dtype, x.device, busy_slots)
     down = {**cfg, **cfg.get("down", {})}
@@ -369,7 +380,7 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
     weights = topk_weights.contiguous()
     n_assign = T * top_k
     bm = cfg["BLOCK_M"]
-    sorted_ids, block_slot = moe_align(ids, S, bm)
+    sorted_ids, block_slot = moe_align(ids, S, bm, touched_out)
     n_blocks = block_slot.numel()
     dot_f32 = _kernels_interpreted()  # the interpreter's bf16 dot is wrong
     precision = _dot_precision(x.dtype)

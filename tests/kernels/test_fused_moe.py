@@ -13,6 +13,7 @@ import json
 import pytest
 import torch
 
+from brownout.kernels.brownout_routing import count_touched
 from brownout.kernels.moe_ref import moe_experts_ref
 
 from triton_interpret import CUDA, DEVICE, import_kernels, rerun_in_fresh_process
@@ -67,8 +68,10 @@ def check(T, E, k, D, I, dtype, seed, config=None):
     x, w13, w2, weights, ids = make_case(T, E, k, D, I, dtype, seed)
     poison_allocator()
     out = torch.full((T, D), float("nan"), dtype=dtype, device=DEVICE)
-    res = fm.fused_moe(x, w13, w2, weights, ids, config=config, out=out)
+    touched = torch.full((), -7, dtype=torch.int64, device=DEVICE)
+    res = fm.fused_moe(x, w13, w2, weights, ids, config=config, out=out, touched_out=touched)
     assert res is out and res.dtype == dtype
+    assert int(touched) == int(count_touched(ids, w13.shape[0]))  # counted in the align kernel
     ref = reference(x, w13, w2, weights, ids)
     assert torch.isfinite(out).all(), "unwritten or non-finite output"
     err = ((out.double() - ref).norm() / ref.norm()).item()
@@ -116,8 +119,9 @@ def test_ragged_dims_and_config_override():
 @needs_kernels
 def test_all_skipped_gives_zeros():
     x, w13, w2, weights, ids = make_case(4, 8, 2, 32, 16, torch.float32, 4)
-    out = fm.fused_moe(x, w13, w2, weights, torch.full_like(ids, -1))
-    assert (out == 0).all()
+    touched = torch.full((), -7, dtype=torch.int64, device=DEVICE)
+    out = fm.fused_moe(x, w13, w2, weights, torch.full_like(ids, -1), touched_out=touched)
+    assert (out == 0).all() and int(touched) == 0
 
 
 @needs_kernels

@@ -115,11 +115,19 @@ class SparseMoE(nn.Module):
             self.capture.append(dict(x=x.detach().cpu(), topk_ids=ids.cpu(), topk_weights=weights.cpu()))
         if ctx.tau is not None and self.brownout_ready:
             ids, weights = brownout_route(ids, weights, ctx.tau, self.group_of, self.num_experts, ctx.valid)
-        if ctx.touched is not None:
+        # the fused kernel counts the slots it is given; padding (valid) and expert parallel
+        # (local ids) need the separate count
+        in_kernel = ctx.touched is not None and ctx.use_kernels and ctx.valid is None \
+            and self.local_of is None and x.is_cuda
+        touched = None
+        if in_kernel:
+            touched = torch.empty((), dtype=torch.int64, device=x.device)
+            ctx.touched.append(touched)
+        elif ctx.touched is not None:
             counted = ids if ctx.valid is None else torch.where(ctx.valid.unsqueeze(1), ids, -1)
             ctx.touched.append(count_touched(counted, self.num_slots))
         routed = ctx.tau is not None and self.brownout_ready
-        out = self._experts(x, weights, ids, ctx, routed)
+        out = self._experts(x, weights, ids, ctx, routed, touched)
         if self.shared_expert is not None:
             shared = self.shared_expert(x)
             if self.shared_expert_gate is not None:
@@ -127,7 +135,8 @@ class SparseMoE(nn.Module):
             out = out + shared
         return out.reshape(shape)
 
-    def _experts(self, x, weights, ids, ctx: ForwardContext, routed: bool = False) -> torch.Tensor:
+    def _experts(self, x, weights, ids, ctx: ForwardContext, routed: bool = False,
+                 touched: Optional[torch.Tensor] = None) -> torch.Tensor:
         if self.local_of is not None:  # expert parallel: only the slots held here
             ids = localize(ids, self.local_of)
         if ctx.use_kernels:
@@ -136,5 +145,5 @@ class SparseMoE(nn.Module):
             # routed: tiles sized for the low-tau case, where the rows crowd into the united
             # slots (the routed path only runs at tau < 1; tau = 1 takes the plain one)
             return fused_moe(x, self.w13, self.w2, weights, ids,
-                             busy_slots=self.num_groups if routed else None)
+                             busy_slots=self.num_groups if routed else None, touched_out=touched)
         return moe_experts_ref(x, self.w13, self.w2, weights, ids)
