@@ -1,4 +1,4 @@
-"""H100 benchmark of the engine on dummy Qwen1.5-MoE-A2.7B weights (random, bf16).
+"""GPU benchmark of the engine on dummy Qwen1.5-MoE-A2.7B weights (random, bf16).
 
 Stages (each writes its raw JSON under --out as soon as it finishes):
   bandwidth   device-to-device copy bandwidth (bytes read + written)
