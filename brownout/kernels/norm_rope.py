@@ -7,10 +7,10 @@ the cos/sin table, casts, four multiplies, two adds, a concatenation, for q and 
 k) were the largest groups of them. These kernels compute the same float32 arithmetic as
 `RMSNorm` and `Rotary` in `models/layers/common.py`, in one launch each:
 
-  rms_norm(x, w, eps)          out = w * (x * rsqrt(mean(x^2) + eps)).to(x.dtype), float32 stats
-  rotary_qk_(q, k, pos, c, s)  q and k rotated in place (neox halves), one launch for both
+  rms_norm(x, w, eps)         out = w * (x * rsqrt(mean(x^2) + eps)).to(x.dtype), float32 stats
+  rotary_(x, pos, cos, sin)   x [T, H, Dh] rotated in place (neox halves); called for q and k
 
-Used on CUDA tensors that need no gradient; everything else keeps the torch code.
+Used on CUDA with autograd off (serving, evaluation); everything else keeps the torch code.
 """
 
 from __future__ import annotations

@@ -81,7 +81,8 @@ class ModelRunner:
         from brownout.types import SamplingParams, ScheduledSeq
 
         capacity = self.num_blocks * self.block_size
-        sizes = sorted({n for n in (1, 8, 32, 64, 128, 256, 512, 1024, max_tokens) if n <= min(max_tokens, capacity)})
+        sizes = sorted({n for n in (1, 8, 32, 64, 128, 256, 512, 1024, max_tokens)
+                        if n <= min(max_tokens, capacity)})
         taus = (1.0, 0.5) if self.brownout_ready else (1.0,)
         params = SamplingParams(temperature=0.0, max_tokens=1)
         for n in sizes:

@@ -113,7 +113,8 @@ class SparseMoE(nn.Module):
         weights, ids = select_experts(router_logits, self.top_k, self.renormalize)  # [T, k]
         if self.capture is not None:
             self.capture.append(dict(x=x.detach().cpu(), topk_ids=ids.cpu(), topk_weights=weights.cpu()))
-        if ctx.tau is not None and self.brownout_ready:
+        routed = ctx.tau is not None and self.brownout_ready
+        if routed:
             ids, weights = brownout_route(ids, weights, ctx.tau, self.group_of, self.num_experts, ctx.valid)
         # the fused kernel counts the slots it is given; padding (valid) and expert parallel
         # (local ids) need the separate count
@@ -126,7 +127,6 @@ class SparseMoE(nn.Module):
         elif ctx.touched is not None:
             counted = ids if ctx.valid is None else torch.where(ctx.valid.unsqueeze(1), ids, -1)
             ctx.touched.append(count_touched(counted, self.num_slots))
-        routed = ctx.tau is not None and self.brownout_ready
         out = self._experts(x, weights, ids, ctx, routed, touched)
         if self.shared_expert is not None:
             shared = self.shared_expert(x)
