@@ -69,9 +69,10 @@ if triton is not None:
 
 
 def kernels_usable(x: torch.Tensor) -> bool:
-    """The model layers call these kernels for x: triton present, CUDA, no gradient.
-    (Tests call `rms_norm` / `rotary_` directly, on the CPU through the interpreter.)"""
-    return triton is not None and x.is_cuda and not x.requires_grad
+    """The model layers call these kernels for x: triton present, CUDA, autograd off (the
+    kernels record no graph, and rotary writes in place; the norm weight requires grad).
+    Tests call `rms_norm` / `rotary_` directly, on the CPU through the interpreter."""
+    return triton is not None and x.is_cuda and not torch.is_grad_enabled()
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -58,7 +58,7 @@ class Rotary(nn.Module):
                 and k.stride(-1) == 1:
             from brownout.kernels import norm_rope
 
-            if norm_rope.kernels_usable(q) and not k.requires_grad:
+            if norm_rope.kernels_usable(q):
                 norm_rope.rotary_(q, positions, self.cos, self.sin)
                 norm_rope.rotary_(k, positions, self.cos, self.sin)
                 return q, k
