@@ -50,7 +50,8 @@ def build_model_runner(config: EngineConfig, parallel=None):
         _install_united(loaded, config.brownout.united_experts)
     runner = ModelRunner(loaded, config.cache, max_batch=config.scheduler.max_num_seqs,
                          max_model_len=config.load.max_model_len,
-                         enforce_eager=config.load.enforce_eager)
+                         enforce_eager=config.load.enforce_eager,
+                         max_step_tokens=config.scheduler.max_num_batched_tokens)
     runner.warm_up(min(config.scheduler.max_num_batched_tokens,
                        config.load.max_model_len or loaded.spec.max_position_embeddings))
     return loaded, runner

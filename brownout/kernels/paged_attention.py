@@ -37,17 +37,35 @@ def _next_pow2(n: int) -> int:
 if triton is not None:
 
     # per-step sizes are not specialised on: one binary, no compile while serving
-    @triton.jit(do_not_specialize=["n_q_tiles", "T"])
+    @triton.jit
+    def _find_tile(pid, qsl_ptr, B, BLOCK_Q: tl.constexpr):
+        # flat grid: sequence b owns the tiles [qsl[b] // BLOCK_Q + b, qsl[b+1] // BLOCK_Q + b + 1),
+        # at least cdiv(q_len, BLOCK_Q) of them, and these starts grow strictly with b;
+        # binary search for the last start <= pid
+        lo = 0
+        hi = B - 1
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            start = tl.load(qsl_ptr + mid) // BLOCK_Q + mid
+            lo = tl.where(start <= pid, mid, lo)
+            hi = tl.where(start <= pid, hi, mid - 1)
+        return lo, pid - (tl.load(qsl_ptr + lo) // BLOCK_Q + lo)
+
+    # per-step sizes are not specialised on: one binary, no compile while serving
+    @triton.jit(do_not_specialize=["n_q_tiles", "T", "B"])
     def _attn_kernel(q_ptr, k_ptr, v_ptr, out_ptr, part_acc_ptr, part_ml_ptr,
-                     block_tables_ptr, seq_lens_ptr, qsl_ptr, scale_log2, n_q_tiles, T, Hq,
+                     block_tables_ptr, seq_lens_ptr, qsl_ptr, scale_log2, n_q_tiles, T, Hq, B,
                      stride_qt, stride_qh, stride_kb, stride_ks, stride_kh,
                      stride_vb, stride_vs, stride_vh, stride_bt, stride_ot, stride_oh,
                      G: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr,
                      BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                      KV_BLOCK: tl.constexpr, NUM_SPLITS: tl.constexpr, DOT_F32: tl.constexpr,
-                     PRECISION: tl.constexpr):
-        b = tl.program_id(0) // n_q_tiles
-        q_tile = tl.program_id(0) % n_q_tiles
+                     PRECISION: tl.constexpr, FLAT: tl.constexpr):
+        if FLAT:  # programs over the step's query tiles, T // BLOCK_Q + B of them
+            b, q_tile = _find_tile(tl.program_id(0), qsl_ptr, B, BLOCK_Q)
+        else:  # n_q_tiles programs per sequence
+            b = tl.program_id(0) // n_q_tiles
+            q_tile = tl.program_id(0) % n_q_tiles
         kvh = tl.program_id(1)
         split = tl.program_id(2)
         q_start = tl.load(qsl_ptr + b)
@@ -201,8 +219,12 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     n_q_tiles = triton.cdiv(max(1, max_query_len), block_q)
     on_gpu = q.device.type == "cuda" and not _kernels_interpreted()
     block_n = 64 if on_gpu else 16
+    # with long and short queries in one step (a prefill beside decodes), per-sequence
+    # tiles would give every sequence the longest one's tile count: walk the step's tiles
+    flat = n_q_tiles > 1 and B > 1
+    n_programs = T // block_q + B if flat else B * n_q_tiles
     if num_splits is None:
-        num_splits = choose_num_splits(B * n_q_tiles * Hkv, block_tables.shape[1] * block_size,
+        num_splits = choose_num_splits(n_programs * Hkv, block_tables.shape[1] * block_size,
                                        q.device)
     if num_splits > 1:
         part_acc = torch.empty(num_splits, T, Hq, Dh, dtype=torch.float32, device=q.device)
@@ -210,15 +232,15 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     else:
         part_acc = part_ml = out  # unused
     block_d = _next_pow2(Dh)
-    _attn_kernel[(B * n_q_tiles, Hkv, num_splits)](
+    _attn_kernel[(n_programs, Hkv, num_splits)](
         q, k_cache, v_cache, out, part_acc, part_ml, block_tables, seq_lens, query_start_loc,
-        scale * math.log2(math.e), n_q_tiles, T, Hq,
+        scale * math.log2(math.e), n_q_tiles, T, Hq, B,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
         out.stride(0), out.stride(1),
         G=G, BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=block_n, HEAD_DIM=Dh, BLOCK_D=block_d,
         KV_BLOCK=block_size, NUM_SPLITS=num_splits, DOT_F32=_kernels_interpreted(),
-        PRECISION="tf32x3" if q.dtype == torch.float32 and on_gpu else None,
+        PRECISION="tf32x3" if q.dtype == torch.float32 and on_gpu else None, FLAT=flat,
         num_warps=4 if block_m <= 64 else 8, num_stages=3 if on_gpu else 1)
     if num_splits > 1:
         _merge_kernel[(T, Hq)](part_acc, part_ml, out, T, Hq, out.stride(0), out.stride(1),

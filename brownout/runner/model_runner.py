@@ -15,7 +15,7 @@ import torch
 
 from brownout.config import CacheConfig
 from brownout.models.context import AttnMeta, ForwardContext
-from brownout.runner.cuda_graphs import DecodeGraphs
+from brownout.runner.cuda_graphs import StepGraphs
 from brownout.runner.loader import LoadedModel
 from brownout.runner.sampler import sample, token_logprobs
 from brownout.types import Logprob, RunnerOutput, SchedulerOutput
@@ -47,7 +47,8 @@ def plan_num_blocks(loaded: LoadedModel, cache: CacheConfig) -> int:
 
 class ModelRunner:
     def __init__(self, loaded: LoadedModel, cache: CacheConfig, max_batch: int = 64,
-                 max_model_len: Optional[int] = None, enforce_eager: bool = False):
+                 max_model_len: Optional[int] = None, enforce_eager: bool = False,
+                 max_step_tokens: int = 2048):
         self.loaded = loaded
         self.model = loaded.model
         self.device = loaded.device
@@ -62,11 +63,15 @@ class ModelRunner:
         self.use_kernels = self.device.type == "cuda" and _kernels_available()
         self.tau = torch.ones((), dtype=torch.float32, device=self.device)
         self._generators: dict[str, Optional[torch.Generator]] = {}
-        self.graphs: Optional[DecodeGraphs] = None
+        self.graphs: Optional[StepGraphs] = None
         if self.use_kernels and not enforce_eager:
             max_len = max_model_len or s.max_position_embeddings
-            self.graphs = DecodeGraphs(self.model, self.kv_caches, self.tau, min(max_batch, 512),
-                                       -(-max_len // cache.block_size), self.brownout_ready)
+            # steps with prefill work are graphed on one GPU; under tensor parallelism they
+            # run eager (not yet checked on several GPUs)
+            mixed = 0 if loaded.parallel.active else max_step_tokens
+            self.graphs = StepGraphs(self.model, self.kv_caches, self.tau, min(max_batch, 512),
+                                     -(-max_len // cache.block_size), self.brownout_ready,
+                                     max_step_tokens=mixed, block_size=cache.block_size)
             self.graphs.capture()
         log.info("KV cache: %d blocks of %d tokens (%.1f MiB)", self.num_blocks, self.block_size,
                  self.num_blocks * kv_block_bytes(loaded, self.block_size) / 2**20)
@@ -149,9 +154,14 @@ class ModelRunner:
         input_ids, positions, meta = self._prepare(sched)
         if self.brownout_ready:
             self.tau.fill_(tau)
-        if self._graph_step(sched, meta):
+        graph = self._graph_kind(sched, meta)
+        if graph == "decode":
             hidden, touched = self.graphs.run(input_ids, positions, meta.slot_mapping,
                                               meta.block_tables, meta.seq_lens, routed=tau < 1.0)
+        elif graph == "mixed":
+            hidden, touched = self.graphs.run_mixed(input_ids, positions, meta.slot_mapping,
+                                                    meta.block_tables, meta.seq_lens,
+                                                    meta.query_start_loc, routed=tau < 1.0)
         else:
             # eager: at tau = 1 routing is skipped altogether (it would change nothing)
             brownout = self.brownout_ready and tau < 1.0
@@ -161,12 +171,16 @@ class ModelRunner:
             touched = torch.stack(ctx.touched) if ctx.touched else None
         return hidden, touched, meta
 
-    def _graph_step(self, sched: SchedulerOutput, meta: AttnMeta) -> bool:
-        if self.graphs is None or meta.max_query_len != 1:
-            return False
-        if not all(s.sample and s.prompt_logprob_targets is None for s in sched.seqs):
-            return False
-        return self.graphs.fits(len(sched.seqs), meta.block_tables.shape[1])
+    def _graph_kind(self, sched: SchedulerOutput, meta: AttnMeta) -> Optional[str]:
+        """"decode", "mixed" or None (eager) for this step."""
+        if self.graphs is None or any(s.prompt_logprob_targets is not None for s in sched.seqs):
+            return None
+        B, width = len(sched.seqs), meta.block_tables.shape[1]
+        if meta.max_query_len == 1 and all(s.sample for s in sched.seqs) and self.graphs.fits(B, width):
+            return "decode"
+        if self.graphs.fits_mixed(int(meta.slot_mapping.shape[0]), B, width):
+            return "mixed"
+        return None
 
     def _sample(self, sched: SchedulerOutput, hidden: torch.Tensor, meta: AttnMeta) -> RunnerOutput:
         out = RunnerOutput(sampled={})

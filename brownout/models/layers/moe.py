@@ -114,19 +114,19 @@ class SparseMoE(nn.Module):
         if self.capture is not None:
             self.capture.append(dict(x=x.detach().cpu(), topk_ids=ids.cpu(), topk_weights=weights.cpu()))
         routed = ctx.tau is not None and self.brownout_ready
-        if routed:
+        if routed:  # padding rows come back with id -1
             ids, weights = brownout_route(ids, weights, ctx.tau, self.group_of, self.num_experts, ctx.valid)
-        # the fused kernel counts the slots it is given; padding (valid) and expert parallel
-        # (local ids) need the separate count
-        in_kernel = ctx.touched is not None and ctx.use_kernels and ctx.valid is None \
-            and self.local_of is None and x.is_cuda
+        elif ctx.valid is not None:  # CUDA-graph padding rows skip every expert
+            ids = torch.where(ctx.valid.unsqueeze(1), ids, -1)
+        # the fused kernel counts the slots it is given; expert parallel (local ids) needs
+        # the separate count over global ids
+        in_kernel = ctx.touched is not None and ctx.use_kernels and self.local_of is None and x.is_cuda
         touched = None
         if in_kernel:
             touched = torch.empty((), dtype=torch.int64, device=x.device)
             ctx.touched.append(touched)
         elif ctx.touched is not None:
-            counted = ids if ctx.valid is None else torch.where(ctx.valid.unsqueeze(1), ids, -1)
-            ctx.touched.append(count_touched(counted, self.num_slots))
+            ctx.touched.append(count_touched(ids, self.num_slots))
         out = self._experts(x, weights, ids, ctx, routed, touched)
         if self.shared_expert is not None:
             shared = self.shared_expert(x)
