@@ -7,8 +7,10 @@ Stages (each writes its raw JSON under --out as soon as it finishes):
   brownout    MoE layer and decode step vs tau for way 4 and way 2 united experts (dummy:
               uniform averages of contiguous groups), batch 8..128, vs tau = 1 and the
               roofline of the expert slots actually touched; routing overhead at tau = 1
-  profile     kernel and host time per decode step (torch.profiler): batch 64, graphed and eager
-  prefill     eager prefill steps of 512 / 2048 tokens at tau 1 and 0: wall vs kernel time
+  profile     kernel time per graphed step (torch.profiler): decode batch 64 and a 512-token
+              prompt chunk beside 63 decodes, tau 1 and 0
+  prefill     steps with prefill work (128 / 512 / 2048 fresh tokens; a prompt chunk beside 63
+              decodes), eager vs CUDA graph, tau 1 vs 0, vs the step roofline
   offline     offline throughput of our engine vs transformers `generate`, same weights
               (ours copied from the transformers model), same prompts and output lengths
 
@@ -51,6 +53,14 @@ def copy_bandwidth() -> float:
     return 2 * n / (ms / 1e3)  # bytes/s, read + write
 
 
+def matmul_flops(n: int = 8192) -> float:
+    """bf16 matrix-product rate on random data (flop/s), the compute ceiling of a step."""
+    a = torch.randn(n, n, dtype=torch.bfloat16, device="cuda")
+    b = torch.randn(n, n, dtype=torch.bfloat16, device="cuda")
+    ms = cuda_time_ms(lambda: a @ b, iters=10)
+    return 2 * n**3 / (ms / 1e3)
+
+
 def weight_bytes(model) -> dict:
     spec = model.spec
     expert = 3 * spec.hidden_size * spec.moe_intermediate_size * 2  # one expert, bf16
@@ -88,24 +98,57 @@ def prefill_sched(T: int, block_size: int, vocab: int, seqs: int = 4) -> Schedul
     return SchedulerOutput(seqs=out, num_prefill_tokens=n * seqs, num_decode_tokens=0)
 
 
-def stage_prefill(runner, out_dir: Path) -> list[dict]:
-    """Eager prefill steps (as a serving engine runs them) of 512 and 2048 tokens at tau 1
-    and 0: wall time per step (host launch cost included) and GPU kernel time per step."""
-    from torch.profiler import ProfilerActivity, profile
+def mixed_sched(prefill: int, decodes: int, ctx: int, block_size: int, vocab: int) -> SchedulerOutput:
+    """A serving step with prefill work: one fresh prompt chunk beside `decodes` decodes."""
+    dec = decode_sched(decodes, ctx, block_size, vocab).seqs
+    first_free = max(b for s in dec for b in s.block_table) + 1
+    gen = torch.Generator().manual_seed(prefill + decodes)
+    table = list(range(first_free, first_free + -(-prefill // block_size)))
+    pre = ScheduledSeq(request_id="p", token_ids=torch.randint(0, vocab, (prefill,), generator=gen).tolist(),
+                       start_pos=0, block_table=table, sample=True,
+                       sampling=SamplingParams(temperature=0.0, max_tokens=8), output_len=0)
+    return SchedulerOutput(seqs=[pre] + dec, num_prefill_tokens=prefill, num_decode_tokens=decodes)
 
+
+def step_flops(model, sched: SchedulerOutput) -> float:
+    """Matrix flops of one step: every token through the dense weights and its top-k experts,
+    the sampled rows through lm_head, attention QK and PV over each token's causal context."""
+    spec = model.spec
+    dense = sum(p.numel() for n, p in model.named_parameters()
+                if not n.endswith((".w13", ".w2")) and n not in ("embed_tokens.weight", "lm_head.weight"))
+    per_token = dense + len(model.moe_layers()) * spec.top_k * 3 * spec.hidden_size * spec.moe_intermediate_size
+    T = sum(len(s.token_ids) for s in sched.seqs)
+    sampled = sum(s.sample for s in sched.seqs)
+    pairs = sum(sum(s.start_pos + i + 1 for i in range(len(s.token_ids))) for s in sched.seqs)
+    attn = 4 * pairs * spec.num_heads * spec.head_dim * spec.num_layers
+    return 2 * T * per_token + 2 * sampled * spec.vocab_size * spec.hidden_size + attn
+
+
+def stage_prefill(runner, wb, bw, peak, out_dir: Path) -> list[dict]:
+    """Steps with prefill work (fresh prompts; a prompt chunk beside 63 decodes), eager vs
+    CUDA graph, tau 1 vs 0: wall time per step (host included) against the step roofline,
+    max(bytes / copy bandwidth, flops / measured bf16 matmul rate)."""
     rows = []
-    for T in (512, 2048):
-        sched = prefill_sched(T, runner.block_size, runner.model.spec.vocab_size)
-        for tau in (1.0, 0.0):
-            ms = cuda_time_ms(lambda: runner.execute(sched, tau), iters=10)
-            with profile(activities=[ProfilerActivity.CUDA]) as prof:
-                for _ in range(3):
-                    runner.execute(sched, tau)
-                torch.cuda.synchronize()
-            kern = sum(getattr(ev, "device_time_total", 0) for ev in prof.key_averages()
-                       if ev.device_type.name == "CUDA") / 3 / 1e3
-            rows.append(dict(tokens=T, tau=tau, step_ms=ms, kernel_ms=kern))
-            log.info("prefill %s", rows[-1])
+    vocab = runner.model.spec.vocab_size
+    cases = [("prefill", T, prefill_sched(T, runner.block_size, vocab)) for T in (128, 512, 2048)] + \
+            [("mixed", 512 + 63, mixed_sched(512, 63, 512, runner.block_size, vocab)),
+             ("mixed", 1024 + 63, mixed_sched(1024, 63, 512, runner.block_size, vocab))]
+    for kind, T, sched in cases:
+        base = {}
+        for graphs in (False, True):
+            for tau in (1.0, 0.0):
+                ms, touched = time_step(runner, sched, tau, graphs)
+                kv = sum((s.start_pos + len(s.token_ids)) for s in sched.seqs) * wb["kv_per_token"]
+                byts = wb["dense"] + sum(touched) * wb["expert"] + kv
+                flops = step_flops(runner.model, sched)
+                roof = max(byts / bw, flops / peak) * 1e3
+                base.setdefault(graphs, ms)
+                rows.append(dict(kind=kind, tokens=T, seqs=len(sched.seqs), cuda_graph=graphs, tau=tau,
+                                 step_ms=ms, roofline_ms=roof, bytes_ms=byts / bw * 1e3,
+                                 flops_ms=flops / peak * 1e3, ratio_roofline=ms / roof,
+                                 vs_tau1=ms / base[graphs],
+                                 experts_touched_mean=sum(touched) / max(1, len(touched))))
+                log.info("prefill %s", rows[-1])
     (out_dir / "prefill.json").write_text(json.dumps(rows, indent=1))
     return rows
 
@@ -144,33 +187,33 @@ def stage_decode(runner, wb, bw, out_dir: Path, gen) -> list[dict]:
     return rows
 
 
-def stage_profile(runner, out_dir: Path, B: int = 64, ctx: int = 512, graphs: bool = True) -> dict:
-    """Where the decode step's time goes: kernel totals over 5 steps at tau 1 (CUDA-graph
-    replays, or eager steps, where the table sorted by host time shows the launch cost)."""
+def stage_profile(runner, out_dir: Path, sched: SchedulerOutput, tag: str, graphs: bool = True,
+                  tau: float = 1.0) -> dict:
+    """Where a step's time goes: kernel totals over 5 steps (CUDA-graph replays, or eager
+    steps, where the table sorted by host time shows the launch cost)."""
     from torch.profiler import ProfilerActivity, profile
 
-    sched = decode_sched(B, ctx, runner.block_size, runner.model.spec.vocab_size)
     saved = runner.graphs
     if not graphs:
         runner.graphs = None
     for _ in range(3):
-        runner.execute(sched, 1.0)
+        runner.execute(sched, tau)
     torch.cuda.synchronize()
     t0 = time.perf_counter()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(5):
-            runner.execute(sched, 1.0)
+            runner.execute(sched, tau)
         torch.cuda.synchronize()
     wall_ms = (time.perf_counter() - t0) / 5 * 1e3
     runner.graphs = saved
-    tag = f"b{B}" + ("" if graphs else "_eager")
     rows = []
     for ev in prof.key_averages():
         dev_us = getattr(ev, "device_time_total", 0) or getattr(ev, "cuda_time_total", 0)
         if dev_us and ev.device_type.name == "CUDA":
             rows.append(dict(name=ev.key[:120], calls=ev.count // 5, device_us_per_step=dev_us / 5))
     rows.sort(key=lambda r: -r["device_us_per_step"])
-    result = dict(batch=B, ctx=ctx, cuda_graph=graphs, profiled_wall_ms_per_step=wall_ms, kernels=rows,
+    result = dict(tag=tag, tokens=sum(len(s.token_ids) for s in sched.seqs), seqs=len(sched.seqs),
+                  cuda_graph=graphs, tau=tau, profiled_wall_ms_per_step=wall_ms, kernels=rows,
                   total_device_us_per_step=sum(r["device_us_per_step"] for r in rows))
     (out_dir / f"profile_{tag}.json").write_text(json.dumps(result, indent=1))
     (out_dir / f"profile_{tag}.txt").write_text(
@@ -304,7 +347,8 @@ def main() -> None:
     meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, preset=PRESET,
                 weights="dummy (random normal, std 0.02), bf16")
     meta["copy_bandwidth_Bps"] = bw = copy_bandwidth()
-    log.info("copy bandwidth %.2f TB/s", bw / 1e12)
+    meta["matmul_flops"] = matmul_flops()
+    log.info("copy bandwidth %.2f TB/s, bf16 matmul %.0f TFLOP/s", bw / 1e12, meta["matmul_flops"] / 1e12)
     (args.out / "meta.json").write_text(json.dumps(meta, indent=1))
     if {"decode", "brownout", "profile", "prefill"} & set(stages):
         loaded = load_model(ModelLoadConfig(model=PRESET, load_format="dummy", device="cuda",
@@ -322,13 +366,17 @@ def main() -> None:
         if "decode" in stages:
             stage_decode(runner, wb, bw, args.out, gen)
         if "profile" in stages:
-            for B, graphs in ((64, True), (64, False)):
+            bs, vocab = runner.block_size, loaded.spec.vocab_size
+            for tag, sched, tau in (("b64", decode_sched(64, 512, bs, vocab), 1.0),
+                                    ("b64_tau0", decode_sched(64, 512, bs, vocab), 0.0),
+                                    ("mixed575", mixed_sched(512, 63, 512, bs, vocab), 1.0),
+                                    ("mixed575_tau0", mixed_sched(512, 63, 512, bs, vocab), 0.0)):
                 try:
-                    stage_profile(runner, args.out, B=B, graphs=graphs)
+                    stage_profile(runner, args.out, sched, tag, graphs=True, tau=tau)
                 except Exception:  # a profiler problem must not cost the other stages
                     log.exception("profile stage failed")
         if "prefill" in stages:
-            stage_prefill(runner, args.out)
+            stage_prefill(runner, wb, bw, meta["matmul_flops"], args.out)
         if "brownout" in stages:
             stage_brownout(runner, wb, bw, args.out, gen)
         del runner, loaded

@@ -71,7 +71,9 @@ def calibrate(args, out: Path) -> dict:
         # not measured: compiles anything the engine's own warm-up did not reach
         run_bench(url, trace_spec(args, 2.0, 5), "synthetic", out / "calib-warmup", **quiet)
         idle = run_bench(url, trace_spec(args, 0.2, 8), "synthetic", out / "calib-idle", **quiet)
-        busy = run_bench(url, trace_spec(args, 20.0, args.probe_s), "synthetic", out / "calib-busy", **quiet)
+        # overload for a few seconds: the engine stays saturated while the queue drains
+        busy = run_bench(url, trace_spec(args, 20.0, min(args.probe_s, 5.0)), "synthetic", out / "calib-busy",
+                         **quiet)
         busy_run = load_run(out / "calib-busy")
         served = [r for r in busy_run.requests if r.get("done") is not None and not r.get("rejected")]
         mean_out = sum(int(r.get("output_tokens") or 0) for r in served) / max(1, len(served))
@@ -159,10 +161,21 @@ def main() -> None:
     ap.add_argument("--sweep", type=lambda s: [float(x) for x in s.split(",")], default=[0.8, 1.1, 1.4])
     ap.add_argument("--sweep-s", type=float, default=20.0)
     ap.add_argument("--skip-sweep", action="store_true")
+    ap.add_argument("--sweep-only", action="store_true", help="only the rate sweep (with --calibration)")
+    ap.add_argument("--calibration", type=Path, default=None,
+                    help="calibration.json of an earlier run instead of calibrating again")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     args.out.mkdir(parents=True, exist_ok=True)
-    cal = calibrate(args, args.out)
+    if args.calibration:
+        cal = json.loads(args.calibration.read_text())
+        log.info("calibration from %s: %s", args.calibration, cal)
+    else:
+        cal = calibrate(args, args.out)
+    if args.sweep_only:
+        (args.out / "headline.json").write_text(json.dumps(dict(calibration=cal, sweep=sweep(args, cal, args.out)),
+                                                           indent=2))
+        return
     d = args.duration
     t0, t1 = round(d / 3, 1), round(2 * d / 3, 1)
     workload = trace_spec(args, cal["speedup"], d, f",burst={args.burst},burst_at={t0},burst_until={t1}")

@@ -44,9 +44,10 @@ def sample(
     if all(p.greedy for p in params):
         return greedy_tokens
     probs = torch.softmax(_filter(logits, params), dim=1)
-    q = torch.empty_like(probs)
+    q = torch.empty_like(probs).exponential_()  # one launch for the rows without a seed
     for row, gen in enumerate(generators):
-        q[row].exponential_(generator=gen)
+        if gen is not None:  # seeded requests draw from their own stream
+            q[row].exponential_(generator=gen)
     sampled = (probs / q).argmax(dim=1)
     is_greedy = torch.tensor([p.greedy for p in params], device=logits.device)
     return torch.where(is_greedy, greedy_tokens, sampled)

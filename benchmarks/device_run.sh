@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Driver for one call on the GPU machine: install carried wheels, run the named parts with
+# time limits, pack everything into $OUT/<tag>.tgz (the machine returns few files).
+#   bash benchmarks/device_run.sh TAG PART[,PART...] [extra headline flags]
+# Parts: tests (GPU tests of the engine and kernels), engine (bench_engine stages in
+# $ENGINE_STAGES), headline (benchmarks/headline.py), sweep (headline rate sweep, needs
+# $CALIBRATION). Wheels in .whl/ (fastapi, uvicorn, pydantic...) for the server; the trace in
+# .gpu_data/ (a copy of ../shared/data/traces, never committed).
+set -uo pipefail
+tag=$1; parts=$2; shift 2
+cd "$(dirname "$0")/.."
+export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  export PYTHONPATH=/tmp/site:$PWD
+else
+  export PYTHONPATH=$PWD
+fi
+work=/tmp/run-$tag; mkdir -p "$work"
+nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem --format=csv > "$work/gpu.txt" 2>&1
+python3 -c "import torch, triton; print(torch.__version__, triton.__version__)" >> "$work/gpu.txt"
+pack() { tar czf "$OUT/$tag.tgz" -C "$work" . ; }
+trap pack EXIT
+for part in ${parts//,/ }; do
+  echo "=== $part $(date +%T)"
+  case $part in
+    tests)
+      timeout ${TESTS_S:-240} python3 -m pytest -q -p no:cacheprovider -x tests/engine/test_gpu.py \
+        tests/kernels/test_step_graphs.py tests/kernels/test_paged_attention.py 2>&1 | tail -30 | tee "$work/tests.txt" ;;
+    engine)
+      timeout ${ENGINE_S:-300} python3 benchmarks/bench_engine.py --out "$work/engine" \
+        --stages "${ENGINE_STAGES:-prefill,profile}" 2>&1 | tee "$work/engine.log" | tail -40 ;;
+    headline)
+      timeout ${HEADLINE_S:-540} python3 benchmarks/headline.py --out "$work/hl" \
+        --trace .gpu_data/azure_llm_2023_conv.csv "$@" 2>&1 | grep -v "HTTP/1.1" > "$work/headline.log"
+      tail -5 "$work/headline.log" ;;
+    sweep)
+      timeout ${SWEEP_S:-540} python3 benchmarks/headline.py --out "$work/sweep" --sweep-only \
+        --calibration "${CALIBRATION}" --trace .gpu_data/azure_llm_2023_conv.csv "$@" 2>&1 \
+        | grep -v "HTTP/1.1" > "$work/sweep.log"
+      tail -5 "$work/sweep.log" ;;
+  esac
+done
