@@ -37,8 +37,8 @@ log = logging.getLogger("headline")
 def base_flags(args) -> list[str]:
     model = ["--model", args.model] if args.model else \
         ["--load-format", "dummy", "--model", "qwen1.5-moe-a2.7b", "--tokenizer", str(TOKENIZER)]
-    return [*model, "--united-experts", "average:4", "--device", args.device, "--max-num-seqs", "64",
-            "--max-num-batched-tokens", "2048", "--max-model-len", "4096",
+    return [*model, "--united-experts", "average:4", "--device", args.device, "--max-num-seqs", str(args.max_num_seqs),
+            "--max-num-batched-tokens", str(args.max_num_batched_tokens), "--max-model-len", "4096",
             "--max-waiting-requests", "1024"] + \
         (["--gpu-memory-utilization", "0.9"] if args.device == "cuda" else [])
 
@@ -152,6 +152,11 @@ def main() -> None:
     ap.add_argument("--duration", type=float, default=75.0, help="seconds per policy run")
     ap.add_argument("--base-load", type=float, default=0.7)
     ap.add_argument("--burst", type=float, default=2.0)
+    ap.add_argument("--max-num-seqs", type=int, default=128)
+    # a step budget that keeps steps with prefill work memory-bound, where brownout's
+    # savings apply (2048-token steps are compute-bound: tau 0 saved 10% there against ~31%
+    # at 575-1087 tokens, engine_h200_run3.md)
+    ap.add_argument("--max-num-batched-tokens", type=int, default=1024)
     ap.add_argument("--max-prompt", type=int, default=1024)
     ap.add_argument("--max-output", type=int, default=128)
     ap.add_argument("--probe-s", type=float, default=15.0)
@@ -189,7 +194,8 @@ def main() -> None:
     base = next(r for r in result["rows"] if r["label"] == "off")
     for row in result["rows"]:
         row["burst_goodput_vs_off"] = row["burst_goodput_req_s"] / max(base["burst_goodput_req_s"], 1e-9)
-    summary = dict(workload=workload, calibration=cal, burst_window_s=[t0, t1], rows=result["rows"])
+    summary = dict(workload=workload, calibration=cal, burst_window_s=[t0, t1], rows=result["rows"],
+                   server_flags=base_flags(args))
     (args.out / "headline.json").write_text(json.dumps(summary, indent=2))
     for row in result["rows"]:
         log.info("%s", row)
