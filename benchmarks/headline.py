@@ -192,8 +192,9 @@ def main() -> None:
     for row in result["rows"]:
         row["burst_goodput_req_s"] = burst_goodput(args.out / row["label"], slo, t0, t1)
     base = next(r for r in result["rows"] if r["label"] == "off")
-    for row in result["rows"]:
-        row["burst_goodput_vs_off"] = row["burst_goodput_req_s"] / max(base["burst_goodput_req_s"], 1e-9)
+    for row in result["rows"]:  # no ratio when off met no SLO during the burst
+        off_goodput = base["burst_goodput_req_s"]
+        row["burst_goodput_vs_off"] = row["burst_goodput_req_s"] / off_goodput if off_goodput > 0 else None
     summary = dict(workload=workload, calibration=cal, burst_window_s=[t0, t1], rows=result["rows"],
                    server_flags=base_flags(args))
     (args.out / "headline.json").write_text(json.dumps(summary, indent=2))

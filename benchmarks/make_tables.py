@@ -79,11 +79,26 @@ def engine(name: str) -> None:
             md.append(f"| {r['way']} | {r['batch']} | {r['tau']} | {r['step_ms']:.2f} | {r['vs_tau1']:.3f} | "
                       f"{r['ratio_roofline']:.2f} | {r['experts_touched_mean']:.1f} |")
         md.append("")
-    if data.get("prefill"):
+    if data.get("prefill") and "kernel_ms" in data["prefill"][0]:
         md += ["## Eager prefill steps (4 prompts per step) at tau 1 and 0", "",
                "| tokens | tau | step ms (wall) | GPU kernel ms |", "|---|---|---|---|"]
         for r in data["prefill"]:
             md.append(f"| {r['tokens']} | {r['tau']} | {r['step_ms']:.2f} | {r['kernel_ms']:.2f} |")
+        md.append("")
+    elif data.get("prefill"):
+        md += ["## Steps with prefill work: eager vs CUDA graph, tau 1 vs 0", "",
+               "`prefill`: 4 fresh prompts sharing the tokens; `mixed`: one fresh prompt chunk (512 or 1024 "
+               "tokens) beside 63 decodes at context 512. Step = `ModelRunner.execute` wall time. Roofline = "
+               "max(bytes: non-expert weights + slots touched x expert bytes + KV, over copy bandwidth; "
+               "matmul flops over the measured bf16 matmul rate). `vs tau 1`: against the same step and mode "
+               "at tau 1.", "",
+               "| kind | tokens | sequences | CUDA graph | tau | step ms | roofline ms (bytes / flops) "
+               "| / roofline | vs tau 1 | experts / layer |", "|---|---|---|---|---|---|---|---|---|---|"]
+        for r in data["prefill"]:
+            md.append(f"| {r['kind']} | {r['tokens']} | {r['seqs']} | {'yes' if r['cuda_graph'] else 'no'} | "
+                      f"{r['tau']} | {r['step_ms']:.2f} | {r['roofline_ms']:.2f} ({r['bytes_ms']:.2f} / "
+                      f"{r['flops_ms']:.2f}) | {r['ratio_roofline']:.2f} | {r['vs_tau1']:.3f} | "
+                      f"{r['experts_touched_mean']:.1f} |")
         md.append("")
     if data.get("prefill_moe"):
         md += ["## One MoE layer at prefill sizes, eager (ms)", "",
@@ -120,7 +135,10 @@ def engine(name: str) -> None:
 def headline(name: str) -> None:
     data = json.loads((RESULTS / f"{name}.json").read_text())
     cal = data["calibration"]
-    lines = [f"# {name}", "", f"Workload: `{data['workload']}`", "",
+    lines = [f"# {name}", "", f"Workload: `{data['workload']}`", ""]
+    if data.get("server_flags"):
+        lines += ["Server (every policy): `" + " ".join(data["server_flags"]) + "`", ""]
+    lines += [
              "Calibration (brownout off): " + ", ".join(f"{k} {_f(v, 4)}" for k, v in cal.items()), "",
              "| policy | violation windows | fraction | reduction vs off | goodput req/s | burst goodput req/s "
              "| burst goodput vs off | tok/s | P90 TTFT s | P90 TPOT s | mean tau |",

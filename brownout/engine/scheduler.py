@@ -62,7 +62,7 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             req = self.running[i]
             n = min(req.num_tokens - req.num_computed, budget)
-            if not self._make_room(req, req.num_computed + n, preempted, self.running[:i]):
+            if not self._make_room(req, req.num_computed + n, preempted, i):
                 continue  # req itself was preempted; the list shifted
             seqs.append(self._scheduled(req, n))
             budget -= n
@@ -97,7 +97,7 @@ class Scheduler:
     def _scheduled(self, req: Request, n: int) -> ScheduledSeq:
         table = self.blocks.allocate(req.request_id, req.num_computed + n)
         start = req.num_computed
-        tokens = req.all_token_ids[start:start + n]
+        tokens = req.token_slice(start, n)
         targets: Optional[list[int]] = None
         if req.sampling.prompt_logprobs is not None and start < len(req.prompt_token_ids):
             targets = req.prompt_token_ids[start + 1:start + n + 1]
@@ -106,14 +106,14 @@ class Scheduler:
                             sampling=req.sampling, output_len=len(req.output_token_ids),
                             prompt_logprob_targets=targets)
 
-    def _make_room(self, req: Request, num_tokens: int, preempted: list[str],
-                   done: list[Request]) -> bool:
+    def _make_room(self, req: Request, num_tokens: int, preempted: list[str], done: int) -> bool:
         """Preempt until `req` can hold `num_tokens`; False if `req` itself was preempted.
 
-        Victims are the lowest-priority requests not yet scheduled in this step (`done`).
+        Victims are the lowest-priority requests not yet scheduled in this step (the
+        running ones from index `done` on: the first `done` are scheduled and stay put).
         """
         while not self.blocks.can_allocate(req.request_id, num_tokens):
-            victim = max((r for r in self.running if r not in done), key=self._key)
+            victim = max(self.running[done:], key=self._key)
             if victim is req and len(self.running) == 1:
                 # alone and still too large for the whole cache: it can never finish
                 self.remove(req)
