@@ -183,8 +183,14 @@ class ParallelRunner:
         self.workers = workers
 
     def execute(self, sched, tau: float = 1.0):
+        return self.collect(self.launch(sched, tau))
+
+    def launch(self, sched, tau: float = 1.0):
         self.workers.broadcast(("step", sched, tau))
-        return self.runner.execute(sched, tau)
+        return self.runner.launch(sched, tau)
+
+    def collect(self, pending):
+        return self.runner.collect(pending)
 
     def close(self) -> None:
         self.workers.close()

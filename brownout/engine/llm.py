@@ -15,7 +15,7 @@ from brownout.config import (BrownoutConfig, CacheConfig, EngineConfig, ModelLoa
                              SchedulerConfig, SLOConfig)
 from brownout.defaults import default_model_dir
 from brownout.engine.llm_engine import LLMEngine
-from brownout.types import FinishReason, Logprob, SamplingParams
+from brownout.types import FinishReason, Logprob, SamplingParams, ValidationError
 
 
 @dataclass
@@ -63,14 +63,19 @@ class LLM:
         self.close()
 
     def generate(self, prompts: Union[str, Sequence[Union[str, list[int]]]],
-                 params: Optional[SamplingParams] = None) -> list[Completion]:
+                 params: Union[SamplingParams, Sequence[SamplingParams], None] = None) -> list[Completion]:
+        """Complete each prompt; `params` is one SamplingParams for all, or one per prompt."""
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]  # type: ignore[list-item]
-        params = params or SamplingParams()
+        if params is None or isinstance(params, SamplingParams):
+            params = [params or SamplingParams()] * len(prompts)
+        elif len(params) != len(prompts):
+            raise ValidationError("params", f"got {len(params)} SamplingParams for {len(prompts)} prompts; "
+                                            "pass one, or one per prompt")
         ids = []
-        for prompt in prompts:
+        for prompt, p in zip(prompts, params):
             rid = f"offline-{next(self._ids)}"
-            self.engine.add_request(rid, prompt, params)
+            self.engine.add_request(rid, prompt, p)
             ids.append(rid)
         return self._run(ids)
 

@@ -89,6 +89,8 @@ class LLMEngine:
         self.controller = make_controller(slo, clock=clock, fixed_tau=config.brownout.tau_decode)
         self.requests: dict[str, Request] = {}
         self.last_step_stats: Optional[StepStats] = None
+        self.fresh_step_stats: Optional[StepStats] = None  # the step collected by the last call
+        self._inflight = None  # (SchedulerOutput, launched step, start time)
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
         self._step_time_ema = 0.05
@@ -152,21 +154,38 @@ class LLMEngine:
         req.finish_reason = FinishReason.ABORT
 
     def has_unfinished_requests(self) -> bool:
-        return bool(self.requests)
+        return bool(self.requests) or self._inflight is not None
 
     # ---- the step loop -----------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        """One engine iteration.
+
+        The model step launched by the previous call is collected first and its tokens are
+        accepted (lengths, EOS, stop ids), so the scheduler can plan the next step, which is
+        launched before the collected step's text is detokenised and its outputs are built:
+        on a GPU that host work (and the caller's, until the next call) overlaps the next
+        step's GPU work. A stop string found then finishes its request one step late: the
+        token the launched step computes for it is dropped."""
+        self.fresh_step_stats = None
         outputs = self._expire_waiting()
+        accepted = self._collect() if self._inflight is not None else []
         sched = self.scheduler.schedule()
         outputs += [self._finish(r) for r in self._drain_capacity_finished()]
-        if not sched.seqs:
-            return outputs
-        start = self.clock()
-        tau = self.controller.choose_tau(self._planned(sched))
-        result = self.runner.execute(sched, tau)
-        latency = self.clock() - start
+        if sched.seqs:
+            start = self.clock()
+            tau = self.controller.choose_tau(self._planned(sched))
+            self._inflight = (sched, self.runner.launch(sched, tau), start)
+        outputs += [self._emit(*item) for item in accepted]
+        return outputs
+
+    def _collect(self) -> list[tuple]:
+        sched, pending, start = self._inflight
+        self._inflight = None
+        result = self.runner.collect(pending)
+        now = self.clock()
+        latency = now - start
         self._step_time_ema = 0.9 * self._step_time_ema + 0.1 * latency
-        outputs += self._postprocess(sched, result, start + latency)
+        accepted = self._accept(sched, result, now)
         stats = StepStats(start_time=start, latency_s=latency,
                           num_prefill_tokens=sched.num_prefill_tokens,
                           num_decode_tokens=sched.num_decode_tokens, batch_size=len(sched.seqs),
@@ -174,9 +193,9 @@ class LLMEngine:
                           experts_touched=result.experts_touched,
                           num_waiting=len(self.scheduler.waiting),
                           num_running=len(self.scheduler.running), kv_usage=self.blocks.usage)
-        self.last_step_stats = stats
+        self.last_step_stats = self.fresh_step_stats = stats
         self.controller.observe_step(stats)
-        return outputs
+        return accepted
 
     def _planned(self, sched: SchedulerOutput) -> PlannedStep:
         return PlannedStep(num_prefill_tokens=sched.num_prefill_tokens,
@@ -201,11 +220,13 @@ class LLMEngine:
         done, self.scheduler.capacity_finished = self.scheduler.capacity_finished, []
         return [r for r in done if r.request_id in self.requests]
 
-    def _postprocess(self, sched: SchedulerOutput, result: RunnerOutput, now: float) -> list[RequestOutput]:
-        outputs = []
+    def _accept(self, sched: SchedulerOutput, result: RunnerOutput, now: float) -> list[tuple]:
+        """Progress and sampled tokens of a collected step, before the next is scheduled;
+        returns what `_emit` turns into outputs."""
+        accepted = []
         for s in sched.seqs:
             req = self.requests.get(s.request_id)
-            if req is None or req.finished:
+            if req is None or req.finished:  # aborted, or stopped while this step ran
                 continue
             req.num_computed += len(s.token_ids)
             if req.metrics.first_scheduled_time is None:
@@ -217,36 +238,48 @@ class LLMEngine:
             token = result.sampled.get(s.request_id)
             if token is None:
                 continue
-            outputs.append(self._append_token(req, token, result.logprobs.get(s.request_id), now))
-        return outputs
+            accepted.append(self._accept_token(req, token, result.logprobs.get(s.request_id), now))
+        return accepted
 
-    def _append_token(self, req: Request, token: int, logprob, now: float) -> RequestOutput:
+    def _accept_token(self, req: Request, token: int, logprob, now: float) -> tuple:
+        """Append a token; finish on EOS, a stop id or length (stop strings: `_emit`)."""
         req.output_token_ids.append(token)
         self.generation_tokens_total += 1
         m = req.metrics
         m.first_token_time = m.first_token_time or now
         m.last_token_time = now
-        detok: IncrementalDetokenizer = req.detok_state
-        detok.add(token)
         p = req.sampling
-        reason, cut = None, detok.find_stop()
-        if cut is not None:
-            reason = FinishReason.STOP
-        elif (not p.ignore_eos and token in self.eos_ids) or token in p.stop_token_ids:
+        reason = None
+        if (not p.ignore_eos and token in self.eos_ids) or token in p.stop_token_ids:
             reason = FinishReason.STOP
         elif len(req.output_token_ids) >= p.max_tokens or req.num_tokens >= self.max_model_len:
             reason = FinishReason.LENGTH
-        text = detok.flush(reason is not None, cut)
+        if reason is not None:
+            req.status, req.finish_reason = Status.FINISHED, reason
+            self.scheduler.remove(req)
+        return req, token, logprob, now
+
+    def _emit(self, req: Request, token: int, logprob, now: float) -> RequestOutput:
+        """Detokenise an accepted token, look for stop strings, build the output."""
+        detok: IncrementalDetokenizer = req.detok_state
+        detok.add(token)
+        cut = detok.find_stop()
+        if cut is not None:  # a stop string wins over EOS or length in the same token
+            if not req.finished:  # its blocks may sit in the launched step: reused only after it
+                req.status = Status.FINISHED
+                self.scheduler.remove(req)
+            req.finish_reason = FinishReason.STOP
+        done = req.finished
+        text = detok.flush(done, cut)
         out = RequestOutput(request_id=req.request_id, prompt_token_ids=req.prompt_token_ids,
                             new_token_ids=[token], new_text=text,
                             output_token_ids=list(req.output_token_ids),
                             new_logprobs=[logprob] if logprob is not None else [])
+        p = req.sampling
         if p.prompt_logprobs is not None and not req.prompt_logprobs_sent:
             out.prompt_logprobs = [None] + list(req.prompt_logprobs)
             req.prompt_logprobs_sent = True
-        if reason is not None:
-            req.status, req.finish_reason = Status.FINISHED, reason
-            self.scheduler.remove(req)
+        if done:
             self._complete(req, out, now)
         return out
 

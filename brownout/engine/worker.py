@@ -183,7 +183,9 @@ class _Session:
 
     def step(self) -> None:
         outputs = self.engine.step()
-        stats: Optional[StepStats] = getattr(self.engine, "last_step_stats", None)
+        # the step this call collected (None when it collected none), else the engine's last
+        stats: Optional[StepStats] = getattr(self.engine, "fresh_step_stats",
+                                             getattr(self.engine, "last_step_stats", None))
         packed = [self.pack(o) for o in outputs]
         self.out_q.put(("step", time.monotonic(), packed, stats, self.snapshot()))
 

@@ -9,6 +9,7 @@ its kv heads, and all ranks agree on the number of blocks); only rank 0 samples.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -142,10 +143,48 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput, tau: float = 1.0) -> RunnerOutput:
+        return self.collect(self.launch(sched, tau))
+
+    @torch.inference_mode()
+    def launch(self, sched: SchedulerOutput, tau: float = 1.0) -> "PendingStep":
+        """Queue the step's forward, sampling and the copy of the sampled tokens to the host;
+        on a GPU this returns before the GPU is done, so the engine can do its host work for
+        the previous step meanwhile. `collect` waits for the results."""
         hidden, touched, meta = self.forward(sched, tau)
-        out = self._sample(sched, hidden, meta)
-        out.experts_touched = touched.tolist() if touched is not None else []
-        out.tau = tau if self.brownout_ready else 1.0
+        sampled = [s for s in sched.seqs if s.sample]
+        tokens = logits = None
+        if sampled:
+            offsets = _offsets(meta.query_lens_list)
+            rows = [offsets[i] + len(s.token_ids) - 1 for i, s in enumerate(sched.seqs) if s.sample]
+            logits = self.model.compute_logits(hidden[rows])  # [B, V]
+            gens = [self._generator(s.request_id, s.sampling.seed) for s in sampled]
+            tokens = sample(logits, [s.sampling for s in sampled], gens)
+        pending = PendingStep(sched=sched, hidden=hidden, meta=meta, sampled=sampled, logits=logits,
+                              tokens=tokens, tau=tau if self.brownout_ready else 1.0)
+        # non-blocking copies land in pinned memory; the event says when they are there
+        pending.tokens_host = tokens.to("cpu", non_blocking=True) if tokens is not None else None
+        pending.touched_host = touched.to("cpu", non_blocking=True) if touched is not None else None
+        if self.device.type == "cuda":
+            pending.ready = torch.cuda.Event()
+            pending.ready.record()
+        return pending
+
+    @torch.inference_mode()
+    def collect(self, pending: "PendingStep") -> RunnerOutput:
+        """The launched step's sampled tokens (and logprobs, expert counts); waits for the GPU."""
+        if pending.ready is not None:
+            pending.ready.synchronize()
+        out = RunnerOutput(sampled={}, tau=pending.tau)
+        if pending.tokens_host is not None:
+            for s, tok in zip(pending.sampled, pending.tokens_host.tolist()):
+                out.sampled[s.request_id] = tok
+            self._logprobs(pending, out)
+        out.experts_touched = pending.touched_host.tolist() if pending.touched_host is not None else []
+        sched, hidden = pending.sched, pending.hidden
+        offsets = _offsets(pending.meta.query_lens_list)
+        for i, s in enumerate(sched.seqs):
+            if s.prompt_logprob_targets is not None:
+                out.prompt_logprobs[s.request_id] = self._prompt_logprobs(s, hidden, offsets[i])
         return out
 
     @torch.inference_mode()
@@ -182,33 +221,17 @@ class ModelRunner:
             return "mixed"
         return None
 
-    def _sample(self, sched: SchedulerOutput, hidden: torch.Tensor, meta: AttnMeta) -> RunnerOutput:
-        out = RunnerOutput(sampled={})
-        offsets, acc = [], 0
-        for n in meta.query_lens_list:
-            offsets.append(acc)
-            acc += n
-        rows = [offsets[i] + len(s.token_ids) - 1 for i, s in enumerate(sched.seqs) if s.sample]
-        to_sample = [s for s in sched.seqs if s.sample]
-        if to_sample:
-            logits = self.model.compute_logits(hidden[rows])  # [B, V]
-            params = [s.sampling for s in to_sample]
-            gens = [self._generator(s.request_id, s.sampling.seed) for s in to_sample]
-            tokens = sample(logits, params, gens)
-            for s, tok in zip(to_sample, tokens.tolist()):
-                out.sampled[s.request_id] = tok
-            want = [i for i, s in enumerate(to_sample) if s.sampling.logprobs is not None]
-            if want:
-                num_top = max(to_sample[i].sampling.logprobs for i in want)
-                lps = token_logprobs(logits[want], tokens[want], num_top)
-                for i, lp in zip(want, lps):
-                    n = to_sample[i].sampling.logprobs
-                    lp.top = dict(list(lp.top.items())[:n])
-                    out.logprobs[to_sample[i].request_id] = lp
-        for i, s in enumerate(sched.seqs):
-            if s.prompt_logprob_targets is not None:
-                out.prompt_logprobs[s.request_id] = self._prompt_logprobs(s, hidden, offsets[i])
-        return out
+    def _logprobs(self, pending: "PendingStep", out: RunnerOutput) -> None:
+        to_sample = pending.sampled
+        want = [i for i, s in enumerate(to_sample) if s.sampling.logprobs is not None]
+        if not want:
+            return
+        num_top = max(to_sample[i].sampling.logprobs for i in want)
+        lps = token_logprobs(pending.logits[want], pending.tokens[want], num_top)
+        for i, lp in zip(want, lps):
+            n = to_sample[i].sampling.logprobs
+            lp.top = dict(list(lp.top.items())[:n])
+            out.logprobs[to_sample[i].request_id] = lp
 
     def _prompt_logprobs(self, s, hidden: torch.Tensor, offset: int) -> list[Optional[Logprob]]:
         targets = s.prompt_logprob_targets
@@ -217,6 +240,31 @@ class ModelRunner:
         logits = self.model.compute_logits(hidden[offset:offset + len(targets)])
         tgt = torch.tensor(targets, device=logits.device)
         return list(token_logprobs(logits, tgt, s.sampling.prompt_logprobs or 0))
+
+
+@dataclass
+class PendingStep:
+    """A launched step: its inputs, device results and their host copies in flight."""
+
+    sched: SchedulerOutput
+    hidden: torch.Tensor
+    meta: AttnMeta
+    sampled: list  # the ScheduledSeqs that sample, in row order
+    logits: Optional[torch.Tensor]
+    tokens: Optional[torch.Tensor]
+    tau: float
+    tokens_host: Optional[torch.Tensor] = None
+    touched_host: Optional[torch.Tensor] = None
+    ready: Optional["torch.cuda.Event"] = None
+
+
+def _offsets(query_lens: list[int]) -> list[int]:
+    """Row offset of each sequence's tokens in the step."""
+    offsets, acc = [], 0
+    for n in query_lens:
+        offsets.append(acc)
+        acc += n
+    return offsets
 
 
 def _kernels_available() -> bool:

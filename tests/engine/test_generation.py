@@ -115,3 +115,12 @@ def test_bad_prompts(tiny_models):
         llm.generate([list(range(3, 80))])
     assert e.value.field == "prompt" and "at most 63" in str(e.value)
     assert not llm.engine.has_unfinished_requests()
+
+
+def test_one_sampling_params_per_prompt(tiny_models):
+    llm = LLM(str(tiny_models["qwen2_moe"]), device="cpu")
+    outs = llm.generate([[5, 6, 7], [9, 10]], [SamplingParams(max_tokens=3, ignore_eos=True),
+                                              SamplingParams(max_tokens=5, ignore_eos=True)])
+    assert [len(o.token_ids) for o in outs] == [3, 5]
+    with pytest.raises(ValidationError, match="params"):
+        llm.generate([[5, 6, 7], [9, 10]], [SamplingParams()])
