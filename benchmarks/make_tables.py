@@ -221,3 +221,4 @@ if __name__ == "__main__":
             headline(p.stem)
     demo_cpu()
     demo_cpu("demo_cpu_run1")
+    demo_cpu("demo_cpu_run2")

@@ -72,6 +72,9 @@ class PredictiveController(Controller):
         self._pending: Optional[tuple[str, float]] = None  # (phase, predicted latency)
         self._waiting: deque[tuple[float, int]] = deque()
         self._last_pressure_update = clock()
+        self.log_every_s = 5.0  # a log line of the model's view at most this often
+        self._last_log = -math.inf
+        self._mode = ""
 
     # -- readiness ----------------------------------------------------------------------
     @property
@@ -111,7 +114,11 @@ class PredictiveController(Controller):
             tau = self._fallback.choose_tau(planned)
             self._last_choose[phase] = now
             return tau
-        tau = self._pick(phase, planned, self._p90(phase, lat), now)
+        p90 = self._p90(phase, lat)
+        tau = self._pick(phase, planned, p90, now)
+        if now - self._last_log >= self.log_every_s:
+            self._last_log = now
+            self._log_decision(phase, planned, tau, p90)
         self._last_choose[phase] = now
         self._fallback.set_tau(phase, tau)
         hit = np.flatnonzero(np.abs(taus - tau) < 1e-12)
@@ -119,6 +126,19 @@ class PredictiveController(Controller):
             self.predict_latency([tau], planned.num_tokens, planned.batch_size)
         self._pending = (phase, float(pred[0]))
         return tau
+
+    def _log_decision(self, phase: str, planned: PlannedStep, tau: float, p90: np.ndarray) -> None:
+        """What the model believes, now and then: enough to tell afterwards why it dimmed so far."""
+        at = {t: float(p90[int(np.argmin(np.abs(self.grid - t)))]) * 1e3 for t in (1.0, 0.5, 0.0)}
+        theta = self.latency.theta
+        logger.info(
+            "predictive %s step of %d tokens / %d seqs, %d waiting: tau %.2f (%s); predicted P90 "
+            "%.1f / %.1f / %.1f ms at tau 1 / 0.5 / 0 against a target of %.1f ms; latency model "
+            "a %.2f ms, per token %.2f us, per seq %.2f us, per expert slot %.2f us, routing %.2f ms; "
+            "experts at tau 0.5 / 0: %.2f / %.2f of tau 1", phase, planned.num_tokens,
+            planned.batch_size, planned.num_waiting, tau, self._mode, at[1.0], at[0.5], at[0.0],
+            self._target(phase) * 1e3, theta[0] * 1e3, theta[1] * 1e6, theta[2] * 1e6, theta[3] * 1e6,
+            theta[4] * 1e3, *self.experts.ratio(np.array([0.5, 0.0])))
 
     def _target(self, phase: str) -> float:
         growth = self.growth_margin if self._queue_growing() else 0.0
@@ -139,7 +159,9 @@ class PredictiveController(Controller):
         ok = self._feasible(phase, planned, p90, target)
         ok_grid, ok_prev = ok[:-1], bool(ok[-1])
         if not ok_prev:  # dim at once to the largest tau that qualifies (or best effort)
+            self._mode = "dim" if ok_grid.any() else "best effort"
             return float(self.grid[np.argmax(ok_grid)]) if ok_grid.any() else self._best_effort(p90[:-1])
+        self._mode = "hold or raise"
         # Raise only with headroom (hysteresis), and only so fast.
         ok_up = self._feasible(phase, planned, p90[:-1], target * (1.0 - self.hysteresis))
         up = float(self.grid[np.argmax(ok_up)]) if ok_up.any() else prev
