@@ -18,7 +18,7 @@ from brownout.config import CacheConfig
 from brownout.models.context import AttnMeta, ForwardContext
 from brownout.runner.cuda_graphs import StepGraphs
 from brownout.runner.loader import LoadedModel
-from brownout.runner.sampler import sample, token_logprobs
+from brownout.runner.sampler import sample, to_device, token_logprobs
 from brownout.types import Logprob, RunnerOutput, SchedulerOutput
 
 log = logging.getLogger(__name__)
@@ -132,14 +132,13 @@ class ModelRunner:
         for n in q_lens:
             qsl.append(qsl[-1] + n)
         meta = AttnMeta(
-            slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
-            block_tables=torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32, device=dev),
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
-            query_start_loc=torch.tensor(qsl, dtype=torch.int32, device=dev),
+            slot_mapping=to_device(slots, dev, torch.long),
+            block_tables=to_device([t + [0] * (width - len(t)) for t in tables], dev, torch.int32),
+            seq_lens=to_device(seq_lens, dev, torch.int32),
+            query_start_loc=to_device(qsl, dev, torch.int32),
             max_query_len=max(q_lens), block_tables_list=tables, seq_lens_list=seq_lens,
             query_lens_list=q_lens)
-        return (torch.tensor(ids, dtype=torch.long, device=dev),
-                torch.tensor(pos, dtype=torch.long, device=dev), meta)
+        return to_device(ids, dev, torch.long), to_device(pos, dev, torch.long), meta
 
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput, tau: float = 1.0) -> RunnerOutput:
@@ -156,7 +155,8 @@ class ModelRunner:
         if sampled:
             offsets = _offsets(meta.query_lens_list)
             rows = [offsets[i] + len(s.token_ids) - 1 for i, s in enumerate(sched.seqs) if s.sample]
-            logits = self.model.compute_logits(hidden[rows])  # [B, V]
+            rows_t = to_device(rows, self.device, torch.long)
+            logits = self.model.compute_logits(hidden.index_select(0, rows_t))  # [B, V]
             gens = [self._generator(s.request_id, s.sampling.seed) for s in sampled]
             tokens = sample(logits, [s.sampling for s in sampled], gens)
         pending = PendingStep(sched=sched, hidden=hidden, meta=meta, sampled=sampled, logits=logits,

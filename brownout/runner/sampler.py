@@ -13,14 +13,24 @@ import torch
 from brownout.types import Logprob, SamplingParams
 
 
+def to_device(values, device: torch.device, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """A small host list as a device tensor without synchronising: on a GPU through pinned
+    memory and a non-blocking copy (a plain copy from pageable memory would wait for the
+    whole stream, i.e. for the forward pass just launched)."""
+    t = torch.tensor(values, dtype=dtype)
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 def _filter(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
     # logits [B, V] float32 -> temperature-scaled, top-k / top-p masked
-    temps = torch.tensor([max(p.temperature, 1e-5) for p in params], device=logits.device)
+    temps = to_device([max(p.temperature, 1e-5) for p in params], logits.device, torch.float32)
     logits = logits / temps.unsqueeze(1)
     top_ks = [p.top_k for p in params]
     if any(k > 0 for k in top_ks):
         V = logits.shape[1]
-        ks = torch.tensor([min(k, V) if k > 0 else V for k in top_ks], device=logits.device)
+        ks = to_device([min(k, V) if k > 0 else V for k in top_ks], logits.device, torch.long)
         kth = torch.sort(logits, dim=1, descending=True).values.gather(1, (ks - 1).unsqueeze(1))
         logits = logits.masked_fill(logits < kth, float("-inf"))
     top_ps = [p.top_p for p in params]
@@ -28,7 +38,7 @@ def _filter(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
         sorted_logits, order = torch.sort(logits, dim=1, descending=True)
         probs = torch.softmax(sorted_logits, dim=1)
         before = probs.cumsum(dim=1) - probs  # mass strictly before each token
-        ps = torch.tensor(top_ps, device=logits.device).unsqueeze(1)
+        ps = to_device(top_ps, logits.device, torch.float32).unsqueeze(1)
         drop = before >= ps  # keeps the smallest prefix reaching top_p (never the first token)
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.empty_like(logits).scatter_(1, order, sorted_logits)
@@ -49,7 +59,7 @@ def sample(
         if gen is not None:  # seeded requests draw from their own stream
             q[row].exponential_(generator=gen)
     sampled = (probs / q).argmax(dim=1)
-    is_greedy = torch.tensor([p.greedy for p in params], device=logits.device)
+    is_greedy = to_device([p.greedy for p in params], logits.device, torch.bool)
     return torch.where(is_greedy, greedy_tokens, sampled)
 
 

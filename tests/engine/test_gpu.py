@@ -32,3 +32,32 @@ def test_gpu_cuda_graph_equals_eager(tiny_models):
     graph = LLM(path, device="cuda", dtype="float32", cache=SMALL).generate(prompts, params)
     assert [e.token_ids for e in eager] == [g.token_ids for g in graph]
     assert torch.cuda.is_available()
+
+
+def test_gpu_launch_does_not_wait_for_the_gpu(tiny_models):
+    """`launch` queues a whole step (inputs, graph replay, sampling, token copy) without one
+    synchronising call, so the engine's host work overlaps it; `collect` gets the tokens."""
+    from brownout.types import ScheduledSeq, SchedulerOutput
+
+    llm = LLM(str(tiny_models["qwen2_moe"]), device="cuda", dtype="float32", cache=SMALL,
+              united_experts="average:2")  # tau 0 replays the routed graphs
+    runner = llm.engine.runner
+    assert runner.brownout_ready
+    p = SamplingParams(max_tokens=4, temperature=0.8, top_p=0.9, top_k=20)
+    prefill = ScheduledSeq(request_id="a", token_ids=list(range(3, 40)), start_pos=0, block_table=[7, 8, 9],
+                           sample=True, sampling=p, output_len=0)
+    decode = ScheduledSeq(request_id="b", token_ids=[11], start_pos=20, block_table=[1, 2], sample=True,
+                          sampling=p, output_len=1)
+    steps = [SchedulerOutput(seqs=[prefill, decode], num_prefill_tokens=37, num_decode_tokens=1),
+             SchedulerOutput(seqs=[decode], num_prefill_tokens=0, num_decode_tokens=1)]
+    for sched in steps:
+        for tau in (1.0, 0.0):
+            runner.execute(sched, tau)  # warm-up outside the check
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                pending = runner.launch(sched, tau)
+            finally:
+                torch.cuda.set_sync_debug_mode(0)
+            out = runner.collect(pending)
+            assert set(out.sampled) == {s.request_id for s in sched.seqs}
