@@ -222,3 +222,4 @@ if __name__ == "__main__":
     demo_cpu()
     demo_cpu("demo_cpu_run1")
     demo_cpu("demo_cpu_run2")
+    demo_cpu("demo_cpu_run3")
