@@ -255,9 +255,16 @@ class LLMEngine:
         elif len(req.output_token_ids) >= p.max_tokens or req.num_tokens >= self.max_model_len:
             reason = FinishReason.LENGTH
         if reason is not None:
-            req.status, req.finish_reason = Status.FINISHED, reason
-            self.scheduler.remove(req)
+            self._stop(req, reason)
         return req, token, logprob, now
+
+    def _stop(self, req: Request, reason: FinishReason) -> None:
+        """Finish a request (its outputs still go out); a stopped one only gets the reason.
+        Its blocks may sit in the launched step: they are reused only after it is collected."""
+        if not req.finished:
+            req.status = Status.FINISHED
+            self.scheduler.remove(req)
+        req.finish_reason = reason
 
     def _emit(self, req: Request, token: int, logprob, now: float) -> RequestOutput:
         """Detokenise an accepted token, look for stop strings, build the output."""
@@ -265,10 +272,7 @@ class LLMEngine:
         detok.add(token)
         cut = detok.find_stop()
         if cut is not None:  # a stop string wins over EOS or length in the same token
-            if not req.finished:  # its blocks may sit in the launched step: reused only after it
-                req.status = Status.FINISHED
-                self.scheduler.remove(req)
-            req.finish_reason = FinishReason.STOP
+            self._stop(req, FinishReason.STOP)
         done = req.finished
         text = detok.flush(done, cut)
         out = RequestOutput(request_id=req.request_id, prompt_token_ids=req.prompt_token_ids,

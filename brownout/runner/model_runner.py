@@ -151,15 +151,15 @@ class ModelRunner:
         the previous step meanwhile. `collect` waits for the results."""
         hidden, touched, meta = self.forward(sched, tau)
         sampled = [s for s in sched.seqs if s.sample]
+        offsets = _offsets(meta.query_lens_list)
         tokens = logits = None
         if sampled:
-            offsets = _offsets(meta.query_lens_list)
             rows = [offsets[i] + len(s.token_ids) - 1 for i, s in enumerate(sched.seqs) if s.sample]
             rows_t = to_device(rows, self.device, torch.long)
             logits = self.model.compute_logits(hidden.index_select(0, rows_t))  # [B, V]
             gens = [self._generator(s.request_id, s.sampling.seed) for s in sampled]
             tokens = sample(logits, [s.sampling for s in sampled], gens)
-        pending = PendingStep(sched=sched, hidden=hidden, meta=meta, sampled=sampled, logits=logits,
+        pending = PendingStep(sched=sched, hidden=hidden, offsets=offsets, sampled=sampled, logits=logits,
                               tokens=tokens, tau=tau if self.brownout_ready else 1.0)
         # non-blocking copies land in pinned memory; the event says when they are there
         pending.tokens_host = tokens.to("cpu", non_blocking=True) if tokens is not None else None
@@ -180,11 +180,10 @@ class ModelRunner:
                 out.sampled[s.request_id] = tok
             self._logprobs(pending, out)
         out.experts_touched = pending.touched_host.tolist() if pending.touched_host is not None else []
-        sched, hidden = pending.sched, pending.hidden
-        offsets = _offsets(pending.meta.query_lens_list)
-        for i, s in enumerate(sched.seqs):
+        for i, s in enumerate(pending.sched.seqs):
             if s.prompt_logprob_targets is not None:
-                out.prompt_logprobs[s.request_id] = self._prompt_logprobs(s, hidden, offsets[i])
+                out.prompt_logprobs[s.request_id] = self._prompt_logprobs(s, pending.hidden,
+                                                                          pending.offsets[i])
         return out
 
     @torch.inference_mode()
@@ -248,7 +247,7 @@ class PendingStep:
 
     sched: SchedulerOutput
     hidden: torch.Tensor
-    meta: AttnMeta
+    offsets: list[int]  # row of each sequence's first token in hidden
     sampled: list  # the ScheduledSeqs that sample, in row order
     logits: Optional[torch.Tensor]
     tokens: Optional[torch.Tensor]
