@@ -1,6 +1,7 @@
 """Where a headline run's engine time went: step counts and mean step latency by phase
 (steps with prefill work vs decode-only steps), per window, from the server's /metrics
-scrapes that the bench client saved (metrics.jsonl of each policy run).
+scrapes that the bench client saved (metrics.jsonl of each policy run); for the policy runs
+also the share of the burst's wall time spent inside steps and the host time between them.
 
 Run: python benchmarks/headline_steps.py HEADLINE_DIR [--window 3] [--out FILE.json]
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import Optional
 
 PHASES = ("prefill", "decode")
 
@@ -41,6 +43,20 @@ def summarize(rows: list[dict]) -> dict:
                     mean_ms=1e3 * busy[p] / steps[p] if steps[p] else None) for p in PHASES}
 
 
+def busy_between(metrics: list[dict], t0: float, t1: float) -> Optional[dict]:
+    """Share of the wall time in [t0, t1] the engine spent inside steps, and the host time
+    per step between them (scrapes nearest to t0 and t1)."""
+    inside = [m for m in metrics if t0 <= m["t"] <= t1]
+    if len(inside) < 2:
+        return None
+    a, b = inside[0], inside[-1]
+    busy = sum(b["brownout"][_key("sum", p)] - a["brownout"][_key("sum", p)] for p in PHASES)
+    steps = sum(b["brownout"][_key("count", p)] - a["brownout"][_key("count", p)] for p in PHASES)
+    wall = b["t"] - a["t"]
+    return dict(t0=a["t"], t1=b["t"], busy_fraction=busy / wall, steps_per_s=steps / wall,
+                host_ms_between_steps=1e3 * (wall - busy) / steps if steps else None)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("headline_dir", type=Path)
@@ -48,14 +64,25 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     result = {}
+    # the burst window and policy runs of headline.py's summary, when there is one
+    summary_file = args.headline_dir / "headline.json"
+    head = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
+    burst = head.get("burst_window_s")
+    policies = {r["label"] for r in head.get("rows", [])}
     for run in sorted(p for p in args.headline_dir.iterdir() if (p / "metrics.jsonl").is_file()):
         metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line]
         rows = step_table(metrics, args.window)
         result[run.name] = dict(summary=summarize(rows), windows=rows)
+        if burst is not None and run.name in policies:
+            result[run.name]["burst"] = busy_between(metrics, *burst)
         s = result[run.name]["summary"]
         print(f"{run.name:24s} " + "  ".join(
             f"{p}: {s[p]['steps']:.0f} steps, mean {s[p]['mean_ms'] or 0:.1f} ms, "
             f"{100 * s[p]['share_of_busy']:.0f}% of busy time" for p in PHASES))
+        if result[run.name].get("burst"):
+            bb = result[run.name]["burst"]
+            print(f"{'':24s} burst: engine busy {100 * bb['busy_fraction']:.0f}% of wall time, "
+                  f"{bb['host_ms_between_steps']:.1f} ms of host time between steps")
     if args.out:
         args.out.write_text(json.dumps(result, indent=1))
 

@@ -160,12 +160,14 @@ def headline(name: str) -> None:
     steps = RESULTS / f"{name}_steps.json"
     if steps.is_file():
         lines += ["", "Engine time by step phase (`benchmarks/headline_steps.py`, from the /metrics scrapes):", "",
-                  "| run | prefill steps | mean prefill step ms | share of busy time | decode steps | mean decode step ms |",
-                  "|---|---|---|---|---|---|"]
+                  "| run | prefill steps | mean prefill step ms | share of busy time | decode steps | mean decode step ms "
+                  "| burst: engine busy | burst: host ms between steps |",
+                  "|---|---|---|---|---|---|---|---|"]
         for run, v in json.loads(steps.read_text()).items():
-            p, d = v["summary"]["prefill"], v["summary"]["decode"]
+            p, d, b = v["summary"]["prefill"], v["summary"]["decode"], v.get("burst") or {}
+            busy = f"{100 * b['busy_fraction']:.0f}%" if b else "-"
             lines.append(f"| {run} | {p['steps']:.0f} | {_f(p['mean_ms'], 1)} | {100 * p['share_of_busy']:.0f}% | "
-                         f"{d['steps']:.0f} | {_f(d['mean_ms'], 1)} |")
+                         f"{d['steps']:.0f} | {_f(d['mean_ms'], 1)} | {busy} | {_f(b.get('host_ms_between_steps'), 1)} |")
     (RESULTS / f"{name}.md").write_text("\n".join(lines) + "\n")
 
 
