@@ -370,7 +370,10 @@ def main() -> None:
             for tag, sched, tau in (("b64", decode_sched(64, 512, bs, vocab), 1.0),
                                     ("b64_tau0", decode_sched(64, 512, bs, vocab), 0.0),
                                     ("mixed575", mixed_sched(512, 63, 512, bs, vocab), 1.0),
-                                    ("mixed575_tau0", mixed_sched(512, 63, 512, bs, vocab), 0.0)):
+                                    ("mixed575_tau0", mixed_sched(512, 63, 512, bs, vocab), 0.0),
+                                    ("mixed1087", mixed_sched(1024, 63, 512, bs, vocab), 1.0),
+                                    ("mixed1087_tau0", mixed_sched(1024, 63, 512, bs, vocab), 0.0),
+                                    ("prefill2048", prefill_sched(2048, bs, vocab), 1.0)):
                 try:
                     stage_profile(runner, args.out, sched, tag, graphs=True, tau=tau)
                 except Exception:  # a profiler problem must not cost the other stages
