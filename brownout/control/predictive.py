@@ -10,7 +10,10 @@ Decision for a planned step of phase p (prefill or decode) with T tokens and B r
   target   = SLO_p * (1 - margin - pressure_p - growth)
              SLO_prefill = prefill_step_s; SLO_decode = min(decode_step_s, tpot_s).
              pressure_p rises while the user-facing P90 (TTFT for prefill, TPOT for decode,
-             over `window_s`) exceeds its SLO and decays otherwise; growth is added while
+             over `window_s`) exceeds its SLO and decays otherwise; for prefill only while
+             requests wait (TTFT above the SLO with an empty queue is the window still
+             holding a drained backlog: faster steps no longer help it, so the pressure
+             decays at `idle_decay` per second); growth is added while
              the waiting queue is growing, so the controller dims before latency breaks.
   P90(tau) = L(T, B, E(tau, T)) + bias_p + z * sigma_p  for tau on a grid 1.0, 0.95, ..., 0
   tau      = the largest grid tau with P90(tau) <= target; for prefill steps with a
@@ -18,7 +21,9 @@ Decision for a planned step of phase p (prefill or decode) with T tokens and B r
              queue must drain within the TTFT SLO); if no tau qualifies, best effort: the
              largest tau predicted within `effort_tolerance` of the fastest one (the
              lowest tau when dimming pays; tau 1 when the step would be no faster, as for a
-             host-bound step, so no accuracy is spent for nothing).
+             host-bound step, so no accuracy is spent for nothing). With requests waiting
+             the tolerance shrinks to `queue_tolerance`: every percent of step time is then
+             a percent of the rate the queue drains at, so a small gain is worth taking.
 Smoothing: lowering is immediate (safety first); raising needs P90 <= target * (1 -
 hysteresis) and is limited to `max_raise_per_s` per second, so tau does not flap.
 Until the models have `min_samples` steps (or when steps carry no expert counts), the
@@ -51,7 +56,8 @@ class PredictiveController(Controller):
                  grid_points: int = 21, margin: float = 0.05, z: float = 1.28,
                  min_samples: int = 24, hysteresis: float = 0.05, max_raise_per_s: float = 1.0,
                  residual_alpha: float = 0.1, growth_margin: float = 0.05,
-                 max_pressure: float = 0.3, refit_every: int = 4, effort_tolerance: float = 0.03):
+                 max_pressure: float = 0.3, refit_every: int = 4, effort_tolerance: float = 0.03,
+                 queue_tolerance: float = 0.005, idle_decay: float = 0.1):
         super().__init__(slo, clock)
         self.grid = np.linspace(1.0, 0.0, grid_points)  # descending: the first fit wins
         self.grid = self.grid[self.grid >= slo.min_tau - 1e-12]
@@ -61,7 +67,8 @@ class PredictiveController(Controller):
         self.hysteresis, self.max_raise_per_s = hysteresis, max_raise_per_s
         self.residual_alpha, self.growth_margin = residual_alpha, growth_margin
         self.max_pressure, self.refit_every = max_pressure, max(1, refit_every)
-        self.effort_tolerance = effort_tolerance
+        self.effort_tolerance, self.queue_tolerance = effort_tolerance, queue_tolerance
+        self.idle_decay = idle_decay
         self.experts = ExpertsModel()
         self.latency = StepLatencyModel()
         self._fallback = AIMDController(slo, clock)
@@ -160,7 +167,9 @@ class PredictiveController(Controller):
         ok_grid, ok_prev = ok[:-1], bool(ok[-1])
         if not ok_prev:  # dim at once to the largest tau that qualifies (or best effort)
             self._mode = "dim" if ok_grid.any() else "best effort"
-            return float(self.grid[np.argmax(ok_grid)]) if ok_grid.any() else self._best_effort(p90[:-1])
+            if ok_grid.any():
+                return float(self.grid[np.argmax(ok_grid)])
+            return self._best_effort(p90[:-1], queued=planned.num_waiting > 0)
         self._mode = "hold or raise"
         # Raise only with headroom (hysteresis), and only so fast.
         ok_up = self._feasible(phase, planned, p90[:-1], target * (1.0 - self.hysteresis))
@@ -170,11 +179,12 @@ class PredictiveController(Controller):
         dt = now - self._last_choose[phase]
         return min(up, prev + self.max_raise_per_s * max(dt, 0.0))
 
-    def _best_effort(self, p90_grid: np.ndarray) -> float:
+    def _best_effort(self, p90_grid: np.ndarray, queued: bool = False) -> float:
         """No tau meets the target: the largest tau whose predicted P90 is within
-        `effort_tolerance` of the fastest prediction."""
+        `effort_tolerance` (`queue_tolerance` while requests wait) of the fastest prediction."""
         fastest = float(p90_grid.min())
-        near = p90_grid <= fastest * (1.0 + self.effort_tolerance) + 1e-12
+        tol = self.queue_tolerance if queued else self.effort_tolerance
+        near = p90_grid <= fastest * (1.0 + tol) + 1e-12
         return float(self.grid[np.argmax(near)])
 
     # -- feedback -----------------------------------------------------------------------
@@ -208,10 +218,13 @@ class PredictiveController(Controller):
         if now - self._last_pressure_update < 1.0:
             return
         self._last_pressure_update = now
+        queue_empty = not self._waiting or self._waiting[-1][1] == 0
         for phase, key, slo in ((PREFILL, "ttft", self.slo.ttft_s),
                                 (DECODE, "tpot", self.slo.tpot_s)):
             p = self.windows.percentile(key, self.slo.percentile, self.slo.window_s, now)
-            if p is not None and p > slo:
+            if phase == PREFILL and queue_empty:
+                self._pressure[phase] = max(0.0, self._pressure[phase] - self.idle_decay)
+            elif p is not None and p > slo:
                 self._pressure[phase] = min(self.max_pressure, self._pressure[phase] + 0.05)
             else:
                 self._pressure[phase] = max(0.0, self._pressure[phase] - 0.025)

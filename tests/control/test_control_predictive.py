@@ -194,3 +194,44 @@ def test_unreachable_slo_dims_only_when_dimming_pays(expert_cost):
     assert ctrl.ready
     tau = ctrl.choose_tau(PlannedStep(1024, 0, 4))
     assert tau == (1.0 if expert_cost == 0.0 else 0.0)
+
+
+def _trained_on_unreachable_slo(expert_cost, seed=3):
+    clock = FakeClock()
+    ctrl = PredictiveController(SLOConfig(policy="predictive", prefill_step_s=0.01, ttft_s=2.0), clock)
+    rng = np.random.default_rng(seed)
+    for i in range(400):
+        clock.t = i * 0.05
+        tau, tokens = float(rng.choice(np.linspace(0, 1, 11))), int(rng.integers(256, 2048))
+        experts = 60.0 * (0.25 + 0.75 * tau)
+        lat = 0.04 + 1e-6 * tokens + expert_cost * experts + rng.normal(0, 1e-5)
+        ctrl.observe_step(StepStats(0.0, lat, tokens, 0, 4, True, tau, experts_touched=[experts]))
+    assert ctrl.ready
+    return ctrl
+
+
+def test_small_gain_is_taken_only_with_a_queue():
+    """Dimming all the way makes the step ~2% faster. Idle, that is not worth the accuracy
+    (tau stays 1); with requests waiting it is 2% more drain rate, so tau goes down."""
+    ctrl = _trained_on_unreachable_slo(2e-5)
+    assert ctrl.choose_tau(PlannedStep(1024, 0, 4)) == 1.0
+    ctrl._clock.t += 0.01
+    assert ctrl.choose_tau(PlannedStep(1024, 0, 4, num_waiting=30, waiting_tokens=30000)) <= 0.25
+
+
+@pytest.mark.parametrize("waiting", [0, 12])
+def test_ttft_pressure_only_while_requests_wait(waiting):
+    """Late first tokens raise the prefill pressure only while a queue exists; with none
+    (the window still remembering a drained backlog) it decays."""
+    clock = FakeClock()
+    ctrl = PredictiveController(SLOConfig(policy="predictive", ttft_s=0.1), clock)
+    ctrl._pressure["prefill"] = 0.2
+    for i in range(1, 60):
+        clock.t = i * 0.1
+        ctrl.observe_request(1.0, 0.01, clock.t)  # TTFT 10x its SLO
+        tau = ctrl.choose_tau(PlannedStep(64, 0, 4, num_waiting=waiting, waiting_tokens=64 * waiting))
+        ctrl.observe_step(StepStats(0.0, 0.01, 64, 0, 4, True, tau, experts_touched=[30]))
+    if waiting:
+        assert ctrl._pressure["prefill"] == pytest.approx(ctrl.max_pressure)
+    else:
+        assert ctrl._pressure["prefill"] == 0.0
