@@ -127,10 +127,21 @@ def default_config(num_tokens: int, top_k: int, num_slots: int, inter: int, hidd
 
 def lookup_config(table: dict, num_tokens: int, num_slots: int, inter: int, hidden: int,
                   dtype: torch.dtype) -> dict | None:
-    """The tuned tiles of the nearest token-count bucket for this weight shape, or None."""
+    """The tuned tiles of the nearest token-count bucket for this weight shape, or None.
+
+    A table swept at another slot count with the same N, K and dtype serves too (the
+    nearest one): slots beyond the routed experts are room for united experts, and the
+    tiles depend on rows per slot and the weight shape, not on how many spare slots exist
+    (the engine keeps room for way-2 united experts, 90 slots on Qwen1.5-MoE, while the
+    sweep ran the way-4 layout's 75)."""
     by_m = table.get(config_key(num_slots, inter, hidden, dtype))
     if not by_m:
-        return None
+        suffix = config_key(0, inter, hidden, dtype).split(",", 1)[1]
+        near = [(abs(int(k.split(",", 1)[0][2:]) - num_slots), k) for k in table
+                if k.startswith("S=") and k.split(",", 1)[1] == suffix]
+        if not near:
+            return None
+        by_m = table[min(near)[1]]
     bucket = min(by_m, key=lambda m: (abs(int(m) - num_tokens), int(m)))
     return dict(by_m[bucket])
 

@@ -149,7 +149,20 @@ def test_lookup_config_picks_nearest_bucket():
     table = {key: {"1": {"BLOCK_M": 16}, "64": {"BLOCK_M": 32}, "256": {"BLOCK_M": 64}}}
     pick = lambda t: fm.lookup_config(table, t, 75, 1408, 2048, torch.bfloat16)["BLOCK_M"]
     assert [pick(1), pick(20), pick(40), pick(200), pick(5000)] == [16, 16, 32, 64, 64]
-    assert fm.lookup_config(table, 8, 60, 1408, 2048, torch.bfloat16) is None
+    # another weight shape or dtype: no tuned tiles
+    assert fm.lookup_config(table, 8, 75, 1024, 2048, torch.bfloat16) is None
+    assert fm.lookup_config(table, 8, 75, 1408, 2048, torch.float32) is None
+
+
+@needs_kernels
+def test_lookup_config_serves_other_slot_counts_of_the_same_shape():
+    """The engine keeps room for way-2 united experts (90 slots on Qwen1.5-MoE); a table
+    swept with the way-4 layout's 75 slots serves it, from the nearest slot count."""
+    table = {fm.config_key(75, 1408, 2048, torch.bfloat16): {"64": {"BLOCK_M": 32}},
+             fm.config_key(20, 1408, 2048, torch.bfloat16): {"64": {"BLOCK_M": 16}},
+             fm.config_key(90, 1408, 4096, torch.bfloat16): {"64": {"BLOCK_M": 64}}}
+    pick = lambda s: fm.lookup_config(table, 64, s, 1408, 2048, torch.bfloat16)["BLOCK_M"]
+    assert [pick(90), pick(75), pick(60), pick(30), pick(8)] == [32, 32, 32, 16, 16]
 
 
 @needs_kernels
