@@ -10,8 +10,8 @@ bench client over loopback on the same machine. Steps:
   2. a window of the Azure LLM 2023 conversation trace, sped up so its base load is about
      70% of the measured capacity, with the trace playing 2x faster in the middle third
      (a 2x step burst of real arrivals); one run per policy, each on a fresh server;
-  3. a rate sweep (Poisson arrivals, trace lengths) with brownout off and predictive: the
-     largest rate whose P90 TTFT and P90 TPOT meet the SLOs.
+  3. a rate sweep (the same trace replayed sped up to each fraction of the capacity) with
+     brownout off and predictive: the largest rate whose P90 TTFT and P90 TPOT meet the SLOs.
 Run: python benchmarks/headline.py --out $OUT  (needs fastapi/uvicorn installed)
 """
 

@@ -107,9 +107,22 @@ def engine(name: str) -> None:
         for r in data["prefill_moe"]:
             md.append("| " + " | ".join(_f(v) for v in r.values()) + " |")
         md.append("")
+    if data.get("prefill_default_tiles"):
+        default = {(r["kind"], r["tokens"], r["cuda_graph"], r["tau"]): r for r in data["prefill_default_tiles"]}
+        md += ["## Fused-MoE tiles: the H200 table vs default tiles, CUDA-graph steps", "",
+               "`default`: the same stage one call earlier, before the table reached the engine.", "",
+               "| kind | tokens | tau | default tiles ms | H200 table ms | table / default |", "|---|---|---|---|---|---|"]
+        for r in data["prefill"]:
+            d = default.get((r["kind"], r["tokens"], r["cuda_graph"], r["tau"]))
+            if r["cuda_graph"] and d:
+                md.append(f"| {r['kind']} | {r['tokens']} | {r['tau']} | {d['step_ms']:.2f} | {r['step_ms']:.2f} | "
+                          f"{r['step_ms'] / d['step_ms']:.3f} |")
+        md.append("")
     for key in sorted(k for k in data if k.startswith("profile_")):
         prof = data[key]
-        md += [f"## Kernel time per decode step, batch {prof['batch']}, context {prof['ctx']}, "
+        what = (f"decode step, batch {prof['batch']}, context {prof['ctx']}" if "batch" in prof else
+                f"step `{prof['tag']}`: {prof['tokens']} tokens, {prof['seqs']} sequences, tau {prof['tau']}")
+        md += [f"## Kernel time per {what}, "
                f"{'CUDA graph' if prof.get('cuda_graph', True) else 'eager'} (torch.profiler, top 12)", "",
                f"Kernels in all: {prof['total_device_us_per_step'] / 1e3:.2f} ms per step"
                + (f"; wall {prof['profiled_wall_ms_per_step']:.2f} ms per profiled step" if "profiled_wall_ms_per_step" in prof else "")
@@ -149,7 +162,7 @@ def headline(name: str) -> None:
                      f"{_f(r['throughput_tok_s'], 0)} | {_f(r['p90_ttft_s'])} | {_f(r['p90_tpot_s'], 4)} | "
                      f"{_f(r['mean_tau'])} |")
     if data.get("sweep"):
-        lines += ["", "Rate sweep (Poisson-free trace replay at a fraction of the calibrated capacity):", "",
+        lines += ["", "Rate sweep (the trace replayed sped up to each fraction of the calibrated capacity):", "",
                   "| policy | load fraction | offered req/s | P90 TTFT s | P90 TPOT s | goodput req/s | mean tau | meets SLO |",
                   "|---|---|---|---|---|---|---|---|"]
         for r in data["sweep"]:
@@ -168,7 +181,45 @@ def headline(name: str) -> None:
             busy = f"{100 * b['busy_fraction']:.0f}%" if b else "-"
             lines.append(f"| {run} | {p['steps']:.0f} | {_f(p['mean_ms'], 1)} | {100 * p['share_of_busy']:.0f}% | "
                          f"{d['steps']:.0f} | {_f(d['mean_ms'], 1)} | {busy} | {_f(b.get('host_ms_between_steps'), 1)} |")
+        lines += timeline(json.loads(steps.read_text()))
     (RESULTS / f"{name}.md").write_text("\n".join(lines) + "\n")
+
+
+def kernels(name: str) -> None:
+    """Fused-MoE tile sweep of `bench_kernels.py` (results/NAME.json)."""
+    data = json.loads((RESULTS / f"{name}.json").read_text())
+    md = [f"# Fused MoE kernel: {name}", "", f"{data['device']}, torch {data['torch']}, triton {data['triton']}, "
+          f"{data['dtype']}; copy bandwidth {data['copy_bw_gbs']:.0f} GB/s measured in the run. Command: "
+          f"`{data['command']}`. " + data.get("note", ""), "",
+          "| scenario | tokens | slots touched | bytes roofline us | tuned us | tuned / roofline | default us "
+          "| tuned / default | TFLOP/s (tuned) | tuned tiles (gate/up) |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in data["moe"]["rows"]:
+        c = r["config"]
+        tiles = f"{c['BLOCK_M']}x{c['BLOCK_N']}x{c['BLOCK_K']} w{c['num_warps']} s{c['num_stages']}"
+        md.append(f"| {r['scenario']} | {r['tokens']} | {r['slots_touched']:.1f} | {r['roofline_us']:.1f} | "
+                  f"{r['tuned_us']:.1f} | {r['ratio']:.2f} | {r['default_us']:.1f} | {r['tuned_us'] / r['default_us']:.3f} | "
+                  f"{_f(r.get('tflops_achieved'), 0)} | {tiles} |")
+    (RESULTS / f"{name}.md").write_text("\n".join(md) + "\n")
+
+
+def timeline(steps: dict, policies=("off", "aimd", "predictive")) -> list[str]:
+    """Queue and tau of each policy run, one row per step window (about 3 s)."""
+    runs = [p for p in policies if p in steps]
+    if not runs:
+        return []
+    lines = ["", "Queue and tau over the run (3-scrape rows of the same file; waiting requests, "
+             "tau_prefill / tau_decode):", "",
+             "| t s | " + " | ".join(runs) + " |", "|---" * (len(runs) + 1) + "|"]
+    for i, row in enumerate(steps[runs[0]]["windows"]):
+        cells = []
+        for p in runs:
+            w = steps[p]["windows"]
+            if i >= len(w):
+                cells.append("-")
+                continue
+            cells.append(f"{w[i]['waiting']:.0f} waiting, {w[i]['tau_prefill']:.2f} / {w[i]['tau_decode']:.2f}")
+        lines.append(f"| {row['t']:.0f} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def collect_demo(demo_dir: Path, machine: str, name: str = "demo_cpu") -> None:
@@ -218,6 +269,7 @@ if __name__ == "__main__":
     headline("headline_h100_run1")
     for p in sorted(RESULTS.glob("engine_h200_run*.json")):
         engine(p.stem)
+    kernels("kernels_h200")
     for p in sorted(RESULTS.glob("headline_h200_run*.json")):
         if not p.stem.endswith("_steps"):
             headline(p.stem)

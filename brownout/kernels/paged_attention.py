@@ -52,9 +52,10 @@ if triton is not None:
         return lo, pid - (tl.load(qsl_ptr + lo) // BLOCK_Q + lo)
 
     # per-step sizes are not specialised on: one binary, no compile while serving
-    @triton.jit(do_not_specialize=["n_q_tiles", "T", "B"])
+    @triton.jit(do_not_specialize=["n_q_tiles", "T", "B", "q_len_lo", "q_len_hi"])
     def _attn_kernel(q_ptr, k_ptr, v_ptr, out_ptr, part_acc_ptr, part_ml_ptr,
                      block_tables_ptr, seq_lens_ptr, qsl_ptr, scale_log2, n_q_tiles, T, Hq, B,
+                     q_len_lo, q_len_hi,
                      stride_qt, stride_qh, stride_kb, stride_ks, stride_kh,
                      stride_vb, stride_vs, stride_vh, stride_bt, stride_ot, stride_oh,
                      G: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -70,7 +71,9 @@ if triton is not None:
         split = tl.program_id(2)
         q_start = tl.load(qsl_ptr + b)
         q_len = tl.load(qsl_ptr + b + 1) - q_start
-        if q_tile * BLOCK_Q >= q_len:
+        # [q_len_lo, q_len_hi]: the query lengths this launch serves (a mixed step sends its
+        # one-token queries to a launch with small tiles, see paged_attention)
+        if (q_tile * BLOCK_Q >= q_len) | (q_len < q_len_lo) | (q_len > q_len_hi):
             return
         seq_len = tl.load(seq_lens_ptr + b)
         first_pos = seq_len - q_len  # context position of the sequence's first query row
@@ -232,16 +235,30 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     else:
         part_acc = part_ml = out  # unused
     block_d = _next_pow2(Dh)
-    _attn_kernel[(n_programs, Hkv, num_splits)](
-        q, k_cache, v_cache, out, part_acc, part_ml, block_tables, seq_lens, query_start_loc,
-        scale * math.log2(math.e), n_q_tiles, T, Hq, B,
-        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
-        out.stride(0), out.stride(1),
-        G=G, BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=block_n, HEAD_DIM=Dh, BLOCK_D=block_d,
-        KV_BLOCK=block_size, NUM_SPLITS=num_splits, DOT_F32=_kernels_interpreted(),
-        PRECISION="tf32x3" if q.dtype == torch.float32 and on_gpu else None, FLAT=flat,
-        num_warps=4 if block_m <= 64 else 8, num_stages=3 if on_gpu else 1)
+
+    def launch(grid, q_tiles, bq, bm, is_flat, lo, hi):
+        _attn_kernel[grid](
+            q, k_cache, v_cache, out, part_acc, part_ml, block_tables, seq_lens, query_start_loc,
+            scale * math.log2(math.e), q_tiles, T, Hq, B, lo, hi,
+            q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+            v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
+            out.stride(0), out.stride(1),
+            G=G, BLOCK_Q=bq, BLOCK_M=bm, BLOCK_N=block_n, HEAD_DIM=Dh, BLOCK_D=block_d,
+            KV_BLOCK=block_size, NUM_SPLITS=num_splits, DOT_F32=_kernels_interpreted(),
+            PRECISION="tf32x3" if q.dtype == torch.float32 and on_gpu else None, FLAT=is_flat,
+            num_warps=4 if bm <= 64 else 8, num_stages=3 if on_gpu else 1)
+
+    # A mixed step (a prompt chunk beside decodes) would give every one-token query the
+    # prompt's BLOCK_Q-row tile: BLOCK_Q / short times the decode work. Its short queries
+    # (<= `short` tokens, a 16-row tile) get a launch of their own, one program per
+    # sequence, and the flat launch skips them. Both write `out` directly (no split).
+    short = max(1, 16 // _next_pow2(G))
+    big = 1 << 30
+    if flat and num_splits == 1 and block_q > short:
+        launch((n_programs, Hkv, 1), n_q_tiles, block_q, block_m, True, short + 1, big)
+        launch((B, Hkv, 1), 1, short, max(16, _next_pow2(short * G)), False, 0, short)
+    else:
+        launch((n_programs, Hkv, num_splits), n_q_tiles, block_q, block_m, flat, 0, big)
     if num_splits > 1:
         _merge_kernel[(T, Hq)](part_acc, part_ml, out, T, Hq, out.stride(0), out.stride(1),
                                HEAD_DIM=Dh, BLOCK_D=block_d, NUM_SPLITS=num_splits,

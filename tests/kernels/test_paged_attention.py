@@ -93,6 +93,18 @@ def test_decode_and_chunked_prefill(hq, hkv, dtype):
 
 
 @needs_kernels
+@pytest.mark.parametrize("hq,hkv", [(2, 2), (8, 2), (4, 1)])
+def test_mixed_step_short_queries_get_their_own_launch(hq, hkv):
+    """A prompt long enough for several query tiles beside short queries on both sides of
+    the short-launch bound (16 // G tokens): decodes, the bound itself and one past it,
+    and an empty query range (the engine's padded sequences); every row written once."""
+    short = 16 // (hq // hkv)
+    q_lens = [1, 70, short, short + 1, 1, 0]
+    seq_lens = [30, 90, short + 9, short + 1, 1, 12]
+    check(seq_lens, q_lens, hq, hkv, 32, 16, torch.float32, seed=hq + hkv)
+
+
+@needs_kernels
 @pytest.mark.parametrize("num_splits", [2, 3])
 def test_split_context_merge(num_splits):
     check([5, 70, 33], [1, 1, 4], 4, 2, 32, 8, torch.float32, seed=num_splits,
