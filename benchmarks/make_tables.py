@@ -260,11 +260,12 @@ if __name__ == "__main__":
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--demo-dir", type=Path, default=None)
+    ap.add_argument("--demo-name", default="demo_cpu", help="results/NAME.json for --demo-dir")
     ap.add_argument("--machine", default="development box: 2-core x86-64 VM, no GPU, CPU-only torch "
                                          "2.13.0 (busy with other jobs at times)")
     args = ap.parse_args()
     if args.demo_dir:
-        collect_demo(args.demo_dir, args.machine)
+        collect_demo(args.demo_dir, args.machine, args.demo_name)
     engine_decode()
     headline("headline_h100_run1")
     for p in sorted(RESULTS.glob("engine_h200_run*.json")):
@@ -277,3 +278,4 @@ if __name__ == "__main__":
     demo_cpu("demo_cpu_run1")
     demo_cpu("demo_cpu_run2")
     demo_cpu("demo_cpu_run3")
+    demo_cpu("demo_cpu_run4")
