@@ -182,21 +182,13 @@ def test_unreachable_slo_dims_only_when_dimming_pays(expert_cost):
     """No tau can meet the step SLO. When fewer experts make the step faster the controller
     goes all the way down; when they do not (a host-bound step) it keeps tau = 1 rather
     than spend accuracy for nothing."""
-    clock = FakeClock()
-    ctrl = PredictiveController(SLOConfig(policy="predictive", prefill_step_s=0.01, ttft_s=2.0), clock)
-    rng = np.random.default_rng(3)
-    for i in range(400):
-        clock.t = i * 0.05
-        tau, tokens = float(rng.choice(np.linspace(0, 1, 11))), int(rng.integers(256, 2048))
-        experts = 60.0 * (0.25 + 0.75 * tau)
-        lat = 0.04 + 1e-6 * tokens + expert_cost * experts + rng.normal(0, 1e-4)
-        ctrl.observe_step(StepStats(0.0, lat, tokens, 0, 4, True, tau, experts_touched=[experts]))
-    assert ctrl.ready
+    ctrl = _trained_on_unreachable_slo(expert_cost, noise=1e-4)
     tau = ctrl.choose_tau(PlannedStep(1024, 0, 4))
     assert tau == (1.0 if expert_cost == 0.0 else 0.0)
 
 
-def _trained_on_unreachable_slo(expert_cost, seed=3):
+def _trained_on_unreachable_slo(expert_cost, noise=1e-5, seed=3):
+    """A controller fitted on prefill steps that no tau brings under a 10 ms step SLO."""
     clock = FakeClock()
     ctrl = PredictiveController(SLOConfig(policy="predictive", prefill_step_s=0.01, ttft_s=2.0), clock)
     rng = np.random.default_rng(seed)
@@ -204,7 +196,7 @@ def _trained_on_unreachable_slo(expert_cost, seed=3):
         clock.t = i * 0.05
         tau, tokens = float(rng.choice(np.linspace(0, 1, 11))), int(rng.integers(256, 2048))
         experts = 60.0 * (0.25 + 0.75 * tau)
-        lat = 0.04 + 1e-6 * tokens + expert_cost * experts + rng.normal(0, 1e-5)
+        lat = 0.04 + 1e-6 * tokens + expert_cost * experts + rng.normal(0, noise)
         ctrl.observe_step(StepStats(0.0, lat, tokens, 0, 4, True, tau, experts_touched=[experts]))
     assert ctrl.ready
     return ctrl
