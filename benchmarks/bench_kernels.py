@@ -9,7 +9,10 @@ Measures device-to-device copy bandwidth, then
     against its roofline (KV bytes read) and torch SDPA on gathered KV.
 Kernel times are CUDA-graph replays timed by triton.testing.do_bench (median, L2 flushed
 before each replay); routing sets rotate so the slots touched are sampled, not fixed.
-Usage: python benchmarks/bench_kernels.py --out DIR [--budget-s 240] [--smoke]
+With --crowded: only the fused MoE at tau = 0 (every row in a united slot), swept per token
+count and keyed by rows per busy slot, the winners added to the device's committed table.
+Usage: python benchmarks/bench_kernels.py --out DIR [--budget-s 240] [--smoke] [--tokens ...]
+       [--skip-attention] [--crowded]
 """
 
 from __future__ import annotations
@@ -86,7 +89,7 @@ class MoECase:
     def __init__(self, smoke, bw_gbs, scenario, weights_from=None):
         s = self.shape = moe_shape(smoke)
         self.S = s["E"] + s["E"] // s["way"]
-        gen = torch.Generator().manual_seed(0 if scenario == "brownout" else 1)
+        gen = torch.Generator().manual_seed({"brownout": 0, "plain": 1}.get(scenario, 2))
         if weights_from is not None:
             self.w13, self.w2 = weights_from.w13, weights_from.w2
         else:
@@ -97,6 +100,8 @@ class MoECase:
         cold = torch.zeros(s["E"], dtype=torch.bool)
         if scenario == "brownout":  # a third of the experts redirected (a mid-tau state)
             cold[torch.randperm(s["E"], generator=gen)[: s["E"] // 3]] = True
+        elif scenario == "united":  # tau = 0: every assignment in a united slot
+            cold[:] = True
         self.sets = {}
         for T in TOKENS:
             sets = []
@@ -155,11 +160,19 @@ class MoECase:
         return float((got - ref).norm() / ref.norm())
 
 
-def candidates(T, smoke):
-    """Tile candidates (gate/up tiles; the down GEMM is tuned after, see sweep)."""
+def candidates(T, smoke, rows_per_slot=None):
+    """Tile candidates (gate/up tiles; the down GEMM is tuned after, see sweep).
+    `rows_per_slot`: crowded calls (tau = 0), candidates sized for that many rows."""
     if smoke:
         return [{"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 1, "num_warps": 4,
                  "num_stages": 1}]
+    if rows_per_slot is not None:
+        if rows_per_slot >= 96:  # tens to hundreds of rows per united slot
+            return candidates(4096, smoke)
+        return [{"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": gm, "num_warps": 4,
+                 "num_stages": st}
+                for bm, bn, bk, gm, st in [(16, 64, 128, 1, 3), (32, 64, 128, 4, 4), (32, 128, 64, 4, 4),
+                                           (64, 64, 128, 4, 3), (64, 128, 64, 8, 4), (64, 64, 64, 8, 4)]]
     out = []
     for bn, bk, st in [(32, 128, 4), (32, 256, 3), (64, 64, 5), (64, 128, 3), (64, 128, 4),
                        (64, 256, 3), (128, 64, 4), (128, 128, 3)]:
@@ -187,10 +200,10 @@ DOWN_CANDIDATES = [{"BLOCK_N": bn, "BLOCK_K": bk, "num_stages": st}
                                       (128, 128, 3), (64, 256, 3)]]
 
 
-def sweep(case, T, smoke, deadline):
+def sweep(case, T, smoke, deadline, rows_per_slot=None):
     """Gate/up tiles first (down = same tiles), then the down GEMM's own tiles."""
     best, best_us, tried = None, float("inf"), []
-    for cfg in candidates(T, smoke):
+    for cfg in candidates(T, smoke, rows_per_slot):
         if time.time() > deadline:
             break
         try:
@@ -249,6 +262,40 @@ def bench_moe(bw, smoke, deadline):
             results["rows"].append(row)
             log.info("moe %s T=%d %.1f us (roof %.1f, x%.2f)", name, T, row["tuned_us"], roof,
                      row["ratio"])
+    return results, table
+
+
+def bench_moe_crowded(bw, smoke, deadline):
+    """Brownout at tau = 0 (every row in one of E / way united slots): a sweep per token count,
+    the winners keyed by expected rows per busy slot (T * k / G, as the engine's routed calls
+    ask for them, `fused_moe.lookup_crowded_config`), against the default crowded tiles."""
+    results = {"sweep": {}, "rows": []}
+    case = MoECase(smoke, bw, "united")
+    s = case.shape
+    G = s["E"] // s["way"]
+    key = fm.config_key(case.S, s["I"], s["D"], DTYPE) + fm.CROWDED
+    table = {key: {}}
+    for T in TOKENS:
+        rows = T * s["k"] / G
+        if rows <= 16:  # served by the plain table (one row block per slot)
+            continue
+        best, best_us, tried = sweep(case, T, smoke, deadline, rows_per_slot=rows)
+        results["sweep"][T] = tried
+        if best is None:
+            continue
+        table[key][str(round(rows))] = best
+        dflt = fm.default_config(T, s["k"], G, s["I"], s["D"], on_gpu=not smoke, crowded=True)
+        roof, slots = case.roofline_us(T)
+        row = {"scenario": "united", "tokens": T, "rows_per_busy_slot": rows, "slots_touched": slots,
+               "roofline_us": roof, "tuned_us": case.time_us(T, best, smoke),
+               "default_us": case.time_us(T, dflt, smoke), "rel_err_vs_fp64": case.check(T, best),
+               "config": best, "default_config": dflt}
+        row["ratio"] = row["tuned_us"] / roof
+        n_assign = sum(int((ids >= 0).sum()) for _, _, ids, _ in case.sets[T]) / len(case.sets[T])
+        row["tflops_achieved"] = 6 * s["I"] * s["D"] * n_assign / (row["tuned_us"] * 1e-6) / 1e12
+        results["rows"].append(row)
+        log.info("moe united T=%d %.1f us (default %.1f, roof %.1f)", T, row["tuned_us"],
+                 row["default_us"], roof)
     return results, table
 
 
@@ -339,6 +386,9 @@ def main():
     ap.add_argument("--tokens", type=lambda v: [int(t) for t in v.split(",")], default=None,
                     help="token counts for the MoE (default %s)" % ",".join(map(str, TOKENS)))
     ap.add_argument("--skip-attention", action="store_true")
+    ap.add_argument("--crowded", action="store_true",
+                    help="sweep the tau = 0 (united slots only) case instead of plain routing; "
+                         "the device's committed table is kept and the crowded entries added")
     ap.add_argument("--breakdown", action="store_true",
                     help="only the per-kernel profile of fused_moe (tuned configs from JSON)")
     args = ap.parse_args()
@@ -361,10 +411,21 @@ def main():
     log.info("copy bandwidth %.0f GB/s", res["copy_bw_gbs"])
     res["attention"] = [] if args.skip_attention else bench_attention(res["copy_bw_gbs"], args.smoke)
     (args.out / "kernels_raw.json").write_text(json.dumps(res, indent=1))
+    cfg_file = fm.device_config_file(name)
+    if args.crowded:
+        res["moe_crowded"], crowded = bench_moe_crowded(res["copy_bw_gbs"], args.smoke,
+                                                        t_start + args.budget_s)
+        (args.out / "kernels_raw.json").write_text(json.dumps(res, indent=1))
+        table = json.loads(cfg_file.read_text()) if cfg_file.is_file() else {}
+        table.update(crowded)
+        (args.out / cfg_file.name).write_text(json.dumps(table, indent=1, sort_keys=True))
+        for r in res["moe_crowded"]["rows"]:
+            print(f"moe united {r['tokens']} rows/slot {r['rows_per_busy_slot']:.0f} roof {r['roofline_us']:.1f} "
+                  f"tuned {r['tuned_us']:.1f} default {r['default_us']:.1f} err {r['rel_err_vs_fp64']:.1e}")
+        return
     res["moe"], table = bench_moe(res["copy_bw_gbs"], args.smoke, t_start + args.budget_s)
     (args.out / "kernels_raw.json").write_text(json.dumps(res, indent=1))
-    cfg_name = fm.device_config_file(name).name
-    (args.out / cfg_name).write_text(json.dumps(table, indent=1, sort_keys=True))
+    (args.out / cfg_file.name).write_text(json.dumps(table, indent=1, sort_keys=True))
     print(f"\n{name}: copy {res['copy_bw_gbs']:.0f} GB/s")
     print("moe scenario T slots roof_us tuned_us ratio default_us eager_us naive_us err")
     for r in res["moe"]["rows"]:

@@ -3,8 +3,9 @@
 # time limits, pack everything into $OUT/<tag>.tgz (the machine returns few files).
 #   bash benchmarks/device_run.sh TAG PART[,PART...] [extra headline flags]
 # Parts: tests (GPU tests of the engine and kernels), engine (bench_engine stages in
-# $ENGINE_STAGES), kernels (fused MoE tile sweep at $KERNEL_TOKENS), headline
-# (benchmarks/headline.py), sweep (headline rate sweep, needs $CALIBRATION). Wheels in .whl/ (fastapi, uvicorn, pydantic...) for the server; the trace in
+# $ENGINE_STAGES), kernels (fused MoE tile sweep at $KERNEL_TOKENS; KERNEL_EXTRA=--crowded
+# for the tau = 0 case), headline (benchmarks/headline.py), sweep (headline rate sweep, needs
+# $CALIBRATION). Wheels in .whl/ (fastapi, uvicorn, pydantic...) for the server; the trace in
 # .gpu_data/ (a copy of ../shared/data/traces, never committed).
 set -uo pipefail
 tag=$1; parts=$2; shift 2
@@ -32,7 +33,8 @@ for part in ${parts//,/ }; do
         --stages "${ENGINE_STAGES:-prefill,profile}" 2>&1 | tee "$work/engine.log" | tail -40 ;;
     kernels)
       timeout ${KERNELS_S:-300} python3 benchmarks/bench_kernels.py --out "$work/kernels" --skip-attention \
-        --tokens "${KERNEL_TOKENS:-1,16,64,128,256,512,1024,2048}" --budget-s ${KERNEL_BUDGET_S:-200} 2>&1 \
+        --tokens "${KERNEL_TOKENS:-1,16,64,128,256,512,1024,2048}" --budget-s ${KERNEL_BUDGET_S:-200} \
+        ${KERNEL_EXTRA:-} 2>&1 \
         | tee "$work/kernels.log" | tail -25 ;;
     headline)
       timeout ${HEADLINE_S:-540} python3 benchmarks/headline.py --out "$work/hl" \

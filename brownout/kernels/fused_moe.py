@@ -134,16 +134,36 @@ def lookup_config(table: dict, num_tokens: int, num_slots: int, inter: int, hidd
     tiles depend on rows per slot and the weight shape, not on how many spare slots exist
     (the engine keeps room for way-2 united experts, 90 slots on Qwen1.5-MoE, while the
     sweep ran the way-4 layout's 75)."""
-    by_m = table.get(config_key(num_slots, inter, hidden, dtype))
+    by_m = _shape_table(table, config_key(num_slots, inter, hidden, dtype), num_slots)
     if not by_m:
-        suffix = config_key(0, inter, hidden, dtype).split(",", 1)[1]
-        near = [(abs(int(k.split(",", 1)[0][2:]) - num_slots), k) for k in table
-                if k.startswith("S=") and k.split(",", 1)[1] == suffix]
-        if not near:
-            return None
-        by_m = table[min(near)[1]]
+        return None
     bucket = min(by_m, key=lambda m: (abs(int(m) - num_tokens), int(m)))
     return dict(by_m[bucket])
+
+
+CROWDED = ",crowded"  # key suffix of the tiles swept with every row in the united slots
+
+
+def lookup_crowded_config(table: dict, rows_per_slot: float, num_slots: int, inter: int,
+                          hidden: int, dtype: torch.dtype) -> dict | None:
+    """Tuned tiles for brownout-routed calls whose rows crowd into the united slots, from
+    the bucket of the nearest expected rows per busy slot (`bench_kernels.py --crowded`
+    sweeps tau = 0, where all of a step's assignments land in S / (way + 1) slots), or None."""
+    by_rows = _shape_table(table, config_key(num_slots, inter, hidden, dtype) + CROWDED, num_slots)
+    if not by_rows:
+        return None
+    bucket = min(by_rows, key=lambda m: (abs(int(m) - rows_per_slot), int(m)))
+    return dict(by_rows[bucket])
+
+
+def _shape_table(table: dict, key: str, num_slots: int) -> dict | None:
+    """table[key], else the entry of the same shape (all but S) at the nearest slot count."""
+    if table.get(key):
+        return table[key]
+    rest = key.split(",", 1)[1]
+    near = [(abs(int(k.split(",", 1)[0][2:]) - num_slots), k) for k in table
+            if k.startswith("S=") and k.split(",", 1)[1] == rest and table[k]]
+    return table[min(near)[1]] if near else None
 
 
 def get_config(num_tokens: int, top_k: int, num_slots: int, inter: int, hidden: int,
@@ -153,14 +173,19 @@ def get_config(num_tokens: int, top_k: int, num_slots: int, inter: int, hidden: 
     `busy_slots`: how many slots the rows are expected to land in when fewer than all
     (brownout routing packs a cold tail into the united slots: at tau = 0 a way-4 model
     sends every row to S/5 slots, so each slot gets ~4x the rows a plain step gives it).
-    The tuned tables were swept over plain routing; when the expected rows per busy slot
-    outgrow a 16-row block, the default tiles sized for those rows are used instead.
+    The plain tables were swept over plain routing; when the expected rows per busy slot
+    outgrow a 16-row block, the crowded table (swept at tau = 0) serves, else the default
+    tiles sized for those rows.
     The device's JSON is read on first use only (never at import)."""
     on_gpu = device.type == "cuda" and not _kernels_interpreted()
     spread = num_slots if busy_slots is None else max(1, min(busy_slots, num_slots))
-    if on_gpu and (spread == num_slots or num_tokens * top_k / spread <= 16):
+    rows = num_tokens * top_k / spread
+    if on_gpu:
         table = _load_device_configs(torch.cuda.get_device_name(device))
-        cfg = lookup_config(table, num_tokens, num_slots, inter, hidden, dtype)
+        if spread == num_slots or rows <= 16:
+            cfg = lookup_config(table, num_tokens, num_slots, inter, hidden, dtype)
+        else:
+            cfg = lookup_crowded_config(table, rows, num_slots, inter, hidden, dtype)
         if cfg is not None:
             return cfg
     return default_config(num_tokens, top_k, spread, inter, hidden, on_gpu,

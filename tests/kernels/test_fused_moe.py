@@ -179,7 +179,7 @@ def test_committed_configs_are_valid():
                 assert int(bucket) > 0 and required <= set(cfg), (path.name, key, bucket)
                 sizes = [cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]]
                 assert all(s >= 16 and s & (s - 1) == 0 for s in sizes)
-                elem = 4 if key.endswith("float32") else 2
+                elem = 4 if "dtype=float32" in key else 2
                 assert fm.fit_shared_memory(cfg, elem, budget=227 * 1024) == cfg
 
 
@@ -212,6 +212,30 @@ def test_busy_slots_size_the_row_block(monkeypatch):
         assert cfg["BLOCK_M"] >= min(rows, 64), (T, cfg)
     # few rows even when crowded: the tuned table still applies
     assert fm.get_config(8, 4, 75, 1408, 2048, torch.bfloat16, cuda, busy_slots=15) == table[key]["64"]
+
+
+@needs_kernels
+def test_crowded_table_serves_routed_calls_by_rows_per_busy_slot(monkeypatch):
+    """With a crowded table (swept at tau = 0), a routed call whose rows outgrow a 16-row
+    block takes the tiles of the nearest rows-per-busy-slot bucket, at any slot count of the
+    same shape; plain calls never read it."""
+    cfg = lambda bm: {"BLOCK_M": bm, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8,  # noqa: E731
+                      "num_warps": 4, "num_stages": 3}
+    plain_key = fm.config_key(75, 1408, 2048, torch.bfloat16)
+    table = {plain_key: {"64": cfg(16), "1024": cfg(128)},
+             plain_key + fm.CROWDED: {"17": cfg(32), "68": cfg(64), "273": cfg(128)}}
+    monkeypatch.setattr(fm, "_load_device_configs", lambda name: table)
+    monkeypatch.setattr(fm, "_kernels_interpreted", lambda: False)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "fake")
+    cuda = torch.device("cuda")
+    pick = lambda T, S=90: fm.get_config(T, 4, S, 1408, 2048, torch.bfloat16, cuda,  # noqa: E731
+                                         busy_slots=15)["BLOCK_M"]
+    # rows per busy slot: 64 tokens -> 17, 256 -> 68, 1024 -> 273, 4096 -> 1092
+    assert [pick(64), pick(256), pick(1024), pick(4096), pick(256, S=75)] == [32, 64, 128, 128, 64]
+    assert pick(4) == 16  # ~1 row per slot: the plain table
+    assert fm.get_config(1024, 4, 90, 1408, 2048, torch.bfloat16, cuda)["BLOCK_M"] == 128
+    assert fm.get_config(64, 4, 90, 1408, 2048, torch.bfloat16, cuda)["BLOCK_M"] == 16
+    assert fm.lookup_crowded_config(table, 17, 75, 1024, 2048, torch.bfloat16) is None
 
 
 @needs_kernels

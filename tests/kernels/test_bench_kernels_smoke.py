@@ -1,0 +1,33 @@
+"""The kernel benchmark's crowded sweep runs end to end under the interpreter (tiny shapes),
+and the table it writes is one `fused_moe.lookup_crowded_config` reads."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_crowded_sweep_smoke_writes_a_readable_table(tmp_path):
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_kernels.py"), "--smoke", "--out",
+                    str(tmp_path), "--tokens", "8,32", "--skip-attention", "--crowded"],
+                   check=True, env=env, cwd=ROOT, timeout=600, capture_output=True)
+    raw = json.loads((tmp_path / "kernels_raw.json").read_text())
+    rows = raw["moe_crowded"]["rows"]
+    assert [r["tokens"] for r in rows] == [32]  # 8 tokens: 8 rows per united slot, plain table
+    assert rows[0]["rel_err_vs_fp64"] < 1e-4 and rows[0]["tuned_us"] > 0
+    table_file = tmp_path / "cpu-interpreter.json"
+    table = json.loads(table_file.read_text())
+    # the lookup in a process of its own: importing the kernels here would fix triton's
+    # mode for the rest of the session (see triton_interpret.py)
+    probe = ("import json, sys, torch; from brownout.kernels import fused_moe as fm; "
+             "t = json.load(open(sys.argv[1])); "
+             "print(json.dumps(fm.lookup_crowded_config(t, 30.0, 10, 32, 64, torch.float32)))")
+    out = subprocess.run([sys.executable, "-c", probe, str(table_file)], check=True, env=env, cwd=ROOT,
+                         timeout=300, capture_output=True, text=True).stdout
+    assert json.loads(out.strip().splitlines()[-1]) == table["S=10,N=32,K=64,dtype=float32,crowded"]["32"]
