@@ -168,12 +168,16 @@ def main() -> None:
     ap.add_argument("--skip-sweep", action="store_true")
     ap.add_argument("--sweep-only", action="store_true", help="only the rate sweep (with --calibration)")
     ap.add_argument("--calibration", type=Path, default=None,
-                    help="calibration.json of an earlier run instead of calibrating again")
+                    help="calibration.json (or the headline.json / committed result) of an earlier "
+                         "run instead of calibrating again: the same SLOs and offered load, so two "
+                         "code versions compare on one workload")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     args.out.mkdir(parents=True, exist_ok=True)
     if args.calibration:
         cal = json.loads(args.calibration.read_text())
+        cal = cal.get("calibration", cal)  # a headline summary carries its calibration
+        cal["reused_from"] = str(args.calibration)
         log.info("calibration from %s: %s", args.calibration, cal)
     else:
         cal = calibrate(args, args.out)
