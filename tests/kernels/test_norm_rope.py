@@ -112,3 +112,48 @@ def test_layers_take_the_kernels_on_cuda_and_agree():
         out_q, out_k = rot.apply_qk(q.clone(), k.clone(), pos)
     torch.testing.assert_close(out_q.float(), ref_q.float(), rtol=1.6e-2, atol=1e-2)
     torch.testing.assert_close(out_k.float(), ref_k.float(), rtol=1.6e-2, atol=1e-2)
+
+
+ULP = {torch.float32: 2e-6, torch.bfloat16: 1.6e-2}  # relative: a rounding step or two (the
+# interpreter rounds bf16 differently from the GPU, as in the RMSNorm test above)
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("T,inter", [(1, 64), (5, 1500), (0, 32)])
+def test_silu_and_mul_matches_the_swiglu_torch_code(dtype, T, inter):
+    g = torch.Generator().manual_seed(T * inter + 1)
+    h = (torch.randn(T, 2 * inter, generator=g) * 4).to(DEVICE, dtype)
+    ref = torch.nn.functional.silu(h[:, :inter]) * h[:, inter:]
+    out = nr.silu_and_mul(h)
+    assert out.shape == (T, inter) and out.dtype == dtype
+    torch.testing.assert_close(out, ref, rtol=ULP[dtype], atol=1e-6)
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("T,D", [(3, 64), (4, 2100)])
+def test_gated_add_matches_the_shared_expert_torch_code(dtype, T, D):
+    from brownout.models.layers.moe import gated_shared_add
+
+    g = torch.Generator().manual_seed(T + D)
+    base, x = (torch.randn(2, T, D, generator=g) * 2).to(DEVICE, dtype)
+    gate = (torch.randn(T, 1, generator=g) * 3).to(DEVICE, dtype)
+    prod = torch.sigmoid(gate) * x
+    ref = base + prod
+    # three roundings (gate, product, sum), each at most a step of the dtype apart, measured
+    # against the terms, not the (possibly cancelled) sum
+    step = {torch.float32: 2 ** -23, torch.bfloat16: 2 ** -7}[dtype]
+    scale = base.float().abs() + prod.float().abs()
+    err = (nr.gated_add(base, gate, x).float() - ref.float()).abs()
+    assert (err <= 3 * step * scale + 1e-6).all(), float((err / (scale + 1e-6)).max())
+    assert torch.equal(gated_shared_add(base, gate, x), ref)  # off CUDA: the torch ops
+
+
+@needs_kernels
+def test_elementwise_kernels_reject_bad_layouts():
+    h = torch.randn(4, 9, device=DEVICE)
+    with pytest.raises(ValueError):
+        nr.silu_and_mul(h)  # odd width
+    with pytest.raises(ValueError):
+        nr.gated_add(h, torch.randn(4, 2, device=DEVICE), h)  # gate not [T, 1]

@@ -82,4 +82,9 @@ class SwiGLU(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.gate_up_proj(x)
+        if h.is_cuda and h.dim() == 2 and h.stride(-1) == 1:
+            from brownout.kernels import norm_rope  # one pass instead of two strided ones
+
+            if norm_rope.kernels_usable(h):
+                return self.down_proj(norm_rope.silu_and_mul(h))
         return self.down_proj(F.silu(h[..., : self.inter]) * h[..., self.inter:])

@@ -130,9 +130,10 @@ class SparseMoE(nn.Module):
         out = self._experts(x, weights, ids, ctx, routed, touched)
         if self.shared_expert is not None:
             shared = self.shared_expert(x)
-            if self.shared_expert_gate is not None:
-                shared = torch.sigmoid(self.shared_expert_gate(x)) * shared
-            out = out + shared
+            if self.shared_expert_gate is None:
+                out = out + shared
+            else:
+                out = gated_shared_add(out, self.shared_expert_gate(x), shared)
         return out.reshape(shape)
 
     def _experts(self, x, weights, ids, ctx: ForwardContext, routed: bool = False,
@@ -147,3 +148,15 @@ class SparseMoE(nn.Module):
             return fused_moe(x, self.w13, self.w2, weights, ids,
                              busy_slots=self.num_groups if routed else None, touched_out=touched)
         return moe_experts_ref(x, self.w13, self.w2, weights, ids)
+
+
+def gated_shared_add(out: torch.Tensor, gate_logit: torch.Tensor, shared: torch.Tensor) -> torch.Tensor:
+    """out + sigmoid(gate_logit) * shared: one Triton pass on CUDA serving tensors (torch
+    takes its slow broadcast path, two kernels), the torch ops elsewhere."""
+    if out.is_cuda and out.dim() == 2 and out.stride(-1) == 1 and shared.stride(-1) == 1 \
+            and out.dtype == shared.dtype == gate_logit.dtype:
+        from brownout.kernels import norm_rope
+
+        if norm_rope.kernels_usable(out):
+            return norm_rope.gated_add(out, gate_logit, shared)
+    return out + torch.sigmoid(gate_logit) * shared
