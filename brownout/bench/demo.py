@@ -46,7 +46,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="run only on random weights of this preset (default: the embedded model, then "
                         "cpu-moe, whose experts are too large for a CPU's caches, so brownout's saving "
                         "of expert reads shows on a CPU too; its accuracy is meaningless)")
-    p.add_argument("--duration", type=float, default=27.0, help="seconds of load per run (the burst is its middle third)")
+    p.add_argument("--duration", type=float, default=27.0,
+                   help="seconds of load per run (the burst is its middle third)")
     p.add_argument("--burst-factor", type=float, default=2.5, help="rate multiplier during the burst")
     p.add_argument("--base-load", type=float, default=0.35,
                    help="base rate as a fraction of the measured capacity with brownout off; with "

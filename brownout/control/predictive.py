@@ -166,9 +166,10 @@ class PredictiveController(Controller):
         ok = self._feasible(phase, planned, p90, target)
         ok_grid, ok_prev = ok[:-1], bool(ok[-1])
         if not ok_prev:  # dim at once to the largest tau that qualifies (or best effort)
-            self._mode = "dim" if ok_grid.any() else "best effort"
             if ok_grid.any():
+                self._mode = "dim"
                 return float(self.grid[np.argmax(ok_grid)])
+            self._mode = "best effort"
             return self._best_effort(p90[:-1], queued=planned.num_waiting > 0)
         self._mode = "hold or raise"
         # Raise only with headroom (hysteresis), and only so fast.

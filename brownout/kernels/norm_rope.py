@@ -74,7 +74,6 @@ if triton is not None:
         tl.store(base, o1.to(x_ptr.dtype.element_ty), mask=ok)
         tl.store(base + HALF, o2.to(x_ptr.dtype.element_ty), mask=ok)
 
-
     @triton.jit
     def _silu_mul_kernel(h_ptr, out_ptr, stride_h, stride_o, inter, BLOCK: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
