@@ -53,8 +53,13 @@ def busy_between(metrics: list[dict], t0: float, t1: float) -> Optional[dict]:
     busy = sum(b["brownout"][_key("sum", p)] - a["brownout"][_key("sum", p)] for p in PHASES)
     steps = sum(b["brownout"][_key("count", p)] - a["brownout"][_key("count", p)] for p in PHASES)
     wall = b["t"] - a["t"]
-    return dict(t0=a["t"], t1=b["t"], busy_fraction=busy / wall, steps_per_s=steps / wall,
-                host_ms_between_steps=1e3 * (wall - busy) / steps if steps else None)
+    out = dict(t0=a["t"], t1=b["t"], busy_fraction=busy / wall, steps_per_s=steps / wall,
+               host_ms_between_steps=1e3 * (wall - busy) / steps if steps else None)
+    for p in PHASES:  # mean step latency by phase inside the window
+        n = b["brownout"][_key("count", p)] - a["brownout"][_key("count", p)]
+        s = b["brownout"][_key("sum", p)] - a["brownout"][_key("sum", p)]
+        out[f"{p}_mean_ms"] = 1e3 * s / n if n else None
+    return out
 
 
 def main() -> None:
@@ -82,7 +87,8 @@ def main() -> None:
         if result[run.name].get("burst"):
             bb = result[run.name]["burst"]
             print(f"{'':24s} burst: engine busy {100 * bb['busy_fraction']:.0f}% of wall time, "
-                  f"{bb['host_ms_between_steps']:.1f} ms of host time between steps")
+                  f"{bb['host_ms_between_steps']:.1f} ms of host time between steps, steps with "
+                  f"prefill {bb['prefill_mean_ms'] or 0:.1f} ms, decode {bb['decode_mean_ms'] or 0:.1f} ms")
     if args.out:
         args.out.write_text(json.dumps(result, indent=1))
 
