@@ -4,7 +4,8 @@
 #   bash benchmarks/device_run.sh TAG PART[,PART...] [extra headline flags]
 # Parts: tests (GPU tests of the engine and kernels), engine (bench_engine stages in
 # $ENGINE_STAGES), kernels (fused MoE tile sweep at $KERNEL_TOKENS; KERNEL_EXTRA=--crowded
-# for the tau = 0 case), headline (benchmarks/headline.py), sweep (headline rate sweep, needs
+# for the tau = 0 case), install (that table into brownout/kernels/configs for the later
+# parts), headline (benchmarks/headline.py), sweep (headline rate sweep, needs
 # $CALIBRATION). Wheels in .whl/ (fastapi, uvicorn, pydantic...) for the server; the trace in
 # .gpu_data/ (a copy of ../shared/data/traces, never committed).
 set -uo pipefail
@@ -36,6 +37,10 @@ for part in ${parts//,/ }; do
         --tokens "${KERNEL_TOKENS:-1,16,64,128,256,512,1024,2048}" --budget-s ${KERNEL_BUDGET_S:-200} \
         ${KERNEL_EXTRA:-} 2>&1 \
         | tee "$work/kernels.log" | tail -25 ;;
+    install)  # the table the kernels part just wrote, for the parts after it in this call
+      for f in "$work"/kernels/*.json; do
+        [ "$(basename "$f")" = kernels_raw.json ] || cp -v "$f" brownout/kernels/configs/
+      done ;;
     headline)
       timeout ${HEADLINE_S:-540} python3 benchmarks/headline.py --out "$work/hl" \
         --trace .gpu_data/azure_llm_2023_conv.csv "$@" 2>&1 | grep -v "HTTP/1.1" > "$work/headline.log"

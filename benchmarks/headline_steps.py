@@ -1,7 +1,8 @@
 """Where a headline run's engine time went: step counts and mean step latency by phase
 (steps with prefill work vs decode-only steps), per window, from the server's /metrics
 scrapes that the bench client saved (metrics.jsonl of each policy run); for the policy runs
-also the share of the burst's wall time spent inside steps and the host time between them.
+also the share of the burst's wall time spent inside steps, the host time between them, and
+the paper's step-latency violation windows.
 
 Run: python benchmarks/headline_steps.py HEADLINE_DIR [--window 3] [--out FILE.json]
 """
@@ -62,6 +63,22 @@ def busy_between(metrics: list[dict], t0: float, t1: float) -> Optional[dict]:
     return out
 
 
+def step_violation_windows(metrics: list[dict]) -> list[int]:
+    """The paper's SLO-violation periods: seconds (scrape to scrape) in which more than 10% of
+    either phase's steps exceeded that phase's step SLO, i.e. the window's P90 step latency is
+    over the SLO (the server counts steps over its SLO in brownout_slo_violations_total)."""
+    out = []
+    for prev, cur in zip(metrics, metrics[1:]):
+        for phase in PHASES:
+            n = cur["brownout"][_key("count", phase)] - prev["brownout"][_key("count", phase)]
+            over_key = f"brownout_slo_violations_total,kind={phase}_step"
+            over = cur["brownout"].get(over_key, 0.0) - prev["brownout"].get(over_key, 0.0)
+            if n > 0 and over > 0.1 * n:
+                out.append(int(round(cur["t"])))
+                break
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("headline_dir", type=Path)
@@ -80,6 +97,7 @@ def main() -> None:
         result[run.name] = dict(summary=summarize(rows), windows=rows)
         if burst is not None and run.name in policies:
             result[run.name]["burst"] = busy_between(metrics, *burst)
+            result[run.name]["step_violation_windows"] = step_violation_windows(metrics)
         s = result[run.name]["summary"]
         print(f"{run.name:24s} " + "  ".join(
             f"{p}: {s[p]['steps']:.0f} steps, mean {s[p]['mean_ms'] or 0:.1f} ms, "
