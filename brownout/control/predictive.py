@@ -19,11 +19,13 @@ Decision for a planned step of phase p (prefill or decode) with T tokens and B r
   tau      = the largest grid tau with P90(tau) <= target; for prefill steps with a
              queue, also waiting_tokens * P90(tau) / T <= ttft_s * (1 - margin) (the
              queue must drain within the TTFT SLO); if no tau qualifies, best effort: the
-             largest tau predicted within `effort_tolerance` of the fastest one (the
-             lowest tau when dimming pays; tau 1 when the step would be no faster, as for a
-             host-bound step, so no accuracy is spent for nothing). With requests waiting
-             the tolerance shrinks to `queue_tolerance`: every percent of step time is then
-             a percent of the rate the queue drains at, so a small gain is worth taking.
+             largest tau that keeps `gain_share` of the speed-up the fastest tau offers over
+             tau = 1 (a latency curve flat below some tau stops at that knee rather than
+             spend accuracy for the last percent); idle, also any tau within
+             `effort_tolerance` of the fastest (tau 1 when the step would be no faster, as
+             for a host-bound step, so no accuracy is spent for nothing). With requests
+             waiting every percent of step time is a percent of the rate the queue drains
+             at, so small gains are taken.
 Smoothing: lowering is immediate (safety first); raising needs P90 <= target * (1 -
 hysteresis) and is limited to `max_raise_per_s` per second, so tau does not flap.
 Until the models have `min_samples` steps (or when steps carry no expert counts), the
@@ -57,7 +59,7 @@ class PredictiveController(Controller):
                  min_samples: int = 24, hysteresis: float = 0.05, max_raise_per_s: float = 1.0,
                  residual_alpha: float = 0.1, growth_margin: float = 0.05,
                  max_pressure: float = 0.3, refit_every: int = 4, effort_tolerance: float = 0.03,
-                 queue_tolerance: float = 0.005, idle_decay: float = 0.1):
+                 gain_share: float = 0.9, idle_decay: float = 0.1):
         super().__init__(slo, clock)
         self.grid = np.linspace(1.0, 0.0, grid_points)  # descending: the first fit wins
         self.grid = self.grid[self.grid >= slo.min_tau - 1e-12]
@@ -67,7 +69,7 @@ class PredictiveController(Controller):
         self.hysteresis, self.max_raise_per_s = hysteresis, max_raise_per_s
         self.residual_alpha, self.growth_margin = residual_alpha, growth_margin
         self.max_pressure, self.refit_every = max_pressure, max(1, refit_every)
-        self.effort_tolerance, self.queue_tolerance = effort_tolerance, queue_tolerance
+        self.effort_tolerance, self.gain_share = effort_tolerance, gain_share
         self.idle_decay = idle_decay
         self.experts = ExpertsModel()
         self.latency = StepLatencyModel()
@@ -181,11 +183,19 @@ class PredictiveController(Controller):
         return min(up, prev + self.max_raise_per_s * max(dt, 0.0))
 
     def _best_effort(self, p90_grid: np.ndarray, queued: bool = False) -> float:
-        """No tau meets the target: the largest tau whose predicted P90 is within
-        `effort_tolerance` (`queue_tolerance` while requests wait) of the fastest prediction."""
+        """No tau meets the target: spend accuracy only as far as it buys speed, i.e. the
+        largest tau that keeps `gain_share` of the speed-up the fastest tau offers over tau = 1.
+        A latency curve flat below some tau (a compute-bound prefill chunk, where fewer distinct
+        experts stop saving time) stops at that knee instead of sliding to the bottom for the
+        last percent. Idle, also any tau within `effort_tolerance` of the fastest (tau 1 for a
+        host-bound step, which dimming would not speed up); while requests wait every percent of
+        step time is a percent of drain rate, so small gains are taken."""
         fastest = float(p90_grid.min())
-        tol = self.queue_tolerance if queued else self.effort_tolerance
-        near = p90_grid <= fastest * (1.0 + tol) + 1e-12
+        gain = max(float(p90_grid[0]) - fastest, 0.0)  # grid[0] is tau = 1
+        allowed = fastest + (1.0 - self.gain_share) * gain
+        if not queued:
+            allowed = max(allowed, fastest * (1.0 + self.effort_tolerance))
+        near = p90_grid <= allowed + 1e-12
         return float(self.grid[np.argmax(near)])
 
     # -- feedback -----------------------------------------------------------------------

@@ -179,23 +179,27 @@ def test_queue_of_waiting_prompts_dims_prefill():
 
 @pytest.mark.parametrize("expert_cost", [0.0, 0.002])
 def test_unreachable_slo_dims_only_when_dimming_pays(expert_cost):
-    """No tau can meet the step SLO. When fewer experts make the step faster the controller
-    goes all the way down; when they do not (a host-bound step) it keeps tau = 1 rather
-    than spend accuracy for nothing."""
+    """No tau can meet the step SLO. When fewer experts make the step faster (here in
+    proportion to tau) the controller goes down to keep 90% of the speed-up; when they do not
+    (a host-bound step) it keeps tau = 1 rather than spend accuracy for nothing."""
     ctrl = _trained_on_unreachable_slo(expert_cost, noise=1e-4)
     tau = ctrl.choose_tau(PlannedStep(1024, 0, 4))
-    assert tau == (1.0 if expert_cost == 0.0 else 0.0)
+    if expert_cost == 0.0:
+        assert tau == 1.0
+    else:
+        assert 0.05 <= tau <= 0.15
 
 
-def _trained_on_unreachable_slo(expert_cost, noise=1e-5, seed=3):
-    """A controller fitted on prefill steps that no tau brings under a 10 ms step SLO."""
+def _trained_on_unreachable_slo(expert_cost, noise=1e-5, seed=3, ratio=lambda tau: 0.25 + 0.75 * tau):
+    """A controller fitted on prefill steps that no tau brings under a 10 ms step SLO;
+    `ratio(tau)`: experts touched at tau over those at tau 1."""
     clock = FakeClock()
     ctrl = PredictiveController(SLOConfig(policy="predictive", prefill_step_s=0.01, ttft_s=2.0), clock)
     rng = np.random.default_rng(seed)
     for i in range(400):
         clock.t = i * 0.05
         tau, tokens = float(rng.choice(np.linspace(0, 1, 11))), int(rng.integers(256, 2048))
-        experts = 60.0 * (0.25 + 0.75 * tau)
+        experts = 60.0 * ratio(tau)
         lat = 0.04 + 1e-6 * tokens + expert_cost * experts + rng.normal(0, noise)
         ctrl.observe_step(StepStats(0.0, lat, tokens, 0, 4, True, tau, experts_touched=[experts]))
     assert ctrl.ready
@@ -209,6 +213,18 @@ def test_small_gain_is_taken_only_with_a_queue():
     assert ctrl.choose_tau(PlannedStep(1024, 0, 4)) == 1.0
     ctrl._clock.t += 0.01
     assert ctrl.choose_tau(PlannedStep(1024, 0, 4, num_waiting=30, waiting_tokens=30000)) <= 0.25
+
+
+def test_queue_best_effort_stops_at_the_knee():
+    """Experts touched fall steeply from tau 1 to 0.5 and barely below (as on a compute-bound
+    prefill chunk): with a queue and no tau meeting the SLO, the controller dims to the knee,
+    keeping 90% of the available speed-up, instead of spending tau 0.5 -> 0 for ~1% more."""
+    knee = lambda tau: 0.30 + 0.05 * min(tau, 0.5) / 0.5 + 0.65 * max(0.0, tau - 0.5) / 0.5  # noqa: E731
+    ctrl = _trained_on_unreachable_slo(0.002, ratio=knee)
+    lat = ctrl.predict_latency([1.0, 0.5, 0.0], 1024, 4)
+    assert lat[0] - lat[1] > 8 * (lat[1] - lat[2]) > 0  # the curve the test means
+    tau = ctrl.choose_tau(PlannedStep(1024, 0, 4, num_waiting=30, waiting_tokens=30000))
+    assert 0.45 <= tau <= 0.55
 
 
 @pytest.mark.parametrize("waiting", [0, 12])
