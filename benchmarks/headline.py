@@ -40,7 +40,8 @@ def base_flags(args) -> list[str]:
     return [*model, "--united-experts", "average:4", "--device", args.device, "--max-num-seqs", str(args.max_num_seqs),
             "--max-num-batched-tokens", str(args.max_num_batched_tokens), "--max-model-len", "4096",
             "--max-waiting-requests", "1024"] + \
-        (["--gpu-memory-utilization", "0.9"] if args.device == "cuda" else [])
+        (["--gpu-memory-utilization", "0.9"] if args.device == "cuda" else []) + \
+        (["--admission-ttft-factor", str(args.admission_ttft_factor)] if args.admission_ttft_factor else [])
 
 
 def trace_spec(args, speedup: float, duration: float, extra: str = "") -> str:
@@ -167,6 +168,10 @@ def main() -> None:
     ap.add_argument("--sweep-s", type=float, default=20.0)
     ap.add_argument("--skip-sweep", action="store_true")
     ap.add_argument("--sweep-only", action="store_true", help="only the rate sweep (with --calibration)")
+    ap.add_argument("--admission-ttft-factor", type=float, default=None,
+                    help="every policy's server refuses requests whose predicted wait for the first "
+                         "token exceeds this many TTFT SLOs (default: no such admission control)")
+    ap.add_argument("--policies", default="off,aimd,predictive", help="policy runs, comma-separated (off first)")
     ap.add_argument("--calibration", type=Path, default=None,
                     help="calibration.json (or the headline.json / committed result) of an earlier "
                          "run instead of calibrating again: the same SLOs and offered load, so two "
@@ -189,7 +194,7 @@ def main() -> None:
     t0, t1 = round(d / 3, 1), round(2 * d / 3, 1)
     workload = trace_spec(args, cal["speedup"], d, f",burst={args.burst},burst_at={t0},burst_until={t1}")
     configs = [ServerConfig(p, base_flags(args) + policy_flags(p, cal, args))
-               for p in ("off", "aimd", "predictive")]
+               for p in args.policies.split(",")]
     result = run_configs(configs, workload, args.out, prompts="synthetic",
                          slo_ttft=cal["slo_ttft_s"], slo_tpot=cal["slo_tpot_s"], progress=False)
     slo = {"ttft": cal["slo_ttft_s"], "tpot": cal["slo_tpot_s"], "e2e": None}

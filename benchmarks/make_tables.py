@@ -154,13 +154,13 @@ def headline(name: str) -> None:
     lines += [
              "Calibration (brownout off): " + ", ".join(f"{k} {_f(v, 4)}" for k, v in cal.items()), "",
              "| policy | violation windows | fraction | reduction vs off | goodput req/s | burst goodput req/s "
-             "| burst goodput vs off | tok/s | P90 TTFT s | P90 TPOT s | mean tau |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| burst goodput vs off | tok/s | P90 TTFT s | P90 TPOT s | mean tau | refused (429) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in data["rows"]:
         lines.append(f"| {r['label']} | {r['violations']} | {_f(r['violation_fraction'])} | {_f(r['reduction'])} | "
                      f"{_f(r['goodput_req_s'])} | {_f(r['burst_goodput_req_s'])} | {_f(r['burst_goodput_vs_off'])} | "
                      f"{_f(r['throughput_tok_s'], 0)} | {_f(r['p90_ttft_s'])} | {_f(r['p90_tpot_s'], 4)} | "
-                     f"{_f(r['mean_tau'])} |")
+                     f"{_f(r['mean_tau'])} | {r.get('rejected', '-')} |")
     if data.get("sweep"):
         lines += ["", "Rate sweep (the trace replayed sped up to each fraction of the calibrated capacity):", "",
                   "| policy | load fraction | offered req/s | P90 TTFT s | P90 TPOT s | goodput req/s | mean tau | meets SLO |",

@@ -48,6 +48,9 @@ class SchedulerConfig:
     max_waiting_requests: int = 1024  # admission: bounded queue
     max_waiting_tokens: int = 1_000_000  # admission: bounded queued prompt tokens
     queue_timeout_s: Optional[float] = None  # drop requests waiting longer than this
+    # refuse (429) a request whose predicted wait for its first token exceeds this many
+    # TTFT SLOs (None: admit while the queue has room); see brownout.engine.admission
+    admission_ttft_factor: Optional[float] = None
 
     def __post_init__(self) -> None:
         _check_range("max_num_seqs", self.max_num_seqs, 1)
@@ -58,6 +61,8 @@ class SchedulerConfig:
         _check_range("max_waiting_tokens", self.max_waiting_tokens, 1)
         if self.queue_timeout_s is not None:
             _check_range("queue_timeout_s", self.queue_timeout_s, 0.0, lo_open=True)
+        if self.admission_ttft_factor is not None:
+            _check_range("admission_ttft_factor", self.admission_ttft_factor, 0.0, lo_open=True)
 
 
 @dataclass(frozen=True, slots=True)

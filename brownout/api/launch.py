@@ -21,7 +21,7 @@ DEFAULT_MODEL_FACTORY = "brownout.defaults:default_model_dir"
 
 # config field -> flag, where the two names differ
 _FLAG_OF_FIELD = {
-    "queue_timeout_s": "--queue-timeout", "policy": "--slo-policy", "slo_policy": "--slo-policy",
+    "queue_timeout_s": "--queue-timeout", "admission_ttft_factor": "--admission-ttft-factor", "policy": "--slo-policy", "slo_policy": "--slo-policy",
     "ttft_s": "--slo-ttft", "tpot_s": "--slo-tpot", "prefill_step_s": "--slo-prefill-step",
     "decode_step_s": "--slo-decode-step", "window_s": "--slo-window",
     "check_interval_s": "--slo-check-interval", "shrink_factor": "--slo-shrink-factor",
@@ -71,6 +71,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--max-waiting-requests", type=int, default=None,
                    help=f"bounded queue; beyond it requests get 429 (default {sched.max_waiting_requests})")
     g.add_argument("--queue-timeout", type=float, default=None, help="seconds a request may wait (default: no limit)")
+    g.add_argument("--admission-ttft-factor", type=float, default=None,
+                   help="refuse (429) a request whose predicted wait for its first token exceeds this many "
+                        "TTFT SLOs (--slo-ttft), so the admitted ones can meet it (default: admit while the "
+                        "queue has room)")
     g.add_argument("--num-kv-blocks", type=int, default=None, help="KV cache blocks (default: from memory)")
     g.add_argument("--block-size", type=int, default=None, help="tokens per KV block")
     g = parser.add_argument_group("brownout and SLO control")
@@ -112,7 +116,8 @@ def build_configs(args) -> tuple[EngineConfig, ServerConfig]:
                                         "gpu_memory_utilization": "gpu_memory_utilization"}))
     scheduler = SchedulerConfig(**_given(args, {
         "max_num_seqs": "max_num_seqs", "max_num_batched_tokens": "max_num_batched_tokens",
-        "max_waiting_requests": "max_waiting_requests", "queue_timeout": "queue_timeout_s"}))
+        "max_waiting_requests": "max_waiting_requests", "queue_timeout": "queue_timeout_s",
+        "admission_ttft_factor": "admission_ttft_factor"}))
     engine = EngineConfig(load=load, cache=cache, scheduler=scheduler,
                           brownout=BrownoutConfig(united_experts=args.united_experts, **tau),
                           slo=SLOConfig(policy=policy, **_given(args, _SLO_FLAGS)))

@@ -59,6 +59,9 @@ class ServerMetrics:
                                  buckets=EXPERT_BUCKETS, registry=r)
         self.slo_violations = Counter("brownout_slo_violations", "SLO violations seen by the controller",
                                       ["kind"], registry=r)
+        self.refused_slo = Counter("brownout_requests_refused_slo",
+                                   "Requests refused at arrival (429) because their first token could not "
+                                   "come within the TTFT SLO (--admission-ttft-factor)", registry=r)
         self.step_latency = Histogram("brownout_step_latency_seconds", "Engine step latency",
                                       ["phase"], buckets=STEP_BUCKETS, registry=r)
         # Children exist from the start, so every series is scrapeable (at 0) before traffic.
@@ -153,6 +156,7 @@ class ServerMetrics:
                              ("prompt_tokens_total", self.prompt_tokens),
                              ("generation_tokens_total", self.generation_tokens)):
             self._advance(counter.labels(m), key, snapshot)
+        self._advance(self.refused_slo, "num_refused_slo_total", snapshot)
         self._engine_counts_tokens = "generation_tokens_total" in snapshot
         for kind, count in (snapshot.get("slo_violations") or {}).items():
             self.slo_violations.labels(kind)  # listed at 0 before the first violation

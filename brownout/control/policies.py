@@ -85,6 +85,14 @@ class Controller:
     def step_slo(self, phase: str) -> float:
         return self.slo.prefill_step_s if phase == PREFILL else self.slo.decode_step_s
 
+    def prefill_speedup(self) -> float:
+        """How much faster than at its current tau the engine could prefill by dimming to the
+        lowest (>= 1). The engine's TTFT admission scales its measured prefill rate by it, so a
+        request is refused only when even the fastest tau could not serve it in time, and the
+        queue may grow as far as dimming can drain it. Policies without a latency model claim
+        no speed-up (they are refused at the rate they serve now)."""
+        return 1.0
+
     def _clamp(self, tau: float) -> float:
         return min(1.0, max(self.slo.min_tau, float(tau)))
 

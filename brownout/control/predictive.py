@@ -84,6 +84,7 @@ class PredictiveController(Controller):
         self.log_every_s = 5.0  # a log line of the model's view at most this often
         self._last_log = -math.inf
         self._mode = ""
+        self._last_prefill: Optional[tuple[int, int]] = None  # (tokens, batch) of the last prefill plan
 
     # -- readiness ----------------------------------------------------------------------
     @property
@@ -108,6 +109,16 @@ class PredictiveController(Controller):
         return np.maximum(theta[0] + theta[1] * tokens + theta[2] * batch + theta[3] * experts
                           + theta[4] * routed, 0.0)
 
+    def prefill_speedup(self) -> float:
+        """Predicted latency of the last planned prefill step at the current tau over that at
+        the lowest tau (1.0 until the model is fitted)."""
+        if not self.ready or self._last_prefill is None:
+            return 1.0
+        lat = self.predict_latency([self._tau[PREFILL], float(self.grid[-1])], *self._last_prefill)
+        if lat is None or not np.all(np.isfinite(lat)) or lat[1] <= 0:
+            return 1.0
+        return max(1.0, float(lat[0] / lat[1]))
+
     def _p90(self, phase: str, lat: np.ndarray) -> np.ndarray:
         return lat + self._bias[phase] + self.z * math.sqrt(self._var[phase])
 
@@ -115,6 +126,8 @@ class PredictiveController(Controller):
     def _decide(self, phase: str, planned: PlannedStep, now: float) -> float:
         self._note_waiting(now, planned.num_waiting)
         self._pending = None
+        if phase == PREFILL:
+            self._last_prefill = (planned.num_tokens, planned.batch_size)
         prev = self._tau[phase]
         taus = np.append(self.grid, prev)  # the grid, then the current tau
         lat = self.predict_latency(taus, planned.num_tokens, planned.batch_size) \

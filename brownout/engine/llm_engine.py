@@ -19,6 +19,7 @@ from typing import Optional, Union
 from brownout.config import EngineConfig
 from brownout.defaults import DEMO_MODEL_NAME, default_model_dir, default_united_dir  # noqa: F401
 from brownout.control import PlannedStep, make_controller
+from brownout.engine.admission import PrefillRate, admission_wait, refuse_for
 from brownout.engine.block_manager import BlockManager
 from brownout.engine.detokenizer import IncrementalDetokenizer
 from brownout.engine.request import Request, Status
@@ -31,7 +32,8 @@ log = logging.getLogger(__name__)
 
 
 class AdmissionError(RuntimeError):
-    """The waiting queue is full; the client should retry after `retry_after_s`."""
+    """The engine refuses a request now (queue full, or its first token could not come within
+    the TTFT SLO); the client should retry after `retry_after_s`."""
 
     def __init__(self, message: str, retry_after_s: float):
         super().__init__(message)
@@ -90,10 +92,12 @@ class LLMEngine:
         self.requests: dict[str, Request] = {}
         self.last_step_stats: Optional[StepStats] = None
         self.fresh_step_stats: Optional[StepStats] = None  # the step collected by the last call
-        self._inflight = None  # (SchedulerOutput, launched step, start time)
+        self._inflight = None  # (SchedulerOutput, launched step, start time, requests left waiting)
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
         self._step_time_ema = 0.05
+        self.prefill_rate = PrefillRate()
+        self.num_refused_slo = 0  # requests refused because their TTFT could not be met
 
     # ---- requests ----------------------------------------------------------------------
     def encode(self, prompt: Union[str, list[int]]) -> list[int]:
@@ -132,12 +136,30 @@ class LLMEngine:
         if len(self.scheduler.waiting) >= sched.max_waiting_requests or \
                 self.scheduler.num_waiting_tokens + len(ids) > sched.max_waiting_tokens:
             raise AdmissionError("the waiting queue is full", self._retry_after())
+        self._check_ttft_admission(len(ids))
         req = Request(request_id, ids, params, arrival_time or self.clock(), priority)
         req.detok_state = IncrementalDetokenizer(self.tokenizer, ids, params.stop,
                                                  params.include_stop_str_in_output)
         self.requests[request_id] = req
         self.scheduler.add(req)
         return ids
+
+    def _check_ttft_admission(self, num_tokens: int) -> None:
+        factor = self.config.scheduler.admission_ttft_factor
+        if factor is None:
+            return
+        ahead = self.scheduler.num_waiting_tokens + sum(
+            max(0, len(r.prompt_token_ids) - r.num_computed) for r in self.scheduler.running)
+        limit = factor * self.config.slo.ttft_s
+        rate = self.prefill_rate.tokens_per_s  # at the tau the controller runs now
+        if rate is not None:  # refuse only what even the lowest tau could not serve in time
+            rate *= self.controller.prefill_speedup()
+        wait = admission_wait(ahead, num_tokens, rate)
+        retry = refuse_for(wait, limit)
+        if retry is not None:
+            self.num_refused_slo += 1
+            raise AdmissionError(f"its first token would come in ~{wait:.2f} s, over the "
+                                 f"{limit:.2f} s admission limit ({factor:g} x the TTFT SLO)", retry)
 
     def _retry_after(self) -> float:
         queued = self.scheduler.num_waiting_tokens + len(self.scheduler.running)
@@ -174,17 +196,18 @@ class LLMEngine:
         if sched.seqs:
             start = self.clock()
             tau = self.controller.choose_tau(self._planned(sched))
-            self._inflight = (sched, self.runner.launch(sched, tau), start)
+            self._inflight = (sched, self.runner.launch(sched, tau), start, bool(self.scheduler.waiting))
         outputs += [self._emit(*item) for item in accepted]
         return outputs
 
     def _collect(self) -> list[tuple]:
-        sched, pending, start = self._inflight
+        sched, pending, start, queue_left = self._inflight
         self._inflight = None
         result = self.runner.collect(pending)
         now = self.clock()
         latency = now - start
         self._step_time_ema = 0.9 * self._step_time_ema + 0.1 * latency
+        self.prefill_rate.observe(sched.num_prefill_tokens, latency, queue_left=queue_left)
         accepted = self._accept(sched, result, now)
         stats = StepStats(start_time=start, latency_s=latency,
                           num_prefill_tokens=sched.num_prefill_tokens,
@@ -316,6 +339,7 @@ class LLMEngine:
                     prompt_tokens_total=self.prompt_tokens_total,
                     generation_tokens_total=self.generation_tokens_total,
                     slo_violations=dict(self.controller.violations),
+                    num_refused_slo_total=self.num_refused_slo,
                     brownout_ready=self.runner.brownout_ready)
 
 

@@ -1,0 +1,61 @@
+"""SLO-aware admission: refuse at arrival a request whose first token cannot come in time.
+
+A bounded queue (a count and a token limit) keeps memory safe, but under a burst above what
+even the fastest tau serves, every admitted request waits behind a queue that grows for the
+whole burst, and all of them miss the TTFT SLO. With `admission_ttft_factor` F set, the
+engine predicts a new request's wait for its first token,
+
+    wait = (prompt tokens still to prefill ahead of it + its own) / prefill rate,
+
+and refuses it (429 with a Retry-After of the time the queue needs to drain below the limit)
+when wait > F x the TTFT SLO, so those it admits can still meet it. The prefill rate is
+measured: prompt tokens per second of step time over the recent steps that left requests
+waiting (steps that were budget-bound, so their rate is what the engine does now at the tau
+the controller chose), scaled by the speed-up the controller predicts from dimming to its
+lowest tau (`Controller.prefill_speedup`; 1 for policies without a latency model). So a
+request is refused only when even the fastest tau could not serve it in time, and the queue
+may grow as far as dimming can drain it: brownout spends accuracy first and sheds load only
+beyond that. Until such steps have been seen there is no queue worth refusing for, and
+everything is admitted.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from typing import Optional
+
+
+class PrefillRate:
+    """Prompt tokens per second of step time, over the last `window` budget-bound steps."""
+
+    def __init__(self, window: int = 32, min_steps: int = 4):
+        self.min_steps = min_steps
+        self._steps: deque[tuple[int, float]] = deque(maxlen=window)
+
+    def observe(self, prefill_tokens: int, latency_s: float, queue_left: bool) -> None:
+        """A collected step: its prompt tokens, its latency, and whether requests still waited
+        when it was scheduled (only such steps show what the engine can do at full load)."""
+        if queue_left and prefill_tokens > 0 and latency_s > 0 and math.isfinite(latency_s):
+            self._steps.append((prefill_tokens, latency_s))
+
+    @property
+    def tokens_per_s(self) -> Optional[float]:
+        if len(self._steps) < self.min_steps:
+            return None
+        return sum(t for t, _ in self._steps) / sum(s for _, s in self._steps)
+
+
+def admission_wait(ahead_tokens: int, own_tokens: int, rate: Optional[float]) -> Optional[float]:
+    """Predicted seconds until a new request's first token, or None when the rate is unknown."""
+    if rate is None or rate <= 0:
+        return None
+    return (ahead_tokens + own_tokens) / rate
+
+
+def refuse_for(wait_s: Optional[float], limit_s: float) -> Optional[float]:
+    """None to admit; else the Retry-After in seconds: how long the queue needs to drain
+    until a request like this one would fit under the limit (at least 1 s)."""
+    if wait_s is None or wait_s <= limit_s:
+        return None
+    return max(1.0, math.ceil(wait_s - limit_s))

@@ -1,0 +1,120 @@
+"""SLO-aware admission: requests whose first token cannot come within the TTFT SLO are
+refused at arrival (429 + Retry-After through the API); the others are served in full."""
+
+import argparse
+
+import pytest
+
+from brownout.api.launch import add_arguments, build_configs
+from brownout.config import EngineConfig, ModelLoadConfig, SchedulerConfig, SLOConfig
+from brownout.engine.admission import PrefillRate, admission_wait, refuse_for
+from brownout.engine.llm_engine import AdmissionError, LLMEngine
+from brownout.types import SamplingParams, ValidationError
+
+PARAMS = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+
+
+def test_prefill_rate_counts_only_budget_bound_steps():
+    rate = PrefillRate(window=4, min_steps=2)
+    rate.observe(900, 0.02, queue_left=True)
+    assert rate.tokens_per_s is None  # too few steps to say
+    rate.observe(100, 0.02, queue_left=False)  # no queue: a partial step, not the capacity
+    rate.observe(0, 0.01, queue_left=True)  # a decode-only step says nothing about prefill
+    assert rate.tokens_per_s is None
+    rate.observe(700, 0.02, queue_left=True)
+    assert rate.tokens_per_s == pytest.approx(1600 / 0.04)
+    for _ in range(4):  # the window forgets old steps (e.g. before the controller dimmed)
+        rate.observe(1000, 0.01, queue_left=True)
+    assert rate.tokens_per_s == pytest.approx(1e5)
+
+
+def test_wait_and_retry_after():
+    assert admission_wait(900, 100, None) is None  # unknown rate: admit
+    assert admission_wait(900, 100, 1e4) == pytest.approx(0.1)
+    assert refuse_for(None, 0.1) is None
+    assert refuse_for(0.1, 0.1) is None
+    assert refuse_for(0.11, 0.1) == 1.0  # at least a second
+    assert refuse_for(3.4, 0.2) == 4.0  # the queue's drain time past the limit, rounded up
+
+
+def _engine(tiny_models, factor):
+    return LLMEngine(EngineConfig(
+        load=ModelLoadConfig(model=str(tiny_models["qwen2_moe"]), device="cpu"),
+        scheduler=SchedulerConfig(max_num_seqs=2, max_num_batched_tokens=64, admission_ttft_factor=factor),
+        slo=SLOConfig(ttft_s=0.1)))
+
+
+def test_engine_refuses_what_cannot_meet_ttft_and_serves_the_rest(tiny_models):
+    eng = _engine(tiny_models, factor=1.0)
+    eng.add_request("early", list(range(3, 60)), PARAMS)  # no measured rate yet: admitted
+    for _ in range(4):  # as if the engine had run four full steps at 1000 prompt tokens/s
+        eng.prefill_rate.observe(100, 0.1, queue_left=True)
+    # 57 tokens ahead + 30 = 87 ms at 1000 tokens/s: within the 100 ms limit
+    eng.add_request("fits", list(range(3, 33)), PARAMS)
+    with pytest.raises(AdmissionError) as refused:  # 87 + 20 tokens = 107 ms > 100 ms
+        eng.add_request("late", list(range(3, 23)), PARAMS)
+    assert refused.value.retry_after_s >= 1.0
+    assert "TTFT SLO" in str(refused.value)
+    assert "late" not in eng.requests and eng.num_refused_slo == 1
+    assert eng.snapshot()["num_refused_slo_total"] == 1
+    done = {}
+    while eng.has_unfinished_requests():
+        for out in eng.step():
+            if out.finished:
+                done[out.request_id] = out.output_token_ids
+    assert sorted(done) == ["early", "fits"] and all(len(t) == 4 for t in done.values())
+
+
+def test_without_the_factor_everything_queues(tiny_models):
+    eng = _engine(tiny_models, factor=None)
+    for _ in range(4):
+        eng.prefill_rate.observe(100, 0.1, queue_left=True)
+    for i in range(5):
+        eng.add_request(f"r{i}", list(range(3, 60)), PARAMS)
+    assert len(eng.requests) == 5 and eng.num_refused_slo == 0
+
+
+def test_flag_is_validated():
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    cfg, _ = build_configs(parser.parse_args(["--admission-ttft-factor", "2", "--slo-ttft", "0.5"]))
+    assert cfg.scheduler.admission_ttft_factor == 2.0 and cfg.slo.ttft_s == 0.5
+    with pytest.raises(ValidationError) as err:
+        build_configs(parser.parse_args(["--admission-ttft-factor", "0"]))
+    assert err.value.field == "admission_ttft_factor"
+
+
+def test_limit_counts_the_speed_up_dimming_would_give(tiny_models):
+    """With a controller that predicts a 2x faster prefill at its lowest tau, the queue may hold
+    twice the work before requests are refused: brownout is spent before load is shed."""
+    eng = _engine(tiny_models, factor=1.0)
+    for _ in range(4):
+        eng.prefill_rate.observe(100, 0.1, queue_left=True)
+    eng.controller.prefill_speedup = lambda: 2.0
+    eng.add_request("a", list(range(3, 60)), PARAMS)
+    eng.add_request("b", list(range(3, 60)), PARAMS)
+    eng.add_request("c", list(range(3, 60)), PARAMS)  # 171 tokens at 2000 tokens/s: 86 ms
+    with pytest.raises(AdmissionError):
+        eng.add_request("d", list(range(3, 60)), PARAMS)  # 228 tokens: 114 ms
+
+
+def test_predictive_speed_up_comes_from_its_model():
+    import numpy as np
+
+    from brownout.control import PlannedStep
+    from brownout.control.predictive import PredictiveController
+    from brownout.types import StepStats
+
+    clock = type("C", (), {"t": 0.0, "__call__": lambda self: self.t})()
+    ctrl = PredictiveController(SLOConfig(policy="predictive", prefill_step_s=1.0, ttft_s=10.0), clock)
+    assert ctrl.prefill_speedup() == 1.0  # not fitted yet: no claim
+    rng = np.random.default_rng(0)
+    for i in range(200):  # latency = 10 ms + 1 ms per expert slot; slots fall with tau
+        clock.t = i * 0.05
+        tau = float(rng.choice(np.linspace(0, 1, 11)))
+        experts = 60.0 * (0.25 + 0.75 * tau)
+        ctrl.observe_step(StepStats(0.0, 0.01 + 0.001 * experts, 1024, 0, 4, True, tau,
+                                    experts_touched=[experts]))
+    ctrl.choose_tau(PlannedStep(1024, 0, 4))  # tau 1: the SLO holds
+    assert ctrl.tau_prefill == 1.0
+    assert ctrl.prefill_speedup() == pytest.approx(70 / 25, rel=0.1)  # (10 + 60) / (10 + 15) ms
