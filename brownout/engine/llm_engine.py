@@ -154,7 +154,7 @@ class LLMEngine:
         rate = self.prefill_rate.tokens_per_s  # at the tau the controller runs now
         if rate is not None:  # refuse only what even the lowest tau could not serve in time
             rate *= self.controller.prefill_speedup()
-        wait = admission_wait(ahead, num_tokens, rate)
+        wait = admission_wait(ahead, num_tokens, rate, step_s=self._step_time_ema)
         retry = refuse_for(wait, limit)
         if retry is not None:
             self.num_refused_slo += 1

@@ -31,6 +31,7 @@ def test_prefill_rate_counts_only_budget_bound_steps():
 def test_wait_and_retry_after():
     assert admission_wait(900, 100, None) is None  # unknown rate: admit
     assert admission_wait(900, 100, 1e4) == pytest.approx(0.1)
+    assert admission_wait(900, 100, 1e4, step_s=0.02) == pytest.approx(0.12)  # the step in flight
     assert refuse_for(None, 0.1) is None
     assert refuse_for(0.1, 0.1) is None
     assert refuse_for(0.11, 0.1) == 1.0  # at least a second
@@ -49,10 +50,11 @@ def test_engine_refuses_what_cannot_meet_ttft_and_serves_the_rest(tiny_models):
     eng.add_request("early", list(range(3, 60)), PARAMS)  # no measured rate yet: admitted
     for _ in range(4):  # as if the engine had run four full steps at 1000 prompt tokens/s
         eng.prefill_rate.observe(100, 0.1, queue_left=True)
-    # 57 tokens ahead + 30 = 87 ms at 1000 tokens/s: within the 100 ms limit
+    eng._step_time_ema = 0.005  # plus a 5 ms step in flight
+    # 57 tokens ahead + 30 = 87 ms at 1000 tokens/s + 5 ms: within the 100 ms limit
     eng.add_request("fits", list(range(3, 33)), PARAMS)
-    with pytest.raises(AdmissionError) as refused:  # 87 + 20 tokens = 107 ms > 100 ms
-        eng.add_request("late", list(range(3, 23)), PARAMS)
+    with pytest.raises(AdmissionError) as refused:  # 87 + 10 tokens + 5 ms = 102 ms > 100 ms
+        eng.add_request("late", list(range(3, 13)), PARAMS)
     assert refused.value.retry_after_s >= 1.0
     assert "TTFT SLO" in str(refused.value)
     assert "late" not in eng.requests and eng.num_refused_slo == 1
@@ -91,6 +93,7 @@ def test_limit_counts_the_speed_up_dimming_would_give(tiny_models):
     for _ in range(4):
         eng.prefill_rate.observe(100, 0.1, queue_left=True)
     eng.controller.prefill_speedup = lambda: 2.0
+    eng._step_time_ema = 0.0
     eng.add_request("a", list(range(3, 60)), PARAMS)
     eng.add_request("b", list(range(3, 60)), PARAMS)
     eng.add_request("c", list(range(3, 60)), PARAMS)  # 171 tokens at 2000 tokens/s: 86 ms
