@@ -303,3 +303,4 @@ if __name__ == "__main__":
     demo_cpu("demo_cpu_run2")
     demo_cpu("demo_cpu_run3")
     demo_cpu("demo_cpu_run4")
+    demo_cpu("demo_cpu_run5")
