@@ -7,7 +7,9 @@
 # for the tau = 0 case), install (that table into brownout/kernels/configs for the later
 # parts), headline (benchmarks/headline.py), sweep (headline rate sweep, needs
 # $CALIBRATION). Wheels in .whl/ (fastapi, uvicorn, pydantic...) for the server; the trace in
-# .gpu_data/ (a copy of ../shared/data/traces, never committed).
+# .gpu_data/ (a copy of ../shared/data/traces, never committed). The device copies the working
+# tree (64 MiB at most): move benchmarks/results/raw (the raw result tarballs) out of the tree for
+# the call and back after it.
 set -uo pipefail
 tag=$1; parts=$2; shift 2
 cd "$(dirname "$0")/.."
