@@ -228,12 +228,20 @@ class PredictiveController(Controller):
             if self.latency.theta is None or self.latency.num_samples % self.refit_every == 0:
                 self.latency.fit()
         if self._pending is not None and self._pending[0] == phase:
-            self._update_residual(phase, lat - self._pending[1])
+            self._update_residual(phase, lat - self._pending[1], self._pending[1])
         self._pending = None
 
-    def _update_residual(self, phase: str, residual: float) -> None:
+    def _update_residual(self, phase: str, residual: float, predicted: float = 0.0) -> None:
+        """Moving mean and spread of the residual. A deviation is clipped to 4 sigma, or a
+        quarter of the predicted latency when larger (the floor while sigma is still small), so
+        one stalled step (a pause of the host, seen once at 10x a step's latency in an H200
+        headline run) moves the prediction by a little, not by the stall; a lasting change
+        still gets through, a clipped step at a time, and the latency fit follows it too."""
         a = self.residual_alpha
         dev = residual - self._bias[phase]
+        cap = max(4.0 * math.sqrt(self._var[phase]), 0.25 * abs(predicted))
+        if cap > 0:
+            dev = max(-cap, min(cap, dev))
         self._bias[phase] += a * dev
         self._var[phase] = (1 - a) * (self._var[phase] + a * dev * dev)
 

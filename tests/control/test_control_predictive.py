@@ -243,3 +243,31 @@ def test_ttft_pressure_only_while_requests_wait(waiting):
         assert ctrl._pressure["prefill"] == pytest.approx(ctrl.max_pressure)
     else:
         assert ctrl._pressure["prefill"] == 0.0
+
+
+def test_one_stalled_step_barely_moves_the_prediction():
+    """A single step 10x its predicted latency (a host pause) must not inflate the P90 the
+    next decisions use; a lasting slowdown must still be learned."""
+    ctrl = _trained_on_unreachable_slo(0.002, noise=1e-3)
+    planned = PlannedStep(1024, 0, 4)
+
+    def p90_at_1():
+        lat = ctrl.predict_latency([1.0], 1024, 4)
+        return float(ctrl._p90("prefill", lat)[0])
+
+    ctrl.choose_tau(planned)
+    before = p90_at_1()
+    pred = ctrl._pending[1]
+    ctrl.observe_step(StepStats(0.0, 10 * pred, 1024, 0, 4, True, ctrl.tau_prefill,
+                                experts_touched=[60.0 * (0.25 + 0.75 * ctrl.tau_prefill)]))
+    assert p90_at_1() < 1.3 * before
+    for i in range(200):  # then every step 1.5x slower than the model: followed
+        ctrl._clock.t += 0.05
+        tau = ctrl.choose_tau(planned)
+        experts = 60.0 * (0.25 + 0.75 * tau)
+        ctrl.observe_step(StepStats(0.0, 1.5 * (0.04 + 1e-6 * 1024 + 0.002 * experts), 1024, 0, 4, True,
+                                    tau, experts_touched=[experts]))
+    tau = ctrl.tau_prefill  # the tau it runs at (no tau meets this SLO: best effort)
+    lat = float(ctrl._p90("prefill", ctrl.predict_latency([tau], 1024, 4))[0])
+    expected = 1.5 * (0.04 + 1e-6 * 1024 + 0.002 * 60.0 * (0.25 + 0.75 * tau))
+    assert lat == pytest.approx(expected, rel=0.15)
