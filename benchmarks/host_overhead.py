@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 from brownout.config import CacheConfig, EngineConfig, ModelLoadConfig, SchedulerConfig, SLOConfig
+from brownout.engine.gc_pauses import GCPauses, freeze_startup_heap
 from brownout.engine.llm_engine import LLMEngine
 from brownout.engine.worker import WorkerOptions, _Session
 from brownout.types import RunnerOutput, SamplingParams
@@ -65,7 +66,8 @@ def stub_runner(engine: LLMEngine, vocab: int, layers: int):
     return serial
 
 
-def run(running: int, steps: int, prompt_len: int, policy: str, profile: str | None) -> dict:
+def run(running: int, steps: int, prompt_len: int, policy: str, profile: str | None,
+        gc_freeze: bool = True) -> dict:
     from brownout.config import BrownoutConfig
     from brownout.defaults import default_model_dir
 
@@ -76,6 +78,9 @@ def run(running: int, steps: int, prompt_len: int, policy: str, profile: str | N
                        brownout=BrownoutConfig(united_experts="average:4"),
                        slo=SLOConfig(policy=policy, ttft_s=1.0, tpot_s=0.05, check_interval_s=1.0))
     engine = LLMEngine(cfg)
+    if gc_freeze:  # as the server's engine process does once the engine is built
+        freeze_startup_heap()
+    pauses = GCPauses().install()
     vocab = min(engine.spec.vocab_size, len(engine.tokenizer))
     serial = stub_runner(engine, vocab, engine.spec.num_layers)
     session = _Session(engine, WorkerOptions(), _Pipe())
@@ -111,10 +116,15 @@ def run(running: int, steps: int, prompt_len: int, policy: str, profile: str | N
         prof.dump_stats(profile)
         pstats.Stats(profile).sort_stats("cumulative").print_stats(30)
     per_step = (time.perf_counter() - t0) / steps
+    gc_stats = pauses.snapshot()
+    pauses.uninstall()
     return dict(max_running=running, mean_running=sum(sizes) / len(sizes), steps=steps,
                 host_ms_per_step=per_step * 1e3,
                 serialized_ms_per_step=1e3 * sum(serial) / max(1, len(serial)),
-                pickled_kb_per_step=session.out_q.bytes / (steps + warm) / 1e3, policy=policy)
+                pickled_kb_per_step=session.out_q.bytes / (steps + warm) / 1e3, policy=policy,
+                gc_freeze=gc_freeze, gc_full_collections=gc_stats["gc_collections"]["2"],
+                gc_longest_ms=1e3 * gc_stats["gc_longest_s"],
+                gc_ms_per_step=1e3 * sum(gc_stats["gc_seconds"].values()) / (steps + warm))
 
 
 def main() -> None:
@@ -126,12 +136,15 @@ def main() -> None:
     ap.add_argument("--profile", default=None, help="write a cProfile of the largest batch here")
     ap.add_argument("--label", default="this tree")
     ap.add_argument("--out", type=Path, default=None, help="append the rows to this JSON file")
+    ap.add_argument("--no-gc-freeze", action="store_true",
+                    help="leave the startup heap to the garbage collector (the server freezes it)")
     args = ap.parse_args()
     rows = []
     for i, r in enumerate(args.running):
         last = i == len(args.running) - 1
         rows.append(dict(label=args.label, **run(r, args.steps, args.prompt_len, args.policy,
-                                                   args.profile if last else None)))
+                                                   args.profile if last else None,
+                                                   gc_freeze=not args.no_gc_freeze)))
         print(json.dumps(rows[-1]))
     if args.out:
         old = json.loads(args.out.read_text()) if args.out.is_file() else {"machine": platform.platform(), "rows": []}
@@ -149,11 +162,16 @@ def write_table(path: Path) -> None:
           "step carries prefill work, as in a burst. Host CPU time of this box, not serving performance: "
           "the H200 machine showed 2-3x larger gaps than this harness gives for the same code. "
           "`serialized` = from a step's results to the next launch (the GPU waits for it); the code "
-          "before the overlapped loop serialized all of it.", "",
-          "| code | max running | mean running | host ms / step | serialized ms / step |", "|---|---|---|---|---|"]
+          "before the overlapped loop serialized all of it. GC columns: the harness process's garbage "
+          "collections during the run (`brownout/engine/gc_pauses.py`; full = generation 2); 'frozen' = "
+          "the startup heap frozen (`gc.freeze`) as the server's engine process does.", "",
+          "| code | max running | mean running | host ms / step | serialized ms / step | full GCs | longest GC ms "
+          "| GC ms / step |", "|---|---|---|---|---|---|---|---|"]
     for r in data["rows"]:
+        gc_cells = (f"{r['gc_full_collections']} | {r['gc_longest_ms']:.1f} | {r['gc_ms_per_step']:.2f}"
+                    if "gc_longest_ms" in r else "- | - | -")
         md.append(f"| {r['label']} | {r['max_running']} | {r['mean_running']:.1f} | {r['host_ms_per_step']:.2f} | "
-                  f"{r['serialized_ms_per_step']:.2f} |")
+                  f"{r['serialized_ms_per_step']:.2f} | {gc_cells} |")
     path.with_suffix(".md").write_text("\n".join(md) + "\n")
 
 

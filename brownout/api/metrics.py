@@ -62,6 +62,12 @@ class ServerMetrics:
         self.refused_slo = Counter("brownout_requests_refused_slo",
                                    "Requests refused at arrival (429) because their first token could not "
                                    "come within the TTFT SLO (--admission-ttft-factor)", registry=r)
+        self.gc_collections = Counter("brownout_gc_collections", "Garbage collections of the engine process",
+                                      ["generation"], registry=r)
+        self.gc_seconds = Counter("brownout_gc_pause_seconds", "Time the engine process spent in garbage "
+                                  "collection (the step loop stands still meanwhile)", ["generation"], registry=r)
+        self.gc_longest = Gauge("brownout_gc_longest_pause_seconds",
+                                "Longest garbage collection of the engine process so far", registry=r)
         self.step_latency = Histogram("brownout_step_latency_seconds", "Engine step latency",
                                       ["phase"], buckets=STEP_BUCKETS, registry=r)
         # Children exist from the start, so every series is scrapeable (at 0) before traffic.
@@ -157,6 +163,12 @@ class ServerMetrics:
                              ("generation_tokens_total", self.generation_tokens)):
             self._advance(counter.labels(m), key, snapshot)
         self._advance(self.refused_slo, "num_refused_slo_total", snapshot)
+        for gen, count in (snapshot.get("gc_collections") or {}).items():
+            self._advance(self.gc_collections.labels(gen), f"gc_collections/{gen}", count)
+        for gen, secs in (snapshot.get("gc_seconds") or {}).items():
+            self._advance(self.gc_seconds.labels(gen), f"gc_seconds/{gen}", secs)
+        if "gc_longest_s" in snapshot:
+            self.gc_longest.set(snapshot["gc_longest_s"])
         self._engine_counts_tokens = "generation_tokens_total" in snapshot
         for kind, count in (snapshot.get("slo_violations") or {}).items():
             self.slo_violations.labels(kind)  # listed at 0 before the first violation

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any, Optional, Union
 
+from brownout.engine.gc_pauses import GCPauses, freeze_startup_heap
 from brownout.types import FinishReason, Logprob, RequestMetrics, SamplingParams, StepStats
 from brownout.types import ValidationError
 
@@ -107,6 +108,7 @@ class _Session:
         self.max_prompt_tokens = min(options.max_prompt_tokens or self.max_model_len - 1,
                                      self.max_model_len - 1)
         self.token_text = lru_cache(maxsize=65536)(self._decode_one)
+        self.gc_pauses: Optional[GCPauses] = None  # set by the worker process
 
     def _decode_one(self, token_id: int) -> str:
         return self._decode([token_id])
@@ -179,7 +181,10 @@ class _Session:
         return packed
 
     def snapshot(self) -> dict:
-        return dict(self.engine.snapshot())
+        snap = dict(self.engine.snapshot())
+        if self.gc_pauses is not None:
+            snap.update(self.gc_pauses.snapshot())
+        return snap
 
     def step(self) -> None:
         outputs = self.engine.step()
@@ -240,6 +245,11 @@ def worker_main(config: Any, options: WorkerOptions, cmd_q, out_q) -> None:
             config = dataclasses.replace(config, load=dataclasses.replace(config.load, model=model_dir))
         engine = _load_factory(options.engine_factory)(config)
         session = _Session(engine, options, out_q)
+        # the model and libraries stay alive for the process's life: out of the collector's
+        # way, full collections walk only what serving allocates (see gc_pauses)
+        frozen = freeze_startup_heap()
+        session.gc_pauses = GCPauses().install()
+        logger.info("froze %d objects of the startup heap for the garbage collector", frozen)
         out_q.put(("ready", {"model_name": str(engine.model_name),
                              "max_model_len": session.max_model_len,
                              "max_prompt_tokens": session.max_prompt_tokens}))

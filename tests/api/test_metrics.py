@@ -39,6 +39,11 @@ def test_names_are_exposed(server):
     metric_value(text, "brownout_slo_violations_total")  # one series per kind, from the engine
     assert metric_value(text, "brownout_tau", {"phase": "prefill"}) == 1.0
     assert metric_value(text, "brownout_tau", {"phase": "decode"}) == 1.0
+    # the engine process's garbage-collector pauses, by generation (its startup heap is frozen)
+    for gen in ("0", "1", "2"):
+        assert metric_value(text, "brownout_gc_pause_seconds_total", {"generation": gen}) >= 0
+        assert metric_value(text, "brownout_gc_collections_total", {"generation": gen}) >= 0
+    assert metric_value(text, "brownout_gc_longest_pause_seconds") >= 0
 
 
 def test_metrics_move_with_requests(server):
