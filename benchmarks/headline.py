@@ -177,6 +177,8 @@ def main() -> None:
                          "run instead of calibrating again: the same SLOs and offered load, so two "
                          "code versions compare on one workload")
     args = ap.parse_args()
+    if "off" not in args.policies.split(","):
+        ap.error("--policies must include off (the baseline every ratio is taken against)")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     args.out.mkdir(parents=True, exist_ok=True)
     if args.calibration:

@@ -17,8 +17,9 @@ Decision for a planned step of phase p (prefill or decode) with T tokens and B r
              the waiting queue is growing, so the controller dims before latency breaks.
   P90(tau) = L(T, B, E(tau, T)) + bias_p + z * sigma_p  for tau on a grid 1.0, 0.95, ..., 0
   tau      = the largest grid tau with P90(tau) <= target; for prefill steps with a
-             queue, also waiting_tokens * P90(tau) / T <= ttft_s * (1 - margin) (the
-             queue must drain within the TTFT SLO); if no tau qualifies, best effort: the
+             queue, also (waiting_tokens / T + 1) * P90(tau) <= ttft_s * (1 - margin) (the
+             queue must drain, and its last prompt get its first token, within the TTFT
+             SLO); if no tau qualifies, best effort: the
              largest tau that keeps `gain_share` of the speed-up the fastest tau offers over
              tau = 1 (a latency curve flat below some tau stops at that knee rather than
              spend accuracy for the last percent); idle, also any tau within
@@ -170,7 +171,8 @@ class PredictiveController(Controller):
                   target: float) -> np.ndarray:
         ok = p90 <= target
         if phase == PREFILL and planned.waiting_tokens > 0 and planned.num_tokens > 0:
-            drain = planned.waiting_tokens * p90 / planned.num_tokens
+            # the last waiting prompt's first token: the queue's drain time plus its own step
+            drain = planned.waiting_tokens * p90 / planned.num_tokens + p90
             ok &= drain <= self.slo.ttft_s * (1.0 - self.margin)
         return ok
 
