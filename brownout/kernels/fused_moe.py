@@ -201,7 +201,7 @@ if triton is not None:
     def _align_kernel(ids_ptr, counts_ptr, rank_ptr, offsets_ptr, sorted_ptr, block_slot_ptr,
                       touched_ptr, n_assign, num_slots, n_blocks,
                       BLOCK_M: tl.constexpr, S_PAD: tl.constexpr, CHUNK: tl.constexpr,
-                      COUNT_TOUCHED: tl.constexpr):
+                      BCHUNK: tl.constexpr, COUNT_TOUCHED: tl.constexpr):
         # one program: ids [T*k] -> sorted_ptr [padded] flat ids grouped by slot,
         # block_slot_ptr [n_blocks] slot of each BLOCK_M rows (-1: past the end)
         s = tl.arange(0, S_PAD)
@@ -229,8 +229,8 @@ if triton is not None:
         pad_ok = (j[None, :] < (padded - cnt)[:, None]) & (s < num_slots)[:, None]
         tl.store(sorted_ptr + pad_pos, tl.full([S_PAD, BLOCK_M], 0, tl.int32) + n_assign,
                  mask=pad_ok)
-        for b0 in range(0, n_blocks, CHUNK):  # owner of row block b: first slot ending past it
-            b = b0 + tl.arange(0, CHUNK)
+        for b0 in range(0, n_blocks, BCHUNK):  # owner of row block b: first slot ending past it
+            b = b0 + tl.arange(0, BCHUNK)
             row = b * BLOCK_M
             before = (end[None, :] <= row[:, None]) & (s < num_slots)[None, :]
             slot = tl.sum(before.to(tl.int32), 1)
@@ -375,11 +375,17 @@ def moe_align(topk_ids: torch.Tensor, num_slots: int, block_m: int,
     scratch = torch.empty(2 * num_slots + n_assign, dtype=torch.int32, device=dev)
     counts, offsets, rank = scratch[:num_slots], scratch[num_slots:2 * num_slots], \
         scratch[2 * num_slots:]
+    # One program walks the assignments in chunks, each a dependent round of atomics and
+    # stores at L2: a prefill step's thousands of assignments (4348 at 1087 tokens, 42 us per
+    # layer in the H200 profile with 256-wide chunks) take fewer, wider rounds. The [BCHUNK,
+    # S_PAD] block-owner comparison stays narrow (registers).
+    wide = n_assign > 1024
     _align_kernel[(1,)](ids, counts, rank, offsets, sorted_ids, block_slot,
                         counts if touched_out is None else touched_out,
                         n_assign, num_slots, n_blocks,
-                        BLOCK_M=block_m, S_PAD=max(16, _next_pow2(num_slots)), CHUNK=256,
-                        COUNT_TOUCHED=touched_out is not None, num_warps=4)
+                        BLOCK_M=block_m, S_PAD=max(16, _next_pow2(num_slots)),
+                        CHUNK=1024 if wide else 256, BCHUNK=256,
+                        COUNT_TOUCHED=touched_out is not None, num_warps=8 if wide else 4)
     return sorted_ids, block_slot
 
 

@@ -103,7 +103,8 @@ def test_reference_matches_definition():
 @needs_kernels
 @pytest.mark.parametrize("E,k,T,dtype", [
     (8, 2, 1, torch.float32), (8, 2, 7, torch.bfloat16), (60, 4, 64, torch.float32),
-    (64, 8, 7, torch.bfloat16), (128, 8, 7, torch.float32)])
+    (64, 8, 7, torch.bfloat16), (128, 8, 7, torch.float32),
+    (60, 4, 300, torch.float32)])  # 1200 assignments: the align kernel's wide chunks
 def test_small_grid(E, k, T, dtype):
     check(T, E, k, 64, 32, dtype, seed=E * 1000 + T)
 
@@ -125,11 +126,16 @@ def test_all_skipped_gives_zeros():
 
 
 @needs_kernels
-def test_align_groups_every_assignment_once():
+@pytest.mark.parametrize("S,T,k,bm", [(11, 13, 3, 16),
+                                      # a prefill step's size: the wide-chunk path, and more
+                                      # row blocks than one block-owner chunk
+                                      (90, 1087, 4, 16), (90, 1087, 4, 128)])
+def test_align_groups_every_assignment_once(S, T, k, bm):
     g = torch.Generator().manual_seed(5)
-    S, T, k, bm = 11, 13, 3, 16
     ids = torch.randint(-1, S, (T, k), generator=g, dtype=torch.int32).to(DEVICE)
-    sorted_ids, block_slot = fm.moe_align(ids, S, bm)
+    touched = torch.full((), -1, dtype=torch.int64, device=DEVICE)
+    sorted_ids, block_slot = fm.moe_align(ids, S, bm, touched_out=touched)
+    assert int(touched) == len(set(ids.reshape(-1).cpu().tolist()) - {-1})
     sorted_ids, block_slot, flat = sorted_ids.cpu(), block_slot.cpu(), ids.reshape(-1).cpu()
     n = flat.numel()
     used = int((block_slot >= 0).sum())  # rows past used * bm are never read
