@@ -187,7 +187,8 @@ class PredictiveController(Controller):
                 self._mode = "dim"
                 return float(self.grid[np.argmax(ok_grid)])
             self._mode = "best effort"
-            return self._best_effort(p90[:-1], queued=planned.num_waiting > 0)
+            return self._best_effort(p90[:-1], queued=planned.num_waiting > 0,
+                                     noise=math.sqrt(self._var[phase]))
         self._mode = "hold or raise"
         # Raise only with headroom (hysteresis), and only so fast.
         ok_up = self._feasible(phase, planned, p90[:-1], target * (1.0 - self.hysteresis))
@@ -197,16 +198,21 @@ class PredictiveController(Controller):
         dt = now - self._last_choose[phase]
         return min(up, prev + self.max_raise_per_s * max(dt, 0.0))
 
-    def _best_effort(self, p90_grid: np.ndarray, queued: bool = False) -> float:
+    def _best_effort(self, p90_grid: np.ndarray, queued: bool = False, noise: float = 0.0) -> float:
         """No tau meets the target: spend accuracy only as far as it buys speed, i.e. the
         largest tau that keeps `gain_share` of the speed-up the fastest tau offers over tau = 1.
         A latency curve flat below some tau (a compute-bound prefill chunk, where fewer distinct
         experts stop saving time) stops at that knee instead of sliding to the bottom for the
         last percent. Idle, also any tau within `effort_tolerance` of the fastest (tau 1 for a
         host-bound step, which dimming would not speed up); while requests wait every percent of
-        step time is a percent of drain rate, so small gains are taken."""
+        step time is a percent of drain rate, so small gains are taken. A gain no larger than
+        `noise` (the spread of one step's latency around the model) is not told apart from it:
+        tau stays 1 (on the 2-core CPU the embedded model's ~5% gains under ~5 ms of step noise
+        cost accuracy and bought nothing, `demo_cpu_run6.md`)."""
         fastest = float(p90_grid.min())
         gain = max(float(p90_grid[0]) - fastest, 0.0)  # grid[0] is tau = 1
+        if gain <= noise:
+            return float(self.grid[0])
         allowed = fastest + (1.0 - self.gain_share) * gain
         if not queued:
             allowed = max(allowed, fastest * (1.0 + self.effort_tolerance))

@@ -271,3 +271,17 @@ def test_one_stalled_step_barely_moves_the_prediction():
     lat = float(ctrl._p90("prefill", ctrl.predict_latency([tau], 1024, 4))[0])
     expected = 1.5 * (0.04 + 1e-6 * 1024 + 0.002 * 60.0 * (0.25 + 0.75 * tau))
     assert lat == pytest.approx(expected, rel=0.15)
+
+
+@pytest.mark.parametrize("waiting", [0, 30])
+def test_a_gain_inside_the_step_noise_is_not_worth_accuracy(waiting):
+    """Dimming all the way is predicted ~2 ms faster on ~160 ms steps, but single steps scatter
+    by ~10 ms: the controller cannot tell that gain from noise and keeps tau 1, queue or not."""
+    ctrl = _trained_on_unreachable_slo(4.4e-5)  # tau 0 saves 60 * 0.75 * 44 us = ~2 ms
+    planned = PlannedStep(1024, 0, 4, num_waiting=waiting, waiting_tokens=1000 * waiting)
+    assert ctrl.choose_tau(planned) < 1.0  # with steady steps that gain is taken ...
+    ctrl._var["prefill"] = 0.01 ** 2  # ... but not when single steps scatter by 10 ms
+    lat = ctrl.predict_latency([1.0, 0.0], 1024, 4)
+    assert 0 < lat[0] - lat[1] < 0.01  # the case the test means
+    ctrl._clock.t += 0.01
+    assert ctrl.choose_tau(planned) == 1.0
