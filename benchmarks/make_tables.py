@@ -305,3 +305,4 @@ if __name__ == "__main__":
     demo_cpu("demo_cpu_run4")
     demo_cpu("demo_cpu_run5")
     demo_cpu("demo_cpu_run6")
+    demo_cpu("demo_cpu_run7")
