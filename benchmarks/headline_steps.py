@@ -21,6 +21,11 @@ def _key(kind: str, phase: str) -> str:
     return f"brownout_step_latency_seconds_{kind},phase={phase}"
 
 
+def _delta(prev: dict, cur: dict, key: str) -> float:
+    """How far a scraped counter moved between two scrapes."""
+    return cur["brownout"].get(key, 0.0) - prev["brownout"].get(key, 0.0)
+
+
 def step_table(metrics: list[dict], window: int) -> list[dict]:
     """One row per `window` scrapes: steps, mean step seconds and busy seconds per phase."""
     rows = []
@@ -28,8 +33,7 @@ def step_table(metrics: list[dict], window: int) -> list[dict]:
         row = dict(t=round(cur["t"], 1), running=cur["running"], waiting=cur["waiting"],
                    tau_prefill=cur["tau_prefill"], tau_decode=cur["tau_decode"])
         for phase in PHASES:
-            n = cur["brownout"][_key("count", phase)] - prev["brownout"][_key("count", phase)]
-            s = cur["brownout"][_key("sum", phase)] - prev["brownout"][_key("sum", phase)]
+            n, s = _delta(prev, cur, _key("count", phase)), _delta(prev, cur, _key("sum", phase))
             row[f"{phase}_steps"], row[f"{phase}_busy_s"] = n, s
             row[f"{phase}_mean_ms"] = 1e3 * s / n if n else None
         rows.append(row)
@@ -51,14 +55,13 @@ def busy_between(metrics: list[dict], t0: float, t1: float) -> Optional[dict]:
     if len(inside) < 2:
         return None
     a, b = inside[0], inside[-1]
-    busy = sum(b["brownout"][_key("sum", p)] - a["brownout"][_key("sum", p)] for p in PHASES)
-    steps = sum(b["brownout"][_key("count", p)] - a["brownout"][_key("count", p)] for p in PHASES)
+    busy = sum(_delta(a, b, _key("sum", p)) for p in PHASES)
+    steps = sum(_delta(a, b, _key("count", p)) for p in PHASES)
     wall = b["t"] - a["t"]
     out = dict(t0=a["t"], t1=b["t"], busy_fraction=busy / wall, steps_per_s=steps / wall,
                host_ms_between_steps=1e3 * (wall - busy) / steps if steps else None)
     for p in PHASES:  # mean step latency by phase inside the window
-        n = b["brownout"][_key("count", p)] - a["brownout"][_key("count", p)]
-        s = b["brownout"][_key("sum", p)] - a["brownout"][_key("sum", p)]
+        n, s = _delta(a, b, _key("count", p)), _delta(a, b, _key("sum", p))
         out[f"{p}_mean_ms"] = 1e3 * s / n if n else None
     return out
 
@@ -70,9 +73,8 @@ def step_violation_windows(metrics: list[dict]) -> list[int]:
     out = []
     for prev, cur in zip(metrics, metrics[1:]):
         for phase in PHASES:
-            n = cur["brownout"][_key("count", phase)] - prev["brownout"][_key("count", phase)]
-            over_key = f"brownout_slo_violations_total,kind={phase}_step"
-            over = cur["brownout"].get(over_key, 0.0) - prev["brownout"].get(over_key, 0.0)
+            n = _delta(prev, cur, _key("count", phase))
+            over = _delta(prev, cur, f"brownout_slo_violations_total,kind={phase}_step")
             if n > 0 and over > 0.1 * n:
                 out.append(int(round(cur["t"])))
                 break

@@ -21,7 +21,8 @@ DEFAULT_MODEL_FACTORY = "brownout.defaults:default_model_dir"
 
 # config field -> flag, where the two names differ
 _FLAG_OF_FIELD = {
-    "queue_timeout_s": "--queue-timeout", "admission_ttft_factor": "--admission-ttft-factor", "policy": "--slo-policy", "slo_policy": "--slo-policy",
+    "queue_timeout_s": "--queue-timeout", "admission_ttft_factor": "--admission-ttft-factor",
+    "policy": "--slo-policy", "slo_policy": "--slo-policy",
     "ttft_s": "--slo-ttft", "tpot_s": "--slo-tpot", "prefill_step_s": "--slo-prefill-step",
     "decode_step_s": "--slo-decode-step", "window_s": "--slo-window",
     "check_interval_s": "--slo-check-interval", "shrink_factor": "--slo-shrink-factor",

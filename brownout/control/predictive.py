@@ -207,8 +207,8 @@ class PredictiveController(Controller):
         host-bound step, which dimming would not speed up); while requests wait every percent of
         step time is a percent of drain rate, so small gains are taken. A gain no larger than
         `noise` (the spread of one step's latency around the model) is not told apart from it:
-        tau stays 1 (on the 2-core CPU the embedded model's ~5% gains under ~5 ms of step noise
-        cost accuracy and bought nothing, `demo_cpu_run6.md`)."""
+        tau stays 1 (on the 2-core CPU the embedded model's ~5% gains under several ms of step
+        noise cost accuracy and bought nothing, `demo_cpu_run6.md`)."""
         fastest = float(p90_grid.min())
         gain = max(float(p90_grid[0]) - fastest, 0.0)  # grid[0] is tau = 1
         if gain <= noise:
@@ -242,8 +242,8 @@ class PredictiveController(Controller):
     def _update_residual(self, phase: str, residual: float, predicted: float = 0.0) -> None:
         """Moving mean and spread of the residual. A deviation is clipped to 4 sigma, or a
         quarter of the predicted latency when larger (the floor while sigma is still small), so
-        one stalled step (a pause of the host, seen once at 10x a step's latency in an H200
-        headline run) moves the prediction by a little, not by the stall; a lasting change
+        one stalled step (a pause of the host, like the ~300 ms stall among ~22 ms steps in
+        H200 headline run 8) moves the prediction by a little, not by the stall; a lasting change
         still gets through, a clipped step at a time, and the latency fit follows it too."""
         a = self.residual_alpha
         dev = residual - self._bias[phase]

@@ -146,14 +146,14 @@ class LLMEngine:
 
     def _check_ttft_admission(self, num_tokens: int) -> None:
         factor = self.config.scheduler.admission_ttft_factor
-        if factor is None:
+        rate = self.prefill_rate.tokens_per_s  # at the tau the controller runs now
+        if factor is None or rate is None:  # no rate yet: no queue worth refusing for
             return
+        # refuse only what even the lowest tau could not serve in time
+        rate *= self.controller.prefill_speedup()
         ahead = self.scheduler.num_waiting_tokens + sum(
             max(0, len(r.prompt_token_ids) - r.num_computed) for r in self.scheduler.running)
         limit = factor * self.config.slo.ttft_s
-        rate = self.prefill_rate.tokens_per_s  # at the tau the controller runs now
-        if rate is not None:  # refuse only what even the lowest tau could not serve in time
-            rate *= self.controller.prefill_speedup()
         wait = admission_wait(ahead, num_tokens, rate, step_s=self._step_time_ema)
         retry = refuse_for(wait, limit)
         if retry is not None:
