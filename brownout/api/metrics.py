@@ -62,6 +62,9 @@ class ServerMetrics:
         self.refused_slo = Counter("brownout_requests_refused_slo",
                                    "Requests refused at arrival (429) because their first token could not "
                                    "come within the TTFT SLO (--admission-ttft-factor)", registry=r)
+        self.admission_margin = Gauge("brownout_admission_margin_seconds",
+                                      "Added to every predicted wait for the first token: the P90 of the "
+                                      "recent prediction errors (--admission-ttft-factor)", registry=r)
         self.gc_collections = Counter("brownout_gc_collections", "Garbage collections of the engine process",
                                       ["generation"], registry=r)
         self.gc_seconds = Counter("brownout_gc_pause_seconds", "Time the engine process spent in garbage "
@@ -167,6 +170,8 @@ class ServerMetrics:
             self._advance(self.gc_collections.labels(gen), f"gc_collections/{gen}", count)
         for gen, secs in (snapshot.get("gc_seconds") or {}).items():
             self._advance(self.gc_seconds.labels(gen), f"gc_seconds/{gen}", secs)
+        if "admission_margin_s" in snapshot:
+            self.admission_margin.set(snapshot["admission_margin_s"])
         if "gc_longest_s" in snapshot:
             self.gc_longest.set(snapshot["gc_longest_s"])
         self._engine_counts_tokens = "generation_tokens_total" in snapshot

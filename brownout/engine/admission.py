@@ -5,11 +5,17 @@ even the fastest tau serves, every admitted request waits behind a queue that gr
 whole burst, and all of them miss the TTFT SLO. With `admission_ttft_factor` F set, the
 engine predicts a new request's wait for its first token,
 
-    wait = (prompt tokens still to prefill ahead of it + its own) / prefill rate + one step
-           (the step in flight when it arrives, and the step granularity of its prefill),
+    wait = time it has already spent on its way in (tokenising, the hop to the engine)
+           + (prompt tokens still to prefill ahead of it + its own) / prefill rate + one step
+           (the step in flight when it arrives, and the step granularity of its prefill)
+           + the 90th percentile of recent prediction errors (`WaitFeedback`),
 
 and refuses it (429 with a Retry-After of the time the queue needs to drain below the limit)
-when wait > F x the TTFT SLO, so those it admits can still meet it. The prefill rate is
+when wait > F x the TTFT SLO, so those it admits can still meet it. The error term closes the
+loop: without it the first H200 runs with admission (`headline_h200_run10`, `_run11`) admitted
+requests whose P90 TTFT came out 4-15 ms over the SLO, because near the limit every admitted
+request is predicted just under it and anything the rate model leaves out (chunk boundaries,
+the tau the controller actually picks, host time) pushes it over. The prefill rate is
 measured: prompt tokens per second of step time over the recent steps that left requests
 waiting (steps that were budget-bound, so their rate is what the engine does now at the tau
 the controller chose), scaled by the speed-up the controller predicts from dimming to its
@@ -47,15 +53,44 @@ class PrefillRate:
         return sum(t for t, _ in self._steps) / sum(s for _, s in self._steps)
 
 
+class WaitFeedback:
+    """Errors of the wait prediction, measured when admitted requests get their first token:
+    `margin` is their `quantile` (P90, the SLO's percentile) over the last `window` requests,
+    added to every later prediction. Bounded to [-limit / 2, limit] so one stall (or an
+    idle engine that beats its prediction) cannot close or open the gate by itself."""
+
+    def __init__(self, window: int = 128, min_samples: int = 16, quantile: float = 0.9):
+        self.window, self.min_samples, self.quantile = window, min_samples, quantile
+        self._errors: deque[float] = deque(maxlen=window)
+        self._margin: Optional[float] = None
+
+    def observe(self, predicted_s: float, actual_s: float) -> None:
+        if math.isfinite(predicted_s) and math.isfinite(actual_s):
+            self._errors.append(actual_s - predicted_s)
+            self._margin = None  # recomputed on the next read
+
+    def margin(self, limit_s: float) -> float:
+        if len(self._errors) < self.min_samples:
+            return 0.0
+        if self._margin is None:
+            ordered = sorted(self._errors)
+            pos = self.quantile * (len(ordered) - 1)  # linear interpolation, as numpy's default
+            lo = int(pos)
+            hi = min(lo + 1, len(ordered) - 1)
+            self._margin = ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
+        return min(max(self._margin, -0.5 * limit_s), limit_s)
+
+
 def admission_wait(ahead_tokens: int, own_tokens: int, rate: Optional[float],
-                   step_s: float = 0.0) -> Optional[float]:
+                   step_s: float = 0.0, elapsed_s: float = 0.0) -> Optional[float]:
     """Predicted seconds until a new request's first token, or None when the rate is unknown.
     `step_s`: a step's latency, added once (without it the first H200 run with admission,
     `headline_h200_run10`, admitted requests whose P90 TTFT came out ~35 ms, 1.5 steps, over
-    the limit even with brownout off)."""
+    the limit even with brownout off). `elapsed_s`: the time since the request arrived at the
+    server (its TTFT clock started there)."""
     if rate is None or rate <= 0:
         return None
-    return (ahead_tokens + own_tokens) / rate + step_s
+    return max(0.0, elapsed_s) + (ahead_tokens + own_tokens) / rate + step_s
 
 
 def refuse_for(wait_s: Optional[float], limit_s: float) -> Optional[float]:

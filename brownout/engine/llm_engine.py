@@ -19,7 +19,7 @@ from typing import Optional, Union
 from brownout.config import EngineConfig
 from brownout.defaults import DEMO_MODEL_NAME, default_model_dir, default_united_dir  # noqa: F401
 from brownout.control import PlannedStep, make_controller
-from brownout.engine.admission import PrefillRate, admission_wait, refuse_for
+from brownout.engine.admission import PrefillRate, WaitFeedback, admission_wait, refuse_for
 from brownout.engine.block_manager import BlockManager
 from brownout.engine.detokenizer import IncrementalDetokenizer
 from brownout.engine.request import Request, Status
@@ -97,6 +97,7 @@ class LLMEngine:
         self.generation_tokens_total = 0
         self._step_time_ema = 0.05
         self.prefill_rate = PrefillRate()
+        self.wait_feedback = WaitFeedback()
         self.num_refused_slo = 0  # requests refused because their TTFT could not be met
 
     # ---- requests ----------------------------------------------------------------------
@@ -136,30 +137,36 @@ class LLMEngine:
         if len(self.scheduler.waiting) >= sched.max_waiting_requests or \
                 self.scheduler.num_waiting_tokens + len(ids) > sched.max_waiting_tokens:
             raise AdmissionError("the waiting queue is full", self._retry_after())
-        self._check_ttft_admission(len(ids))
-        req = Request(request_id, ids, params, arrival_time or self.clock(), priority)
+        arrival = arrival_time or self.clock()
+        predicted = self._check_ttft_admission(len(ids), arrival)
+        req = Request(request_id, ids, params, arrival, priority, predicted_wait_s=predicted)
         req.detok_state = IncrementalDetokenizer(self.tokenizer, ids, params.stop,
                                                  params.include_stop_str_in_output)
         self.requests[request_id] = req
         self.scheduler.add(req)
         return ids
 
-    def _check_ttft_admission(self, num_tokens: int) -> None:
+    def _check_ttft_admission(self, num_tokens: int, arrival: float) -> Optional[float]:
+        """Refuse (AdmissionError) a request whose first token would come too late; return
+        the predicted wait of one admitted with a prediction (None: no prediction made)."""
         factor = self.config.scheduler.admission_ttft_factor
         rate = self.prefill_rate.tokens_per_s  # at the tau the controller runs now
         if factor is None or rate is None:  # no rate yet: no queue worth refusing for
-            return
+            return None
         # refuse only what even the lowest tau could not serve in time
         rate *= self.controller.prefill_speedup()
         ahead = self.scheduler.num_waiting_tokens + sum(
             max(0, len(r.prompt_token_ids) - r.num_computed) for r in self.scheduler.running)
         limit = factor * self.config.slo.ttft_s
-        wait = admission_wait(ahead, num_tokens, rate, step_s=self._step_time_ema)
-        retry = refuse_for(wait, limit)
+        wait = admission_wait(ahead, num_tokens, rate, step_s=self._step_time_ema,
+                              elapsed_s=self.clock() - arrival)
+        expected = wait + self.wait_feedback.margin(limit)  # corrected by the measured errors
+        retry = refuse_for(expected, limit)
         if retry is not None:
             self.num_refused_slo += 1
-            raise AdmissionError(f"its first token would come in ~{wait:.2f} s, over the "
+            raise AdmissionError(f"its first token would come in ~{expected:.2f} s, over the "
                                  f"{limit:.2f} s admission limit ({factor:g} x the TTFT SLO)", retry)
+        return wait
 
     def _retry_after(self) -> float:
         queued = self.scheduler.num_waiting_tokens + len(self.scheduler.running)
@@ -269,6 +276,8 @@ class LLMEngine:
         req.output_token_ids.append(token)
         self.generation_tokens_total += 1
         m = req.metrics
+        if m.first_token_time is None and req.predicted_wait_s is not None:
+            self.wait_feedback.observe(req.predicted_wait_s, now - m.arrival_time)
         m.first_token_time = m.first_token_time or now
         m.last_token_time = now
         p = req.sampling
@@ -340,6 +349,8 @@ class LLMEngine:
                     generation_tokens_total=self.generation_tokens_total,
                     slo_violations=dict(self.controller.violations),
                     num_refused_slo_total=self.num_refused_slo,
+                    admission_margin_s=self.wait_feedback.margin(
+                        (self.config.scheduler.admission_ttft_factor or 0.0) * self.config.slo.ttft_s),
                     brownout_ready=self.runner.brownout_ready)
 
 

@@ -32,6 +32,7 @@ class Request:
     output_text: str = ""  # text emitted so far (stop strings excluded)
     detok_state: object = None  # owned by the detokenizer
     seq: int = 0  # admission order, breaks ties
+    predicted_wait_s: Optional[float] = None  # TTFT admission's prediction, checked at the first token
 
     def __post_init__(self) -> None:
         if self.metrics is None:

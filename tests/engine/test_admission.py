@@ -7,7 +7,7 @@ import pytest
 
 from brownout.api.launch import add_arguments, build_configs
 from brownout.config import EngineConfig, ModelLoadConfig, SchedulerConfig, SLOConfig
-from brownout.engine.admission import PrefillRate, admission_wait, refuse_for
+from brownout.engine.admission import PrefillRate, WaitFeedback, admission_wait, refuse_for
 from brownout.engine.llm_engine import AdmissionError, LLMEngine
 from brownout.types import SamplingParams, ValidationError
 
@@ -32,10 +32,32 @@ def test_wait_and_retry_after():
     assert admission_wait(900, 100, None) is None  # unknown rate: admit
     assert admission_wait(900, 100, 1e4) == pytest.approx(0.1)
     assert admission_wait(900, 100, 1e4, step_s=0.02) == pytest.approx(0.12)  # the step in flight
+    # time already spent between the server's arrival stamp and the check counts too
+    assert admission_wait(900, 100, 1e4, step_s=0.02, elapsed_s=0.03) == pytest.approx(0.15)
     assert refuse_for(None, 0.1) is None
     assert refuse_for(0.1, 0.1) is None
     assert refuse_for(0.11, 0.1) == 1.0  # at least a second
     assert refuse_for(3.4, 0.2) == 4.0  # the queue's drain time past the limit, rounded up
+
+
+def test_wait_feedback_is_the_p90_of_recent_errors_and_bounded():
+    fb = WaitFeedback(window=20, min_samples=10)
+    for i in range(9):
+        fb.observe(0.1, 0.1 + 0.001 * i)
+    assert fb.margin(0.2) == 0.0  # too few first tokens to say
+    fb.observe(0.1, 0.109)  # errors 0..9 ms
+    assert fb.margin(0.2) == pytest.approx(0.0081)  # numpy's P90 of 0..9 ms
+    for _ in range(20):  # the window forgets: now every prediction is 50 ms short
+        fb.observe(0.05, 0.1)
+    assert fb.margin(0.2) == pytest.approx(0.05)
+    for _ in range(20):  # a stall: the margin is capped at the limit itself
+        fb.observe(0.05, 5.0)
+    assert fb.margin(0.2) == pytest.approx(0.2)
+    for _ in range(20):  # predictions far too pessimistic: opens by at most half the limit
+        fb.observe(1.0, 0.01)
+    assert fb.margin(0.2) == pytest.approx(-0.1)
+    fb.observe(float("nan"), 0.1)  # ignored
+    assert fb.margin(0.2) == pytest.approx(-0.1)
 
 
 def _engine(tiny_models, factor):
@@ -121,3 +143,41 @@ def test_predictive_speed_up_comes_from_its_model():
     ctrl.choose_tau(PlannedStep(1024, 0, 4))  # tau 1: the SLO holds
     assert ctrl.tau_prefill == 1.0
     assert ctrl.prefill_speedup() == pytest.approx(70 / 25, rel=0.1)  # (10 + 60) / (10 + 15) ms
+
+
+def test_first_tokens_correct_later_predictions(tiny_models):
+    """The closed loop: admitted requests whose first tokens come later than predicted raise
+    the margin, and a request that fitted before is then refused."""
+    eng = _engine(tiny_models, factor=1.0)
+    t = [100.0]
+    eng.clock = lambda: t[0]
+    for _ in range(4):  # 1000 prompt tokens/s
+        eng.prefill_rate.observe(100, 0.1, queue_left=True)
+    eng._step_time_ema = 0.0
+    eng.add_request("probe", list(range(3, 63)), PARAMS)  # 60 tokens: predicted 60 ms
+    assert eng.requests["probe"].predicted_wait_s == pytest.approx(0.06)
+    fb = eng.wait_feedback
+    for _ in range(fb.min_samples - 1):  # earlier requests came 30 ms later than predicted
+        fb.observe(0.05, 0.08)
+    t[0] += 0.09  # "probe" gets its first token 90 ms after arrival: 30 ms late too
+    while eng.requests["probe"].metrics.first_token_time is None:
+        eng.step()
+    assert fb.margin(0.1) == pytest.approx(0.03)
+    assert eng.snapshot()["admission_margin_s"] == pytest.approx(0.03)
+    eng.abort_request("probe")
+    eng.add_request("a", list(range(3, 63)), PARAMS)  # 60 ms + 30 ms: fits under 100 ms
+    with pytest.raises(AdmissionError):  # 60 + 20 ms + 30 ms = 110 ms: refused
+        eng.add_request("b", list(range(3, 23)), PARAMS)  # (admitted without the margin)
+
+
+def test_time_since_arrival_counts(tiny_models):
+    eng = _engine(tiny_models, factor=1.0)
+    t = [50.0]
+    eng.clock = lambda: t[0]
+    for _ in range(4):
+        eng.prefill_rate.observe(100, 0.1, queue_left=True)
+    eng._step_time_ema = 0.0
+    eng.add_request("fresh", list(range(3, 53)), PARAMS, arrival_time=50.0)  # 50 ms: admitted
+    eng.abort_request("fresh")
+    with pytest.raises(AdmissionError):  # the same prompt, stamped 60 ms ago by the server
+        eng.add_request("stale", list(range(3, 53)), PARAMS, arrival_time=49.94)
