@@ -56,8 +56,11 @@ class PrefillRate:
 class WaitFeedback:
     """Errors of the wait prediction, measured when admitted requests get their first token:
     `margin` is their `quantile` (P90, the SLO's percentile) over the last `window` requests,
-    added to every later prediction. Bounded to [-limit / 2, limit] so one stall (or an
-    idle engine that beats its prediction) cannot close or open the gate by itself."""
+    added to every later prediction. Bounded to [-limit / 2, limit / 2]: one stall (or an idle
+    engine that beats its prediction) cannot open the gate wide by itself, and it never shuts:
+    errors are measured only on admitted requests, so a margin of the whole limit would refuse
+    every request and never be measured again; at half of it, requests behind a short queue
+    still come in and keep the errors current."""
 
     def __init__(self, window: int = 128, min_samples: int = 16, quantile: float = 0.9):
         self.window, self.min_samples, self.quantile = window, min_samples, quantile
@@ -78,7 +81,7 @@ class WaitFeedback:
             lo = int(pos)
             hi = min(lo + 1, len(ordered) - 1)
             self._margin = ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
-        return min(max(self._margin, -0.5 * limit_s), limit_s)
+        return min(max(self._margin, -0.5 * limit_s), 0.5 * limit_s)
 
 
 def admission_wait(ahead_tokens: int, own_tokens: int, rate: Optional[float],

@@ -50,9 +50,10 @@ def test_wait_feedback_is_the_p90_of_recent_errors_and_bounded():
     for _ in range(20):  # the window forgets: now every prediction is 50 ms short
         fb.observe(0.05, 0.1)
     assert fb.margin(0.2) == pytest.approx(0.05)
-    for _ in range(20):  # a stall: the margin is capped at the limit itself
+    for _ in range(20):  # a stall: capped at half the limit, so a short queue still gets in
         fb.observe(0.05, 5.0)
-    assert fb.margin(0.2) == pytest.approx(0.2)
+    assert fb.margin(0.2) == pytest.approx(0.1)
+    assert refuse_for(0.09 + fb.margin(0.2), 0.2) is None
     for _ in range(20):  # predictions far too pessimistic: opens by at most half the limit
         fb.observe(1.0, 0.01)
     assert fb.margin(0.2) == pytest.approx(-0.1)
