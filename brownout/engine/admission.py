@@ -32,6 +32,8 @@ import math
 from collections import deque
 from typing import Optional
 
+import numpy as np
+
 
 class PrefillRate:
     """Prompt tokens per second of step time, over the last `window` budget-bound steps."""
@@ -76,11 +78,7 @@ class WaitFeedback:
         if len(self._errors) < self.min_samples:
             return 0.0
         if self._margin is None:
-            ordered = sorted(self._errors)
-            pos = self.quantile * (len(ordered) - 1)  # linear interpolation, as numpy's default
-            lo = int(pos)
-            hi = min(lo + 1, len(ordered) - 1)
-            self._margin = ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
+            self._margin = float(np.quantile(self._errors, self.quantile))
         return min(max(self._margin, -0.5 * limit_s), 0.5 * limit_s)
 
 
