@@ -22,7 +22,8 @@ Decision for a planned step of phase p (prefill or decode) with T tokens and B r
              SLO); if no tau qualifies, best effort: the
              largest tau that keeps `gain_share` of the speed-up the fastest tau offers over
              tau = 1 (a latency curve flat below some tau stops at that knee rather than
-             spend accuracy for the last percent); idle, also any tau within
+             spend accuracy for the last percent; a decode step while the TPOT P90 is over
+             its SLO takes the fastest tau); idle, also any tau within
              `effort_tolerance` of the fastest (tau 1 when the step would be no faster, as
              for a host-bound step, so no accuracy is spent for nothing). With requests
              waiting every percent of step time is a percent of the rate the queue drains
@@ -186,9 +187,10 @@ class PredictiveController(Controller):
             if ok_grid.any():
                 self._mode = "dim"
                 return float(self.grid[np.argmax(ok_grid)])
-            self._mode = "best effort"
+            urgent = phase == DECODE and self._pressure[DECODE] > 0
+            self._mode = "best effort, fastest" if urgent else "best effort"
             return self._best_effort(p90[:-1], queued=planned.num_waiting > 0,
-                                     noise=math.sqrt(self._var[phase]))
+                                     noise=math.sqrt(self._var[phase]), fastest_only=urgent)
         self._mode = "hold or raise"
         # Raise only with headroom (hysteresis), and only so fast.
         ok_up = self._feasible(phase, planned, p90[:-1], target * (1.0 - self.hysteresis))
@@ -198,7 +200,8 @@ class PredictiveController(Controller):
         dt = now - self._last_choose[phase]
         return min(up, prev + self.max_raise_per_s * max(dt, 0.0))
 
-    def _best_effort(self, p90_grid: np.ndarray, queued: bool = False, noise: float = 0.0) -> float:
+    def _best_effort(self, p90_grid: np.ndarray, queued: bool = False, noise: float = 0.0,
+                     fastest_only: bool = False) -> float:
         """No tau meets the target: spend accuracy only as far as it buys speed, i.e. the
         largest tau that keeps `gain_share` of the speed-up the fastest tau offers over tau = 1.
         A latency curve flat below some tau (a compute-bound prefill chunk, where fewer distinct
@@ -208,11 +211,17 @@ class PredictiveController(Controller):
         step time is a percent of drain rate, so small gains are taken. A gain no larger than
         `noise` (the spread of one step's latency around the model) is not told apart from it:
         tau stays 1 (on the 2-core CPU the embedded model's ~5% gains under several ms of step
-        noise cost accuracy and bought nothing, `demo_cpu_run6.md`)."""
+        noise cost accuracy and bought nothing, `demo_cpu_run6.md`).
+        `fastest_only` (decode steps while the TPOT P90 is over its SLO): every decode step's
+        time adds to every running request's TPOT, so the knee's last tenth of the speed-up is
+        taken too, down to the fastest tau (H200 headline run 14: decode held at the knee, tau
+        0.35-0.45, left TPOT windows that aimd, going to 0.01-0.1, did not)."""
         fastest = float(p90_grid.min())
         gain = max(float(p90_grid[0]) - fastest, 0.0)  # grid[0] is tau = 1
         if gain <= noise:
             return float(self.grid[0])
+        if fastest_only:
+            return float(self.grid[np.argmax(p90_grid <= fastest + 1e-12)])
         allowed = fastest + (1.0 - self.gain_share) * gain
         if not queued:
             allowed = max(allowed, fastest * (1.0 + self.effort_tolerance))

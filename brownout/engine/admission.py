@@ -6,9 +6,18 @@ whole burst, and all of them miss the TTFT SLO. With `admission_ttft_factor` F s
 engine predicts a new request's wait for its first token,
 
     wait = time it has already spent on its way in (tokenising, the hop to the engine)
-           + (prompt tokens still to prefill ahead of it + its own) / prefill rate + one step
-           (the step in flight when it arrives, and the step granularity of its prefill)
+           + max((prompt tokens still to prefill ahead of it + its own) / prefill rate,
+                 slot wait + its own tokens / prefill rate)
+           + one step (the step in flight when it arrives, and the step granularity of its
+             prefill)
            + the 90th percentile of recent prediction errors (`WaitFeedback`),
+
+where the slot wait counts, when every sequence slot (`max_num_seqs`) is taken, the slots
+that must free before it gets one (the requests queued ahead of it, plus itself, less the
+free slots) at the rate running requests have been finishing (`SlotRate`). With long outputs
+the burst fills every slot and new requests wait for a slot, not for prefill: the H200 run
+with the trace's real output lengths (`headline_h200_run14`) still had TTFT windows under an
+admission model that counted prompt tokens only,
 
 and refuses it (429 with a Retry-After of the time the queue needs to drain below the limit)
 when wait > F x the TTFT SLO, so those it admits can still meet it. The error term closes the
@@ -82,16 +91,50 @@ class WaitFeedback:
         return min(max(self._margin, -0.5 * limit_s), 0.5 * limit_s)
 
 
+class SlotRate:
+    """Sequence slots freed per second: running requests that finished (or were aborted)
+    over the last `window_s` seconds; None until `min_events` were seen in that window. It is
+    the rate while the engine ran with the requests it had, so while it fills up it
+    under-counts and the slot wait errs long; the measured errors (`WaitFeedback`) correct
+    what is left."""
+
+    def __init__(self, window_s: float = 4.0, min_events: int = 4):
+        self.window_s, self.min_events = window_s, min_events
+        self._times: deque[float] = deque()
+
+    def observe(self, t: float) -> None:
+        self._times.append(t)
+
+    def per_s(self, now: float) -> Optional[float]:
+        while self._times and self._times[0] < now - self.window_s:
+            self._times.popleft()
+        if len(self._times) < self.min_events:
+            return None
+        return len(self._times) / self.window_s
+
+
+def slot_wait(queued_ahead: int, free_slots: int, rate: Optional[float]) -> float:
+    """Seconds until a slot is free for a new request behind `queued_ahead` waiting ones; 0
+    when a slot is free for it now or the rate is unknown (nothing to go on)."""
+    need = queued_ahead + 1 - max(0, free_slots)
+    if need <= 0 or rate is None or rate <= 0:
+        return 0.0
+    return need / rate
+
+
 def admission_wait(ahead_tokens: int, own_tokens: int, rate: Optional[float],
-                   step_s: float = 0.0, elapsed_s: float = 0.0) -> Optional[float]:
+                   step_s: float = 0.0, elapsed_s: float = 0.0,
+                   slot_wait_s: float = 0.0) -> Optional[float]:
     """Predicted seconds until a new request's first token, or None when the rate is unknown.
     `step_s`: a step's latency, added once (without it the first H200 run with admission,
     `headline_h200_run10`, admitted requests whose P90 TTFT came out ~35 ms, 1.5 steps, over
     the limit even with brownout off). `elapsed_s`: the time since the request arrived at the
-    server (its TTFT clock started there)."""
+    server (its TTFT clock started there). `slot_wait_s`: the wait for a sequence slot
+    (`slot_wait`); its prefill starts only after it."""
     if rate is None or rate <= 0:
         return None
-    return max(0.0, elapsed_s) + (ahead_tokens + own_tokens) / rate + step_s
+    prefill = max((ahead_tokens + own_tokens) / rate, max(0.0, slot_wait_s) + own_tokens / rate)
+    return max(0.0, elapsed_s) + prefill + step_s
 
 
 def refuse_for(wait_s: Optional[float], limit_s: float) -> Optional[float]:

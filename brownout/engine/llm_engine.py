@@ -19,7 +19,8 @@ from typing import Optional, Union
 from brownout.config import EngineConfig
 from brownout.defaults import DEMO_MODEL_NAME, default_model_dir, default_united_dir  # noqa: F401
 from brownout.control import PlannedStep, make_controller
-from brownout.engine.admission import PrefillRate, WaitFeedback, admission_wait, refuse_for
+from brownout.engine.admission import (PrefillRate, SlotRate, WaitFeedback, admission_wait,
+                                      refuse_for, slot_wait)
 from brownout.engine.block_manager import BlockManager
 from brownout.engine.detokenizer import IncrementalDetokenizer
 from brownout.engine.request import Request, Status
@@ -98,6 +99,7 @@ class LLMEngine:
         self._step_time_ema = 0.05
         self.prefill_rate = PrefillRate()
         self.wait_feedback = WaitFeedback()
+        self.slot_rate = SlotRate()  # sequence slots freed per second
         self.num_refused_slo = 0  # requests refused because their TTFT could not be met
 
     # ---- requests ----------------------------------------------------------------------
@@ -158,8 +160,11 @@ class LLMEngine:
         ahead = self.scheduler.num_waiting_tokens + sum(
             max(0, len(r.prompt_token_ids) - r.num_computed) for r in self.scheduler.running)
         limit = factor * self.config.slo.ttft_s
+        now = self.clock()
+        free = self.config.scheduler.max_num_seqs - len(self.scheduler.running)
+        slots = slot_wait(len(self.scheduler.waiting), free, self.slot_rate.per_s(now))
         wait = admission_wait(ahead, num_tokens, rate, step_s=self._step_time_ema,
-                              elapsed_s=self.clock() - arrival)
+                              elapsed_s=now - arrival, slot_wait_s=slots)
         expected = wait + self.wait_feedback.margin(limit)  # corrected by the measured errors
         retry = refuse_for(expected, limit)
         if retry is not None:
@@ -177,6 +182,8 @@ class LLMEngine:
         req = self.requests.pop(request_id, None)
         if req is None:
             return
+        if req.status == Status.RUNNING:
+            self.slot_rate.observe(self.clock())
         self.scheduler.remove(req)
         self.runner.release(request_id)
         req.status = Status.FINISHED
@@ -323,6 +330,8 @@ class LLMEngine:
         self.requests.pop(req.request_id, None)
         self.runner.release(req.request_id)
         req.metrics.finished_time = now
+        if req.metrics.first_scheduled_time is not None:  # it held a sequence slot
+            self.slot_rate.observe(now)
         out.finished, out.finish_reason, out.metrics = True, req.finish_reason, req.metrics
         m = req.metrics
         n_out = len(req.output_token_ids)

@@ -219,8 +219,7 @@ def test_queue_best_effort_stops_at_the_knee():
     """Experts touched fall steeply from tau 1 to 0.5 and barely below (as on a compute-bound
     prefill chunk): with a queue and no tau meeting the SLO, the controller dims to the knee,
     keeping 90% of the available speed-up, instead of spending tau 0.5 -> 0 for ~1% more."""
-    knee = lambda tau: 0.30 + 0.05 * min(tau, 0.5) / 0.5 + 0.65 * max(0.0, tau - 0.5) / 0.5  # noqa: E731
-    ctrl = _trained_on_unreachable_slo(0.002, ratio=knee)
+    ctrl = _trained_on_unreachable_slo(0.002, ratio=_knee)
     lat = ctrl.predict_latency([1.0, 0.5, 0.0], 1024, 4)
     assert lat[0] - lat[1] > 8 * (lat[1] - lat[2]) > 0  # the curve the test means
     tau = ctrl.choose_tau(PlannedStep(1024, 0, 4, num_waiting=30, waiting_tokens=30000))
@@ -285,3 +284,50 @@ def test_a_gain_inside_the_step_noise_is_not_worth_accuracy(waiting):
     assert 0 < lat[0] - lat[1] < 0.01  # the case the test means
     ctrl._clock.t += 0.01
     assert ctrl.choose_tau(planned) == 1.0
+
+
+def _knee(tau):
+    """Experts touched at tau over tau 1: steep from tau 1 to 0.5, nearly flat below."""
+    return 0.30 + 0.05 * min(tau, 0.5) / 0.5 + 0.65 * max(0.0, tau - 0.5) / 0.5
+
+
+def _decode_step(tau, batch, rng):
+    """A decode step of the simulated system: a fixed cost, per sequence and per expert."""
+    experts = 60.0 * _knee(tau)
+    lat = 0.015 + 2e-5 * batch + 0.0005 * experts + rng.normal(0, 1e-5)
+    return StepStats(0.0, lat, 0, batch, batch, False, tau, experts_touched=[experts])
+
+
+def _decode_on_a_knee(rng):
+    """A controller fitted on decode steps that no tau brings under a 10 ms step SLO, on the
+    knee-shaped experts curve of decode in the H200 headline run 14."""
+    clock = FakeClock()
+    ctrl = PredictiveController(SLOConfig(policy="predictive", decode_step_s=0.01, tpot_s=0.05), clock)
+    for i in range(400):
+        clock.t = i * 0.05
+        tau, batch = float(rng.choice(np.linspace(0, 1, 11))), int(rng.integers(64, 128))
+        ctrl.observe_step(_decode_step(tau, batch, rng))
+    assert ctrl.ready
+    return ctrl
+
+
+@pytest.mark.parametrize("tpot_late", [False, True])
+def test_decode_under_tpot_pressure_takes_the_fastest_tau(tpot_late):
+    """Decode best effort stops at the knee while TPOT holds; once the TPOT P90 is over its SLO
+    the pressure rises and the knee's last tenth of the speed-up is taken too (tau 0), because
+    every decode step's time lands in every running request's TPOT."""
+    rng = np.random.default_rng(5)
+    ctrl = _decode_on_a_knee(rng)
+    planned = PlannedStep(0, 96, 96, num_waiting=20, waiting_tokens=20000)
+    clock = ctrl._clock
+    for _ in range(30):  # 3 s of requests finishing, at a TPOT over or under its 50 ms SLO
+        clock.t += 0.1
+        ctrl.observe_request(0.05, 0.08 if tpot_late else 0.02, clock.t)
+        ctrl.observe_step(_decode_step(ctrl.choose_tau(planned), 96, rng))
+    assert (ctrl._pressure["decode"] > 0) == tpot_late
+    clock.t += 0.01
+    tau = ctrl.choose_tau(planned)
+    if tpot_late:
+        assert tau == 0.0
+    else:
+        assert 0.4 <= tau <= 0.6

@@ -7,7 +7,8 @@ import pytest
 
 from brownout.api.launch import add_arguments, build_configs
 from brownout.config import EngineConfig, ModelLoadConfig, SchedulerConfig, SLOConfig
-from brownout.engine.admission import PrefillRate, WaitFeedback, admission_wait, refuse_for
+from brownout.engine.admission import (PrefillRate, SlotRate, WaitFeedback, admission_wait,
+                                      refuse_for, slot_wait)
 from brownout.engine.llm_engine import AdmissionError, LLMEngine
 from brownout.types import SamplingParams, ValidationError
 
@@ -182,3 +183,51 @@ def test_time_since_arrival_counts(tiny_models):
     eng.abort_request("fresh")
     with pytest.raises(AdmissionError):  # the same prompt, stamped 60 ms ago by the server
         eng.add_request("stale", list(range(3, 53)), PARAMS, arrival_time=49.94)
+
+
+def test_slot_rate_and_wait():
+    rate = SlotRate(window_s=2.0, min_events=3)
+    rate.observe(10.0)
+    rate.observe(10.5)
+    assert rate.per_s(11.0) is None  # too few to say
+    rate.observe(11.0)
+    rate.observe(11.5)
+    assert rate.per_s(11.5) == pytest.approx(4 / 2.0)
+    assert rate.per_s(12.6) is None  # 10.0 and 10.5 left the window: two remain
+    assert slot_wait(0, 1, 2.0) == 0.0  # a slot is free for it
+    assert slot_wait(3, 4, 2.0) == 0.0  # free slots for the queue and for it
+    assert slot_wait(3, 0, 2.0) == pytest.approx(2.0)  # 3 ahead + itself at 2 slots/s
+    assert slot_wait(3, 0, None) == 0.0  # no rate: nothing to go on
+    # the slot comes before its prefill; prompt work ahead still bounds it below
+    assert admission_wait(0, 100, 1e4, slot_wait_s=0.05) == pytest.approx(0.06)
+    assert admission_wait(900, 100, 1e4, slot_wait_s=0.05) == pytest.approx(0.1)
+
+
+def test_full_slots_refuse_what_would_wait_too_long(tiny_models):
+    """Both sequence slots are taken by long decodes and slots free at 20 per second: a new
+    request waits 50 ms per slot that must free before it gets one, however short its prompt.
+    The second one in line is refused, which counting prompt tokens alone would admit."""
+    eng = _engine(tiny_models, factor=1.0)
+    t = [10.0]
+    eng.clock = lambda: t[0]
+    long = SamplingParams(max_tokens=50, temperature=0.0, ignore_eos=True)
+    eng.add_request("d1", list(range(3, 8)), long)
+    eng.add_request("d2", list(range(3, 8)), long)
+    eng.step()
+    eng.step()  # both prefilled and decoding: no free slot
+    assert len(eng.scheduler.running) == 2
+    for _ in range(4):  # 10000 prompt tokens/s: a 5-token prompt alone waits 0.5 ms
+        eng.prefill_rate.observe(1000, 0.1, queue_left=True)
+    eng._step_time_ema = 0.0
+    eng.slot_rate = SlotRate(window_s=0.8, min_events=4)
+    for i in range(16):  # 16 requests finished in the last 0.8 s: 20 slots/s
+        eng.slot_rate.observe(t[0] - 0.05 * i)
+    eng.add_request("w1", list(range(3, 8)), PARAMS)  # one slot to free: 50 ms
+    assert eng.requests["w1"].predicted_wait_s == pytest.approx(0.0505)
+    with pytest.raises(AdmissionError) as refused:  # two slots: 100.5 ms > 100 ms
+        eng.add_request("w2", list(range(3, 8)), PARAMS)
+    assert refused.value.retry_after_s >= 1.0
+    assert admission_wait(10, 5, 1e4) < 0.1  # prompt tokens alone: ~1.5 ms
+    eng.abort_request("d1")  # a slot frees: w1 takes it, and one more fits behind
+    eng.add_request("w2", list(range(3, 8)), PARAMS)
+    assert "w2" in eng.requests
