@@ -65,6 +65,10 @@ class ServerMetrics:
         self.admission_margin = Gauge("brownout_admission_margin_seconds",
                                       "Added to every predicted wait for the first token: the P90 of the "
                                       "recent prediction errors (--admission-ttft-factor)", registry=r)
+        self.admission_slot_wait = Gauge("brownout_admission_slot_wait_seconds",
+                                         "Predicted wait of a new request for a sequence slot (0 while one "
+                                         "is free): queued requests ahead over the rate slots free at",
+                                         registry=r)
         self.gc_collections = Counter("brownout_gc_collections", "Garbage collections of the engine process",
                                       ["generation"], registry=r)
         self.gc_seconds = Counter("brownout_gc_pause_seconds", "Time the engine process spent in garbage "
@@ -172,6 +176,8 @@ class ServerMetrics:
             self._advance(self.gc_seconds.labels(gen), f"gc_seconds/{gen}", secs)
         if "admission_margin_s" in snapshot:
             self.admission_margin.set(snapshot["admission_margin_s"])
+        if "admission_slot_wait_s" in snapshot:
+            self.admission_slot_wait.set(snapshot["admission_slot_wait_s"])
         if "gc_longest_s" in snapshot:
             self.gc_longest.set(snapshot["gc_longest_s"])
         self._engine_counts_tokens = "generation_tokens_total" in snapshot

@@ -161,8 +161,7 @@ class LLMEngine:
             max(0, len(r.prompt_token_ids) - r.num_computed) for r in self.scheduler.running)
         limit = factor * self.config.slo.ttft_s
         now = self.clock()
-        free = self.config.scheduler.max_num_seqs - len(self.scheduler.running)
-        slots = slot_wait(len(self.scheduler.waiting), free, self.slot_rate.per_s(now))
+        slots = self._slot_wait(now)
         wait = admission_wait(ahead, num_tokens, rate, step_s=self._step_time_ema,
                               elapsed_s=now - arrival, slot_wait_s=slots)
         expected = wait + self.wait_feedback.margin(limit)  # corrected by the measured errors
@@ -172,6 +171,11 @@ class LLMEngine:
             raise AdmissionError(f"its first token would come in ~{expected:.2f} s, over the "
                                  f"{limit:.2f} s admission limit ({factor:g} x the TTFT SLO)", retry)
         return wait
+
+    def _slot_wait(self, now: float) -> float:
+        """Seconds a request arriving now would wait for a sequence slot."""
+        free = self.config.scheduler.max_num_seqs - len(self.scheduler.running)
+        return slot_wait(len(self.scheduler.waiting), free, self.slot_rate.per_s(now))
 
     def _retry_after(self) -> float:
         queued = self.scheduler.num_waiting_tokens + len(self.scheduler.running)
@@ -360,6 +364,7 @@ class LLMEngine:
                     num_refused_slo_total=self.num_refused_slo,
                     admission_margin_s=self.wait_feedback.margin(
                         (self.config.scheduler.admission_ttft_factor or 0.0) * self.config.slo.ttft_s),
+                    admission_slot_wait_s=self._slot_wait(self.clock()),
                     brownout_ready=self.runner.brownout_ready)
 
 

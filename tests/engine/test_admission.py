@@ -224,6 +224,7 @@ def test_full_slots_refuse_what_would_wait_too_long(tiny_models):
         eng.slot_rate.observe(t[0] - 0.05 * i)
     eng.add_request("w1", list(range(3, 8)), PARAMS)  # one slot to free: 50 ms
     assert eng.requests["w1"].predicted_wait_s == pytest.approx(0.0505)
+    assert eng.snapshot()["admission_slot_wait_s"] == pytest.approx(0.1)  # behind w1 now
     with pytest.raises(AdmissionError) as refused:  # two slots: 100.5 ms > 100 ms
         eng.add_request("w2", list(range(3, 8)), PARAMS)
     assert refused.value.retry_after_s >= 1.0
