@@ -1,8 +1,8 @@
 """Where a headline run's engine time went: step counts and mean step latency by phase
 (steps with prefill work vs decode-only steps), per window, from the server's /metrics
 scrapes that the bench client saved (metrics.jsonl of each policy run); for the policy runs
-also the share of the burst's wall time spent inside steps, the host time between them, and
-the paper's step-latency violation windows.
+also the share of the burst's wall time spent inside steps, the host time between them, the
+mean tau the scrapes found in the burst, and the paper's step-latency violation windows.
 
 Run: python benchmarks/headline_steps.py HEADLINE_DIR [--window 3] [--out FILE.json]
 """
@@ -63,6 +63,8 @@ def busy_between(metrics: list[dict], t0: float, t1: float) -> Optional[dict]:
     for p in PHASES:  # mean step latency by phase inside the window
         n, s = _delta(a, b, _key("count", p)), _delta(a, b, _key("sum", p))
         out[f"{p}_mean_ms"] = 1e3 * s / n if n else None
+        # the tau each scrape found the controller at (its last choice), averaged over the window
+        out[f"tau_{p}_mean"] = sum(m[f"tau_{p}"] for m in inside) / len(inside)
     return out
 
 

@@ -174,14 +174,16 @@ def headline(name: str) -> None:
     if steps.is_file():
         lines += ["", "Engine time by step phase (`benchmarks/headline_steps.py`, from the /metrics scrapes):", "",
                   "| run | prefill steps | mean prefill step ms | share of busy time | decode steps | mean decode step ms "
-                  "| burst: engine busy | burst: host ms between steps | burst: mean prefill / decode step ms |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+                  "| burst: engine busy | burst: host ms between steps | burst: mean prefill / decode step ms "
+                  "| burst: mean scraped tau prefill / decode |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
         for run, v in json.loads(steps.read_text()).items():
             p, d, b = v["summary"]["prefill"], v["summary"]["decode"], v.get("burst") or {}
             busy = f"{100 * b['busy_fraction']:.0f}%" if b else "-"
             lines.append(f"| {run} | {p['steps']:.0f} | {_f(p['mean_ms'], 1)} | {100 * p['share_of_busy']:.0f}% | "
                          f"{d['steps']:.0f} | {_f(d['mean_ms'], 1)} | {busy} | {_f(b.get('host_ms_between_steps'), 1)} | "
-                         f"{_f(b.get('prefill_mean_ms'), 1)} / {_f(b.get('decode_mean_ms'), 1)} |")
+                         f"{_f(b.get('prefill_mean_ms'), 1)} / {_f(b.get('decode_mean_ms'), 1)} | "
+                         f"{_f(b.get('tau_prefill_mean'), 2)} / {_f(b.get('tau_decode_mean'), 2)} |")
         step_runs = {run: v["step_violation_windows"] for run, v in json.loads(steps.read_text()).items()
                      if "step_violation_windows" in v}
         if step_runs:
