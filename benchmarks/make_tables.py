@@ -308,3 +308,4 @@ if __name__ == "__main__":
     demo_cpu("demo_cpu_run5")
     demo_cpu("demo_cpu_run6")
     demo_cpu("demo_cpu_run7")
+    demo_cpu("demo_cpu_run8")
