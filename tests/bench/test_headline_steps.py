@@ -29,3 +29,20 @@ def test_a_window_violates_when_more_than_a_tenth_of_a_phase_is_over_its_slo():
                _scrape(3.0, 120, 9, 30, 2),   # 2 of 10 decode steps over
                _scrape(4.0, 120, 9, 30, 2)]   # no steps
     assert m.step_violation_windows(metrics) == [2, 3]
+
+
+def test_burst_summary_busy_share_step_means_and_scraped_tau():
+    m = _module()
+    metrics = []
+    for i, tau in enumerate([1.0, 0.5, 0.2, 0.3]):  # one scrape a second, 20 + 40 steps a second
+        s = _scrape(float(i), 20 * i, 0, 40 * i, 0)
+        s["brownout"]["brownout_step_latency_seconds_sum,phase=prefill"] = 0.4 * i  # 20 ms steps
+        s["brownout"]["brownout_step_latency_seconds_sum,phase=decode"] = 0.4 * i  # 10 ms steps
+        s.update(tau_prefill=1.0, tau_decode=tau)
+        metrics.append(s)
+    b = m.busy_between(metrics, 1.0, 3.0)  # the scrapes at 1, 2 and 3 s
+    assert abs(b["busy_fraction"] - 0.8) < 1e-12 and b["steps_per_s"] == 60
+    assert abs(b["host_ms_between_steps"] - 1e3 * 0.4 / 120) < 1e-9
+    assert abs(b["prefill_mean_ms"] - 20) < 1e-9 and abs(b["decode_mean_ms"] - 10) < 1e-9
+    assert abs(b["tau_decode_mean"] - (0.5 + 0.2 + 0.3) / 3) < 1e-12 and b["tau_prefill_mean"] == 1.0
+    assert m.busy_between(metrics, 3.0, 3.5) is None  # one scrape: nothing to difference
