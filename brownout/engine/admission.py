@@ -14,12 +14,9 @@ engine predicts a new request's wait for its first token,
 
 where the slot wait counts, when every sequence slot (`max_num_seqs`) is taken, the slots
 that must free before it gets one (the requests queued ahead of it, plus itself, less the
-free slots) at the rate running requests have been finishing (`SlotRate`). With long outputs
-the burst fills every slot and new requests wait for a slot, not for prefill: the H200 run
-with the trace's real output lengths (`headline_h200_run14`) still had TTFT windows under an
-admission model that counted prompt tokens only,
-
-and refuses it (429 with a Retry-After of the time the queue needs to drain below the limit)
+free slots) at the rate running requests have been finishing (`SlotRate`): with long outputs
+a burst can fill every slot, and then new requests wait for a slot, not for prefill. It
+refuses it (429 with a Retry-After of the time the queue needs to drain below the limit)
 when wait > F x the TTFT SLO, so those it admits can still meet it. The error term closes the
 loop: without it the first H200 runs with admission (`headline_h200_run10`, `_run11`) admitted
 requests whose P90 TTFT came out 4-15 ms over the SLO, because near the limit every admitted
@@ -104,13 +101,17 @@ class SlotRate:
 
     def observe(self, t: float) -> None:
         self._times.append(t)
+        self._forget(t)  # bounded even when nobody reads the rate (no admission factor)
 
     def per_s(self, now: float) -> Optional[float]:
-        while self._times and self._times[0] < now - self.window_s:
-            self._times.popleft()
+        self._forget(now)
         if len(self._times) < self.min_events:
             return None
         return len(self._times) / self.window_s
+
+    def _forget(self, now: float) -> None:
+        while self._times and self._times[0] < now - self.window_s:
+            self._times.popleft()
 
 
 def slot_wait(queued_ahead: int, free_slots: int, rate: Optional[float]) -> float:
