@@ -282,7 +282,7 @@ def stage_offline(out_dir: Path, n_prompts: int = 64, prompt_len: int = 128, out
 
     from brownout.engine.llm import LLM
     from brownout.models.registry import preset_config
-    from brownout.runner.loader import _place
+    from brownout.runner.weights import load_tensors
 
     cfg = preset_config(preset)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
@@ -308,11 +308,7 @@ def stage_offline(out_dir: Path, n_prompts: int = 64, prompt_len: int = 128, out
               cache=CacheConfig(num_blocks=n_prompts * ((prompt_len + out_len) // 16 + 2)),
               scheduler=__import__("brownout.config", fromlist=["SchedulerConfig"]).SchedulerConfig(
                   max_num_seqs=n_prompts, max_num_batched_tokens=8192))
-    model = llm.engine.runner.model
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for key, t in hf.state_dict().items():
-            _place(params, model.spec, key, t)
+    load_tensors(llm.engine.runner.model, hf.state_dict(), "transformers' state dict")
     del hf
     gc.collect()
     torch.cuda.empty_cache() if device == "cuda" else None

@@ -3,11 +3,26 @@ renormalisation by default. Reference: transformers' modeling_qwen2_moe."""
 
 from __future__ import annotations
 
+from brownout.models.checkpoint import (ATTENTION, EMBEDDINGS, GATE_UP_DOWN, HEAD, LAYER, PARAM,
+                                        CheckpointLayout, Rule, Scope, has_shared_expert,
+                                        has_shared_expert_gate, packed_experts, routed_experts,
+                                        swiglu)
 from brownout.models.spec import (MoESpec, check_rope_scaling, dense_layers_of, head_dim_of,
                                   rope_theta_of)
 
 ARCHITECTURE = "Qwen2MoeForCausalLM"
 MOE_PREFIX = "mlp"  # model.layers.N.mlp.experts.M.{gate,up,down}_proj.weight
+
+CHECKPOINT = CheckpointLayout(
+    rules=(*EMBEDDINGS, *ATTENTION,
+           *routed_experts(MOE_PREFIX, GATE_UP_DOWN),
+           *swiglu(LAYER + "mlp.shared_expert", PARAM + "mlp.shared_expert", Scope.MOE,
+                   has_shared_expert),
+           Rule(LAYER + "mlp.shared_expert_gate.weight", PARAM + "mlp.shared_expert_gate.weight",
+                scope=Scope.MOE, when=has_shared_expert_gate),
+           *swiglu(LAYER + "mlp", PARAM + "mlp", Scope.DENSE),  # mlp_only_layers
+           *HEAD),
+    packed=packed_experts(MOE_PREFIX))
 
 
 def spec_from_config(cfg) -> MoESpec:

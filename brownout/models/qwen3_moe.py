@@ -3,11 +3,21 @@ shared expert. Reference: transformers' modeling_qwen3_moe."""
 
 from __future__ import annotations
 
+from brownout.models.checkpoint import (ATTENTION, EMBEDDINGS, GATE_UP_DOWN, HEAD, LAYER, PARAM,
+                                        CheckpointLayout, Scope, packed_experts, routed_experts,
+                                        swiglu)
 from brownout.models.spec import (MoESpec, check_rope_scaling, dense_layers_of, head_dim_of,
                                   rope_theta_of)
 
 ARCHITECTURE = "Qwen3MoeForCausalLM"
-MOE_PREFIX = "mlp"
+MOE_PREFIX = "mlp"  # model.layers.N.mlp.experts.M.{gate,up,down}_proj.weight
+
+CHECKPOINT = CheckpointLayout(
+    rules=(*EMBEDDINGS, *ATTENTION,  # ATTENTION holds q_norm / k_norm, which qk_norm turns on
+           *routed_experts(MOE_PREFIX, GATE_UP_DOWN),
+           *swiglu(LAYER + "mlp", PARAM + "mlp", Scope.DENSE),  # mlp_only_layers
+           *HEAD),
+    packed=packed_experts(MOE_PREFIX))
 
 
 def spec_from_config(cfg) -> MoESpec:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from types import ModuleType
 
 from brownout.models import mixtral, qwen2_moe, qwen3_moe
+from brownout.models.checkpoint import CheckpointLayout
 from brownout.models.spec import MoESpec
 
 FAMILIES: dict[str, ModuleType] = {m.ARCHITECTURE: m for m in (qwen2_moe, mixtral, qwen3_moe)}
@@ -57,6 +58,11 @@ def family_of(hf_config) -> ModuleType:
 
 def spec_of(hf_config) -> MoESpec:
     return family_of(hf_config).spec_from_config(hf_config)
+
+
+def layout_of(spec: MoESpec) -> CheckpointLayout:
+    """The checkpoint names of the family of `spec`."""
+    return FAMILIES[spec.architecture].CHECKPOINT
 
 
 def preset_config(name: str):

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+DEFAULT_ROPE_THETA = 10000.0  # transformers' default for the Qwen configs, when a config omits it
+
 
 @dataclass(frozen=True, slots=True)
 class MoESpec:
@@ -48,7 +50,7 @@ class MoESpec:
         return [i for i in range(self.num_layers) if i not in self.dense_layers]
 
 
-def rope_theta_of(hf_config, default: float = 10000.0) -> float:
+def rope_theta_of(hf_config, default: float = DEFAULT_ROPE_THETA) -> float:
     """transformers 5 keeps rope_theta inside rope_parameters; older versions at the top."""
     params = getattr(hf_config, "rope_parameters", None) or {}
     if isinstance(params, dict) and "rope_theta" in params:
