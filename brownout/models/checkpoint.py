@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import itertools
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import Enum
 from typing import Callable, Optional
 
@@ -55,6 +55,7 @@ class Scope(Enum):
 
 
 Predicate = Callable[[MoESpec], bool]
+PieceKey = tuple[str, Part, Optional[int]]  # (parameter, part, routed expert)
 
 
 @dataclass(frozen=True)
@@ -67,7 +68,7 @@ class Piece:
     expert: Optional[int] = None  # routed expert id of an EXPERT_* part
 
     @property
-    def key(self) -> tuple[str, Part, Optional[int]]:
+    def key(self) -> PieceKey:
         return self.param, self.part, self.expert
 
 
@@ -100,7 +101,7 @@ class CheckpointLayout:
     # place of the per-expert tensors of `rules`, never required
     packed: tuple[Rule, ...] = ()
     # (other spelling, canonical spelling) substrings of checkpoint names
-    aliases: tuple[tuple[str, str], ...] = field(default_factory=tuple)
+    aliases: tuple[tuple[str, str], ...] = ()
 
     def pieces(self, spec: MoESpec) -> list[Piece]:
         """Every piece the model of `spec` needs: model-wide rules in table order, each run

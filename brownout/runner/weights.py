@@ -16,17 +16,20 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Callable, Iterator, Mapping, Optional
+from typing import Callable, Iterator, Mapping, Optional, Union
 
 import torch
 from safetensors import SafetensorError, safe_open
 
 from brownout.distributed.sharding import expert_piece, expert_slot, local_part, qkv_piece, shard_dim
-from brownout.models.checkpoint import PACKED_COVERS, CheckpointLayout, Part, Piece
+from brownout.models.checkpoint import PACKED_COVERS, CheckpointLayout, Part, Piece, PieceKey
 from brownout.models.moe_lm import MoEForCausalLM
 from brownout.models.registry import layout_of
+from brownout.models.spec import MoESpec
 
 log = logging.getLogger(__name__)
+
+Where = Union[Path, str]  # a checkpoint file, or what else the tensors came from, for errors
 
 INDEX_FILE = "model.safetensors.index.json"  # names the files of a sharded checkpoint
 DUMMY_STD = 0.02  # std of random weights: transformers' default initializer_range
@@ -99,12 +102,12 @@ class WeightLoader:
         _check_covers(self.params, pieces)
         self.known = {p.name: p for p in pieces + self.layout.packed_pieces(self.spec)}
         self.needed = [p for p in pieces if self._held_here(p)]
-        self.filled: set = set()  # Piece.key of every piece placed
+        self.filled: set[PieceKey] = set()  # Piece.key of every piece placed
 
     def _held_here(self, piece: Piece) -> bool:
         return piece.expert is None or expert_slot(piece.expert, self.spec, self.parallel) is not None
 
-    def lookup(self, name: str, where) -> Optional[Piece]:
+    def lookup(self, name: str, where: Where) -> Optional[Piece]:
         """The piece checkpoint tensor `name` fills on this rank; None for a tensor to skip.
 
         A tensor the model has no place for means config.json describes another model than
@@ -119,21 +122,21 @@ class WeightLoader:
                                   f"({self.spec.architecture} as config.json describes it)")
         return piece if self._held_here(piece) else None
 
-    def check_shape(self, piece: Piece, shape: tuple[int, ...], where) -> None:
+    def check_shape(self, piece: Piece, shape: tuple[int, ...], where: Where) -> None:
         want = self.expected_shape(piece)
         if shape != want:
             raise CheckpointError(f"checkpoint tensor {piece.name} in {where} has shape {shape}, "
                                   f"the model expects {want}")
 
-    def place(self, piece: Piece, t: torch.Tensor, where) -> None:
+    def place(self, piece: Piece, t: torch.Tensor, where: Where) -> None:
         """Copy this rank's part of the whole checkpoint tensor `t` into the model."""
         self.check_shape(piece, tuple(t.shape), where)
         if piece.key in self.filled:
-            log.warning("checkpoint tensor %s appears twice; %s is read last", piece.name, where)
+            log.warning("checkpoint tensor %s appears twice; the one in %s is kept", piece.name, where)
         PART_LOADERS[piece.part](self.params[piece.param], piece, t, self)
         self.filled.update(self._keys_filled(piece))
 
-    def _keys_filled(self, piece: Piece) -> Iterator[tuple]:
+    def _keys_filled(self, piece: Piece) -> Iterator[PieceKey]:
         covers = PACKED_COVERS.get(piece.part)
         if covers is None:
             yield piece.key
@@ -157,11 +160,11 @@ def _check_covers(params: dict, pieces: list[Piece]) -> None:
     """Every parameter of the model is filled by some rule of the family's layout."""
     uncovered = set(params) - {p.param for p in pieces}
     if uncovered:
-        raise RuntimeError(f"the checkpoint layout fills no tensor of parameters {sorted(uncovered)}")
+        raise RuntimeError(f"no rule of the checkpoint layout fills parameters {sorted(uncovered)}")
 
 
 # full shape of the checkpoint tensor of each part, from the full parameter shape
-PART_SHAPES: dict[Part, Callable[[tuple[int, ...], object], tuple[int, ...]]] = {
+PART_SHAPES: dict[Part, Callable[[tuple[int, ...], MoESpec], tuple[int, ...]]] = {
     Part.WHOLE: lambda full, s: full,
     Part.Q: lambda full, s: (s.q_size, *full[1:]),
     Part.K: lambda full, s: (s.kv_size, *full[1:]),
