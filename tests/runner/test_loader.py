@@ -211,3 +211,33 @@ def test_each_rank_holds_its_part_of_the_one_process_model(tiny_models, family, 
                 n = part.moe_layers()[0].num_local_experts
                 p, want = p[:n], want[:n]
             torch.testing.assert_close(p, want, rtol=0, atol=0, msg=f"{family} rank {rank} {name}")
+
+
+@pytest.fixture(scope="module")
+def with_dense_layer(tiny_models, tmp_path_factory):
+    """The tiny Qwen2-MoE with a dense MLP in layer 1 (`mlp_only_layers`)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.from_pretrained(str(tiny_models["qwen2_moe"]))
+    cfg.mlp_only_layers = [1]
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg).float().eval()
+    with torch.no_grad():  # as tests/tiny.py: weights large enough that routing differs per token
+        for name, p in model.named_parameters():
+            if "norm" not in name:
+                p.normal_(0.0, 0.08)
+    path = tmp_path_factory.mktemp("dense")
+    model.save_pretrained(str(path))
+    return path
+
+
+def test_dense_layer_matches_transformers(with_dense_layer):
+    assert "model.layers.1.mlp.gate_proj.weight" in load_file(str(with_dense_layer / WEIGHTS))
+    _assert_matches_transformers(_load(with_dense_layer), with_dense_layer)
+
+
+def test_missing_dense_up_proj_is_named(with_dense_layer, tmp_path):
+    name = "model.layers.1.mlp.up_proj.weight"
+    path = _variant(with_dense_layer, tmp_path / "ckpt", _drop(name))
+    with pytest.raises(CheckpointError, match=re.escape(f"{name} is missing")):
+        _load(path)
