@@ -16,7 +16,8 @@ RUN_BUDGET_BYTES; a warning names the largest files when it does not.
 Usage: python benchmarks/compact_raw.py SRC DEST [--part SUBDIR]
   SRC     a run directory or a .tgz; DEST the directory to write (may be SRC: in place)
   --part  the subdirectory of SRC that holds the run (`hl` for the headline part of a
-          device_run.sh tarball, `sweep` for its rate sweep)
+          device_run.sh tarball, `sweep` for its rate sweep); the files at the top of SRC
+          (the call's GPU description and logs) come along
 e.g. python benchmarks/compact_raw.py h18.tgz benchmarks/results/headline/raw/headline_h200_run18 --part hl
 """
 
@@ -129,21 +130,31 @@ def compact_tree(src: Path, dest: Path) -> int:
     return total
 
 
+def _compact_part(root: Path, dest: Path, part: Optional[str]) -> int:
+    if not part:
+        return compact_tree(root, dest)
+    if not (root / part).is_dir():
+        raise FileNotFoundError(f"{root} has no folder {part!r}")
+    total = compact_tree(root / part, dest)
+    for path in sorted(p for p in root.iterdir() if p.is_file()):
+        out = compact_file(path, dest / path.name)
+        total += out.stat().st_size if out else 0
+    return total
+
+
 def compact(src: Path, dest: Path, part: Optional[str] = None) -> int:
-    """Compact a run directory or tarball (optionally its subdirectory `part`) into `dest`."""
+    """Compact a run directory or tarball (optionally its subdirectory `part`, with the
+    files at its top) into `dest`; returns the bytes written."""
     if src.is_dir():
-        return compact_tree(src / part if part else src, dest)
+        return _compact_part(src, dest, part)
     with tempfile.TemporaryDirectory() as tmp, tarfile.open(src) as tar:
         if hasattr(tarfile, "data_filter"):  # refuses links and paths outside the folder
             tar.extractall(tmp, filter="data")
         else:
             tar.extractall(tmp)
-        root = Path(tmp) / part if part else Path(tmp)
-        if not root.is_dir():
-            raise FileNotFoundError(f"{src} has no folder {part!r}")
         if dest.exists():
             shutil.rmtree(dest)
-        return compact_tree(root, dest)
+        return _compact_part(Path(tmp), dest, part)
 
 
 def main() -> None:
