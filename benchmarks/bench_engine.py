@@ -15,6 +15,9 @@ Stages (each writes its raw JSON under --out as soon as it finishes):
               (ours copied from the transformers model), same prompts and output lengths
 
 Run: python benchmarks/bench_engine.py --out $OUT [--stages decode,brownout,offline]
+The stages' JSON files, with `meta` and the command, make one results file
+benchmarks/results/engine/engine_<gpu>_runN.json, whose tables `make_tables.py` renders; the
+output directory itself goes to engine/raw/engine_<gpu>_runN/ through `compact_raw.py`.
 Random router weights route almost uniformly; real checkpoints are skewed, so the expert
 savings of brownout here are a lower bound of what a trained model gets at the same tau.
 """

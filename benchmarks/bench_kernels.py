@@ -13,6 +13,8 @@ With --crowded: only the fused MoE at tau = 0 (every row in a united slot), swep
 count and keyed by rows per busy slot, the winners added to the device's committed table.
 Usage: python benchmarks/bench_kernels.py --out DIR [--budget-s 240] [--smoke] [--tokens ...]
        [--skip-attention] [--crowded]
+kernels_raw.json under DIR is committed as benchmarks/results/kernels/kernels_<gpu>.json (its
+table by `make_tables.py`), the winning tiles as brownout/kernels/configs/<device>.json.
 """
 
 from __future__ import annotations

@@ -16,7 +16,8 @@ sampling) after a device synchronise, median of repeats. Eager steps are forced 
 rank by asking for (empty) prompt logprobs, which no CUDA graph serves.
 
 Run: python benchmarks/bench_parallel.py --out $OUT [--stages check-tp,check-ep,single,ep,tp]
-Writes $OUT/parallel_<stage>.json per stage, then $OUT/parallel.json and $OUT/parallel.md.
+Writes $OUT/parallel_<stage>.json per stage, then $OUT/parallel.json and $OUT/parallel.md,
+committed as benchmarks/results/parallel/parallel_<gpus>.{json,md}.
 """
 
 from __future__ import annotations

@@ -1,9 +1,10 @@
-"""Where a prefill-sized MoE layer spends its time with and without brownout (H100).
+"""Where a prefill-sized MoE layer spends its time with and without brownout (GPU).
 
 One MoE layer of dummy Qwen1.5-MoE-A2.7B (bf16, 60 experts + 30 united slots, way 4
 uniform-average united experts), eager as in a serving prefill step, T tokens in
 {512, 2048}: the whole layer at tau = None / 1 / 0, and its parts (router top-k, brownout
-routing, fused experts on plain and on remapped ids). Writes prefill_moe.json under --out.
+routing, fused experts on plain and on remapped ids). Writes prefill_moe.json under --out,
+committed as benchmarks/results/kernels/prefill_moe_<gpu>.json.
 """
 
 from __future__ import annotations

@@ -6,11 +6,11 @@ bench_prefill_moe.py), T tokens in {64, 512, 2048}. Variants: `brownout_route_to
 the Triton path as dispatched (one launch up to FUSED_MAX_ASSIGNMENTS, else two), and
 both Triton launch plans forced. Each is checked against the torch version first.
 Timings (CUDA events, medians): "eager" = one call as a serving step issues it (host
-launch cost included, as bench_prefill_moe.py measured), "graph" = per call inside a
+launch cost included), "graph" = per call inside a
 captured CUDA graph of 10 calls (device time and node gaps only).
 Bytes moved are ~16 B per assignment (ids + weights in and out): T = 2048, k = 4 is
 131 KB, ~0.05 us at 3 TB/s, so the floor is launch latency, not bandwidth.
-Writes routing.json under --out.
+Writes routing.json under --out, committed as benchmarks/results/routing/routing_<gpu>.json.
 """
 
 from __future__ import annotations

@@ -1,15 +1,21 @@
 #!/usr/bin/env bash
 # Driver for one call on the GPU machine: install carried wheels, run the named parts with
-# time limits, pack everything into $OUT/<tag>.tgz (the machine returns few files).
+# time limits, compact their raw output (benchmarks/compact_raw.py) and pack it into
+# $OUT/<tag>.tgz, since the machine returns at most a few files.
 #   bash benchmarks/device_run.sh TAG PART[,PART...] [extra headline flags]
 # Parts: tests (GPU tests of the engine and kernels), engine (bench_engine stages in
 # $ENGINE_STAGES), kernels (fused MoE tile sweep at $KERNEL_TOKENS; KERNEL_EXTRA=--crowded
 # for the tau = 0 case), install (that table into brownout/kernels/configs for the later
 # parts), headline (benchmarks/headline.py), sweep (headline rate sweep, needs
 # $CALIBRATION). Wheels in .whl/ (fastapi, uvicorn, pydantic...) for the server; the trace in
-# .gpu_data/ (a copy of ../shared/data/traces, never committed). The device copies the working
-# tree (64 MiB at most): move benchmarks/results/raw (the raw result tarballs) out of the tree for
-# the call and back after it.
+# .gpu_data/ (a copy of ../shared/data/traces, never committed).
+# The tarball is transport only, never committed. Back on the development machine, each part's
+# folder in it goes to its experiment's raw folder, e.g. for a headline run:
+#   python benchmarks/compact_raw.py TAG.tgz benchmarks/results/headline/raw/headline_<gpu>_runN --part hl
+#   python benchmarks/headline_steps.py benchmarks/results/headline/raw/headline_<gpu>_runN \
+#     --out benchmarks/results/headline/headline_<gpu>_runN_steps.json
+# then the summary (hl/headline.json) becomes headline/headline_<gpu>_runN.json and
+# `python benchmarks/make_tables.py` renders its table (benchmarks/results/README.md).
 set -uo pipefail
 tag=$1; parts=$2; shift 2
 cd "$(dirname "$0")/.."
@@ -23,7 +29,13 @@ fi
 work=/tmp/run-$tag; mkdir -p "$work"
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem --format=csv > "$work/gpu.txt" 2>&1
 python3 -c "import torch, triton; print(torch.__version__, triton.__version__)" >> "$work/gpu.txt"
-pack() { tar czf "$OUT/$tag.tgz" -C "$work" . ; }
+pack() {  # the compact form when compaction works, everything otherwise
+  if python3 benchmarks/compact_raw.py "$work" "$work.compact"; then
+    tar czf "$OUT/$tag.tgz" -C "$work.compact" .
+  else
+    tar czf "$OUT/$tag.tgz" -C "$work" .
+  fi
+}
 trap pack EXIT
 for part in ${parts//,/ }; do
   echo "=== $part $(date +%T)"

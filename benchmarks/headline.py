@@ -13,6 +13,10 @@ bench client over loopback on the same machine. Steps:
   3. a rate sweep (the same trace replayed sped up to each fraction of the capacity) with
      brownout off and predictive: the largest rate whose P90 TTFT and P90 TPOT meet the SLOs.
 Run: python benchmarks/headline.py --out $OUT  (needs fastapi/uvicorn installed)
+At the end the output directory is compacted in place (`compact_raw.py`: gzipped request
+records without per-token times, gzipped metrics scrapes and logs), which is the form
+committed as benchmarks/results/headline/raw/<name>/; its headline.json becomes
+benchmarks/results/headline/<name>.json (see benchmarks/results/README.md).
 """
 
 from __future__ import annotations
@@ -22,6 +26,8 @@ import json
 import logging
 import time
 from pathlib import Path
+
+from compact_raw import compact_tree
 
 from brownout.bench.cli import run_bench
 from brownout.bench.experiment import ServerConfig, run_configs, server_process
@@ -143,55 +149,8 @@ def sweep(args, cal: dict, out: Path) -> list[dict]:
     return rows
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--device", default="cuda")
-    ap.add_argument("--model", default=None, help="a checkpoint instead of dummy Qwen1.5-MoE (dry runs)")
-    ap.add_argument("--trace", type=Path, default=TRACE)
-    ap.add_argument("--trace-start", type=float, default=600.0, help="offset into the trace, seconds")
-    ap.add_argument("--duration", type=float, default=75.0, help="seconds per policy run")
-    ap.add_argument("--base-load", type=float, default=0.7)
-    ap.add_argument("--burst", type=float, default=2.0)
-    ap.add_argument("--max-num-seqs", type=int, default=128)
-    # a step budget that keeps steps with prefill work memory-bound, where brownout's
-    # savings apply (2048-token steps are compute-bound: tau 0 saved 10% there against ~31%
-    # at 575-1087 tokens, engine_h200_run3.md)
-    ap.add_argument("--max-num-batched-tokens", type=int, default=1024)
-    ap.add_argument("--max-prompt", type=int, default=1024)
-    ap.add_argument("--max-output", type=int, default=128)
-    ap.add_argument("--probe-s", type=float, default=15.0)
-    ap.add_argument("--check-interval", type=float, default=1.0)
-    ap.add_argument("--slo-margin", type=float, default=1.5,
-                    help="SLOs = this x the P90 (steps: mean) measured at the base load, brownout off")
-    ap.add_argument("--sweep", type=lambda s: [float(x) for x in s.split(",")], default=[0.8, 1.1, 1.4])
-    ap.add_argument("--sweep-s", type=float, default=20.0)
-    ap.add_argument("--skip-sweep", action="store_true")
-    ap.add_argument("--sweep-only", action="store_true", help="only the rate sweep (with --calibration)")
-    ap.add_argument("--admission-ttft-factor", type=float, default=None,
-                    help="every policy's server refuses requests whose predicted wait for the first "
-                         "token exceeds this many TTFT SLOs (default: no such admission control)")
-    ap.add_argument("--policies", default="off,aimd,predictive", help="policy runs, comma-separated (off first)")
-    ap.add_argument("--calibration", type=Path, default=None,
-                    help="calibration.json (or the headline.json / committed result) of an earlier "
-                         "run instead of calibrating again: the same SLOs and offered load, so two "
-                         "code versions compare on one workload")
-    args = ap.parse_args()
-    if "off" not in args.policies.split(","):
-        ap.error("--policies must include off (the baseline every ratio is taken against)")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    args.out.mkdir(parents=True, exist_ok=True)
-    if args.calibration:
-        cal = json.loads(args.calibration.read_text())
-        cal = cal.get("calibration", cal)  # a headline summary carries its calibration
-        cal["reused_from"] = str(args.calibration)
-        log.info("calibration from %s: %s", args.calibration, cal)
-    else:
-        cal = calibrate(args, args.out)
-    if args.sweep_only:
-        (args.out / "headline.json").write_text(json.dumps(dict(calibration=cal, sweep=sweep(args, cal, args.out)),
-                                                           indent=2))
-        return
+def run_policies(args, cal: dict) -> None:
+    """One run per policy on the burst workload, then the rate sweep unless skipped."""
     d = args.duration
     t0, t1 = round(d / 3, 1), round(2 * d / 3, 1)
     workload = trace_spec(args, cal["speedup"], d, f",burst={args.burst},burst_at={t0},burst_until={t1}")
@@ -214,6 +173,63 @@ def main() -> None:
     if not args.skip_sweep:
         summary["sweep"] = sweep(args, cal, args.out)
         (args.out / "headline.json").write_text(json.dumps(summary, indent=2))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--model", default=None, help="a checkpoint instead of dummy Qwen1.5-MoE (dry runs)")
+    ap.add_argument("--trace", type=Path, default=TRACE)
+    ap.add_argument("--trace-start", type=float, default=600.0, help="offset into the trace, seconds")
+    ap.add_argument("--duration", type=float, default=75.0, help="seconds per policy run")
+    ap.add_argument("--base-load", type=float, default=0.7)
+    ap.add_argument("--burst", type=float, default=2.0)
+    ap.add_argument("--max-num-seqs", type=int, default=128)
+    # a step budget that keeps steps with prefill work memory-bound, where brownout's
+    # savings apply: at 2048 tokens a step is bound by arithmetic, which the united experts
+    # do not remove (they cut the bytes of expert weights read, not the flops per token)
+    ap.add_argument("--max-num-batched-tokens", type=int, default=1024)
+    ap.add_argument("--max-prompt", type=int, default=1024)
+    ap.add_argument("--max-output", type=int, default=128)
+    ap.add_argument("--probe-s", type=float, default=15.0)
+    ap.add_argument("--check-interval", type=float, default=1.0)
+    ap.add_argument("--slo-margin", type=float, default=1.5,
+                    help="SLOs = this x the P90 (steps: mean) measured at the base load, brownout off")
+    ap.add_argument("--sweep", type=lambda s: [float(x) for x in s.split(",")], default=[0.8, 1.1, 1.4])
+    ap.add_argument("--sweep-s", type=float, default=20.0)
+    ap.add_argument("--skip-sweep", action="store_true")
+    ap.add_argument("--sweep-only", action="store_true", help="only the rate sweep (with --calibration)")
+    ap.add_argument("--admission-ttft-factor", type=float, default=None,
+                    help="every policy's server refuses requests whose predicted wait for the first "
+                         "token exceeds this many TTFT SLOs (default: no such admission control)")
+    ap.add_argument("--full-raw", action="store_true",
+                    help="leave the output directory as the runs wrote it (per-token times, plots, "
+                         "access logs) instead of compacting it at the end")
+    ap.add_argument("--policies", default="off,aimd,predictive", help="policy runs, comma-separated (off first)")
+    ap.add_argument("--calibration", type=Path, default=None,
+                    help="calibration.json (or the headline.json / committed result) of an earlier "
+                         "run instead of calibrating again: the same SLOs and offered load, so two "
+                         "code versions compare on one workload")
+    args = ap.parse_args()
+    if "off" not in args.policies.split(","):
+        ap.error("--policies must include off (the baseline every ratio is taken against)")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.calibration:
+        cal = json.loads(args.calibration.read_text())
+        cal = cal.get("calibration", cal)  # a headline summary carries its calibration
+        cal["reused_from"] = str(args.calibration)
+        log.info("calibration from %s: %s", args.calibration, cal)
+    else:
+        cal = calibrate(args, args.out)
+    if args.sweep_only:
+        (args.out / "headline.json").write_text(json.dumps(dict(calibration=cal, sweep=sweep(args, cal, args.out)),
+                                                           indent=2))
+    else:
+        run_policies(args, cal)
+    if not args.full_raw:
+        compact_tree(args.out, args.out)
 
 
 if __name__ == "__main__":

@@ -1,10 +1,14 @@
 """Where a headline run's engine time went: step counts and mean step latency by phase
 (steps with prefill work vs decode-only steps), per window, from the server's /metrics
-scrapes that the bench client saved (metrics.jsonl of each policy run); for the policy runs
-also the share of the burst's wall time spent inside steps, the host time between them, the
-mean tau the scrapes found in the burst, and the paper's step-latency violation windows.
+scrapes that the bench client saved (metrics.jsonl, or its compact metrics.jsonl.gz, of each
+policy run); for the policy runs also the share of the burst's wall time spent inside steps,
+the host time between them, the mean tau the scrapes found in the burst, and the paper's
+step-latency violation windows.
 
 Run: python benchmarks/headline_steps.py HEADLINE_DIR [--window 3] [--out FILE.json]
+HEADLINE_DIR is headline.py's output directory or its compact copy
+(benchmarks/results/headline/raw/<name>/); the table is committed as
+benchmarks/results/headline/<name>_steps.json.
 """
 
 from __future__ import annotations
@@ -13,6 +17,8 @@ import argparse
 import json
 from pathlib import Path
 from typing import Optional
+
+from compact_raw import jsonl_file, read_jsonl
 
 PHASES = ("prefill", "decode")
 
@@ -95,8 +101,8 @@ def main() -> None:
     head = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
     burst = head.get("burst_window_s")
     policies = {r["label"] for r in head.get("rows", [])}
-    for run in sorted(p for p in args.headline_dir.iterdir() if (p / "metrics.jsonl").is_file()):
-        metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line]
+    for run in sorted(p for p in args.headline_dir.iterdir() if p.is_dir() and jsonl_file(p, "metrics")):
+        metrics = read_jsonl(jsonl_file(run, "metrics"))
         rows = step_table(metrics, args.window)
         result[run.name] = dict(summary=summarize(rows), windows=rows)
         if burst is not None and run.name in policies:

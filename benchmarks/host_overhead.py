@@ -4,15 +4,16 @@ the pickling of the step's outputs for the HTTP process).
 
 The runner is replaced by a stub that samples a random token for every sequence and
 reports expert counts, so the figure is the engine's own per-step host cost at a given
-number of running requests, on whatever machine runs it. On the GPU this cost is paid
-between steps, where the GPU idles (the headline runs measured 5-12 ms per step with
-64-128 running requests, `benchmarks/results/headline_h200_run5.md`).
+number of running requests, on whatever machine runs it. On the GPU the serialized part of
+this cost is paid between steps, where the GPU idles.
 
 `serialized_ms_per_step` is the part between collecting a step's results and launching the
 next (scheduling, token bookkeeping, the controller): the GPU waits for it; the rest of the
 host time (detokenisation, outputs, request intake) overlaps the launched step.
 
 Run: python benchmarks/host_overhead.py [--running 128] [--steps 300] [--profile FILE]
+       [--out benchmarks/results/engine/host_overhead_cpu.json]
+With --out the rows are appended to that JSON file and its markdown table is rewritten.
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ def stub_runner(engine: LLMEngine, vocab: int, layers: int):
         return pending
 
     engine.runner.launch, engine.runner.collect = launch, collect
-    engine.runner.execute = lambda sched, tau=1.0: collect(launch(sched, tau))  # engines before launch/collect
+    engine.runner.execute = lambda sched, tau=1.0: collect(launch(sched, tau))  # callers of the one-call API
     return serial
 
 

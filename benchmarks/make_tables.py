@@ -1,8 +1,12 @@
-"""Render the markdown tables of benchmarks/results from their raw JSON files.
+"""Render the markdown tables of benchmarks/results from their JSON files.
 
-Run: python benchmarks/make_tables.py [--demo-dir DIR]
-(rewrites engine_decode_h100.md, headline_h100_run1.md, demo_cpu.md; with --demo-dir,
-first collects demo_cpu.json from the output directory of `brownout demo`)
+Each experiment has its folder under benchmarks/results (headline/, engine/, kernels/,
+demo/); a table NAME.md is rendered from NAME.json beside it (and, for a headline run,
+NAME_steps.json from `headline_steps.py`).
+
+Run: python benchmarks/make_tables.py [--demo-dir DIR [--demo-name NAME]]
+(rewrites every table it renders; with --demo-dir, first collects demo/NAME.json from the
+output directory of `brownout demo` and its compact raw data into demo/raw/NAME/)
 """
 
 from __future__ import annotations
@@ -10,38 +14,19 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from compact_raw import compact_tree
+
 RESULTS = Path(__file__).resolve().parent / "results"
+HEADLINE, ENGINE, KERNELS, DEMO = (RESULTS / d for d in ("headline", "engine", "kernels", "demo"))
 
 
 def _f(x, d=3):
     return "-" if x is None else (f"{x:.{d}f}" if isinstance(x, float) else str(x))
 
 
-def engine_decode() -> None:
-    data = json.loads((RESULTS / "engine_decode_h100.json").read_text())
-    meta = data["meta"]
-    lines = [f"# Decode step, dummy {meta['preset']} ({meta['weights']})", "",
-             f"{meta['device']}, torch {meta['torch']}, copy bandwidth "
-             f"{meta['copy_bandwidth_Bps'] / 1e12:.2f} TB/s (read + write), measured in the same run by "
-             "`benchmarks/bench_engine.py --stages decode`. Step = `ModelRunner.execute` end to end "
-             "(input prep, forward, sampling, host copy of the tokens). Roofline = (all non-expert "
-             "weights + distinct expert slots touched x expert bytes + KV read) / bandwidth.", "",
-             "Measured before three later changes, so it is an upper bound of today's step: the "
-             "captured graphs then ran brownout routing at tau = 1 as ~25 torch ops per layer "
-             "(about 0.1 ms per layer inside a graph, see routing_h100.md; now a routing-free graph "
-             "is replayed at tau = 1), the fused MoE ran default tiles (no tuned table yet), and "
-             "the routing kernel was not fused. Not yet re-measured.", "",
-             "| context | batch | CUDA graph | step ms | roofline ms | step / roofline | experts touched / layer |",
-             "|---|---|---|---|---|---|---|"]
-    for r in data["rows"]:
-        lines.append(f"| {r['ctx']} | {r['batch']} | {'yes' if r['cuda_graph'] else 'no'} | {r['step_ms']:.2f} | "
-                     f"{r['roofline_ms']:.2f} | {r['ratio']:.2f} | {r['experts_touched_mean']:.1f} |")
-    (RESULTS / "engine_decode_h100.md").write_text("\n".join(lines) + "\n")
-
-
 def engine(name: str) -> None:
-    """Tables of a `bench_engine.py` run collected into results/NAME.json (any of its stages)."""
-    data = json.loads((RESULTS / f"{name}.json").read_text())
+    """Tables of a `bench_engine.py` run collected into engine/NAME.json (any of its stages)."""
+    data = json.loads((ENGINE / f"{name}.json").read_text())
     meta = data["meta"]
     md = [f"# Engine on the GPU: {name}", "",
           f"{meta['device']}, torch {meta['torch']}, dummy {meta['preset']} ({meta['weights']}); copy bandwidth "
@@ -142,11 +127,11 @@ def engine(name: str) -> None:
                "prompts (random bf16 weights give near-tied logits; the two implementations round differently).", ""]
     if data.get("gpu_tests"):
         md += [f"GPU tests in the same run: {data['gpu_tests']}.", ""]
-    (RESULTS / f"{name}.md").write_text("\n".join(md))
+    (ENGINE / f"{name}.md").write_text("\n".join(md))
 
 
 def headline(name: str) -> None:
-    data = json.loads((RESULTS / f"{name}.json").read_text())
+    data = json.loads((HEADLINE / f"{name}.json").read_text())
     cal = data["calibration"]
     lines = [f"# {name}", "", f"Workload: `{data['workload']}`", ""]
     if data.get("server_flags"):
@@ -170,7 +155,7 @@ def headline(name: str) -> None:
                          f"{_f(r['p90_tpot_s'], 4)} | {_f(r['goodput_req_s'])} | {_f(r['mean_tau'])} | {r['meets_slo']} |")
     if data.get("note"):
         lines += ["", data["note"]]
-    steps = RESULTS / f"{name}_steps.json"
+    steps = HEADLINE / f"{name}_steps.json"
     if steps.is_file():
         lines += ["", "Engine time by step phase (`benchmarks/headline_steps.py`, from the /metrics scrapes):", "",
                   "| run | prefill steps | mean prefill step ms | share of busy time | decode steps | mean decode step ms "
@@ -197,12 +182,12 @@ def headline(name: str) -> None:
                 red = "-" if run == "off" or not base else f"{1 - len(w) / base:.3f}"
                 lines.append(f"| {run} | {len(w)} | {red} | {', '.join(map(str, w)) or '-'} |")
         lines += timeline(json.loads(steps.read_text()))
-    (RESULTS / f"{name}.md").write_text("\n".join(lines) + "\n")
+    (HEADLINE / f"{name}.md").write_text("\n".join(lines) + "\n")
 
 
 def kernels(name: str) -> None:
-    """Fused-MoE tile sweep of `bench_kernels.py` (results/NAME.json)."""
-    data = json.loads((RESULTS / f"{name}.json").read_text())
+    """Fused-MoE tile sweep of `bench_kernels.py` (kernels/NAME.json)."""
+    data = json.loads((KERNELS / f"{name}.json").read_text())
     md = [f"# Fused MoE kernel: {name}", "", f"{data['device']}, torch {data['torch']}, triton {data['triton']}, "
           f"{data['dtype']}; copy bandwidth {data['copy_bw_gbs']:.0f} GB/s measured in the run. Command: "
           f"`{data['command']}`. " + data.get("note", ""), "",
@@ -224,7 +209,7 @@ def kernels(name: str) -> None:
             md.append(f"| {r['tokens']} | {r['rows_per_busy_slot']:.0f} | {r['slots_touched']:.1f} | "
                       f"{r['roofline_us']:.1f} | {r['tuned_us']:.1f} | {r['ratio']:.2f} | {r['default_us']:.1f} | "
                       f"{r['tuned_us'] / r['default_us']:.3f} | {_f(r.get('tflops_achieved'), 0)} | {tiles} |")
-    (RESULTS / f"{name}.md").write_text("\n".join(md) + "\n")
+    (KERNELS / f"{name}.md").write_text("\n".join(md) + "\n")
 
 
 def timeline(steps: dict, policies=("off", "aimd", "predictive")) -> list[str]:
@@ -248,20 +233,22 @@ def timeline(steps: dict, policies=("off", "aimd", "predictive")) -> list[str]:
 
 
 def collect_demo(demo_dir: Path, machine: str, name: str = "demo_cpu") -> None:
+    """demo/NAME.json from the output directory of `brownout demo`, and its compact raw data."""
     out = {"machine": machine, "command": "brownout demo --out demo-out --no-progress", "parts": {}}
     for part in sorted(p.name for p in demo_dir.iterdir() if (p / "comparison.json").is_file()):
         meta = json.loads((demo_dir / part / "off" / "meta.json").read_text())
         out["parts"][part] = {"calibration": json.loads((demo_dir / part / "calibration.json").read_text()),
                               "workload": meta["workload"],
                               "comparison": json.loads((demo_dir / part / "comparison.json").read_text())}
-    (RESULTS / f"{name}.json").write_text(json.dumps(out, indent=1))
+    (DEMO / f"{name}.json").write_text(json.dumps(out, indent=1))
+    compact_tree(demo_dir, DEMO / "raw" / name)
 
 
 def demo_cpu(name: str = "demo_cpu") -> None:
-    data = json.loads((RESULTS / f"{name}.json").read_text())
+    data = json.loads((DEMO / f"{name}.json").read_text())
     md = ["# The main job on the CPU (`brownout demo`)", "",
           f"Machine: {data['machine']}. Command: `{data['command']}`; raw per-request logs, metrics "
-          f"scrapes, reports and plots in `raw/{name}.tgz`. Timings on a CPU say nothing of GPU "
+          f"scrapes and reports in `raw/{name}/`. Timings on a CPU say nothing of GPU "
           "performance; they show the control loop at work.", ""]
     for part, d in data["parts"].items():
         cal = d["calibration"]
@@ -277,7 +264,7 @@ def demo_cpu(name: str = "demo_cpu") -> None:
         md.append("")
     if data.get("note"):
         md += [data["note"], ""]
-    (RESULTS / f"{name}.md").write_text("\n".join(md))
+    (DEMO / f"{name}.md").write_text("\n".join(md))
 
 
 if __name__ == "__main__":
@@ -285,27 +272,18 @@ if __name__ == "__main__":
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--demo-dir", type=Path, default=None)
-    ap.add_argument("--demo-name", default="demo_cpu", help="results/NAME.json for --demo-dir")
+    ap.add_argument("--demo-name", default="demo_cpu", help="demo/NAME.json for --demo-dir")
     ap.add_argument("--machine", default="development box: 2-core x86-64 VM, no GPU, CPU-only torch "
                                          "2.13.0 (busy with other jobs at times)")
     args = ap.parse_args()
     if args.demo_dir:
         collect_demo(args.demo_dir, args.machine, args.demo_name)
-    engine_decode()
-    headline("headline_h100_run1")
-    for p in sorted(RESULTS.glob("engine_h200_run*.json")):
+    for p in sorted(ENGINE.glob("engine_*.json")):
         engine(p.stem)
-    kernels("kernels_h200")
-    kernels("kernels_h200_crowded")
-    for p in sorted(RESULTS.glob("headline_h200_run*.json")):
+    for p in sorted(KERNELS.glob("kernels_h200*.json")):
+        kernels(p.stem)
+    for p in sorted(HEADLINE.glob("headline_*.json")):
         if not p.stem.endswith("_steps"):
             headline(p.stem)
-    demo_cpu()
-    demo_cpu("demo_cpu_run1")
-    demo_cpu("demo_cpu_run2")
-    demo_cpu("demo_cpu_run3")
-    demo_cpu("demo_cpu_run4")
-    demo_cpu("demo_cpu_run5")
-    demo_cpu("demo_cpu_run6")
-    demo_cpu("demo_cpu_run7")
-    demo_cpu("demo_cpu_run8")
+    for p in sorted(DEMO.glob("demo_*.json")):
+        demo_cpu(p.stem)

@@ -6,7 +6,7 @@ sources), then scores at tau 1, 0.8, 0.6, 0.4, 0.2, 0 with serving-size steps of
 tokens (4 windows of 512):
   - WikiText-2 raw validation (the standard perplexity text; a prefix, see --wiki-tokens);
   - the held-out 5% of the same three sources (in-domain text the model never saw).
-Writes benchmarks/results/brownout_perplexity.json (raw) and .md (tables). CPU only.
+Writes benchmarks/results/accuracy/brownout_perplexity.json (raw) and .md (tables). CPU only.
 
   python scripts/brownout_accuracy.py [--work runs/united] [--wiki-tokens 65536]
 """
@@ -99,7 +99,7 @@ def main() -> None:
     p.add_argument("--wiki-tokens", type=int, default=65536)
     p.add_argument("--held-out-tokens", type=int, default=49152)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results")
+    p.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results" / "accuracy")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     os.chdir(ROOT)

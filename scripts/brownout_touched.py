@@ -9,7 +9,7 @@ quantity brownout shrinks. Two kinds of steps of the demo model:
     from the router choices the exact model makes on real text, then remapped with
     `brownout_route` per layer. Later layers see exact-model routing, not the routing
     after brownout in earlier layers; the prefill rows compare both ways of counting.
-Writes benchmarks/results/brownout_touched.json (raw) and .md. CPU only.
+Writes benchmarks/results/accuracy/brownout_touched.json (raw) and .md. CPU only.
 """
 
 from __future__ import annotations
@@ -100,7 +100,7 @@ def main() -> None:
         ROOT / "brownout" / "assets" / "demo" / "united-way4"])
     p.add_argument("--tokens", type=int, default=32768)
     p.add_argument("--repeats", type=int, default=50)
-    p.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results")
+    p.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results" / "accuracy")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(1)

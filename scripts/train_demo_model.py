@@ -211,7 +211,7 @@ def main() -> None:
     p.add_argument("--text-dir", default=str(ROOT / ".." / "shared" / "data" / "text"))
     p.add_argument("--tokenizer-dir", default=str(ROOT / "brownout" / "assets" / "demo" / "model"))
     p.add_argument("--tokens-dir", default=str(ROOT / ".demo_data"))
-    p.add_argument("--results-dir", default=str(ROOT / "benchmarks" / "results"))
+    p.add_argument("--results-dir", default=str(ROOT / "benchmarks" / "results" / "demo_model"))
     p.add_argument("--out", default="demo-out")
     p.add_argument("--vocab-size", type=int, default=8192)
     p.add_argument("--batch", type=int, default=64)

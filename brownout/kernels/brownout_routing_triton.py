@@ -30,7 +30,7 @@ except ImportError:  # CPU installs without triton use the torch version
 MAX_EXPERTS = 1024  # beyond this the [E, CH] tiles stop fitting one program; torch is used
 MAX_TOP_K = 16
 # T*k up to this: one launch (plan + apply in one program). H100, 60 experts, top-4, T 2048
-# (benchmarks/results/routing_h100.md): one launch 73 us eager vs 121 us for two (host launch
+# (benchmarks/results/routing/routing_h100.md): one launch 73 us eager vs 121 us for two (host launch
 # cost dominates), but 20 vs 11 us inside a CUDA graph; steps this long run eager.
 FUSED_MAX_ASSIGNMENTS = 8192
 

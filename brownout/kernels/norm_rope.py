@@ -14,7 +14,7 @@ k) were the largest groups of them. These kernels compute the same float32 arith
 
 The last two replace torch's elementwise kernels over strided halves and broadcasts, which
 take its slow non-vectorised path: ~1.2 ms per 1087-token mixed step on the H200 profile
-(`benchmarks/results/engine_h200_run4.md`), for ~0.4 ms of bytes. They round where torch
+(`benchmarks/results/engine/engine_h200_run4.md`), for ~0.4 ms of bytes. They round where torch
 rounds (after the activation, after the product), so results match the torch code.
 
 Used on CUDA with autograd off (serving, evaluation); everything else keeps the torch code.

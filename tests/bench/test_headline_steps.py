@@ -1,12 +1,18 @@
 """The paper's step-latency violation windows, read from the server's scraped counters."""
 
 import importlib.util
+import json
+import sys
 from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "headline_steps.py"
+BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
+SCRIPT = BENCHMARKS / "headline_steps.py"
+RESULTS = BENCHMARKS / "results" / "headline"
 
 
 def _module():
+    if str(BENCHMARKS) not in sys.path:  # the script imports its sibling compact_raw.py
+        sys.path.insert(0, str(BENCHMARKS))
     spec = importlib.util.spec_from_file_location("headline_steps", SCRIPT)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
@@ -46,3 +52,13 @@ def test_burst_summary_busy_share_step_means_and_scraped_tau():
     assert abs(b["prefill_mean_ms"] - 20) < 1e-9 and abs(b["decode_mean_ms"] - 10) < 1e-9
     assert abs(b["tau_decode_mean"] - (0.5 + 0.2 + 0.3) / 3) < 1e-12 and b["tau_prefill_mean"] == 1.0
     assert m.busy_between(metrics, 3.0, 3.5) is None  # one scrape: nothing to difference
+
+
+def test_committed_step_table_is_computed_from_the_compact_raw_data(tmp_path, monkeypatch):
+    """The committed table of a headline run equals what the script computes from the run's
+    compact raw data (gzipped metrics scrapes) committed beside it."""
+    name = "headline_h200_run17"
+    out = tmp_path / "steps.json"
+    monkeypatch.setattr(sys, "argv", ["headline_steps.py", str(RESULTS / "raw" / name), "--out", str(out)])
+    _module().main()
+    assert json.loads(out.read_text()) == json.loads((RESULTS / f"{name}_steps.json").read_text())
