@@ -18,7 +18,7 @@ from brownout.config import CacheConfig
 from brownout.models.context import AttnMeta, ForwardContext
 from brownout.runner.cuda_graphs import StepGraphs
 from brownout.runner.loader import LoadedModel
-from brownout.runner.sampler import sample, to_device, token_logprobs
+from brownout.runner.sampler import SamplingMetadata, sample, to_device, token_logprobs
 from brownout.types import Logprob, RunnerOutput, SchedulerOutput
 
 log = logging.getLogger(__name__)
@@ -152,15 +152,16 @@ class ModelRunner:
         hidden, touched, meta = self.forward(sched, tau)
         sampled = [s for s in sched.seqs if s.sample]
         offsets = _offsets(meta.query_lens_list)
-        tokens = logits = None
+        tokens = logits = sampling = None
         if sampled:
             rows = [offsets[i] + len(s.token_ids) - 1 for i, s in enumerate(sched.seqs) if s.sample]
             rows_t = to_device(rows, self.device, torch.long)
             logits = self.model.compute_logits(hidden.index_select(0, rows_t))  # [B, V]
             gens = [self._generator(s.request_id, s.sampling.seed) for s in sampled]
-            tokens = sample(logits, [s.sampling for s in sampled], gens)
+            sampling = SamplingMetadata.build([s.sampling for s in sampled], gens, logits.shape[1], self.device)
+            tokens = sample(logits, sampling)
         pending = PendingStep(sched=sched, hidden=hidden, offsets=offsets, sampled=sampled, logits=logits,
-                              tokens=tokens, tau=tau if self.brownout_ready else 1.0)
+                              tokens=tokens, sampling=sampling, tau=tau if self.brownout_ready else 1.0)
         # non-blocking copies land in pinned memory; the event says when they are there
         pending.tokens_host = tokens.to("cpu", non_blocking=True) if tokens is not None else None
         pending.touched_host = touched.to("cpu", non_blocking=True) if touched is not None else None
@@ -221,16 +222,15 @@ class ModelRunner:
         return None
 
     def _logprobs(self, pending: "PendingStep", out: RunnerOutput) -> None:
-        to_sample = pending.sampled
-        want = [i for i, s in enumerate(to_sample) if s.sampling.logprobs is not None]
+        counts = pending.sampling.num_logprobs
+        want = [i for i, n in enumerate(counts) if n is not None]
         if not want:
             return
-        num_top = max(to_sample[i].sampling.logprobs for i in want)
+        num_top = max(counts[i] for i in want)
         lps = token_logprobs(pending.logits[want], pending.tokens[want], num_top)
         for i, lp in zip(want, lps):
-            n = to_sample[i].sampling.logprobs
-            lp.top = dict(list(lp.top.items())[:n])
-            out.logprobs[to_sample[i].request_id] = lp
+            lp.top = dict(list(lp.top.items())[:counts[i]])
+            out.logprobs[pending.sampled[i].request_id] = lp
 
     def _prompt_logprobs(self, s, hidden: torch.Tensor, offset: int) -> list[Optional[Logprob]]:
         targets = s.prompt_logprob_targets
@@ -251,6 +251,7 @@ class PendingStep:
     sampled: list  # the ScheduledSeqs that sample, in row order
     logits: Optional[torch.Tensor]
     tokens: Optional[torch.Tensor]
+    sampling: Optional[SamplingMetadata]  # None when no sequence samples
     tau: float
     tokens_host: Optional[torch.Tensor] = None
     touched_host: Optional[torch.Tensor] = None
