@@ -45,8 +45,8 @@ from brownout.types import SchedulerOutput
 
 log = logging.getLogger(__name__)
 
-# batch sizes of the decode graphs: doubling up to 8, then steps of 16 to 128 and of 32 to
-# 1024, so padding stays under ~25% of a batch above 8 sequences
+# batch sizes of the decode graphs: powers of two to 16, then every 16 to 128 and every 32
+# to 1024, so a decode step pads at most 15 rows up to 128 sequences and 31 beyond
 DECODE_BATCH_BUCKETS = (1, 2, 4, 8) + tuple(range(16, 129, 16)) + tuple(range(160, 1025, 32))
 # token counts of the mixed-step graphs: at most ~33% padding above 128 tokens
 MIXED_TOKEN_BUCKETS = (16, 32, 64, 128, 192, 256, 384, 512, 640, 768, 1024, 1280, 1536, 2048,
@@ -125,8 +125,8 @@ class GraphDispatcher:
 
     def dispatch(self, step: StepDescriptor) -> Optional[GraphKey]:
         """The graph `step` replays, or None: run it eager."""
-        # prompt logprobs read every row's hidden state when the step is collected; eager
-        # rows are the step's own, where a graph's output buffer is the next replay's too
+        # prompt logprobs read every row's hidden state when the step is collected: eager
+        # rows belong to the step alone, a graph's output buffer to its next replay too
         if step.prompt_logprobs:
             return None
         if step.num_seqs > self.max_batch or step.table_width > self.max_blocks:
