@@ -228,14 +228,13 @@ def stage_profile(runner, out_dir: Path, sched: SchedulerOutput, tag: str, graph
 
 
 def moe_layer_graph(moe, x, tau_t, with_routing: bool):
-    ctx = ForwardContext(tau=tau_t if with_routing else None, touched=[], use_kernels=True)
+    ctx = ForwardContext(tau=tau_t if with_routing else None, use_kernels=True)
     moe(x, ctx)  # warm-up / compile
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
-    ctx = ForwardContext(tau=tau_t if with_routing else None, touched=[], use_kernels=True)
     with torch.cuda.graph(graph):
-        moe(x, ctx)
-    return graph, ctx.touched[0]
+        _, touched = moe(x, ctx)
+    return graph, touched
 
 
 def stage_brownout(runner, wb, bw, out_dir: Path, gen) -> dict:

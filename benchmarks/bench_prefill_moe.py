@@ -48,7 +48,7 @@ def main() -> None:
         row = dict(tokens=T)
         for tau in (None, 1.0, 0.5, 0.0):
             tau_t = None if tau is None else torch.tensor(tau, device="cuda")
-            ctx = ForwardContext(tau=tau_t, touched=None, use_kernels=True)
+            ctx = ForwardContext(tau=tau_t, count_touched=False, use_kernels=True)
             row[f"layer_tau_{tau}"] = cuda_time_ms(lambda: moe(x, ctx))
         row["router_topk"] = cuda_time_ms(lambda: select_experts(moe.gate(x), moe.top_k, moe.renormalize))
         tau0 = torch.tensor(0.0, device="cuda")

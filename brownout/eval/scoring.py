@@ -69,7 +69,7 @@ def run_step(model, input_ids: torch.Tensor, tau: Optional[float],
     positions = torch.arange(L, device=device).expand(B, L)
     ctx = ForwardContext(
         tau=None if tau is None else torch.tensor(float(tau), dtype=torch.float32, device=device),
-        valid=None if valid is None else valid.reshape(-1).to(device),
-        touched=[])
-    logits = model.compute_logits(model(input_ids, positions, ctx))  # [B, L, V]
-    return logits, [int(t) for t in ctx.touched]
+        valid=None if valid is None else valid.reshape(-1).to(device))
+    out = model(input_ids, positions, ctx)
+    logits = model.compute_logits(out.hidden)  # [B, L, V]
+    return logits, [] if out.experts_touched is None else out.experts_touched.tolist()

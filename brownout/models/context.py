@@ -1,4 +1,5 @@
-"""What one forward pass needs besides the tokens: attention metadata, KV caches, brownout.
+"""What one forward pass needs besides the tokens (attention metadata, KV caches,
+brownout) and what it gives back (hidden states, expert slots touched).
 
 Built by the runner for every step (or captured once per CUDA-graph bucket with persistent
 tensors). The model reads it; it never reaches back into the engine.
@@ -7,7 +8,7 @@ tensors). The model reads it; it never reaches back into the engine.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -31,5 +32,12 @@ class ForwardContext:
     kv_caches: Optional[list[tuple[torch.Tensor, torch.Tensor]]] = None  # per layer
     tau: Optional[torch.Tensor] = None  # 0-d float32; None: brownout off
     valid: Optional[torch.Tensor] = None  # [T] bool: False on CUDA-graph padding rows
-    touched: list[torch.Tensor] = field(default_factory=list)  # per MoE layer, 0-d int64
+    count_touched: bool = True  # MoE layers count the distinct expert slots they use
     use_kernels: bool = False  # Triton kernels (GPU) instead of the plain-torch path
+
+
+class ForwardOutput(NamedTuple):
+    hidden: torch.Tensor  # [T, D] (paged) or [B, L, D] (full): final hidden states
+    # [M] int64, one per MoE layer: distinct expert slots its tokens went to; None when
+    # the context does not count them or the model has no MoE layer
+    experts_touched: Optional[torch.Tensor]

@@ -4,6 +4,9 @@ Families differ only in their `MoESpec` (QKV bias, q/k norm, shared expert, top-
 renormalisation) and in checkpoint names (see `runner/loader.py`), so one model class
 serves all. Two entry points: `forward` over a flat batch of tokens with a paged KV cache
 (serving) and `forward_full` over a [B, L] batch without cache (calibration, evaluation).
+`forward` returns the final hidden states and, per MoE layer, the distinct expert slots
+its tokens went to, as device tensors: inside a CUDA graph they are outputs like the
+hidden states, read by the host only after the step.
 
 Under tensor parallelism (`parallel`, see brownout.distributed.parallel) attention and the
 MLP / MoE block return partial sums that each decoder layer all-reduces; embeddings, norms
@@ -18,7 +21,7 @@ import torch
 from torch import nn
 
 from brownout.distributed.parallel import SINGLE, ParallelInfo
-from brownout.models.context import ForwardContext
+from brownout.models.context import ForwardContext, ForwardOutput
 from brownout.models.layers.attention import Attention
 from brownout.models.layers.common import RMSNorm, Rotary, SwiGLU
 from brownout.models.layers.moe import SparseMoE
@@ -38,12 +41,18 @@ class DecoderLayer(nn.Module):
             self.mlp = SparseMoE(spec, extra_slots, parallel)
         self.reduce = parallel.all_reduce if parallel.active else None  # sum of partial outputs
 
-    def forward(self, x, positions, ctx: ForwardContext) -> torch.Tensor:
+    def forward(self, x, positions, ctx: ForwardContext) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """-> (hidden states, distinct expert slots touched: 0-d int64, None in a dense layer
+        or when the context does not count them)."""
         attn = self.self_attn(self.input_layernorm(x), positions, ctx)
         x = x + (attn if self.reduce is None else self.reduce(attn))
         h = self.post_attention_layernorm(x)
-        mlp = self.mlp(h, ctx) if isinstance(self.mlp, SparseMoE) else self.mlp(h)
-        return x + (mlp if self.reduce is None else self.reduce(mlp))
+        touched = None
+        if isinstance(self.mlp, SparseMoE):
+            mlp, touched = self.mlp(h, ctx)
+        else:
+            mlp = self.mlp(h)
+        return x + (mlp if self.reduce is None else self.reduce(mlp)), touched
 
 
 class MoEForCausalLM(nn.Module):
@@ -72,12 +81,16 @@ class MoEForCausalLM(nn.Module):
         moes = self.moe_layers()
         return bool(moes) and all(m.brownout_ready for m in moes)
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        """input_ids/positions [T] (paged) or [B, L] (full); returns final hidden states."""
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> ForwardOutput:
+        """input_ids/positions [T] (paged) or [B, L] (full) -> final hidden states and the
+        expert slots each MoE layer touched ([M] int64, None when not counted)."""
         x = self.embed_tokens(input_ids)
+        touched = []
         for layer in self.layers:
-            x = layer(x, positions, ctx)
-        return self.norm(x)
+            x, layer_touched = layer(x, positions, ctx)
+            if layer_touched is not None:
+                touched.append(layer_touched)
+        return ForwardOutput(self.norm(x), torch.stack(touched) if touched else None)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()
@@ -92,5 +105,5 @@ class MoEForCausalLM(nn.Module):
         B, L = input_ids.shape
         positions = torch.arange(L, device=input_ids.device).expand(B, L)
         tau_t = None if tau is None else torch.tensor(float(tau), device=input_ids.device)
-        ctx = ForwardContext(tau=tau_t, touched=None)
-        return self.compute_logits(self.forward(input_ids, positions, ctx))
+        ctx = ForwardContext(tau=tau_t, count_touched=False)
+        return self.compute_logits(self.forward(input_ids, positions, ctx).hidden)

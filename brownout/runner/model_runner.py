@@ -2,6 +2,10 @@
 
 Owns the paged KV cache tensors, the brownout threshold (a device tensor the MoE layers
 read, so CUDA-graph replays need no recapture) and the per-request sampling generators.
+Each step is described once (`StepDescriptor`); the graphs' dispatcher says whether it
+replays a CUDA graph or runs eager, and either way the model's forward returns the hidden
+states with the expert slots each MoE layer touched. Sampling parameters become device
+tensors once per step (`SamplingMetadata`).
 Under tensor parallelism every rank runs `forward` on the same step (its KV cache holds only
 its kv heads, and all ranks agree on the number of blocks); only rank 0 samples.
 """
@@ -15,13 +19,24 @@ from typing import Optional
 import torch
 
 from brownout.config import CacheConfig
-from brownout.models.context import AttnMeta, ForwardContext
-from brownout.runner.cuda_graphs import StepGraphs
+from brownout.models.context import AttnMeta, ForwardContext, ForwardOutput
+from brownout.runner.cuda_graphs import PAD_BLOCK, StepDescriptor, StepGraphs
 from brownout.runner.loader import LoadedModel
-from brownout.runner.sampler import sample, to_device, token_logprobs
-from brownout.types import Logprob, RunnerOutput, SchedulerOutput
+from brownout.runner.sampler import SamplingMetadata, sample, to_device, token_logprobs
+from brownout.types import Logprob, RunnerOutput, SamplingParams, ScheduledSeq, SchedulerOutput
 
 log = logging.getLogger(__name__)
+
+# GPU memory kept free beside the KV cache for activations, logits and CUDA graphs
+ACTIVATION_RESERVE_BYTES = 2 * 1024**3
+# largest decode batch with a CUDA graph (larger ones run eager): every bucket costs
+# capture time and graph memory
+MAX_GRAPH_BATCH = 512
+# prefill sizes run before serving: Triton picks tiles by token count, and each size
+# compiles the kernels of its tiles (the largest step is added to these)
+WARM_UP_TOKENS = (1, 8, 32, 64, 128, 256, 512, 1024)
+# tau 1 takes the plain expert path, any tau < 1 the routed one: one of each compiles both
+WARM_UP_TAUS = (1.0, 0.5)
 
 
 def kv_block_bytes(loaded: LoadedModel, block_size: int) -> int:
@@ -36,7 +51,7 @@ def plan_num_blocks(loaded: LoadedModel, cache: CacheConfig) -> int:
     if loaded.device.type == "cuda":
         free, total = torch.cuda.mem_get_info(loaded.device)
         budget = int(total * cache.gpu_memory_utilization) - (total - free)
-        budget -= 2 * 1024**3  # activations, logits, CUDA graphs
+        budget -= ACTIVATION_RESERVE_BYTES
     else:
         budget = cache.cpu_kv_bytes
     n = budget // per_block
@@ -67,12 +82,10 @@ class ModelRunner:
         self.graphs: Optional[StepGraphs] = None
         if self.use_kernels and not enforce_eager:
             max_len = max_model_len or s.max_position_embeddings
-            # steps with prefill work are graphed on one GPU; under tensor parallelism they
-            # run eager (not yet checked on several GPUs)
-            mixed = 0 if loaded.parallel.active else max_step_tokens
-            self.graphs = StepGraphs(self.model, self.kv_caches, self.tau, min(max_batch, 512),
+            self.graphs = StepGraphs(self.model, self.kv_caches, self.tau, min(max_batch, MAX_GRAPH_BATCH),
                                      -(-max_len // cache.block_size), self.brownout_ready,
-                                     max_step_tokens=mixed, block_size=cache.block_size)
+                                     max_step_tokens=max_step_tokens, block_size=cache.block_size,
+                                     across_ranks=loaded.parallel.active)
             self.graphs.capture()
         log.info("KV cache: %d blocks of %d tokens (%.1f MiB)", self.num_blocks, self.block_size,
                  self.num_blocks * kv_block_bytes(loaded, self.block_size) / 2**20)
@@ -84,12 +97,9 @@ class ModelRunner:
         written here belong to no request yet."""
         if not self.use_kernels or self.loaded.parallel.active:
             return
-        from brownout.types import SamplingParams, ScheduledSeq
-
         capacity = self.num_blocks * self.block_size
-        sizes = sorted({n for n in (1, 8, 32, 64, 128, 256, 512, 1024, max_tokens)
-                        if n <= min(max_tokens, capacity)})
-        taus = (1.0, 0.5) if self.brownout_ready else (1.0,)
+        sizes = sorted({n for n in WARM_UP_TOKENS + (max_tokens,) if n <= min(max_tokens, capacity)})
+        taus = WARM_UP_TAUS if self.brownout_ready else (1.0,)  # without united experts, tau is 1
         params = SamplingParams(temperature=0.0, max_tokens=1)
         for n in sizes:
             table = list(range(-(-n // self.block_size)))
@@ -133,7 +143,7 @@ class ModelRunner:
             qsl.append(qsl[-1] + n)
         meta = AttnMeta(
             slot_mapping=to_device(slots, dev, torch.long),
-            block_tables=to_device([t + [0] * (width - len(t)) for t in tables], dev, torch.int32),
+            block_tables=to_device([t + [PAD_BLOCK] * (width - len(t)) for t in tables], dev, torch.int32),
             seq_lens=to_device(seq_lens, dev, torch.int32),
             query_start_loc=to_device(qsl, dev, torch.int32),
             max_query_len=max(q_lens), block_tables_list=tables, seq_lens_list=seq_lens,
@@ -149,20 +159,22 @@ class ModelRunner:
         """Queue the step's forward, sampling and the copy of the sampled tokens to the host;
         on a GPU this returns before the GPU is done, so the engine can do its host work for
         the previous step meanwhile. `collect` waits for the results."""
-        hidden, touched, meta = self.forward(sched, tau)
+        out, meta = self.forward(sched, tau)
         sampled = [s for s in sched.seqs if s.sample]
         offsets = _offsets(meta.query_lens_list)
-        tokens = logits = None
+        tokens = logits = sampling = None
         if sampled:
             rows = [offsets[i] + len(s.token_ids) - 1 for i, s in enumerate(sched.seqs) if s.sample]
             rows_t = to_device(rows, self.device, torch.long)
-            logits = self.model.compute_logits(hidden.index_select(0, rows_t))  # [B, V]
+            logits = self.model.compute_logits(out.hidden.index_select(0, rows_t))  # [B, V]
             gens = [self._generator(s.request_id, s.sampling.seed) for s in sampled]
-            tokens = sample(logits, [s.sampling for s in sampled], gens)
-        pending = PendingStep(sched=sched, hidden=hidden, offsets=offsets, sampled=sampled, logits=logits,
-                              tokens=tokens, tau=tau if self.brownout_ready else 1.0)
+            sampling = SamplingMetadata.build([s.sampling for s in sampled], gens, logits.shape[1], self.device)
+            tokens = sample(logits, sampling)
+        pending = PendingStep(sched=sched, hidden=out.hidden, offsets=offsets, sampled=sampled, logits=logits,
+                              tokens=tokens, sampling=sampling, tau=tau if self.brownout_ready else 1.0)
         # non-blocking copies land in pinned memory; the event says when they are there
         pending.tokens_host = tokens.to("cpu", non_blocking=True) if tokens is not None else None
+        touched = out.experts_touched
         pending.touched_host = touched.to("cpu", non_blocking=True) if touched is not None else None
         if self.device.type == "cuda":
             pending.ready = torch.cuda.Event()
@@ -187,50 +199,33 @@ class ModelRunner:
         return out
 
     @torch.inference_mode()
-    def forward(self, sched: SchedulerOutput, tau: float = 1.0):
-        """Run the model on one step -> (hidden [T, D], touched [L] or None, meta); no sampling."""
+    def forward(self, sched: SchedulerOutput, tau: float = 1.0) -> tuple[ForwardOutput, AttnMeta]:
+        """Run the model on one step: a CUDA-graph replay where the dispatcher has a graph for
+        it, else eager -> (hidden [T, D] and expert slots touched [M] or None, meta); no sampling."""
         input_ids, positions, meta = self._prepare(sched)
         if self.brownout_ready:
             self.tau.fill_(tau)
-        graph = self._graph_kind(sched, meta)
-        if graph == "decode":
-            hidden, touched = self.graphs.run(input_ids, positions, meta.slot_mapping,
-                                              meta.block_tables, meta.seq_lens, routed=tau < 1.0)
-        elif graph == "mixed":
-            hidden, touched = self.graphs.run_mixed(input_ids, positions, meta.slot_mapping,
-                                                    meta.block_tables, meta.seq_lens,
-                                                    meta.query_start_loc, routed=tau < 1.0)
-        else:
-            # eager: at tau = 1 routing is skipped altogether (it would change nothing)
-            brownout = self.brownout_ready and tau < 1.0
-            ctx = ForwardContext(attn=meta, kv_caches=self.kv_caches,
-                                 tau=self.tau if brownout else None, use_kernels=self.use_kernels)
-            hidden = self.model(input_ids, positions, ctx)  # [T, D]
-            touched = torch.stack(ctx.touched) if ctx.touched else None
-        return hidden, touched, meta
-
-    def _graph_kind(self, sched: SchedulerOutput, meta: AttnMeta) -> Optional[str]:
-        """"decode", "mixed" or None (eager) for this step."""
-        if self.graphs is None or any(s.prompt_logprob_targets is not None for s in sched.seqs):
-            return None
-        B, width = len(sched.seqs), meta.block_tables.shape[1]
-        if meta.max_query_len == 1 and all(s.sample for s in sched.seqs) and self.graphs.fits(B, width):
-            return "decode"
-        if self.graphs.fits_mixed(int(meta.slot_mapping.shape[0]), B, width):
-            return "mixed"
-        return None
+        key = None
+        if self.graphs is not None:
+            key = self.graphs.dispatch(StepDescriptor.of(sched, routed=tau < 1.0))
+        if key is not None:
+            return self.graphs.run(key, input_ids, positions, meta), meta
+        # eager: at tau = 1 routing is skipped altogether (it would change nothing)
+        brownout = self.brownout_ready and tau < 1.0
+        ctx = ForwardContext(attn=meta, kv_caches=self.kv_caches, tau=self.tau if brownout else None,
+                             use_kernels=self.use_kernels)
+        return self.model(input_ids, positions, ctx), meta
 
     def _logprobs(self, pending: "PendingStep", out: RunnerOutput) -> None:
-        to_sample = pending.sampled
-        want = [i for i, s in enumerate(to_sample) if s.sampling.logprobs is not None]
+        counts = pending.sampling.num_logprobs
+        want = [i for i, n in enumerate(counts) if n is not None]
         if not want:
             return
-        num_top = max(to_sample[i].sampling.logprobs for i in want)
+        num_top = max(counts[i] for i in want)
         lps = token_logprobs(pending.logits[want], pending.tokens[want], num_top)
         for i, lp in zip(want, lps):
-            n = to_sample[i].sampling.logprobs
-            lp.top = dict(list(lp.top.items())[:n])
-            out.logprobs[to_sample[i].request_id] = lp
+            lp.top = dict(list(lp.top.items())[:counts[i]])
+            out.logprobs[pending.sampled[i].request_id] = lp
 
     def _prompt_logprobs(self, s, hidden: torch.Tensor, offset: int) -> list[Optional[Logprob]]:
         targets = s.prompt_logprob_targets
@@ -251,6 +246,7 @@ class PendingStep:
     sampled: list  # the ScheduledSeqs that sample, in row order
     logits: Optional[torch.Tensor]
     tokens: Optional[torch.Tensor]
+    sampling: Optional[SamplingMetadata]  # None when no sequence samples
     tau: float
     tokens_host: Optional[torch.Tensor] = None
     touched_host: Optional[torch.Tensor] = None

@@ -1,16 +1,23 @@
 """Token sampling: greedy, temperature, top-k, top-p, per-request seeds; logprobs.
 
-Sampling draws with the exponential-race trick (argmax of p / q with q ~ Exp(1)), which
-needs no host synchronisation and lets each seeded request draw from its own generator.
+`SamplingMetadata` holds one step's sampling parameters as device tensors, built once per
+step from the requests' `SamplingParams`. Top-k and top-p share one descending sort of
+the scaled logits. Sampling draws with the exponential-race trick (argmax of p / q with
+q ~ Exp(1)), which needs no host synchronisation and lets each seeded request draw from
+its own generator.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from dataclasses import dataclass
+from typing import Optional, Sequence
 
 import torch
 
 from brownout.types import Logprob, SamplingParams
+
+# divisor of greedy rows (temperature 0): finite, and their tokens come from argmax anyway
+MIN_TEMPERATURE = 1e-5
 
 
 def to_device(values, device: torch.device, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
@@ -23,44 +30,71 @@ def to_device(values, device: torch.device, dtype: Optional[torch.dtype] = None)
     return t.to(device)
 
 
-def _filter(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
-    # logits [B, V] float32 -> temperature-scaled, top-k / top-p masked
-    temps = to_device([max(p.temperature, 1e-5) for p in params], logits.device, torch.float32)
-    logits = logits / temps.unsqueeze(1)
-    top_ks = [p.top_k for p in params]
-    if any(k > 0 for k in top_ks):
-        V = logits.shape[1]
-        ks = to_device([min(k, V) if k > 0 else V for k in top_ks], logits.device, torch.long)
-        kth = torch.sort(logits, dim=1, descending=True).values.gather(1, (ks - 1).unsqueeze(1))
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    top_ps = [p.top_p for p in params]
-    if any(p < 1.0 for p in top_ps):
-        sorted_logits, order = torch.sort(logits, dim=1, descending=True)
+@dataclass(frozen=True)
+class SamplingMetadata:
+    """One step's sampling parameters, one row per sampled sequence (B rows).
+
+    Tensors a step does not need stay None (no transfer): all of them when every row is
+    greedy, `top_k` / `top_p` when no row filters by them. Logprob counts stay on the host:
+    they size a host-side top-k and trim the reply after the step is collected."""
+
+    all_greedy: bool
+    greedy: Optional[torch.Tensor]  # [B] bool: rows that take the argmax of the raw logits
+    temperatures: Optional[torch.Tensor]  # [B] float32, at least MIN_TEMPERATURE
+    top_k: Optional[torch.Tensor]  # [B] int64 in [1, V]; V where a row has no top-k
+    top_p: Optional[torch.Tensor]  # [B] float32 in (0, 1); inf where a row has no top-p
+    generators: tuple[Optional[torch.Generator], ...]  # per row; None: the device's default
+    num_logprobs: tuple[Optional[int], ...]  # top alternatives per row; None: no logprobs
+
+    @classmethod
+    def build(cls, params: Sequence[SamplingParams], generators: Sequence[Optional[torch.Generator]],
+              vocab_size: int, device: torch.device) -> "SamplingMetadata":
+        all_greedy = all(p.greedy for p in params)
+        any_top_k = not all_greedy and any(p.top_k > 0 for p in params)
+        any_top_p = not all_greedy and any(p.top_p < 1.0 for p in params)
+        return cls(
+            all_greedy=all_greedy,
+            greedy=None if all_greedy else to_device([p.greedy for p in params], device, torch.bool),
+            temperatures=None if all_greedy else to_device(
+                [max(p.temperature, MIN_TEMPERATURE) for p in params], device, torch.float32),
+            top_k=to_device([min(p.top_k, vocab_size) if p.top_k > 0 else vocab_size for p in params],
+                            device, torch.long) if any_top_k else None,
+            # inf, not 1: a float32 running sum can reach 1 before the last token
+            top_p=to_device([p.top_p if p.top_p < 1.0 else float("inf") for p in params],
+                            device, torch.float32) if any_top_p else None,
+            generators=tuple(generators),
+            num_logprobs=tuple(p.logprobs for p in params))
+
+
+def filter_logits(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
+    """logits [B, V] float32 -> temperature-scaled, top-k then top-p masked with -inf."""
+    logits = logits / meta.temperatures.unsqueeze(1)
+    if meta.top_k is None and meta.top_p is None:
+        return logits
+    sorted_logits, order = torch.sort(logits, dim=1, descending=True)  # [B, V] each
+    if meta.top_k is not None:
+        kth = sorted_logits.gather(1, (meta.top_k - 1).unsqueeze(1))  # [B, 1]
+        sorted_logits = sorted_logits.masked_fill(sorted_logits < kth, float("-inf"))  # ties stay
+    if meta.top_p is not None:
         probs = torch.softmax(sorted_logits, dim=1)
         before = probs.cumsum(dim=1) - probs  # mass strictly before each token
-        ps = to_device(top_ps, logits.device, torch.float32).unsqueeze(1)
-        drop = before >= ps  # keeps the smallest prefix reaching top_p (never the first token)
+        drop = before >= meta.top_p.unsqueeze(1)  # keeps the smallest prefix reaching top_p
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-        logits = torch.empty_like(logits).scatter_(1, order, sorted_logits)
-    return logits
+    return torch.empty_like(logits).scatter_(1, order, sorted_logits)
 
 
-def sample(
-    logits: torch.Tensor,  # [B, V] float32
-    params: list[SamplingParams],
-    generators: list[Optional[torch.Generator]],
-) -> torch.Tensor:  # [B] int64
+def sample(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
+    """logits [B, V] float32 -> sampled tokens [B] int64."""
     greedy_tokens = logits.argmax(dim=1)
-    if all(p.greedy for p in params):
+    if meta.all_greedy:
         return greedy_tokens
-    probs = torch.softmax(_filter(logits, params), dim=1)
+    probs = torch.softmax(filter_logits(logits, meta), dim=1)
     q = torch.empty_like(probs).exponential_()  # one launch for the rows without a seed
-    for row, gen in enumerate(generators):
+    for row, gen in enumerate(meta.generators):
         if gen is not None:  # seeded requests draw from their own stream
             q[row].exponential_(generator=gen)
     sampled = (probs / q).argmax(dim=1)
-    is_greedy = to_device([p.greedy for p in params], logits.device, torch.bool)
-    return torch.where(is_greedy, greedy_tokens, sampled)
+    return torch.where(meta.greedy, greedy_tokens, sampled)
 
 
 def token_logprobs(

@@ -1,8 +1,9 @@
 """Padded step buffers of the CUDA-graph runner give the unpadded step's results.
 
 `StepGraphs(graphed=False)` runs the forward on the same padded buffers a graph replay
-reads (padding rows, the padding sequence of mixed steps, empty query ranges past it), so
-on a CPU, with the Triton kernels interpreted, this checks everything but the capture:
+reads (padding rows, the padding sequence of mixed steps, empty query ranges past it), each
+step reaching its buffers through the dispatcher as in serving, so on a CPU, with the
+Triton kernels interpreted, this checks everything but the capture:
 hidden states of the real rows, KV-cache contents (padding writes nothing) and the
 distinct-slot counts (padding touches no expert), plain and brownout-routed. On a GPU
 the same comparison runs against captured graphs.
@@ -68,12 +69,12 @@ def _eager(runner, sched, tau):
     ids, pos, meta = runner._prepare(sched)
     runner.tau.fill_(tau)
     ctx = ForwardContext(attn=meta, kv_caches=runner.kv_caches, tau=runner.tau if tau < 1 else None,
-                         touched=[], use_kernels=True)
-    hidden = runner.model(ids, pos, ctx)
-    return hidden, torch.stack(ctx.touched), [t.clone() for kv in runner.kv_caches for t in kv]
+                         use_kernels=True)
+    hidden, touched = runner.model(ids, pos, ctx)
+    return hidden, touched, [t.clone() for kv in runner.kv_caches for t in kv]
 
 
-def _padded(runner, sched, tau, graphed):
+def _padded(runner, sched, tau, graphed, kind):
     from brownout.runner.cuda_graphs import StepGraphs
 
     graphs = StepGraphs(runner.model, runner.kv_caches, runner.tau, 8, 16, runner.brownout_ready,
@@ -83,17 +84,19 @@ def _padded(runner, sched, tau, graphed):
     for decoy in (_decoy_sched(runner.model.spec.vocab_size), _decoy_decode(runner.model.spec.vocab_size)):
         _run(runner, graphs, decoy, tau)
     _fill_cache(runner, 1)
-    hidden, touched = _run(runner, graphs, sched, tau)
+    hidden, touched = _run(runner, graphs, sched, tau, kind)
     return hidden, touched, [t.clone() for kv in runner.kv_caches for t in kv]
 
 
-def _run(runner, graphs, sched, tau):
+def _run(runner, graphs, sched, tau, kind=None):
+    from brownout.runner.cuda_graphs import StepDescriptor
+
     ids, pos, meta = runner._prepare(sched)
     runner.tau.fill_(tau)
-    if meta.max_query_len == 1 and all(s.sample for s in sched.seqs):
-        return graphs.run(ids, pos, meta.slot_mapping, meta.block_tables, meta.seq_lens, routed=tau < 1)
-    return graphs.run_mixed(ids, pos, meta.slot_mapping, meta.block_tables, meta.seq_lens,
-                            meta.query_start_loc, routed=tau < 1)
+    key = graphs.dispatch(StepDescriptor.of(sched, routed=tau < 1))
+    assert key is not None and kind in (None, key.kind)
+    assert key.routed == (tau < 1 and runner.brownout_ready)
+    return graphs.run(key, ids, pos, meta)
 
 
 def _decoy_sched(vocab):
@@ -137,7 +140,7 @@ def test_padded_step_equals_unpadded(tiny_models, family, united, tau, kind):
         _fill_cache(runner, 1)
         want, want_touched, want_kv = _eager(runner, sched, tau)
         _fill_cache(runner, 1)
-        got, got_touched, got_kv = _padded(runner, sched, tau, graphed=CUDA)
+        got, got_touched, got_kv = _padded(runner, sched, tau, graphed=CUDA, kind=kind)
     assert got.shape == want.shape
     assert torch.isfinite(got).all()
     err = (got - want).norm() / want.norm()
@@ -149,13 +152,18 @@ def test_padded_step_equals_unpadded(tiny_models, family, united, tau, kind):
 
 @needs_kernels
 def test_mixed_bucket_choice_and_limits(tiny_models):
-    from brownout.runner.cuda_graphs import StepGraphs, token_bucket_sizes
+    from brownout.runner.cuda_graphs import GraphKey, StepDescriptor, StepGraphs, token_bucket_sizes
 
     assert token_bucket_sizes(2048)[-1] == 2048 and token_bucket_sizes(100) == [16, 32, 64, 100]
     _, runner = _setup(tiny_models, "qwen2_moe", None)
     graphs = StepGraphs(runner.model, runner.kv_caches, runner.tau, 8, 2, False, max_step_tokens=64,
                         block_size=16, graphed=False)
+
+    def mixed(tokens, seqs, width):
+        return graphs.dispatch(StepDescriptor(num_tokens=tokens, num_seqs=seqs, table_width=width,
+                                              uniform_decode=False, prompt_logprobs=False, routed=False))
+
     # the padding sequence must fit its block table: 2 blocks of 16 cap the buckets at 32
-    assert graphs.token_sizes == [16, 32]
-    assert graphs.fits_mixed(32, 8, 2) and not graphs.fits_mixed(33, 8, 2)
-    assert not graphs.fits_mixed(16, 9, 2) and not graphs.fits_mixed(16, 8, 3)
+    assert graphs.dispatcher.token_sizes == [16, 32]
+    assert mixed(32, 8, 2) == GraphKey("mixed", 32, False) and mixed(33, 8, 2) is None
+    assert mixed(16, 9, 2) is None and mixed(16, 8, 3) is None

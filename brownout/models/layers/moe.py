@@ -106,9 +106,30 @@ class SparseMoE(nn.Module):
             self.w2 = nn.Parameter(w2, requires_grad=False)
         self.local_of.copy_(local_slots(rank_of, local, p.rank).to(self.local_of.device))
 
-    def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ctx: ForwardContext) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """x [..., D] -> (this rank's partial output [..., D], distinct slots touched: 0-d
+        int64 on x's device, None when `ctx.count_touched` is off)."""
         shape = x.shape
         x = x.reshape(-1, shape[-1])  # [T, D]
+        weights, ids, routed = self._route(x, ctx)  # [T, k] each; padding rows have id -1
+        # the fused kernel counts the slots it is given; expert parallel (local ids) needs
+        # the separate count over global ids
+        in_kernel = ctx.count_touched and ctx.use_kernels and self.local_of is None and x.is_cuda
+        if in_kernel:
+            touched: Optional[torch.Tensor] = torch.empty((), dtype=torch.int64, device=x.device)
+        else:
+            touched = count_touched(ids, self.num_slots) if ctx.count_touched else None
+        out = self._experts(x, weights, ids, ctx, routed, touched if in_kernel else None)
+        if self.shared_expert is not None:
+            shared = self.shared_expert(x)
+            if self.shared_expert_gate is None:
+                out = out + shared
+            else:
+                out = gated_shared_add(out, self.shared_expert_gate(x), shared)
+        return out.reshape(shape), touched
+
+    def _route(self, x: torch.Tensor, ctx: ForwardContext) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        """x [T, D] -> (weights [T, k], slot ids [T, k], whether brownout routing ran)."""
         router_logits = self.gate(x)  # [T, E]
         weights, ids = select_experts(router_logits, self.top_k, self.renormalize)  # [T, k]
         if self.capture is not None:
@@ -118,23 +139,7 @@ class SparseMoE(nn.Module):
             ids, weights = brownout_route(ids, weights, ctx.tau, self.group_of, self.num_experts, ctx.valid)
         elif ctx.valid is not None:  # CUDA-graph padding rows skip every expert
             ids = torch.where(ctx.valid.unsqueeze(1), ids, -1)
-        # the fused kernel counts the slots it is given; expert parallel (local ids) needs
-        # the separate count over global ids
-        in_kernel = ctx.touched is not None and ctx.use_kernels and self.local_of is None and x.is_cuda
-        touched = None
-        if in_kernel:
-            touched = torch.empty((), dtype=torch.int64, device=x.device)
-            ctx.touched.append(touched)
-        elif ctx.touched is not None:
-            ctx.touched.append(count_touched(ids, self.num_slots))
-        out = self._experts(x, weights, ids, ctx, routed, touched)
-        if self.shared_expert is not None:
-            shared = self.shared_expert(x)
-            if self.shared_expert_gate is None:
-                out = out + shared
-            else:
-                out = gated_shared_add(out, self.shared_expert_gate(x), shared)
-        return out.reshape(shape)
+        return weights, ids, routed
 
     def _experts(self, x, weights, ids, ctx: ForwardContext, routed: bool = False,
                  touched: Optional[torch.Tensor] = None) -> torch.Tensor:
