@@ -23,6 +23,15 @@ class ValidationError(ValueError):
         self.message = message
 
 
+class AdmissionError(RuntimeError):
+    """The engine refuses a request now (its queue is full, or the request's first token could
+    not come within the TTFT SLO); the client should retry after `retry_after_s` seconds."""
+
+    def __init__(self, message: str, retry_after_s: float):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
 class FinishReason(str, enum.Enum):
     STOP = "stop"  # stop token or stop string
     LENGTH = "length"  # max_tokens or the model's context reached
