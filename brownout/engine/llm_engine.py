@@ -1,14 +1,12 @@
 """The engine: requests in, one scheduled step at a time, incremental outputs out.
 
 The step loop is schedule -> choose tau -> launch; collect -> scheduler update -> outputs.
-The scheduler owns every request's state (status, computed tokens, stops, KV blocks),
-`Admission` decides which arriving requests join the queue, and the SLO controller sees
-only step stats and request timings and answers with the brownout threshold for the next
-step; the engine only sequences them. Used as is by the offline `LLM` API and, in its own
-process, by the HTTP server. With `tensor_parallel_size` N > 1 this process is rank 0 of N:
-it starts ranks 1..N-1 (brownout.distributed), which run the same forward on their shard of
-the model each step; the scheduler, the controller and sampling stay here. `close()` stops
-them.
+The engine only sequences its parts: the scheduler owns every request's state, `Admission`
+decides which arriving requests join the queue, and the SLO controller sees only step stats
+and request timings and answers with the brownout threshold for the next step. Used as is by
+the offline `LLM` API and, in its own process, by the HTTP server. With `tensor_parallel_size`
+N > 1 this process is rank 0 of N: it starts ranks 1..N-1 (brownout.distributed), which run
+the same forward on their shard of the model each step; `close()` stops them.
 """
 
 from __future__ import annotations
@@ -94,9 +92,6 @@ class LLMEngine:
     def requests(self) -> dict[str, Request]:
         """The unfinished requests by id (the scheduler's; read-only here)."""
         return self.scheduler.requests
-
-    def encode(self, prompt: Union[str, list[int]]) -> list[int]:
-        return self.inputs.encode(prompt)
 
     def apply_chat_template(self, messages: list[dict]) -> list[int]:
         return self.inputs.apply_chat_template(messages)
