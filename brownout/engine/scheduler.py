@@ -84,7 +84,7 @@ class Scheduler:
         """Finish the given unfinished requests (abort, stop string); unknown ids are skipped.
         The blocks of one in the launched step are free at once: only the next `schedule`
         hands them out again, and that comes after the step is collected."""
-        finished = [self.requests[rid] for rid in request_ids if rid in self.requests]
+        finished = [self.requests[rid] for rid in dict.fromkeys(request_ids) if rid in self.requests]
         for req in finished:
             self._finish(req, reason)
         return finished

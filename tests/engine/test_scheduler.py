@@ -156,7 +156,7 @@ def test_abort_frees_blocks_and_drops_the_in_flight_token():
     _add(sched, "other", 3)
     _step(sched)
     out = sched.schedule()  # both in the launched step
-    finished = sched.finish_requests(["run", "unknown"], FinishReason.ABORT)
+    finished = sched.finish_requests(["run", "unknown", "run"], FinishReason.ABORT)
     assert [r.request_id for r in finished] == ["run"] and finished[0].finish_reason is FinishReason.ABORT
     new = sched.update_from_output(out, RunnerOutput(sampled={"run": 7, "other": 7}), now=0.0)
     assert [t.request.request_id for t in new] == ["other"]  # the aborted one's token is dropped
