@@ -13,6 +13,11 @@ import time
 from dataclasses import dataclass, field
 from typing import Optional
 
+# Stop strings are searched for in every step's new text: a short list keeps that cheap.
+MAX_STOP_STRINGS = 16
+# Top alternatives per token: the most OpenAI's API allows.
+MAX_LOGPROBS = 20
+
 
 class ValidationError(ValueError):
     """A bad parameter from a user. `field` names it; the message says the allowed range."""
@@ -21,6 +26,15 @@ class ValidationError(ValueError):
         super().__init__(f"{field_name}: {message}")
         self.field = field_name
         self.message = message
+
+
+class AdmissionError(RuntimeError):
+    """The engine refuses a request now (its queue is full, or the request's first token could
+    not come within the TTFT SLO); the client should retry after `retry_after_s` seconds."""
+
+    def __init__(self, message: str, retry_after_s: float):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 class FinishReason(str, enum.Enum):
@@ -76,14 +90,16 @@ class SamplingParams:
             raise ValidationError("seed", "must be an integer")
         if not all(isinstance(s, str) and s for s in self.stop):
             raise ValidationError("stop", "must be non-empty strings")
-        if len(self.stop) > 16:
-            raise ValidationError("stop", f"at most 16 stop strings, got {len(self.stop)}")
+        if len(self.stop) > MAX_STOP_STRINGS:
+            raise ValidationError("stop", f"at most {MAX_STOP_STRINGS} stop strings, "
+                                          f"got {len(self.stop)}")
         if not all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids):
             raise ValidationError("stop_token_ids", "must be non-negative integers")
         for name in ("logprobs", "prompt_logprobs"):
             v = getattr(self, name)
-            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= 20):
-                raise ValidationError(name, f"must be an integer in [0, 20], got {v!r}")
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int)
+                                  or not 0 <= v <= MAX_LOGPROBS):
+                raise ValidationError(name, f"must be an integer in [0, {MAX_LOGPROBS}], got {v!r}")
 
     @property
     def greedy(self) -> bool:

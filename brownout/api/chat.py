@@ -17,7 +17,7 @@ from brownout.api.generation import (DONE, AbortingStreamingResponse, abort_all,
                                      stream_error, submit_all, until_disconnect)
 from brownout.api.schemas import ChatCompletionRequest
 from brownout.api.state import ServerState, parse_body
-from brownout.engine.client import RequestStream, TokenLogprob
+from brownout.api.engine_client import RequestStream, TokenLogprob
 from brownout.types import ValidationError
 
 

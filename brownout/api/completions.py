@@ -19,7 +19,7 @@ from brownout.api.generation import (DONE, AbortingStreamingResponse, Choice, ab
                                      sse, stream_error, submit_all, until_disconnect)
 from brownout.api.schemas import CompletionRequest
 from brownout.api.state import ServerState, parse_body
-from brownout.engine.client import RequestStream, TokenLogprob
+from brownout.api.engine_client import RequestStream, TokenLogprob
 
 Entry = tuple[str, Optional[float], Optional[dict[str, float]]]  # token text, logprob, top
 

@@ -17,8 +17,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from brownout.engine.client import AdmissionError, EngineDeadError, EngineInternalError
-from brownout.types import ValidationError
+from brownout.api.engine_client import EngineDeadError, EngineInternalError
+from brownout.types import AdmissionError, ValidationError
 
 logger = logging.getLogger(__name__)
 

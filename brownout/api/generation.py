@@ -18,7 +18,7 @@ from starlette.requests import Request
 from starlette.responses import StreamingResponse
 
 from brownout.api.errors import APIError, to_api_error
-from brownout.engine.client import EngineClient, RequestStream, TokenLogprob
+from brownout.api.engine_client import EngineClient, RequestStream, TokenLogprob
 from brownout.types import FinishReason, RequestOutput
 
 DONE = "data: [DONE]\n\n"

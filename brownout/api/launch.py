@@ -140,7 +140,7 @@ def run(args) -> int:
     import uvicorn  # only when serving: keeps `brownout --help` fast
 
     from brownout.api.server import create_app
-    from brownout.engine.client import EngineClient
+    from brownout.api.engine_client import EngineClient
     from brownout.engine.worker import DEFAULT_ENGINE_FACTORY, WorkerOptions
 
     try:

@@ -21,7 +21,7 @@ from brownout.api.metrics import ServerMetrics
 from brownout.api.middleware import GuardMiddleware
 from brownout.api.state import ServerState
 from brownout.config import ServerConfig
-from brownout.engine.client import EngineClient
+from brownout.api.engine_client import EngineClient
 
 logger = logging.getLogger(__name__)
 

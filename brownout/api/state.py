@@ -14,7 +14,7 @@ from starlette.requests import Request
 from brownout.api.errors import APIError, from_pydantic
 from brownout.api.metrics import ServerMetrics
 from brownout.config import ServerConfig
-from brownout.engine.client import EngineClient
+from brownout.api.engine_client import EngineClient
 
 Body = TypeVar("Body", bound=pydantic.BaseModel)
 

@@ -1,9 +1,9 @@
-"""SLO-aware admission: refuse at arrival a request whose first token cannot come in time.
+"""Admission: whether an arriving request joins the queue, or is refused with a Retry-After.
 
-A bounded queue (a count and a token limit) keeps memory safe, but under a burst above what
-even the fastest tau serves, every admitted request waits behind a queue that grows for the
-whole burst, and all of them miss the TTFT SLO. With `admission_ttft_factor` F set, the
-engine predicts a new request's wait for its first token,
+The queue is bounded (a count and a token limit), which keeps memory safe. Under a burst
+above what even the fastest tau serves, though, every admitted request would wait behind a
+queue that grows for the whole burst, and all of them would miss the TTFT SLO. So with
+`admission_ttft_factor` F set, `Admission` predicts a new request's wait for its first token,
 
     wait = time it has already spent on its way in (tokenising, the hop to the engine)
            + max((prompt tokens still to prefill ahead of it + its own) / prefill rate,
@@ -12,33 +12,123 @@ engine predicts a new request's wait for its first token,
              prefill)
            + the 90th percentile of recent prediction errors (`WaitFeedback`),
 
-where the slot wait counts, when every sequence slot (`max_num_seqs`) is taken, the slots
-that must free before it gets one (the requests queued ahead of it, plus itself, less the
-free slots) at the rate running requests have been finishing (`SlotRate`): with long outputs
-a burst can fill every slot, and then new requests wait for a slot, not for prefill. It
-refuses it (429 with a Retry-After of the time the queue needs to drain below the limit)
-when wait > F x the TTFT SLO, so those it admits can still meet it. The error term closes the
-loop: without it the first H200 runs with admission (`headline_h200_run10`, `_run11`) admitted
-requests whose P90 TTFT came out 4-15 ms over the SLO, because near the limit every admitted
-request is predicted just under it and anything the rate model leaves out (chunk boundaries,
-the tau the controller actually picks, host time) pushes it over. The prefill rate is
-measured: prompt tokens per second of step time over the recent steps that left requests
-waiting (steps that were budget-bound, so their rate is what the engine does now at the tau
-the controller chose), scaled by the speed-up the controller predicts from dimming to its
-lowest tau (`Controller.prefill_speedup`; 1 for policies without a latency model). So a
-request is refused only when even the fastest tau could not serve it in time, and the queue
-may grow as far as dimming can drain it: brownout spends accuracy first and sheds load only
-beyond that. Until such steps have been seen there is no queue worth refusing for, and
-everything is admitted.
+and refuses it (429 with a Retry-After of the time the queue needs to drain below the
+limit) when wait > F x the TTFT SLO, so those it admits can still meet it.
+
+* The slot wait counts, when every sequence slot (`max_num_seqs`) is taken, the slots that
+  must free before it gets one (the requests queued ahead of it, plus itself, less the free
+  slots) at the rate running requests have been finishing (`SlotRate`): with long outputs a
+  burst can fill every slot, and then new requests wait for a slot, not for prefill.
+* The error term closes the loop: near the limit every admitted request is predicted just
+  under it, so anything the rate model leaves out (chunk boundaries, the tau the controller
+  actually picks, host time) would push its TTFT over the SLO; the measured errors of
+  earlier first tokens add it back.
+* The prefill rate is measured: prompt tokens per second of step time over the recent steps
+  that left requests waiting (budget-bound steps, so their rate is what the engine does now
+  at the tau the controller chose), scaled by the speed-up the controller predicts from
+  dimming to its lowest tau (`Controller.prefill_speedup`; 1 for policies without a latency
+  model). So a request is refused only when even the fastest tau could not serve it in
+  time, and the queue may grow as far as dimming can drain it: brownout spends accuracy
+  first and sheds load only beyond that. Until such steps have been seen there is no queue
+  worth refusing for, and everything is admitted.
 """
 
 from __future__ import annotations
 
 import math
 from collections import deque
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
+
+from brownout.config import SchedulerConfig
+from brownout.engine.request import Request
+from brownout.engine.scheduler import QueueView
+from brownout.types import AdmissionError
+
+# A refused client is told to wait at least this long: sooner, the queue has not moved.
+MIN_RETRY_AFTER_S = 1.0
+# The wait-error margin moves a prediction by at most this share of the limit either way
+# (see `WaitFeedback`).
+_MAX_MARGIN_SHARE = 0.5
+# The step-time average starts at a typical step, so the first Retry-After is sensible, and
+# weighs each new step this much: it follows a change of load within a few dozen steps.
+_INITIAL_STEP_S = 0.05
+_STEP_EMA_WEIGHT = 0.1
+
+
+class Admission:
+    """Asked once per arriving request (`admit`); fed the collected steps, first tokens and
+    finishes. Reads the scheduler's queue only through its live `QueueView`."""
+
+    def __init__(self, config: SchedulerConfig, ttft_slo_s: float, view: QueueView):
+        self.config = config
+        self.view = view
+        self.factor = config.admission_ttft_factor  # None: admit while the queue has room
+        self.limit_s = (self.factor or 0.0) * ttft_slo_s
+        self.prefill_rate = PrefillRate()
+        self.wait_feedback = WaitFeedback()
+        self.slot_rate = SlotRate()  # sequence slots freed per second
+        self.step_time_s = _INITIAL_STEP_S  # moving average of collected steps' latency
+        self.num_refused_full = 0  # refused because the queue was full
+        self.num_refused_slo = 0  # refused because their TTFT could not be met
+
+    def admit(self, num_tokens: int, arrival: float, now: float,
+              prefill_speedup: Callable[[], float]) -> Optional[float]:
+        """Admit a request of `num_tokens` prompt tokens that arrived at `arrival`, or raise
+        AdmissionError; returns its predicted wait for its first token (None: none made)."""
+        view, sched = self.view, self.config
+        if view.num_waiting >= sched.max_waiting_requests or \
+                view.waiting_tokens + num_tokens > sched.max_waiting_tokens:
+            self.num_refused_full += 1
+            raise AdmissionError("the waiting queue is full", self.retry_after_s())
+        rate = self.prefill_rate.tokens_per_s  # at the tau the controller runs now
+        if self.factor is None or rate is None:  # no rate yet: no queue worth refusing for
+            return None
+        rate *= prefill_speedup()  # refuse only what even the lowest tau could not serve
+        wait = admission_wait(view.waiting_tokens + view.running_prefill_tokens, num_tokens, rate,
+                              step_s=self.step_time_s, elapsed_s=now - arrival,
+                              slot_wait_s=self.slot_wait_s(now))
+        expected = wait + self.wait_feedback.margin(self.limit_s)  # corrected by measured errors
+        retry = refuse_for(expected, self.limit_s)
+        if retry is not None:
+            self.num_refused_slo += 1
+            raise AdmissionError(f"its first token would come in ~{expected:.2f} s, over the "
+                                 f"{self.limit_s:.2f} s admission limit ({self.factor:g} x the "
+                                 f"TTFT SLO)", retry)
+        return wait
+
+    def retry_after_s(self) -> float:
+        """How long the queued work takes to drain at full steps, for a refused client."""
+        queued = self.view.waiting_tokens + self.view.num_running
+        steps = queued / self.config.max_num_batched_tokens
+        return max(MIN_RETRY_AFTER_S, round(steps * self.step_time_s, 1))
+
+    def slot_wait_s(self, now: float) -> float:
+        """Seconds a request arriving now would wait for a sequence slot."""
+        return slot_wait(self.view.num_waiting, self.view.free_slots, self.slot_rate.per_s(now))
+
+    def observe_step(self, prefill_tokens: int, latency_s: float, queue_left: bool) -> None:
+        """A collected step: its prompt tokens, its latency, and whether requests still waited
+        when it was scheduled."""
+        self.step_time_s = (1 - _STEP_EMA_WEIGHT) * self.step_time_s + _STEP_EMA_WEIGHT * latency_s
+        self.prefill_rate.observe(prefill_tokens, latency_s, queue_left=queue_left)
+
+    def observe_first_token(self, req: Request, now: float) -> None:
+        """A request's first token: the error of its predicted wait, if one was made."""
+        if req.predicted_wait_s is not None:
+            self.wait_feedback.observe(req.predicted_wait_s, now - req.arrival_time)
+
+    def observe_finish(self, now: float, held_slot: bool) -> None:
+        """A request finished (or was aborted); `held_slot`: it freed a sequence slot."""
+        if held_slot:
+            self.slot_rate.observe(now)
+
+    def snapshot(self, now: float) -> dict:
+        return dict(num_refused_slo_total=self.num_refused_slo,
+                    num_refused_full_total=self.num_refused_full,
+                    admission_margin_s=self.wait_feedback.margin(self.limit_s),
+                    admission_slot_wait_s=self.slot_wait_s(now))
 
 
 class PrefillRate:
@@ -64,11 +154,11 @@ class PrefillRate:
 class WaitFeedback:
     """Errors of the wait prediction, measured when admitted requests get their first token:
     `margin` is their `quantile` (P90, the SLO's percentile) over the last `window` requests,
-    added to every later prediction. Bounded to [-limit / 2, limit / 2]: one stall (or an idle
-    engine that beats its prediction) cannot open the gate wide by itself, and it never shuts:
-    errors are measured only on admitted requests, so a margin of the whole limit would refuse
-    every request and never be measured again; at half of it, requests behind a short queue
-    still come in and keep the errors current."""
+    added to every later prediction. Bounded to half the limit either way: one stall (or an
+    idle engine that beats its prediction) cannot open the gate wide by itself, and it never
+    shuts: errors are measured only on admitted requests, so a margin of the whole limit would
+    refuse every request and never be measured again; at half of it, requests behind a short
+    queue still come in and keep the errors current."""
 
     def __init__(self, window: int = 128, min_samples: int = 16, quantile: float = 0.9):
         self.window, self.min_samples, self.quantile = window, min_samples, quantile
@@ -85,7 +175,8 @@ class WaitFeedback:
             return 0.0
         if self._margin is None:
             self._margin = float(np.quantile(self._errors, self.quantile))
-        return min(max(self._margin, -0.5 * limit_s), 0.5 * limit_s)
+        bound = _MAX_MARGIN_SHARE * limit_s
+        return min(max(self._margin, -bound), bound)
 
 
 class SlotRate:
@@ -127,11 +218,12 @@ def admission_wait(ahead_tokens: int, own_tokens: int, rate: Optional[float],
                    step_s: float = 0.0, elapsed_s: float = 0.0,
                    slot_wait_s: float = 0.0) -> Optional[float]:
     """Predicted seconds until a new request's first token, or None when the rate is unknown.
-    `step_s`: a step's latency, added once (without it the first H200 run with admission,
-    `headline_h200_run10`, admitted requests whose P90 TTFT came out ~35 ms, 1.5 steps, over
-    the limit even with brownout off). `elapsed_s`: the time since the request arrived at the
-    server (its TTFT clock started there). `slot_wait_s`: the wait for a sequence slot
-    (`slot_wait`); its prefill starts only after it."""
+    `step_s`: a step's latency, added once: a request arrives while a step runs, and its
+    prefill ends only at a step boundary; the prefill rate alone counts neither, so near the
+    limit it admits requests whose TTFT comes out a step or more over it. `elapsed_s`: the
+    time since the request arrived at the server (its TTFT clock started there).
+    `slot_wait_s`: the wait for a sequence slot (`slot_wait`); its prefill starts only after
+    it."""
     if rate is None or rate <= 0:
         return None
     prefill = max((ahead_tokens + own_tokens) / rate, max(0.0, slot_wait_s) + own_tokens / rate)
@@ -143,4 +235,4 @@ def refuse_for(wait_s: Optional[float], limit_s: float) -> Optional[float]:
     until a request like this one would fit under the limit (at least 1 s)."""
     if wait_s is None or wait_s <= limit_s:
         return None
-    return max(1.0, math.ceil(wait_s - limit_s))
+    return max(MIN_RETRY_AFTER_S, math.ceil(wait_s - limit_s))

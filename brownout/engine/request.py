@@ -17,6 +17,10 @@ class Status(enum.Enum):
 
 @dataclass(eq=False)
 class Request:
+    """One request. Its progress (status, computed and output tokens, finish reason, prompt
+    logprobs) changes only in the scheduler, so one owner decides every move; the output
+    path keeps its own fields (`detok_state`, `prompt_logprobs_sent`)."""
+
     request_id: str
     prompt_token_ids: list[int]
     sampling: SamplingParams
@@ -29,9 +33,8 @@ class Request:
     metrics: RequestMetrics = None  # type: ignore[assignment]
     prompt_logprobs: list[Optional[Logprob]] = field(default_factory=list)
     prompt_logprobs_sent: bool = False
-    output_text: str = ""  # text emitted so far (stop strings excluded)
     detok_state: object = None  # owned by the detokenizer
-    seq: int = 0  # admission order, breaks ties
+    seq: int = 0  # the order the scheduler got it in: breaks ties of arrival time
     predicted_wait_s: Optional[float] = None  # TTFT admission's prediction, checked at the first token
 
     def __post_init__(self) -> None:

@@ -1,126 +1,206 @@
 """Continuous-batching scheduler with chunked prefill and preemption by recompute.
 
-Every step it first continues the running requests (one decode token each, or the next
-prefill chunk), preempting the lowest-priority running request when KV blocks run out, then
-admits waiting requests (FCFS, or by priority) while the step's token budget, the batch size
-and the free blocks allow. Plain Python: testable without a model.
+The scheduler owns every request from `add` to its finish: its status, its computed
+tokens, its KV blocks, when it stops and why. Each step it first continues the running
+requests (one decode token each, or the next prefill chunk), preempting the lowest-priority
+running request when KV blocks run out, then admits waiting requests (FCFS, or by priority)
+while the step's token budget, the batch size and the free blocks allow (`schedule`). The
+collected step comes back through `update_from_output`, which advances the computed tokens,
+appends the sampled tokens and stops requests on EOS, a stop token id, `max_tokens` or the
+context length. Queue timeouts (`expire_waiting`) and aborts and stop strings
+(`finish_requests`) finish requests here too; every finishing call returns what it
+finished, so the caller can release the runner's per-request state. `view` counts the
+queue as requests move, for admission and the controller. Plain Python: testable without
+a model.
 """
 
 from __future__ import annotations
 
 import itertools
-from typing import Optional
+from dataclasses import dataclass
+from typing import Iterable, Optional
 
 from brownout.config import SchedulerConfig
 from brownout.engine.block_manager import BlockManager
 from brownout.engine.request import Request, Status
-from brownout.types import FinishReason, ScheduledSeq, SchedulerOutput
+from brownout.engine.request_queue import make_request_queue
+from brownout.types import FinishReason, Logprob, RunnerOutput, ScheduledSeq, SchedulerOutput
+
+
+@dataclass(slots=True)
+class QueueView:
+    """The scheduler's queue, counted as requests move (never re-summed on a read)."""
+
+    max_num_seqs: int
+    num_waiting: int = 0
+    num_running: int = 0
+    waiting_tokens: int = 0  # tokens the waiting requests still have to compute
+    running_prefill_tokens: int = 0  # prompt tokens of running requests not yet computed
+
+    @property
+    def free_slots(self) -> int:
+        return self.max_num_seqs - self.num_running
+
+
+@dataclass(slots=True)
+class NewToken:
+    """A token the collected step sampled for a request; the request may have finished on it."""
+
+    request: Request
+    token_id: int
+    logprob: Optional[Logprob]
+    first: bool  # the request's first output token
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, blocks: BlockManager):
+    def __init__(self, config: SchedulerConfig, blocks: BlockManager,
+                 max_model_len: Optional[int] = None, eos_ids: Iterable[int] = ()):
         self.config = config
         self.blocks = blocks
-        self.waiting: list[Request] = []
-        self.running: list[Request] = []
+        capacity = blocks.num_blocks * blocks.block_size
+        # a request never outgrows the cache, so one alone always fits and preemption ends
+        self.max_model_len = min(max_model_len or capacity, capacity)
+        self.eos_ids = frozenset(eos_ids)
+        self.requests: dict[str, Request] = {}  # every unfinished request
+        self.waiting = make_request_queue(config.policy)
+        self.running: list[Request] = []  # in the order they were admitted
+        self.view = QueueView(config.max_num_seqs)
         self._seq = itertools.count()
         self.num_preemptions = 0
-        self.capacity_finished: list[Request] = []  # could never fit the cache alone
+        self.num_prompt_tokens_total = 0  # prompt tokens computed (again after preemption)
+        self.num_generation_tokens_total = 0
 
-    # ---- queue -------------------------------------------------------------------------
+    # ---- requests in and out -------------------------------------------------------------
     def add(self, req: Request) -> None:
+        if req.request_id in self.requests:
+            raise ValueError(f"request id {req.request_id!r} is already in use")
+        if not 0 < len(req.prompt_token_ids) < self.max_model_len:
+            raise ValueError(f"a prompt must have 1 to {self.max_model_len - 1} tokens")
         req.seq = next(self._seq)
-        self.waiting.append(req)
+        self.requests[req.request_id] = req
+        self._to_waiting(req)
 
-    def _key(self, req: Request):
-        if self.config.policy == "priority":
-            return (req.priority, req.arrival_time, req.seq)
-        return (req.arrival_time, req.seq)
+    def finish_requests(self, request_ids: Iterable[str], reason: FinishReason) -> list[Request]:
+        """Finish the given unfinished requests (abort, stop string); unknown ids are skipped.
+        The blocks of one in the launched step are free at once: only the next `schedule`
+        hands them out again, and that comes after the step is collected."""
+        finished = [self.requests[rid] for rid in dict.fromkeys(request_ids) if rid in self.requests]
+        for req in finished:
+            self._finish(req, reason)
+        return finished
 
-    def remove(self, req: Request) -> None:
-        """Take a request out of the queues and free its blocks (finish or abort)."""
-        if req in self.running:
-            self.running.remove(req)
-        elif req in self.waiting:
-            self.waiting.remove(req)
-        self.blocks.free(req.request_id)
+    def expire_waiting(self, now: float) -> list[Request]:
+        """Finish the requests that waited longer than the queue timeout without ever
+        producing a token (a preempted request that produced some is not timed out)."""
+        timeout = self.config.queue_timeout_s
+        if timeout is None:
+            return []
+        expired = [r for r in self.waiting
+                   if not r.output_token_ids and now - r.arrival_time > timeout]
+        for req in expired:
+            self._finish(req, FinishReason.TIMEOUT)
+        return expired
 
-    @property
-    def num_waiting_tokens(self) -> int:
-        return sum(r.num_tokens - r.num_computed for r in self.waiting)
-
-    def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
-
-    # ---- one step ----------------------------------------------------------------------
+    # ---- one step ------------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
         budget = self.config.max_num_batched_tokens
-        seqs: list[ScheduledSeq] = []
-        preempted: list[str] = []
-        n_prefill = n_decode = 0
+        out = SchedulerOutput(seqs=[], num_prefill_tokens=0, num_decode_tokens=0)
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
             n = min(req.num_tokens - req.num_computed, budget)
-            if not self._make_room(req, req.num_computed + n, preempted, i):
+            if not self._make_room(req, req.num_computed + n, out.preempted, i):
                 continue  # req itself was preempted; the list shifted
-            seqs.append(self._scheduled(req, n))
+            self._add_seq(out, req, n, decode=self._is_decode(req, n))
             budget -= n
-            if self._is_decode(req, n):
-                n_decode += 1
-            else:
-                n_prefill += n
             i += 1
-        if not preempted:
-            self.waiting.sort(key=self._key)
-            while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
-                req = self.waiting[0]
-                n = req.num_tokens - req.num_computed
-                if n > budget and not self.config.enable_chunked_prefill:
-                    break
-                n = min(n, budget)
-                if not self.blocks.can_allocate(req.request_id, req.num_computed + n):
-                    break
-                self.waiting.pop(0)
-                req.status = Status.RUNNING
-                self.running.append(req)
-                seqs.append(self._scheduled(req, n))
-                budget -= n
-                n_prefill += n
-        return SchedulerOutput(seqs=seqs, num_prefill_tokens=n_prefill,
-                               num_decode_tokens=n_decode, preempted=preempted)
+        if not out.preempted:
+            budget = self._admit_waiting(out, budget)
+        return out
 
+    def _admit_waiting(self, out: SchedulerOutput, budget: int) -> int:
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            req = self.waiting.peek()
+            n = req.num_tokens - req.num_computed
+            if n > budget and not self.config.enable_chunked_prefill:
+                break
+            n = min(n, budget)
+            if not self.blocks.can_allocate(req.request_id, req.num_computed + n):
+                break
+            self._from_waiting(self.waiting.pop())
+            self._to_running(req)
+            self._add_seq(out, req, n, decode=False)
+            budget -= n
+        return budget
+
+    def update_from_output(self, sched: SchedulerOutput, result: RunnerOutput,
+                           now: float) -> list[NewToken]:
+        """Take a collected step: progress, prompt logprobs and sampled tokens of the requests
+        still running (one finished or aborted while the step ran gets nothing), and stop the
+        requests whose token ends them."""
+        new_tokens = []
+        for s in sched.seqs:
+            req = self.requests.get(s.request_id)
+            if req is None or req.status is not Status.RUNNING:
+                continue
+            self._advance(req, len(s.token_ids))
+            if req.metrics.first_scheduled_time is None:
+                req.metrics.first_scheduled_time = now
+            if s.request_id in result.prompt_logprobs:
+                req.prompt_logprobs.extend(result.prompt_logprobs[s.request_id])
+            if s.start_pos < len(req.prompt_token_ids):
+                self.num_prompt_tokens_total += min(len(s.token_ids),
+                                                    len(req.prompt_token_ids) - s.start_pos)
+            token = result.sampled.get(s.request_id)
+            if token is not None:
+                new_tokens.append(self._append_token(req, token, result.logprobs.get(s.request_id), now))
+        return new_tokens
+
+    def _append_token(self, req: Request, token: int, logprob: Optional[Logprob],
+                      now: float) -> NewToken:
+        req.output_token_ids.append(token)
+        self.num_generation_tokens_total += 1
+        m = req.metrics
+        first = m.first_token_time is None
+        if first:
+            m.first_token_time = now
+        m.last_token_time = now
+        p = req.sampling
+        if (not p.ignore_eos and token in self.eos_ids) or token in p.stop_token_ids:
+            self._finish(req, FinishReason.STOP)
+        elif len(req.output_token_ids) >= p.max_tokens or req.num_tokens >= self.max_model_len:
+            self._finish(req, FinishReason.LENGTH)
+        return NewToken(req, token, logprob, first)
+
+    # ---- building a step -----------------------------------------------------------------
     @staticmethod
     def _is_decode(req: Request, n: int) -> bool:
         return n == 1 and req.num_computed == req.num_tokens - 1 and bool(req.output_token_ids)
 
-    def _scheduled(self, req: Request, n: int) -> ScheduledSeq:
+    def _add_seq(self, out: SchedulerOutput, req: Request, n: int, decode: bool) -> None:
         table = self.blocks.allocate(req.request_id, req.num_computed + n)
         start = req.num_computed
-        tokens = req.token_slice(start, n)
         targets: Optional[list[int]] = None
         if req.sampling.prompt_logprobs is not None and start < len(req.prompt_token_ids):
             targets = req.prompt_token_ids[start + 1:start + n + 1]
-        return ScheduledSeq(request_id=req.request_id, token_ids=tokens, start_pos=start,
-                            block_table=list(table), sample=start + n == req.num_tokens,
-                            sampling=req.sampling, output_len=len(req.output_token_ids),
-                            prompt_logprob_targets=targets)
+        out.seqs.append(ScheduledSeq(
+            request_id=req.request_id, token_ids=req.token_slice(start, n), start_pos=start,
+            block_table=list(table), sample=start + n == req.num_tokens, sampling=req.sampling,
+            output_len=len(req.output_token_ids), prompt_logprob_targets=targets))
+        if decode:
+            out.num_decode_tokens += 1
+        else:
+            out.num_prefill_tokens += n
 
     def _make_room(self, req: Request, num_tokens: int, preempted: list[str], done: int) -> bool:
         """Preempt until `req` can hold `num_tokens`; False if `req` itself was preempted.
 
         Victims are the lowest-priority requests not yet scheduled in this step (the
         running ones from index `done` on: the first `done` are scheduled and stay put).
+        A request alone always fits (`max_model_len` is at most the cache), so this ends.
         """
         while not self.blocks.can_allocate(req.request_id, num_tokens):
-            victim = max(self.running[done:], key=self._key)
-            if victim is req and len(self.running) == 1:
-                # alone and still too large for the whole cache: it can never finish
-                self.remove(req)
-                req.status = Status.FINISHED
-                req.finish_reason = FinishReason.LENGTH
-                self.capacity_finished.append(req)
-                return False
+            victim = max(self.running[done:], key=self.waiting.key)
             self._preempt(victim)
             preempted.append(victim.request_id)
             if victim is req:
@@ -128,11 +208,53 @@ class Scheduler:
         return True
 
     def _preempt(self, req: Request) -> None:
-        self.running.remove(req)
+        self._from_running(req)
         self.blocks.free(req.request_id)
         req.num_computed = 0
-        req.status = Status.WAITING
         req.prompt_logprobs = []
         req.metrics.num_preemptions += 1
         self.num_preemptions += 1
-        self.waiting.append(req)
+        self._to_waiting(req)
+
+    def _finish(self, req: Request, reason: FinishReason) -> None:
+        if req.status is Status.RUNNING:
+            self._from_running(req)
+        else:
+            self.waiting.remove(req)
+            self._from_waiting(req)
+        self.blocks.free(req.request_id)
+        del self.requests[req.request_id]
+        req.status = Status.FINISHED
+        req.finish_reason = reason
+
+    # ---- moves between the queues, with the view's counts --------------------------------
+    def _to_waiting(self, req: Request) -> None:
+        req.status = Status.WAITING
+        self.waiting.push(req)
+        self.view.num_waiting += 1
+        self.view.waiting_tokens += req.num_tokens - req.num_computed
+
+    def _from_waiting(self, req: Request) -> None:
+        """Count out a request the caller took out of `waiting` (pop or remove)."""
+        self.view.num_waiting -= 1
+        self.view.waiting_tokens -= req.num_tokens - req.num_computed
+
+    def _to_running(self, req: Request) -> None:
+        req.status = Status.RUNNING
+        self.running.append(req)
+        self.view.num_running += 1
+        self.view.running_prefill_tokens += _prefill_left(req)
+
+    def _from_running(self, req: Request) -> None:
+        self.running.remove(req)
+        self.view.num_running -= 1
+        self.view.running_prefill_tokens -= _prefill_left(req)
+
+    def _advance(self, req: Request, n: int) -> None:
+        before = _prefill_left(req)
+        req.num_computed += n
+        self.view.running_prefill_tokens += _prefill_left(req) - before
+
+
+def _prefill_left(req: Request) -> int:
+    return max(0, len(req.prompt_token_ids) - req.num_computed)

@@ -31,12 +31,16 @@ from functools import lru_cache
 from typing import Any, Optional, Union
 
 from brownout.engine.gc_pauses import GCPauses, freeze_startup_heap
-from brownout.types import FinishReason, Logprob, RequestMetrics, SamplingParams, StepStats
-from brownout.types import ValidationError
+from brownout.types import (AdmissionError, FinishReason, Logprob, RequestMetrics, SamplingParams,
+                            StepStats, ValidationError)
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_ENGINE_FACTORY = "brownout.engine.llm_engine:LLMEngine"
+# Texts of single tokens kept for echo and logprobs: a vocabulary's common tokens, bounded.
+_TOKEN_TEXT_CACHE = 65536
+# An idle worker wakes this often to notice that the serving process died.
+_IDLE_POLL_S = 1.0
 
 # (token_id, token_text, logprob, [(alt_id, alt_text, alt_logprob), ...]) or None
 PackedLogprob = Optional[tuple]
@@ -107,7 +111,7 @@ class _Session:
         self.max_model_len = int(engine.max_model_len)
         self.max_prompt_tokens = min(options.max_prompt_tokens or self.max_model_len - 1,
                                      self.max_model_len - 1)
-        self.token_text = lru_cache(maxsize=65536)(self._decode_one)
+        self.token_text = lru_cache(maxsize=_TOKEN_TEXT_CACHE)(self._decode_one)
         self.gc_pauses: Optional[GCPauses] = None  # set by the worker process
 
     def _decode_one(self, token_id: int) -> str:
@@ -123,13 +127,12 @@ class _Session:
             result = self._add(cmd)
         except ValidationError as exc:
             self.out_q.put(("add_error", cmd.request_id, AddError("validation", exc.message, exc.field)))
-        except Exception as exc:  # the engine's AdmissionError carries retry_after_s
-            retry = getattr(exc, "retry_after_s", None)
-            if retry is not None or type(exc).__name__ == "AdmissionError":
-                err = AddError("admission", str(exc), retry_after_s=float(retry or 1.0))
-            else:
-                logger.exception("add_request %s failed", cmd.request_id)
-                err = AddError("internal", f"{type(exc).__name__}: {exc}")
+        except AdmissionError as exc:
+            err = AddError("admission", str(exc), retry_after_s=float(exc.retry_after_s))
+            self.out_q.put(("add_error", cmd.request_id, err))
+        except Exception as exc:  # anything else is the engine's fault, not the client's
+            logger.exception("add_request %s failed", cmd.request_id)
+            err = AddError("internal", f"{type(exc).__name__}: {exc}")
             self.out_q.put(("add_error", cmd.request_id, err))
         else:
             self.out_q.put(("added", cmd.request_id, result))
@@ -204,8 +207,8 @@ def _next_commands(cmd_q, block: bool) -> list[tuple]:
     cmds = []
     parent = multiprocessing.parent_process()
     while block and not cmds:
-        try:  # wake up once a second only to notice an orphaned worker
-            cmds.append(cmd_q.get(timeout=1.0))
+        try:  # wakes only to notice an orphaned worker
+            cmds.append(cmd_q.get(timeout=_IDLE_POLL_S))
         except queue.Empty:
             if parent is not None and not parent.is_alive():
                 raise ParentGone()

@@ -22,8 +22,8 @@ CLIENT_SCRIPT = textwrap.dedent("""
     import asyncio, json, sys
     from brownout.api.server import create_app
     from brownout.config import EngineConfig, ModelLoadConfig, SchedulerConfig, ServerConfig
-    from brownout.engine.client import AdmissionError, EngineClient
-    from brownout.types import SamplingParams, ValidationError
+    from brownout.api.engine_client import EngineClient
+    from brownout.types import AdmissionError, SamplingParams, ValidationError
 
     async def main():
         config = EngineConfig(load=ModelLoadConfig(model=sys.argv[1], device="cpu"),

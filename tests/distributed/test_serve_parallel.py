@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from brownout.config import EngineConfig, ModelLoadConfig
-from brownout.engine.client import EngineClient
+from brownout.api.engine_client import EngineClient
 from brownout.engine.llm import LLM
 from brownout.types import SamplingParams
 

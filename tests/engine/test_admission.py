@@ -9,8 +9,8 @@ from brownout.api.launch import add_arguments, build_configs
 from brownout.config import EngineConfig, ModelLoadConfig, SchedulerConfig, SLOConfig
 from brownout.engine.admission import (PrefillRate, SlotRate, WaitFeedback, admission_wait,
                                       refuse_for, slot_wait)
-from brownout.engine.llm_engine import AdmissionError, LLMEngine
-from brownout.types import SamplingParams, ValidationError
+from brownout.engine.llm_engine import LLMEngine
+from brownout.types import AdmissionError, SamplingParams, ValidationError
 
 PARAMS = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
 
@@ -73,15 +73,15 @@ def test_engine_refuses_what_cannot_meet_ttft_and_serves_the_rest(tiny_models):
     eng = _engine(tiny_models, factor=1.0)
     eng.add_request("early", list(range(3, 60)), PARAMS)  # no measured rate yet: admitted
     for _ in range(4):  # as if the engine had run four full steps at 1000 prompt tokens/s
-        eng.prefill_rate.observe(100, 0.1, queue_left=True)
-    eng._step_time_ema = 0.005  # plus a 5 ms step in flight
+        eng.admission.prefill_rate.observe(100, 0.1, queue_left=True)
+    eng.admission.step_time_s = 0.005  # plus a 5 ms step in flight
     # 57 tokens ahead + 30 = 87 ms at 1000 tokens/s + 5 ms: within the 100 ms limit
     eng.add_request("fits", list(range(3, 33)), PARAMS)
     with pytest.raises(AdmissionError) as refused:  # 87 + 10 tokens + 5 ms = 102 ms > 100 ms
         eng.add_request("late", list(range(3, 13)), PARAMS)
     assert refused.value.retry_after_s >= 1.0
     assert "TTFT SLO" in str(refused.value)
-    assert "late" not in eng.requests and eng.num_refused_slo == 1
+    assert "late" not in eng.requests and eng.admission.num_refused_slo == 1
     assert eng.snapshot()["num_refused_slo_total"] == 1
     done = {}
     while eng.has_unfinished_requests():
@@ -94,10 +94,10 @@ def test_engine_refuses_what_cannot_meet_ttft_and_serves_the_rest(tiny_models):
 def test_without_the_factor_everything_queues(tiny_models):
     eng = _engine(tiny_models, factor=None)
     for _ in range(4):
-        eng.prefill_rate.observe(100, 0.1, queue_left=True)
+        eng.admission.prefill_rate.observe(100, 0.1, queue_left=True)
     for i in range(5):
         eng.add_request(f"r{i}", list(range(3, 60)), PARAMS)
-    assert len(eng.requests) == 5 and eng.num_refused_slo == 0
+    assert len(eng.requests) == 5 and eng.admission.num_refused_slo == 0
 
 
 def test_flag_is_validated():
@@ -115,9 +115,9 @@ def test_limit_counts_the_speed_up_dimming_would_give(tiny_models):
     twice the work before requests are refused: brownout is spent before load is shed."""
     eng = _engine(tiny_models, factor=1.0)
     for _ in range(4):
-        eng.prefill_rate.observe(100, 0.1, queue_left=True)
+        eng.admission.prefill_rate.observe(100, 0.1, queue_left=True)
     eng.controller.prefill_speedup = lambda: 2.0
-    eng._step_time_ema = 0.0
+    eng.admission.step_time_s = 0.0
     eng.add_request("a", list(range(3, 60)), PARAMS)
     eng.add_request("b", list(range(3, 60)), PARAMS)
     eng.add_request("c", list(range(3, 60)), PARAMS)  # 171 tokens at 2000 tokens/s: 86 ms
@@ -154,11 +154,11 @@ def test_first_tokens_correct_later_predictions(tiny_models):
     t = [100.0]
     eng.clock = lambda: t[0]
     for _ in range(4):  # 1000 prompt tokens/s
-        eng.prefill_rate.observe(100, 0.1, queue_left=True)
-    eng._step_time_ema = 0.0
+        eng.admission.prefill_rate.observe(100, 0.1, queue_left=True)
+    eng.admission.step_time_s = 0.0
     eng.add_request("probe", list(range(3, 63)), PARAMS)  # 60 tokens: predicted 60 ms
     assert eng.requests["probe"].predicted_wait_s == pytest.approx(0.06)
-    fb = eng.wait_feedback
+    fb = eng.admission.wait_feedback
     for _ in range(fb.min_samples - 1):  # earlier requests came 30 ms later than predicted
         fb.observe(0.05, 0.08)
     t[0] += 0.09  # "probe" gets its first token 90 ms after arrival: 30 ms late too
@@ -177,8 +177,8 @@ def test_time_since_arrival_counts(tiny_models):
     t = [50.0]
     eng.clock = lambda: t[0]
     for _ in range(4):
-        eng.prefill_rate.observe(100, 0.1, queue_left=True)
-    eng._step_time_ema = 0.0
+        eng.admission.prefill_rate.observe(100, 0.1, queue_left=True)
+    eng.admission.step_time_s = 0.0
     eng.add_request("fresh", list(range(3, 53)), PARAMS, arrival_time=50.0)  # 50 ms: admitted
     eng.abort_request("fresh")
     with pytest.raises(AdmissionError):  # the same prompt, stamped 60 ms ago by the server
@@ -217,11 +217,11 @@ def test_full_slots_refuse_what_would_wait_too_long(tiny_models):
     eng.step()  # both prefilled and decoding: no free slot
     assert len(eng.scheduler.running) == 2
     for _ in range(4):  # 10000 prompt tokens/s: a 5-token prompt alone waits 0.5 ms
-        eng.prefill_rate.observe(1000, 0.1, queue_left=True)
-    eng._step_time_ema = 0.0
-    eng.slot_rate = SlotRate(window_s=0.8, min_events=4)
+        eng.admission.prefill_rate.observe(1000, 0.1, queue_left=True)
+    eng.admission.step_time_s = 0.0
+    eng.admission.slot_rate = SlotRate(window_s=0.8, min_events=4)
     for i in range(16):  # 16 requests finished in the last 0.8 s: 20 slots/s
-        eng.slot_rate.observe(t[0] - 0.05 * i)
+        eng.admission.slot_rate.observe(t[0] - 0.05 * i)
     eng.add_request("w1", list(range(3, 8)), PARAMS)  # one slot to free: 50 ms
     assert eng.requests["w1"].predicted_wait_s == pytest.approx(0.0505)
     assert eng.snapshot()["admission_slot_wait_s"] == pytest.approx(0.1)  # behind w1 now

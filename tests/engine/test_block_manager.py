@@ -7,7 +7,7 @@ from brownout.config import SchedulerConfig
 from brownout.engine.block_manager import BlockManager
 from brownout.engine.request import Request
 from brownout.engine.scheduler import Scheduler
-from brownout.types import SamplingParams
+from brownout.types import FinishReason, RunnerOutput, SamplingParams
 
 ops = st.lists(st.tuples(st.sampled_from(["add", "step", "abort"]), st.integers(1, 60),
                          st.integers(0, 30)), min_size=1, max_size=60)
@@ -24,17 +24,10 @@ def test_blocks_return_to_zero(ops, num_blocks, budget, policy):
 
     def step():
         out = sched.schedule()
-        for s in out.seqs:
-            req = live[s.request_id]
-            req.num_computed += len(s.token_ids)
-            if s.sample:
-                req.output_token_ids.append(7)
-                if len(req.output_token_ids) >= req.sampling.max_tokens:
-                    sched.remove(req)
-                    del live[req.request_id]
-        for req in sched.capacity_finished:
-            live.pop(req.request_id, None)
-        sched.capacity_finished.clear()
+        sampled = {s.request_id: 7 for s in out.seqs if s.sample}
+        for new in sched.update_from_output(out, RunnerOutput(sampled=sampled), now=0.0):
+            if new.request.finished:
+                del live[new.request.request_id]
         assert bm.num_used == sum(len(bm.table(r)) for r in live)
 
     for op, a, b in ops:
@@ -47,7 +40,8 @@ def test_blocks_return_to_zero(ops, num_blocks, budget, policy):
             sched.add(live[rid])
         elif op == "abort" and live:
             rid = sorted(live)[a % len(live)]
-            sched.remove(live.pop(rid))
+            sched.finish_requests([rid], FinishReason.ABORT)
+            del live[rid]
         else:
             step()
     for _ in range(2000):

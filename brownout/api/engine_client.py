@@ -1,4 +1,4 @@
-"""The HTTP process's handle on the engine, which runs in its own process (see worker.py).
+"""The HTTP process's handle on the engine, which runs in its own process (brownout.engine.worker).
 
 `EngineClient` spawns the worker, waits until it reports ready, and routes the worker's
 step outputs to one asyncio queue per request. It is torch-free: the worker does all
@@ -20,7 +20,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Optional, Protocol, Union
 
-from brownout.types import Logprob, RequestOutput, SamplingParams, StepStats, ValidationError
+from brownout.types import (AdmissionError, Logprob, RequestOutput, SamplingParams, StepStats,
+                            ValidationError)
 
 logger = logging.getLogger(__name__)
 
@@ -28,17 +29,17 @@ logger = logging.getLogger(__name__)
 # the worker module ever grows engine imports; the worker itself imports the engine lazily.
 _WORKER_MODULE = "brownout.engine.worker"
 
+# How often the waits on the worker's queue wake up to notice that the worker died.
+_POLL_S = 0.5
+# A terminated worker or the reader thread is given this long to end before shutdown moves on.
+_TERMINATE_JOIN_S = 5.0
+_READER_JOIN_S = 2.0
+# A refusal whose message carries no retry hint asks the client to retry after this long.
+_DEFAULT_RETRY_AFTER_S = 1.0
+
 
 class EngineDeadError(RuntimeError):
     """The engine process is gone; no request can be served."""
-
-
-class AdmissionError(RuntimeError):
-    """The engine refused a request because it is full; retry after `retry_after_s`."""
-
-    def __init__(self, message: str, retry_after_s: float = 1.0):
-        super().__init__(message)
-        self.retry_after_s = retry_after_s
 
 
 class EngineInternalError(RuntimeError):
@@ -149,7 +150,7 @@ class EngineClient:
         deadline = time.monotonic() + self.ready_timeout_s
         while time.monotonic() < deadline:
             try:
-                msg = self._out_q.get(timeout=0.5)
+                msg = self._out_q.get(timeout=_POLL_S)
             except queue.Empty:
                 if not self._proc.is_alive():
                     raise EngineDeadError(f"engine exited with code {self._proc.exitcode} while loading")
@@ -170,10 +171,10 @@ class EngineClient:
         if self._proc.is_alive():
             logger.warning("engine did not stop in %.0f s; terminating", timeout_s)
             self._proc.terminate()
-            self._proc.join(5.0)
+            self._proc.join(_TERMINATE_JOIN_S)
         self._mark_dead("engine shut down")
         if self._reader is not None:
-            self._reader.join(2.0)
+            self._reader.join(_READER_JOIN_S)
         for q in (self._cmd_q, self._out_q):
             q.close()
             q.join_thread()
@@ -247,7 +248,7 @@ class EngineClient:
     def _read_loop(self) -> None:
         while not self._stop.is_set():
             try:
-                msg = self._out_q.get(timeout=0.5)
+                msg = self._out_q.get(timeout=_POLL_S)
             except queue.Empty:
                 if not self._proc.is_alive():
                     reason = f"engine process exited (code {self._proc.exitcode})"
@@ -299,7 +300,7 @@ class EngineClient:
         if err.kind == "validation":
             ack.set_exception(ValidationError(err.field or "request", err.message))
         elif err.kind == "admission":
-            ack.set_exception(AdmissionError(err.message, err.retry_after_s or 1.0))
+            ack.set_exception(AdmissionError(err.message, err.retry_after_s or _DEFAULT_RETRY_AFTER_S))
         else:
             ack.set_exception(EngineInternalError(err.message))
 
