@@ -10,7 +10,7 @@ POST text/plain (or no type) to a local server without a CORS preflight, but not
 The body is read here up to the limit and replayed to the app, so an oversize body is
 refused with 413 without ever being parsed, whether or not the client sent a
 Content-Length, and a body that stops arriving is refused with 408 once the body timeout
-passes. While the server shuts down (brownout.api.drain) new requests get 503.
+passes. A head over MAX_HEAD_BYTES is refused with 431. While the server shuts down (brownout.api.drain) new requests get 503.
 """
 
 from __future__ import annotations
@@ -23,6 +23,9 @@ from typing import Optional
 from brownout.api.drain import Drain
 from brownout.api.errors import APIError
 
+# Request line and headers of one request, in bytes: far above any client's (a bearer key
+# and a few headers), small enough that a flood of heads holds little memory.
+MAX_HEAD_BYTES = 16 * 1024
 OPEN_PATHS = frozenset({"/health", "/metrics"})  # no key needed
 DRAIN_OPEN_PATHS = frozenset({"/metrics"})  # still served while shutting down
 BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
@@ -41,6 +44,11 @@ async def _send_error(send, err: APIError, close: bool = False) -> None:
         headers.append((b"connection", b"close"))
     await send({"type": "http.response.start", "status": err.status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
+
+
+def _head_bytes(scope) -> int:
+    return (len(scope.get("raw_path") or b"") + len(scope.get("query_string") or b"")
+            + sum(len(k) + len(v) for k, v in scope.get("headers") or []))
 
 
 def _is_json(content_type: Optional[bytes]) -> bool:
@@ -68,6 +76,10 @@ class GuardMiddleware:
             return await self.app(scope, receive, send)
         if self.drain.draining and scope["path"] not in DRAIN_OPEN_PATHS:
             return await _send_error(send, self.drain.error(), close=True)
+        if _head_bytes(scope) > MAX_HEAD_BYTES:
+            return await _send_error(send, APIError(
+                431, f"request line and headers exceed {MAX_HEAD_BYTES} bytes", param="headers",
+                code="headers_too_large"), close=True)
         self.drain.enter()
         try:
             await self._guarded(scope, receive, send)

@@ -3,7 +3,8 @@
 - Each request head (request line and headers) must arrive within the header timeout,
   counted from the connection's start or the end of the previous response: a connection
   that sends nothing, or half a head, is closed (`GuardedH11Protocol`). Heads are bounded
-  to MAX_HEAD_BYTES (h11 answers 400 beyond it). A body that stops arriving is the guard's
+  to MAX_HEAD_BYTES: h11 answers 400 to a longer head arriving in pieces, the guard 431 to
+  one that arrived whole (brownout.api.middleware). A body that stops arriving is the guard's
   (brownout.api.middleware: 408 after the body timeout); an idle keep-alive connection is
   closed after the keep-alive timeout.
 - On SIGTERM (or a first Ctrl-C) the server drains (brownout.api.drain) for up to the
@@ -20,14 +21,10 @@ import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from brownout.api.drain import DRAIN_GRACE_S, Drain
+from brownout.api.middleware import MAX_HEAD_BYTES
 from brownout.config import ServerConfig
 
 logger = logging.getLogger(__name__)
-
-# Request line and headers of one request, in bytes: far above any client's (a bearer key
-# and a few headers), small enough that a flood of heads holds little memory.
-MAX_HEAD_BYTES = 16 * 1024
-
 
 class GuardedH11Protocol(H11Protocol):
     """uvicorn's h11 protocol, closing a connection whose request head does not arrive
