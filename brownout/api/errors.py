@@ -28,8 +28,7 @@ _ERROR_TYPES = {
     400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
     405: "invalid_request_error", 408: "invalid_request_error", 413: "invalid_request_error",
     415: "invalid_request_error", 429: "rate_limit_error", 431: "invalid_request_error",
-    500: "internal_error",
-    503: "service_unavailable_error",
+    500: "internal_error", 503: "service_unavailable_error",
 }
 # Retry-After for a wait the engine could not predict (a prediction that is not finite).
 UNKNOWN_RETRY_AFTER_S = 60

@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 from typing import Mapping, Optional
 
+from brownout.api.limits import REQUEST_CONTEXTS
 from brownout.config import (BrownoutConfig, CacheConfig, EngineConfig, ModelLoadConfig,
                              SchedulerConfig, ServerConfig, SLOConfig)
 from brownout.types import ValidationError
@@ -114,7 +115,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--max-prompt-tokens", type=int, default=None, help="default: the context length - 1")
     g.add_argument("--max-request-tokens", type=int, default=None,
                    help="prompt tokens one request may queue over all its prompts (text counted at "
-                        "the most characters per token; default: 4 x the largest prompt)")
+                        f"the most characters per token; default: {REQUEST_CONTEXTS} x the largest prompt)")
     g.add_argument("--max-tokens-limit", type=int, default=srv.max_tokens_limit,
                    help="largest max_tokens a request may ask for")
     g.add_argument("--keep-alive-timeout", type=float, default=None,

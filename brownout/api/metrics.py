@@ -3,9 +3,9 @@
 Fed by the engine client's step feed (`EngineListener`), so every request is counted
 whether or not its HTTP client is still connected. A request the engine finishes is counted
 in `vllm:request_success_total` with its finish reason; one aborted before it finished (its
-client went away, or the server ended it) is counted there as "abort" when the client
-reports its end (`on_request_end`). Token times are the engine process's
-step-end timestamps (monotonic clock, shared by both processes on one host).
+client went away, or the server ended it) is counted there as "abort" when the engine
+client reports its end (`on_request_end`). Token times are the engine process's step-end
+timestamps (monotonic clock, shared by both processes on one host).
 """
 
 from __future__ import annotations
