@@ -156,13 +156,42 @@ class EngineConfig:
 class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 8000
-    api_key: Optional[str] = None
+    api_key: Optional[str] = None  # None: no auth; never empty (that would mean no auth silently)
     served_model_name: Optional[str] = None
     max_body_bytes: int = 4 * 1024 * 1024
     max_prompt_tokens: Optional[int] = None  # default: the model's context
     max_tokens_limit: int = 4096
+    # prompt tokens (or their character bound) one request may queue in all, over its prompts
+    # (default: brownout.api.limits.REQUEST_CONTEXTS prompts of the largest size)
+    max_request_tokens: Optional[int] = None
+    keep_alive_timeout_s: float = 5.0  # an idle keep-alive connection is closed after this
+    header_timeout_s: float = 10.0  # a request head must arrive within this (slow clients)
+    body_timeout_s: float = 30.0  # a request body must arrive within this (4 MB at ~140 kB/s)
+    shutdown_timeout_s: float = 30.0  # SIGTERM: in-flight requests may finish within this
 
     def __post_init__(self) -> None:
         _check_range("port", self.port, 0, 65535)
         _check_range("max_body_bytes", self.max_body_bytes, 1)
         _check_range("max_tokens_limit", self.max_tokens_limit, 1)
+        if self.max_prompt_tokens is not None:
+            _check_range("max_prompt_tokens", self.max_prompt_tokens, 1)
+        if self.max_request_tokens is not None:
+            _check_range("max_request_tokens", self.max_request_tokens, 1)
+        for name in ("keep_alive_timeout_s", "header_timeout_s", "body_timeout_s"):
+            _check_range(name, getattr(self, name), 0.0, lo_open=True)
+        _check_range("shutdown_timeout_s", self.shutdown_timeout_s, 0.0)
+        if self.api_key is not None:
+            _check_api_key(self.api_key)
+
+
+def _check_api_key(key: str) -> None:
+    """A key a client can send in an Authorization header and that cannot be matched by
+    accident: not empty, no surrounding whitespace (headers are stripped), no control
+    characters (HTTP forbids them in header values)."""
+    if not isinstance(key, str) or not key:
+        raise ValidationError("api_key", "must not be empty: an empty key would turn auth off; "
+                                         "give no key to serve without auth")
+    if key != key.strip():
+        raise ValidationError("api_key", "must not start or end with whitespace")
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in key):
+        raise ValidationError("api_key", "must not contain control characters")

@@ -7,14 +7,14 @@ server's max_tokens limit.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import AsyncIterator, Optional
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from brownout.api.generation import (DONE, AbortingStreamingResponse, abort_all, check_finish,
-                                     collect, created, finish_reason, merged, new_id, sse,
-                                     stream_error, submit_all, until_disconnect)
+from brownout.api.generation import (DONE, Item, check_finish, collect_all, created,
+                                     finish_reason, first_output, new_id, sse, stream_error,
+                                     streaming, submit_all, with_first)
 from brownout.api.schemas import ChatCompletionRequest
 from brownout.api.state import ServerState, parse_body
 from brownout.api.engine_client import RequestStream, TokenLogprob
@@ -51,6 +51,8 @@ async def create_chat_completion(request: Request, state: ServerState) -> Respon
             raise ValidationError("top_logprobs", exc.message) from None
         raise
     messages = [m.as_dict() for m in body.messages]
+    state.limits.check_messages(messages)
+    state.limits.check_stop_token_ids(params.stop_token_ids)
     job = dict(prompt=None, messages=messages, params=params, priority=body.priority,
                clamp_max_tokens=defaulted)
     request_id = new_id("chatcmpl")
@@ -58,9 +60,13 @@ async def create_chat_completion(request: Request, state: ServerState) -> Respon
     top_n: Optional[int] = params.logprobs
     model = state.served_model_name
     if body.stream:
-        return AbortingStreamingResponse(_stream(request_id, model, body, top_n, streams[0]),
-                                         on_close=lambda: abort_all(state.client, streams))
-    choices = await until_disconnect(request, state.client, streams, collect(streams))
+        started = await first_output(request, state.client, state.drain, streams)
+        if started is None:
+            return Response(status_code=499)  # nobody is listening
+        first, outputs = started
+        content = _stream(request_id, model, body, top_n, streams[0], with_first(first, outputs))
+        return streaming(content, state.client, streams, outputs)
+    choices = await collect_all(request, state.client, state.drain, streams)
     if choices is None:
         return Response(status_code=499)  # nobody is listening
     c = choices[0]
@@ -73,7 +79,7 @@ async def create_chat_completion(request: Request, state: ServerState) -> Respon
 
 
 async def _stream(request_id: str, model: str, body: ChatCompletionRequest,
-                  top_n: Optional[int], stream: RequestStream):
+                  top_n: Optional[int], stream: RequestStream, items: AsyncIterator[Item]):
     base = {"id": request_id, "object": "chat.completion.chunk", "created": created(),
             "model": model}
     extra = {"usage": None} if body.include_usage else {}
@@ -85,7 +91,7 @@ async def _stream(request_id: str, model: str, body: ChatCompletionRequest,
 
     try:
         yield chunk({"role": "assistant", "content": ""})
-        async for _, out in merged([stream]):
+        async for _, out in items:
             check_finish(out)
             completion_tokens += len(out.new_token_ids)
             logprobs = None

@@ -9,14 +9,14 @@ drops it from the text, the logprobs and the usage.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import AsyncIterator, Optional
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from brownout.api.generation import (DONE, AbortingStreamingResponse, Choice, abort_all,
-                                     check_finish, collect, created, finish_reason, merged, new_id,
-                                     sse, stream_error, submit_all, until_disconnect)
+from brownout.api.generation import (DONE, Choice, Item, check_finish, collect_all, created,
+                                     finish_reason, first_output, new_id, sse, stream_error,
+                                     streaming, submit_all, with_first)
 from brownout.api.schemas import CompletionRequest
 from brownout.api.state import ServerState, parse_body
 from brownout.api.engine_client import RequestStream, TokenLogprob
@@ -78,6 +78,8 @@ async def create_completion(request: Request, state: ServerState) -> Response:
     state.check_model(body.model)
     params = body.to_sampling_params(state.server.max_tokens_limit)
     prompts = body.prompts()
+    state.limits.check_prompts(prompts)
+    state.limits.check_stop_token_ids(params.stop_token_ids)
     jobs = [dict(prompt=p, params=params, priority=body.priority, want_prompt_text=body.echo)
             for p in prompts]
     request_id = new_id("cmpl")
@@ -85,9 +87,13 @@ async def create_completion(request: Request, state: ServerState) -> Response:
     plan = _Plan(body)
     model = state.served_model_name
     if body.stream:
-        return AbortingStreamingResponse(_stream(request_id, model, body, plan, streams),
-                                         on_close=lambda: abort_all(state.client, streams))
-    choices = await until_disconnect(request, state.client, streams, collect(streams))
+        started = await first_output(request, state.client, state.drain, streams)
+        if started is None:
+            return Response(status_code=499)  # nobody is listening
+        first, outputs = started
+        content = _stream(request_id, model, body, plan, streams, with_first(first, outputs))
+        return streaming(content, state.client, streams, outputs)
+    choices = await collect_all(request, state.client, state.drain, streams)
     if choices is None:
         return Response(status_code=499)  # nobody is listening
     return JSONResponse(_response(request_id, model, plan, streams, choices))
@@ -109,14 +115,14 @@ def _response(request_id: str, model: str, plan: _Plan, streams: list[RequestStr
 
 
 async def _stream(request_id: str, model: str, body: CompletionRequest, plan: _Plan,
-                  streams: list[RequestStream]):
+                  streams: list[RequestStream], items: AsyncIterator[Item]):
     started = [False] * len(streams)
     offsets = [0] * len(streams)
     completion_tokens = 0
     include_usage = body.include_usage
     base = {"id": request_id, "object": "text_completion", "created": created(), "model": model}
     try:
-        async for i, out in merged(streams):
+        async for i, out in items:
             check_finish(out)
             first, started[i] = not started[i], True
             stream = streams[i]

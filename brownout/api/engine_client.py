@@ -59,6 +59,7 @@ class EngineInfo:
     model_name: str
     max_model_len: int
     max_prompt_tokens: int
+    vocab_size: Optional[int] = None  # token ids are in [0, vocab_size)
 
 
 class EngineListener(Protocol):

@@ -1,8 +1,10 @@
 """OpenAI-style error responses: `{"error": {"message", "type", "param", "code"}}`.
 
 Every failure a client can cause maps to a 4xx naming the offending field in `param`:
-bad input 400, auth 401, unknown model 404, body too large 413, engine full 429 (with
-Retry-After), engine dead 503. Pydantic's errors are turned into 400 with the field path.
+bad input 400, auth 401, unknown model 404, body too slow 408, body too large 413, not
+JSON 415, engine full 429 (with Retry-After, the engine's predicted wait rounded up to
+whole seconds), engine dead or server shutting down 503. Pydantic's errors are turned into
+400 with the field path.
 """
 
 from __future__ import annotations
@@ -24,9 +26,19 @@ logger = logging.getLogger(__name__)
 
 _ERROR_TYPES = {
     400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-    405: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error",
+    405: "invalid_request_error", 408: "invalid_request_error", 413: "invalid_request_error",
+    415: "invalid_request_error", 429: "rate_limit_error", 431: "invalid_request_error",
     500: "internal_error", 503: "service_unavailable_error",
 }
+# Retry-After for a wait the engine could not predict (a prediction that is not finite).
+UNKNOWN_RETRY_AFTER_S = 60
+
+
+def retry_after(seconds: float) -> str:
+    """A predicted wait as a Retry-After header value: whole seconds, rounded up, at least 1."""
+    if not math.isfinite(seconds):
+        return str(UNKNOWN_RETRY_AFTER_S)
+    return str(max(1, math.ceil(seconds)))
 
 
 class APIError(Exception):
@@ -56,9 +68,9 @@ def to_api_error(exc: BaseException) -> APIError:
     if isinstance(exc, ValidationError):
         return APIError(400, f"{exc.field}: {exc.message}", param=exc.field)
     if isinstance(exc, AdmissionError):
-        retry = max(1, math.ceil(exc.retry_after_s))
+        retry = retry_after(exc.retry_after_s)
         return APIError(429, f"server is at capacity: {exc}; retry after {retry} s",
-                        code="rate_limit_exceeded", headers={"Retry-After": str(retry)})
+                        code="rate_limit_exceeded", headers={"Retry-After": retry})
     if isinstance(exc, EngineDeadError):
         return APIError(503, f"engine unavailable: {exc}", code="engine_dead")
     if isinstance(exc, EngineInternalError):

@@ -1,8 +1,12 @@
 """Shared plumbing of the generation endpoints: submit, merge streams, SSE, disconnects.
 
 A request may carry several prompts (completions); each becomes one engine request and
-one choice. Whatever way a response ends (done, client gone, error), every engine request
-still running is aborted at once, so its KV blocks are freed.
+one choice. `Outputs` merges their engine streams through one queue, which the shutdown
+drain watches (brownout.api.drain), so a shutdown can end the response. A streaming
+response starts only once the first output has come: a request refused before its first
+token (queue timeout 429, engine gone 503, shutdown 503) gets that status, not a 200 with
+an error event. Whatever way a response ends (done, client gone, error), every engine
+request still running is aborted at once, so its KV blocks are freed.
 """
 
 from __future__ import annotations
@@ -12,16 +16,20 @@ import json
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Callable, Optional
+from typing import AsyncIterator, Awaitable, Callable, Optional, TypeVar
 
 from starlette.requests import Request
 from starlette.responses import StreamingResponse
 
-from brownout.api.errors import APIError, to_api_error
+from brownout.api.drain import Drain
+from brownout.api.errors import APIError, retry_after, to_api_error
 from brownout.api.engine_client import EngineClient, RequestStream, TokenLogprob
 from brownout.types import FinishReason, RequestOutput
 
 DONE = "data: [DONE]\n\n"
+
+T = TypeVar("T")
+Item = tuple[int, RequestOutput]  # (choice index, output)
 
 
 def new_id(prefix: str) -> str:
@@ -55,43 +63,65 @@ def abort_all(client: EngineClient, streams: list[RequestStream]) -> None:
 
 
 def check_finish(out: RequestOutput) -> None:
-    """A request dropped from the queue for waiting too long is an overload answer (429)."""
+    """A request dropped from the queue for waiting too long is an overload answer (429). Its
+    Retry-After is the time it waited: the queue ahead of it took at least that long."""
     if out.finish_reason == FinishReason.TIMEOUT:
+        m = out.metrics
+        waited = m.finished_time - m.arrival_time if m and m.finished_time is not None else 0.0
         raise APIError(429, "request waited in the queue longer than the queue timeout",
-                       code="queue_timeout", headers={"Retry-After": "1"})
+                       code="queue_timeout", headers={"Retry-After": retry_after(waited)})
 
 
 def finish_reason(out: RequestOutput) -> Optional[str]:
     return out.finish_reason.value if out.finished and out.finish_reason is not None else None
 
 
-async def merged(streams: list[RequestStream]) -> AsyncIterator[tuple[int, RequestOutput]]:
-    """(choice index, output) from all streams in arrival order."""
-    if len(streams) == 1:
-        async for out in streams[0]:
-            yield 0, out
-        return
-    q: asyncio.Queue = asyncio.Queue()
+class Outputs:
+    """(choice index, output) from all streams of one request in arrival order. Raises what
+    a stream raises, or the drain's error when a shutdown ends the request. `close()` it."""
 
-    async def pump(i: int, stream: RequestStream) -> None:
+    def __init__(self, streams: list[RequestStream], drain: Drain):
+        self._queue: asyncio.Queue = asyncio.Queue()
+        self._left = len(streams)
+        self._drain = drain
+        self._tasks = [asyncio.create_task(self._pump(i, s)) for i, s in enumerate(streams)]
+        drain.watch(self._queue)
+
+    async def _pump(self, i: int, stream: RequestStream) -> None:
         try:
             async for out in stream:
-                q.put_nowait((i, out))
-        except BaseException as exc:  # handed to the consumer, which re-raises it
-            q.put_nowait((i, exc))
+                self._queue.put_nowait((i, out))
+        except Exception as exc:  # handed to the consumer, which raises it
+            self._queue.put_nowait(exc)
 
-    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
-    remaining = len(streams)
-    try:
-        while remaining:
-            i, item = await q.get()
-            if isinstance(item, BaseException):
-                raise item
-            remaining -= item.finished
-            yield i, item
-    finally:
-        for task in tasks:
+    def __aiter__(self) -> "Outputs":
+        return self
+
+    async def __anext__(self) -> Item:
+        if self._left == 0:
+            raise StopAsyncIteration
+        item = await self._queue.get()
+        if isinstance(item, BaseException):
+            raise item
+        self._left -= item[1].finished
+        return item
+
+    async def first(self) -> Item:
+        """The first output; a refusal (queue timeout) raises."""
+        item = await self.__anext__()
+        check_finish(item[1])
+        return item
+
+    def close(self) -> None:
+        for task in self._tasks:
             task.cancel()
+        self._drain.unwatch(self._queue)
+
+
+async def with_first(first: Item, outputs: Outputs) -> AsyncIterator[Item]:
+    yield first
+    async for item in outputs:
+        yield item
 
 
 @dataclass
@@ -105,9 +135,9 @@ class Choice:
     finish_reason: Optional[str] = None
 
 
-async def collect(streams: list[RequestStream]) -> list[Choice]:
-    choices = [Choice() for _ in streams]
-    async for i, out in merged(streams):
+async def collect(outputs: Outputs, n: int) -> list[Choice]:
+    choices = [Choice() for _ in range(n)]
+    async for i, out in outputs:
         check_finish(out)
         c = choices[i]
         c.text += out.new_text
@@ -120,27 +150,55 @@ async def collect(streams: list[RequestStream]) -> list[Choice]:
     return choices
 
 
+class ClientGone(Exception):
+    """The client disconnected before its answer was ready."""
+
+
 async def _wait_disconnect(request: Request) -> None:
     while (await request.receive())["type"] != "http.disconnect":
         pass
 
 
-async def until_disconnect(request: Request, client: EngineClient, streams: list[RequestStream],
-                           work) -> Optional[object]:
-    """Run `work` (a coroutine); None if the client went away first (requests aborted)."""
+async def or_disconnect(request: Request, work: Awaitable[T]) -> T:
+    """The result of `work`; ClientGone (and `work` cancelled) if the client leaves first."""
     task = asyncio.ensure_future(work)
     watcher = asyncio.ensure_future(_wait_disconnect(request))
     try:
         done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
         if task in done:
             return task.result()
-        task.cancel()
-        return None
+        raise ClientGone()
     finally:
         watcher.cancel()
-        if not task.done():
-            task.cancel()
+        task.cancel()
+
+
+async def collect_all(request: Request, client: EngineClient, drain: Drain,
+                      streams: list[RequestStream]) -> Optional[list[Choice]]:
+    """Every output gathered into one choice per stream; None if the client left first."""
+    outputs = Outputs(streams, drain)
+    try:
+        return await or_disconnect(request, collect(outputs, len(streams)))
+    except ClientGone:
+        return None
+    finally:
+        outputs.close()
         abort_all(client, streams)
+
+
+async def first_output(request: Request, client: EngineClient, drain: Drain,
+                       streams: list[RequestStream]) -> Optional[tuple[Item, Outputs]]:
+    """The first output and the outputs after it, for a stream (whose `on_close` must close
+    them); None if the client left first. A refusal before the first token raises."""
+    outputs = Outputs(streams, drain)
+    try:
+        return await or_disconnect(request, outputs.first()), outputs
+    except BaseException as exc:
+        outputs.close()
+        abort_all(client, streams)
+        if isinstance(exc, ClientGone):
+            return None
+        raise
 
 
 class AbortingStreamingResponse(StreamingResponse):
@@ -156,6 +214,15 @@ class AbortingStreamingResponse(StreamingResponse):
             await super().__call__(scope, receive, send)
         finally:
             self.on_close()
+
+
+def streaming(content: AsyncIterator[str], client: EngineClient, streams: list[RequestStream],
+              outputs: Outputs) -> AbortingStreamingResponse:
+    def close() -> None:
+        outputs.close()
+        abort_all(client, streams)
+
+    return AbortingStreamingResponse(content, on_close=close)
 
 
 def stream_error(exc: BaseException) -> str:

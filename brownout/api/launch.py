@@ -2,6 +2,9 @@
 
 Flags left unset keep the config defaults (the SLO knobs default to the paper's settings,
 see brownout.config.SLOConfig). A bad value is reported as a CLI error naming the flag.
+The API key comes from --api-key-file, the BROWNOUT_API_KEY environment variable, or
+--api-key (visible to every local user in the process list, so a warning is logged); an
+empty key is an error, never a silent "no auth".
 """
 
 from __future__ import annotations
@@ -10,13 +13,17 @@ import argparse
 import logging
 import os
 import sys
+from pathlib import Path
+from typing import Mapping, Optional
 
+from brownout.api.limits import REQUEST_CONTEXTS
 from brownout.config import (BrownoutConfig, CacheConfig, EngineConfig, ModelLoadConfig,
                              SchedulerConfig, ServerConfig, SLOConfig)
 from brownout.types import ValidationError
 
 logger = logging.getLogger(__name__)
 
+API_KEY_ENV = "BROWNOUT_API_KEY"
 DEFAULT_MODEL_FACTORY = "brownout.defaults:default_model_dir"
 
 # config field -> flag, where the two names differ
@@ -28,7 +35,16 @@ _FLAG_OF_FIELD = {
     "check_interval_s": "--slo-check-interval", "shrink_factor": "--slo-shrink-factor",
     "increase_step": "--slo-increase-step", "warning_ratio": "--slo-warning-ratio",
     "tau_prefill": "--fixed-tau", "tau_decode": "--fixed-tau", "num_blocks": "--num-kv-blocks",
-    "united_experts": "--united-experts",
+    "united_experts": "--united-experts", API_KEY_ENV: API_KEY_ENV,
+    "keep_alive_timeout_s": "--keep-alive-timeout", "header_timeout_s": "--header-timeout",
+    "body_timeout_s": "--body-timeout", "shutdown_timeout_s": "--shutdown-timeout",
+}
+
+# flag dest -> ServerConfig field, for the flags that default to the config's value
+_SERVER_FLAGS = {
+    "max_request_tokens": "max_request_tokens", "keep_alive_timeout": "keep_alive_timeout_s",
+    "header_timeout": "header_timeout_s", "body_timeout": "body_timeout_s",
+    "shutdown_timeout": "shutdown_timeout_s",
 }
 
 # flag dest -> SLOConfig field
@@ -88,11 +104,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("server")
     g.add_argument("--host", default=srv.host, help="bind address (default 127.0.0.1: local only)")
     g.add_argument("--port", type=int, default=srv.port)
-    g.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1")
+    key = g.add_mutually_exclusive_group()
+    key.add_argument("--api-key", default=None,
+                     help="require 'Authorization: Bearer KEY' on every path but /health and /metrics; "
+                          f"visible in the process list: prefer {API_KEY_ENV} or --api-key-file")
+    key.add_argument("--api-key-file", default=None,
+                     help=f"read the API key from this file (default: the {API_KEY_ENV} environment "
+                          "variable, if set)")
     g.add_argument("--max-body-bytes", type=int, default=srv.max_body_bytes)
     g.add_argument("--max-prompt-tokens", type=int, default=None, help="default: the context length - 1")
+    g.add_argument("--max-request-tokens", type=int, default=None,
+                   help="prompt tokens one request may queue over all its prompts (text counted at "
+                        f"the most characters per token; default: {REQUEST_CONTEXTS} x the largest prompt)")
     g.add_argument("--max-tokens-limit", type=int, default=srv.max_tokens_limit,
                    help="largest max_tokens a request may ask for")
+    g.add_argument("--keep-alive-timeout", type=float, default=None,
+                   help=f"seconds an idle keep-alive connection stays open (default {srv.keep_alive_timeout_s:g})")
+    g.add_argument("--header-timeout", type=float, default=None,
+                   help=f"seconds a request's headers may take to arrive (default {srv.header_timeout_s:g})")
+    g.add_argument("--body-timeout", type=float, default=None,
+                   help=f"seconds a request's body may take to arrive; 408 after (default {srv.body_timeout_s:g})")
+    g.add_argument("--shutdown-timeout", type=float, default=None,
+                   help="on SIGTERM, seconds in-flight requests may take to finish before they are ended "
+                        f"(new ones get 503 meanwhile; default {srv.shutdown_timeout_s:g})")
     g.add_argument("--engine-factory", default=None, help=argparse.SUPPRESS)  # test seam
 
 
@@ -101,8 +135,9 @@ def _given(args, mapping: dict[str, str]) -> dict:
             if getattr(args, dest, None) is not None}
 
 
-def build_configs(args) -> tuple[EngineConfig, ServerConfig]:
-    """Configs from parsed flags; raises ValidationError naming the bad field."""
+def build_configs(args, environ: Mapping[str, str] = os.environ) -> tuple[EngineConfig, ServerConfig]:
+    """Configs from parsed flags (and the environment, for the API key); raises
+    ValidationError naming the bad field."""
     policy = args.slo_policy or ("fixed" if args.fixed_tau is not None else SLOConfig().policy)
     if policy == "fixed" and args.fixed_tau is None:
         raise ValidationError("fixed_tau", "the fixed policy needs --fixed-tau in [0, 1]")
@@ -122,14 +157,36 @@ def build_configs(args) -> tuple[EngineConfig, ServerConfig]:
     engine = EngineConfig(load=load, cache=cache, scheduler=scheduler,
                           brownout=BrownoutConfig(united_experts=args.united_experts, **tau),
                           slo=SLOConfig(policy=policy, **_given(args, _SLO_FLAGS)))
-    server = ServerConfig(host=args.host, port=args.port, api_key=args.api_key,
-                          served_model_name=args.served_model_name,
-                          max_body_bytes=args.max_body_bytes,
-                          max_prompt_tokens=args.max_prompt_tokens,
-                          max_tokens_limit=args.max_tokens_limit)
-    if args.max_prompt_tokens is not None and args.max_prompt_tokens < 1:
-        raise ValidationError("max_prompt_tokens", f"must be >= 1, got {args.max_prompt_tokens}")
+    key, source = api_key(args, environ)
+    try:
+        server = ServerConfig(host=args.host, port=args.port, api_key=key,
+                              served_model_name=args.served_model_name,
+                              max_body_bytes=args.max_body_bytes,
+                              max_prompt_tokens=args.max_prompt_tokens,
+                              max_tokens_limit=args.max_tokens_limit, **_given(args, _SERVER_FLAGS))
+    except ValidationError as exc:
+        if exc.field == "api_key":  # name where the key came from
+            raise ValidationError(source, exc.message) from None
+        raise
     return engine, server
+
+
+def api_key(args, environ: Mapping[str, str]) -> tuple[Optional[str], str]:
+    """(the API key or None, the field naming its source: api_key, api_key_file or the
+    environment variable)."""
+    if args.api_key is not None:
+        logger.warning("--api-key is visible to every local user in the process list; "
+                       "prefer %s or --api-key-file", API_KEY_ENV)
+        return args.api_key, "api_key"
+    if args.api_key_file is not None:
+        try:
+            text = Path(args.api_key_file).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ValidationError("api_key_file", f"cannot read {args.api_key_file}: {exc}") from None
+        return text.strip(), "api_key_file"  # a file ends with a newline
+    if API_KEY_ENV in environ:
+        return environ[API_KEY_ENV], API_KEY_ENV
+    return None, "api_key"
 
 
 def flag_of(field: str) -> str:
@@ -137,9 +194,9 @@ def flag_of(field: str) -> str:
 
 
 def run(args) -> int:
-    import uvicorn  # only when serving: keeps `brownout --help` fast
-
+    # imported only when serving: keeps `brownout --help` free of uvicorn and fastapi
     from brownout.api.server import create_app
+    from brownout.api.serving import serve
     from brownout.api.engine_client import EngineClient
     from brownout.engine.worker import DEFAULT_ENGINE_FACTORY, WorkerOptions
 
@@ -153,6 +210,5 @@ def run(args) -> int:
                             default_model_factory=None if args.model else DEFAULT_MODEL_FACTORY,
                             log_level=logging.getLogger().getEffectiveLevel())
     app = create_app(EngineClient(engine_config, options), server_config)
-    uvicorn.run(app, host=server_config.host, port=server_config.port, log_level="info",
-                timeout_graceful_shutdown=5)
+    serve(app, server_config, app.state.server_state.drain)
     return 0

@@ -1,8 +1,11 @@
 """Prometheus metrics, named as vLLM names them, plus the brownout-specific ones.
 
 Fed by the engine client's step feed (`EngineListener`), so every request is counted
-whether or not its HTTP client is still connected. Token times are the engine process's
-step-end timestamps (monotonic clock, shared by both processes on one host).
+whether or not its HTTP client is still connected. A request the engine finishes is counted
+in `vllm:request_success_total` with its finish reason; one aborted before it finished (its
+client went away, or the server ended it) is counted there as "abort" when the engine
+client reports its end (`on_request_end`). Token times are the engine process's step-end
+timestamps (monotonic clock, shared by both processes on one host).
 """
 
 from __future__ import annotations
@@ -102,6 +105,12 @@ class ServerMetrics:
         self._arrival[request_id] = arrival_time
 
     def on_request_end(self, request_id: str) -> None:
+        """The client aborted a request; counted once, if it started and had not finished."""
+        if request_id in self._arrival:
+            self.request_success.labels(self._model, "abort").inc()
+        self._forget(request_id)
+
+    def _forget(self, request_id: str) -> None:
         self._arrival.pop(request_id, None)
         self._last_token.pop(request_id, None)
 
@@ -153,7 +162,7 @@ class ServerMetrics:
             self.e2e.labels(m).observe(max(0.0, t - arrival))
         reason = out.finish_reason.value if out.finish_reason is not None else "stop"
         self.request_success.labels(m, reason).inc()
-        self.on_request_end(out.request_id)
+        self._forget(out.request_id)
 
     def on_snapshot(self, snapshot: dict) -> None:
         if not snapshot:

@@ -8,15 +8,21 @@ as OpenAI clients send fields we do not use (user, metadata, ...).
 
 from __future__ import annotations
 
-from typing import Literal, Optional, Union
+from typing import Annotated, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
 
 from brownout.types import SamplingParams, ValidationError
 
-Number = Union[StrictInt, StrictFloat]
+# Integer fields hold what a signed 64-bit integer holds: the engine and the sampler pass
+# them to numpy and torch, which hold no more.
+Int = Annotated[StrictInt, Field(ge=-2**63, le=2**63 - 1)]
+# torch.Generator.manual_seed takes any seed in [-2**63, 2**64 - 1] (a negative seed is
+# taken modulo 2**64) and raises past it, in the engine process.
+Seed = Annotated[StrictInt, Field(ge=-2**63, le=2**64 - 1)]
+Number = Union[StrictInt, StrictFloat]  # finite: the body parser refuses inf and nan
 Stop = Union[StrictStr, list[StrictStr], None]
-MAX_PROMPTS_PER_REQUEST = 64
+MAX_PROMPTS_PER_REQUEST = 64  # each prompt is queued in the engine as a request of its own
 
 
 class _Body(BaseModel):
@@ -33,18 +39,18 @@ class _Common(_Body):
     model: Optional[StrictStr] = None
     stream: StrictBool = False
     stream_options: Optional[StreamOptions] = None
-    n: StrictInt = 1
+    n: Int = 1
     temperature: Optional[Number] = None
     top_p: Optional[Number] = None
-    top_k: Optional[StrictInt] = None  # extension (vLLM)
-    seed: Optional[StrictInt] = None
+    top_k: Optional[Int] = None  # extension (vLLM)
+    seed: Optional[Seed] = None
     stop: Stop = None
-    stop_token_ids: Optional[list[StrictInt]] = None  # extension
+    stop_token_ids: Optional[list[Int]] = None  # extension
     ignore_eos: StrictBool = False  # extension
     presence_penalty: Optional[Number] = None
     frequency_penalty: Optional[Number] = None
     logit_bias: Optional[dict[str, Number]] = None
-    priority: StrictInt = 0  # extension: lower runs first under the priority policy
+    priority: Int = 0  # extension: lower runs first under the priority policy
 
     def check_common(self) -> None:
         if self.n != 1:
@@ -80,12 +86,12 @@ def check_max_tokens(name: str, value: int, limit: int, allow_zero: bool = False
 
 
 class CompletionRequest(_Common):
-    prompt: Union[StrictStr, list[StrictInt], list[StrictStr], list[list[StrictInt]]]
-    max_tokens: Optional[StrictInt] = 16
-    logprobs: Optional[StrictInt] = None
+    prompt: Union[StrictStr, list[Int], list[StrictStr], list[list[Int]]]
+    max_tokens: Optional[Int] = 16
+    logprobs: Optional[Int] = None
     echo: StrictBool = False
     suffix: Optional[StrictStr] = None
-    best_of: Optional[StrictInt] = None
+    best_of: Optional[Int] = None
 
     def prompts(self) -> list[Union[str, list[int]]]:
         """The prompt as a list of prompts (each text or token ids)."""
@@ -142,10 +148,10 @@ class ChatMessage(_Body):
 
 class ChatCompletionRequest(_Common):
     messages: list[ChatMessage] = Field(...)
-    max_tokens: Optional[StrictInt] = None
-    max_completion_tokens: Optional[StrictInt] = None
+    max_tokens: Optional[Int] = None
+    max_completion_tokens: Optional[Int] = None
     logprobs: StrictBool = False
-    top_logprobs: Optional[StrictInt] = None
+    top_logprobs: Optional[Int] = None
 
     def to_sampling_params(self, max_tokens_limit: int) -> tuple[SamplingParams, bool]:
         """Sampling params and whether max_tokens was defaulted (then fit to the context)."""

@@ -1,8 +1,10 @@
 """The FastAPI application: routes, lifespan (engine process start/stop), guards.
 
 Routes: POST /v1/completions, POST /v1/chat/completions, GET /v1/models, GET /health,
-GET /metrics (Prometheus text format). The engine runs in its own process, started when
-the app starts and stopped when it stops; see brownout/engine/client.py.
+GET /metrics (Prometheus text format), GET /openapi.json (behind the key when one is set;
+no /docs or /redoc). The engine runs in its own process, started when the app starts and
+stopped when it stops; see brownout/api/engine_client.py. Run it with brownout.api.serving,
+which adds connection timeouts and the graceful shutdown (brownout.api.drain).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from starlette.responses import JSONResponse, Response
 from brownout.api.chat import create_chat_completion
 from brownout.api.completions import create_completion
 from brownout.api.errors import install_handlers
+from brownout.api.limits import RequestLimits
 from brownout.api.metrics import ServerMetrics
 from brownout.api.middleware import GuardMiddleware
 from brownout.api.state import ServerState
@@ -36,6 +39,7 @@ def create_app(client: EngineClient, server: ServerConfig) -> FastAPI:
     async def lifespan(_: FastAPI):
         info = await client.start()
         state.served_model_name = server.served_model_name or info.model_name
+        state.limits = RequestLimits.of(info, server)
         state.model_aliases = {info.model_name}
         state.metrics = ServerMetrics(state.served_model_name)
         client.listeners.append(state.metrics)
@@ -49,7 +53,8 @@ def create_app(client: EngineClient, server: ServerConfig) -> FastAPI:
     app = FastAPI(title="brownout-serve", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.server_state = state
     install_handlers(app)
-    app.add_middleware(GuardMiddleware, api_key=server.api_key, max_body_bytes=server.max_body_bytes)
+    app.add_middleware(GuardMiddleware, api_key=server.api_key, max_body_bytes=server.max_body_bytes,
+                       body_timeout_s=server.body_timeout_s, drain=state.drain)
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:

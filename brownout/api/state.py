@@ -1,17 +1,20 @@
-"""What the route handlers share: the engine client, server settings, metrics, and the
-two checks every generation request starts with (parse the body, resolve the model).
+"""What the route handlers share: the engine client, server settings, metrics, request
+limits, the shutdown drain, and the two checks every generation request starts with
+(parse the body, resolve the model).
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from typing import Optional, TypeVar
 
 import pydantic
 from starlette.requests import Request
 
+from brownout.api.body import load_json
+from brownout.api.drain import Drain
 from brownout.api.errors import APIError, from_pydantic
+from brownout.api.limits import RequestLimits
 from brownout.api.metrics import ServerMetrics
 from brownout.config import ServerConfig
 from brownout.api.engine_client import EngineClient
@@ -26,6 +29,8 @@ class ServerState:
     served_model_name: str = ""
     model_aliases: set[str] = field(default_factory=set)
     metrics: Optional[ServerMetrics] = None
+    limits: Optional[RequestLimits] = None  # set once the engine reports ready
+    drain: Drain = field(default_factory=Drain)
 
     def check_model(self, model: Optional[str]) -> None:
         if not self.client.is_alive:
@@ -37,13 +42,7 @@ class ServerState:
 
 
 async def parse_body(request: Request, model: type[Body]) -> Body:
-    raw = await request.body()
-    try:
-        data = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise APIError(400, f"request body is not valid JSON: {exc}", param="body") from None
-    if not isinstance(data, dict):
-        raise APIError(400, "request body must be a JSON object", param="body")
+    data = load_json(await request.body())
     try:
         return model.model_validate(data)
     except pydantic.ValidationError as exc:

@@ -255,7 +255,8 @@ def worker_main(config: Any, options: WorkerOptions, cmd_q, out_q) -> None:
         logger.info("froze %d objects of the startup heap for the garbage collector", frozen)
         out_q.put(("ready", {"model_name": str(engine.model_name),
                              "max_model_len": session.max_model_len,
-                             "max_prompt_tokens": session.max_prompt_tokens}))
+                             "max_prompt_tokens": session.max_prompt_tokens,
+                             "vocab_size": int(engine.spec.vocab_size)}))
         out_q.put(("snapshot", time.monotonic(), session.snapshot()))
         _serve(session, cmd_q)
     except ParentGone:

@@ -43,15 +43,17 @@ def model_dir(tmp_path_factory) -> Path:
 class Server:
     """One server process; `url` is its base URL. Always `stop()` it."""
 
-    def __init__(self, model: Optional[Path], args: list[str], log_path: Path):
+    def __init__(self, model: Optional[Path], args: list[str], log_path: Path,
+                 env: Optional[dict[str, str]] = None):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         cmd = [sys.executable, "-m", "brownout.cli", "serve", "--port", str(self.port),
                "--device", "cpu", *(["--model", str(model)] if model else []), *args]
         self.log_path = log_path
         self._log = open(log_path, "w")
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-            [str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
+        inherited = {k: v for k, v in os.environ.items() if k != "BROWNOUT_API_KEY"}  # no auth unless asked
+        env = {**inherited, "PYTHONPATH": os.pathsep.join(
+            [str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]), **(env or {})}
         # Own process group, so teardown reaches the engine process too.
         self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=self._log, stderr=subprocess.STDOUT,
                                      env=env, start_new_session=True)
@@ -88,9 +90,10 @@ class Server:
         self._log.close()
 
 
-def start_server(model: Optional[Path], args: list[str], tmp_path_factory) -> Server:
+def start_server(model: Optional[Path], args: list[str], tmp_path_factory,
+                 env: Optional[dict[str, str]] = None) -> Server:
     log = tmp_path_factory.mktemp("server") / "server.log"
-    server = Server(model, args, log)
+    server = Server(model, args, log, env)
     try:
         return server.wait_ready()
     except Exception:

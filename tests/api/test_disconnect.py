@@ -1,5 +1,6 @@
 """Clients that go away mid-request have their requests aborted at once: the KV cache
-empties and nothing keeps running, for streaming and non-streaming requests alike."""
+empties and nothing keeps running, for streaming and non-streaming requests alike; each is
+counted once in vllm:request_success_total, as an abort unless it had finished."""
 
 from __future__ import annotations
 
@@ -36,6 +37,16 @@ def _generated(text: str) -> float:
     return metric_value(text, "vllm:generation_tokens_total")
 
 
+def _finished(text: str) -> dict[str, float]:
+    return {reason: metric_value(text, "vllm:request_success_total", {"finished_reason": reason})
+            for reason in ("abort", "length", "stop", "timeout")}
+
+
+def _counted(before: str, after: str) -> dict[str, float]:
+    old = _finished(before)
+    return {reason: n - old[reason] for reason, n in _finished(after).items()}
+
+
 def _wait_idle(server, timeout_s: float = 10.0) -> str:
     deadline = time.monotonic() + timeout_s
     while True:
@@ -69,10 +80,13 @@ async def _streams(url: str, max_tokens: int) -> list[bool]:
 
 
 def test_mid_stream_disconnects_free_everything(server, long_max_tokens):
-    before = _generated(_metrics(server))
+    scraped = _metrics(server)
+    before = _generated(scraped)
     got_tokens = asyncio.run(_streams(server.url, long_max_tokens))
     assert all(got_tokens)  # each client saw output before leaving
     text = _wait_idle(server)
+    counted = _counted(scraped, text)
+    assert sum(counted.values()) == DISCONNECTS and counted["abort"] > 0.9 * DISCONNECTS, counted
     assert metric_value(text, "vllm:num_requests_running") == 0
     assert metric_value(text, "vllm:kv_cache_usage_perc") == 0
     # aborted, not run to the end: far fewer tokens than the requests asked for
@@ -88,9 +102,11 @@ async def _post_then_leave(url: str, n: int, max_tokens: int) -> None:
 
 
 def test_non_streaming_disconnects_abort(server, long_max_tokens):
-    before = _generated(_metrics(server))
+    scraped = _metrics(server)
+    before = _generated(scraped)
     asyncio.run(_post_then_leave(server.url, 6, long_max_tokens))
     text = _wait_idle(server)
+    assert _counted(scraped, text)["abort"] == 6
     assert metric_value(text, "vllm:kv_cache_usage_perc") == 0
     assert _generated(text) - before < 0.5 * 6 * long_max_tokens
 

@@ -117,6 +117,27 @@ def test_queue_timeout_is_429(server):
     assert second.json()["error"]["code"] == "queue_timeout" and "retry-after" in second.headers
 
 
+def test_stream_refused_before_its_first_token_is_429(server):
+    """The queue timeout refuses a stream before its first token: the status says so (not a
+    200 with an error event), with the time it waited as Retry-After."""
+    body = {"prompt": "Long", "max_tokens": 400, "ignore_eos": True}
+
+    async def go():
+        async with httpx.AsyncClient(base_url=server.url, timeout=120) as http:
+            first = asyncio.create_task(http.post("/v1/completions", json=body))
+            await asyncio.sleep(0.1)
+            async with http.stream("POST", "/v1/completions",
+                                   json={**body, "max_tokens": 2, "stream": True}) as second:
+                second_body = json.loads(await second.aread())
+            return await first, second, second_body
+
+    first, second, second_body = asyncio.run(go())
+    assert first.status_code == 200
+    assert second.status_code == 429, second_body
+    assert second_body["error"]["code"] == "queue_timeout"
+    assert int(second.headers["retry-after"]) >= 1
+
+
 def _engine_pid(server_pid: int) -> int:
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():

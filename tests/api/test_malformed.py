@@ -123,6 +123,10 @@ def test_auth_required(server, headers):
     assert r.json()["error"]["code"] == "invalid_api_key"
 
 
+def test_key_on_the_command_line_is_warned_about(server):
+    assert "visible to every local user in the process list" in server.log()
+
+
 def test_health_and_metrics_need_no_key(server):
     assert httpx.get(server.url + "/health").status_code == 200
     assert httpx.get(server.url + "/metrics").status_code == 200
