@@ -23,8 +23,10 @@ from brownout.engine.admission import (PrefillRate, SlotRate, WaitFeedback, admi
                                       refuse_for, slot_wait)
 from brownout.engine.block_manager import BlockManager
 from brownout.engine.detokenizer import IncrementalDetokenizer
+from brownout.engine.parallel_group import WorkerGroup
 from brownout.engine.request import Request, Status
 from brownout.engine.scheduler import Scheduler
+from brownout.runner.build import build_model_runner
 from brownout.types import (FinishReason, RequestOutput, RunnerOutput, SamplingParams,
                             SchedulerOutput, StepStats, ValidationError)
 
@@ -41,33 +43,12 @@ class AdmissionError(RuntimeError):
         self.retry_after_s = retry_after_s
 
 
-def build_model_runner(config: EngineConfig, parallel=None):
-    """Load (this rank's shard of) the model, install united experts, build the runner.
-
-    Every rank of a parallel engine runs this, in the same order: it holds collectives."""
-    from brownout.runner.loader import load_model
-    from brownout.runner.model_runner import ModelRunner
-
-    loaded = load_model(config.load, parallel)
-    if config.brownout.united_experts:
-        _install_united(loaded, config.brownout.united_experts)
-    runner = ModelRunner(loaded, config.cache, max_batch=config.scheduler.max_num_seqs,
-                         max_model_len=config.load.max_model_len,
-                         enforce_eager=config.load.enforce_eager,
-                         max_step_tokens=config.scheduler.max_num_batched_tokens)
-    runner.warm_up(min(config.scheduler.max_num_batched_tokens,
-                       config.load.max_model_len or loaded.spec.max_position_embeddings))
-    return loaded, runner
-
-
 class LLMEngine:
     def __init__(self, config: EngineConfig, clock=time.monotonic):
         self.config = config
         self.clock = clock
         self.workers = None  # ranks 1..N-1 of a tensor-parallel engine
         if config.load.tensor_parallel_size > 1:
-            from brownout.distributed.launch import WorkerGroup
-
             self.workers = WorkerGroup(config)
         try:
             loaded, runner = build_model_runner(config, self.workers and self.workers.parallel)
@@ -374,21 +355,6 @@ def _model_name(model: str, model_dir: Optional[Path]) -> str:
     if model_dir.resolve() == Path(default_model_dir()).resolve():
         return DEMO_MODEL_NAME
     return model_dir.name
-
-
-def _install_united(loaded, spec: str) -> None:
-    from brownout.unite.store import load_united
-    from brownout.unite.uncalibrated import install_uncalibrated, parse_uncalibrated
-
-    way = parse_uncalibrated(spec)
-    if way is not None and loaded.parallel.active:  # no rank holds every whole expert
-        from brownout.distributed.united import install_average
-
-        install_average(loaded.model, way)
-    elif way is not None:
-        install_uncalibrated(loaded.model, way)
-    else:
-        load_united(loaded, Path(spec))
 
 
 def _load_tokenizer(config: EngineConfig, loaded):

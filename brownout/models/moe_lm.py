@@ -5,7 +5,7 @@ renormalisation) and in checkpoint names (see `runner/loader.py`), so one model 
 serves all. Two entry points: `forward` over a flat batch of tokens with a paged KV cache
 (serving) and `forward_full` over a [B, L] batch without cache (calibration, evaluation).
 
-Under tensor parallelism (`parallel`, see brownout.distributed.parallel) attention and the
+Under tensor parallelism (`parallel`, see brownout.parallel.info) attention and the
 MLP / MoE block return partial sums that each decoder layer all-reduces; embeddings, norms
 and lm_head are replicated, so every rank holds the same hidden states between sublayers.
 """
@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from brownout.distributed.parallel import SINGLE, ParallelInfo
+from brownout.parallel.info import SINGLE, ParallelInfo
 from brownout.models.context import ForwardContext
 from brownout.models.layers.attention import Attention
 from brownout.models.layers.common import RMSNorm, Rotary, SwiGLU

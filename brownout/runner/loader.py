@@ -22,8 +22,8 @@ import torch
 from safetensors import safe_open
 
 from brownout.config import ModelLoadConfig
-from brownout.distributed.parallel import SINGLE, ParallelInfo
-from brownout.distributed.sharding import expert_piece, expert_slot, local_part, qkv_piece, shard_dim
+from brownout.parallel.info import SINGLE, ParallelInfo
+from brownout.parallel.sharding import expert_piece, expert_slot, local_part, qkv_piece, shard_dim
 from brownout.models.moe_lm import MoEForCausalLM
 from brownout.models.registry import PRESETS, family_of, preset_config
 from brownout.models.spec import MoESpec

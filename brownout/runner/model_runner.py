@@ -19,7 +19,7 @@ from brownout.models.context import AttnMeta, ForwardContext
 from brownout.runner.cuda_graphs import StepGraphs
 from brownout.runner.loader import LoadedModel
 from brownout.runner.sampler import sample, to_device, token_logprobs
-from brownout.types import Logprob, RunnerOutput, SchedulerOutput
+from brownout.types import Logprob, RunnerOutput, SamplingParams, ScheduledSeq, SchedulerOutput
 
 log = logging.getLogger(__name__)
 
@@ -84,8 +84,6 @@ class ModelRunner:
         written here belong to no request yet."""
         if not self.use_kernels or self.loaded.parallel.active:
             return
-        from brownout.types import SamplingParams, ScheduledSeq
-
         capacity = self.num_blocks * self.block_size
         sizes = sorted({n for n in (1, 8, 32, 64, 128, 256, 512, 1024, max_tokens)
                         if n <= min(max_tokens, capacity)})
@@ -267,7 +265,7 @@ def _offsets(query_lens: list[int]) -> list[int]:
 
 
 def _kernels_available() -> bool:
-    try:
+    try:  # lazy: probes the optional triton kernels, which CPU-only processes never import
         from brownout.kernels.fused_moe import fused_moe_available
 
         import brownout.kernels.paged_attention  # noqa: F401
