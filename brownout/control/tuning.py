@@ -100,6 +100,9 @@ class PredictiveTuning:
             value = getattr(self, f.name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
                 raise ValidationError(f.name, f"must be a non-negative number, got {value!r}")
+        for name in ("grid_points", "min_samples", "refit_every", "tau_buckets"):
+            if not isinstance(getattr(self, name), int):
+                raise ValidationError(name, f"must be an integer, got {getattr(self, name)!r}")
         for name in ("grid_points", "tau_buckets"):
             if getattr(self, name) < 2:
                 raise ValidationError(name, f"must be at least 2, got {getattr(self, name)}")
