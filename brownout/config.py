@@ -1,7 +1,9 @@
 """Frozen, validated configuration for every part of the system.
 
 Each dataclass checks itself in `__post_init__` and raises `ValidationError` naming the
-bad field and its allowed range. No torch here: the HTTP layer imports this module.
+bad field and its allowed range. No torch here: the HTTP layer imports this module. The SLO
+policy names come from the controller's registry (brownout.control.base), which imports
+nothing of this module at run time.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
+from brownout.control.base import policy_names, unknown_policy
 from brownout.types import ValidationError
 
 
@@ -82,7 +85,7 @@ class BrownoutConfig:
 class SLOConfig:
     """SLO targets and the controller's knobs (defaults are the paper's, SPEC 1.4)."""
 
-    policy: str = "off"  # off | fixed | aimd | predictive
+    policy: str = "off"  # one of brownout.control.policy_names(): off | fixed | aimd | predictive
     ttft_s: float = 1.0
     tpot_s: float = 0.15
     prefill_step_s: float = 0.25
@@ -96,9 +99,8 @@ class SLOConfig:
     min_tau: float = 0.0
 
     def __post_init__(self) -> None:
-        if self.policy not in ("off", "fixed", "aimd", "predictive"):
-            raise ValidationError(
-                "slo_policy", f"must be one of off|fixed|aimd|predictive, got {self.policy!r}")
+        if self.policy not in policy_names():
+            raise unknown_policy(self.policy)
         for name in ("ttft_s", "tpot_s", "prefill_step_s", "decode_step_s", "window_s",
                      "check_interval_s"):
             _check_range(name, getattr(self, name), 0.0, lo_open=True)

@@ -24,7 +24,8 @@ from typing import Any, Optional
 
 from brownout.bench.client import LoadClient
 from brownout.bench.datasets import build_requests, make_source
-from brownout.bench.report import compare_runs, compute_report, load_run, write_report
+from brownout.bench.report import compare_runs, compute_report, write_report
+from brownout.bench.runs import load_run
 from brownout.bench.workloads import make_workload
 from brownout.types import ValidationError
 

@@ -14,9 +14,12 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from brownout.bench.report import Run, request_latencies
+from brownout.bench.runs import WINDOW_S, Run, bin_by_window, request_latencies, stamp
 
 logger = logging.getLogger(__name__)
+
+# the curve drawn per window: this percentile of its latencies (the report judges P90 too)
+CURVE_PERCENTILE = 90
 
 
 def _figure(rows: int = 1, height: float = 3.0) -> tuple[Figure, list]:
@@ -36,20 +39,16 @@ def _save(fig: Figure, path: Path) -> Path:
     return path
 
 
-def p90_per_window(run: Run, key: str, window_s: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+def p90_per_window(run: Run, key: str, window_s: float = WINDOW_S) -> tuple[np.ndarray, np.ndarray]:
     """(window start, P90 of `key`) for windows with samples; TTFT at first token, else done."""
-    stamp = "first_token" if key == "ttft" else "done"
-    bins: dict[int, list[float]] = {}
-    for rec in run.requests:
-        v, t = request_latencies(rec)[key], rec.get(stamp)
-        if v is not None and t is not None:
-            bins.setdefault(int(t // window_s), []).append(v)
+    bins = bin_by_window([stamp(rec, key) for rec in run.requests],
+                         [request_latencies(rec)[key] for rec in run.requests], window_s)
     keys = sorted(bins)
     return (np.array(keys, dtype=float) * window_s,
-            np.array([np.percentile(bins[k], 90) for k in keys]))
+            np.array([np.percentile(bins[k], CURVE_PERCENTILE) for k in keys]))
 
 
-def rate_per_window(times: Sequence[Optional[float]], window_s: float = 1.0,
+def rate_per_window(times: Sequence[Optional[float]], window_s: float = WINDOW_S,
                     end: Optional[float] = None) -> tuple[np.ndarray, np.ndarray]:
     t = np.array([x for x in times if x is not None], dtype=float)
     if t.size == 0:
@@ -67,8 +66,7 @@ def _series(run: Run, key: str) -> tuple[np.ndarray, np.ndarray]:
 def plot_latency(run: Run, path: Path, slo_ttft=None, slo_tpot=None) -> Path:
     fig, axes = _figure(2)
     for ax, key, slo in ((axes[0], "ttft", slo_ttft), (axes[1], "tpot", slo_tpot)):
-        stamp = "first_token" if key == "ttft" else "done"
-        pts = [(r.get(stamp), request_latencies(r)[key]) for r in run.requests]
+        pts = [(stamp(r, key), request_latencies(r)[key]) for r in run.requests]
         pts = [p for p in pts if p[0] is not None and p[1] is not None]
         if pts:
             ax.scatter(*zip(*pts), s=4, alpha=0.3, label="requests")

@@ -1,8 +1,7 @@
 """Benchmark report from a run's requests.jsonl and metrics.jsonl (SPEC section 4).
 
-Per request (times from the client): TTFT = first text chunk - first send; e2e = done -
-first send; TPOT = (e2e - TTFT) / (output tokens - 1); ITL = gaps between text chunks.
-Each gets mean/P50/P90/P99. Throughput = output tokens of successful requests / run time;
+Per request latencies (TTFT, TPOT, e2e, ITL; see brownout.bench.runs) each get
+mean/P50/P90/P99. Throughput = output tokens of successful requests / run time;
 goodput = requests per second that succeeded and met every SLO given (vLLM's
 definition; a request with one output token has no TPOT and passes that check).
 SLO-violation periods: the run is cut into 1-second windows; a window violates a latency
@@ -19,63 +18,19 @@ import json
 import logging
 import math
 from collections import Counter
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import numpy as np
 
+from brownout.bench.runs import (WINDOW_S, Run, bin_by_window, load_run, num_windows,
+                                 request_latencies, stamp, succeeded)
+
 logger = logging.getLogger(__name__)
 
 WATCHED = ("ttft", "tpot", "e2e")
-
-
-@dataclass
-class Run:
-    requests: list[dict[str, Any]]
-    metrics: list[dict[str, Any]] = field(default_factory=list)
-    meta: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def label(self) -> str:
-        return str(self.meta.get("label") or "run")
-
-
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def load_run(run_dir: str | Path) -> Run:
-    run_dir = Path(run_dir)
-    if not (run_dir / "requests.jsonl").is_file():
-        raise FileNotFoundError(f"{run_dir} has no requests.jsonl")
-    meta_path = run_dir / "meta.json"
-    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
-    meta.setdefault("label", run_dir.name)
-    return Run(_read_jsonl(run_dir / "requests.jsonl"), _read_jsonl(run_dir / "metrics.jsonl"), meta)
-
-
-# -- per request -----------------------------------------------------------------------
-def succeeded(rec: dict[str, Any]) -> bool:
-    return rec.get("status") == 200 and not rec.get("error") and rec.get("first_token") is not None
-
-
-def request_latencies(rec: dict[str, Any]) -> dict[str, Any]:
-    """ttft, e2e, tpot (None when undefined) and the request's inter-token gaps."""
-    start = rec.get("first_sent", rec.get("sent"))
-    out: dict[str, Any] = {"ttft": None, "e2e": None, "tpot": None, "itl": []}
-    if not succeeded(rec) or start is None:
-        return out
-    out["ttft"] = rec["first_token"] - start
-    out["e2e"] = rec["done"] - start
-    n = int(rec.get("output_tokens") or 0)
-    if n > 1:
-        out["tpot"] = (out["e2e"] - out["ttft"]) / (n - 1)
-    times = rec.get("token_times") or []
-    out["itl"] = list(np.diff(times)) if len(times) > 1 else []
-    return out
+# a window violates an SLO when this percentile of its latencies exceeds it (the paper's P90)
+VIOLATION_PERCENTILE = 90.0
 
 
 def summarize(values: Sequence[float]) -> dict[str, Optional[float]]:
@@ -99,16 +54,11 @@ def meets_slo(lat: dict[str, Any], slo: dict[str, Optional[float]]) -> bool:
 
 # -- over time -------------------------------------------------------------------------
 def violation_windows(times: Sequence[float], values: Sequence[float], slo: float,
-                      start: float, end: float, window_s: float = 1.0,
-                      q: float = 90.0) -> dict[str, Any]:
+                      start: float, end: float, window_s: float = WINDOW_S,
+                      q: float = VIOLATION_PERCENTILE) -> dict[str, Any]:
     """Windows [start + i*w, start + (i+1)*w) whose q-th percentile value exceeds `slo`."""
-    total = max(1, math.ceil((end - start) / window_s - 1e-9)) if end > start else 0
-    bins: dict[int, list[float]] = {}
-    for t, v in zip(times, values):
-        if v is None or t is None:
-            continue
-        i = min(int((t - start) // window_s), max(total - 1, 0))
-        bins.setdefault(i, []).append(v)
+    total = num_windows(start, end, window_s)
+    bins = bin_by_window(times, values, window_s, start, total)
     bad = sorted(i for i, vs in bins.items() if np.percentile(vs, q) > slo)
     return {"count": len(bad), "total": total, "with_samples": len(bins),
             "fraction": len(bad) / total if total else 0.0, "windows": bad}
@@ -136,7 +86,7 @@ def time_weighted_mean(times: Sequence[float], values: Sequence[float],
 # -- the report ------------------------------------------------------------------------
 def compute_report(run: Run, slo_ttft: Optional[float] = None, slo_tpot: Optional[float] = None,
                    slo_e2e: Optional[float] = None, baseline: Optional[dict] = None,
-                   window_s: float = 1.0) -> dict[str, Any]:
+                   window_s: float = WINDOW_S) -> dict[str, Any]:
     recs = run.requests
     slo = {"ttft": slo_ttft, "tpot": slo_tpot, "e2e": slo_e2e}
     lats = [request_latencies(r) for r in recs]
@@ -177,8 +127,7 @@ def _violations(recs, lats, slo, start, end, window_s) -> dict[str, Any]:
     for key in WATCHED:
         if slo[key] is None:
             continue
-        # TTFT is stamped when the first token arrives, the others at completion.
-        times = [r.get("first_token") if key == "ttft" else r.get("done") for r in recs]
+        times = [stamp(r, key) for r in recs]
         vals = [lat[key] for lat in lats]
         out[key] = violation_windows(times, vals, slo[key], start, end, window_s)
         bad_any.update(out[key]["windows"])
@@ -321,7 +270,8 @@ def compare_runs(run_dirs: Sequence[str | Path], out_dir: Optional[str | Path] =
         (out_dir / "comparison.json").write_text(json.dumps(result, indent=2))
         (out_dir / "comparison.md").write_text(comparison_markdown(result))
         if plots:
-            from brownout.bench.plots import plot_comparison  # matplotlib only when asked
+            # lazy: plots pull in matplotlib, which reports without plots never need
+            from brownout.bench.plots import plot_comparison
             plot_comparison(runs, out_dir, slo_ttft=slo["slo_ttft"], slo_tpot=slo["slo_tpot"])
     return result
 

@@ -1,7 +1,15 @@
-"""SLO controller: latency windows and the dimmer policies (off, fixed, aimd, predictive)."""
+"""SLO controller: latency windows and the dimmer policies (off, fixed, aimd, predictive).
 
-from brownout.control.policies import (AIMDController, Controller, FixedController,
-                                       OffController, PlannedStep, make_controller)
+Every policy module is imported here, so the registry in `brownout.control.base` holds every
+policy as soon as any part of the package is imported (`brownout.config` reads it).
+"""
+
+from brownout.control.base import (Controller, PlannedStep, make_controller, policy_names,
+                                   register_policy)
+from brownout.control.policies import AIMDController, FixedController, OffController
+from brownout.control.predictive import PredictiveController
+from brownout.control.tuning import PredictiveTuning
 
 __all__ = ["AIMDController", "Controller", "FixedController", "OffController", "PlannedStep",
-           "make_controller"]
+           "PredictiveController", "PredictiveTuning", "make_controller", "policy_names",
+           "register_policy"]

@@ -15,7 +15,8 @@ memory-bound, SPEC 1.1); the prior only decides what the data cannot (e.g. exper
 tokens moving together while tau sits at 1). Slopes are kept non-negative. `routed` is 1
 for a step run with brownout routing (tau < 1): its fixed cost, which fewer expert reads
 must repay, so the controller does not dim when dimming cannot make a step faster.
-Both are numpy only, never raise on degenerate input and return None when unfit.
+Both are numpy only, never raise on degenerate input and return None when unfit. Their knobs
+are fields of `PredictiveTuning` (brownout.control.tuning).
 """
 
 from __future__ import annotations
@@ -25,7 +26,21 @@ from typing import Optional
 
 import numpy as np
 
-TAU_BUCKETS = 10  # tau bucket width 1/10
+from brownout.control.tuning import DEFAULT_TUNING, PredictiveTuning
+
+# latency features: [1, tokens, batch, experts, routed]; the moments add the latency itself
+NUM_FEATURES = 5
+NUM_SLOPES = NUM_FEATURES - 1  # all but the intercept: [tokens, batch, experts, routed]
+EXPERTS_SLOPE = 2  # index of experts among the slopes (and of its mean)
+LATENCY_MEAN = NUM_SLOPES  # index of the latency among the weighted means
+# tiny floors of the ridge penalty: relative to each feature's squared mean, then absolute,
+# so a constant (zero-spread) feature still gets a positive penalty and the solve stays regular
+RIDGE_MEAN_FLOOR = 1e-6
+RIDGE_ABS_FLOOR = 1e-9
+# two token buckets closer than this in log2(T) give no slope to extrapolate with
+MIN_BUCKET_GAP = 1e-9
+# a spread (and so a fit) needs at least two steps
+MIN_FIT_SAMPLES = 2
 
 
 def _running_update(mean: float, n: int, x: float, alpha: float) -> float:
@@ -35,9 +50,12 @@ def _running_update(mean: float, n: int, x: float, alpha: float) -> float:
 
 
 class ExpertsModel:
-    def __init__(self, alpha: float = 0.05, r0_prior: float = 0.3):
-        self.alpha = alpha
-        self.r0_prior = r0_prior  # guess of E(tau=0)/E(tau=1) before tau=0 was observed
+    def __init__(self, tuning: PredictiveTuning = DEFAULT_TUNING):
+        self.alpha = tuning.experts_alpha
+        self.r0_prior = tuning.r0_prior  # guess of E(tau=0)/E(tau=1) before tau=0 was observed
+        self.tau_buckets = tuning.tau_buckets
+        self.max_ratio = tuning.max_experts_ratio
+        self.single_bucket_growth = tuning.single_bucket_growth
         self._full: dict[int, list] = {}  # log2 bucket -> [n, mean log2 T, mean E1]
         self._ratio: dict[int, list] = {}  # tau bucket -> [n, mean ratio]
         self._full_knots: Optional[tuple[np.ndarray, np.ndarray]] = None  # caches, reset on update
@@ -50,7 +68,7 @@ class ExpertsModel:
     def update(self, tau: float, tokens: int, experts: float) -> None:
         if tokens <= 0 or not (math.isfinite(experts) and math.isfinite(tau)) or experts < 0:
             return
-        if tau >= 1.0 - 0.5 / TAU_BUCKETS:
+        if tau >= 1.0 - 0.5 / self.tau_buckets:  # the bucket of tau = 1
             lx = math.log2(tokens)
             rec = self._full.setdefault(int(lx), [0, 0.0, 0.0])
             rec[0] += 1
@@ -61,9 +79,9 @@ class ExpertsModel:
         full = self.full(tokens)
         if full is None or full <= 0:
             return
-        rec = self._ratio.setdefault(int(round(tau * TAU_BUCKETS)), [0, 0.0])
+        rec = self._ratio.setdefault(int(round(tau * self.tau_buckets)), [0, 0.0])
         rec[0] += 1
-        rec[1] = _running_update(rec[1], rec[0], min(experts / full, 1.5), self.alpha)
+        rec[1] = _running_update(rec[1], rec[0], min(experts / full, self.max_ratio), self.alpha)
         self._ratio_knots = None
 
     def full(self, tokens: float) -> Optional[float]:
@@ -81,10 +99,10 @@ class ExpertsModel:
         if lx <= xs[-1]:
             return float(np.interp(lx, xs, ys))
         cap = ys[-1] * tokens / 2.0 ** xs[-1]
-        if len(xs) >= 2 and xs[-1] - xs[-2] > 1e-9:
+        if len(xs) >= 2 and xs[-1] - xs[-2] > MIN_BUCKET_GAP:
             slope = max(0.0, (ys[-1] - ys[-2]) / (xs[-1] - xs[-2]))
         else:
-            slope = 0.5 * ys[-1]  # one bucket only: assume half of linear growth
+            slope = self.single_bucket_growth * ys[-1]  # one bucket only
         return float(min(cap, ys[-1] + slope * (lx - xs[-1])))
 
     def ratio(self, taus: np.ndarray) -> np.ndarray:
@@ -93,7 +111,7 @@ class ExpertsModel:
             knots = {1.0: 1.0}
             for b, (n, r) in self._ratio.items():
                 if n > 0:
-                    knots[b / TAU_BUCKETS] = r
+                    knots[b / self.tau_buckets] = r
             if 0.0 not in knots:
                 knots[0.0] = min([self.r0_prior, *knots.values()])
             kx = np.array(sorted(knots))
@@ -115,12 +133,11 @@ class StepLatencyModel:
     w_i halving every `half_life_steps` steps, so an update and a refit cost O(1).
     """
 
-    def __init__(self, half_life_steps: float = 256.0, ridge: float = 1e-3,
-                 prior_expert_share: float = 0.5):
-        self.decay = 0.5 ** (1.0 / half_life_steps)
-        self.ridge = ridge
-        self.prior_expert_share = prior_expert_share
-        self._S = np.zeros((6, 6))
+    def __init__(self, tuning: PredictiveTuning = DEFAULT_TUNING):
+        self.decay = 0.5 ** (1.0 / tuning.half_life_steps)
+        self.ridge = tuning.ridge
+        self.prior_expert_share = tuning.prior_expert_share
+        self._S = np.zeros((NUM_FEATURES + 1, NUM_FEATURES + 1))
         self.num_samples = 0
         self.theta: Optional[np.ndarray] = None  # [a, b, c, d, r]
 
@@ -135,7 +152,7 @@ class StepLatencyModel:
 
     def fit(self) -> bool:
         """Refit from the moments; keeps the previous fit if this one is not finite."""
-        if self.num_samples < 2:
+        if self.num_samples < MIN_FIT_SAMPLES:
             return False
         theta = self._solve()
         if theta is None or not np.all(np.isfinite(theta)):
@@ -147,32 +164,35 @@ class StepLatencyModel:
         w = self._S[0, 0]
         mean = self._S[0, 1:] / w  # weighted means of [T, B, E, R, latency]
         cov = self._S[1:, 1:] / w - np.outer(mean, mean)
-        cxx, cxy = cov[:4, :4], cov[:4, 4]
+        cxx, cxy = cov[:NUM_SLOPES, :NUM_SLOPES], cov[:NUM_SLOPES, LATENCY_MEAN]
         # Prior slopes: a share of the mean latency goes to expert reads, none to the rest.
-        prior = np.zeros(4)
-        if mean[2] > 0:
-            prior[2] = self.prior_expert_share * mean[4] / mean[2]
+        prior = np.zeros(NUM_SLOPES)
+        if mean[EXPERTS_SLOPE] > 0:
+            prior[EXPERTS_SLOPE] = self.prior_expert_share * mean[LATENCY_MEAN] / mean[EXPERTS_SLOPE]
         # Ridge on each slope on the scale of its own spread, plus a floor relative to
         # its mean: the prior only decides where the data are flat (collinear or
         # constant features, e.g. experts moving with tokens while tau sits at 1).
-        lam = self.ridge * np.maximum(np.diag(cxx), 0.0) + 1e-6 * mean[:4] ** 2 + 1e-9
+        lam = (self.ridge * np.maximum(np.diag(cxx), 0.0) + RIDGE_MEAN_FLOOR * mean[:NUM_SLOPES] ** 2
+               + RIDGE_ABS_FLOOR)
         A, b = cxx + np.diag(lam), cxy + lam * prior
-        active = [0, 1, 2, 3]
-        slopes = np.zeros(4)
-        for _ in range(4):  # active set: slopes that come out negative are fixed at 0
+        active = list(range(NUM_SLOPES))
+        slopes = np.zeros(NUM_SLOPES)
+        # active set: slopes that come out negative are fixed at 0; each round drops at least
+        # one, so as many rounds as slopes suffice
+        for _ in range(NUM_SLOPES):
             idx = np.ix_(active, active)
             try:
                 sol = np.linalg.solve(A[idx], b[active])
             except np.linalg.LinAlgError:
                 sol = np.linalg.lstsq(A[idx], b[active], rcond=None)[0]
-            slopes = np.zeros(4)
+            slopes = np.zeros(NUM_SLOPES)
             slopes[active] = sol
             negative = [j for j in active if slopes[j] < 0]
             if not negative:
                 break
             active = [j for j in active if j not in negative]
         slopes = np.maximum(slopes, 0.0)
-        return np.concatenate([[mean[4] - slopes @ mean[:4]], slopes])
+        return np.concatenate([[mean[LATENCY_MEAN] - slopes @ mean[:NUM_SLOPES]], slopes])
 
     def predict(self, X: np.ndarray) -> Optional[np.ndarray]:
         """Latency for rows [1, tokens, batch, experts, routed]; None before the first fit."""

@@ -32,6 +32,7 @@ Smoothing: lowering is immediate (safety first); raising needs P90 <= target * (
 hysteresis) and is limited to `max_raise_per_s` per second, so tau does not flap.
 Until the models have `min_samples` steps (or when steps carry no expert counts), the
 policy behaves exactly like `aimd`, whose state it keeps in step with its own choices.
+Every knob named above is a field of `PredictiveTuning` (brownout.control.tuning).
 """
 
 from __future__ import annotations
@@ -40,41 +41,42 @@ import logging
 import math
 import time
 from collections import deque
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import numpy as np
 
-from brownout.config import SLOConfig
+from brownout.control.base import Clock, Controller, PlannedStep, register_policy
 from brownout.control.latency_model import ExpertsModel, StepLatencyModel
-from brownout.control.policies import AIMDController, Clock, Controller, PlannedStep
+from brownout.control.policies import AIMDController
+from brownout.control.tuning import DEFAULT_TUNING, PredictiveTuning
 from brownout.control.windows import DECODE, PHASES, PREFILL
 from brownout.types import StepStats
 
+if TYPE_CHECKING:
+    from brownout.config import SLOConfig
+
 logger = logging.getLogger(__name__)
 
+# two taus (or latencies) closer than this are the same grid point
+TAU_EPS = 1e-12
+# a log line of the model's view at most this often
+LOG_EVERY_S = 5.0
 
+
+@register_policy
 class PredictiveController(Controller):
     name = "predictive"
 
-    def __init__(self, slo: SLOConfig, clock: Clock = time.monotonic, *,
-                 grid_points: int = 21, margin: float = 0.05, z: float = 1.28,
-                 min_samples: int = 24, hysteresis: float = 0.05, max_raise_per_s: float = 1.0,
-                 residual_alpha: float = 0.1, growth_margin: float = 0.05,
-                 max_pressure: float = 0.3, refit_every: int = 4, effort_tolerance: float = 0.03,
-                 gain_share: float = 0.9, idle_decay: float = 0.1):
+    def __init__(self, slo: SLOConfig, clock: Clock = time.monotonic,
+                 tuning: PredictiveTuning = DEFAULT_TUNING):
         super().__init__(slo, clock)
-        self.grid = np.linspace(1.0, 0.0, grid_points)  # descending: the first fit wins
-        self.grid = self.grid[self.grid >= slo.min_tau - 1e-12]
+        self.tuning = tuning
+        self.grid = np.linspace(1.0, 0.0, tuning.grid_points)  # descending: the first fit wins
+        self.grid = self.grid[self.grid >= slo.min_tau - TAU_EPS]
         if self.grid.size == 0 or self.grid[-1] > slo.min_tau:
             self.grid = np.append(self.grid, slo.min_tau)
-        self.margin, self.z, self.min_samples = margin, z, min_samples
-        self.hysteresis, self.max_raise_per_s = hysteresis, max_raise_per_s
-        self.residual_alpha, self.growth_margin = residual_alpha, growth_margin
-        self.max_pressure, self.refit_every = max_pressure, max(1, refit_every)
-        self.effort_tolerance, self.gain_share = effort_tolerance, gain_share
-        self.idle_decay = idle_decay
-        self.experts = ExpertsModel()
-        self.latency = StepLatencyModel()
+        self.experts = ExpertsModel(tuning)
+        self.latency = StepLatencyModel(tuning)
         self._fallback = AIMDController(slo, clock)
         self._bias = {p: 0.0 for p in PHASES}
         self._var = {p: 0.0 for p in PHASES}
@@ -83,7 +85,6 @@ class PredictiveController(Controller):
         self._pending: Optional[tuple[str, float]] = None  # (phase, predicted latency)
         self._waiting: deque[tuple[float, int]] = deque()
         self._last_pressure_update = clock()
-        self.log_every_s = 5.0  # a log line of the model's view at most this often
         self._last_log = -math.inf
         self._mode = ""
         self._last_prefill: Optional[tuple[int, int]] = None  # (tokens, batch) of the last prefill plan
@@ -92,7 +93,12 @@ class PredictiveController(Controller):
     @property
     def ready(self) -> bool:
         return (self.latency.theta is not None and self.experts.ready
-                and self.latency.num_samples >= self.min_samples)
+                and self.latency.num_samples >= self.tuning.min_samples)
+
+    @property
+    def max_pressure(self) -> float:
+        """The most SLO pressure tightens a phase's target."""
+        return self.tuning.max_pressure
 
     def target_slo(self, phase: str) -> float:
         """The step latency aimed at: the step SLO, for decode also the TPOT SLO."""
@@ -122,7 +128,7 @@ class PredictiveController(Controller):
         return max(1.0, float(lat[0] / lat[1]))
 
     def _p90(self, phase: str, lat: np.ndarray) -> np.ndarray:
-        return lat + self._bias[phase] + self.z * math.sqrt(self._var[phase])
+        return lat + self._bias[phase] + self.tuning.z * math.sqrt(self._var[phase])
 
     # -- decision -----------------------------------------------------------------------
     def _decide(self, phase: str, planned: PlannedStep, now: float) -> float:
@@ -140,12 +146,12 @@ class PredictiveController(Controller):
             return tau
         p90 = self._p90(phase, lat)
         tau = self._pick(phase, planned, p90, now)
-        if now - self._last_log >= self.log_every_s:
+        if now - self._last_log >= LOG_EVERY_S:
             self._last_log = now
             self._log_decision(phase, planned, tau, p90)
         self._last_choose[phase] = now
         self._fallback.set_tau(phase, tau)
-        hit = np.flatnonzero(np.abs(taus - tau) < 1e-12)
+        hit = np.flatnonzero(np.abs(taus - tau) < TAU_EPS)
         pred = lat[hit[:1]] if hit.size else \
             self.predict_latency([tau], planned.num_tokens, planned.batch_size)
         self._pending = (phase, float(pred[0]))
@@ -165,8 +171,8 @@ class PredictiveController(Controller):
             theta[4] * 1e3, *self.experts.ratio(np.array([0.5, 0.0])))
 
     def _target(self, phase: str) -> float:
-        growth = self.growth_margin if self._queue_growing() else 0.0
-        return self.target_slo(phase) * (1.0 - self.margin - self._pressure[phase] - growth)
+        growth = self.tuning.growth_margin if self._queue_growing() else 0.0
+        return self.target_slo(phase) * (1.0 - self.tuning.margin - self._pressure[phase] - growth)
 
     def _feasible(self, phase: str, planned: PlannedStep, p90: np.ndarray,
                   target: float) -> np.ndarray:
@@ -174,7 +180,7 @@ class PredictiveController(Controller):
         if phase == PREFILL and planned.waiting_tokens > 0 and planned.num_tokens > 0:
             # the last waiting prompt's first token: the queue's drain time plus its own step
             drain = planned.waiting_tokens * p90 / planned.num_tokens + p90
-            ok &= drain <= self.slo.ttft_s * (1.0 - self.margin)
+            ok &= drain <= self.slo.ttft_s * (1.0 - self.tuning.margin)
         return ok
 
     def _pick(self, phase: str, planned: PlannedStep, p90: np.ndarray, now: float) -> float:
@@ -190,15 +196,16 @@ class PredictiveController(Controller):
             urgent = phase == DECODE and self._pressure[DECODE] > 0
             self._mode = "best effort, fastest" if urgent else "best effort"
             return self._best_effort(p90[:-1], queued=planned.num_waiting > 0,
-                                     noise=math.sqrt(self._var[phase]), fastest_only=urgent)
+                                     noise=self.tuning.noise_sigmas * math.sqrt(self._var[phase]),
+                                     fastest_only=urgent)
         self._mode = "hold or raise"
         # Raise only with headroom (hysteresis), and only so fast.
-        ok_up = self._feasible(phase, planned, p90[:-1], target * (1.0 - self.hysteresis))
+        ok_up = self._feasible(phase, planned, p90[:-1], target * (1.0 - self.tuning.hysteresis))
         up = float(self.grid[np.argmax(ok_up)]) if ok_up.any() else prev
         if up <= prev:
             return prev
         dt = now - self._last_choose[phase]
-        return min(up, prev + self.max_raise_per_s * max(dt, 0.0))
+        return min(up, prev + self.tuning.max_raise_per_s * max(dt, 0.0))
 
     def _best_effort(self, p90_grid: np.ndarray, queued: bool = False, noise: float = 0.0,
                      fastest_only: bool = False) -> float:
@@ -209,23 +216,23 @@ class PredictiveController(Controller):
         last percent. Idle, also any tau within `effort_tolerance` of the fastest (tau 1 for a
         host-bound step, which dimming would not speed up); while requests wait every percent of
         step time is a percent of drain rate, so small gains are taken. A gain no larger than
-        `noise` (the spread of one step's latency around the model) is not told apart from it:
-        tau stays 1 (on the 2-core CPU the embedded model's ~5% gains under several ms of step
-        noise cost accuracy and bought nothing, `demo_cpu_run6.md`).
+        `noise` (`noise_sigmas` times the spread of one step's latency around the model) is not
+        told apart from it: tau stays 1, since a gain the step noise hides costs accuracy and
+        buys nothing.
         `fastest_only` (decode steps while the TPOT P90 is over its SLO): every decode step's
         time adds to every running request's TPOT, so the knee's last tenth of the speed-up is
-        taken too, down to the fastest tau (H200 headline run 14: decode held at the knee, tau
-        0.35-0.45, left TPOT windows that aimd, going to 0.01-0.1, did not)."""
+        taken too, down to the fastest tau: decode held at the knee leaves TPOT windows that
+        the fastest tau closes."""
         fastest = float(p90_grid.min())
         gain = max(float(p90_grid[0]) - fastest, 0.0)  # grid[0] is tau = 1
         if gain <= noise:
             return float(self.grid[0])
         if fastest_only:
-            return float(self.grid[np.argmax(p90_grid <= fastest + 1e-12)])
-        allowed = fastest + (1.0 - self.gain_share) * gain
+            return float(self.grid[np.argmax(p90_grid <= fastest + TAU_EPS)])
+        allowed = fastest + (1.0 - self.tuning.gain_share) * gain
         if not queued:
-            allowed = max(allowed, fastest * (1.0 + self.effort_tolerance))
-        near = p90_grid <= allowed + 1e-12
+            allowed = max(allowed, fastest * (1.0 + self.tuning.effort_tolerance))
+        near = p90_grid <= allowed + TAU_EPS
         return float(self.grid[np.argmax(near)])
 
     # -- feedback -----------------------------------------------------------------------
@@ -242,29 +249,33 @@ class PredictiveController(Controller):
             self.experts.update(stats.tau, tokens, experts)
             self.latency.add(tokens, stats.batch_size, experts, lat, float(stats.tau < 1.0))
             # The fit moves slowly: refitting every few steps saves host time per step.
-            if self.latency.theta is None or self.latency.num_samples % self.refit_every == 0:
+            if self.latency.theta is None or self.latency.num_samples % self.tuning.refit_every == 0:
                 self.latency.fit()
         if self._pending is not None and self._pending[0] == phase:
             self._update_residual(phase, lat - self._pending[1], self._pending[1])
         self._pending = None
 
     def _update_residual(self, phase: str, residual: float, predicted: float = 0.0) -> None:
-        """Moving mean and spread of the residual. A deviation is clipped to 4 sigma, or a
-        quarter of the predicted latency when larger (the floor while sigma is still small), so
-        one stalled step (a pause of the host, like the ~300 ms stall among ~22 ms steps in
-        H200 headline run 8) moves the prediction by a little, not by the stall; a lasting change
-        still gets through, a clipped step at a time, and the latency fit follows it too."""
-        a = self.residual_alpha
+        """Moving mean and spread of the residual. A deviation is clipped to `clip_sigmas`
+        sigma, or `clip_share_of_prediction` of the predicted latency when larger (the floor
+        while sigma is still small), so one stalled step (a pause of the host, ten times a
+        normal step) moves the prediction by a little, not by the stall; a lasting change still
+        gets through, a clipped step at a time, and the latency fit follows it too."""
+        t = self.tuning
+        a = t.residual_alpha
         dev = residual - self._bias[phase]
-        cap = max(4.0 * math.sqrt(self._var[phase]), 0.25 * abs(predicted))
+        cap = max(t.clip_sigmas * math.sqrt(self._var[phase]),
+                  t.clip_share_of_prediction * abs(predicted))
         if cap > 0:
             dev = max(-cap, min(cap, dev))
         self._bias[phase] += a * dev
         self._var[phase] = (1 - a) * (self._var[phase] + a * dev * dev)
 
     def _update_pressure(self, now: float) -> None:
-        """Once a second: tighten a phase's target while its user-facing SLO is missed."""
-        if now - self._last_pressure_update < 1.0:
+        """Every `pressure_interval_s`: tighten a phase's target while its user-facing SLO is
+        missed."""
+        t = self.tuning
+        if now - self._last_pressure_update < t.pressure_interval_s:
             return
         self._last_pressure_update = now
         queue_empty = not self._waiting or self._waiting[-1][1] == 0
@@ -272,15 +283,15 @@ class PredictiveController(Controller):
                                 (DECODE, "tpot", self.slo.tpot_s)):
             p = self.windows.percentile(key, self.slo.percentile, self.slo.window_s, now)
             if phase == PREFILL and queue_empty:
-                self._pressure[phase] = max(0.0, self._pressure[phase] - self.idle_decay)
+                self._pressure[phase] = max(0.0, self._pressure[phase] - t.idle_decay)
             elif p is not None and p > slo:
-                self._pressure[phase] = min(self.max_pressure, self._pressure[phase] + 0.05)
+                self._pressure[phase] = min(t.max_pressure, self._pressure[phase] + t.pressure_rise)
             else:
-                self._pressure[phase] = max(0.0, self._pressure[phase] - 0.025)
+                self._pressure[phase] = max(0.0, self._pressure[phase] - t.pressure_fall)
 
     def _note_waiting(self, now: float, num_waiting: int) -> None:
         self._waiting.append((now, int(num_waiting)))
-        while self._waiting and self._waiting[0][0] < now - 1.0:
+        while self._waiting and self._waiting[0][0] < now - self.tuning.queue_growth_window_s:
             self._waiting.popleft()
 
     def _queue_growing(self) -> bool:

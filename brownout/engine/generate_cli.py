@@ -22,7 +22,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from brownout.engine.llm import LLM
+    from brownout.engine.llm import LLM  # lazy: torch loads only when the command runs
 
     llm = LLM(args.model, united_experts=args.united_experts, tau=args.tau, device=args.device,
               load_format=args.load_format)

@@ -5,7 +5,7 @@ The engine only sequences its parts: the scheduler owns every request's state, `
 decides which arriving requests join the queue, and the SLO controller sees only step stats
 and request timings and answers with the brownout threshold for the next step. Used as is by
 the offline `LLM` API and, in its own process, by the HTTP server. With `tensor_parallel_size`
-N > 1 this process is rank 0 of N: it starts ranks 1..N-1 (brownout.distributed), which run
+N > 1 this process is rank 0 of N: it starts ranks 1..N-1 (brownout.engine.parallel_worker), which run
 the same forward on their shard of the model each step; `close()` stops them.
 """
 
@@ -24,31 +24,14 @@ from brownout.engine import outputs
 from brownout.engine.admission import Admission
 from brownout.engine.block_manager import BlockManager
 from brownout.engine.inputs import PromptProcessor, eos_ids, load_tokenizer
+from brownout.engine.parallel_group import WorkerGroup
 from brownout.engine.request import Request, Status
 from brownout.engine.scheduler import NewToken, Scheduler
+from brownout.runner.build import build_model_runner
 from brownout.types import (FinishReason, RequestOutput, SamplingParams, SchedulerOutput,
                             StepStats, ValidationError)
 
 log = logging.getLogger(__name__)
-
-
-def build_model_runner(config: EngineConfig, parallel=None):
-    """Load (this rank's shard of) the model, install united experts, build the runner.
-
-    Every rank of a parallel engine runs this, in the same order: it holds collectives."""
-    from brownout.runner.loader import load_model
-    from brownout.runner.model_runner import ModelRunner
-
-    loaded = load_model(config.load, parallel)
-    if config.brownout.united_experts:
-        _install_united(loaded, config.brownout.united_experts)
-    runner = ModelRunner(loaded, config.cache, max_batch=config.scheduler.max_num_seqs,
-                         max_model_len=config.load.max_model_len,
-                         enforce_eager=config.load.enforce_eager,
-                         max_step_tokens=config.scheduler.max_num_batched_tokens)
-    runner.warm_up(min(config.scheduler.max_num_batched_tokens,
-                       config.load.max_model_len or loaded.spec.max_position_embeddings))
-    return loaded, runner
 
 
 class LLMEngine:
@@ -57,8 +40,6 @@ class LLMEngine:
         self.clock = clock
         self.workers = None  # ranks 1..N-1 of a tensor-parallel engine
         if config.load.tensor_parallel_size > 1:
-            from brownout.distributed.launch import WorkerGroup
-
             self.workers = WorkerGroup(config)
         try:
             loaded, runner = build_model_runner(config, self.workers and self.workers.parallel)
@@ -228,16 +209,3 @@ def _model_name(model: str, model_dir: Optional[Path]) -> str:
     return model_dir.name
 
 
-def _install_united(loaded, spec: str) -> None:
-    from brownout.unite.store import load_united
-    from brownout.unite.uncalibrated import install_uncalibrated, parse_uncalibrated
-
-    way = parse_uncalibrated(spec)
-    if way is not None and loaded.parallel.active:  # no rank holds every whole expert
-        from brownout.distributed.united import install_average
-
-        install_average(loaded.model, way)
-    elif way is not None:
-        install_uncalibrated(loaded.model, way)
-    else:
-        load_united(loaded, Path(spec))

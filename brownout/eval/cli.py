@@ -54,6 +54,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # lazy: the torch chain loads only when the command runs (`brownout --help` stays fast)
     from brownout.eval.scoring import check_taus, load_eval_model
 
     check_taus(args.tau, args.united is not None)
@@ -80,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
 def _run_perplexity(args, em):
     from tqdm import tqdm
 
-    from brownout.eval.perplexity import evaluate_perplexity, make_batches, tokenize_text
+    from brownout.eval.perplexity import evaluate_perplexity, make_batches, tokenize_text  # lazy: torch
 
     ids = tokenize_text(em.tokenizer, args.text.read_text(encoding="utf-8"), args.max_tokens)
     batches = make_batches(ids, args.window, args.batch_tokens)
@@ -92,7 +93,7 @@ def _run_perplexity(args, em):
 def _run_choice(args, em):
     from tqdm import tqdm
 
-    from brownout.eval.choice import evaluate_choice, read_questions
+    from brownout.eval.choice import evaluate_choice, read_questions  # lazy: torch
 
     questions = read_questions(args.data)
     with tqdm(total=len(args.tau), unit="tau") as bar:

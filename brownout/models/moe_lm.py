@@ -8,7 +8,7 @@ serves all. Two entry points: `forward` over a flat batch of tokens with a paged
 its tokens went to, as device tensors: inside a CUDA graph they are outputs like the
 hidden states, read by the host only after the step.
 
-Under tensor parallelism (`parallel`, see brownout.distributed.parallel) attention and the
+Under tensor parallelism (`parallel`, see brownout.parallel.info) attention and the
 MLP / MoE block return partial sums that each decoder layer all-reduces; embeddings, norms
 and lm_head are replicated, so every rank holds the same hidden states between sublayers.
 """
@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from brownout.distributed.parallel import SINGLE, ParallelInfo
+from brownout.parallel.info import SINGLE, ParallelInfo
 from brownout.models.context import ForwardContext, ForwardOutput
 from brownout.models.layers.attention import Attention
 from brownout.models.layers.common import RMSNorm, Rotary, SwiGLU

@@ -4,7 +4,7 @@ with random weights (load_format="dummy"), on the chosen device and dtype.
 Checkpoint tensors are mapped onto the packed layout of `MoEForCausalLM` (q/k/v fused into
 one projection, every expert's gate/up into `w13[e]` and down into `w2[e]`) by the family's
 checkpoint layout, and every piece is accounted for (brownout.runner.weights). Under tensor
-parallelism each rank keeps only its part of every tensor (brownout.distributed.sharding);
+parallelism each rank keeps only its part of every tensor (brownout.parallel.sharding);
 dummy weights are drawn at full size and then split, so they equal the one-process ones.
 """
 
@@ -19,7 +19,7 @@ from typing import Optional
 import torch
 
 from brownout.config import ModelLoadConfig
-from brownout.distributed.parallel import SINGLE, ParallelInfo
+from brownout.parallel.info import SINGLE, ParallelInfo
 from brownout.models.moe_lm import MoEForCausalLM
 from brownout.models.registry import PRESETS, family_of, preset_config
 from brownout.models.spec import MoESpec

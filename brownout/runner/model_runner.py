@@ -263,7 +263,7 @@ def _offsets(query_lens: list[int]) -> list[int]:
 
 
 def _kernels_available() -> bool:
-    try:
+    try:  # lazy: probes the optional triton kernels, which CPU-only processes never import
         from brownout.kernels.fused_moe import fused_moe_available
 
         import brownout.kernels.paged_attention  # noqa: F401

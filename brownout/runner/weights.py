@@ -21,7 +21,7 @@ from typing import Callable, Iterator, Mapping, Optional, Union
 import torch
 from safetensors import SafetensorError, safe_open
 
-from brownout.distributed.sharding import expert_piece, expert_slot, local_part, qkv_piece, shard_dim
+from brownout.parallel.sharding import expert_piece, expert_slot, local_part, qkv_piece, shard_dim
 from brownout.models.checkpoint import PACKED_COVERS, CheckpointLayout, Part, Piece, PieceKey
 from brownout.models.moe_lm import MoEForCausalLM
 from brownout.models.registry import layout_of

@@ -12,6 +12,8 @@ import logging
 import time
 from pathlib import Path
 
+from brownout.config import ModelLoadConfig
+
 log = logging.getLogger(__name__)
 
 SAVE_DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -36,6 +38,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def _checkpoint_dtype(model_dir: Path):
     """dtype of the first expert tensor in the checkpoint (united experts are stored alike)."""
+    # lazy: the torch chain loads only when the command runs (`brownout --help` stays fast)
     import torch
     from safetensors import safe_open
 
@@ -50,11 +53,11 @@ def _checkpoint_dtype(model_dir: Path):
 
 
 def run(args: argparse.Namespace) -> int:
+    # lazy: the torch and transformers chain loads only when the command runs
     import torch
     from tqdm import tqdm
     from transformers import AutoTokenizer
 
-    from brownout.config import ModelLoadConfig
     from brownout.runner.loader import load_model
     from brownout.unite.builder import UniteOptions, build_united
     from brownout.unite.calibration import calibration_windows

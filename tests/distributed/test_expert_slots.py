@@ -2,9 +2,9 @@
 
 import torch
 
-from brownout.distributed.experts import local_slots, localize, slot_table, united_owner
-from brownout.distributed.parallel import ParallelInfo, expert_bounds
-from brownout.distributed.sharding import local_part, shard_gate_up
+from brownout.parallel.experts import local_slots, localize, slot_table, united_owner
+from brownout.parallel.info import ParallelInfo, expert_bounds
+from brownout.parallel.sharding import local_part, shard_gate_up
 from brownout.kernels.brownout_routing import contiguous_groups
 
 

@@ -32,7 +32,7 @@ def _workers_of(pid: int) -> list[int]:
     for entry in Path("/proc").iterdir():
         try:
             cmd = (entry / "cmdline").read_bytes()
-            if entry.name.isdigit() and b"brownout.distributed.worker" in cmd \
+            if entry.name.isdigit() and b"brownout.engine.parallel_worker" in cmd \
                     and int(_stat(int(entry.name))[1]) == pid:
                 found.append(int(entry.name))
         except (OSError, ValueError):

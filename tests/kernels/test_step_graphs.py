@@ -28,14 +28,14 @@ def test_cpu_suite_in_fresh_process():
 
 def _setup(tiny_models, family, united):
     from brownout.config import CacheConfig, ModelLoadConfig
-    from brownout.engine.llm_engine import _install_united
+    from brownout.runner.build import install_united
     from brownout.runner.loader import load_model
     from brownout.runner.model_runner import ModelRunner
 
     loaded = load_model(ModelLoadConfig(model=str(tiny_models[family]), device=DEVICE, dtype="float32",
                                    extra_expert_slots=4))
     if united:
-        _install_united(loaded, united)
+        install_united(loaded, united)
     runner = ModelRunner(loaded, CacheConfig(num_blocks=64, block_size=16), max_batch=8,
                          max_model_len=256, enforce_eager=True)
     return loaded, runner

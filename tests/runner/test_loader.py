@@ -14,8 +14,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from brownout.config import ModelLoadConfig
-from brownout.distributed.parallel import ParallelInfo
-from brownout.distributed.sharding import local_part
+from brownout.parallel.info import ParallelInfo
+from brownout.parallel.sharding import local_part
 from brownout.runner.loader import load_model
 from brownout.runner.weights import CheckpointError
 

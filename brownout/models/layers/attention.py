@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from brownout.distributed.parallel import SINGLE, ParallelInfo
+from brownout.parallel.info import SINGLE, ParallelInfo
 from brownout.kernels.attention_ref import paged_attention_ref, write_kv_ref
 from brownout.models.context import ForwardContext
 from brownout.models.layers.common import RMSNorm, Rotary
@@ -64,7 +64,7 @@ class Attention(nn.Module):
         meta = ctx.attn
         k_cache, v_cache = ctx.kv_caches[self.layer_idx]
         if ctx.use_kernels:
-            from brownout.kernels.paged_attention import paged_attention, write_kv
+            from brownout.kernels.paged_attention import paged_attention, write_kv  # lazy: triton
 
             write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
             return paged_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens,

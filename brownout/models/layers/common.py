@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from brownout.distributed.parallel import SINGLE, ParallelInfo
+from brownout.parallel.info import SINGLE, ParallelInfo
 
 
 class RMSNorm(nn.Module):
@@ -19,7 +19,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.is_cuda and self.weight.dtype == x.dtype:
-            from brownout.kernels import norm_rope  # one launch instead of seven
+            from brownout.kernels import norm_rope  # lazy (triton); one launch instead of seven
 
             if norm_rope.kernels_usable(x) and x.stride(-1) == 1:
                 return norm_rope.rms_norm(x, self.weight, self.eps)
@@ -56,7 +56,7 @@ class Rotary(nn.Module):
         half = q.shape[-1] // 2
         if q.is_cuda and q.dim() == 3 and half & (half - 1) == 0 and q.stride(-1) == 1 \
                 and k.stride(-1) == 1:
-            from brownout.kernels import norm_rope
+            from brownout.kernels import norm_rope  # lazy: triton on CUDA only
 
             if norm_rope.kernels_usable(q):
                 norm_rope.rotary_(q, positions, self.cos, self.sin)
@@ -83,7 +83,7 @@ class SwiGLU(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.gate_up_proj(x)
         if h.is_cuda and h.dim() == 2 and h.stride(-1) == 1:
-            from brownout.kernels import norm_rope  # one pass instead of two strided ones
+            from brownout.kernels import norm_rope  # lazy (triton); one pass, not two strided ones
 
             if norm_rope.kernels_usable(h):
                 return self.down_proj(norm_rope.silu_and_mul(h))

@@ -19,9 +19,9 @@ from typing import Optional
 import torch
 from torch import nn
 
-from brownout.distributed.experts import local_slots, localize, slot_table
-from brownout.distributed.parallel import SINGLE, ParallelInfo
-from brownout.distributed.sharding import shard_dim, shard_gate_up
+from brownout.parallel.experts import local_slots, localize, slot_table
+from brownout.parallel.info import SINGLE, ParallelInfo
+from brownout.parallel.sharding import shard_dim, shard_gate_up
 from brownout.kernels.moe_ref import moe_experts_ref
 from brownout.kernels.brownout_routing import brownout_route, count_touched
 from brownout.kernels.routing import select_experts
@@ -146,7 +146,7 @@ class SparseMoE(nn.Module):
         if self.local_of is not None:  # expert parallel: only the slots held here
             ids = localize(ids, self.local_of)
         if ctx.use_kernels:
-            from brownout.kernels.fused_moe import fused_moe
+            from brownout.kernels.fused_moe import fused_moe  # lazy: triton on CUDA only
 
             # routed: tiles sized for the low-tau case, where the rows crowd into the united
             # slots (the routed path only runs at tau < 1; tau = 1 takes the plain one)
@@ -160,7 +160,7 @@ def gated_shared_add(out: torch.Tensor, gate_logit: torch.Tensor, shared: torch.
     takes its slow broadcast path, two kernels), the torch ops elsewhere."""
     if out.is_cuda and out.dim() == 2 and out.stride(-1) == 1 and shared.stride(-1) == 1 \
             and out.dtype == shared.dtype == gate_logit.dtype:
-        from brownout.kernels import norm_rope
+        from brownout.kernels import norm_rope  # lazy: triton on CUDA only
 
         if norm_rope.kernels_usable(out):
             return norm_rope.gated_add(out, gate_logit, shared)

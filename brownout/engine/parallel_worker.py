@@ -1,11 +1,15 @@
 """The step loop of ranks 1..N-1 of a tensor-parallel engine.
 
-Started by `launch.WorkerGroup` as `python -m brownout.distributed.worker` with RANK,
+Started by `parallel_group.WorkerGroup` as `python -m brownout.engine.parallel_worker` with RANK,
 WORLD_SIZE, MASTER_ADDR, MASTER_PORT, BROWNOUT_DIST_BACKEND and BROWNOUT_PARENT_PID in its
 environment. It joins the process group, receives the engine config from rank 0, builds its
 shard of the model and runner exactly as rank 0 does (same collectives, same order), then
 runs the forward of every step rank 0 broadcasts, until "stop". It never samples and holds
 no scheduler state: each step's SchedulerOutput carries all it needs.
+
+torch and the model code (seconds to import) are imported inside the functions, after `main`
+ignores SIGINT and starts watching the parent: a Ctrl-C meant for rank 0, or rank 0 dying,
+during that import must neither kill the worker early nor leave it behind.
 """
 
 from __future__ import annotations
@@ -19,7 +23,10 @@ import time
 import traceback
 from datetime import timedelta
 
-log = logging.getLogger("brownout.distributed.worker")
+log = logging.getLogger("brownout.engine.parallel_worker")  # run as __main__: named by hand
+
+# how often the worker checks that rank 0 is still its parent
+PARENT_POLL_S = 1.0
 
 
 def _watch_parent(parent_pid: int) -> None:
@@ -27,17 +34,18 @@ def _watch_parent(parent_pid: int) -> None:
     in a collective."""
     def watch():
         while os.getppid() == parent_pid:
-            time.sleep(1.0)
+            time.sleep(PARENT_POLL_S)
         os._exit(1)
 
     threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
 def _join(rank: int, world_size: int, backend: str):
+    # lazy: torch loads after main's signal and parent-watch set-up (module docstring)
     import torch
     import torch.distributed as dist
 
-    from brownout.distributed.launch import CONTROL_TIMEOUT, READY_KEY, STARTUP_TIMEOUT_S
+    from brownout.engine.parallel_group import CONTROL_TIMEOUT, READY_KEY, STARTUP_TIMEOUT_S
 
     if backend == "nccl":
         torch.cuda.set_device(rank)
@@ -52,8 +60,10 @@ def _join(rank: int, world_size: int, backend: str):
 
 
 def serve(rank: int, world_size: int, backend: str) -> None:
-    from brownout.distributed.launch import broadcast_message, leave_group
-    from brownout.distributed.parallel import ParallelInfo
+    # lazy: the torch and model chain loads after main's set-up (module docstring)
+    from brownout.engine.parallel_group import broadcast_message, leave_group
+    from brownout.parallel.info import ParallelInfo
+    from brownout.runner.build import build_model_runner
 
     cpu_group = _join(rank, world_size, backend)
     config, log_level = broadcast_message(None, cpu_group)
@@ -61,8 +71,6 @@ def serve(rank: int, world_size: int, backend: str) -> None:
                         format=f"%(asctime)s %(levelname)s %(name)s[rank {rank}]: %(message)s")
     parallel = ParallelInfo(rank=rank, world_size=world_size,
                             expert_parallel=config.load.enable_expert_parallel, cpu_group=cpu_group)
-    from brownout.engine.llm_engine import build_model_runner
-
     _, runner = build_model_runner(config, parallel)
     log.debug("rank %d ready", rank)
     while True:

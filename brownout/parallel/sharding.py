@@ -1,6 +1,6 @@
 """This rank's part of each model tensor, from the full (single-process) tensor.
 
-The layout is described in `brownout.distributed.parallel`. `local_part` maps a whole
+The layout is described in `brownout.parallel.info`. `local_part` maps a whole
 parameter by name (dummy weights, checkpoint tensors that map onto one parameter); the
 `*_piece` helpers map checkpoint tensors that fill part of a packed parameter (q/k/v into
 qkv_proj, one expert's gate/up/down into w13/w2, gate and up into gate_up_proj).
@@ -13,7 +13,7 @@ from typing import Optional
 
 import torch
 
-from brownout.distributed.parallel import ParallelInfo
+from brownout.parallel.info import ParallelInfo
 
 
 def shard_dim(t: torch.Tensor, parallel: ParallelInfo, dim: int, what: str) -> torch.Tensor:

@@ -14,7 +14,7 @@ What is replicated and what is sharded over `world_size` ranks (tensor parallel 
   parallel along the intermediate dimension;
 - routed experts: without expert parallelism, split along the intermediate dimension like a
   dense SwiGLU; with it, whole experts are split by rank in contiguous ranges of ids (see
-  `brownout.distributed.experts`).
+  `brownout.parallel.experts`).
 Each sharded sublayer returns this rank's partial sum; the decoder layer all-reduces it
 once after attention and once after the MLP / MoE block, so hidden states are replicated
 (bit-identical on every rank) between sublayers.

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from brownout.distributed.parallel import expert_bounds
+from brownout.parallel.info import expert_bounds
 
 
 def united_owner(group_of: torch.Tensor, num_groups: int, world_size: int) -> torch.Tensor:

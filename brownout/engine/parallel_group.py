@@ -2,7 +2,7 @@
 
 Rank 0 is the process that builds the `LLMEngine`: it runs the scheduler, joins the model's
 collectives and samples. Ranks 1..N-1 are worker processes started here as
-`python -m brownout.distributed.worker` (a plain subprocess, not multiprocessing: the HTTP
+`python -m brownout.engine.parallel_worker` (a plain subprocess, not multiprocessing: the HTTP
 server's engine process is a daemonic multiprocessing child, and those may not have
 children). Rendezvous is a TCP store on 127.0.0.1 at a free port (the workers read
 MASTER_ADDR / MASTER_PORT / RANK / WORLD_SIZE). Backend: NCCL on GPUs (rank r uses GPU r),
@@ -11,7 +11,7 @@ gloo on CPUs; control messages always travel over a separate gloo group.
 Each step rank 0 broadcasts ("step", SchedulerOutput, tau) with `broadcast_object_list`
 (the processes are our own, in one trusted group), then runs the same forward; "stop" ends
 the workers. `close()` (also registered with atexit) stops them; a worker whose parent
-disappears exits on its own (see worker.py).
+disappears exits on its own (see parallel_worker.py).
 """
 
 from __future__ import annotations
@@ -30,7 +30,9 @@ import torch
 import torch.distributed as dist
 
 from brownout.config import EngineConfig
-from brownout.distributed.parallel import ParallelInfo, check_split
+from brownout.models.registry import spec_of
+from brownout.parallel.info import ParallelInfo, check_split
+from brownout.runner.loader import load_hf_config, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -38,10 +40,21 @@ log = logging.getLogger(__name__)
 # can put a shared host's GPUs out of service
 SAFE_GPU_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
                 "NVSHMEM_DISABLE_NVLS": "1"}
+# workers import torch and load their shard of the model before they join: minutes for a
+# large checkpoint on a cold disk
 STARTUP_TIMEOUT_S = 600.0
 # an idle server sends no step for a long time; the workers wait on this group meanwhile
 CONTROL_TIMEOUT = timedelta(days=365)
+# store key a worker of rank r sets once it is up, before it joins the process group
 READY_KEY = "brownout/ready/{}"
+# how often rank 0 looks for the workers' ready keys (and for workers that died) at start-up
+READY_POLL_S = 0.05
+# leaving the process group is given up after this long: shutdown must not hang on it
+LEAVE_TIMEOUT_S = 20.0
+# workers get this long to stop after "stop" before they are killed
+STOP_TIMEOUT_S = 30.0
+# the least time a worker is waited for, even past the stop deadline
+MIN_WAIT_S = 0.1
 
 
 def backend_for(device: torch.device) -> str:
@@ -55,10 +68,10 @@ def broadcast_message(message: Any, group) -> Any:
     return box[0]
 
 
-def leave_group(timeout_s: float = 20.0) -> None:
+def leave_group(timeout_s: float = LEAVE_TIMEOUT_S) -> None:
     """Leave the process group, given up after `timeout_s`. With NCCL the communicators are
-    aborted, not destroyed: destroying them after CUDA-graph capture of collectives hung
-    (seen on 2 H200s), and abort never waits on the other ranks."""
+    aborted, not destroyed: destroying them after CUDA-graph capture of collectives can hang,
+    and abort never waits on the other ranks."""
     done = threading.Event()
     abort = getattr(dist.distributed_c10d, "_abort_process_group", None)
 
@@ -82,9 +95,6 @@ class WorkerGroup:
     """Rank 0's handle on ranks 1..N-1: starts them, sends them each step, stops them."""
 
     def __init__(self, config: EngineConfig):
-        from brownout.models.registry import spec_of
-        from brownout.runner.loader import load_hf_config, resolve_device
-
         load = config.load
         self.world_size = ws = load.tensor_parallel_size
         # a model that cannot be split this way fails here, before any process starts
@@ -123,7 +133,7 @@ class WorkerGroup:
         env = dict(os.environ, **SAFE_GPU_ENV, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(self.store.port),
                    RANK=str(rank), WORLD_SIZE=str(self.world_size), BROWNOUT_DIST_BACKEND=backend,
                    BROWNOUT_PARENT_PID=str(os.getpid()))
-        return subprocess.Popen([sys.executable, "-m", "brownout.distributed.worker"], env=env)
+        return subprocess.Popen([sys.executable, "-m", "brownout.engine.parallel_worker"], env=env)
 
     def _wait_ready(self) -> None:
         keys = [READY_KEY.format(r) for r in range(1, self.world_size)]
@@ -132,7 +142,7 @@ class WorkerGroup:
             self.check_alive()
             if time.monotonic() > deadline:
                 raise RuntimeError(f"tensor-parallel workers did not start in {STARTUP_TIMEOUT_S:.0f} s")
-            time.sleep(0.05)
+            time.sleep(READY_POLL_S)
 
     def check_alive(self) -> None:
         for rank, proc in enumerate(self.procs, start=1):
@@ -147,7 +157,7 @@ class WorkerGroup:
     def wrap(self, runner) -> "ParallelRunner":
         return ParallelRunner(runner, self)
 
-    def close(self, timeout_s: float = 30.0) -> None:
+    def close(self, timeout_s: float = STOP_TIMEOUT_S) -> None:
         """Stop the workers and leave the process group; safe to call twice."""
         if self._closed:
             return
@@ -160,7 +170,7 @@ class WorkerGroup:
         deadline = time.monotonic() + timeout_s
         for proc in self.procs:
             try:
-                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+                proc.wait(timeout=max(MIN_WAIT_S, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 log.warning("tensor-parallel worker %d did not stop; killing it", proc.pid)
         self._kill()

@@ -1,0 +1,164 @@
+"""What every SLO controller policy shares: the planned-step contract, the `Controller` base
+class (latency windows, violation counters, the engine's three calls) and the policy registry.
+
+The engine calls, from its single-threaded step loop:
+  `choose_tau(planned)` just before a step runs (tau for that step's phase),
+  `observe_step(stats)` after it ran, and
+  `observe_request(ttft_s, tpot_s, t)` when a request finishes.
+A policy is a `Controller` subclass registered under its `name` with `@register_policy`;
+`make_controller` builds the one `SLOConfig.policy` names, and `brownout.config` checks that
+name against `policy_names()`. Importing any module of `brownout.control` runs the package's
+`__init__`, which imports every policy, so the registry is complete whenever it is read.
+This module imports `brownout.config` for type hints only: config imports the registry.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable, Optional, TypeVar
+
+from brownout.control.windows import DECODE, PHASES, PREFILL, LatencyWindows, phase_of
+from brownout.types import StepStats, ValidationError
+
+if TYPE_CHECKING:
+    from brownout.config import SLOConfig
+
+Clock = Callable[[], float]
+
+# latency samples are kept at least this long, beyond the SLO window and check interval, so
+# every policy finds the whole window it reads
+MIN_HORIZON_S = 10.0
+
+
+@dataclass(slots=True)
+class PlannedStep:
+    """What the scheduler is about to run; all the controller may know before the step."""
+
+    num_prefill_tokens: int  # prompt tokens scheduled in this step (a chunk counts)
+    num_decode_tokens: int  # one per decoding request
+    batch_size: int  # requests in the step
+    num_waiting: int = 0  # requests still queued after this step was scheduled
+    waiting_tokens: int = 0  # prompt tokens of those queued requests
+    has_prefill: Optional[bool] = None  # default: num_prefill_tokens > 0
+
+    def __post_init__(self) -> None:
+        if self.has_prefill is None:
+            self.has_prefill = self.num_prefill_tokens > 0
+
+    @property
+    def num_tokens(self) -> int:
+        return self.num_prefill_tokens + self.num_decode_tokens
+
+    @property
+    def phase(self) -> str:
+        return phase_of(bool(self.has_prefill))
+
+
+class Controller:
+    """Base class: latency bookkeeping and violation counters shared by every policy."""
+
+    name = "base"
+
+    def __init__(self, slo: SLOConfig, clock: Clock = time.monotonic):
+        self.slo = slo
+        self._clock = clock
+        # Step latencies per phase and request-level TTFT/TPOT; the horizon covers the
+        # longest window any policy looks at.
+        horizon = max(slo.window_s, slo.check_interval_s, MIN_HORIZON_S)
+        self.windows = LatencyWindows(horizon, clock, keys=(*PHASES, "ttft", "tpot"))
+        self._tau = {PREFILL: 1.0, DECODE: 1.0}
+        self.violations: dict[str, int] = {
+            "prefill_step": 0, "decode_step": 0, "ttft": 0, "tpot": 0,
+            "prefill_check": 0, "decode_check": 0}
+
+    @classmethod
+    def create(cls, slo: SLOConfig, clock: Clock, fixed_tau: float) -> Controller:
+        """The registry's factory: `make_controller`'s arguments, of which a policy takes
+        what it needs (only `fixed` reads `fixed_tau`)."""
+        return cls(slo, clock)
+
+    # -- what the engine reads --------------------------------------------------------
+    @property
+    def tau_prefill(self) -> float:
+        return self._tau[PREFILL]
+
+    @property
+    def tau_decode(self) -> float:
+        return self._tau[DECODE]
+
+    def step_slo(self, phase: str) -> float:
+        return self.slo.prefill_step_s if phase == PREFILL else self.slo.decode_step_s
+
+    def prefill_speedup(self) -> float:
+        """How much faster than at its current tau the engine could prefill by dimming to the
+        lowest (>= 1). The engine's TTFT admission scales its measured prefill rate by it, so a
+        request is refused only when even the fastest tau could not serve it in time, and the
+        queue may grow as far as dimming can drain it. Policies without a latency model claim
+        no speed-up (they are refused at the rate they serve now)."""
+        return 1.0
+
+    def _clamp(self, tau: float) -> float:
+        return min(1.0, max(self.slo.min_tau, float(tau)))
+
+    # -- the engine's calls -----------------------------------------------------------
+    def choose_tau(self, planned: PlannedStep) -> float:
+        phase = planned.phase
+        tau = self._clamp(self._decide(phase, planned, self._clock()))
+        self._tau[phase] = tau
+        return tau
+
+    def observe_step(self, stats: StepStats) -> None:
+        phase = phase_of(stats.has_prefill)
+        if self.windows.add(phase, stats.latency_s):
+            if stats.latency_s > self.step_slo(phase):
+                self.violations[f"{phase}_step"] += 1
+        self._after_step(phase, stats, self._clock())
+
+    def observe_request(self, ttft_s: Optional[float], tpot_s: Optional[float],
+                        t: Optional[float] = None) -> None:
+        if ttft_s is not None and self.windows.add("ttft", ttft_s, t):
+            self.violations["ttft"] += int(ttft_s > self.slo.ttft_s)
+        if tpot_s is not None and self.windows.add("tpot", tpot_s, t):
+            self.violations["tpot"] += int(tpot_s > self.slo.tpot_s)
+
+    # -- what policies override -------------------------------------------------------
+    def _decide(self, phase: str, planned: PlannedStep, now: float) -> float:
+        raise NotImplementedError
+
+    def _after_step(self, phase: str, stats: StepStats, now: float) -> None:
+        """Hook after a step was recorded."""
+
+
+# -- the registry ------------------------------------------------------------------------
+ControllerFactory = Callable[["SLOConfig", Clock, float], Controller]  # (slo, clock, fixed_tau)
+_POLICIES: dict[str, ControllerFactory] = {}
+ControllerClass = TypeVar("ControllerClass", bound=type[Controller])
+
+
+def register_policy(cls: ControllerClass) -> ControllerClass:
+    """Class decorator: `--slo-policy cls.name` builds this controller (via `cls.create`)."""
+    if cls.name in _POLICIES:
+        raise ValueError(f"two controller policies are named {cls.name!r}")
+    _POLICIES[cls.name] = cls.create
+    return cls
+
+
+def policy_names() -> tuple[str, ...]:
+    """The registered policy names, in registration order."""
+    return tuple(_POLICIES)
+
+
+def unknown_policy(policy: str) -> ValidationError:
+    """The error for a policy name nobody registered, naming the allowed ones."""
+    return ValidationError("slo_policy", f"must be one of {'|'.join(policy_names())}, "
+                                         f"got {policy!r}")
+
+
+def make_controller(slo: SLOConfig, clock: Clock = time.monotonic,
+                    fixed_tau: float = 1.0) -> Controller:
+    """The controller named by `slo.policy` (one of `policy_names()`)."""
+    factory = _POLICIES.get(slo.policy)
+    if factory is None:
+        raise unknown_policy(slo.policy)
+    return factory(slo, clock, fixed_tau)
