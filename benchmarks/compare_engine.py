@@ -1,0 +1,82 @@
+"""Side-by-side table of two `bench_engine.py` runs (decode and prefill stages), as ratios.
+
+Used to check that a change leaves the GPU figures where they were: each row is one step
+shape, measured before and after on the same kind of GPU, with the after/before ratio.
+
+Run: python benchmarks/compare_engine.py BEFORE_DIR AFTER_DIR --out FILE.md [--title T]
+(each DIR holds the `decode.json`, `prefill.json` and `meta.json` that bench_engine writes)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+# Eager steps are host-bound on a GPU box; graphed steps are what serving runs.
+GRAPHED_ONLY = True
+
+
+def _rows(run_dir: Path) -> dict[tuple, dict]:
+    rows = {}
+    for stage in ("decode", "prefill"):
+        path = run_dir / f"{stage}.json"
+        if not path.exists():
+            continue
+        for r in json.loads(path.read_text()):
+            if GRAPHED_ONLY and not r["cuda_graph"]:
+                continue
+            if stage == "decode":
+                key = ("decode", f"batch {r['batch']}, context {r['ctx']}", 1.0)
+            else:
+                key = (r["kind"], f"{r['tokens']} tokens, {r['seqs']} sequences", r["tau"])
+            rows[key] = r
+    return rows
+
+
+def render(before: Path, after: Path, title: str) -> str:
+    old, new = _rows(before), _rows(after)
+    meta_old = json.loads((before / "meta.json").read_text())
+    meta_new = json.loads((after / "meta.json").read_text())
+    lines = [f"# {title}", "",
+             f"Before: {before}, {meta_old['device']}, torch {meta_old['torch']}. "
+             f"After: {after}, {meta_new['device']}, torch {meta_new['torch']}. "
+             f"Weights: {meta_new['weights']} ({meta_new['preset']}). CUDA-graphed steps only; "
+             "step = `ModelRunner.execute` wall time; roofline as in `bench_engine.py`.", "",
+             "| kind | step | tau | before ms | after ms | after / before | before / roofline | after / roofline |",
+             "|---|---|---|---|---|---|---|---|"]
+    ratios = []
+    for key in sorted(set(old) & set(new), key=str):
+        o, n = old[key], new[key]
+        ratio = n["step_ms"] / o["step_ms"]
+        ratios.append(ratio)
+        roof_o = o["step_ms"] / o["roofline_ms"]
+        roof_n = n["step_ms"] / n["roofline_ms"]
+        lines.append(f"| {key[0]} | {key[1]} | {key[2]:g} | {o['step_ms']:.2f} | {n['step_ms']:.2f} "
+                     f"| {ratio:.3f} | {roof_o:.2f} | {roof_n:.2f} |")
+    if ratios:
+        lines += ["", f"after / before over {len(ratios)} graphed step shapes: "
+                      f"min {min(ratios):.3f}, max {max(ratios):.3f}, "
+                      f"geometric mean {_geomean(ratios):.3f}."]
+    return "\n".join(lines) + "\n"
+
+
+def _geomean(values: list[float]) -> float:
+    product = 1.0
+    for v in values:
+        product *= v
+    return product ** (1.0 / len(values))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("before", type=Path)
+    ap.add_argument("after", type=Path)
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--title", default="Engine steps before and after a change")
+    args = ap.parse_args()
+    args.out.write_text(render(args.before, args.after, args.title))
+
+
+if __name__ == "__main__":
+    main()
