@@ -1,10 +1,10 @@
 """Garbage-collector pauses of the engine process: fewer of them, and each one measured.
 
 A full (generation 2) collection walks every tracked object. In the engine process that is
-the model's Python objects, torch's and transformers' modules and every live request, and a
-pass of the engine harness took up to 124 ms on the 2-core development box
-(`benchmarks/host_overhead.py --no-gc-freeze`, `benchmarks/results/engine/host_overhead_cpu.md`); it stops the step loop, so the GPU idles for as long
-and every running request's next token is late. Two measures, both in the engine process:
+the model's Python objects, torch's and transformers' modules and every live request, so it
+can take a hundred milliseconds on a small CPU (`benchmarks/host_overhead.py --no-gc-freeze`
+measures it); it stops the step loop, so the GPU idles for as long and every running
+request's next token is late. Two measures, both in the engine process:
   * `freeze_startup_heap()` after the engine is built: collect once, then move everything
     alive into the permanent generation (`gc.freeze`), so later collections walk only what
     serving allocates (requests, outputs);

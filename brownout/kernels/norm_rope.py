@@ -1,7 +1,7 @@
 """Triton RMSNorm and rotary embedding: one launch each where torch issues 7 and ~20.
 
-A decode step is a few hundred small kernels besides the GEMMs: on the H200 profile an
-eager step spent ~6 us of host time launching each of ~60 kernels per layer, and RMSNorm
+A decode step is a few hundred small kernels besides the GEMMs: an eager step spends several
+microseconds of host time launching each of ~60 kernels per layer, and RMSNorm
 (float cast, square, mean, rsqrt, two multiplies, cast back) and rotary (two gathers of
 the cos/sin table, casts, four multiplies, two adds, a concatenation, for q and again for
 k) were the largest groups of them. These kernels compute the same float32 arithmetic as
@@ -13,8 +13,8 @@ k) were the largest groups of them. These kernels compute the same float32 arith
   gated_add(out, g, shared)   out + sigmoid(g) * shared (the shared expert's gate), one pass
 
 The last two replace torch's elementwise kernels over strided halves and broadcasts, which
-take its slow non-vectorised path: ~1.2 ms per 1087-token mixed step on the H200 profile
-(`benchmarks/results/engine/engine_h200_run4.md`), for ~0.4 ms of bytes. They round where torch
+take its slow non-vectorised path (about three times the time their bytes need on a Hopper
+GPU; the engine profiles in `benchmarks/results/engine/` show it). They round where torch
 rounds (after the activation, after the product), so results match the torch code.
 
 Used on CUDA with autograd off (serving, evaluation); everything else keeps the torch code.
