@@ -225,7 +225,8 @@ async def _drive(browser: str, url: str, profile: str) -> None:
                 assert await tools.eval(f"{STATE}.error") is None
                 assert await tools.eval("location.search") == ""  # the key left the address bar
                 await tools.poll(f"{STATE}.lastT > {first}")  # and they update
-                shot = base64.b64decode((await tools.call("Page.captureScreenshot", format="png"))["data"])
+                shot = base64.b64decode((await tools.call("Page.captureScreenshot", format="png",
+                                                                   captureBeyondViewport=True))["data"])
                 assert shot.startswith(b"\x89PNG")
                 if target := os.environ.get("BROWNOUT_DASHBOARD_SCREENSHOT"):
                     Path(target).write_bytes(shot)

@@ -41,7 +41,8 @@ function makeChart(spec, series, sloValue) {
       label: label, stroke: COLOURS[i % COLOURS.length], width: 1.5, spanGaps: false}))),
   };
   if (sloValue != null) {
-    opts.series.push({label: "SLO " + sloValue + " s", stroke: SLO_COLOUR, dash: [6, 4], width: 1});
+    opts.series.push({label: "SLO " + sloValue + " s", stroke: SLO_COLOUR, dash: [6, 4], width: 1,
+                      points: {show: false}});
   }
   let box = document.getElementById("chart-" + spec.id);
   if (!box) {
