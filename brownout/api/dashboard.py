@@ -19,8 +19,10 @@ script and data requests carry the cookie.
 
 from __future__ import annotations
 
+import hmac
 import logging
 import math
+import re
 import time
 from collections import deque
 from pathlib import Path
@@ -33,16 +35,16 @@ from starlette.responses import FileResponse, JSONResponse, RedirectResponse, Re
 from starlette.staticfiles import StaticFiles
 
 from brownout.api.engine_client import EngineClient
+from brownout.api.middleware import DASHBOARD_KEY_COOKIE, DASHBOARD_KEY_PARAM, DASHBOARD_PAGE
 from brownout.types import RequestOutput, StepStats
 
 logger = logging.getLogger(__name__)
 
+ACCESS_LOGGER = "uvicorn.access"
 STATIC_DIR = Path(__file__).parent / "static"
-PAGE_PATH = "/dashboard"
-DATA_PATH = "/dashboard/data"
-STATIC_PATH = "/dashboard/static"
-KEY_PARAM = "key"  # /dashboard?key=<API key>
-KEY_COOKIE = "brownout_dashboard_key"
+PAGE_PATH = DASHBOARD_PAGE  # the middleware lets the key in through this path's query
+DATA_PATH = PAGE_PATH + "/data"
+STATIC_PATH = PAGE_PATH + "/static"
 HISTORY_S = 300  # the page shows the last five minutes
 SAMPLE_INTERVAL_S = 1.0  # one row per second, the page's refresh period
 # P90 over this many seconds: long enough to hold a few requests at light load, short
@@ -173,6 +175,18 @@ class DashboardFeed:
         return {name: [row.get(name) for row in rows] for name in names}
 
 
+class _RedactKey(logging.Filter):
+    """Hides the key of `/dashboard...?key=...` in the access log (uvicorn logs full paths)."""
+
+    PATTERN = re.compile(rf"^({re.escape(DASHBOARD_PAGE)}[^?]*\?(?:.*&)?{DASHBOARD_KEY_PARAM}=)[^&]*")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple):
+            record.args = tuple(self.PATTERN.sub(r"\1<redacted>", a) if isinstance(a, str) else a
+                                for a in record.args)
+        return True
+
+
 def _slo(client: EngineClient) -> dict[str, Any]:
     slo = getattr(getattr(client, "config", None), "slo", None)
     return {"policy": getattr(slo, "policy", None), "ttft_s": getattr(slo, "ttft_s", None),
@@ -180,18 +194,22 @@ def _slo(client: EngineClient) -> dict[str, Any]:
 
 
 def install_dashboard(app: FastAPI, client: EngineClient, api_key: Optional[str],
-                      model_name=lambda: "") -> DashboardFeed:
+                      model_name: Callable[[], str] = lambda: "") -> DashboardFeed:
     """Register the dashboard's routes on `app` and its feed on `client`."""
     feed = DashboardFeed()
     client.listeners.append(feed)
+    access_log = logging.getLogger(ACCESS_LOGGER)
+    if not any(isinstance(f, _RedactKey) for f in access_log.filters):
+        access_log.addFilter(_RedactKey())
 
     @app.get(PAGE_PATH)
     async def dashboard_page(request: Request) -> Response:
-        key = request.query_params.get(KEY_PARAM)
-        if api_key is not None and key is not None:  # the middleware has checked it
+        key = request.query_params.get(DASHBOARD_KEY_PARAM)
+        if key is not None:  # the key leaves the address bar (and a right one goes to the cookie)
             response = RedirectResponse(PAGE_PATH, status_code=303)
-            response.set_cookie(KEY_COOKIE, quote(key, safe=""), path=PAGE_PATH, httponly=True,
-                                samesite="strict")
+            if api_key is not None and hmac.compare_digest(key.encode("utf-8"), api_key.encode("utf-8")):
+                response.set_cookie(DASHBOARD_KEY_COOKIE, quote(key, safe=""), path=PAGE_PATH,
+                                    httponly=True, samesite="strict")
             return response
         return FileResponse(STATIC_DIR / "dashboard.html", headers={"Cache-Control": "no-store"})
 

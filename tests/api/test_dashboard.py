@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import logging
 import os
 import re
 import shutil
@@ -24,7 +25,7 @@ import httpx
 import pytest
 from conftest import start_server
 
-from brownout.api.dashboard import DashboardFeed, rung_keys
+from brownout.api.dashboard import DashboardFeed, _RedactKey, rung_keys
 from brownout.types import RequestOutput
 
 API_KEY = "dash-test-key"
@@ -102,6 +103,13 @@ def test_rung_keys_are_numeric_per_phase():
                       "note_prefill": "x", "kv_usage": 0.1}) == ["k_decode", "tau_decode", "tau_prefill"]
 
 
+def test_access_log_hides_the_key():
+    record = logging.LogRecord("uvicorn.access", logging.INFO, "", 0, '%s - "%s %s HTTP/%s" %d',
+                               ("127.0.0.1:1", "GET", "/dashboard?x=1&key=s3cret&y=2", "1.1", 303), None)
+    _RedactKey().filter(record)
+    assert "s3cret" not in record.getMessage() and "/dashboard?x=1&key=<redacted>&y=2" in record.getMessage()
+
+
 # --------------------------------------------------------------------------- server
 @pytest.fixture(scope="module")
 def server(model_dir, tmp_path_factory):
@@ -121,6 +129,8 @@ def test_key_once_in_the_query_then_a_cookie(server):
         assert r.status_code == 303 and r.headers["location"] == "/dashboard"
         assert "httponly" in r.headers["set-cookie"].lower()
         assert c.get("/dashboard").status_code == 200  # the cookie now
+        r = c.get("/dashboard?key=wrong")  # the cookie lets it in; the wrong key is not kept
+        assert r.status_code == 303 and "set-cookie" not in r.headers
         data = c.get("/dashboard/data").json()
         assert c.get("/dashboard/static/vendor/uplot/uPlot.iife.min.js").status_code == 200
         assert c.get("/v1/models").status_code == 401  # the cookie opens the dashboard only
@@ -243,3 +253,4 @@ def test_page_renders_and_updates_in_chromium(server):
     browser = _browser()
     with _Load(server.url), tempfile.TemporaryDirectory() as profile:
         asyncio.run(_drive(browser, server.url, profile))
+    assert API_KEY not in server.log_path.read_text()  # the access log shows no key
