@@ -4,9 +4,9 @@ request body read with a size limit and a deadline.
 With a key set, every path but /health and /metrics needs it (the OpenAPI schema and any
 docs included); those two stay open for probes and scrapers (bind to 127.0.0.1, the
 default, to keep them private). The dashboard's paths also take the key from its cookie,
-and its page from `?key=` (a browser navigating sends no header). The key and the Authorization header are compared as
-UTF-8 bytes in constant time, so a header or a key of any bytes is a plain match or
-mismatch. Requests with a body must say `Content-Type: application/json`: a web page can
+and its page from `?key=` (a browser navigating sends no header). The key and the
+Authorization header are compared as UTF-8 bytes in constant time, so a header or a key of
+any bytes is a plain match or mismatch. Requests with a body must say `Content-Type: application/json`: a web page can
 POST text/plain (or no type) to a local server without a CORS preflight, but not JSON.
 The body is read here up to the limit and replayed to the app, so an oversize body is
 refused with 413 without ever being parsed, whether or not the client sent a
