@@ -2,9 +2,10 @@
 
 Routes: POST /v1/completions, POST /v1/chat/completions, GET /v1/models, GET /health,
 GET /metrics (Prometheus text format), GET /dashboard (live charts; brownout.api.dashboard),
-GET /openapi.json (behind the key when one is set; no /docs or /redoc). The engine runs in its own process, started when the app starts and
-stopped when it stops; see brownout/api/engine_client.py. Run it with brownout.api.serving,
-which adds connection timeouts and the graceful shutdown (brownout.api.drain).
+GET /openapi.json (behind the key when one is set; no /docs or /redoc). The engine runs in
+its own process, started when the app starts and stopped when it stops; see
+brownout/api/engine_client.py. Run it with brownout.api.serving, which adds connection
+timeouts and the graceful shutdown (brownout.api.drain).
 """
 
 from __future__ import annotations
