@@ -3,9 +3,10 @@ request body read with a size limit and a deadline.
 
 With a key set, every path but /health and /metrics needs it (the OpenAPI schema and any
 docs included); those two stay open for probes and scrapers (bind to 127.0.0.1, the
-default, to keep them private). The key and the Authorization header are compared as
-UTF-8 bytes in constant time, so a header or a key of any bytes is a plain match or
-mismatch. Requests with a body must say `Content-Type: application/json`: a web page can
+default, to keep them private). The dashboard's paths also take the key from its cookie,
+and its page from `?key=` (a browser navigating sends no header). The key and the
+Authorization header are compared as UTF-8 bytes in constant time, so a header or a key of
+any bytes is a plain match or mismatch. Requests with a body must say `Content-Type: application/json`: a web page can
 POST text/plain (or no type) to a local server without a CORS preflight, but not JSON.
 The body is read here up to the limit and replayed to the app, so an oversize body is
 refused with 413 without ever being parsed, whether or not the client sent a
@@ -18,7 +19,9 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+from http.cookies import CookieError, SimpleCookie
 from typing import Optional
+from urllib.parse import parse_qs, unquote
 
 from brownout.api.drain import Drain
 from brownout.api.errors import APIError
@@ -29,6 +32,12 @@ MAX_HEAD_BYTES = 16 * 1024
 OPEN_PATHS = frozenset({"/health", "/metrics"})  # no key needed
 DRAIN_OPEN_PATHS = frozenset({"/metrics"})  # still served while shutting down
 BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+# The dashboard page takes the key once as ?key= and its paths accept it from a cookie, since
+# a browser sends no Authorization header when it navigates or loads scripts (see
+# brownout.api.dashboard); every other path takes the header only.
+DASHBOARD_PAGE = "/dashboard"
+DASHBOARD_KEY_PARAM = "key"
+DASHBOARD_KEY_COOKIE = "brownout_dashboard_key"
 JSON_MEDIA_TYPE = b"application/json"
 
 
@@ -56,6 +65,21 @@ def _is_json(content_type: Optional[bytes]) -> bool:
     return media_type == JSON_MEDIA_TYPE
 
 
+def _dashboard_keys(scope, headers: dict[bytes, bytes]) -> list[str]:
+    """Keys a dashboard request offers: ?key= on the page itself, and the page's cookie."""
+    keys = []
+    if scope["path"] == DASHBOARD_PAGE:
+        query = parse_qs((scope.get("query_string") or b"").decode("latin-1"))
+        keys += query.get(DASHBOARD_KEY_PARAM, [])[:1]
+    try:
+        cookie = SimpleCookie(headers.get(b"cookie", b"").decode("latin-1"))
+    except CookieError:
+        return keys
+    if DASHBOARD_KEY_COOKIE in cookie:
+        keys.append(unquote(cookie[DASHBOARD_KEY_COOKIE].value))
+    return keys
+
+
 class GuardMiddleware:
     def __init__(self, app, api_key: Optional[str], max_body_bytes: int, body_timeout_s: float,
                  drain: Drain):
@@ -69,7 +93,13 @@ class GuardMiddleware:
         if self.api_key is None or scope["path"] in OPEN_PATHS:
             return True
         scheme, _, token = headers.get(b"authorization", b"").partition(b" ")
-        return scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self.api_key)
+        if scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self.api_key):
+            return True
+        path = scope["path"]
+        if path != DASHBOARD_PAGE and not path.startswith(DASHBOARD_PAGE + "/"):
+            return False
+        return any(hmac.compare_digest(key.encode("utf-8"), self.api_key)
+                   for key in _dashboard_keys(scope, headers))
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -89,8 +119,9 @@ class GuardMiddleware:
     async def _guarded(self, scope, receive, send) -> None:
         headers = dict(scope.get("headers") or [])
         if not self._authorized(scope, headers):
-            return await _send_error(send, APIError(401, "missing or invalid API key "
-                                                         "(send 'Authorization: Bearer <key>')",
+            how = ("open /dashboard?key=<key> once" if scope["path"].startswith(DASHBOARD_PAGE)
+                   else "send 'Authorization: Bearer <key>'")
+            return await _send_error(send, APIError(401, f"missing or invalid API key ({how})",
                                                     code="invalid_api_key"))
         if scope["method"] not in BODY_METHODS:
             return await self.app(scope, receive, send)

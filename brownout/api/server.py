@@ -1,10 +1,11 @@
 """The FastAPI application: routes, lifespan (engine process start/stop), guards.
 
 Routes: POST /v1/completions, POST /v1/chat/completions, GET /v1/models, GET /health,
-GET /metrics (Prometheus text format), GET /openapi.json (behind the key when one is set;
-no /docs or /redoc). The engine runs in its own process, started when the app starts and
-stopped when it stops; see brownout/api/engine_client.py. Run it with brownout.api.serving,
-which adds connection timeouts and the graceful shutdown (brownout.api.drain).
+GET /metrics (Prometheus text format), GET /dashboard (live charts; brownout.api.dashboard),
+GET /openapi.json (behind the key when one is set; no /docs or /redoc). The engine runs in
+its own process, started when the app starts and stopped when it stops; see
+brownout/api/engine_client.py. Run it with brownout.api.serving, which adds connection
+timeouts and the graceful shutdown (brownout.api.drain).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from starlette.responses import JSONResponse, Response
 
 from brownout.api.chat import create_chat_completion
 from brownout.api.completions import create_completion
+from brownout.api.dashboard import install_dashboard
 from brownout.api.errors import install_handlers
 from brownout.api.limits import RequestLimits
 from brownout.api.metrics import ServerMetrics
@@ -55,6 +57,8 @@ def create_app(client: EngineClient, server: ServerConfig) -> FastAPI:
     install_handlers(app)
     app.add_middleware(GuardMiddleware, api_key=server.api_key, max_body_bytes=server.max_body_bytes,
                        body_timeout_s=server.body_timeout_s, drain=state.drain)
+
+    install_dashboard(app, client, server.api_key, lambda: state.served_model_name)
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:

@@ -28,6 +28,7 @@ from rich.console import Console
 
 from brownout.bench.cli import run_bench
 from brownout.bench.experiment import ServerConfig, run_configs, server_process
+from brownout.bench.html_report import write_html_report
 from brownout.defaults import ASSETS, default_model_dir, default_united_dir
 
 log = logging.getLogger(__name__)
@@ -126,6 +127,7 @@ def run(args: argparse.Namespace) -> int:
         Console().print(f"full-batch TPOT: {cal['full_batch_tpot_s'] * 1e3:.1f} ms at tau 1, "
               f"{cal['full_batch_tpot_tau0_s'] * 1e3:.1f} ms at tau 0 ({speed:.2f}x); "
               f"reports and plots: {out / name}/")
+    write_html_report(out, "brownout demo")  # every part's charts in one offline page
     return 0
 
 
