@@ -5,7 +5,10 @@ whether or not its HTTP client is still connected. A request the engine finishes
 in `vllm:request_success_total` with its finish reason; one aborted before it finished (its
 client went away, or the server ended it) is counted there as "abort" when the engine
 client reports its end (`on_request_end`). Token times are the engine process's step-end
-timestamps (monotonic clock, shared by both processes on one host).
+timestamps (monotonic clock, shared by both processes on one host). vLLM's request-level
+histograms (prompt and generation tokens; queue, prefill, decode and inference time) are
+observed once per request the engine finishes, from its `RequestMetrics`;
+`vllm:iteration_tokens_total` once per engine step, from its `StepStats`.
 """
 
 from __future__ import annotations

@@ -117,7 +117,8 @@ class _Session:
         self.max_prompt_tokens = min(options.max_prompt_tokens or self.max_model_len - 1,
                                      self.max_model_len - 1)
         self.token_text = lru_cache(maxsize=_TOKEN_TEXT_CACHE)(self._decode_one)
-        self.token_bytes = lru_cache(maxsize=_TOKEN_TEXT_CACHE)(TokenBytes(engine.tokenizer, self._decode_one))
+        self.token_bytes = lru_cache(maxsize=_TOKEN_TEXT_CACHE)(
+            TokenBytes(getattr(engine, "tokenizer", None), self._decode_one))
         self.gc_pauses: Optional[GCPauses] = None  # set by the worker process
 
     def _decode_one(self, token_id: int) -> str:
