@@ -80,6 +80,8 @@ def test_completion_top_logprobs_include_the_sampled_token(client):
     for token, logprob, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs):
         assert top[token] == pytest.approx(logprob)
         assert k <= len(top) <= k + 1 or len(set(top)) < k  # texts of distinct ids may coincide
+    # at this temperature some sampled tokens fall outside the top k: listed as the k + 1st
+    assert any(len(top) == k + 1 for top in lp.top_logprobs)
     assert "".join(lp.tokens) == r.choices[0].text
     check_offsets(r.choices[0].text, lp)
 
@@ -122,6 +124,19 @@ def test_echo_non_ascii_tokens_concatenate_to_the_prompt(client, tokenizer, max_
         assert top[token] == pytest.approx(logprob)
     check_offsets(text, lp)
     assert lp.text_offset[n_prompt - 1] + len(lp.tokens[n_prompt - 1]) == len(NON_ASCII)
+
+
+def test_streamed_echo_non_ascii(client):
+    tokens, offsets, text = [], [], ""
+    for chunk in client.completions.create(model="demo", prompt=NON_ASCII, echo=True, logprobs=1,
+                                           max_tokens=3, temperature=0, stream=True,
+                                           extra_body={"ignore_eos": True}):
+        choice = chunk.choices[0]
+        tokens += choice.logprobs.tokens
+        offsets += choice.logprobs.text_offset
+        text += choice.text
+    assert text.startswith(NON_ASCII) and "".join(tokens).startswith(NON_ASCII)
+    assert offsets == sorted(offsets) and all(o <= len(text) for o in offsets)
 
 
 def test_echo_token_ids_prompt(client, tokenizer):
