@@ -17,22 +17,9 @@ from brownout.api.generation import (DONE, Item, check_finish, collect_all, crea
                                      streaming, submit_all, with_first)
 from brownout.api.schemas import ChatCompletionRequest
 from brownout.api.state import ServerState, parse_body
-from brownout.api.engine_client import RequestStream, TokenLogprob
+from brownout.api.engine_client import RequestStream
+from brownout.api.logprobs import TokenPieces, chat_content
 from brownout.types import ValidationError
-
-
-def _token(text: str, logprob: float) -> dict:
-    return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
-
-
-def _content_logprobs(logprobs: list[TokenLogprob], top_n: int) -> list[dict]:
-    content = []
-    for lp in logprobs:
-        entry = _token(lp.text, lp.logprob)
-        tops = sorted(lp.top.items(), key=lambda kv: -kv[1])[:top_n]
-        entry["top_logprobs"] = [_token(lp.top_texts.get(t, ""), v) for t, v in tops]
-        content.append(entry)
-    return content
 
 
 def _usage(stream: RequestStream, completion_tokens: int) -> dict:
@@ -70,7 +57,7 @@ async def create_chat_completion(request: Request, state: ServerState) -> Respon
     if choices is None:
         return Response(status_code=499)  # nobody is listening
     c = choices[0]
-    logprobs = None if top_n is None else {"content": _content_logprobs(c.logprobs, top_n)}
+    logprobs = None if top_n is None else {"content": chat_content(TokenPieces(), c.logprobs, top_n)}
     return JSONResponse({
         "id": request_id, "object": "chat.completion", "created": created(), "model": model,
         "choices": [{"index": 0, "message": {"role": "assistant", "content": c.text},
@@ -84,6 +71,7 @@ async def _stream(request_id: str, model: str, body: ChatCompletionRequest,
             "model": model}
     extra = {"usage": None} if body.include_usage else {}
     completion_tokens = 0
+    pieces = TokenPieces()
 
     def chunk(delta: dict, logprobs=None, reason=None) -> str:
         choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": reason}
@@ -96,7 +84,7 @@ async def _stream(request_id: str, model: str, body: ChatCompletionRequest,
             completion_tokens += len(out.new_token_ids)
             logprobs = None
             if top_n is not None and out.new_logprobs:
-                logprobs = {"content": _content_logprobs(out.new_logprobs, top_n)}
+                logprobs = {"content": chat_content(pieces, out.new_logprobs, top_n)}
             reason = finish_reason(out)
             if out.new_text or logprobs or reason:
                 delta = {"content": out.new_text} if out.new_text else {}

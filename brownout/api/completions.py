@@ -9,7 +9,7 @@ drops it from the text, the logprobs and the usage.
 
 from __future__ import annotations
 
-from typing import AsyncIterator, Optional
+from typing import AsyncIterator
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -17,34 +17,10 @@ from starlette.responses import JSONResponse, Response
 from brownout.api.generation import (DONE, Choice, Item, check_finish, collect_all, created,
                                      finish_reason, first_output, new_id, sse, stream_error,
                                      streaming, submit_all, with_first)
+from brownout.api.logprobs import Entry, TokenPieces, legacy, output_entries, prompt_entries
 from brownout.api.schemas import CompletionRequest
 from brownout.api.state import ServerState, parse_body
-from brownout.api.engine_client import RequestStream, TokenLogprob
-
-Entry = tuple[str, Optional[float], Optional[dict[str, float]]]  # token text, logprob, top
-
-
-def _entry(lp: Optional[TokenLogprob], text: str) -> Entry:
-    if lp is None:
-        return (text, None, None)
-    return (lp.text or text, lp.logprob, {lp.top_texts.get(t, str(t)): v for t, v in lp.top.items()})
-
-
-def _prompt_entries(stream: RequestStream, prompt_logprobs) -> list[Entry]:
-    texts = stream.prompt_token_texts or [""] * len(stream.prompt_token_ids)
-    plps = prompt_logprobs or []
-    return [_entry(plps[i] if i < len(plps) else None, texts[i]) for i in range(len(texts))]
-
-
-def _legacy(entries: list[Entry], offset: int) -> dict:
-    out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
-    for text, lp, top in entries:
-        out["tokens"].append(text)
-        out["token_logprobs"].append(lp)
-        out["top_logprobs"].append(top)
-        out["text_offset"].append(offset)
-        offset += len(text)
-    return out
+from brownout.api.engine_client import RequestStream
 
 
 class _Plan:
@@ -59,9 +35,14 @@ class _Plan:
         text = "" if self.drop_generated else generated
         return (stream.prompt_text or "") + text if self.echo and first else text
 
-    def entries(self, stream: RequestStream, logprobs: list, prompt_logprobs, first: bool) -> list[Entry]:
-        entries = [] if self.drop_generated else [_entry(lp, lp.text) for lp in logprobs]
-        return _prompt_entries(stream, prompt_logprobs) + entries if self.echo and first else entries
+    def entries(self, pieces: TokenPieces, stream: RequestStream, logprobs: list, prompt_logprobs,
+                first: bool) -> list[Entry]:
+        """Token entries of one output: the prompt's first (echo), then the generated ones."""
+        entries = []
+        if self.echo and first:
+            texts = stream.prompt_token_texts or [""] * len(stream.prompt_token_ids)
+            entries = prompt_entries(pieces, texts, stream.prompt_token_bytes, prompt_logprobs)
+        return entries + ([] if self.drop_generated else output_entries(pieces, logprobs))
 
     def completion_tokens(self, n: int) -> int:
         return 0 if self.drop_generated else n
@@ -103,11 +84,12 @@ def _response(request_id: str, model: str, plan: _Plan, streams: list[RequestStr
               choices: list[Choice]) -> dict:
     out, completion_tokens = [], 0
     for i, (stream, c) in enumerate(zip(streams, choices)):
-        offset = 0 if plan.echo else len(stream.prompt_text or "")
+        text = plan.text(stream, c.text, True)
         logprobs = None
-        if plan.want_logprobs:
-            logprobs = _legacy(plan.entries(stream, c.logprobs, c.prompt_logprobs, True), offset)
-        out.append({"index": i, "text": plan.text(stream, c.text, True), "logprobs": logprobs,
+        if plan.want_logprobs:  # offsets index the returned text
+            entries = plan.entries(TokenPieces(), stream, c.logprobs, c.prompt_logprobs, True)
+            logprobs = legacy(entries, 0, len(text))
+        out.append({"index": i, "text": text, "logprobs": logprobs,
                     "finish_reason": c.finish_reason})
         completion_tokens += plan.completion_tokens(len(c.token_ids))
     return {"id": request_id, "object": "text_completion", "created": created(), "model": model,
@@ -117,7 +99,8 @@ def _response(request_id: str, model: str, plan: _Plan, streams: list[RequestStr
 async def _stream(request_id: str, model: str, body: CompletionRequest, plan: _Plan,
                   streams: list[RequestStream], items: AsyncIterator[Item]):
     started = [False] * len(streams)
-    offsets = [0] * len(streams)
+    offsets = [0] * len(streams)  # each choice's text so far: offsets index its text
+    pieces = [TokenPieces() for _ in streams]
     completion_tokens = 0
     include_usage = body.include_usage
     base = {"id": request_id, "object": "text_completion", "created": created(), "model": model}
@@ -128,8 +111,8 @@ async def _stream(request_id: str, model: str, body: CompletionRequest, plan: _P
             stream = streams[i]
             logprobs = None
             if plan.want_logprobs:
-                entries = plan.entries(stream, out.new_logprobs, out.prompt_logprobs, first)
-                logprobs = _legacy(entries, offsets[i])
+                entries = plan.entries(pieces[i], stream, out.new_logprobs, out.prompt_logprobs, first)
+                logprobs = legacy(entries, offsets[i])
                 offsets[i] += sum(len(e[0]) for e in entries)
             completion_tokens += plan.completion_tokens(len(out.new_token_ids))
             choice = {"index": i, "text": plan.text(stream, out.new_text, first),

@@ -52,6 +52,8 @@ class TokenLogprob(Logprob):
 
     text: str = ""
     top_texts: dict[int, str] = field(default_factory=dict)
+    token_bytes: bytes = b""  # the token's raw bytes (not always whole UTF-8 characters)
+    top_bytes: dict[int, bytes] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +88,7 @@ class RequestStream:
         self.arrival_time: float = 0.0
         self.prompt_text: Optional[str] = None
         self.prompt_token_texts: Optional[list[str]] = None
+        self.prompt_token_bytes: Optional[list[bytes]] = None
         self.finished = False
         self._queue: asyncio.Queue = asyncio.Queue()
 
@@ -106,9 +109,10 @@ class RequestStream:
 def _unpack_logprob(packed) -> Optional[TokenLogprob]:
     if packed is None:
         return None
-    token_id, text, logprob, tops = packed
-    return TokenLogprob(token_id, logprob, top={t: v for t, _, v in tops}, text=text,
-                        top_texts={t: s for t, s, _ in tops})
+    token_id, text, logprob, tops, token_bytes = packed
+    return TokenLogprob(token_id, logprob, top={t: v for t, _, v, _ in tops}, text=text,
+                        top_texts={t: s for t, s, _, _ in tops}, token_bytes=token_bytes,
+                        top_bytes={t: b for t, _, _, b in tops})
 
 
 class EngineClient:
@@ -127,6 +131,8 @@ class EngineClient:
         self.listeners: list[EngineListener] = []
         self._streams: dict[str, RequestStream] = {}
         self._pending: dict[str, asyncio.Future] = {}
+        self._queries: dict[int, asyncio.Future] = {}
+        self._next_query = 0
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._proc = None
         self._stop = threading.Event()
@@ -233,6 +239,31 @@ class EngineClient:
             if not stream.finished:
                 self.abort(request_id)
 
+    async def query(self, kind: str, **payload) -> Any:
+        """A tokenizer query answered by the engine process between steps (see worker.py)."""
+        if not self.is_alive:
+            raise EngineDeadError(self.dead_reason or "engine not running")
+        self._next_query += 1
+        query_id = self._next_query
+        answer = self._loop.create_future()
+        self._queries[query_id] = answer
+        self._cmd_q.put(("query", query_id, kind, payload))
+        try:
+            return await answer
+        finally:
+            self._queries.pop(query_id, None)
+
+    def _on_answer(self, query_id: int, value: Any, err) -> None:
+        answer = self._queries.pop(query_id, None)
+        if answer is None or answer.done():
+            return
+        if err is None:
+            answer.set_result(value)
+        elif err.kind == "validation":
+            answer.set_exception(ValidationError(err.field or "request", err.message))
+        else:
+            answer.set_exception(EngineInternalError(err.message))
+
     def abort(self, request_id: str) -> None:
         """Stop a request now (its KV blocks are freed by the engine); unknown ids are ignored."""
         stream = self._streams.pop(request_id, None)
@@ -275,6 +306,8 @@ class EngineClient:
             self._on_added(msg[1], msg[2])
         elif kind == "add_error":
             self._on_add_error(msg[1], msg[2])
+        elif kind == "answer":
+            self._on_answer(*msg[1:])
         elif kind == "fatal":
             self._mark_dead(f"engine failed: {msg[1]}")
 
@@ -289,6 +322,7 @@ class EngineClient:
         stream.max_tokens = result.max_tokens
         stream.prompt_text = result.prompt_text
         stream.prompt_token_texts = result.prompt_token_texts
+        stream.prompt_token_bytes = result.prompt_token_bytes
         self._notify("on_request_start", request_id, stream.arrival_time)
         if ack is not None and not ack.done():
             ack.set_result(result)
@@ -342,5 +376,9 @@ class EngineClient:
                 ack.set_exception(EngineDeadError(reason))
         for stream in self._streams.values():
             stream._queue.put_nowait(EngineDeadError(reason))
+        for answer in self._queries.values():
+            if not answer.done():
+                answer.set_exception(EngineDeadError(reason))
         self._pending.clear()
         self._streams.clear()
+        self._queries.clear()

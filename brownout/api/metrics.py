@@ -5,7 +5,10 @@ whether or not its HTTP client is still connected. A request the engine finishes
 in `vllm:request_success_total` with its finish reason; one aborted before it finished (its
 client went away, or the server ended it) is counted there as "abort" when the engine
 client reports its end (`on_request_end`). Token times are the engine process's step-end
-timestamps (monotonic clock, shared by both processes on one host).
+timestamps (monotonic clock, shared by both processes on one host). vLLM's request-level
+histograms (prompt and generation tokens; queue, prefill, decode and inference time) are
+observed once per request the engine finishes, from its `RequestMetrics`;
+`vllm:iteration_tokens_total` once per engine step, from its `StepStats`.
 """
 
 from __future__ import annotations
@@ -25,12 +28,27 @@ REQUEST_BUCKETS = (0.01, 0.05, 0.1, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0
 STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.25,
                 0.3, 0.5, 0.75, 1.0, 2.5, 5.0)
 EXPERT_BUCKETS = (1, 2, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256)
+# Tokens per engine step: vLLM's buckets for vllm:iteration_tokens_total.
+ITERATION_TOKEN_BUCKETS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
+# Token-count histograms go up to the context length when the server does not give it.
+DEFAULT_MAX_MODEL_LEN = 32768
+
+
+def token_buckets(max_value: int) -> tuple[int, ...]:
+    """1, 2, 5, 10, 20, 50, ... up to `max_value` (vLLM's buckets for per-request token counts)."""
+    buckets, scale = [], 1
+    while True:
+        for m in (1, 2, 5):
+            if m * scale > max_value:
+                return tuple(buckets)
+            buckets.append(m * scale)
+        scale *= 10
 
 
 class ServerMetrics:
     """All metrics of one server, in a private registry."""
 
-    def __init__(self, model_name: str):
+    def __init__(self, model_name: str, max_model_len: int = DEFAULT_MAX_MODEL_LEN):
         self.registry = CollectorRegistry()
         r, m = self.registry, ["model_name"]
         self._model = model_name
@@ -48,6 +66,7 @@ class ServerMetrics:
                              m, buckets=REQUEST_BUCKETS, registry=r)
         self.queue_time = Histogram("vllm:request_queue_time_seconds", "Time spent waiting",
                                     m, buckets=REQUEST_BUCKETS, registry=r)
+        self._add_request_families(max_model_len)
         self.running = Gauge("vllm:num_requests_running", "Requests in the batch", m, registry=r)
         self.waiting = Gauge("vllm:num_requests_waiting", "Requests waiting", m, registry=r)
         self.kv_usage = Gauge("vllm:kv_cache_usage_perc", "KV cache usage (1 = full)", m, registry=r)
@@ -82,7 +101,8 @@ class ServerMetrics:
                                       ["phase"], buckets=STEP_BUCKETS, registry=r)
         # Children exist from the start, so every series is scrapeable (at 0) before traffic.
         for metric in (self.ttft, self.itl, self.tpot, self.request_tpot, self.e2e,
-                       self.queue_time, self.running, self.waiting, self.kv_usage,
+                       self.queue_time, self.request_prompt_tokens, self.request_generation_tokens,
+                       self.prefill_time, self.decode_time, self.inference_time, self.iteration_tokens, self.running, self.waiting, self.kv_usage,
                        self.prompt_tokens, self.generation_tokens, self.preemptions):
             metric.labels(model_name)
         for reason in ("stop", "length", "abort", "timeout"):
@@ -96,6 +116,38 @@ class ServerMetrics:
         # Newer engines report prompt/generation token totals in their snapshot (prompt
         # tokens counted as prefilled, chunk by chunk); else count them from the outputs.
         self._engine_counts_tokens = False
+
+    def _add_request_families(self, max_model_len: int) -> None:
+        """vLLM's request-level histograms (names, types and labels as vLLM exports them)."""
+        r, m = self.registry, ["model_name"]
+        tokens = token_buckets(max_model_len)
+        self.request_prompt_tokens = Histogram("vllm:request_prompt_tokens", "Number of prefill tokens "
+                                               "processed", m, buckets=tokens, registry=r)
+        self.request_generation_tokens = Histogram("vllm:request_generation_tokens", "Number of generation "
+                                                   "tokens processed", m, buckets=tokens, registry=r)
+        self.prefill_time = Histogram("vllm:request_prefill_time_seconds", "Time spent in the PREFILL "
+                                      "phase (first scheduled to first token)", m,
+                                      buckets=REQUEST_BUCKETS, registry=r)
+        self.decode_time = Histogram("vllm:request_decode_time_seconds", "Time spent in the DECODE phase "
+                                     "(first token to last token)", m, buckets=REQUEST_BUCKETS, registry=r)
+        self.inference_time = Histogram("vllm:request_inference_time_seconds", "Time spent in the RUNNING "
+                                        "phase (first scheduled to last token)", m,
+                                        buckets=REQUEST_BUCKETS, registry=r)
+        self.iteration_tokens = Histogram("vllm:iteration_tokens_total", "Number of tokens per engine step",
+                                          m, buckets=ITERATION_TOKEN_BUCKETS, registry=r)
+
+    def _observe_request(self, out: RequestOutput) -> None:
+        """The finished request's token counts and phase times (those its timestamps allow)."""
+        m, metrics = self._model, out.metrics
+        self.request_prompt_tokens.labels(m).observe(len(out.prompt_token_ids))
+        self.request_generation_tokens.labels(m).observe(len(out.output_token_ids))
+        if metrics is None:
+            return
+        scheduled, first, last = metrics.first_scheduled_time, metrics.first_token_time, metrics.last_token_time
+        for hist, start, end in ((self.prefill_time, scheduled, first), (self.decode_time, first, last),
+                                 (self.inference_time, scheduled, last)):
+            if start is not None and end is not None:
+                hist.labels(m).observe(max(0.0, end - start))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -122,6 +174,7 @@ class ServerMetrics:
         if stats is not None:
             phase = "prefill" if stats.has_prefill else "decode"
             self.step_latency.labels(phase).observe(stats.latency_s)
+            self.iteration_tokens.labels(self._model).observe(stats.num_prefill_tokens + stats.num_decode_tokens)
             if stats.experts_touched:
                 self.experts.observe(stats.mean_experts_touched)
         self.on_snapshot(snapshot)
@@ -160,6 +213,7 @@ class ServerMetrics:
                 self.request_tpot.labels(m).observe(max(0.0, (last - first) / (n - 1)))
         if arrival is not None:
             self.e2e.labels(m).observe(max(0.0, t - arrival))
+        self._observe_request(out)
         reason = out.finish_reason.value if out.finish_reason is not None else "stop"
         self.request_success.labels(m, reason).inc()
         self._forget(out.request_id)

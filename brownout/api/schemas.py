@@ -171,3 +171,36 @@ class ChatCompletionRequest(_Common):
                 raise ValidationError("top_logprobs", f"must be in [0, 20], got {self.top_logprobs}")
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
         return self.sampling(max_tokens_limit if defaulted else value, logprobs), defaulted
+
+
+class TokenizeRequest(_Body):
+    """POST /tokenize (vLLM's shape): a text `prompt`, or chat `messages` templated first.
+    `add_special_tokens` defaults as vLLM's does: true for a prompt, false for messages (the
+    chat template writes them)."""
+
+    model: Optional[StrictStr] = None
+    prompt: Optional[StrictStr] = None
+    messages: Optional[list[ChatMessage]] = None
+    add_special_tokens: Optional[StrictBool] = None
+    add_generation_prompt: StrictBool = True
+    return_token_strs: StrictBool = False
+
+    def payload(self) -> dict:
+        if (self.prompt is None) == (self.messages is None):
+            raise ValidationError("prompt", "give exactly one of prompt and messages")
+        if self.messages is not None and not self.messages:
+            raise ValidationError("messages", "must contain at least one message")
+        chat = self.messages is not None
+        add_special = (not chat) if self.add_special_tokens is None else self.add_special_tokens
+        payload = {"add_special_tokens": add_special, "return_token_strs": self.return_token_strs}
+        if chat:
+            return {**payload, "messages": [m.as_dict() for m in self.messages],
+                    "add_generation_prompt": self.add_generation_prompt}
+        return {**payload, "prompt": self.prompt}
+
+
+class DetokenizeRequest(_Body):
+    """POST /detokenize (vLLM's shape): token ids back to text."""
+
+    model: Optional[StrictStr] = None
+    tokens: list[Int]

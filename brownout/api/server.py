@@ -1,6 +1,7 @@
 """The FastAPI application: routes, lifespan (engine process start/stop), guards.
 
-Routes: POST /v1/completions, POST /v1/chat/completions, GET /v1/models, GET /health,
+Routes: POST /v1/completions, POST /v1/chat/completions, GET /v1/models, GET /v1/models/{id},
+POST /tokenize, POST /detokenize, GET /tokenizer_info, GET /version, GET /health,
 GET /metrics (Prometheus text format), GET /dashboard (live charts; brownout.api.dashboard),
 GET /openapi.json (behind the key when one is set; no /docs or /redoc). The engine runs in
 its own process, started when the app starts and stopped when it stops; see
@@ -12,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import time
 
 from fastapi import FastAPI, Request
 from starlette.responses import JSONResponse, Response
@@ -25,6 +25,7 @@ from brownout.api.limits import RequestLimits
 from brownout.api.metrics import ServerMetrics
 from brownout.api.middleware import GuardMiddleware
 from brownout.api.state import ServerState
+from brownout.api import tokens
 from brownout.config import ServerConfig
 from brownout.api.engine_client import EngineClient
 
@@ -43,7 +44,7 @@ def create_app(client: EngineClient, server: ServerConfig) -> FastAPI:
         state.served_model_name = server.served_model_name or info.model_name
         state.limits = RequestLimits.of(info, server)
         state.model_aliases = {info.model_name}
-        state.metrics = ServerMetrics(state.served_model_name)
+        state.metrics = ServerMetrics(state.served_model_name, max_model_len=info.max_model_len)
         client.listeners.append(state.metrics)
         state.metrics.on_snapshot(client.last_snapshot)
         logger.info("serving %r on http://%s:%d", state.served_model_name, server.host, server.port)
@@ -70,11 +71,27 @@ def create_app(client: EngineClient, server: ServerConfig) -> FastAPI:
 
     @app.get("/v1/models")
     async def models() -> JSONResponse:
-        info = client.info
-        card = {"id": state.served_model_name, "object": "model", "created": int(time.time()),
-                "owned_by": "brownout", "root": info.model_name if info else None,
-                "max_model_len": info.max_model_len if info else None}
-        return JSONResponse({"object": "list", "data": [card]})
+        return tokens.models(state)
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str) -> JSONResponse:
+        return tokens.model(state, model_id)
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request) -> Response:
+        return await tokens.tokenize(request, state)
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request) -> Response:
+        return await tokens.detokenize(request, state)
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info() -> Response:
+        return await tokens.tokenizer_info(state)
+
+    @app.get("/version")
+    async def version() -> JSONResponse:
+        return tokens.version()
 
     @app.get("/health")
     async def health() -> JSONResponse:

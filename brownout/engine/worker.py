@@ -8,8 +8,10 @@ ids and text.
 Wire protocol (plain tuples of builtin types and `brownout.types` dataclasses, so the
 parent can unpickle them without importing the engine):
   parent -> child: ("add", AddCommand) | ("abort", request_id) | ("shutdown",)
+                   | ("query", query_id, kind, payload)   kind: tokenize | detokenize | tokenizer_info
   child -> parent: ("ready", info) | ("fatal", message)
                    | ("added", request_id, AddResult) | ("add_error", request_id, AddError)
+                   | ("answer", query_id, value, AddError | None)
                    | ("step", time, [PackedOutput], StepStats | None, snapshot)
                    | ("snapshot", time, snapshot)
 When idle the child blocks on its command queue; while it has work it drains commands
@@ -31,6 +33,7 @@ from functools import lru_cache
 from typing import Any, Optional, Union
 
 from brownout.engine.gc_pauses import GCPauses, freeze_startup_heap
+from brownout.engine.tokens import TokenBytes, tokenizer_query
 from brownout.types import (AdmissionError, FinishReason, Logprob, RequestMetrics, SamplingParams,
                             StepStats, ValidationError)
 
@@ -42,7 +45,8 @@ _TOKEN_TEXT_CACHE = 65536
 # An idle worker wakes this often to notice that the serving process died.
 _IDLE_POLL_S = 1.0
 
-# (token_id, token_text, logprob, [(alt_id, alt_text, alt_logprob), ...]) or None
+# (token_id, token_text, logprob, [(alt_id, alt_text, alt_logprob, alt_bytes), ...], token_bytes)
+# or None; a token's bytes are its raw bytes, which need not be whole UTF-8 characters
 PackedLogprob = Optional[tuple]
 
 
@@ -64,6 +68,7 @@ class AddResult:
     max_tokens: int  # after clamping
     prompt_text: Optional[str] = None
     prompt_token_texts: Optional[list[str]] = None
+    prompt_token_bytes: Optional[list[bytes]] = None
 
 
 @dataclass(slots=True)
@@ -112,6 +117,8 @@ class _Session:
         self.max_prompt_tokens = min(options.max_prompt_tokens or self.max_model_len - 1,
                                      self.max_model_len - 1)
         self.token_text = lru_cache(maxsize=_TOKEN_TEXT_CACHE)(self._decode_one)
+        self.token_bytes = lru_cache(maxsize=_TOKEN_TEXT_CACHE)(
+            TokenBytes(getattr(engine, "tokenizer", None), self._decode_one))
         self.gc_pauses: Optional[GCPauses] = None  # set by the worker process
 
     def _decode_one(self, token_id: int) -> str:
@@ -158,7 +165,20 @@ class _Session:
         if cmd.want_prompt_text:
             result.prompt_text = prompt if isinstance(prompt, str) else self._decode(ids)
             result.prompt_token_texts = [self.token_text(t) for t in ids]
+            result.prompt_token_bytes = [self.token_bytes(t) for t in ids]
         return result
+
+    def query(self, query_id: int, kind: str, payload: dict) -> None:
+        """Answer a tokenizer query (tokenize, detokenize, tokenizer_info) without a step."""
+        try:
+            value = tokenizer_query(self.engine, kind, payload)
+        except ValidationError as exc:
+            self.out_q.put(("answer", query_id, None, AddError("validation", exc.message, exc.field)))
+        except Exception as exc:  # anything else is the engine's fault, not the client's
+            logger.exception("%s query failed", kind)
+            self.out_q.put(("answer", query_id, None, AddError("internal", f"{type(exc).__name__}: {exc}")))
+        else:
+            self.out_q.put(("answer", query_id, value, None))
 
     def _check_prompt_len(self, n: int, field_name: str) -> None:
         if n > self.max_prompt_tokens:
@@ -171,8 +191,11 @@ class _Session:
     def _pack_logprob(self, lp: Optional[Logprob]) -> PackedLogprob:
         if lp is None:
             return None
-        tops = [(int(t), self.token_text(int(t)), float(v)) for t, v in lp.top.items()]
-        return (int(lp.token_id), self.token_text(int(lp.token_id)), float(lp.logprob), tops)
+        tops = [(int(t), self.token_text(int(t)), float(v), self.token_bytes(int(t)))
+                for t, v in lp.top.items()]
+        token_id = int(lp.token_id)
+        return (token_id, self.token_text(token_id), float(lp.logprob), tops,
+                self.token_bytes(token_id))
 
     def pack(self, out) -> PackedOutput:
         packed = PackedOutput(out.request_id, [int(t) for t in out.new_token_ids], str(out.new_text),
@@ -228,6 +251,8 @@ def _serve(session: _Session, cmd_q) -> None:
                 session.add(cmd[1])
             elif cmd[0] == "abort":
                 engine.abort_request(cmd[1])
+            elif cmd[0] == "query":
+                session.query(*cmd[1:])
             elif cmd[0] == "shutdown":
                 return
         if engine.has_unfinished_requests():
