@@ -11,12 +11,18 @@ Inputs (all committed):
                   under load, by phase, in 3-s windows with the running requests and the
                   scraped tau. The ratio of those means to the graphed model at the
                   window's shape is each phase's serving factor (host work around a graphed
-                  step); the host time between steps, and the unloaded TTFT less a lone
+                  step); the KV blocks and CUDA-graph buckets from the server's log; the host time between steps, and the unloaded TTFT less a lone
                   prefill step (the request's path in and out of the engine), come from
                   the same files.
 
+With --trace (the Azure conversation trace the headline runs replayed), the serving factors
+are then refined by simulation: the headline runs are simulated with brownout off, and each
+phase's factor is scaled by measured / simulated mean step latency, `--refine` times. So
+the off policy's mean step latencies are fitted, not predicted; every other simulated
+figure (windows, goodput, refusals, tau, and all of aimd and predictive) is not.
+
   python benchmarks/fit_profile.py --gpu h200 --engine-runs 3,5,6 --headline-runs 15,16,17 \
-      --out brownout/sim/profiles/h200.json
+      --trace ../shared/data/traces/azure_llm_2023_conv.csv --out brownout/sim/profiles/h200.json
 """
 
 from __future__ import annotations
@@ -24,13 +30,17 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
+import re
 import statistics
 from pathlib import Path
 
 import numpy as np
 
+from sim_headline import headline_setup
+
 from brownout.sim.profile import (KILO, RoutingShape, StepCostProfile, StepShape, fit_phase,
                                   step_features)
+from brownout.sim.run import sim_requests, simulate_requests
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DECODE_FEATURES = ("one", "batch", "kctx", "experts", "routed")
@@ -41,11 +51,6 @@ PREFILL_SEQS = 4
 MIXED_DECODES, MIXED_CTX = 63, 512
 # the united experts the headline servers ran (`--united-experts average:4`)
 WAY = 4
-# KV cache: GPU memory the server may use (--gpu-memory-utilization 0.9 of the H200's 139 GiB
-# visible) less the bf16 weights with way-4 united slots, over the bytes of one block
-GPU_BYTES = {"h200": 139 * 2**30, "h100": 79 * 2**30}
-MEMORY_UTILIZATION = 0.9
-BLOCK_SIZE = 16
 
 
 def engine_rows(runs: list[int], gpu: str):
@@ -112,7 +117,8 @@ def serving_factors(profile: StepCostProfile, gpu: str, runs: list[int], budget:
                     k = w.get(f"{phase}_steps") or 0
                     if k and w.get(f"{phase}_mean_ms"):
                         model = profile.phases[phase]
-                        pred = model.mean_ms(step_features(shape, w[f"tau_{phase}"], profile.routing))
+                        pred = model.mean_ms(step_features(shape, w[f"tau_{phase}"], profile.routing,
+                                                           profile.graph_buckets))
                         num[phase] += k * w[f"{phase}_mean_ms"]
                         den[phase] += k * pred
     return {p: num[p] / den[p] for p in num}
@@ -130,6 +136,20 @@ def host_and_edge(gpu: str, runs: list[int]) -> tuple[float, float, str]:
     return statistics.fmean(gaps) / KILO, statistics.fmean(unloaded), date
 
 
+_BLOCKS = re.compile(r"KV cache: (\d+) blocks of (\d+) tokens")
+_BUCKETS = re.compile(r"decode batch sizes \[([\d, ]+)\], mixed-step token counts \[([\d, ]+)\]")
+
+
+def server_facts(gpu: str, run: int) -> tuple[int, int, dict[str, list[int]]]:
+    """(KV blocks, block size, CUDA graph buckets) from a headline server's log."""
+    path = RESULTS / "headline" / "raw" / f"headline_{gpu}_run{run}" / "server-off.log.gz"
+    text = gzip.open(path, "rt").read()
+    blocks, buckets = _BLOCKS.search(text), _BUCKETS.search(text)
+    ints = lambda s: [int(x) for x in s.split(",")]  # noqa: E731
+    return (int(blocks.group(1)), int(blocks.group(2)),
+            {"decode_batch": ints(buckets.group(1)), "prefill_tokens": ints(buckets.group(2))})
+
+
 def fit(gpu: str, engine_runs: list[int], headline_runs: list[int], budget: int) -> StepCostProfile:
     rows, meta = engine_rows(engine_runs, gpu)
     routing = RoutingShape(way=WAY)
@@ -139,20 +159,16 @@ def fit(gpu: str, engine_runs: list[int], headline_runs: list[int], budget: int)
         feats = [step_features(shape, tau, routing) for _, shape, tau, _ in sel]
         phases[phase] = fit_phase(feats, [ms for *_, ms in sel], names)
     profile = StepCostProfile(machine=meta["device"], date="", phases=phases, routing=routing)
+    profile.num_blocks, profile.block_size, profile.graph_buckets = server_facts(gpu, headline_runs[0])
     prompt, ctx = mean_context(gpu, headline_runs)
     for phase, factor in serving_factors(profile, gpu, headline_runs, budget, prompt, ctx).items():
         profile.phases[phase].serving_factor = round(factor, 4)
     gap, unloaded_ttft, date = host_and_edge(gpu, headline_runs)
     lone = profile.step_latency_s(StepShape(int(prompt), 1, int(prompt), True), 1.0)
     edge = max(0.0, unloaded_ttft - lone - gap)
-    wb = meta["weight_bytes"]
-    weights = wb["dense"] + wb["expert"] * routing.num_experts * (1 + 1 / WAY) * routing.num_layers
-    free = GPU_BYTES[gpu] * MEMORY_UTILIZATION - weights
     profile.date = date
     profile.host_gap_s = round(gap, 6)
     profile.request_in_s = profile.request_out_s = round(edge / 2, 6)
-    profile.num_blocks = int(free // (wb["kv_per_token"] * BLOCK_SIZE))
-    profile.block_size = BLOCK_SIZE
     profile.sources = ([f"benchmarks/results/engine/engine_{gpu}_run{n}.json" for n in engine_runs]
                        + [f"benchmarks/results/headline/headline_{gpu}_run{n}_steps.json" for n in headline_runs]
                        + [f"benchmarks/results/headline/raw/headline_{gpu}_run{n}/" for n in headline_runs])
@@ -168,17 +184,40 @@ def fit(gpu: str, engine_runs: list[int], headline_runs: list[int], budget: int)
     return profile
 
 
+def refine_by_simulation(profile: StepCostProfile, gpu: str, runs: list[int], trace: str,
+                         rounds: int) -> None:
+    """Scale each phase's serving factor by the off runs' measured / simulated mean step."""
+    for _ in range(rounds):
+        ratios: dict[str, list[float]] = {"prefill": [], "decode": []}
+        for n in runs:
+            workload, setup = headline_setup(gpu, n, "off", profile, trace)
+            _, _, engine = simulate_requests(sim_requests(workload), setup)
+            steps = json.loads((RESULTS / "headline" / f"headline_{gpu}_run{n}_steps.json").read_text())
+            for phase in ratios:
+                sim_ms = KILO * engine.step_sum[phase] / max(1, engine.step_count[phase])
+                ratios[phase].append(steps["off"]["summary"][phase]["mean_ms"] / sim_ms)
+        for phase, r in ratios.items():
+            profile.phases[phase].serving_factor = round(
+                profile.phases[phase].serving_factor * statistics.fmean(r), 4)
+        print("refined serving factors:", {p: m.serving_factor for p, m in profile.phases.items()})
+    profile.notes["serving_factor_refined_by_simulation_rounds"] = rounds
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--gpu", default="h200")
     ap.add_argument("--engine-runs", default="3,5,6")
     ap.add_argument("--headline-runs", default="15,16,17")
     ap.add_argument("--max-num-batched-tokens", type=int, default=1024)
+    ap.add_argument("--trace", help="the trace the headline runs replayed (refines by simulation)")
+    ap.add_argument("--refine", type=int, default=2, help="rounds of refinement by simulation")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
     ints = lambda s: [int(x) for x in s.split(",") if x]  # noqa: E731
     profile = fit(args.gpu, ints(args.engine_runs), ints(args.headline_runs),
                   args.max_num_batched_tokens)
+    if args.trace:
+        refine_by_simulation(profile, args.gpu, ints(args.headline_runs), args.trace, args.refine)
     profile.save(args.out)
     print(json.dumps({p: m.to_json() | {"residuals": len(m.residuals)}
                       for p, m in profile.phases.items()}, indent=1))

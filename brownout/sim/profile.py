@@ -13,6 +13,8 @@ linear model over named features,
       experts    distinct expert slots touched per MoE layer (`experts_touched`)
       routed     1 when the step runs brownout routing (tau < 1): its fixed cost
 
+with the step padded as its CUDA graph pads it (a decode step to the next captured batch
+size, a step with prefill work to the next captured token count; context is not padded),
 times a serving factor (the engine's host work around a graphed step, fitted to the step
 latencies the server reported under load), and a noise factor drawn from the fit's relative
 residuals. Experts touched follow uniform top-k routing (the dummy weights' router): a
@@ -86,10 +88,25 @@ class RoutingShape:
         return tau * full + (1.0 - tau) * united
 
 
-def step_features(shape: StepShape, tau: float, routing: RoutingShape) -> dict[str, float]:
-    return {"one": 1.0, "ktokens": shape.num_tokens / KILO, "batch": float(shape.batch_size),
+def pad_to(n: int, buckets: Sequence[int]) -> int:
+    """The smallest bucket holding `n` (n itself past the largest: run without a graph)."""
+    for b in buckets:
+        if b >= n:
+            return b
+    return n
+
+
+def step_features(shape: StepShape, tau: float, routing: RoutingShape,
+                  buckets: Optional[dict[str, list[int]]] = None) -> dict[str, float]:
+    tokens, batch = shape.num_tokens, shape.batch_size
+    if buckets:
+        if shape.has_prefill:
+            tokens = pad_to(tokens, buckets.get("prefill_tokens", ()))
+        else:
+            tokens = batch = pad_to(batch, buckets.get("decode_batch", ()))
+    return {"one": 1.0, "ktokens": tokens / KILO, "batch": float(batch),
             "kctx": shape.context_tokens / KILO,
-            "experts": routing.experts_touched(shape.num_tokens, tau),
+            "experts": routing.experts_touched(tokens, tau),
             "routed": float(tau < 1.0)}
 
 
@@ -123,6 +140,7 @@ class StepCostProfile:
     request_out_s: float = 0.0  # engine token to client (detokenising, streaming)
     num_blocks: int = 32768  # KV blocks of the cache
     block_size: int = 16
+    graph_buckets: dict[str, list[int]] = field(default_factory=dict)  # captured CUDA graphs
     sources: list[str] = field(default_factory=list)
     notes: dict[str, Any] = field(default_factory=dict)
 
@@ -130,7 +148,7 @@ class StepCostProfile:
                        rng: Optional[np.random.Generator] = None) -> float:
         """Mean latency of a step, or one draw with the measured noise when `rng` is given."""
         model = self.phases[shape.phase]
-        ms = model.mean_ms(step_features(shape, tau, self.routing))
+        ms = model.mean_ms(step_features(shape, tau, self.routing, self.graph_buckets))
         if rng is not None and model.residuals:
             ms *= max(MIN_NOISE_FACTOR, 1.0 + model.residuals[rng.integers(len(model.residuals))])
         return ms / KILO
@@ -147,7 +165,7 @@ class StepCostProfile:
                             "num_layers": r.num_layers},
                 "host_gap_s": self.host_gap_s, "request_in_s": self.request_in_s,
                 "request_out_s": self.request_out_s, "num_blocks": self.num_blocks,
-                "block_size": self.block_size, "notes": self.notes,
+                "block_size": self.block_size, "graph_buckets": self.graph_buckets, "notes": self.notes,
                 "phases": {p: m.to_json() for p, m in self.phases.items()}}
 
     @classmethod
@@ -158,6 +176,7 @@ class StepCostProfile:
                    host_gap_s=d.get("host_gap_s", 0.0), request_in_s=d.get("request_in_s", 0.0),
                    request_out_s=d.get("request_out_s", 0.0),
                    num_blocks=d.get("num_blocks", 32768), block_size=d.get("block_size", 16),
+                   graph_buckets=dict(d.get("graph_buckets", {})),
                    sources=list(d.get("sources", [])), notes=dict(d.get("notes", {})))
 
     def save(self, path: str | Path) -> None:

@@ -81,11 +81,14 @@ def _pending(engine: SimEngine) -> bool:
 
 def simulate(workload: str, out_dir: str | Path, setup: SimSetup, *, prompts: str = "synthetic",
              label: Optional[str] = None, max_tokens: Optional[int] = None, plots: bool = True,
-             baseline: Optional[dict] = None) -> dict[str, Any]:
-    """Simulate one run, write the bench's files into `out_dir`, return its report."""
+             baseline: Optional[dict] = None,
+             requests: Optional[list[SimRequest]] = None) -> dict[str, Any]:
+    """Simulate one run, write the bench's files into `out_dir`, return its report.
+    `requests`: the workload's requests when the caller already built them."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    requests = sim_requests(workload, prompts, setup.seed, max_tokens)
+    if requests is None:
+        requests = sim_requests(workload, prompts, setup.seed, max_tokens)
     t0 = time.process_time()
     records, scrapes, engine = simulate_requests(requests, setup)
     cpu_s = time.process_time() - t0
