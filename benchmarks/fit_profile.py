@@ -80,6 +80,13 @@ def engine_rows(runs: list[int], gpu: str):
     return out, meta
 
 
+def grid_rows(path: Path):
+    """(phase, shape, tau, ms) of the rows `benchmarks/bench_step_cost.py` wrote."""
+    d = json.loads(Path(path).read_text())
+    return [(r["phase"], StepShape(r["tokens"], r["batch"], r["context_tokens"], r["phase"] == "prefill"),
+             r["tau"], r["step_ms"]) for r in d["rows"]], d["meta"]
+
+
 def mean_context(gpu: str, runs: list[int]) -> tuple[float, float]:
     """(mean prompt tokens, time-weighted mean context of a running request) over the
     headline runs' requests: a request runs about as many steps as it has output tokens,
@@ -150,8 +157,9 @@ def server_facts(gpu: str, run: int) -> tuple[int, int, dict[str, list[int]]]:
             {"decode_batch": ints(buckets.group(1)), "prefill_tokens": ints(buckets.group(2))})
 
 
-def fit(gpu: str, engine_runs: list[int], headline_runs: list[int], budget: int) -> StepCostProfile:
-    rows, meta = engine_rows(engine_runs, gpu)
+def fit(gpu: str, engine_runs: list[int], headline_runs: list[int], budget: int,
+        grid: Path | None = None) -> StepCostProfile:
+    rows, meta = grid_rows(grid) if grid else engine_rows(engine_runs, gpu)
     routing = RoutingShape(way=WAY)
     phases = {}
     for phase, names in (("decode", DECODE_FEATURES), ("prefill", PREFILL_FEATURES)):
@@ -169,9 +177,10 @@ def fit(gpu: str, engine_runs: list[int], headline_runs: list[int], budget: int)
     profile.date = date
     profile.host_gap_s = round(gap, 6)
     profile.request_in_s = profile.request_out_s = round(edge / 2, 6)
-    profile.sources = ([f"benchmarks/results/engine/engine_{gpu}_run{n}.json" for n in engine_runs]
-                       + [f"benchmarks/results/headline/headline_{gpu}_run{n}_steps.json" for n in headline_runs]
-                       + [f"benchmarks/results/headline/raw/headline_{gpu}_run{n}/" for n in headline_runs])
+    profile.sources = ([str(grid)] if grid else
+                       [f"benchmarks/results/engine/engine_{gpu}_run{n}.json" for n in engine_runs])
+    profile.sources += [f"benchmarks/results/headline/headline_{gpu}_run{n}_steps.json" for n in headline_runs]
+    profile.sources += [f"benchmarks/results/headline/raw/headline_{gpu}_run{n}/" for n in headline_runs]
     profile.notes = {
         "model": f"{meta['preset']}, {meta['weights']}, way-{WAY} united experts (average)",
         "fit_points": {p: len(m.residuals) for p, m in profile.phases.items()},
@@ -209,13 +218,15 @@ def main() -> None:
     ap.add_argument("--engine-runs", default="3,5,6")
     ap.add_argument("--headline-runs", default="15,16,17")
     ap.add_argument("--max-num-batched-tokens", type=int, default=1024)
+    ap.add_argument("--grid", type=Path, help="rows of benchmarks/bench_step_cost.py instead of "
+                                               "the engine results")
     ap.add_argument("--trace", help="the trace the headline runs replayed (refines by simulation)")
     ap.add_argument("--refine", type=int, default=2, help="rounds of refinement by simulation")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
     ints = lambda s: [int(x) for x in s.split(",") if x]  # noqa: E731
     profile = fit(args.gpu, ints(args.engine_runs), ints(args.headline_runs),
-                  args.max_num_batched_tokens)
+                  args.max_num_batched_tokens, args.grid)
     if args.trace:
         refine_by_simulation(profile, args.gpu, ints(args.headline_runs), args.trace, args.refine)
     profile.save(args.out)
