@@ -21,6 +21,7 @@ from pathlib import Path
 from brownout.bench.report import compare_runs
 from brownout.config import SchedulerConfig, SLOConfig
 from brownout.control import policy_names
+from brownout.sim.fleet import ROUTERS
 from brownout.sim.profile import load_profile
 from brownout.sim.run import SimSetup, simulate
 from brownout.types import ValidationError
@@ -57,6 +58,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--slo-decode-step", type=float, default=s.decode_step_s)
     g.add_argument("--slo-window", type=float, default=s.window_s)
     g.add_argument("--slo-check-interval", type=float, default=s.check_interval_s)
+    g.add_argument("--fixed-tau", type=float, default=1.0, help="tau of the `fixed` policy")
+    p.add_argument("--replicas", type=int, default=1, help="engines behind a router (default 1)")
+    p.add_argument("--router", default="least_loaded", choices=ROUTERS,
+                   help="how the router picks a replica for each request")
 
 
 def setup_from_args(args: argparse.Namespace, policy: str) -> SimSetup:
@@ -68,7 +73,8 @@ def setup_from_args(args: argparse.Namespace, policy: str) -> SimSetup:
     slo = SLOConfig(policy=policy, ttft_s=args.slo_ttft, tpot_s=args.slo_tpot,
                     prefill_step_s=args.slo_prefill_step, decode_step_s=args.slo_decode_step,
                     window_s=args.slo_window, check_interval_s=args.slo_check_interval)
-    return SimSetup(load_profile(args.profile), sched, slo, args.max_model_len, args.seed)
+    return SimSetup(load_profile(args.profile), sched, slo, args.max_model_len, args.seed,
+                    args.fixed_tau, args.replicas, args.router)
 
 
 def run(args: argparse.Namespace) -> int:

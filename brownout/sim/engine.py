@@ -37,6 +37,20 @@ REFUSED_STATUS = 429
 
 
 @dataclass
+class SimSetup:
+    """Everything a simulated run depends on besides the workload."""
+
+    profile: StepCostProfile
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    slo: SLOConfig = field(default_factory=SLOConfig)
+    max_model_len: Optional[int] = None
+    seed: int = 0
+    fixed_tau: float = 1.0  # the `fixed` policy's tau (`--fixed-tau`)
+    replicas: int = 1  # engines behind a router (`brownout.sim.fleet`)
+    router: str = "least_loaded"
+
+
+@dataclass
 class SimRequest:
     """A request as the bench client sends it: when, how long its prompt, how many tokens."""
 
@@ -58,15 +72,17 @@ class SimEngine:
     """Drives `Scheduler`, `Admission` and the SLO controller on an `EventQueue`."""
 
     def __init__(self, profile: StepCostProfile, sched_config: SchedulerConfig, slo: SLOConfig,
-                 seed: int = 0, max_model_len: Optional[int] = None):
+                 seed: int = 0, max_model_len: Optional[int] = None, fixed_tau: float = 1.0,
+                 clock: Optional[VirtualClock] = None, events: Optional[EventQueue] = None):
+        """`clock` and `events`: shared with other engines (replicas behind a router)."""
         self.profile = profile
-        self.clock = VirtualClock()
-        self.events = EventQueue(self.clock)
+        self.clock = VirtualClock() if clock is None else clock
+        self.events = EventQueue(self.clock) if events is None else events
         self.rng = np.random.default_rng(seed)
         self.blocks = BlockManager(profile.num_blocks, profile.block_size)
         self.scheduler = Scheduler(sched_config, self.blocks, max_model_len)
         self.admission = Admission(sched_config, slo.ttft_s, self.scheduler.view)
-        self.controller = make_controller(slo, clock=self.clock)
+        self.controller = make_controller(slo, clock=self.clock, fixed_tau=fixed_tau)
         self.records: dict[str, _Record] = {}
         self.busy = False
         self.step_count = {"prefill": 0, "decode": 0}
@@ -75,6 +91,15 @@ class SimEngine:
     # ---- requests ------------------------------------------------------------------------
     def submit(self, req: SimRequest) -> None:
         """Schedule a request's send; it reaches the engine `request_in_s` later."""
+        self._record(req)
+        self.events.at(req.send_time_s + self.profile.request_in_s, self._arrive, req)
+
+    def accept(self, req: SimRequest) -> None:
+        """A request that reaches the engine now (a router chose it)."""
+        self._record(req)
+        self._arrive(req)
+
+    def _record(self, req: SimRequest) -> None:
         rec = {"index": req.index, "scheduled": req.send_time_s, "first_sent": req.send_time_s,
                "sent": req.send_time_s, "first_token": None, "token_times": [], "done": None,
                "status": None, "error": None, "rejected": False, "retry_after": None,
@@ -82,7 +107,6 @@ class SimEngine:
                "max_tokens": req.max_tokens, "prompt_len_hint": req.prompt_len_hint,
                "finish_reason": None, "attempts": 1}
         self.records[str(req.index)] = _Record(rec)
-        self.events.at(req.send_time_s + self.profile.request_in_s, self._arrive, req)
 
     def _arrive(self, req: SimRequest) -> None:
         now = self.clock()
@@ -169,6 +193,10 @@ class SimEngine:
         rec.update(status=200, token_times=record.token_times, output_tokens=n_out,
                    first_token=record.token_times[0] if record.token_times else None,
                    done=now + out, finish_reason=req.finish_reason.value)
+
+    def pending(self) -> bool:
+        """Whether any request is still on its way, queued or running."""
+        return any(r.rec["done"] is None for r in self.records.values())
 
     # ---- what the bench client scrapes ---------------------------------------------------
     def scrape(self) -> dict[str, Any]:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -14,9 +13,8 @@ from brownout.bench.datasets import build_requests, count_tokens, make_source
 from brownout.bench.report import compute_report, write_report
 from brownout.bench.runs import load_run
 from brownout.bench.workloads import make_workload
-from brownout.config import SchedulerConfig, SLOConfig
-from brownout.sim.engine import SimEngine, SimRequest
-from brownout.sim.profile import StepCostProfile
+from brownout.sim.engine import SimEngine, SimRequest, SimSetup
+from brownout.sim.fleet import Fleet
 from brownout.types import ValidationError
 
 log = logging.getLogger(__name__)
@@ -27,17 +25,6 @@ SCRAPE_INTERVAL_S = 1.0
 DRAIN_LIMIT_S = 600.0
 # the tokenizer adds this many tokens to a prompt of a given length (the BOS token)
 PROMPT_EXTRA_TOKENS = 1
-
-
-@dataclass
-class SimSetup:
-    """Everything a simulated run depends on besides the workload."""
-
-    profile: StepCostProfile
-    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
-    slo: SLOConfig = field(default_factory=SLOConfig)
-    max_model_len: Optional[int] = None
-    seed: int = 0
 
 
 def sim_requests(workload: str, prompts: str = "synthetic", seed: int = 0,
@@ -54,9 +41,14 @@ def sim_requests(workload: str, prompts: str = "synthetic", seed: int = 0,
 
 def simulate_requests(requests: list[SimRequest], setup: SimSetup,
                       progress: Optional[Callable[[float], None]] = None
-                      ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], SimEngine]:
-    """Run the simulation; returns (request records, metric scrapes, the engine)."""
-    engine = SimEngine(setup.profile, setup.scheduler, setup.slo, setup.seed, setup.max_model_len)
+                      ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], SimEngine | Fleet]:
+    """Run the simulation; returns (request records, metric scrapes, the engine or fleet)."""
+    engine: SimEngine | Fleet
+    if setup.replicas > 1:
+        engine = Fleet(setup, setup.replicas, setup.router)
+    else:
+        engine = SimEngine(setup.profile, setup.scheduler, setup.slo, setup.seed,
+                           setup.max_model_len, setup.fixed_tau)
     for r in requests:
         engine.submit(r)
     scrapes: list[dict[str, Any]] = []
@@ -66,17 +58,12 @@ def simulate_requests(requests: list[SimRequest], setup: SimSetup,
         scrapes.append(engine.scrape())
         if progress is not None:
             progress(engine.clock())
-        if _pending(engine) and engine.clock() < end:
+        if engine.pending() and engine.clock() < end:
             engine.events.at(engine.clock() + SCRAPE_INTERVAL_S, scrape)
 
     engine.events.at(0.0, scrape)
     engine.events.run(until=end)
     return engine.request_records(), scrapes, engine
-
-
-def _pending(engine: SimEngine) -> bool:
-    """Whether any request is still on its way, queued or running."""
-    return any(r.rec["done"] is None for r in engine.records.values())
 
 
 def simulate(workload: str, out_dir: str | Path, setup: SimSetup, *, prompts: str = "synthetic",
@@ -96,6 +83,7 @@ def simulate(workload: str, out_dir: str | Path, setup: SimSetup, *, prompts: st
     slo = setup.slo
     meta = {"label": label or slo.policy, "policy": slo.policy, "simulated": True,
             "profile": {"machine": setup.profile.machine, "date": setup.profile.date},
+            "replicas": setup.replicas, "router": setup.router if setup.replicas > 1 else None,
             "workload": workload, "prompts": prompts, "seed": setup.seed,
             "slo": {"ttft_s": slo.ttft_s, "tpot_s": slo.tpot_s, "e2e_s": None},
             "num_requests": len(requests), "offered_rate": len(requests) / span if span > 0 else None,
