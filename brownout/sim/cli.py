@@ -14,7 +14,6 @@ drawn from the step-cost profile (`brownout.sim.profile`) measured on the profil
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 from pathlib import Path
 

@@ -12,7 +12,6 @@ per-request records are the bench client's (`brownout.bench.client`), in client 
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -29,10 +28,9 @@ from brownout.sim.profile import StepCostProfile, StepShape
 from brownout.types import (AdmissionError, FinishReason, RunnerOutput, SamplingParams,
                             SchedulerOutput, StepStats)
 
-log = logging.getLogger(__name__)
-
 # every simulated token has this id; requests ignore EOS, so only max_tokens ends them
 SIM_TOKEN_ID = 0
+# the HTTP status the server answers a refused or timed-out request with (admission, queue timeout)
 REFUSED_STATUS = 429
 
 

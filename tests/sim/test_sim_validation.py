@@ -7,8 +7,6 @@ import importlib.util
 import sys
 from pathlib import Path
 
-import pytest
-
 from brownout.sim.profile import load_profile
 from brownout.sim.run import sim_requests, simulate
 
