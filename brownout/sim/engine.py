@@ -21,6 +21,7 @@ from brownout.config import SchedulerConfig, SLOConfig
 from brownout.control import PlannedStep, make_controller
 from brownout.engine.admission import Admission
 from brownout.engine.block_manager import BlockManager
+from brownout.engine.outputs import time_per_output_token
 from brownout.engine.request import Request, Status
 from brownout.engine.scheduler import NewToken, Scheduler
 from brownout.sim.clock import EventQueue, VirtualClock
@@ -32,6 +33,8 @@ from brownout.types import (AdmissionError, FinishReason, RunnerOutput, Sampling
 SIM_TOKEN_ID = 0
 # the HTTP status the server answers a refused or timed-out request with (admission, queue timeout)
 REFUSED_STATUS = 429
+# the HTTP status of a request the engine cannot take at all (a prompt over the context)
+BAD_REQUEST_STATUS = 400
 
 
 @dataclass
@@ -120,7 +123,12 @@ class SimEngine:
         params = SamplingParams(max_tokens=req.max_tokens, ignore_eos=True)
         request = Request(rid, [SIM_TOKEN_ID] * req.prompt_tokens, params, now,
                           predicted_wait_s=predicted)
-        self.scheduler.add(request)
+        try:
+            self.scheduler.add(request)
+        except ValueError as e:  # a prompt longer than the context: the server answers 400
+            record.rec.update(status=BAD_REQUEST_STATUS, error=str(e),
+                              done=now + self.profile.request_out_s)
+            return
         record.request = request
         if not self.busy:
             self._schedule_next()
@@ -180,8 +188,7 @@ class SimEngine:
         m.finished_time = now
         self.admission.observe_finish(now, held_slot=m.first_scheduled_time is not None)
         n_out = len(req.output_token_ids)
-        tpot = (now - m.first_token_time) / (n_out - 1) if n_out > 1 and m.first_token_time else None
-        self.controller.observe_request(m.ttft, tpot, now)
+        self.controller.observe_request(m.ttft, time_per_output_token(req, now), now)
         out = self.profile.request_out_s
         rec = record.rec
         if req.finish_reason is FinishReason.TIMEOUT:

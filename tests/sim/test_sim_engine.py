@@ -88,3 +88,10 @@ def test_simulate_writes_the_bench_files_and_report(tmp_path):
     assert run.meta["simulated"] is True and run.meta["profile"]["machine"] == "test GPU"
     assert report["num_requests"] == len(run.requests) > 0
     assert report["tau"]["mean"] is not None
+
+
+def test_a_prompt_over_the_context_is_answered_400():
+    setup = _setup("off")
+    setup.max_model_len = 100
+    recs, _, _ = _run(setup, "constant:rate=2,duration=2")
+    assert {r["status"] for r in recs} == {400}
