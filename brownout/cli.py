@@ -17,6 +17,7 @@ SUBCOMMANDS = {
     "unite": ("brownout.unite.cli", "build united experts for a checkpoint (offline)"),
     "eval": ("brownout.eval.cli", "perplexity / multiple-choice accuracy at fixed tau"),
     "bench": ("brownout.bench.cli", "bursty-load benchmark against an OpenAI-compatible server"),
+    "simulate": ("brownout.sim.cli", "simulate a bench run on a virtual clock from a GPU step-cost profile"),
     "demo": ("brownout.bench.demo", "the main job: start a server, burst it, compare policies"),
 }
 

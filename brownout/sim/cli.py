@@ -1,0 +1,102 @@
+"""`brownout simulate`: a bench run against a simulated engine, on a virtual clock.
+
+  brownout simulate --workload "trace:path=T.csv,speedup=2.7,duration=60,burst=2,burst_at=20,burst_until=40" \
+      --policy off,aimd,predictive --profile h200 --out runs/sim [--seed 0]
+      [--max-num-seqs 128 --max-num-batched-tokens 1024 --admission-ttft-factor 1.0]
+      [--slo-ttft 0.1 --slo-tpot 0.02 --slo-prefill-step 0.024 --slo-decode-step 0.013]
+Each policy's run goes to --out/<policy> with the files of `brownout bench` (meta.json,
+requests.jsonl, metrics.jsonl, report.json/.md, plots); with several policies,
+comparison.json/.md and overlay plots go to --out. Every number is a simulation: the
+engine's scheduler, admission and controller run as they are, and each step's latency is
+drawn from the step-cost profile (`brownout.sim.profile`) measured on the profile's GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from brownout.bench.report import compare_runs
+from brownout.config import SchedulerConfig, SLOConfig
+from brownout.control import policy_names
+from brownout.sim.fleet import ROUTERS
+from brownout.sim.profile import load_profile
+from brownout.sim.run import SimSetup, simulate
+from brownout.types import ValidationError
+
+log = logging.getLogger(__name__)
+
+# the controllers log a decision line every few virtual seconds; a simulation runs hundreds
+# of those seconds per real one, so they are quiet unless --verbose asks for them
+CONTROL_LOGGER = "brownout.control"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--workload", required=True, help="arrival SPEC, as for `brownout bench`")
+    p.add_argument("--prompts", default="synthetic", help="prompt SPEC (default: synthetic)")
+    p.add_argument("--policy", default="off,aimd,predictive",
+                   help=f"SLO policies to simulate, comma-separated ({'|'.join(policy_names())})")
+    p.add_argument("--profile", default="h200", help="step-cost profile: a shipped name or a JSON file")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-tokens", type=int, help="cap on max_tokens of every request")
+    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--no-plots", action="store_true")
+    d = SchedulerConfig()
+    g = p.add_argument_group("server flags (as `brownout serve` takes them)")
+    g.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs)
+    g.add_argument("--max-num-batched-tokens", type=int, default=d.max_num_batched_tokens)
+    g.add_argument("--max-waiting-requests", type=int, default=d.max_waiting_requests)
+    g.add_argument("--queue-timeout", type=float, default=None)
+    g.add_argument("--admission-ttft-factor", type=float, default=None)
+    s = SLOConfig()
+    g.add_argument("--slo-ttft", type=float, default=s.ttft_s)
+    g.add_argument("--slo-tpot", type=float, default=s.tpot_s)
+    g.add_argument("--slo-prefill-step", type=float, default=s.prefill_step_s)
+    g.add_argument("--slo-decode-step", type=float, default=s.decode_step_s)
+    g.add_argument("--slo-window", type=float, default=s.window_s)
+    g.add_argument("--slo-check-interval", type=float, default=s.check_interval_s)
+    g.add_argument("--fixed-tau", type=float, default=1.0, help="tau of the `fixed` policy")
+    p.add_argument("--replicas", type=int, default=1, help="engines behind a router (default 1)")
+    p.add_argument("--router", default="least_loaded", choices=ROUTERS,
+                   help="how the router picks a replica for each request")
+
+
+def setup_from_args(args: argparse.Namespace, policy: str) -> SimSetup:
+    sched = SchedulerConfig(max_num_seqs=args.max_num_seqs,
+                            max_num_batched_tokens=args.max_num_batched_tokens,
+                            max_waiting_requests=args.max_waiting_requests,
+                            queue_timeout_s=args.queue_timeout,
+                            admission_ttft_factor=args.admission_ttft_factor)
+    slo = SLOConfig(policy=policy, ttft_s=args.slo_ttft, tpot_s=args.slo_tpot,
+                    prefill_step_s=args.slo_prefill_step, decode_step_s=args.slo_decode_step,
+                    window_s=args.slo_window, check_interval_s=args.slo_check_interval)
+    return SimSetup(load_profile(args.profile), sched, slo, args.max_model_len, args.seed,
+                    args.fixed_tau, args.replicas, args.router)
+
+
+def run(args: argparse.Namespace) -> int:
+    if not getattr(args, "verbose", False):
+        logging.getLogger(CONTROL_LOGGER).setLevel(logging.WARNING)
+    policies = [x for x in (s.strip() for s in args.policy.split(",")) if x]
+    try:
+        dirs = []
+        for policy in policies:
+            setup = setup_from_args(args, policy)
+            out = Path(args.out) / policy if len(policies) > 1 else Path(args.out)
+            report = simulate(args.workload, out, setup, prompts=args.prompts, label=policy,
+                              max_tokens=args.max_tokens, plots=not args.no_plots)
+            dirs.append(out)
+            print(f"{policy}: {report['violations']['any']['count']} violation windows, goodput "
+                  f"{report['goodput_req_s']:.2f} req/s, {report['num_rejected']} refused, "
+                  f"mean tau {report['tau']['mean']:.2f} (simulated, profile "
+                  f"{setup.profile.machine} {setup.profile.date})")
+        if len(dirs) > 1:
+            compare_runs(dirs, args.out, slo_ttft=args.slo_ttft, slo_tpot=args.slo_tpot,
+                         baseline_label=policies[0], plots=not args.no_plots)
+            print(f"wrote {Path(args.out) / 'comparison.md'}")
+    except (ValidationError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}")
+        return 2
+    return 0

@@ -1,0 +1,104 @@
+"""Step-cost profiles: the fit recovers known coefficients, routing estimates, the shipped profile."""
+
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from brownout.sim.profile import (FEATURES, PhaseModel, RoutingShape, StepCostProfile, StepShape,
+                                  fit_phase, load_profile, pad_to, step_features)
+
+ROUTING = RoutingShape()
+KNOWN = {"one": 3.5, "ktokens": 9.0, "batch": 0.02, "kctx": 0.07, "experts": 0.09, "routed": 0.4}
+
+
+def _synthetic(rng, n=80):
+    rows, shapes = [], []
+    for _ in range(n):
+        T = int(rng.integers(1, 2048))
+        B = int(rng.integers(1, min(T, 128) + 1))
+        shape = StepShape(T, B, int(rng.integers(T, 200_000)), True)
+        tau = float(rng.choice([0.0, 0.3, 0.7, 1.0]))
+        rows.append(step_features(shape, tau, ROUTING))
+        shapes.append((shape, tau))
+    return rows, shapes
+
+
+def test_fit_recovers_known_coefficients_without_noise():
+    rows, _ = _synthetic(np.random.default_rng(0))
+    y = [sum(KNOWN[f] * r[f] for f in FEATURES) for r in rows]
+    model = fit_phase(rows, y, FEATURES, ridge=1e-12)
+    for f in FEATURES:
+        assert model.coef[f] == pytest.approx(KNOWN[f], rel=1e-4, abs=1e-6)
+    assert max(abs(r) for r in model.residuals) < 1e-6
+
+
+def test_fit_with_noise_predicts_within_the_noise_and_keeps_it():
+    rng = np.random.default_rng(1)
+    rows, _ = _synthetic(rng, 400)
+    noise = 1 + rng.normal(0, 0.03, len(rows))
+    y = [sum(KNOWN[f] * r[f] for f in FEATURES) * e for r, e in zip(rows, noise)]
+    model = fit_phase(rows, y, FEATURES)
+    for r in rows[:20]:
+        truth = sum(KNOWN[f] * r[f] for f in FEATURES)
+        assert model.mean_ms(r) == pytest.approx(truth, rel=0.03)
+    assert np.std(model.residuals) == pytest.approx(0.03, rel=0.25)
+
+
+@given(st.integers(1, 4096))
+def test_experts_touched_is_between_the_united_groups_and_all_experts(T):
+    full, none = ROUTING.experts_touched(T, 1.0), ROUTING.experts_touched(T, 0.0)
+    assert full == pytest.approx(60 * (1 - (1 - 4 / 60) ** T))
+    assert none <= 60 // 4 + 1e-9 and none <= full
+    assert none <= ROUTING.experts_touched(T, 0.5) <= full
+
+
+def test_experts_touched_matches_the_measured_decode_steps():
+    # graphed decode steps on the H200 (engine results): batch 8 / 64 touch 24.7 / 59.3 at tau 1
+    assert ROUTING.experts_touched(8, 1.0) == pytest.approx(24.7, abs=1.0)
+    assert ROUTING.experts_touched(64, 1.0) == pytest.approx(59.3, abs=1.0)
+    assert ROUTING.experts_touched(64, 0.0) == pytest.approx(15.0, abs=0.5)
+
+
+@given(st.integers(1, 3000))
+def test_padding_picks_the_smallest_bucket_that_holds_the_step(n):
+    buckets = [1, 2, 4, 8, 16, 32, 64, 128]
+    b = pad_to(n, buckets)
+    assert b >= n
+    assert b == n or b in buckets and all(x < n for x in buckets if x < b)
+
+
+def _profile(residuals=()):
+    coef = dict(one=4.0, batch=0.02, kctx=0.05, experts=0.1, routed=0.4)
+    return StepCostProfile("test", "2026-01-01", {
+        "decode": PhaseModel(coef, list(residuals)),
+        "prefill": PhaseModel(dict(coef, ktokens=9.0), list(residuals))})
+
+
+def test_dimming_makes_a_decode_step_faster_and_noise_draws_from_the_residuals():
+    p = _profile([-0.1, 0.1])
+    shape = StepShape(64, 64, 64 * 600, False)
+    assert p.step_latency_s(shape, 0.0) < p.step_latency_s(shape, 1.0)
+    mean = p.step_latency_s(shape, 1.0)
+    rng = np.random.default_rng(0)
+    draws = {round(p.step_latency_s(shape, 1.0, rng) / mean, 6) for _ in range(50)}
+    assert draws == {0.9, 1.1}
+
+
+def test_profile_json_round_trip(tmp_path):
+    p = _profile([0.01])
+    p.graph_buckets = {"decode_batch": [1, 8], "prefill_tokens": [64]}
+    p.save(tmp_path / "p.json")
+    q = load_profile(tmp_path / "p.json")
+    assert q.to_json() == p.to_json()
+
+
+def test_the_shipped_h200_profile_states_machine_date_and_sources():
+    p = load_profile("h200")
+    assert "H200" in p.machine and p.date and p.sources
+    assert all(math.isfinite(v) for m in p.phases.values() for v in m.coef.values())
+    full = StepShape(128, 128, 128 * 1000, False)
+    assert 0.005 < p.step_latency_s(full, 1.0) < 0.05  # a batch-128 decode step: ~10-20 ms
+    assert p.step_latency_s(full, 0.0) < p.step_latency_s(full, 1.0)
