@@ -31,15 +31,16 @@ from functools import lru_cache
 from typing import Any, Optional, Union
 
 from brownout.engine.gc_pauses import GCPauses, freeze_startup_heap
-from brownout.types import (AdmissionError, FinishReason, Logprob, RequestMetrics, SamplingParams,
-                            StepStats, ValidationError)
+from brownout.types import (AdmissionError, EngineBrokenError, FinishReason, Logprob,
+                            RequestMetrics, SamplingParams, StepStats, ValidationError)
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_ENGINE_FACTORY = "brownout.engine.llm_engine:LLMEngine"
 # Texts of single tokens kept for echo and logprobs: a vocabulary's common tokens, bounded.
 _TOKEN_TEXT_CACHE = 65536
-# An idle worker wakes this often to notice that the serving process died.
+# An idle worker wakes this often, and a busy one looks this often between steps, to notice
+# that the serving process died.
 _IDLE_POLL_S = 1.0
 
 # (token_id, token_text, logprob, [(alt_id, alt_text, alt_logprob), ...]) or None
@@ -132,10 +133,23 @@ class _Session:
             self.out_q.put(("add_error", cmd.request_id, err))
         except Exception as exc:  # anything else is the engine's fault, not the client's
             logger.exception("add_request %s failed", cmd.request_id)
+            self._drop(cmd.request_id)
             err = AddError("internal", f"{type(exc).__name__}: {exc}")
             self.out_q.put(("add_error", cmd.request_id, err))
         else:
             self.out_q.put(("added", cmd.request_id, result))
+
+    def _drop(self, request_id: str) -> None:
+        """Take back a request whose add failed after the engine queued it (its client was
+        told it failed, so nothing would ever end it)."""
+        if request_id in self.engine.requests:
+            self.abort(request_id)
+
+    def abort(self, request_id: str) -> None:
+        try:
+            self.engine.abort_request(request_id)
+        except Exception:  # one request's clean-up must not end the engine
+            logger.exception("abort of request %s failed", request_id)
 
     def _add(self, cmd: AddCommand) -> AddResult:
         prompt = cmd.prompt
@@ -190,7 +204,13 @@ class _Session:
         return snap
 
     def step(self) -> None:
-        outputs = self.engine.step()
+        try:
+            outputs = self.engine.step()
+        except EngineBrokenError:
+            raise
+        except Exception:  # no one request's: end them all, keep the engine
+            logger.exception("engine step failed; ending every request with an error")
+            outputs = self.engine.fail_all()
         # the step this call collected (None when it collected none), else the engine's last
         stats: Optional[StepStats] = getattr(self.engine, "fresh_step_stats",
                                              getattr(self.engine, "last_step_stats", None))
@@ -219,18 +239,31 @@ def _next_commands(cmd_q, block: bool) -> list[tuple]:
             return cmds
 
 
+def _check_parent(last_check: float) -> float:
+    """Raise ParentGone if the serving process died; looks once per _IDLE_POLL_S."""
+    now = time.monotonic()
+    if now - last_check < _IDLE_POLL_S:
+        return last_check
+    parent = multiprocessing.parent_process()
+    if parent is not None and not parent.is_alive():
+        raise ParentGone()
+    return now
+
+
 def _serve(session: _Session, cmd_q) -> None:
     engine = session.engine
+    parent_checked = time.monotonic()
     while True:
         cmds = _next_commands(cmd_q, block=not engine.has_unfinished_requests())
         for cmd in cmds:
             if cmd[0] == "add":
                 session.add(cmd[1])
             elif cmd[0] == "abort":
-                engine.abort_request(cmd[1])
+                session.abort(cmd[1])
             elif cmd[0] == "shutdown":
                 return
         if engine.has_unfinished_requests():
+            parent_checked = _check_parent(parent_checked)
             session.step()
         elif cmds:  # aborts free KV blocks: let the parent's gauges see it
             session.out_q.put(("snapshot", time.monotonic(), session.snapshot()))
@@ -240,8 +273,10 @@ def worker_main(config: Any, options: WorkerOptions, cmd_q, out_q) -> None:
     """Spawn target: build the engine from `config`, report ready, serve until shutdown."""
     logging.basicConfig(level=options.log_level,
                         format="%(asctime)s %(levelname)s %(name)s[engine]: %(message)s")
-    # Ctrl-C reaches the whole process group; the parent decides when the engine stops.
+    # Ctrl-C and a SIGTERM to the process group reach the engine too; the parent decides when
+    # the engine stops (after draining), and the engine exits by itself when the parent dies.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     try:
         if not config.load.model and options.default_model_factory:
             model_dir = str(_load_factory(options.default_model_factory)())
