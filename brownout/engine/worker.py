@@ -26,6 +26,7 @@ import queue
 import signal
 import time
 import traceback
+from collections import deque
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any, Optional, Union
@@ -42,6 +43,17 @@ _TOKEN_TEXT_CACHE = 65536
 # An idle worker wakes this often, and a busy one looks this often between steps, to notice
 # that the serving process died.
 _IDLE_POLL_S = 1.0
+
+# Text a busy engine takes in between two steps, in characters: the prompts of a burst of long
+# text requests are tokenised over several steps, so the running requests keep stepping.
+TEXT_CHARS_PER_STEP = 65536
+# A text prompt longer than this many characters per allowed token is measured on growing
+# prefixes first, so text far over the limit is refused after tokenising about a context's
+# worth of it, not all of it (real text averages about 4 characters per token).
+_PREFIX_CHARS_PER_TOKEN = 8
+# Tokens a prefix may hold beyond the limit before it refuses the text: the word cut at the
+# prefix's end may split into more tokens than it does in the whole text.
+_PREFIX_TOKEN_MARGIN = 64
 
 # (token_id, token_text, logprob, [(alt_id, alt_text, alt_logprob), ...]) or None
 PackedLogprob = Optional[tuple]
@@ -153,6 +165,8 @@ class _Session:
 
     def _add(self, cmd: AddCommand) -> AddResult:
         prompt = cmd.prompt
+        if isinstance(prompt, str):
+            self._check_text_len(prompt)
         if cmd.messages is not None:
             prompt = [int(t) for t in self.engine.apply_chat_template(cmd.messages)]
         if isinstance(prompt, list):
@@ -173,6 +187,18 @@ class _Session:
             result.prompt_text = prompt if isinstance(prompt, str) else self._decode(ids)
             result.prompt_token_texts = [self.token_text(t) for t in ids]
         return result
+
+    def _check_text_len(self, text: str) -> None:
+        """Refuse a long text whose prefix already holds too many tokens (the engine still
+        measures the whole text of one that passes)."""
+        tokenizer = self.engine.tokenizer
+        size = self.max_prompt_tokens * _PREFIX_CHARS_PER_TOKEN
+        while tokenizer is not None and size < len(text):
+            n = len(tokenizer.encode(text[:size], add_special_tokens=False))
+            if n > self.max_prompt_tokens + _PREFIX_TOKEN_MARGIN:
+                raise ValidationError("prompt", f"prompt has more than {self.max_prompt_tokens} "
+                                                f"tokens (its first {size} characters hold {n})")
+            size *= 2
 
     def _check_prompt_len(self, n: int, field_name: str) -> None:
         if n > self.max_prompt_tokens:
@@ -250,12 +276,28 @@ def _check_parent(last_check: float) -> float:
     return now
 
 
+def _text_chars(cmd: tuple) -> int:
+    if cmd[0] != "add":
+        return 0
+    add: AddCommand = cmd[1]
+    if add.messages is not None:
+        return sum(len(str(m.get("content") or "")) for m in add.messages if isinstance(m, dict))
+    return len(add.prompt) if isinstance(add.prompt, str) else 0
+
+
 def _serve(session: _Session, cmd_q) -> None:
+    """Take in commands in order and step while there is work; between two steps, take in
+    text up to TEXT_CHARS_PER_STEP characters (at least one command), the rest after the step."""
     engine = session.engine
     parent_checked = time.monotonic()
+    backlog: deque[tuple] = deque()
     while True:
-        cmds = _next_commands(cmd_q, block=not engine.has_unfinished_requests())
-        for cmd in cmds:
+        busy = engine.has_unfinished_requests() or bool(backlog)
+        backlog.extend(_next_commands(cmd_q, block=not busy))
+        took, budget = bool(backlog), TEXT_CHARS_PER_STEP
+        while backlog and budget > 0:
+            cmd = backlog.popleft()
+            budget -= _text_chars(cmd)
             if cmd[0] == "add":
                 session.add(cmd[1])
             elif cmd[0] == "abort":
@@ -265,7 +307,7 @@ def _serve(session: _Session, cmd_q) -> None:
         if engine.has_unfinished_requests():
             parent_checked = _check_parent(parent_checked)
             session.step()
-        elif cmds:  # aborts free KV blocks: let the parent's gauges see it
+        elif took:  # aborts free KV blocks: let the parent's gauges see it
             session.out_q.put(("snapshot", time.monotonic(), session.snapshot()))
 
 
