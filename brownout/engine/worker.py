@@ -12,8 +12,11 @@ parent can unpickle them without importing the engine):
                    | ("added", request_id, AddResult) | ("add_error", request_id, AddError)
                    | ("step", time, [PackedOutput], StepStats | None, snapshot)
                    | ("snapshot", time, snapshot)
-When idle the child blocks on its command queue; while it has work it drains commands
-without blocking between steps.
+When idle the child blocks on its command queue; while it has work it takes in commands
+without blocking between steps (text up to TEXT_CHARS_PER_STEP characters per step). No one
+request ends the process: a failed add is that request's AddError, a failed step ends the
+requests it held with finish reason "error" (brownout.engine.llm_engine); only an engine whose
+steps keep failing exits, and the parent starts a fresh one.
 """
 
 from __future__ import annotations
