@@ -243,7 +243,7 @@ class EngineClient:
             self._end_process()
             try:
                 await self._start_process()
-            except EngineDeadError as exc:
+            except Exception as exc:  # a failed start counts as one more death
                 self.dead_reason = f"engine restart failed: {exc}"
                 logger.error("%s", self.dead_reason)
                 continue

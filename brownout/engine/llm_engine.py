@@ -144,8 +144,8 @@ class LLMEngine:
 
     def _fail_step(self, reqs: list[Request], phase: str) -> list[RequestOutput]:
         """Finish the requests of a step whose launch or collect raised with an error, free
-        their blocks and runner state, and let the others go on; re-raise when steps keep
-        failing (see MAX_CONSECUTIVE_STEP_FAILURES)."""
+        their blocks and runner state, and let the others go on; EngineBrokenError when steps
+        keep failing (MAX_CONSECUTIVE_STEP_FAILURES)."""
         self._failed_steps += 1
         log.exception("step %s failed; ending its %d request(s) with an error: %s", phase,
                       len(reqs), ", ".join(r.request_id for r in reqs))
