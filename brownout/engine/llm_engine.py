@@ -151,6 +151,8 @@ class LLMEngine:
                       len(reqs), ", ".join(r.request_id for r in reqs))
         if self._failed_steps >= MAX_CONSECUTIVE_STEP_FAILURES:
             raise EngineBrokenError(f"{self._failed_steps} steps in a row failed")
+        if self.workers is not None:  # ranks 1..N-1 may be inside the step's collectives
+            raise EngineBrokenError("a failed step leaves the tensor-parallel ranks out of step")
         self._inflight = None
         return self._fail_requests(reqs)
 

@@ -17,7 +17,8 @@ import httpx
 import pytest
 from conftest import Server, metric_value, start_server
 
-from brownout.api.engine_restart import ENGINE_FAILED_EXIT_CODE, MAX_DEATHS_IN_WINDOW
+from brownout.api.engine_restart import (BACKOFF_BASE_S, ENGINE_FAILED_EXIT_CODE,
+                                         MAX_DEATHS_IN_WINDOW, RESTART_WINDOW_S, RestartPolicy)
 from brownout.engine.llm_engine import LLMEngine
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"),
@@ -101,6 +102,17 @@ async def kill_under_load(server: Server) -> tuple[list, list, float]:
         results = await asyncio.gather(*plain)
         events = await asyncio.gather(*streams)
     return results, events, time.monotonic() - killed
+
+
+def test_restart_policy_backs_off_forgives_old_deaths_and_gives_up():
+    policy = RestartPolicy()
+    delays = [policy.on_death(t) for t in range(MAX_DEATHS_IN_WINDOW - 1)]
+    assert delays == [BACKOFF_BASE_S * 2 ** i for i in range(MAX_DEATHS_IN_WINDOW - 1)]
+    later = MAX_DEATHS_IN_WINDOW + RESTART_WINDOW_S  # every earlier death is forgiven
+    assert policy.on_death(later) == BACKOFF_BASE_S
+    for i in range(1, MAX_DEATHS_IN_WINDOW - 1):
+        assert policy.on_death(later + i) is not None
+    assert policy.on_death(later + MAX_DEATHS_IN_WINDOW) is None
 
 
 @pytest.fixture(scope="module")
