@@ -37,11 +37,17 @@ class AdmissionError(RuntimeError):
         self.retry_after_s = retry_after_s
 
 
+class EngineBrokenError(RuntimeError):
+    """Engine steps keep failing whatever requests they hold: the engine, not a request, is
+    at fault, and its process should end so that a fresh one replaces it."""
+
+
 class FinishReason(str, enum.Enum):
     STOP = "stop"  # stop token or stop string
     LENGTH = "length"  # max_tokens or the model's context reached
     ABORT = "abort"  # client went away or request was cancelled
     TIMEOUT = "timeout"  # waited in the queue longer than its queue timeout
+    ERROR = "error"  # a step it was in failed; the engine went on without it
 
 
 @dataclass(slots=True)

@@ -5,7 +5,8 @@ step outputs to one asyncio queue per request. It is torch-free: the worker does
 tokenisation and chat templating, and its messages hold only builtin types and
 `brownout.types` dataclasses. Errors from `add_request` come back as `ValidationError`
 (with `.field`) or `AdmissionError` (with `.retry_after_s`); a dead worker fails every
-pending request with `EngineDeadError`.
+pending request with `EngineDeadError` and is started again; a request that the engine
+ended with an error (a failed step) raises `EngineInternalError` from its stream.
 """
 
 from __future__ import annotations
@@ -18,10 +19,12 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Optional, Protocol, Union
+from typing import Any, AsyncIterator, Callable, Optional, Protocol, Union
 
-from brownout.types import (AdmissionError, Logprob, RequestOutput, SamplingParams, StepStats,
-                            ValidationError)
+from brownout.api.engine_restart import RestartPolicy
+
+from brownout.types import (AdmissionError, FinishReason, Logprob, RequestOutput, SamplingParams,
+                            StepStats, ValidationError)
 
 logger = logging.getLogger(__name__)
 
@@ -31,9 +34,10 @@ _WORKER_MODULE = "brownout.engine.worker"
 
 # How often the waits on the worker's queue wake up to notice that the worker died.
 _POLL_S = 0.5
-# A terminated worker or the reader thread is given this long to end before shutdown moves on.
+# A killed engine process is given this long to be reaped before shutdown moves on.
 _TERMINATE_JOIN_S = 5.0
-_READER_JOIN_S = 2.0
+# What the gauges read while no engine runs.
+_EMPTY_SNAPSHOT = {"num_running": 0, "num_waiting": 0, "kv_usage": 0.0}
 # A refusal whose message carries no retry hint asks the client to retry after this long.
 _DEFAULT_RETRY_AFTER_S = 1.0
 
@@ -76,6 +80,8 @@ class EngineListener(Protocol):
 
     def on_request_end(self, request_id: str) -> None: ...
 
+    def on_engine_restart(self, num_restarts: int) -> None: ...
+
 
 class RequestStream:
     """Async iterator over one request's outputs; also holds what the worker told us about it."""
@@ -116,9 +122,13 @@ def _unpack_logprob(packed) -> Optional[TokenLogprob]:
 
 
 class EngineClient:
-    """Starts the engine process and talks to it from asyncio code."""
+    """Starts the engine process, talks to it from asyncio code, and starts it again when it
+    dies (brownout.api.engine_restart): while it restarts `is_alive` is false and
+    `restarting` true; after too many deaths `gave_up` holds why, and the callbacks in
+    `on_give_up` run (the server exits then)."""
 
-    def __init__(self, config: Any, options: Any = None, ready_timeout_s: float = 900.0):
+    def __init__(self, config: Any, options: Any = None, ready_timeout_s: float = 900.0,
+                 restart_policy: Optional[RestartPolicy] = None):
         worker = importlib.import_module(_WORKER_MODULE)
         self._worker_main = worker.worker_main
         self._add_command = worker.AddCommand
@@ -129,62 +139,79 @@ class EngineClient:
         self.last_snapshot: dict = {}
         self.dead_reason: Optional[str] = None
         self.listeners: list[EngineListener] = []
+        self.restart_policy = restart_policy or RestartPolicy()
+        self.num_restarts = 0
+        self.gave_up: Optional[str] = None
+        self.on_give_up: list[Callable[[str], None]] = []
+        self._restart_task: Optional[asyncio.Task] = None
         self._streams: dict[str, RequestStream] = {}
         self._pending: dict[str, asyncio.Future] = {}
         self._queries: dict[int, asyncio.Future] = {}
         self._next_query = 0
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._proc = None
+        self._generation = 0  # counts engine processes started; a reader serves one of them
         self._stop = threading.Event()
-        self._reader: Optional[threading.Thread] = None
         self._cmd_q = self._out_q = None
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> EngineInfo:
+        self._loop = asyncio.get_running_loop()
+        return await self._start_process()
+
+    async def _start_process(self) -> EngineInfo:
+        """Spawn an engine process, wait until it is ready, start reading its messages."""
         ctx = multiprocessing.get_context("spawn")
         self._cmd_q, self._out_q = ctx.Queue(), ctx.Queue()
-        self._loop = asyncio.get_running_loop()
-        self._proc = ctx.Process(target=self._worker_main, name="brownout-engine", daemon=True,
-                                 args=(self.config, self.options, self._cmd_q, self._out_q))
-        self._proc.start()
-        self.info = await self._loop.run_in_executor(None, self._wait_ready)
-        self._reader = threading.Thread(target=self._read_loop, name="engine-reader", daemon=True)
-        self._reader.start()
-        logger.info("engine ready: %s (pid %d)", self.info, self._proc.pid)
+        self._generation += 1
+        self._proc = proc = ctx.Process(target=self._worker_main, name="brownout-engine", daemon=True,
+                                        args=(self.config, self.options, self._cmd_q, self._out_q))
+        proc.start()
+        self.info = await self._loop.run_in_executor(None, self._wait_ready, proc, self._out_q)
+        self.dead_reason = None
+        threading.Thread(target=self._read_loop, args=(self._generation, proc, self._out_q),
+                         name="engine-reader", daemon=True).start()
+        logger.info("engine ready: %s (pid %d)", self.info, proc.pid)
         return self.info
 
-    def _wait_ready(self) -> EngineInfo:
+    def _wait_ready(self, proc, out_q) -> EngineInfo:
         deadline = time.monotonic() + self.ready_timeout_s
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline and not self._stop.is_set():
             try:
-                msg = self._out_q.get(timeout=_POLL_S)
+                msg = out_q.get(timeout=_POLL_S)
             except queue.Empty:
-                if not self._proc.is_alive():
-                    raise EngineDeadError(f"engine exited with code {self._proc.exitcode} while loading")
+                if not proc.is_alive():
+                    raise EngineDeadError(f"engine exited with code {proc.exitcode} while loading")
                 continue
             if msg[0] == "ready":
                 return EngineInfo(**msg[1])
             if msg[0] == "fatal":
                 raise EngineDeadError(f"engine failed to start: {msg[1]}")
+        if self._stop.is_set():
+            raise EngineDeadError("engine shut down while loading")
         raise EngineDeadError(f"engine not ready after {self.ready_timeout_s} s")
 
     async def shutdown(self, timeout_s: float = 10.0) -> None:
         self._stop.set()
+        if self._restart_task is not None:
+            self._restart_task.cancel()
         if self._proc is None or self._cmd_q is None:  # never started, or already shut down
             return
         if self._proc.is_alive():
             self._cmd_q.put(("shutdown",))
             await asyncio.get_running_loop().run_in_executor(None, self._proc.join, timeout_s)
-        if self._proc.is_alive():
-            logger.warning("engine did not stop in %.0f s; terminating", timeout_s)
-            self._proc.terminate()
-            self._proc.join(_TERMINATE_JOIN_S)
         self._mark_dead("engine shut down")
-        if self._reader is not None:
-            self._reader.join(_READER_JOIN_S)
+        self._end_process()
+
+    def _end_process(self) -> None:
+        """Kill the engine process if it still runs (it ignores SIGTERM) and drop its queues."""
+        if self._proc.is_alive():
+            logger.warning("engine process %d did not stop; killing it", self._proc.pid)
+            self._proc.kill()
+        self._proc.join(_TERMINATE_JOIN_S)
         for q in (self._cmd_q, self._out_q):
+            q.cancel_join_thread()  # a dead reader never drains what is left in the pipe
             q.close()
-            q.join_thread()
         # Dropped so their semaphores are released now, not reported as leaked at exit.
         self._cmd_q = self._out_q = None
 
@@ -193,8 +220,49 @@ class EngineClient:
         return self.dead_reason is None and self._proc is not None and self._proc.is_alive()
 
     @property
+    def restarting(self) -> bool:
+        return self._restart_task is not None and not self._restart_task.done()
+
+    @property
     def worker_pid(self) -> Optional[int]:
         return None if self._proc is None else self._proc.pid
+
+    # ------------------------------------------------------------------ restarts
+    def _on_exit(self, generation: int, reason: str) -> None:
+        """The engine process of `generation` is gone: fail its requests, start another."""
+        if generation != self._generation or self._stop.is_set():
+            return
+        self._mark_dead(reason)
+        self.last_snapshot = dict(_EMPTY_SNAPSHOT)  # the dead engine's queue and KV are gone
+        self._notify("on_snapshot", self.last_snapshot)
+        if not self.restarting and self.gave_up is None:
+            self._restart_task = self._loop.create_task(self._restart())
+
+    async def _restart(self) -> None:
+        while not self._stop.is_set():
+            delay = self.restart_policy.on_death(time.monotonic())
+            if delay is None:
+                self._give_up()
+                return
+            logger.warning("engine died (%s); starting it again in %.1f s", self.dead_reason, delay)
+            await asyncio.sleep(delay)
+            self._end_process()
+            try:
+                await self._start_process()
+            except Exception as exc:  # a failed start counts as one more death
+                self.dead_reason = f"engine restart failed: {exc}"
+                logger.error("%s", self.dead_reason)
+                continue
+            self.num_restarts += 1
+            self._notify("on_engine_restart", self.num_restarts)
+            return
+
+    def _give_up(self) -> None:
+        self.gave_up = (f"engine died {self.restart_policy.recent_deaths} times within "
+                        f"{self.restart_policy.window_s:g} s; last: {self.dead_reason}")
+        logger.critical("giving up on the engine: %s", self.gave_up)
+        for callback in self.on_give_up:
+            callback(self.gave_up)
 
     # ------------------------------------------------------------------ requests
     async def add_request(self, request_id: str, prompt: Union[str, list[int], None],
@@ -277,23 +345,34 @@ class EngineClient:
         self._notify("on_request_end", request_id)
 
     # ------------------------------------------------------------------ worker messages
-    def _read_loop(self) -> None:
+    def _read_loop(self, generation: int, proc, out_q) -> None:
+        """Reader thread of one engine process: hands its messages to the event loop, and
+        its exit too (once its queue is drained)."""
         while not self._stop.is_set():
             try:
-                msg = self._out_q.get(timeout=_POLL_S)
+                msg = out_q.get(timeout=_POLL_S)
             except queue.Empty:
-                if not self._proc.is_alive():
-                    reason = f"engine process exited (code {self._proc.exitcode})"
-                    self._loop.call_soon_threadsafe(self._mark_dead, reason)
+                if not proc.is_alive():
+                    self._to_loop(self._on_exit, generation,
+                                  f"engine process exited (code {proc.exitcode})")
                     return
                 continue
-            except (EOFError, OSError):
-                self._loop.call_soon_threadsafe(self._mark_dead, "engine pipe closed")
+            except (EOFError, OSError, ValueError):  # ValueError: the queue was closed
+                self._to_loop(self._on_exit, generation, "engine pipe closed")
                 return
-            try:
-                self._loop.call_soon_threadsafe(self._dispatch, msg)
-            except RuntimeError:  # event loop closed during shutdown
+            if not self._to_loop(self._dispatch_of, generation, msg):
                 return
+
+    def _to_loop(self, callback, *args) -> bool:
+        try:
+            self._loop.call_soon_threadsafe(callback, *args)
+            return True
+        except RuntimeError:  # event loop closed during shutdown
+            return False
+
+    def _dispatch_of(self, generation: int, msg: tuple) -> None:
+        if generation == self._generation:  # else a message of an engine already replaced
+            self._dispatch(msg)
 
     def _dispatch(self, msg: tuple) -> None:
         kind = msg[0]
@@ -354,7 +433,11 @@ class EngineClient:
                 None if p.prompt_logprobs is None else [_unpack_logprob(x) for x in p.prompt_logprobs],
                 p.metrics)
             outputs.append(out)
-            stream._queue.put_nowait(out)
+            if p.finish_reason == FinishReason.ERROR:  # its step failed; the others go on
+                stream._queue.put_nowait(EngineInternalError("the engine failed while running "
+                                                             "this request"))
+            else:
+                stream._queue.put_nowait(out)
             if p.finished:
                 del self._streams[p.request_id]
         self._notify("on_step", t, outputs, stats, snapshot)
@@ -376,6 +459,7 @@ class EngineClient:
                 ack.set_exception(EngineDeadError(reason))
         for stream in self._streams.values():
             stream._queue.put_nowait(EngineDeadError(reason))
+            self._notify("on_request_end", stream.request_id)
         for answer in self._queries.values():
             if not answer.done():
                 answer.set_exception(EngineDeadError(reason))

@@ -209,6 +209,6 @@ def run(args) -> int:
                             max_prompt_tokens=server_config.max_prompt_tokens,
                             default_model_factory=None if args.model else DEFAULT_MODEL_FACTORY,
                             log_level=logging.getLogger().getEffectiveLevel())
-    app = create_app(EngineClient(engine_config, options), server_config)
-    serve(app, server_config, app.state.server_state.drain)
-    return 0
+    client = EngineClient(engine_config, options)
+    app = create_app(client, server_config)
+    return serve(app, server_config, app.state.server_state.drain, client)

@@ -97,6 +97,8 @@ class ServerMetrics:
                                   "collection (the step loop stands still meanwhile)", ["generation"], registry=r)
         self.gc_longest = Gauge("brownout_gc_longest_pause_seconds",
                                 "Longest garbage collection of the engine process so far", registry=r)
+        self.engine_restarts = Counter("brownout_engine_restarts", "Times the engine process died "
+                                       "and was started again", registry=r)
         self.step_latency = Histogram("brownout_step_latency_seconds", "Engine step latency",
                                       ["phase"], buckets=STEP_BUCKETS, registry=r)
         # Children exist from the start, so every series is scrapeable (at 0) before traffic.
@@ -161,6 +163,11 @@ class ServerMetrics:
         if request_id in self._arrival:
             self.request_success.labels(self._model, "abort").inc()
         self._forget(request_id)
+
+    def on_engine_restart(self, num_restarts: int) -> None:
+        """A fresh engine counts its totals from 0 again."""
+        self.engine_restarts.inc()
+        self._seen_totals.clear()
 
     def _forget(self, request_id: str) -> None:
         self._arrival.pop(request_id, None)

@@ -95,9 +95,14 @@ def create_app(client: EngineClient, server: ServerConfig) -> FastAPI:
 
     @app.get("/health")
     async def health() -> JSONResponse:
+        restarts = client.num_restarts
+        if client.restarting:
+            return JSONResponse({"status": "restarting", "reason": client.dead_reason,
+                                 "restarts": restarts}, status_code=503)
         if not client.is_alive:
-            return JSONResponse({"status": "dead", "reason": client.dead_reason}, status_code=503)
-        return JSONResponse({"status": "ok"})
+            return JSONResponse({"status": "dead", "reason": client.gave_up or client.dead_reason,
+                                 "restarts": restarts}, status_code=503)
+        return JSONResponse({"status": "ok", "restarts": restarts})
 
     @app.get("/metrics")
     async def metrics() -> Response:

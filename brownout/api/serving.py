@@ -9,6 +9,8 @@
   closed after the keep-alive timeout.
 - On SIGTERM (or a first Ctrl-C) the server drains (brownout.api.drain) for up to the
   shutdown timeout, then shuts down as uvicorn does; a second signal skips the wait.
+- When the engine client gives up on an engine that keeps dying, the server shuts down
+  and `serve` returns ENGINE_FAILED_EXIT_CODE, so a supervisor can act.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from brownout.api.drain import DRAIN_GRACE_S, Drain
+from brownout.api.engine_client import EngineClient
+from brownout.api.engine_restart import ENGINE_FAILED_EXIT_CODE
 from brownout.api.middleware import MAX_HEAD_BYTES
 from brownout.config import ServerConfig
 
@@ -84,6 +88,13 @@ class DrainingServer(uvicorn.Server):
         self.shutdown_timeout_s = shutdown_timeout_s
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._drain_requested = False
+        self.exit_code = 0
+
+    def engine_gave_up(self, reason: str) -> None:
+        """The engine cannot be kept running: stop serving, exit non-zero."""
+        logger.critical("shutting down: %s", reason)
+        self.exit_code = ENGINE_FAILED_EXIT_CODE
+        self.should_exit = True
 
     async def serve(self, sockets=None) -> None:
         self._loop = asyncio.get_running_loop()
@@ -107,11 +118,16 @@ class DrainingServer(uvicorn.Server):
             super().handle_exit(sig, frame)
 
 
-def serve(app, server: ServerConfig, drain: Drain) -> None:
-    """Serve `app` until a signal stops it (after draining)."""
+def serve(app, server: ServerConfig, drain: Drain, engine: Optional[EngineClient] = None) -> int:
+    """Serve `app` until a signal stops it (after draining) or `engine` gives up; the
+    process's exit status."""
     config = uvicorn.Config(app, host=server.host, port=server.port, log_level="info",
                             http=guarded_protocol(server.header_timeout_s),
                             timeout_keep_alive=server.keep_alive_timeout_s,
                             h11_max_incomplete_event_size=MAX_HEAD_BYTES,
                             timeout_graceful_shutdown=DRAIN_GRACE_S)
-    DrainingServer(config, drain, server.shutdown_timeout_s).run()
+    uv_server = DrainingServer(config, drain, server.shutdown_timeout_s)
+    if engine is not None:
+        engine.on_give_up.append(uv_server.engine_gave_up)
+    uv_server.run()
+    return uv_server.exit_code

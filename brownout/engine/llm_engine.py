@@ -28,10 +28,14 @@ from brownout.engine.parallel_group import WorkerGroup
 from brownout.engine.request import Request, Status
 from brownout.engine.scheduler import NewToken, Scheduler
 from brownout.runner.build import build_model_runner
-from brownout.types import (FinishReason, RequestOutput, SamplingParams, SchedulerOutput,
-                            StepStats, ValidationError)
+from brownout.types import (EngineBrokenError, FinishReason, RequestOutput, SamplingParams,
+                            SchedulerOutput, StepStats, ValidationError)
 
 log = logging.getLogger(__name__)
+
+# Steps failing this many times in a row mean the engine itself is broken, not one request's
+# parameters: the error propagates, the engine process exits and the server restarts it.
+MAX_CONSECUTIVE_STEP_FAILURES = 3
 
 
 class LLMEngine:
@@ -67,6 +71,7 @@ class LLMEngine:
         self.last_step_stats: Optional[StepStats] = None
         self.fresh_step_stats: Optional[StepStats] = None  # the step collected by the last call
         self._inflight = None  # (SchedulerOutput, launched step, start time, requests left waiting)
+        self._failed_steps = 0  # consecutive steps whose launch or collect raised
 
     # ---- requests ----------------------------------------------------------------------
     @property
@@ -115,11 +120,65 @@ class LLMEngine:
         token the launched step computes for it is dropped."""
         self.fresh_step_stats = None
         outs = [self._finish(r) for r in self.scheduler.expire_waiting(self.clock())]
-        new_tokens, collected_at = self._collect() if self._inflight is not None else ([], 0.0)
+        new_tokens, collected_at = [], 0.0
+        if self._inflight is not None:
+            step_requests = self._step_requests(self._inflight[0])
+            try:
+                new_tokens, collected_at = self._collect()
+            except Exception:
+                outs += self._fail_step(step_requests, "collect")
         scheduler_output = self.scheduler.schedule()
         if scheduler_output.seqs:
-            self._launch(scheduler_output)
-        return outs + [self._emit(t, collected_at) for t in new_tokens]
+            step_requests = self._step_requests(scheduler_output)
+            try:
+                self._launch(scheduler_output)
+            except Exception:
+                outs += self._fail_step(step_requests, "launch")
+        return outs + [self._emit_or_fail(t, collected_at) for t in new_tokens]
+
+    # ---- a failed step ends its own requests -----------------------------------------
+    def _step_requests(self, scheduler_output: SchedulerOutput) -> list[Request]:
+        """The unfinished requests of a step, kept before it runs: those a failed step ends."""
+        reqs = (self.scheduler.requests.get(s.request_id) for s in scheduler_output.seqs)
+        return [r for r in reqs if r is not None]
+
+    def _fail_step(self, reqs: list[Request], phase: str) -> list[RequestOutput]:
+        """Finish the requests of a step whose launch or collect raised with an error, free
+        their blocks and runner state, and let the others go on; EngineBrokenError when steps
+        keep failing (MAX_CONSECUTIVE_STEP_FAILURES)."""
+        self._failed_steps += 1
+        log.exception("step %s failed; ending its %d request(s) with an error: %s", phase,
+                      len(reqs), ", ".join(r.request_id for r in reqs))
+        if self._failed_steps >= MAX_CONSECUTIVE_STEP_FAILURES:
+            raise EngineBrokenError(f"{self._failed_steps} steps in a row failed")
+        if self.workers is not None:  # ranks 1..N-1 may be inside the step's collectives
+            raise EngineBrokenError("a failed step leaves the tensor-parallel ranks out of step")
+        self._inflight = None
+        return self._fail_requests(reqs)
+
+    def _fail_requests(self, reqs: list[Request]) -> list[RequestOutput]:
+        self.scheduler.finish_requests([r.request_id for r in reqs], FinishReason.ERROR)
+        outs = []
+        for req in reqs:
+            out = outputs.empty_output(req)
+            self._complete(req, out, self.clock(), FinishReason.ERROR)
+            outs.append(out)
+        return outs
+
+    def _emit_or_fail(self, new: NewToken, now: float) -> RequestOutput:
+        """The token's output; a request whose token cannot be turned into text ends with an error."""
+        try:
+            return self._emit(new, now)
+        except Exception:
+            log.exception("output of request %s failed; ending it with an error",
+                          new.request.request_id)
+            return self._fail_requests([new.request])[0]
+
+    def fail_all(self) -> list[RequestOutput]:
+        """End every unfinished request with an error (an engine step failed outside any
+        one request's part): the engine is empty and serves new requests afterwards."""
+        self._inflight = None
+        return self._fail_requests(list(self.scheduler.requests.values()))
 
     def _launch(self, scheduler_output: SchedulerOutput) -> None:
         start = self.clock()
@@ -132,6 +191,7 @@ class LLMEngine:
         self._inflight = None
         runner_output = self.runner.collect(pending)
         now = self.clock()
+        self._failed_steps = 0
         self.admission.observe_step(scheduler_output.num_prefill_tokens, now - start, queue_left)
         new_tokens = self.scheduler.update_from_output(scheduler_output, runner_output, now)
         for t in new_tokens:

@@ -14,8 +14,11 @@ parent can unpickle them without importing the engine):
                    | ("answer", query_id, value, AddError | None)
                    | ("step", time, [PackedOutput], StepStats | None, snapshot)
                    | ("snapshot", time, snapshot)
-When idle the child blocks on its command queue; while it has work it drains commands
-without blocking between steps.
+When idle the child blocks on its command queue; while it has work it takes in commands
+without blocking between steps (text up to TEXT_CHARS_PER_STEP characters per step). No one
+request ends the process: a failed add is that request's AddError, a failed step ends the
+requests it held with finish reason "error" (brownout.engine.llm_engine); only an engine whose
+steps keep failing exits, and the parent starts a fresh one.
 """
 
 from __future__ import annotations
@@ -28,22 +31,35 @@ import queue
 import signal
 import time
 import traceback
+from collections import deque
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any, Optional, Union
 
 from brownout.engine.gc_pauses import GCPauses, freeze_startup_heap
 from brownout.engine.tokens import TokenBytes, tokenizer_query
-from brownout.types import (AdmissionError, FinishReason, Logprob, RequestMetrics, SamplingParams,
-                            StepStats, ValidationError)
+from brownout.types import (AdmissionError, EngineBrokenError, FinishReason, Logprob,
+                            RequestMetrics, SamplingParams, StepStats, ValidationError)
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_ENGINE_FACTORY = "brownout.engine.llm_engine:LLMEngine"
 # Texts of single tokens kept for echo and logprobs: a vocabulary's common tokens, bounded.
 _TOKEN_TEXT_CACHE = 65536
-# An idle worker wakes this often to notice that the serving process died.
+# An idle worker wakes this often, and a busy one looks this often between steps, to notice
+# that the serving process died.
 _IDLE_POLL_S = 1.0
+
+# Text a busy engine takes in between two steps, in characters: the prompts of a burst of long
+# text requests are tokenised over several steps, so the running requests keep stepping.
+TEXT_CHARS_PER_STEP = 65536
+# A text prompt longer than this many characters per allowed token is measured on growing
+# prefixes first, so text far over the limit is refused after tokenising about a context's
+# worth of it, not all of it (real text averages about 4 characters per token).
+_PREFIX_CHARS_PER_TOKEN = 8
+# Tokens a prefix may hold beyond the limit before it refuses the text: the word cut at the
+# prefix's end may split into more tokens than it does in the whole text.
+_PREFIX_TOKEN_MARGIN = 64
 
 # (token_id, token_text, logprob, [(alt_id, alt_text, alt_logprob, alt_bytes), ...], token_bytes)
 # or None; a token's bytes are its raw bytes, which need not be whole UTF-8 characters
@@ -139,13 +155,28 @@ class _Session:
             self.out_q.put(("add_error", cmd.request_id, err))
         except Exception as exc:  # anything else is the engine's fault, not the client's
             logger.exception("add_request %s failed", cmd.request_id)
+            self._drop(cmd.request_id)
             err = AddError("internal", f"{type(exc).__name__}: {exc}")
             self.out_q.put(("add_error", cmd.request_id, err))
         else:
             self.out_q.put(("added", cmd.request_id, result))
 
+    def _drop(self, request_id: str) -> None:
+        """Take back a request whose add failed after the engine queued it (its client was
+        told it failed, so nothing would ever end it)."""
+        if request_id in self.engine.requests:
+            self.abort(request_id)
+
+    def abort(self, request_id: str) -> None:
+        try:
+            self.engine.abort_request(request_id)
+        except Exception:  # one request's clean-up must not end the engine
+            logger.exception("abort of request %s failed", request_id)
+
     def _add(self, cmd: AddCommand) -> AddResult:
         prompt = cmd.prompt
+        if isinstance(prompt, str):
+            self._check_text_len(prompt)
         if cmd.messages is not None:
             prompt = [int(t) for t in self.engine.apply_chat_template(cmd.messages)]
         if isinstance(prompt, list):
@@ -180,6 +211,18 @@ class _Session:
         else:
             self.out_q.put(("answer", query_id, value, None))
 
+    def _check_text_len(self, text: str) -> None:
+        """Refuse a long text whose prefix already holds too many tokens (the engine still
+        measures the whole text of one that passes)."""
+        tokenizer = self.engine.tokenizer
+        size = self.max_prompt_tokens * _PREFIX_CHARS_PER_TOKEN
+        while tokenizer is not None and size < len(text):
+            n = len(tokenizer.encode(text[:size], add_special_tokens=False))
+            if n > self.max_prompt_tokens + _PREFIX_TOKEN_MARGIN:
+                raise ValidationError("prompt", f"prompt has more than {self.max_prompt_tokens} "
+                                                f"tokens (its first {size} characters hold {n})")
+            size *= 2
+
     def _check_prompt_len(self, n: int, field_name: str) -> None:
         if n > self.max_prompt_tokens:
             raise ValidationError(field_name, f"prompt has {n} tokens; at most "
@@ -213,7 +256,13 @@ class _Session:
         return snap
 
     def step(self) -> None:
-        outputs = self.engine.step()
+        try:
+            outputs = self.engine.step()
+        except EngineBrokenError:
+            raise
+        except Exception:  # no one request's: end them all, keep the engine
+            logger.exception("engine step failed; ending every request with an error")
+            outputs = self.engine.fail_all()
         # the step this call collected (None when it collected none), else the engine's last
         stats: Optional[StepStats] = getattr(self.engine, "fresh_step_stats",
                                              getattr(self.engine, "last_step_stats", None))
@@ -242,22 +291,51 @@ def _next_commands(cmd_q, block: bool) -> list[tuple]:
             return cmds
 
 
+def _check_parent(last_check: float) -> float:
+    """Raise ParentGone if the serving process died; looks once per _IDLE_POLL_S."""
+    now = time.monotonic()
+    if now - last_check < _IDLE_POLL_S:
+        return last_check
+    parent = multiprocessing.parent_process()
+    if parent is not None and not parent.is_alive():
+        raise ParentGone()
+    return now
+
+
+def _text_chars(cmd: tuple) -> int:
+    if cmd[0] != "add":
+        return 0
+    add: AddCommand = cmd[1]
+    if add.messages is not None:
+        return sum(len(str(m.get("content") or "")) for m in add.messages if isinstance(m, dict))
+    return len(add.prompt) if isinstance(add.prompt, str) else 0
+
+
 def _serve(session: _Session, cmd_q) -> None:
+    """Take in commands in order and step while there is work; between two steps, take in
+    text up to TEXT_CHARS_PER_STEP characters (at least one command), the rest after the step."""
     engine = session.engine
+    parent_checked = time.monotonic()
+    backlog: deque[tuple] = deque()
     while True:
-        cmds = _next_commands(cmd_q, block=not engine.has_unfinished_requests())
-        for cmd in cmds:
+        busy = engine.has_unfinished_requests() or bool(backlog)
+        backlog.extend(_next_commands(cmd_q, block=not busy))
+        took, budget = bool(backlog), TEXT_CHARS_PER_STEP
+        while backlog and budget > 0:
+            cmd = backlog.popleft()
+            budget -= _text_chars(cmd)
             if cmd[0] == "add":
                 session.add(cmd[1])
             elif cmd[0] == "abort":
-                engine.abort_request(cmd[1])
+                session.abort(cmd[1])
             elif cmd[0] == "query":
                 session.query(*cmd[1:])
             elif cmd[0] == "shutdown":
                 return
         if engine.has_unfinished_requests():
+            parent_checked = _check_parent(parent_checked)
             session.step()
-        elif cmds:  # aborts free KV blocks: let the parent's gauges see it
+        elif took:  # aborts free KV blocks: let the parent's gauges see it
             session.out_q.put(("snapshot", time.monotonic(), session.snapshot()))
 
 
@@ -265,8 +343,10 @@ def worker_main(config: Any, options: WorkerOptions, cmd_q, out_q) -> None:
     """Spawn target: build the engine from `config`, report ready, serve until shutdown."""
     logging.basicConfig(level=options.log_level,
                         format="%(asctime)s %(levelname)s %(name)s[engine]: %(message)s")
-    # Ctrl-C reaches the whole process group; the parent decides when the engine stops.
+    # Ctrl-C and a SIGTERM to the process group reach the engine too; the parent decides when
+    # the engine stops (after draining), and the engine exits by itself when the parent dies.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     try:
         if not config.load.model and options.default_model_factory:
             model_dir = str(_load_factory(options.default_model_factory)())
