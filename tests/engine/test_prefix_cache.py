@@ -14,7 +14,7 @@ from brownout.engine.block_manager import BlockManager, prompt_hashes
 from brownout.engine.llm import LLM
 from brownout.engine.request import Request
 from brownout.engine.scheduler import Scheduler
-from brownout.types import RunnerOutput, SamplingParams
+from brownout.types import FinishReason, RunnerOutput, SamplingParams
 
 BS = 4  # tokens per block in the bookkeeping tests
 
@@ -232,3 +232,32 @@ def test_greedy_outputs_equal_under_preemption_and_chunked_prefill(reference):
     assert _run(llm, prompts, every=1) == expected
     sched = llm.engine.scheduler
     assert sched.num_preemptions > 0 and sched.num_prefix_cache_hits > 0
+
+
+sched_ops = st.lists(st.tuples(st.sampled_from(["add", "step", "step", "abort"]), st.integers(0, 3),
+                               st.integers(1, 30), st.sampled_from([1.0, 1.0, 0.5])),
+                     min_size=1, max_size=60)
+
+
+@settings(max_examples=100, deadline=None)
+@given(ops=sched_ops, num_blocks=st.integers(6, 24), budget=st.integers(4, 32))
+def test_scheduler_with_caching_keeps_the_invariants(ops, num_blocks, budget):
+    """Shared prefixes, preemption, aborts and tau changes through the scheduler."""
+    sched = _scheduler(num_blocks, budget)
+    bases = [[3] * 30, [3] * 8 + [4] * 22, [5, 6] * 15, [3] * 4 + [9] * 26]
+    counter = 0
+    for op, a, b, tau in ops:
+        if op == "add":
+            prompt = bases[a][:min(b, num_blocks * BS - 1)]
+            sched.add(_request(f"r{counter}", prompt, max_tokens=1 + b % 6))
+            counter += 1
+        elif op == "abort" and sched.requests:
+            sched.finish_requests([sorted(sched.requests)[b % len(sched.requests)]], FinishReason.ABORT)
+        else:
+            _step(sched, tau)
+        _check_invariants(sched.blocks, {r: q.all_token_ids for r, q in sched.requests.items()})
+    for _ in range(2000):
+        if not sched.requests:
+            break
+        _step(sched)
+    assert not sched.requests and sched.blocks.num_used == 0
