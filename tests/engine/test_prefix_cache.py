@@ -3,12 +3,14 @@ greedy outputs unchanged; the prompt of n samples computed once."""
 
 from __future__ import annotations
 
+import argparse
 import random
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from brownout.api.launch import add_arguments, build_configs
 from brownout.config import CacheConfig, SchedulerConfig
 from brownout.engine.block_manager import BlockManager, prompt_hashes
 from brownout.engine.llm import LLM
@@ -261,3 +263,11 @@ def test_scheduler_with_caching_keeps_the_invariants(ops, num_blocks, budget):
             break
         _step(sched)
     assert not sched.requests and sched.blocks.num_used == 0
+
+
+def test_the_server_flag_turns_caching_off():
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    on, _ = build_configs(parser.parse_args([]))
+    off, _ = build_configs(parser.parse_args(["--no-enable-prefix-caching"]))
+    assert on.cache.enable_prefix_caching and not off.cache.enable_prefix_caching
