@@ -12,9 +12,9 @@ Brownout: KV computed at tau < 1 (experts left out) is not the KV of the exact m
 cached block records the tau it is worth: the lowest tau of the step that computed it and
 of its parent (a token's KV depends on the KV of every token before it). The rule is
 `servable`: a block worth tau_b serves a new request only while the engine runs at tau <=
-tau_b, i.e. dimmed at least as far. A request admitted then computes its own prefix at
-that tau or lower, so a reused block is never worse than the KV it replaces; once the
-controller restores tau, dimmed blocks stop serving and exact KV is computed again (and
+tau_b, i.e. dimmed at least as far (the scheduler takes the last collected step's tau as
+the engine's). A request admitted then computes its own prefix at that tau or lower, so a
+reused block is never worse than the KV it replaces; once the controller restores tau, dimmed blocks stop serving and exact KV is computed again (and
 takes over their hashes). Blocks computed at tau = 1 always serve.
 
 No torch: the scheduler and its tests run without a model.
@@ -30,8 +30,8 @@ EXACT_TAU = 1.0  # KV computed with every expert: the exact model's
 
 def chain_hash(parent: Optional[int], tokens: Sequence[int]) -> int:
     """The name of a full block: its tokens and its parent's name (None for the first block).
-    Python's tuple hash is 64-bit; a collision would only need the same 64 bits for two
-    different prefixes, and a hit is also checked against the block's stored tokens."""
+    Python's hash of a tuple of ints is 64-bit and the same in every process; a hit is also
+    checked against the block's own stored tokens."""
     return hash((parent, tuple(tokens)))
 
 
