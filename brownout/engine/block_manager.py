@@ -14,8 +14,9 @@ of its parent (a token's KV depends on the KV of every token before it). The rul
 `servable`: a block worth tau_b serves a new request only while the engine runs at tau <=
 tau_b, i.e. dimmed at least as far (the scheduler takes the last collected step's tau as
 the engine's). A request admitted then computes its own prefix at that tau or lower, so a
-reused block is never worse than the KV it replaces; once the controller restores tau, dimmed blocks stop serving and exact KV is computed again (and
-takes over their hashes). Blocks computed at tau = 1 always serve.
+reused block is never worse than the KV it replaces; once the controller restores tau,
+dimmed blocks stop serving and exact KV is computed again (and takes over their hashes).
+Blocks computed at tau = 1 always serve.
 
 No torch: the scheduler and its tests run without a model.
 """
