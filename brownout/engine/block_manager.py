@@ -16,7 +16,9 @@ tau_b, i.e. dimmed at least as far (the scheduler takes the last collected step'
 the engine's). A request admitted then computes its own prefix at that tau or lower, so a
 reused block is never worse than the KV it replaces; once the controller restores tau,
 dimmed blocks stop serving and exact KV is computed again (and takes over their hashes).
-Blocks computed at tau = 1 always serve.
+Blocks computed at tau = 1 always serve. Below 1, KV also depends on the rest of its step
+(routing keeps the experts hottest over the whole step), so no rule could make dimmed KV
+reproducible; tau ranks how far it is from exact, and that is what the rule compares.
 
 No torch: the scheduler and its tests run without a model.
 """

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from brownout.api.launch import add_arguments, build_configs
 from brownout.config import CacheConfig, SchedulerConfig
+from brownout.defaults import default_united_dir
 from brownout.engine.block_manager import BlockManager, prompt_hashes
 from brownout.engine.llm import LLM
 from brownout.engine.request import Request
@@ -271,3 +272,22 @@ def test_the_server_flag_turns_caching_off():
     on, _ = build_configs(parser.parse_args([]))
     off, _ = build_configs(parser.parse_args(["--no-enable-prefix-caching"]))
     assert on.cache.enable_prefix_caching and not off.cache.enable_prefix_caching
+
+
+def test_dimmed_engine_reuses_its_dimmed_blocks():
+    """At a fixed tau < 1 every block is worth that tau and serves later requests at it, and
+    no request at tau = 1. (Outputs are not compared with an engine without caching: at
+    tau < 1 routing keeps the experts hottest over the whole step, so KV depends on what
+    else the step computes, and caching changes that.)"""
+    united = default_united_dir(4)
+    if united is None:
+        pytest.skip("the embedded united experts are missing")
+    prompts = _conversations(seed=1, turns=2, users=2)
+    llm = LLM(device="cpu", united_experts=united, tau=0.5, cache=CacheConfig(block_size=BS))
+    _run(llm, prompts)
+    bm = llm.engine.blocks
+    assert llm.engine.scheduler.num_prefix_cache_hits > 0
+    cached = [b for b in range(bm.num_blocks) if bm.block_hash(b) is not None]
+    assert cached and {bm.block_tau(b) for b in cached} == {0.5}
+    assert bm.cached_prefix(prompts[0], tau_now=0.5) != []
+    assert bm.cached_prefix(prompts[0], tau_now=1.0) == []
