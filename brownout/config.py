@@ -33,6 +33,8 @@ class CacheConfig:
     gpu_memory_utilization: float = 0.85  # fraction of GPU memory for weights + KV cache
     cpu_kv_bytes: int = 256 * 1024 * 1024  # explicit KV budget on the CPU
     num_blocks: Optional[int] = None  # override (tests force preemption with a small number)
+    enable_prefix_caching: bool = True  # reuse the KV blocks of prompt prefixes seen before
+
 
     def __post_init__(self) -> None:
         _check_range("block_size", self.block_size, 1, 1024)
@@ -40,6 +42,9 @@ class CacheConfig:
         _check_range("cpu_kv_bytes", self.cpu_kv_bytes, 1)
         if self.num_blocks is not None:
             _check_range("num_blocks", self.num_blocks, 1)
+        if not isinstance(self.enable_prefix_caching, bool):
+            raise ValidationError("enable_prefix_caching",
+                                  f"must be true or false, got {self.enable_prefix_caching!r}")
 
 
 @dataclass(frozen=True, slots=True)

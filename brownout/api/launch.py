@@ -94,6 +94,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "queue has room)")
     g.add_argument("--num-kv-blocks", type=int, default=None, help="KV cache blocks (default: from memory)")
     g.add_argument("--block-size", type=int, default=None, help="tokens per KV block")
+    g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=None,
+                   help="reuse the KV blocks of prompt prefixes seen before (default: on)")
     g = parser.add_argument_group("brownout and SLO control")
     g.add_argument("--slo-policy", choices=("off", "fixed", "aimd", "predictive"), default=None,
                    help=f"dimmer policy (default {slo.policy}; 'fixed' when --fixed-tau is given)")
@@ -149,7 +151,8 @@ def build_configs(args, environ: Mapping[str, str] = os.environ) -> tuple[Engine
                            enable_expert_parallel=args.enable_expert_parallel,
                            cpu_threads=args.cpu_threads or max(1, (os.cpu_count() or 2) - 1))
     cache = CacheConfig(**_given(args, {"num_kv_blocks": "num_blocks", "block_size": "block_size",
-                                        "gpu_memory_utilization": "gpu_memory_utilization"}))
+                                        "gpu_memory_utilization": "gpu_memory_utilization",
+                                        "enable_prefix_caching": "enable_prefix_caching"}))
     scheduler = SchedulerConfig(**_given(args, {
         "max_num_seqs": "max_num_seqs", "max_num_batched_tokens": "max_num_batched_tokens",
         "max_waiting_requests": "max_waiting_requests", "queue_timeout": "queue_timeout_s",

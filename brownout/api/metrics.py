@@ -73,6 +73,11 @@ class ServerMetrics:
         self.prompt_tokens = Counter("vllm:prompt_tokens", "Prefilled prompt tokens", m, registry=r)
         self.generation_tokens = Counter("vllm:generation_tokens", "Generated tokens", m, registry=r)
         self.preemptions = Counter("vllm:num_preemptions", "Preemptions", m, registry=r)
+        self.prefix_queries = Counter("vllm:prefix_cache_queries",
+                                      "Tokens of admitted requests looked up in the prefix cache", m,
+                                      registry=r)
+        self.prefix_hits = Counter("vllm:prefix_cache_hits",
+                                   "Tokens found in the prefix cache (not computed)", m, registry=r)
         self.request_success = Counter("vllm:request_success", "Finished requests",
                                        m + ["finished_reason"], registry=r)
         self.tau = Gauge("brownout_tau", "Brownout threshold (1 = exact model)", ["phase"], registry=r)
@@ -104,10 +109,12 @@ class ServerMetrics:
         # Children exist from the start, so every series is scrapeable (at 0) before traffic.
         for metric in (self.ttft, self.itl, self.tpot, self.request_tpot, self.e2e,
                        self.queue_time, self.request_prompt_tokens, self.request_generation_tokens,
-                       self.prefill_time, self.decode_time, self.inference_time, self.iteration_tokens, self.running, self.waiting, self.kv_usage,
-                       self.prompt_tokens, self.generation_tokens, self.preemptions):
+                       self.prefill_time, self.decode_time, self.inference_time,
+                       self.iteration_tokens, self.running, self.waiting, self.kv_usage,
+                       self.prompt_tokens, self.generation_tokens, self.preemptions,
+                       self.prefix_queries, self.prefix_hits):
             metric.labels(model_name)
-        for reason in ("stop", "length", "abort", "timeout"):
+        for reason in ("stop", "length", "abort", "timeout", "error"):
             self.request_success.labels(model_name, reason)
         for phase in ("prefill", "decode"):
             self.tau.labels(phase).set(1.0)
@@ -236,6 +243,8 @@ class ServerMetrics:
             if f"tau_{phase}" in snapshot:
                 self.tau.labels(phase).set(snapshot[f"tau_{phase}"])
         for key, counter in (("num_preemptions_total", self.preemptions),
+                             ("prefix_cache_queries_total", self.prefix_queries),
+                             ("prefix_cache_hits_total", self.prefix_hits),
                              ("prompt_tokens_total", self.prompt_tokens),
                              ("generation_tokens_total", self.generation_tokens)):
             self._advance(counter.labels(m), key, snapshot)

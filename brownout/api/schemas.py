@@ -8,8 +8,10 @@ as OpenAI clients send fields we do not use (user, metadata, ...).
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Annotated, Literal, Optional, Union
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
 
 from brownout.types import SamplingParams, ValidationError
@@ -23,6 +25,27 @@ Seed = Annotated[StrictInt, Field(ge=-2**63, le=2**64 - 1)]
 Number = Union[StrictInt, StrictFloat]  # finite: the body parser refuses inf and nan
 Stop = Union[StrictStr, list[StrictStr], None]
 MAX_PROMPTS_PER_REQUEST = 64  # each prompt is queued in the engine as a request of its own
+# Samples (`n`, `best_of`) of one prompt: each is an engine request of its own, so a request
+# holds at most MAX_PROMPTS_PER_REQUEST engine requests in all (prompts x samples).
+MAX_N = 16
+SEED_MODULUS = 2**64  # torch's seeds are taken modulo 2**64; SeedSequence wants them >= 0
+
+
+def sample_seeds(seed: Optional[int], count: int) -> list[Optional[int]]:
+    """The seed of each of `count` samples of one prompt. Sample 0 keeps the request's seed
+    (so n = 1 samples as before); sample i > 0 gets the seed numpy's SeedSequence derives
+    from (seed mod 2**64, i): samples differ from each other and from requests with nearby
+    seeds, and the same `seed` and `n` give the same samples. No seed: all unseeded."""
+    if seed is None:
+        return [None] * count
+    base = seed % SEED_MODULUS
+    return [seed] + [int(np.random.SeedSequence([base, i]).generate_state(1, np.uint64)[0])
+                     for i in range(1, count)]
+
+
+def fan_out(params: SamplingParams, count: int) -> list[SamplingParams]:
+    """The sampling params of each of `count` samples: the same but for their seeds."""
+    return [dataclasses.replace(params, seed=s) for s in sample_seeds(params.seed, count)]
 
 
 class _Body(BaseModel):
@@ -53,8 +76,8 @@ class _Common(_Body):
     priority: Int = 0  # extension: lower runs first under the priority policy
 
     def check_common(self) -> None:
-        if self.n != 1:
-            raise ValidationError("n", f"only n=1 is supported, got {self.n}")
+        if not 1 <= self.n <= MAX_N:
+            raise ValidationError("n", f"must be in [1, {MAX_N}], got {self.n}")
         if self.stream_options is not None and not self.stream:
             raise ValidationError("stream_options", "is only allowed when stream is true")
         for name in ("presence_penalty", "frequency_penalty"):
@@ -119,14 +142,27 @@ class CompletionRequest(_Common):
         self.check_common()
         if self.suffix:
             raise ValidationError("suffix", "is not supported")
-        if self.best_of not in (None, 1):
-            raise ValidationError("best_of", f"only best_of=1 is supported, got {self.best_of}")
+        if self.best_of is not None:
+            if not self.n <= self.best_of <= MAX_N:
+                raise ValidationError("best_of", f"must be in [n, {MAX_N}] (n={self.n}), "
+                                                 f"got {self.best_of}")
+            if self.stream and self.best_of > self.n:
+                raise ValidationError("best_of", "cannot be streamed: the best samples are known "
+                                                 "only when all have finished")
         max_tokens = 16 if self.max_tokens is None else self.max_tokens
         check_max_tokens("max_tokens", max_tokens, max_tokens_limit, allow_zero=self.echo)
         if self.logprobs is not None and not 0 <= self.logprobs <= 20:
             raise ValidationError("logprobs", f"must be in [0, 20], got {self.logprobs}")
         prompt_logprobs = self.logprobs if self.echo and self.logprobs is not None else None
-        return self.sampling(max(1, max_tokens), self.logprobs, prompt_logprobs)
+        logprobs = self.logprobs
+        if logprobs is None and self.num_samples > self.n:
+            logprobs = 0  # best_of ranks the samples by their tokens' logprobs
+        return self.sampling(max(1, max_tokens), logprobs, prompt_logprobs)
+
+    @property
+    def num_samples(self) -> int:
+        """Samples generated per prompt: `best_of` (the best `n` are returned) or `n`."""
+        return self.best_of or self.n
 
 
 class TextPart(_Body):

@@ -58,7 +58,8 @@ class LLMEngine:
         self.max_model_len = min(limit, self.spec.max_position_embeddings,
                                  self.runner.num_blocks * config.cache.block_size)
         self.inputs = PromptProcessor(self.tokenizer, self.spec.vocab_size, self.max_model_len)
-        self.blocks = BlockManager(self.runner.num_blocks, config.cache.block_size)
+        self.blocks = BlockManager(self.runner.num_blocks, config.cache.block_size,
+                                   enable_caching=config.cache.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, self.blocks, self.max_model_len,
                                    eos_ids(loaded, self.tokenizer))
         self.admission = Admission(config.scheduler, config.slo.ttft_s, self.scheduler.view)
@@ -256,6 +257,8 @@ class LLMEngine:
                     num_preemptions_total=sched.num_preemptions,
                     prompt_tokens_total=sched.num_prompt_tokens_total,
                     generation_tokens_total=sched.num_generation_tokens_total,
+                    prefix_cache_queries_total=sched.num_prefix_cache_queries,
+                    prefix_cache_hits_total=sched.num_prefix_cache_hits,
                     slo_violations=dict(self.controller.violations),
                     brownout_ready=self.runner.brownout_ready,
                     **self.admission.snapshot(self.clock()))

@@ -36,6 +36,7 @@ class Request:
     detok_state: object = None  # owned by the detokenizer
     seq: int = 0  # the order the scheduler got it in: breaks ties of arrival time
     predicted_wait_s: Optional[float] = None  # TTFT admission's prediction, checked at the first token
+    block_hashes: list[int] = field(default_factory=list)  # chained hashes of full prompt blocks
 
     def __post_init__(self) -> None:
         if self.metrics is None:

@@ -12,16 +12,24 @@ context length. Queue timeouts (`expire_waiting`) and aborts and stop strings
 finished, so the caller can release the runner's per-request state. `view` counts the
 queue as requests move, for admission and the controller. Plain Python: testable without
 a model.
+
+Prefix caching (when the block manager has it on): a request admitted from the queue starts
+from the cached blocks that hold the longest prefix of its tokens (never its last token,
+whose logits it needs; a request that wants prompt logprobs computes its whole prompt), and
+each collected step indexes the full blocks it completed with the step's tau
+(brownout.engine.block_manager says when a block computed while dimmed may serve). A
+waiting request whose next prompt block a running request is still prefilling waits for
+it instead of computing it a second time: samples of one prompt (`n`) compute it once.
 """
 
 from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
-from typing import Iterable, Optional
+from typing import Iterable, Optional, Sequence
 
 from brownout.config import SchedulerConfig
-from brownout.engine.block_manager import BlockManager
+from brownout.engine.block_manager import EXACT_TAU, BlockManager, prompt_hashes
 from brownout.engine.request import Request, Status
 from brownout.engine.request_queue import make_request_queue
 from brownout.types import FinishReason, Logprob, RunnerOutput, ScheduledSeq, SchedulerOutput
@@ -69,6 +77,9 @@ class Scheduler:
         self.num_preemptions = 0
         self.num_prompt_tokens_total = 0  # prompt tokens computed (again after preemption)
         self.num_generation_tokens_total = 0
+        self.num_prefix_cache_queries = 0  # tokens of admitted requests looked up in the cache
+        self.num_prefix_cache_hits = 0  # of those, tokens found cached (not computed)
+        self.tau = EXACT_TAU  # the tau of the last collected step (prefix-cache serving rule)
 
     # ---- requests in and out -------------------------------------------------------------
     def add(self, req: Request) -> None:
@@ -77,6 +88,8 @@ class Scheduler:
         if not 0 < len(req.prompt_token_ids) < self.max_model_len:
             raise ValueError(f"a prompt must have 1 to {self.max_model_len - 1} tokens")
         req.seq = next(self._seq)
+        if self.blocks.enable_caching:
+            req.block_hashes = prompt_hashes(req.prompt_token_ids, self.blocks.block_size)
         self.requests[req.request_id] = req
         self._to_waiting(req)
 
@@ -121,17 +134,40 @@ class Scheduler:
     def _admit_waiting(self, out: SchedulerOutput, budget: int) -> int:
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             req = self.waiting.peek()
-            n = req.num_tokens - req.num_computed
+            cached = self._cached_prefix(req)
+            if self._prefix_in_progress(req, len(cached)):
+                break
+            start = len(cached) * self.blocks.block_size
+            n = req.num_tokens - start
             if n > budget and not self.config.enable_chunked_prefill:
                 break
             n = min(n, budget)
-            if not self.blocks.can_allocate(req.request_id, req.num_computed + n):
+            if not self.blocks.can_allocate(req.request_id, start + n, cached):
                 break
             self._from_waiting(self.waiting.pop())
+            req.num_computed = start
             self._to_running(req)
-            self._add_seq(out, req, n, decode=False)
+            if self.blocks.enable_caching and req.sampling.prompt_logprobs is None:
+                self.num_prefix_cache_queries += req.num_tokens
+                self.num_prefix_cache_hits += start
+            self._add_seq(out, req, n, decode=False, cached=cached)
             budget -= n
         return budget
+
+    def _cached_prefix(self, req: Request) -> list[int]:
+        if not self.blocks.enable_caching or req.sampling.prompt_logprobs is not None:
+            return []
+        return self.blocks.cached_prefix(req.all_token_ids, self.tau)
+
+    def _prefix_in_progress(self, req: Request, num_cached: int) -> bool:
+        """Whether a running request is prefilling the next block `req` could reuse."""
+        hashes = req.block_hashes
+        if (num_cached >= len(hashes) or req.sampling.prompt_logprobs is not None
+                or not self.view.running_prefill_tokens):
+            return False
+        bs, want = self.blocks.block_size, hashes[num_cached]
+        return any(want in r.block_hashes[r.num_computed // bs:] for r in self.running
+                   if r.num_computed < len(r.prompt_token_ids))
 
     def update_from_output(self, sched: SchedulerOutput, result: RunnerOutput,
                            now: float) -> list[NewToken]:
@@ -139,11 +175,13 @@ class Scheduler:
         still running (one finished or aborted while the step ran gets nothing), and stop the
         requests whose token ends them."""
         new_tokens = []
+        self.tau = result.tau
         for s in sched.seqs:
             req = self.requests.get(s.request_id)
             if req is None or req.status is not Status.RUNNING:
                 continue
             self._advance(req, len(s.token_ids))
+            self._commit_blocks(req, len(s.token_ids), result.tau)
             if req.metrics.first_scheduled_time is None:
                 req.metrics.first_scheduled_time = now
             if s.request_id in result.prompt_logprobs:
@@ -172,13 +210,20 @@ class Scheduler:
             self._finish(req, FinishReason.LENGTH)
         return NewToken(req, token, logprob, first)
 
+    def _commit_blocks(self, req: Request, n: int, tau: float) -> None:
+        """Index the full blocks the step completed (only when it crossed a block edge)."""
+        bs = self.blocks.block_size
+        if self.blocks.enable_caching and req.num_computed // bs > (req.num_computed - n) // bs:
+            self.blocks.commit(req.request_id, req.all_token_ids, req.num_computed, tau)
+
     # ---- building a step -----------------------------------------------------------------
     @staticmethod
     def _is_decode(req: Request, n: int) -> bool:
         return n == 1 and req.num_computed == req.num_tokens - 1 and bool(req.output_token_ids)
 
-    def _add_seq(self, out: SchedulerOutput, req: Request, n: int, decode: bool) -> None:
-        table = self.blocks.allocate(req.request_id, req.num_computed + n)
+    def _add_seq(self, out: SchedulerOutput, req: Request, n: int, decode: bool,
+                 cached: Sequence[int] = ()) -> None:
+        table = self.blocks.allocate(req.request_id, req.num_computed + n, cached)
         start = req.num_computed
         targets: Optional[list[int]] = None
         if req.sampling.prompt_logprobs is not None and start < len(req.prompt_token_ids):

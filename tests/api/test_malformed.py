@@ -8,6 +8,8 @@ import httpx
 import pytest
 from conftest import start_server
 
+from brownout.api.schemas import MAX_N
+
 KEY = "test-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 CHAT = "/v1/chat/completions"
@@ -43,7 +45,8 @@ CASES = [
     ("prompt too long", COMP, comp(prompt=list(range(3, 3 + MAX_PROMPT + 10))), 400, "prompt"),
     ("unknown model", COMP, comp(model="gpt-17"), 404, "model"),
     ("model wrong type", COMP, comp(model=5), 400, "model"),
-    ("n=2", COMP, comp(n=2), 400, "n"),
+    ("n=0", COMP, comp(n=0), 400, "n"),
+    ("n above its maximum", COMP, comp(n=MAX_N + 1), 400, "n"),
     ("negative max_tokens", COMP, comp(max_tokens=-1), 400, "max_tokens"),
     ("zero max_tokens without echo", COMP, comp(max_tokens=0), 400, "max_tokens"),
     ("max_tokens above limit", COMP, comp(max_tokens=MAX_TOKENS + 1), 400, "max_tokens"),
@@ -63,7 +66,8 @@ CASES = [
     ("stream_options without stream", COMP, comp(stream_options={"include_usage": True}), 400,
      "stream_options"),
     ("presence_penalty", COMP, comp(presence_penalty=0.5), 400, "presence_penalty"),
-    ("best_of=3", COMP, comp(best_of=3), 400, "best_of"),
+    ("best_of below n", COMP, comp(n=3, best_of=2), 400, "best_of"),
+    ("best_of streamed", COMP, comp(best_of=3, stream=True), 400, "best_of"),
     ("missing messages", CHAT, drop(chat(), "messages"), 400, "messages"),
     ("messages not a list", CHAT, chat(messages="hi"), 400, "messages"),
     ("empty messages", CHAT, chat(messages=[]), 400, "messages"),
@@ -74,7 +78,7 @@ CASES = [
      "messages[0].content"),
     ("image content part", CHAT, chat(messages=[{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": "x"}}]}]), 400, "messages[0].content"),
-    ("chat n=2", CHAT, chat(n=2), 400, "n"),
+    ("chat n above its maximum", CHAT, chat(n=MAX_N + 1), 400, "n"),
     ("chat negative max_completion_tokens", CHAT, chat(max_completion_tokens=-3), 400,
      "max_completion_tokens"),
     ("chat logprobs not bool", CHAT, chat(logprobs=5), 400, "logprobs"),

@@ -16,7 +16,9 @@ from brownout.types import SamplingParams, ValidationError
 FAMILIES = ["qwen2_moe", "mixtral", "qwen3_moe"]
 TAUS = [0.5, 0.0]  # tau = 1 skips routing: the plain model (test_plain_tokens...)
 GREEDY = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
-ENGINE = dict(device="cpu", cache=CacheConfig(block_size=4),
+# No prefix caching: the engines compared here have served different requests before, and
+# reused blocks change what a step computes, hence brownout's routing.
+ENGINE = dict(device="cpu", cache=CacheConfig(block_size=4, enable_prefix_caching=False),
               scheduler=SchedulerConfig(max_num_batched_tokens=16))
 
 
