@@ -2,7 +2,8 @@
 class (latency windows, violation counters, the engine's three calls) and the policy registry.
 
 The engine calls, from its single-threaded step loop:
-  `choose_tau(planned)` just before a step runs (tau for that step's phase),
+  `choose_rungs(planned)` just before a step runs (tau and k' for that step's phase; a
+  policy without expert shedding answers `choose_tau(planned)` at the model's k),
   `observe_step(stats)` after it ran, and
   `observe_request(ttft_s, tpot_s, t)` when a request finishes.
 A policy is a `Controller` subclass registered under its `name` with `@register_policy`;
@@ -19,7 +20,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Optional, TypeVar
 
 from brownout.control.windows import DECODE, PHASES, PREFILL, LatencyWindows, phase_of
-from brownout.types import StepStats, ValidationError
+from brownout.types import Rungs, StepStats, ValidationError
 
 if TYPE_CHECKING:
     from brownout.config import SLOConfig
@@ -107,6 +108,10 @@ class Controller:
         tau = self._clamp(self._decide(phase, planned, self._clock()))
         self._tau[phase] = tau
         return tau
+
+    def choose_rungs(self, planned: PlannedStep) -> Rungs:
+        """The step's rungs; policies that shed experts override it."""
+        return Rungs(tau=self.choose_tau(planned))
 
     def observe_step(self, stats: StepStats) -> None:
         phase = phase_of(stats.has_prefill)

@@ -123,8 +123,8 @@ class LLMEngine:
 
     def _launch(self, scheduler_output: SchedulerOutput) -> None:
         start = self.clock()
-        tau = self.controller.choose_tau(self._planned(scheduler_output))
-        pending = self.runner.launch(scheduler_output, tau)
+        rungs = self.controller.choose_rungs(self._planned(scheduler_output))
+        pending = self.runner.launch(scheduler_output, rungs)
         self._inflight = (scheduler_output, pending, start, self.scheduler.view.num_waiting > 0)
 
     def _collect(self) -> tuple[list[NewToken], float]:
@@ -145,7 +145,7 @@ class LLMEngine:
                           has_prefill=scheduler_output.has_prefill, tau=runner_output.tau,
                           experts_touched=runner_output.experts_touched,
                           num_waiting=view.num_waiting, num_running=view.num_running,
-                          kv_usage=self.blocks.usage)
+                          kv_usage=self.blocks.usage, top_k=runner_output.top_k)
         self.last_step_stats = self.fresh_step_stats = stats
         self.controller.observe_step(stats)
         return new_tokens, now
