@@ -1,0 +1,116 @@
+"""Accuracy price of expert shedding (k' < k) on the demo model, alone and beside brownout.
+
+Scores the demo model (top-4 routing, way-4 distilled united experts) at every
+k' in {4, 3, 2, 1} x tau in {1, 0} with serving-size steps of 2048 tokens (4 windows of 512),
+on text from four sources:
+  - gsm8k: the held-out 5% of the problems as chat turns (the calibration of the united
+    experts read only the three plain sources);
+  - the three plain sources (in-distribution): the last TOKENS tokens of each file, which
+    hold its held-out 5% and, where that is shorter, the training text just before it.
+Writes ladder_price.json (raw) and ladder_price.md (tables) beside this script. CPU only,
+one thread (the machine is shared).
+
+  python benchmarks/results/accuracy/ladder_accuracy.py [--tokens 40960] [--data DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[2]
+sys.path.insert(0, str(ROOT / "scripts"))
+
+from demo_data import CHAT_SOURCE, HELD_OUT_FRACTION, PLAIN_SOURCES, chat_text  # noqa: E402
+
+from brownout.eval.perplexity import evaluate_perplexity, make_batches, tokenize_text  # noqa: E402
+from brownout.eval.scoring import load_eval_model  # noqa: E402
+
+DATA = ROOT / ".." / "shared" / "data" / "text"
+MODEL = ROOT / "brownout" / "assets" / "demo" / "model"
+UNITED = ROOT / "brownout" / "assets" / "demo" / "united-way4"
+TOP_KS = [4, 3, 2, 1]
+TAUS = [1.0, 0.0]
+WINDOW, BATCH_TOKENS = 512, 2048  # the engine's default step budget
+CHARS_PER_TOKEN = 8  # generous: the tail read from a plain file holds at least the tokens asked
+log = logging.getLogger("ladder_accuracy")
+
+
+def gsm8k_held_out(data: Path) -> str:
+    rows = [json.loads(line) for line in (data / CHAT_SOURCE).read_text().splitlines() if line]
+    cut = int(len(rows) * (1 - HELD_OUT_FRACTION))
+    return "".join(chat_text(r["question"], r["answer"]) for r in rows[cut:])
+
+
+def source_ids(tokenizer, data: Path, name: str, tokens: int) -> torch.Tensor:
+    if name == CHAT_SOURCE:
+        return tokenize_text(tokenizer, gsm8k_held_out(data), tokens)
+    text = (data / name).read_text(encoding="utf-8")
+    tail = text[text.find("\n", max(0, len(text) - tokens * CHARS_PER_TOKEN)) + 1:]
+    ids = tokenize_text(tokenizer, tail)
+    return ids[-tokens:]
+
+
+def write_markdown(report: dict, path: Path) -> None:
+    lines = ["# Price of expert shedding on the demo model", "",
+             f"Perplexity at k' routed experts per token (of k = 4) and brownout tau (way-4 "
+             f"distilled united experts), steps of {BATCH_TOKENS} tokens; change vs k' = 4, "
+             f"tau = 1 on the same text. Raw: `ladder_price.json`; script: `ladder_accuracy.py`.", ""]
+    head = "| source | tokens | " + " | ".join(f"k'={k}, tau={t:g}" for k in TOP_KS for t in TAUS) + " |"
+    lines += [head, "|" + " --- |" * (2 + len(TOP_KS) * len(TAUS))]
+    for src in report["sources"]:
+        base = src["results"][0]["perplexity"]
+        cells = [f"{r['perplexity']:.3f} ({r['perplexity'] / base - 1:+.1%})" for r in src["results"]]
+        lines.append(f"| {src['name']} ({src['kind']}) | {src['tokens_scored']} | " + " | ".join(cells) + " |")
+    lines += ["", "Mean change over the four sources (the controller's default prices):", "",
+              "| k' | tau | perplexity change |", "| --- | --- | --- |"]
+    for p in report["prices"]:
+        lines.append(f"| {p['top_k']} | {p['tau']:g} | {p['ppl_increase']:+.1%} |")
+    path.write_text("\n".join(lines) + "\n")
+
+
+def mean_prices(sources: list[dict]) -> list[dict]:
+    prices = []
+    for i, r in enumerate(sources[0]["results"]):
+        rel = [s["results"][i]["perplexity"] / s["results"][0]["perplexity"] - 1 for s in sources]
+        prices.append({"top_k": r["top_k"], "tau": r["tau"], "ppl_increase": sum(rel) / len(rel)})
+    return prices
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--tokens", type=int, default=40960, help="tokens read per source")
+    ap.add_argument("--data", type=Path, default=DATA, help="the shared text directory")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    torch.set_num_threads(1)
+    start = time.perf_counter()
+    em = load_eval_model(str(MODEL), str(UNITED), "cpu", "float32")
+    sources = []
+    for name in (CHAT_SOURCE,) + PLAIN_SOURCES:
+        ids = source_ids(em.tokenizer, args.data, name, args.tokens)
+        batches = make_batches(ids, WINDOW, BATCH_TOKENS)
+        results = evaluate_perplexity(em.model, batches, TAUS, em.device, top_ks=TOP_KS)
+        sources.append({"name": name, "kind": "held-out" if name == CHAT_SOURCE else "in-distribution",
+                        "tokens_read": int(ids.numel()), "tokens_scored": results[0]["tokens_scored"],
+                        "results": results})
+        log.info("%s done", name)
+    report = {"model": str(MODEL.relative_to(ROOT)), "united": str(UNITED.relative_to(ROOT)),
+              "window": WINDOW, "batch_tokens": BATCH_TOKENS, "dtype": "float32",
+              "machine": platform.node(), "threads": 1, "elapsed_s": time.perf_counter() - start,
+              "sources": sources, "prices": mean_prices(sources)}
+    (HERE / "ladder_price.json").write_text(json.dumps(report, indent=1) + "\n")
+    write_markdown(report, HERE / "ladder_price.md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
