@@ -56,3 +56,14 @@ class PriceTable:
             return None if kk != self.model_top_k else 0.0
         taus, prices = self.points[kk]
         return float(np.interp(tau, taus, prices))
+
+
+def find_price_table(dirs: list[Path], model_top_k: int) -> Optional[PriceTable]:
+    """The first `PRICE_FILE` in `dirs` measured for a model of `model_top_k` routed experts."""
+    for d in dirs:
+        path = Path(d) / PRICE_FILE
+        if path.is_file():
+            table = PriceTable.load(path)
+            if table.model_top_k == model_top_k:
+                return table
+    return None
