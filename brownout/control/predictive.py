@@ -131,13 +131,18 @@ class PredictiveController(Controller):
                           + theta[4] * routed, 0.0)
 
     def prefill_speedup(self) -> float:
-        """Predicted latency of the last planned prefill step at the current tau over that at
-        the lowest tau (1.0 until the model is fitted)."""
+        """Predicted latency of the last planned prefill step at the current rung over that at
+        the fastest (the lowest tau, and the smallest priced k' when shedding; 1.0 until the
+        model is fitted)."""
         if not self.ready or self._last_prefill is None:
             return 1.0
         lat = self.predict_latency([self._tau[PREFILL], float(self.grid[-1])], *self._last_prefill)
         if lat is None or not np.all(np.isfinite(lat)) or lat[1] <= 0:
             return 1.0
+        if self._shed is not None:  # the fastest rung also sheds to the smallest priced k'
+            lat[1] *= self._shed.ratio(min(self.prices.shed_levels))
+            if self._top_k[PREFILL] is not None:
+                lat[0] *= self._shed.ratio(self._top_k[PREFILL])
         return max(1.0, float(lat[0] / lat[1]))
 
     def _p90(self, phase: str, lat: np.ndarray) -> np.ndarray:

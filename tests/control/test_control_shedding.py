@@ -123,3 +123,9 @@ def test_prefill_heavy_load_sheds_experts_where_tau_alone_cannot_meet_the_target
     spent = ladder_ctrl.accuracy_spent()
     assert 0.0 < spent["time_weighted"] < 0.2
     assert ladder_ctrl.top_k_prefill in (None, 1, 2, 3)
+
+
+def test_prefill_speedup_counts_the_smallest_priced_k():
+    ladder_ctrl, _ = run(PRICES)
+    tau_only_ctrl, _ = run(None)
+    assert ladder_ctrl.prefill_speedup() > tau_only_ctrl.prefill_speedup() >= 1.0
