@@ -13,8 +13,11 @@ Stages (each writes its raw JSON under --out as soon as it finishes):
               decodes), eager vs CUDA graph, tau 1 vs 0, vs the step roofline
   offline     offline throughput of our engine vs transformers `generate`, same weights
               (ours copied from the transformers model), same prompts and output lengths
+  shed        expert shedding: steps of 512 / 1024 / 2048 fresh prompt tokens and a decode
+              step of batch 64, graphed, at k' in {k, k-1, k/2, 1} x tau in {1, 0}, vs the
+              step roofline at that k' and vs k' = k, tau = 1
 
-Run: python benchmarks/bench_engine.py --out $OUT [--stages decode,brownout,offline]
+Run: python benchmarks/bench_engine.py --out $OUT [--stages decode,brownout,offline,shed]
 The stages' JSON files, with `meta` and the command, make one results file
 benchmarks/results/engine/engine_<gpu>_runN.json, whose tables `make_tables.py` renders; the
 output directory itself goes to engine/raw/engine_<gpu>_runN/ through `compact_raw.py`.
@@ -37,12 +40,17 @@ from gpu_timing import cuda_time_ms
 from brownout.config import CacheConfig, ModelLoadConfig
 from brownout.models.context import ForwardContext
 from brownout.runner.loader import load_model
+from brownout.runner.cuda_graphs import StepDescriptor
 from brownout.runner.model_runner import ModelRunner
-from brownout.types import SamplingParams, ScheduledSeq, SchedulerOutput
+from brownout.types import Rungs, SamplingParams, ScheduledSeq, SchedulerOutput
 from brownout.unite.uncalibrated import install_uncalibrated
 
 PRESET = "qwen1.5-moe-a2.7b"
 TAUS = [1.0, 0.8, 0.6, 0.4, 0.2, 0.0]
+# the shed stage's steps: fresh prompt tokens per step, and the decode batch beside them
+SHED_PREFILL_TOKENS = (512, 1024, 2048)
+SHED_DECODE_BATCH = 64
+SHED_DECODE_CONTEXT = 512  # tokens each decoding sequence has cached
 log = logging.getLogger("bench_engine")
 
 
@@ -113,13 +121,15 @@ def mixed_sched(prefill: int, decodes: int, ctx: int, block_size: int, vocab: in
     return SchedulerOutput(seqs=[pre] + dec, num_prefill_tokens=prefill, num_decode_tokens=decodes)
 
 
-def step_flops(model, sched: SchedulerOutput) -> float:
-    """Matrix flops of one step: every token through the dense weights and its top-k experts,
-    the sampled rows through lm_head, attention QK and PV over each token's causal context."""
+def step_flops(model, sched: SchedulerOutput, top_k: int | None = None) -> float:
+    """Matrix flops of one step: every token through the dense weights and its top-k experts
+    (`top_k` k' when shed), the sampled rows through lm_head, attention QK and PV over each
+    token's causal context."""
     spec = model.spec
+    k = spec.top_k if top_k is None else min(top_k, spec.top_k)
     dense = sum(p.numel() for n, p in model.named_parameters()
                 if not n.endswith((".w13", ".w2")) and n not in ("embed_tokens.weight", "lm_head.weight"))
-    per_token = dense + len(model.moe_layers()) * spec.top_k * 3 * spec.hidden_size * spec.moe_intermediate_size
+    per_token = dense + len(model.moe_layers()) * k * 3 * spec.hidden_size * spec.moe_intermediate_size
     T = sum(len(s.token_ids) for s in sched.seqs)
     sampled = sum(s.sample for s in sched.seqs)
     pairs = sum(sum(s.start_pos + i + 1 for i in range(len(s.token_ids))) for s in sched.seqs)
@@ -161,7 +171,8 @@ def step_roofline_s(wb: dict, touched: list[int], B: int, ctx: int, bw: float) -
     return byts / bw
 
 
-def time_step(runner: ModelRunner, sched: SchedulerOutput, tau: float, graphs: bool):
+def time_step(runner: ModelRunner, sched: SchedulerOutput, tau: "float | Rungs", graphs: bool):
+    """Milliseconds per step at `tau` (or the `Rungs` tau and k') and the slots it touched."""
     saved = runner.graphs
     if not graphs:
         runner.graphs = None
@@ -171,6 +182,54 @@ def time_step(runner: ModelRunner, sched: SchedulerOutput, tau: float, graphs: b
     finally:
         runner.graphs = saved
     return ms, out.experts_touched
+
+
+def shed_levels(k: int) -> list[int]:
+    """The k' of the shed stage: k, k - 1, k / 2 and 1, distinct, largest first."""
+    return sorted({k, max(1, k - 1), max(1, k // 2), 1}, reverse=True)
+
+
+def shed_cases(block_size: int, vocab: int) -> list[tuple[str, int, SchedulerOutput]]:
+    return [("prefill", T, prefill_sched(T, block_size, vocab)) for T in SHED_PREFILL_TOKENS] + \
+        [("decode", SHED_DECODE_BATCH,
+          decode_sched(SHED_DECODE_BATCH, SHED_DECODE_CONTEXT, block_size, vocab))]
+
+
+def graph_of(runner, sched: SchedulerOutput, rungs: Rungs) -> str | None:
+    """The graph a step at `rungs` replays ("mixed:2048:dimmed"), None when it runs eager."""
+    if runner.graphs is None:
+        return None
+    shed = runner.shed_to(rungs) is not None
+    key = runner.graphs.dispatch(StepDescriptor.of(sched, routed=rungs.tau < 1.0, shed=shed))
+    return None if key is None else f"{key.kind}:{key.size}:{'dimmed' if key.routed else 'plain'}"
+
+
+def stage_shed(runner, wb, bw, peak, out_dir: Path, timer=time_step) -> list[dict]:
+    """Expert shedding: graphed steps at every (k', tau) of `shed_levels` x {1, 0}, wall time
+    per step against the roofline at that k' (bytes of the slots touched, flops of k' experts
+    per token) and against k' = k, tau = 1 of the same step."""
+    rows = []
+    model = runner.model
+    k = model.spec.top_k
+    for kind, T, sched in shed_cases(runner.block_size, model.spec.vocab_size):
+        base = None
+        kv = sum(s.start_pos + len(s.token_ids) for s in sched.seqs) * wb["kv_per_token"]
+        for top_k in shed_levels(k):
+            for tau in (1.0, 0.0):
+                rungs = Rungs(tau=tau, top_k=top_k)
+                ms, touched = timer(runner, sched, rungs, True)
+                byts = wb["dense"] + sum(touched) * wb["expert"] + kv
+                flops = step_flops(model, sched, top_k)
+                roof = max(byts / bw, flops / peak) * 1e3
+                base = base or ms  # the first case is k' = k, tau = 1
+                rows.append(dict(kind=kind, tokens=T, seqs=len(sched.seqs), top_k=top_k, tau=tau,
+                                 graph=graph_of(runner, sched, rungs), step_ms=ms, roofline_ms=roof,
+                                 bytes_ms=byts / bw * 1e3, flops_ms=flops / peak * 1e3,
+                                 ratio_roofline=ms / roof, vs_full=ms / base,
+                                 experts_touched_mean=sum(touched) / max(1, len(touched))))
+                log.info("shed %s", rows[-1])
+    (out_dir / "shed.json").write_text(json.dumps(rows, indent=1))
+    return rows
 
 
 def stage_decode(runner, wb, bw, out_dir: Path, gen) -> list[dict]:
@@ -348,7 +407,7 @@ def main() -> None:
     meta["matmul_flops"] = matmul_flops()
     log.info("copy bandwidth %.2f TB/s, bf16 matmul %.0f TFLOP/s", bw / 1e12, meta["matmul_flops"] / 1e12)
     (args.out / "meta.json").write_text(json.dumps(meta, indent=1))
-    if {"decode", "brownout", "profile", "prefill"} & set(stages):
+    if {"decode", "brownout", "profile", "prefill", "shed"} & set(stages):
         loaded = load_model(ModelLoadConfig(model=PRESET, load_format="dummy", device="cuda",
                                             dtype="bfloat16", extra_expert_slots=30))
         install_uncalibrated(loaded.model, 4)  # so the captured graphs include routing
@@ -378,6 +437,8 @@ def main() -> None:
                     log.exception("profile stage failed")
         if "prefill" in stages:
             stage_prefill(runner, wb, bw, meta["matmul_flops"], args.out)
+        if "shed" in stages:  # before `brownout`, which reinstalls the united experts
+            stage_shed(runner, wb, bw, meta["matmul_flops"], args.out)
         if "brownout" in stages:
             stage_brownout(runner, wb, bw, args.out, gen)
         del runner, loaded

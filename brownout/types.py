@@ -193,6 +193,14 @@ class SchedulerOutput:
         return self.num_prefill_tokens + self.num_decode_tokens
 
 
+@dataclass(frozen=True, slots=True)
+class Rungs:
+    """The degradation rungs one step runs at, chosen by the SLO controller."""
+
+    tau: float = 1.0  # brownout threshold (1: every expert keeps its tokens)
+    top_k: Optional[int] = None  # routed experts kept per token (k' < k sheds); None: the model's k
+
+
 @dataclass(slots=True)
 class StepStats:
     """What one engine step cost. The SLO controller sees only these and request timings."""
@@ -208,6 +216,7 @@ class StepStats:
     num_waiting: int = 0
     num_running: int = 0
     kv_usage: float = 0.0
+    top_k: Optional[int] = None  # routed experts kept per token; None: the model's k (no shedding)
 
     @property
     def mean_experts_touched(self) -> float:
@@ -221,6 +230,7 @@ class RunnerOutput:
     prompt_logprobs: dict[str, list[Optional[Logprob]]] = field(default_factory=dict)
     experts_touched: list[int] = field(default_factory=list)
     tau: float = 1.0
+    top_k: Optional[int] = None  # routed experts kept per token; None: the model's k
 
 
 def now() -> float:

@@ -81,6 +81,11 @@ class ServerMetrics:
         self.request_success = Counter("vllm:request_success", "Finished requests",
                                        m + ["finished_reason"], registry=r)
         self.tau = Gauge("brownout_tau", "Brownout threshold (1 = exact model)", ["phase"], registry=r)
+        self.top_k = Gauge("brownout_top_k", "Routed experts kept per token (expert shedding)",
+                           ["phase"], registry=r)
+        self.accuracy_spent = Gauge("brownout_accuracy_spent",
+                                    "Mean perplexity increase of the rungs used, by step time or tokens",
+                                    ["weighting"], registry=r)
         self.experts = Histogram("brownout_experts_touched",
                                  "Distinct expert slots read per step (mean over MoE layers)",
                                  buckets=EXPERT_BUCKETS, registry=r)
@@ -242,6 +247,10 @@ class ServerMetrics:
         for phase in ("prefill", "decode"):
             if f"tau_{phase}" in snapshot:
                 self.tau.labels(phase).set(snapshot[f"tau_{phase}"])
+            if f"top_k_{phase}" in snapshot:
+                self.top_k.labels(phase).set(snapshot[f"top_k_{phase}"])
+        for weighting, value in (snapshot.get("accuracy_spent") or {}).items():
+            self.accuracy_spent.labels(weighting.removesuffix("_weighted")).set(value)
         for key, counter in (("num_preemptions_total", self.preemptions),
                              ("prefix_cache_queries_total", self.prefix_queries),
                              ("prefix_cache_hits_total", self.prefix_hits),

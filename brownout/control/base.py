@@ -2,7 +2,8 @@
 class (latency windows, violation counters, the engine's three calls) and the policy registry.
 
 The engine calls, from its single-threaded step loop:
-  `choose_tau(planned)` just before a step runs (tau for that step's phase),
+  `choose_rungs(planned)` just before a step runs (tau and k' for that step's phase; a
+  policy without expert shedding answers `choose_tau(planned)` at the model's k),
   `observe_step(stats)` after it ran, and
   `observe_request(ttft_s, tpot_s, t)` when a request finishes.
 A policy is a `Controller` subclass registered under its `name` with `@register_policy`;
@@ -18,8 +19,9 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Optional, TypeVar
 
+from brownout.control.prices import PriceTable
 from brownout.control.windows import DECODE, PHASES, PREFILL, LatencyWindows, phase_of
-from brownout.types import StepStats, ValidationError
+from brownout.types import Rungs, StepStats, ValidationError
 
 if TYPE_CHECKING:
     from brownout.config import SLOConfig
@@ -68,6 +70,9 @@ class Controller:
         horizon = max(slo.window_s, slo.check_interval_s, MIN_HORIZON_S)
         self.windows = LatencyWindows(horizon, clock, keys=(*PHASES, "ttft", "tpot"))
         self._tau = {PREFILL: 1.0, DECODE: 1.0}
+        self._top_k: dict[str, Optional[int]] = {PREFILL: None, DECODE: None}  # None: model's k
+        self.prices: Optional[PriceTable] = None  # accuracy prices of the rungs (enable_ladder)
+        self._spent = {"time": 0.0, "time_price": 0.0, "tokens": 0.0, "token_price": 0.0}
         self.violations: dict[str, int] = {
             "prefill_step": 0, "decode_step": 0, "ttft": 0, "tpot": 0,
             "prefill_check": 0, "decode_check": 0}
@@ -86,6 +91,39 @@ class Controller:
     @property
     def tau_decode(self) -> float:
         return self._tau[DECODE]
+
+    @property
+    def top_k_prefill(self) -> Optional[int]:
+        return self._top_k[PREFILL]
+
+    @property
+    def top_k_decode(self) -> Optional[int]:
+        return self._top_k[DECODE]
+
+    def enable_ladder(self, prices: PriceTable) -> None:
+        """Measured accuracy prices of the rungs: the run's accuracy spent is accounted with
+        them, and a policy that sheds experts may choose among the priced k'."""
+        self.prices = prices
+
+    def accuracy_spent(self) -> Optional[dict[str, float]]:
+        """Mean price (perplexity increase) of the rungs the run's steps used, weighted by step
+        time and by step tokens; None without prices."""
+        if self.prices is None:
+            return None
+        s = self._spent
+        return {"time_weighted": s["time_price"] / s["time"] if s["time"] > 0 else 0.0,
+                "token_weighted": s["token_price"] / s["tokens"] if s["tokens"] > 0 else 0.0}
+
+    def _account(self, stats: StepStats) -> None:
+        price = self.prices.price(stats.tau, stats.top_k) if self.prices is not None else None
+        if price is None or not stats.latency_s >= 0:
+            return
+        tokens = stats.num_prefill_tokens + stats.num_decode_tokens
+        s = self._spent
+        s["time"] += stats.latency_s
+        s["time_price"] += price * stats.latency_s
+        s["tokens"] += tokens
+        s["token_price"] += price * tokens
 
     def step_slo(self, phase: str) -> float:
         return self.slo.prefill_step_s if phase == PREFILL else self.slo.decode_step_s
@@ -108,8 +146,13 @@ class Controller:
         self._tau[phase] = tau
         return tau
 
+    def choose_rungs(self, planned: PlannedStep) -> Rungs:
+        """The step's rungs; policies that shed experts override it."""
+        return Rungs(tau=self.choose_tau(planned))
+
     def observe_step(self, stats: StepStats) -> None:
         phase = phase_of(stats.has_prefill)
+        self._account(stats)
         if self.windows.add(phase, stats.latency_s):
             if stats.latency_s > self.step_slo(phase):
                 self.violations[f"{phase}_step"] += 1

@@ -32,6 +32,11 @@ Smoothing: lowering is immediate (safety first); raising needs P90 <= target * (
 hysteresis) and is limited to `max_raise_per_s` per second, so tau does not flap.
 Until the models have `min_samples` steps (or when steps carry no expert counts), the
 policy behaves exactly like `aimd`, whose state it keeps in step with its own choices.
+Expert shedding (with a price table, `enable_ladder`): when the tau-only choice is
+predicted to miss its target, `choose_rungs` considers every (grid tau, priced k' < k) and
+takes the cheapest in accuracy that meets the target, else the most speed-up per unit of
+accuracy (brownout.control.shedding). A shed step teaches only the shedding model, so the
+latency and experts models stay those of the full model.
 Every knob named above is a field of `PredictiveTuning` (brownout.control.tuning).
 """
 
@@ -48,9 +53,11 @@ import numpy as np
 from brownout.control.base import Clock, Controller, PlannedStep, register_policy
 from brownout.control.latency_model import ExpertsModel, StepLatencyModel
 from brownout.control.policies import AIMDController
+from brownout.control.prices import PriceTable
+from brownout.control.shedding import ShedModel, choose_shed
 from brownout.control.tuning import DEFAULT_TUNING, PredictiveTuning
 from brownout.control.windows import DECODE, PHASES, PREFILL
-from brownout.types import StepStats
+from brownout.types import Rungs, StepStats
 
 if TYPE_CHECKING:
     from brownout.config import SLOConfig
@@ -88,6 +95,8 @@ class PredictiveController(Controller):
         self._last_log = -math.inf
         self._mode = ""
         self._last_prefill: Optional[tuple[int, int]] = None  # (tokens, batch) of the last prefill plan
+        self._shed: Optional[ShedModel] = None  # with a price table listing k' < k
+        self._shed_pending: Optional[tuple[str, int, float]] = None  # (phase, k', predicted at k)
 
     # -- readiness ----------------------------------------------------------------------
     @property
@@ -106,6 +115,10 @@ class PredictiveController(Controller):
             return self.slo.prefill_step_s
         return min(self.slo.decode_step_s, self.slo.tpot_s)
 
+    def enable_ladder(self, prices: PriceTable) -> None:
+        super().enable_ladder(prices)
+        self._shed = ShedModel(self.tuning, prices.model_top_k) if prices.shed_levels else None
+
     # -- prediction ---------------------------------------------------------------------
     def predict_latency(self, taus, tokens: int, batch: int) -> Optional[np.ndarray]:
         """Model-only latency (no bias) of a step at each tau; None when unfit."""
@@ -118,13 +131,18 @@ class PredictiveController(Controller):
                           + theta[4] * routed, 0.0)
 
     def prefill_speedup(self) -> float:
-        """Predicted latency of the last planned prefill step at the current tau over that at
-        the lowest tau (1.0 until the model is fitted)."""
+        """Predicted latency of the last planned prefill step at the current rung over that at
+        the fastest (the lowest tau, and the smallest priced k' when shedding; 1.0 until the
+        model is fitted)."""
         if not self.ready or self._last_prefill is None:
             return 1.0
         lat = self.predict_latency([self._tau[PREFILL], float(self.grid[-1])], *self._last_prefill)
         if lat is None or not np.all(np.isfinite(lat)) or lat[1] <= 0:
             return 1.0
+        if self._shed is not None:  # the fastest rung also sheds to the smallest priced k'
+            lat[1] *= self._shed.ratio(min(self.prices.shed_levels))
+            if self._top_k[PREFILL] is not None:
+                lat[0] *= self._shed.ratio(self._top_k[PREFILL])
         return max(1.0, float(lat[0] / lat[1]))
 
     def _p90(self, phase: str, lat: np.ndarray) -> np.ndarray:
@@ -156,6 +174,50 @@ class PredictiveController(Controller):
             self.predict_latency([tau], planned.num_tokens, planned.batch_size)
         self._pending = (phase, float(pred[0]))
         return tau
+
+    def choose_rungs(self, planned: PlannedStep) -> Rungs:
+        """The tau-only choice, or a shed rung (tau, k') when that choice misses its target."""
+        tau = self.choose_tau(planned)
+        phase = planned.phase
+        self._top_k[phase] = None
+        self._shed_pending = None
+        rung = self._shed_rung(phase, planned, tau) if self._shed is not None else None
+        if rung is None:
+            return Rungs(tau=tau)
+        tau, top_k = rung
+        self._tau[phase] = tau
+        self._top_k[phase] = top_k
+        self._fallback.set_tau(phase, tau)
+        return Rungs(tau=tau, top_k=top_k)
+
+    def _shed_rung(self, phase: str, planned: PlannedStep, tau: float) -> Optional[tuple[float, int]]:
+        if not self.ready or self._pending is None:
+            return None
+        lat = self.predict_latency(np.append(self.grid, tau), planned.num_tokens, planned.batch_size)
+        if lat is None or not np.all(np.isfinite(lat)):
+            return None
+        p90 = self._p90(phase, lat)
+        target = self._target(phase)
+
+        def feasible(p: np.ndarray) -> np.ndarray:
+            return self._feasible(phase, planned, p, target)
+
+        if feasible(p90[-1:])[0]:  # tau alone meets the target: no accuracy spent on k'
+            return None
+        rung = choose_shed(self.grid, p90[:-1], (tau, float(p90[-1])), feasible, self.prices,
+                           self._shed, self.tuning.gain_share)
+        if rung is not None:
+            i = int(np.argmin(np.abs(self.grid - rung[0])))
+            self._pending = None  # the residual tracks the full model's steps only
+            self._shed_pending = (phase, rung[1], float(lat[i]))
+            self._mode = f"shed to k' {rung[1]}"
+        return rung
+
+    def _observe_shed(self, phase: str, stats: StepStats) -> None:
+        """A shed step: observed latency over the full model's prediction teaches g(k')."""
+        pending, self._shed_pending, self._pending = self._shed_pending, None, None
+        if pending is not None and self._shed is not None and pending[:2] == (phase, stats.top_k):
+            self._shed.update(stats.top_k, stats.latency_s, pending[2] + self._bias[phase])
 
     def _log_decision(self, phase: str, planned: PlannedStep, tau: float, p90: np.ndarray) -> None:
         """What the model believes, now and then: enough to tell afterwards why it dimmed so far."""
@@ -239,6 +301,9 @@ class PredictiveController(Controller):
     def _after_step(self, phase: str, stats: StepStats, now: float) -> None:
         self._fallback.observe_step(stats)
         self._update_pressure(now)
+        if stats.top_k is not None:  # a shed step teaches the shedding model only
+            self._observe_shed(phase, stats)
+            return
         lat = stats.latency_s
         if lat is None or not math.isfinite(lat) or lat < 0:
             self._pending = None

@@ -95,6 +95,13 @@ class PredictiveTuning:
     # share of E1 per doubling of T (half of linear growth)
     single_bucket_growth: float = 0.5
 
+    # -- expert shedding (k' < k) -------------------------------------------------------
+    # share of a step's latency that scales with its routed assignments (k' / k), assumed
+    # for a k' until steps at it were seen: the expert GEMMs of a compute-bound step
+    shed_prior_share: float = 0.5
+    # weight of the newest step in the moving mean of observed / predicted latency per k'
+    shed_alpha: float = 0.1
+
     def __post_init__(self) -> None:
         for f in fields(self):
             value = getattr(self, f.name)
@@ -110,7 +117,7 @@ class PredictiveTuning:
                      "queue_growth_window_s", "experts_alpha", "residual_alpha"):
             if getattr(self, name) <= 0:
                 raise ValidationError(name, f"must be > 0, got {getattr(self, name)}")
-        for name in ("gain_share", "experts_alpha", "residual_alpha"):
+        for name in ("gain_share", "experts_alpha", "residual_alpha", "shed_prior_share", "shed_alpha"):
             if getattr(self, name) > 1:
                 raise ValidationError(name, f"must be in [0, 1], got {getattr(self, name)}")
 

@@ -19,6 +19,7 @@ from typing import Optional, Union
 
 from brownout.config import EngineConfig
 from brownout.control import PlannedStep, make_controller
+from brownout.control.prices import find_price_table
 from brownout.defaults import DEMO_MODEL_NAME, default_model_dir
 from brownout.engine import outputs
 from brownout.engine.admission import Admission
@@ -69,6 +70,10 @@ class LLMEngine:
                         slo.policy)
             slo = dataclasses.replace(slo, policy="off")
         self.controller = make_controller(slo, clock=clock, fixed_tau=config.brownout.tau_decode)
+        prices = find_price_table(_price_dirs(config.brownout.united_experts, loaded.model_dir),
+                                  self.spec.top_k)
+        if prices is not None:  # measured rung prices: shedding and the accuracy spent
+            self.controller.enable_ladder(prices)
         self.last_step_stats: Optional[StepStats] = None
         self.fresh_step_stats: Optional[StepStats] = None  # the step collected by the last call
         self._inflight = None  # (SchedulerOutput, launched step, start time, requests left waiting)
@@ -183,8 +188,8 @@ class LLMEngine:
 
     def _launch(self, scheduler_output: SchedulerOutput) -> None:
         start = self.clock()
-        tau = self.controller.choose_tau(self._planned(scheduler_output))
-        pending = self.runner.launch(scheduler_output, tau)
+        rungs = self.controller.choose_rungs(self._planned(scheduler_output))
+        pending = self.runner.launch(scheduler_output, rungs)
         self._inflight = (scheduler_output, pending, start, self.scheduler.view.num_waiting > 0)
 
     def _collect(self) -> tuple[list[NewToken], float]:
@@ -206,7 +211,7 @@ class LLMEngine:
                           has_prefill=scheduler_output.has_prefill, tau=runner_output.tau,
                           experts_touched=runner_output.experts_touched,
                           num_waiting=view.num_waiting, num_running=view.num_running,
-                          kv_usage=self.blocks.usage)
+                          kv_usage=self.blocks.usage, top_k=runner_output.top_k)
         self.last_step_stats = self.fresh_step_stats = stats
         self.controller.observe_step(stats)
         return new_tokens, now
@@ -254,6 +259,9 @@ class LLMEngine:
         return dict(num_running=view.num_running, num_waiting=view.num_waiting,
                     kv_usage=self.blocks.usage, tau_prefill=self.controller.tau_prefill,
                     tau_decode=self.controller.tau_decode,
+                    top_k_prefill=self.controller.top_k_prefill or self.spec.top_k,
+                    top_k_decode=self.controller.top_k_decode or self.spec.top_k,
+                    accuracy_spent=self.controller.accuracy_spent(),
                     num_preemptions_total=sched.num_preemptions,
                     prompt_tokens_total=sched.num_prompt_tokens_total,
                     generation_tokens_total=sched.num_generation_tokens_total,
@@ -262,6 +270,15 @@ class LLMEngine:
                     slo_violations=dict(self.controller.violations),
                     brownout_ready=self.runner.brownout_ready,
                     **self.admission.snapshot(self.clock()))
+
+
+def _price_dirs(united: Optional[str], model_dir: Optional[Path]) -> list[Path]:
+    """Where the rung prices may lie: beside the united experts, then the demo model's own."""
+    dirs = [Path(united)] if united and Path(united).is_dir() else []
+    demo = Path(default_model_dir())
+    if model_dir is not None and model_dir.resolve() == demo.resolve():
+        dirs.append(demo.parent)
+    return dirs
 
 
 def _model_name(model: str, model_dir: Optional[Path]) -> str:

@@ -192,12 +192,12 @@ class ParallelRunner:
         self.runner = runner
         self.workers = workers
 
-    def execute(self, sched, tau: float = 1.0):
-        return self.collect(self.launch(sched, tau))
+    def execute(self, sched, rungs=1.0):
+        return self.collect(self.launch(sched, rungs))
 
-    def launch(self, sched, tau: float = 1.0):
-        self.workers.broadcast(("step", sched, tau))
-        return self.runner.launch(sched, tau)
+    def launch(self, sched, rungs=1.0):  # `Rungs` or a bare tau, as `ModelRunner.launch`
+        self.workers.broadcast(("step", sched, rungs))
+        return self.runner.launch(sched, rungs)
 
     def collect(self, pending):
         return self.runner.collect(pending)

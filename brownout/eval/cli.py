@@ -28,6 +28,16 @@ def parse_taus(text: str) -> list[float]:
     return taus
 
 
+def parse_top_ks(text: str) -> list[int]:
+    try:
+        ks = [int(k) for k in text.split(",") if k.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"top-k: expected comma-separated integers, got {text!r}") from None
+    if not ks or any(k < 1 for k in ks):
+        raise argparse.ArgumentTypeError(f"top-k: each value must be >= 1, got {text!r}")
+    return ks
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="checkpoint directory")
     p.add_argument("--united", default=None, help="united-expert directory (needed for tau < 1)")
@@ -46,6 +56,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     ppl.add_argument("--text", required=True, type=Path, help="plain-text file")
     ppl.add_argument("--max-tokens", type=int, default=None, help="score only this many tokens")
     ppl.add_argument("--window", type=int, default=512, help="tokens per scored window")
+    ppl.add_argument("--top-k", type=parse_top_ks, default=None,
+                     help="comma-separated k' (routed experts kept per token, expert shedding); "
+                          "each is scored at every tau (default: the model's k only)")
     choice = sub.add_parser("choice", help="multiple-choice accuracy by log-likelihood at each tau")
     _common(choice)
     choice.add_argument("--data", required=True, type=Path,
@@ -85,8 +98,9 @@ def _run_perplexity(args, em):
 
     ids = tokenize_text(em.tokenizer, args.text.read_text(encoding="utf-8"), args.max_tokens)
     batches = make_batches(ids, args.window, args.batch_tokens)
-    with tqdm(total=len(batches) * len(args.tau), unit="step") as bar:
-        results = evaluate_perplexity(em.model, batches, args.tau, em.device, bar)
+    top_ks = args.top_k or [None]
+    with tqdm(total=len(batches) * len(args.tau) * len(top_ks), unit="step") as bar:
+        results = evaluate_perplexity(em.model, batches, args.tau, em.device, bar, top_ks)
     return results, {"text": str(args.text), "window": args.window, "tokens_read": int(ids.numel())}
 
 
@@ -110,12 +124,17 @@ def _print_table(report: dict) -> None:
     table = Table(title=f"{report['task']} of {report['model']} (united: {united})")
     table.add_column("tau", justify="right")
     if report["task"] == "perplexity":
+        shed = any(r.get("top_k") is not None for r in report["results"])
+        if shed:
+            table.add_column("k'", justify="right")
         base = report["results"][0]["perplexity"]
-        for col in ("perplexity", "vs first tau", "slots touched / layer"):
+        for col in ("perplexity", "vs first row" if shed else "vs first tau", "slots touched / layer"):
             table.add_column(col, justify="right")
         for r in report["results"]:
             touched = r["mean_slots_touched"]
-            table.add_row(f"{r['tau']:g}", f"{r['perplexity']:.3f}", f"{r['perplexity'] / base - 1:+.1%}",
+            k_col = [str(r["top_k"] or "k")] if shed else []
+            table.add_row(f"{r['tau']:g}", *k_col, f"{r['perplexity']:.3f}",
+                          f"{r['perplexity'] / base - 1:+.1%}",
                           f"{sum(touched) / max(1, len(touched)):.1f}")
     else:
         table.add_column("acc", justify="right")

@@ -44,24 +44,28 @@ def make_batches(ids: torch.Tensor, window: int, batch_tokens: int) -> list[torc
 
 
 def evaluate_perplexity(model, batches: Sequence[torch.Tensor], taus: Sequence[float],
-                        device: torch.device, progress=None) -> list[dict]:
-    """Per tau: mean negative log-likelihood, perplexity, and slots touched per MoE layer."""
-    results = []
-    for tau in taus:
-        nll_sum, count, touched_sum = 0.0, 0, None
-        for batch in batches:
-            batch = batch.to(device)
-            logits, touched = run_step(model, batch, tau)  # [B, L, V]
-            nll = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch[:, 1:].flatten(),
-                                  reduction="sum")
-            nll_sum += float(nll)
-            count += batch[:, 1:].numel()
-            touched_sum = touched if touched_sum is None else [a + b for a, b in zip(touched_sum, touched)]
-            if progress is not None:
-                progress.update(1)
-        mean_nll = nll_sum / count
-        results.append({"tau": tau, "nll": mean_nll, "perplexity": math.exp(mean_nll),
-                        "tokens_scored": count, "steps": len(batches),
-                        "mean_slots_touched": [t / len(batches) for t in (touched_sum or [])]})
-        log.info("tau %.2f: perplexity %.3f", tau, math.exp(mean_nll))
-    return results
+                        device: torch.device, progress=None,
+                        top_ks: Sequence[Optional[int]] = (None,)) -> list[dict]:
+    """Per (k', tau): mean negative log-likelihood, perplexity, and slots touched per MoE
+    layer. `top_ks`: routed experts kept per token (None: the model's k)."""
+    return [_perplexity_at(model, batches, tau, top_k, device, progress)
+            for top_k in top_ks for tau in taus]
+
+
+def _perplexity_at(model, batches, tau: float, top_k: Optional[int], device, progress) -> dict:
+    nll_sum, count, touched_sum = 0.0, 0, None
+    for batch in batches:
+        batch = batch.to(device)
+        logits, touched = run_step(model, batch, tau, top_k=top_k)  # [B, L, V]
+        nll = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch[:, 1:].flatten(),
+                              reduction="sum")
+        nll_sum += float(nll)
+        count += batch[:, 1:].numel()
+        touched_sum = touched if touched_sum is None else [a + b for a, b in zip(touched_sum, touched)]
+        if progress is not None:
+            progress.update(1)
+    mean_nll = nll_sum / count
+    log.info("top-k %s, tau %.2f: perplexity %.3f", top_k, tau, math.exp(mean_nll))
+    return {"tau": tau, "top_k": top_k, "nll": mean_nll, "perplexity": math.exp(mean_nll),
+            "tokens_scored": count, "steps": len(batches),
+            "mean_slots_touched": [t / len(batches) for t in (touched_sum or [])]}

@@ -58,18 +58,21 @@ def check_taus(taus: Sequence[float], has_united: bool) -> None:
 
 @torch.inference_mode()
 def run_step(model, input_ids: torch.Tensor, tau: Optional[float],
-             valid: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, list[int]]:
+             valid: Optional[torch.Tensor] = None,
+             top_k: Optional[int] = None) -> tuple[torch.Tensor, list[int]]:
     """One batch [B, L] as one step -> (logits [B, L, V] float32, slots touched per MoE layer).
 
     `valid` [B, L] marks real tokens; padding is not counted by brownout and touches no expert.
-    tau None or 1 runs the exact model.
+    tau None or 1 runs the exact model. `top_k` sheds each token's routed experts to k'
+    (None: the model's k).
     """
     B, L = input_ids.shape
     device = input_ids.device
     positions = torch.arange(L, device=device).expand(B, L)
     ctx = ForwardContext(
         tau=None if tau is None else torch.tensor(float(tau), dtype=torch.float32, device=device),
-        valid=None if valid is None else valid.reshape(-1).to(device))
+        valid=None if valid is None else valid.reshape(-1).to(device),
+        top_k=None if top_k is None else torch.tensor(int(top_k), dtype=torch.int32, device=device))
     out = model(input_ids, positions, ctx)
     logits = model.compute_logits(out.hidden)  # [B, L, V]
     return logits, [] if out.experts_touched is None else out.experts_touched.tolist()

@@ -15,7 +15,9 @@ shapes), so it runs inside a captured CUDA graph with `tau` held in a device ten
    An id of -1 means "skip" to the expert kernels.
 
 Padding tokens (`valid[t]` False) are not counted and come back with id -1 and weight 0,
-so they touch no expert slot at all. With `valid=None` every token is valid and tau = 1
+so they touch no expert slot at all. Input ids of -1 (assignments shed by `select_experts`)
+are not counted either and stay -1 with weight 0: shedding runs first, so the keep set is
+chosen over the assignments the step actually computes. With `valid=None` every token is valid and tau = 1
 returns the input ids and weights unchanged (bit-identical).
 
 `brownout_route` runs the Triton kernels of `brownout_routing_triton` (one or two launches)
@@ -102,7 +104,7 @@ def _merge_duplicates(ids: torch.Tensor, weights: torch.Tensor, num_experts: int
 
 
 def brownout_route_torch(
-    topk_ids: torch.Tensor,  # [T, k] int, expert ids in [0, E)
+    topk_ids: torch.Tensor,  # [T, k] int, expert ids in [0, E) or -1 (shed)
     topk_weights: torch.Tensor,  # [T, k] float32
     tau: torch.Tensor,  # 0-d float32 on the same device (a Python float is accepted)
     group_of: torch.Tensor,  # [E] int64, group index of each routed expert (0..G-1)
@@ -116,10 +118,10 @@ def brownout_route_torch(
     if not torch.is_tensor(tau):
         tau = torch.tensor(float(tau), dtype=torch.float32, device=topk_ids.device)
     ids = topk_ids.long()  # [T, k]
-    if valid is None:
-        counted = torch.ones(T * k, dtype=torch.bool, device=ids.device)
-    else:
-        counted = valid.unsqueeze(1).expand(T, k).reshape(-1)  # [T*k]
+    live = ids >= 0  # [T, k] False where shed
+    if valid is not None:
+        live = live & valid.unsqueeze(1)
+    counted = live.reshape(-1)  # [T*k]
     flat = ids.reshape(-1)  # [T*k]
     counts = _expert_counts(flat, counted, num_experts)  # [E]
     kept = _keep_mask(counts, tau)  # [E]
@@ -127,11 +129,11 @@ def brownout_route_torch(
     experts = torch.arange(num_experts, dtype=torch.int64, device=ids.device)
     slot_of = torch.where(redirect, num_experts + group_of, experts)  # [E] remap table
     remapped = slot_of[ids.clamp(0, num_experts - 1)]  # [T, k]
+    # a shed assignment holds no slot, so it never merges into a united one
+    remapped = torch.where(ids < 0, torch.full_like(remapped, -1), remapped)
     new_ids, new_w = _merge_duplicates(remapped, topk_weights, num_experts)
-    if valid is not None:
-        pad = ~valid.unsqueeze(1)  # [T, 1]
-        new_ids = torch.where(pad, torch.full_like(new_ids, -1), new_ids)
-        new_w = torch.where(pad, torch.zeros_like(new_w), new_w)
+    new_ids = torch.where(live, new_ids, torch.full_like(new_ids, -1))
+    new_w = torch.where(live, new_w, torch.zeros_like(new_w))
     return new_ids.to(topk_ids.dtype), new_w
 
 

@@ -62,11 +62,13 @@ if triton is not None:
         offs_j = tl.arange(0, K_PAD)  # [KP]
         mj = offs_j < K
         m2 = (offs_t < T)[:, None] & mj[None, :]  # [BT, KP]
-        e = tl.load(ids_ptr + offs_t[:, None] * s_it + offs_j[None, :] * s_ik, mask=m2, other=0)
-        e = tl.minimum(tl.maximum(e.to(tl.int32), 0), E - 1)  # the torch version clamps too
+        e_in = tl.load(ids_ptr + offs_t[:, None] * s_it + offs_j[None, :] * s_ik, mask=m2,
+                       other=0).to(tl.int32)
+        live = e_in >= 0  # [BT, KP] False where shed: no slot, never merged
+        e = tl.minimum(tl.maximum(e_in, 0), E - 1)  # the torch version clamps too
         w = tl.load(w_ptr + offs_t[:, None] * s_wt + offs_j[None, :] * s_wk, mask=m2, other=0.0)
         wf = w.to(tl.float32)
-        slot = tl.load(slot_ptr + e, mask=m2, other=-1)  # [BT, KP]
+        slot = tl.load(slot_ptr + e, mask=m2 & live, other=-1)  # [BT, KP]
         united = slot >= E
         # same[t, j, j']: position j' holds the united slot of position j
         same = (slot[:, :, None] == slot[:, None, :]) & united[:, :, None] & mj[None, None, :]
@@ -75,7 +77,7 @@ if triton is not None:
         summed = tl.sum(tl.where(same, wf[:, None, :], 0.0), axis=2)  # [BT, KP]
         new_w = tl.where(united, summed, wf)
         new_id = tl.where(has_earlier, -1, slot)
-        new_w = tl.where(has_earlier, 0.0, new_w)
+        new_w = tl.where(has_earlier | (live == 0), 0.0, new_w)
         if HAS_VALID:
             v = tl.load(valid_ptr + offs_t * s_v, mask=offs_t < T, other=0) != 0  # [BT]
             new_id = tl.where(v[:, None], new_id, -1)
@@ -103,8 +105,9 @@ if triton is not None:
             n = start + tl.arange(0, BLOCK_N)  # [BN] flat assignment index
             m = n < N
             t = n // K
-            e = tl.load(ids_ptr + t * s_it + (n - t * K) * s_ik, mask=m, other=0)
-            e = tl.minimum(tl.maximum(e.to(tl.int32), 0), E - 1)
+            e = tl.load(ids_ptr + t * s_it + (n - t * K) * s_ik, mask=m, other=0).to(tl.int32)
+            m = m & (e >= 0)  # shed assignments are not counted
+            e = tl.minimum(tl.maximum(e, 0), E - 1)
             if HAS_VALID:
                 m = m & (tl.load(valid_ptr + t * s_v, mask=m, other=0) != 0)
             hist += tl.histogram(tl.where(m, e, HBINS - 1), HBINS)
@@ -171,7 +174,7 @@ def _plan_config(n_assign: int) -> tuple[int, int]:
 
 
 def brownout_route_triton(
-    topk_ids: torch.Tensor,  # [T, k] int, expert ids in [0, E)
+    topk_ids: torch.Tensor,  # [T, k] int, expert ids in [0, E) or -1 (shed)
     topk_weights: torch.Tensor,  # [T, k] float
     tau,  # 0-d tensor (any float dtype, on the device) or a Python float
     group_of: torch.Tensor,  # [E] int, group index of each routed expert

@@ -1,10 +1,21 @@
-"""Router top-k selection (softmax over all experts, optional renormalisation over the k).
+"""Router top-k selection (softmax over all experts, optional renormalisation over the k),
+with optional expert shedding down to k' < k routed experts per token.
 
 Matches the Hugging Face reference: softmax in float32, top-k, renormalise if the model's
 config says so. Pure tensor ops, no host synchronisation.
+
+Shedding (`active_k`, a 0-d device tensor, so a CUDA graph reads it at replay) keeps each
+token's k' highest-weight assignments: `torch.topk` returns them sorted, so positions
+>= k' are dropped (id -1, weight 0, which every expert path skips). The kept weights are
+renormalised exactly as the family's router does at top-k': Mixtral and Qwen3-MoE
+(renormalize) divide by the kept sum; Qwen2-MoE without norm_topk_prob keeps the softmax
+probabilities as they are. So shedding at k' computes what the model computes with
+top_k = k', and at k' = k it returns the plain selection bit for bit.
 """
 
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 
@@ -13,10 +24,15 @@ def select_experts(
     router_logits: torch.Tensor,  # [T, E]
     top_k: int,
     renormalize: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:  # weights [T, k] float32, ids [T, k] int32
+    active_k: Optional[torch.Tensor] = None,  # 0-d int: routed experts kept per token (k')
+) -> tuple[torch.Tensor, torch.Tensor]:  # weights [T, k] float32, ids [T, k] int32 (-1 = shed)
     probs = torch.softmax(router_logits.float(), dim=-1)  # [T, E]
-    weights, ids = torch.topk(probs, top_k, dim=-1)  # [T, k]
+    weights, ids = torch.topk(probs, top_k, dim=-1)  # [T, k], sorted descending
+    ids = ids.to(torch.int32)
+    if active_k is not None:
+        keep = torch.arange(top_k, device=ids.device) < active_k  # [k]
+        weights = torch.where(keep, weights, torch.zeros_like(weights))
+        ids = torch.where(keep, ids, torch.full_like(ids, -1))
     if renormalize:
         weights = weights / weights.sum(dim=-1, keepdim=True)
-    return weights, ids.to(torch.int32)
-
+    return weights, ids

@@ -31,6 +31,8 @@ class ForwardContext:
     attn: Optional[AttnMeta] = None  # None: plain causal attention over [B, L] (no cache)
     kv_caches: Optional[list[tuple[torch.Tensor, torch.Tensor]]] = None  # per layer
     tau: Optional[torch.Tensor] = None  # 0-d float32; None: brownout off
+    # 0-d int32: routed experts kept per token (k' <= k, expert shedding); None: the model's k
+    top_k: Optional[torch.Tensor] = None
     valid: Optional[torch.Tensor] = None  # [T] bool: False on CUDA-graph padding rows
     count_touched: bool = True  # MoE layers count the distinct expert slots they use
     use_kernels: bool = False  # Triton kernels (GPU) instead of the plain-torch path

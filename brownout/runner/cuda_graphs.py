@@ -7,7 +7,8 @@ to a `GraphKey`, or to None when the step runs eager. Capture walks the same key
 
 Every input the captured forward reads lives in a persistent device buffer: token ids,
 positions, cache slots, block tables, context lengths, query offsets, the padding mask and
-the brownout threshold `tau`. A replay copies the step's values into those buffers (one
+the degradation rungs (brownout threshold `tau`, routed experts kept per token `top_k`).
+A replay copies the step's values into those buffers (one
 routine, `_fill`, for both kinds); nothing is recaptured when tau changes. The graph's
 outputs (hidden states and the expert slots each MoE layer touched) are static tensors
 too, read after the replay.
@@ -23,9 +24,12 @@ too, read after the replay.
   empty query range, so attention does no work for them. Without these graphs such a step
   runs eager, and its ~60 kernel launches per layer cost more host time than the GPU work.
 
-With united experts installed each bucket has two graphs: one with brownout routing, which
-reads `tau` from its device tensor, and one without, replayed when the controller asks for
-tau = 1 (routing would change nothing then), so full quality costs no routing time.
+With united experts installed each bucket has two graphs: a dimmed one, which reads `tau`
+and `top_k` from their device tensors (expert shedding, then brownout routing), and a plain
+one, replayed when the controller asks for tau = 1 and the model's k (routing and shedding
+would change nothing then), so full quality costs no routing time. Shedding adds no graph:
+the dimmed graph at tau = 1 routes nothing and sheds to the k' in `top_k`. Without united
+experts there is no dimmed graph and a step that sheds runs eager.
 
 `graphed=False` keeps the same padded buffers and runs the forward on them eagerly instead
 of replaying: the padding logic can then be checked without a GPU (kernels interpreted).
@@ -81,22 +85,23 @@ class StepDescriptor:
     uniform_decode: bool  # every sequence has one query token and samples it
     prompt_logprobs: bool  # some sequence asks for prompt logprobs
     routed: bool  # brownout routing asked for (tau < 1)
+    shed: bool = False  # expert shedding asked for (k' < k)
 
     @classmethod
-    def of(cls, sched: SchedulerOutput, routed: bool) -> "StepDescriptor":
+    def of(cls, sched: SchedulerOutput, routed: bool, shed: bool = False) -> "StepDescriptor":
         seqs = sched.seqs
         return cls(num_tokens=sum(len(s.token_ids) for s in seqs), num_seqs=len(seqs),
                    table_width=max(len(s.block_table) for s in seqs),
                    uniform_decode=all(len(s.token_ids) == 1 and s.sample for s in seqs),
                    prompt_logprobs=any(s.prompt_logprob_targets is not None for s in seqs),
-                   routed=routed)
+                   routed=routed, shed=shed)
 
 
 @dataclass(frozen=True)
 class GraphKey:
     kind: str  # DECODE (`size` sequences of one token) or MIXED (`size` token rows)
     size: int  # the bucket
-    routed: bool  # the variant with brownout routing
+    routed: bool  # the dimmed variant: expert shedding and brownout routing
 
 
 class GraphDispatcher:
@@ -131,7 +136,9 @@ class GraphDispatcher:
             return None
         if step.num_seqs > self.max_batch or step.table_width > self.max_blocks:
             return None
-        routed = step.routed and self.with_brownout
+        if step.shed and not self.with_brownout:
+            return None  # shedding lives in the dimmed graphs only
+        routed = (step.routed or step.shed) and self.with_brownout
         if step.uniform_decode:
             return GraphKey(DECODE, _bucket(self.sizes, step.num_seqs), routed)
         if self.token_sizes and step.num_tokens <= self.token_sizes[-1]:
@@ -147,11 +154,15 @@ def _bucket(sizes: list[int], n: int) -> int:
 class StepGraphs:
     def __init__(self, model, kv_caches, tau: torch.Tensor, max_batch: int, max_blocks: int,
                  with_brownout: bool, max_step_tokens: int = 0, block_size: int = 16,
-                 graphed: bool = True, across_ranks: bool = False):
-        """Buffers for the graphs `GraphDispatcher` plans (same arguments); `capture` records them."""
+                 graphed: bool = True, across_ranks: bool = False,
+                 top_k: Optional[torch.Tensor] = None):
+        """Buffers for the graphs `GraphDispatcher` plans (same arguments); `capture` records them.
+        `top_k`: 0-d int32 device tensor of the routed experts kept per token, read by the
+        dimmed graphs (None: they never shed)."""
         self.model = model
         self.kv_caches = kv_caches
         self.tau = tau
+        self.top_k = top_k
         self.graphed = graphed
         self.dispatcher = GraphDispatcher(max_batch, max_blocks, with_brownout, max_step_tokens,
                                           block_size, across_ranks)
@@ -236,6 +247,7 @@ class StepGraphs:
             meta = AttnMeta(slot_mapping=self.slots[:n], block_tables=self.block_tables,
                             seq_lens=self.seq_lens, query_start_loc=self.mixed_qsl, max_query_len=n)
         ctx = ForwardContext(attn=meta, kv_caches=self.kv_caches, tau=self.tau if key.routed else None,
+                             top_k=self.top_k if key.routed else None,
                              valid=self.valid[:n], use_kernels=True)
         return self.model(self.input_ids[:n], self.positions[:n], ctx)
 

@@ -1,7 +1,8 @@
 """Turns one `SchedulerOutput` into tensors, runs the model and samples.
 
-Owns the paged KV cache tensors, the brownout threshold (a device tensor the MoE layers
-read, so CUDA-graph replays need no recapture) and the per-request sampling generators.
+Owns the paged KV cache tensors, the degradation rungs (the brownout threshold tau and the
+routed experts kept per token k': device tensors the MoE layers read, so CUDA-graph replays
+need no recapture) and the per-request sampling generators.
 Each step is described once (`StepDescriptor`); the graphs' dispatcher says whether it
 replays a CUDA graph or runs eager, and either way the model's forward returns the hidden
 states with the expert slots each MoE layer touched. Sampling parameters become device
@@ -23,7 +24,7 @@ from brownout.models.context import AttnMeta, ForwardContext, ForwardOutput
 from brownout.runner.cuda_graphs import PAD_BLOCK, StepDescriptor, StepGraphs
 from brownout.runner.loader import LoadedModel
 from brownout.runner.sampler import SamplingMetadata, sample, to_device, token_logprobs
-from brownout.types import Logprob, RunnerOutput, SamplingParams, ScheduledSeq, SchedulerOutput
+from brownout.types import Logprob, Rungs, RunnerOutput, SamplingParams, ScheduledSeq, SchedulerOutput
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +38,8 @@ MAX_GRAPH_BATCH = 512
 WARM_UP_TOKENS = (1, 8, 32, 64, 128, 256, 512, 1024)
 # tau 1 takes the plain expert path, any tau < 1 the routed one: one of each compiles both
 WARM_UP_TAUS = (1.0, 0.5)
+# fewest routed experts a token keeps under expert shedding: one, or the token has no expert
+MIN_TOP_K = 1
 
 
 def kv_block_bytes(loaded: LoadedModel, block_size: int) -> int:
@@ -78,6 +81,8 @@ class ModelRunner:
                           for _ in range(s.num_layers)]
         self.use_kernels = self.device.type == "cuda" and _kernels_available()
         self.tau = torch.ones((), dtype=torch.float32, device=self.device)
+        self.model_top_k = loaded.spec.top_k
+        self.top_k = torch.full((), self.model_top_k, dtype=torch.int32, device=self.device)
         self._generators: dict[str, Optional[torch.Generator]] = {}
         self.graphs: Optional[StepGraphs] = None
         if self.use_kernels and not enforce_eager:
@@ -85,7 +90,7 @@ class ModelRunner:
             self.graphs = StepGraphs(self.model, self.kv_caches, self.tau, min(max_batch, MAX_GRAPH_BATCH),
                                      -(-max_len // cache.block_size), self.brownout_ready,
                                      max_step_tokens=max_step_tokens, block_size=cache.block_size,
-                                     across_ranks=loaded.parallel.active)
+                                     across_ranks=loaded.parallel.active, top_k=self.top_k)
             self.graphs.capture()
         log.info("KV cache: %d blocks of %d tokens (%.1f MiB)", self.num_blocks, self.block_size,
                  self.num_blocks * kv_block_bytes(loaded, self.block_size) / 2**20)
@@ -151,15 +156,17 @@ class ModelRunner:
         return to_device(ids, dev, torch.long), to_device(pos, dev, torch.long), meta
 
     @torch.inference_mode()
-    def execute(self, sched: SchedulerOutput, tau: float = 1.0) -> RunnerOutput:
-        return self.collect(self.launch(sched, tau))
+    def execute(self, sched: SchedulerOutput, rungs: "Rungs | float" = 1.0) -> RunnerOutput:
+        return self.collect(self.launch(sched, rungs))
 
     @torch.inference_mode()
-    def launch(self, sched: SchedulerOutput, tau: float = 1.0) -> "PendingStep":
+    def launch(self, sched: SchedulerOutput, rungs: "Rungs | float" = 1.0) -> "PendingStep":
         """Queue the step's forward, sampling and the copy of the sampled tokens to the host;
         on a GPU this returns before the GPU is done, so the engine can do its host work for
-        the previous step meanwhile. `collect` waits for the results."""
-        out, meta = self.forward(sched, tau)
+        the previous step meanwhile. `collect` waits for the results. `rungs`: the step's
+        `Rungs`, or a bare tau (the model's k)."""
+        rungs = as_rungs(rungs)
+        out, meta = self.forward(sched, rungs)
         sampled = [s for s in sched.seqs if s.sample]
         offsets = _offsets(meta.query_lens_list)
         tokens = logits = sampling = None
@@ -171,7 +178,9 @@ class ModelRunner:
             sampling = SamplingMetadata.build([s.sampling for s in sampled], gens, logits.shape[1], self.device)
             tokens = sample(logits, sampling)
         pending = PendingStep(sched=sched, hidden=out.hidden, offsets=offsets, sampled=sampled, logits=logits,
-                              tokens=tokens, sampling=sampling, tau=tau if self.brownout_ready else 1.0)
+                              tokens=tokens, sampling=sampling,
+                              tau=rungs.tau if self.brownout_ready else 1.0,
+                              top_k=self.shed_to(rungs))
         # non-blocking copies land in pinned memory; the event says when they are there
         pending.tokens_host = tokens.to("cpu", non_blocking=True) if tokens is not None else None
         touched = out.experts_touched
@@ -186,7 +195,7 @@ class ModelRunner:
         """The launched step's sampled tokens (and logprobs, expert counts); waits for the GPU."""
         if pending.ready is not None:
             pending.ready.synchronize()
-        out = RunnerOutput(sampled={}, tau=pending.tau)
+        out = RunnerOutput(sampled={}, tau=pending.tau, top_k=pending.top_k)
         if pending.tokens_host is not None:
             for s, tok in zip(pending.sampled, pending.tokens_host.tolist()):
                 out.sampled[s.request_id] = tok
@@ -199,20 +208,33 @@ class ModelRunner:
         return out
 
     @torch.inference_mode()
-    def forward(self, sched: SchedulerOutput, tau: float = 1.0) -> tuple[ForwardOutput, AttnMeta]:
+    def shed_to(self, rungs: Rungs) -> Optional[int]:
+        """The k' a step at `rungs` runs with, or None when it keeps the model's k."""
+        if rungs.top_k is None or rungs.top_k >= self.model_top_k:
+            return None
+        return max(MIN_TOP_K, int(rungs.top_k))
+
+    @torch.inference_mode()
+    def forward(self, sched: SchedulerOutput, rungs: "Rungs | float" = 1.0) -> tuple[ForwardOutput, AttnMeta]:
         """Run the model on one step: a CUDA-graph replay where the dispatcher has a graph for
         it, else eager -> (hidden [T, D] and expert slots touched [M] or None, meta); no sampling."""
+        rungs = as_rungs(rungs)
         input_ids, positions, meta = self._prepare(sched)
+        tau = rungs.tau
         if self.brownout_ready:
             self.tau.fill_(tau)
+        top_k = self.shed_to(rungs)
+        self.top_k.fill_(self.model_top_k if top_k is None else top_k)
         key = None
         if self.graphs is not None:
-            key = self.graphs.dispatch(StepDescriptor.of(sched, routed=tau < 1.0))
+            key = self.graphs.dispatch(StepDescriptor.of(sched, routed=tau < 1.0, shed=top_k is not None))
         if key is not None:
             return self.graphs.run(key, input_ids, positions, meta), meta
-        # eager: at tau = 1 routing is skipped altogether (it would change nothing)
+        # eager: at tau = 1 routing is skipped altogether (it would change nothing), and so
+        # is shedding at the model's k
         brownout = self.brownout_ready and tau < 1.0
         ctx = ForwardContext(attn=meta, kv_caches=self.kv_caches, tau=self.tau if brownout else None,
+                             top_k=self.top_k if top_k is not None else None,
                              use_kernels=self.use_kernels)
         return self.model(input_ids, positions, ctx), meta
 
@@ -248,9 +270,15 @@ class PendingStep:
     tokens: Optional[torch.Tensor]
     sampling: Optional[SamplingMetadata]  # None when no sequence samples
     tau: float
+    top_k: Optional[int] = None  # k' the step shed to; None: the model's k
     tokens_host: Optional[torch.Tensor] = None
     touched_host: Optional[torch.Tensor] = None
     ready: Optional["torch.cuda.Event"] = None
+
+
+def as_rungs(rungs: "Rungs | float") -> Rungs:
+    """A step's rungs from `Rungs` or a bare tau (the model's k)."""
+    return rungs if isinstance(rungs, Rungs) else Rungs(tau=float(rungs))
 
 
 def _offsets(query_lens: list[int]) -> list[int]:

@@ -3,8 +3,11 @@
 Requests arrive, get chunk-prefilled under a token budget, then decode one token per
 step. Each step's distinct experts touched come from simulating brownout routing
 (SPEC 1.3) on sampled top-k assignments over a skewed expert popularity; its latency is
-`latency_fn(experts, tokens, has_prefill)` times a little log-normal noise. The clock
-is a FakeClock the controller shares, so the controller sees simulated time only.
+`latency_fn(experts, tokens, has_prefill)` times a little log-normal noise. The step's
+rungs come from `controller.choose_rungs`; a step shed to k' < k samples k' experts per
+token, and `shed_latency_fn(experts, tokens, has_prefill, k' / k)`, when given, prices the
+shed compute. The clock is a FakeClock the controller shares, so the controller sees
+simulated time only.
 """
 
 from __future__ import annotations
@@ -36,14 +39,15 @@ class ExpertsOracle:
         pop = 1.0 / np.arange(1, num_experts + 1)
         self.logp = np.log(pop[self.rng.permutation(num_experts)] / pop.sum())
 
-    def touched(self, tau: float, tokens: int) -> int:
+    def touched(self, tau: float, tokens: int, top_k: Optional[int] = None) -> int:
         if tokens <= 0:
             return 0
+        k = self.k if top_k is None else min(top_k, self.k)
         g = self.rng.gumbel(size=(tokens, self.E)) + self.logp  # top-k without replacement
-        chosen = np.argpartition(-g, self.k - 1, axis=1)[:, :self.k]
+        chosen = np.argpartition(-g, k - 1, axis=1)[:, :k]  # the k' most likely of the top-k
         counts = np.bincount(chosen.ravel(), minlength=self.E)
         order = np.lexsort((np.arange(self.E), -counts))
-        need = tau * tokens * self.k
+        need = tau * tokens * k
         n_keep = int(np.searchsorted(np.cumsum(counts[order]), need - 1e-9) + 1) if need > 0 else 0
         keep = np.zeros(self.E, bool)
         keep[order[:n_keep]] = True
@@ -73,6 +77,7 @@ class SimRequest:
 class SimResult:
     steps: list[tuple[float, float, bool, float]] = field(default_factory=list)  # end, lat, prefill, tau
     requests: list[SimRequest] = field(default_factory=list)
+    top_ks: list[Optional[int]] = field(default_factory=list)  # k' of each step (None: k)
 
     def taus(self, has_prefill: bool = False) -> np.ndarray:
         return np.array([s[3] for s in self.steps if s[2] == has_prefill])
@@ -99,7 +104,8 @@ class SimResult:
 def simulate(controller, clock: FakeClock, arrivals: list[tuple[float, int, int]], *,
              until: float, max_num_seqs: int = 64, token_budget: int = 512,
              latency_fn: Callable[[int, int, bool], float] = paper_like_latency,
-             noise: float = 0.03, seed: int = 0) -> SimResult:
+             noise: float = 0.03, seed: int = 0,
+             shed_latency_fn: Optional[Callable[[int, int, bool, float], float]] = None) -> SimResult:
     rng = np.random.default_rng(seed)
     oracle = ExpertsOracle(seed=seed)
     pending = deque(SimRequest(a, p, o) for a, p, o in sorted(arrivals))
@@ -121,10 +127,14 @@ def simulate(controller, clock: FakeClock, arrivals: list[tuple[float, int, int]
         planned = PlannedStep(prefill, decode, len(running), len(waiting),
                               sum(r.prompt_len for r in waiting))
         clock.t = t
-        tau = controller.choose_tau(planned)
-        experts = oracle.touched(tau, prefill + decode)
-        lat = latency_fn(experts, prefill + decode, prefill > 0) * float(
-            np.exp(rng.normal(0.0, noise)))
+        rungs = controller.choose_rungs(planned)
+        tau = rungs.tau
+        experts = oracle.touched(tau, prefill + decode, rungs.top_k)
+        if rungs.top_k is not None and shed_latency_fn is not None:
+            base = shed_latency_fn(experts, prefill + decode, prefill > 0, rungs.top_k / oracle.k)
+        else:
+            base = latency_fn(experts, prefill + decode, prefill > 0)
+        lat = base * float(np.exp(rng.normal(0.0, noise)))
         t += lat
         clock.t = t
         _advance(running, chunks, t, controller, result)
@@ -132,8 +142,9 @@ def simulate(controller, clock: FakeClock, arrivals: list[tuple[float, int, int]
             start_time=t - lat, latency_s=lat, num_prefill_tokens=prefill,
             num_decode_tokens=decode, batch_size=planned.batch_size, has_prefill=prefill > 0,
             tau=tau, experts_touched=[experts], num_waiting=len(waiting),
-            num_running=len(running)))
+            num_running=len(running), top_k=rungs.top_k))
         result.steps.append((t, lat, prefill > 0, tau))
+        result.top_ks.append(rungs.top_k)
     return result
 
 

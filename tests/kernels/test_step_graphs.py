@@ -63,39 +63,39 @@ def _fill_cache(runner, seed):
         v.copy_(torch.randn(v.shape, generator=g))
 
 
-def _eager(runner, sched, tau):
+def _eager(runner, sched, tau, shed=False):
     from brownout.models.context import ForwardContext
 
     ids, pos, meta = runner._prepare(sched)
     runner.tau.fill_(tau)
     ctx = ForwardContext(attn=meta, kv_caches=runner.kv_caches, tau=runner.tau if tau < 1 else None,
-                         use_kernels=True)
+                         top_k=runner.top_k if shed else None, use_kernels=True)
     hidden, touched = runner.model(ids, pos, ctx)
     return hidden, touched, [t.clone() for kv in runner.kv_caches for t in kv]
 
 
-def _padded(runner, sched, tau, graphed, kind):
+def _padded(runner, sched, tau, graphed, kind, shed=False):
     from brownout.runner.cuda_graphs import StepGraphs
 
     graphs = StepGraphs(runner.model, runner.kv_caches, runner.tau, 8, 16, runner.brownout_ready,
-                        max_step_tokens=64, block_size=16, graphed=graphed)
+                        max_step_tokens=64, block_size=16, graphed=graphed, top_k=runner.top_k)
     graphs.capture()
     # larger steps first, so every buffer holds another step's values (stale rows must not leak)
     for decoy in (_decoy_sched(runner.model.spec.vocab_size), _decoy_decode(runner.model.spec.vocab_size)):
-        _run(runner, graphs, decoy, tau)
+        _run(runner, graphs, decoy, tau, shed=shed)
     _fill_cache(runner, 1)
-    hidden, touched = _run(runner, graphs, sched, tau, kind)
+    hidden, touched = _run(runner, graphs, sched, tau, kind, shed=shed)
     return hidden, touched, [t.clone() for kv in runner.kv_caches for t in kv]
 
 
-def _run(runner, graphs, sched, tau, kind=None):
+def _run(runner, graphs, sched, tau, kind=None, shed=False):
     from brownout.runner.cuda_graphs import StepDescriptor
 
     ids, pos, meta = runner._prepare(sched)
     runner.tau.fill_(tau)
-    key = graphs.dispatch(StepDescriptor.of(sched, routed=tau < 1))
+    key = graphs.dispatch(StepDescriptor.of(sched, routed=tau < 1, shed=shed))
     assert key is not None and kind in (None, key.kind)
-    assert key.routed == (tau < 1 and runner.brownout_ready)
+    assert key.routed == ((tau < 1 or shed) and runner.brownout_ready)
     return graphs.run(key, ids, pos, meta)
 
 
@@ -147,6 +147,31 @@ def test_padded_step_equals_unpadded(tiny_models, family, united, tau, kind):
     assert err < 1e-4, f"padded step differs: rel. err. {err:.2e}"
     assert got_touched.tolist() == want_touched.tolist()
     for a, b in zip(got_kv, want_kv):  # padding rows wrote nothing, real rows the same
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
+
+
+@needs_kernels
+@pytest.mark.parametrize("tau", [1.0, 0.0])
+@pytest.mark.parametrize("kind", ["mixed", "decode"])
+def test_padded_shed_step_equals_unpadded(tiny_models, tau, kind):
+    """Expert shedding (k' = 1 of 2) in the dimmed graph: the k' read from its device tensor,
+    alone (tau 1) and before brownout routing (tau 0), as in the eager step."""
+    loaded, runner = _setup(tiny_models, "qwen3_moe", "average:4")
+    runner.top_k.fill_(1)
+    vocab = loaded.spec.vocab_size
+    sched = _sched(vocab, seed=3) if kind == "mixed" else _decode_sched(vocab)
+    with torch.inference_mode():
+        _fill_cache(runner, 1)
+        full, _, _ = _eager(runner, sched, tau)
+        _fill_cache(runner, 1)
+        want, want_touched, want_kv = _eager(runner, sched, tau, shed=True)
+        _fill_cache(runner, 1)
+        got, got_touched, got_kv = _padded(runner, sched, tau, graphed=CUDA, kind=kind, shed=True)
+    assert (want - full).norm() / full.norm() > 1e-3  # shedding changed the step
+    err = (got - want).norm() / want.norm()
+    assert err < 1e-4, f"padded shed step differs: rel. err. {err:.2e}"
+    assert got_touched.tolist() == want_touched.tolist()
+    for a, b in zip(got_kv, want_kv):
         assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
 
 

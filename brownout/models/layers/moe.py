@@ -129,9 +129,14 @@ class SparseMoE(nn.Module):
         return out.reshape(shape), touched
 
     def _route(self, x: torch.Tensor, ctx: ForwardContext) -> tuple[torch.Tensor, torch.Tensor, bool]:
-        """x [T, D] -> (weights [T, k], slot ids [T, k], whether brownout routing ran)."""
+        """x [T, D] -> (weights [T, k], slot ids [T, k], whether brownout routing ran).
+
+        Shedding (`ctx.top_k`) runs before brownout routing: it is then the model at top-k'
+        whatever tau is (its price is measured alone), and brownout's keep set is chosen
+        over the assignments the step computes."""
         router_logits = self.gate(x)  # [T, E]
-        weights, ids = select_experts(router_logits, self.top_k, self.renormalize)  # [T, k]
+        weights, ids = select_experts(router_logits, self.top_k, self.renormalize,
+                                      ctx.top_k)  # [T, k]; shed assignments have id -1
         if self.capture is not None:
             self.capture.append(dict(x=x.detach().cpu(), topk_ids=ids.cpu(), topk_weights=weights.cpu()))
         routed = ctx.tau is not None and self.brownout_ready

@@ -1,0 +1,42 @@
+"""The engine passes the controller's rungs to the runner and reports them: k' per phase and
+the accuracy spent, priced from the table beside the united experts (or the demo model's)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from brownout.config import EngineConfig, ModelLoadConfig, SchedulerConfig
+from brownout.defaults import default_model_dir
+from brownout.engine import llm_engine
+from brownout.engine.llm_engine import LLMEngine
+from brownout.types import Rungs, SamplingParams
+
+PRICES = {"model_top_k": 2, "prices": [{"top_k": 2, "tau": 1.0, "ppl_increase": 0.0},
+                                       {"top_k": 1, "tau": 1.0, "ppl_increase": 0.2}]}
+
+
+def test_price_dirs_are_the_united_experts_then_the_demo_models(tmp_path):
+    demo = Path(default_model_dir())
+    assert llm_engine._price_dirs(None, demo) == [demo.parent]
+    assert llm_engine._price_dirs(str(tmp_path), None) == [tmp_path]
+    assert llm_engine._price_dirs("average:4", tmp_path) == []
+
+
+def test_engine_runs_the_chosen_rungs_and_reports_them(tiny_models, tmp_path, monkeypatch):
+    (tmp_path / "ladder-prices.json").write_text(json.dumps(PRICES))
+    monkeypatch.setattr(llm_engine, "_price_dirs", lambda united, model_dir: [tmp_path])
+    eng = LLMEngine(EngineConfig(
+        load=ModelLoadConfig(model=str(tiny_models["qwen2_moe"]), device="cpu"),
+        scheduler=SchedulerConfig(max_num_seqs=2, max_num_batched_tokens=64)))
+    assert eng.controller.prices is not None
+    monkeypatch.setattr(eng.controller, "choose_rungs", lambda planned: Rungs(tau=1.0, top_k=1))
+    eng.add_request("a", list(range(3, 40)), SamplingParams(max_tokens=4, temperature=0.0,
+                                                             ignore_eos=True))
+    while eng.has_unfinished_requests():
+        eng.step()
+    assert eng.last_step_stats.top_k == 1
+    snap = eng.snapshot()
+    assert snap["top_k_prefill"] == 2  # the policy's own choice (it sheds nothing)
+    assert snap["accuracy_spent"]["time_weighted"] == 0.2
+    assert snap["accuracy_spent"]["token_weighted"] == 0.2
