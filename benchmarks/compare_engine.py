@@ -4,6 +4,7 @@ Used to check that a change leaves the GPU figures where they were: each row is 
 shape, measured before and after on the same kind of GPU, with the after/before ratio.
 
 Run: python benchmarks/compare_engine.py BEFORE_DIR AFTER_DIR --out FILE.md [--title T]
+     python benchmarks/compare_engine.py --shed RUN_DIR --out FILE.md (the `shed` stage alone)
 (each DIR holds the `decode.json`, `prefill.json` and `meta.json` that bench_engine writes)
 """
 
@@ -61,6 +62,22 @@ def render(before: Path, after: Path, title: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def render_shed(run_dir: Path) -> str:
+    """The `shed` stage of one run: steps at each k' x tau against k' = k, tau 1."""
+    meta = json.loads((run_dir / "meta.json").read_text())
+    lines = [f"# Expert shedding (k' < k) and brownout on the {meta['device']}", "",
+             f"{run_dir}, torch {meta['torch']}, {meta['weights']} ({meta['preset']}), way-4 "
+             "uncalibrated united experts, CUDA-graphed steps (`bench_engine.py --stages shed`). "
+             "`vs full`: against the same step at k' = k (4) and tau 1.", "",
+             "| kind | tokens | k' | tau | graph | step ms | / roofline | vs full | experts / layer |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in json.loads((run_dir / "shed.json").read_text()):
+        lines.append(f"| {r['kind']} | {r['tokens']} | {r['top_k']} | {r['tau']:g} | `{r['graph']}` "
+                     f"| {r['step_ms']:.2f} | {r['ratio_roofline']:.2f} | {r['vs_full']:.3f} "
+                     f"| {r['experts_touched_mean']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
 def _geomean(values: list[float]) -> float:
     product = 1.0
     for v in values:
@@ -70,12 +87,16 @@ def _geomean(values: list[float]) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("before", type=Path)
-    ap.add_argument("after", type=Path)
+    ap.add_argument("before", type=Path, nargs="?")
+    ap.add_argument("after", type=Path, nargs="?")
+    ap.add_argument("--shed", type=Path, help="render the shed stage of this run instead")
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--title", default="Engine steps before and after a change")
     args = ap.parse_args()
-    args.out.write_text(render(args.before, args.after, args.title))
+    if args.shed:
+        args.out.write_text(render_shed(args.shed))
+    else:
+        args.out.write_text(render(args.before, args.after, args.title))
 
 
 if __name__ == "__main__":
