@@ -1,0 +1,84 @@
+"""Accuracy prices of a united-expert set: perplexity increase per tau, by kind of text.
+
+A text is `in_distribution` when its file is one of the calibration sources of the united
+set (same sha256, whatever part of it is priced) and `held_out` otherwise: a source the
+calibration never saw, the price an operator should read. Per kind and tau the price is
+the mean over its texts of perplexity(tau) / perplexity(1) - 1 (each text counts once);
+the kind's perplexity is the geometric mean over its texts. Prices are stored in the
+united set's manifest under "prices".
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Optional, Sequence
+
+from brownout.unite.sources import file_sha256
+from brownout.unite.store import MANIFEST_FILE
+
+log = logging.getLogger(__name__)
+
+KINDS = ("held_out", "in_distribution")  # the first present kind is the one quoted
+
+
+def calibration_digests(manifest: Optional[dict]) -> set[str]:
+    """sha256 of every calibration source of a united set (empty: calibration-free)."""
+    cal = (manifest or {}).get("calibration") or {}
+    return {s["sha256"] for s in cal.get("sources", cal.get("files", [])) if "sha256" in s}
+
+
+def text_kind(path: Path, manifest: Optional[dict]) -> str:
+    return "in_distribution" if file_sha256(Path(path)) in calibration_digests(manifest) else "held_out"
+
+
+def summarise(texts: Sequence[dict]) -> list[dict]:
+    """Per tau over texts [{"results": [{"tau", "nll", "perplexity", ...}]}] of one kind."""
+    out = []
+    for i, first in enumerate(texts[0]["results"]):
+        rows = [t["results"][i] for t in texts]
+        entry = {"tau": first["tau"], "nll": sum(r["nll"] for r in rows) / len(rows),
+                 "perplexity": math.exp(sum(r["nll"] for r in rows) / len(rows)),
+                 "tokens_scored": sum(r["tokens_scored"] for r in rows)}
+        base = [next((b for b in t["results"] if b["tau"] == 1.0), None) for t in texts]
+        if all(b is not None for b in base):
+            entry["increase"] = sum(r["perplexity"] / b["perplexity"] - 1 for r, b in zip(rows, base)) / len(rows)
+        touched = [r["mean_slots_touched"] for r in rows if r.get("mean_slots_touched")]
+        if touched:
+            entry["mean_slots_touched"] = [sum(c) / len(touched) for c in zip(*touched)]
+        out.append(entry)
+    return out
+
+
+def by_kind(texts: Sequence[dict]) -> dict[str, list[dict]]:
+    """{kind: per-tau summary} over texts that carry a "kind"."""
+    return {kind: summarise([t for t in texts if t["kind"] == kind])
+            for kind in KINDS if any(t["kind"] == kind for t in texts)}
+
+
+def quoted_kind(kinds: dict) -> str:
+    return next(k for k in KINDS if k in kinds)
+
+
+def manifest_prices(texts: Sequence[dict], window: int, batch_tokens: int) -> dict:
+    """The "prices" entry of a manifest: texts priced and, per kind, perplexity and increase per tau."""
+    kinds = by_kind(texts)
+    entry = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+             "window": window, "batch_tokens": batch_tokens, "quoted": quoted_kind(kinds),
+             "texts": [{k: t[k] for k in ("path", "name", "sha256", "part", "kind", "tokens")} for t in texts]}
+    for kind, rows in kinds.items():
+        entry[kind] = {"tau": [r["tau"] for r in rows], "perplexity": [r["perplexity"] for r in rows],
+                       "increase": [r.get("increase") for r in rows]}
+    return entry
+
+
+def record_prices(united_dir: Path, prices: dict, key: str = "prices") -> None:
+    """Store `prices` in the united set's manifest under `key` (other fields kept)."""
+    path = Path(united_dir) / MANIFEST_FILE
+    manifest = json.loads(path.read_text())
+    manifest[key] = prices
+    path.write_text(json.dumps(manifest, indent=1) + "\n")
+    log.info("recorded %s in %s", key, path)
