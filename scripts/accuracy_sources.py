@@ -6,7 +6,7 @@ and `no-<source>` (leave one of the four out). Every set is priced at every tau 
 tail (last 5%) of each of the four sources, which neither the model nor any calibration
 saw: on the tails of the calibration's own sources (in distribution) and on the tail of
 the source it left out (held out). Sets fitted on all four sources are also priced on a
-fifth kind of text, AlpacaEval's GPT-4 answers as chats, which the model never saw.
+fifth kind of text, the tail of AlpacaEval's GPT-4 answers as chats, which the model never saw.
 
 Builds and evaluations are cached under --work; results accumulate in
 benchmarks/results/accuracy/held_out_sources.json (raw) and .md (tables, written by
@@ -94,7 +94,7 @@ def texts_for(calibration: str, data: Path) -> dict[str, tuple[Path, str]]:
     """Texts a set is priced on: (file, part) per name."""
     texts = {name: (data / path, "tail") for name, path in SOURCES.items()}
     if calibration == "all":
-        texts.update({name: (data / path, "all") for name, path in FIFTH.items()})
+        texts.update({name: (data / path, "tail") for name, path in FIFTH.items()})
     return texts
 
 

@@ -6,6 +6,12 @@ calibration never saw, the price an operator should read. Per kind and tau the p
 the mean over its texts of perplexity(tau) / perplexity(1) - 1 (each text counts once);
 the kind's perplexity is the geometric mean over its texts. Prices are stored in the
 united set's manifest under "prices".
+
+A set fitted on every source at hand can also carry a `held_out_estimate`: the same
+recipe fitted on all sources but one and priced on the one left out, once per source
+(leave-one-source-out), written by whoever ran those fits. Where present it is the quoted
+price: it prices text the model knows well but the calibration never saw, where a measured
+held-out text the model knows poorly understates what brownout costs.
 """
 
 from __future__ import annotations
@@ -22,7 +28,8 @@ from brownout.unite.store import MANIFEST_FILE
 
 log = logging.getLogger(__name__)
 
-KINDS = ("held_out", "in_distribution")  # the first present kind is the one quoted
+KINDS = ("held_out", "in_distribution")  # measured kinds; the first present is quoted
+QUOTE_ORDER = ("held_out_estimate",) + KINDS  # the quoted price: the first entry present
 
 
 def calibration_digests(manifest: Optional[dict]) -> set[str]:
@@ -67,7 +74,7 @@ def manifest_prices(texts: Sequence[dict], window: int, batch_tokens: int) -> di
     """The "prices" entry of a manifest: texts priced and, per kind, perplexity and increase per tau."""
     kinds = by_kind(texts)
     entry = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-             "window": window, "batch_tokens": batch_tokens, "quoted": quoted_kind(kinds),
+             "window": window, "batch_tokens": batch_tokens,
              "texts": [{k: t[k] for k in ("path", "name", "sha256", "part", "kind", "tokens")} for t in texts]}
     for kind, rows in kinds.items():
         entry[kind] = {"tau": [r["tau"] for r in rows], "perplexity": [r["perplexity"] for r in rows],
@@ -75,10 +82,29 @@ def manifest_prices(texts: Sequence[dict], window: int, batch_tokens: int) -> di
     return entry
 
 
-def record_prices(united_dir: Path, prices: dict, key: str = "prices") -> None:
-    """Store `prices` in the united set's manifest under `key` (other fields kept)."""
+def record_prices(united_dir: Path, entries: dict) -> dict:
+    """Merge `entries` into the manifest's "prices" (measured kinds replace all measured
+    ones, an estimate is kept unless replaced) and name the quoted entry; returns the prices."""
     path = Path(united_dir) / MANIFEST_FILE
     manifest = json.loads(path.read_text())
-    manifest[key] = prices
+    prices = dict(manifest.get("prices") or {})
+    if any(k in entries for k in KINDS):
+        for k in KINDS + ("texts",):
+            prices.pop(k, None)
+    prices.update(entries)
+    prices["quoted"] = next(k for k in QUOTE_ORDER if k in prices)
+    manifest["prices"] = prices
     path.write_text(json.dumps(manifest, indent=1) + "\n")
-    log.info("recorded %s in %s", key, path)
+    log.info("recorded prices (%s) in %s; quoted: %s", ", ".join(entries), path, prices["quoted"])
+    return prices
+
+
+def quoted_table(manifest: dict) -> dict:
+    """The quoted price of a manifest as an eval table {"tau", "perplexity", "increase"}
+    (the form `brownout.bench.report.load_eval_table` reads)."""
+    prices = manifest.get("prices") or {}
+    if "quoted" not in prices:
+        raise ValueError("united experts: the manifest holds no prices (brownout eval perplexity --record)")
+    entry = prices[prices["quoted"]]
+    return {"quoted": prices["quoted"], "tau": entry["tau"], "perplexity": entry["perplexity"],
+            "increase": entry["increase"]}

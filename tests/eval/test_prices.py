@@ -7,7 +7,8 @@ import math
 
 import pytest
 
-from brownout.eval.prices import by_kind, calibration_digests, manifest_prices, summarise, text_kind
+from brownout.eval.prices import (by_kind, calibration_digests, manifest_prices, quoted_kind, quoted_table,
+                                  record_prices, summarise, text_kind)
 from brownout.unite.sources import file_sha256
 
 
@@ -30,13 +31,28 @@ def test_kinds_and_the_quoted_price():
     texts = [_text("in_distribution", (10.0, 11.0), "a"), _text("held_out", (20.0, 30.0), "b")]
     kinds = by_kind(texts)
     assert list(kinds) == ["held_out", "in_distribution"]
+    assert quoted_kind(kinds) == "held_out"
     prices = manifest_prices(texts, window=512, batch_tokens=2048)
-    assert prices["quoted"] == "held_out"
     assert prices["held_out"]["increase"] == [0.0, pytest.approx(0.5)]
     assert prices["in_distribution"]["increase"] == [0.0, pytest.approx(0.1)]
     assert [t["kind"] for t in prices["texts"]] == ["in_distribution", "held_out"]
-    only_in = manifest_prices(texts[:1], 512, 2048)
-    assert only_in["quoted"] == "in_distribution" and "held_out" not in only_in
+    assert quoted_kind(by_kind(texts[:1])) == "in_distribution"
+
+
+def test_record_merges_and_quotes_an_estimate_first(tmp_path):
+    (tmp_path / "manifest.json").write_text(json.dumps({"way": 2}))
+    texts = [_text("in_distribution", (10.0, 11.0), "a"), _text("held_out", (20.0, 30.0), "b")]
+    prices = record_prices(tmp_path, manifest_prices(texts, 512, 2048))
+    assert prices["quoted"] == "held_out"
+    estimate = {"tau": [1.0, 0.0], "perplexity": [15.0, 24.0], "increase": [0.0, 0.6]}
+    record_prices(tmp_path, {"held_out_estimate": estimate})
+    prices = record_prices(tmp_path, manifest_prices(texts[:1], 512, 2048))  # measured kinds replaced
+    assert "held_out" not in prices and prices["held_out_estimate"] == estimate
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest["way"] == 2 and manifest["prices"]["quoted"] == "held_out_estimate"
+    assert quoted_table(manifest) == {"quoted": "held_out_estimate", **estimate}
+    with pytest.raises(ValueError, match="no prices"):
+        quoted_table({"way": 2})
 
 
 def test_text_kind_follows_the_calibration_digests(tmp_path):
