@@ -93,7 +93,7 @@ def build(recipe: str, way: int, calibration: str, data: Path, tokens: int, out:
 def texts_for(calibration: str, data: Path) -> dict[str, tuple[Path, str]]:
     """Texts a set is priced on: (file, part) per name."""
     texts = {name: (data / path, "tail") for name, path in SOURCES.items()}
-    if calibration == "all":
+    if calibration in ("all", "before"):
         texts.update({name: (data / path, "tail") for name, path in FIFTH.items()})
     return texts
 
@@ -148,6 +148,8 @@ def main() -> None:
     p.add_argument("--calibration-tokens", type=int, default=131072)
     p.add_argument("--max-tokens", type=int, default=32768, help="tokens priced per text")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--before", default=None, metavar="REV",
+                   help="also price the embedded sets of this git revision (calibration 'before')")
     p.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results" / "accuracy")
     args = p.parse_args()
     args.data = args.data.resolve()
@@ -156,7 +158,10 @@ def main() -> None:
     torch.set_num_threads(1)  # the 2-core box is shared: one thread avoids oversubscription
     raw = args.results / "held_out_sources.json"
     report = json.loads(raw.read_text()) if raw.is_file() else {"runs": []}
-    for way in (int(w) for w in args.ways.split(",")):
+    for run in measure_before(args) if args.before else []:
+        report["runs"] = [r for r in report["runs"] if _key(r) != _key(run)] + [run]
+        _write(args, report)
+    for way in (int(w) for w in args.ways.split(",")) if args.recipes else []:
         for recipe in args.recipes.split(","):
             for calibration in args.calibrations.split(","):
                 run = measure(args, way, calibration, recipe)
@@ -167,13 +172,42 @@ def main() -> None:
 def measure(args, way: int, calibration: str, recipe: str) -> dict:
     out = args.work / calibration / f"way{way}-{recipe}"
     build_s = build(recipe, way, calibration, args.data, args.calibration_tokens, out, args.seed)
+    return describe(args, out, way, calibration, recipe, build_s)
+
+
+def describe(args, out: Path, way: int, calibration: str, recipe: str, build_s=None) -> dict:
+    """A run's record: which sources its calibration took (by sha256) and its prices."""
+    from brownout.unite.sources import file_sha256
+
     manifest = json.loads((out / "manifest.json").read_text())
     cal = manifest.get("calibration") or {}
-    return {"way": way, "recipe": recipe, "calibration": calibration,
-            "calibration_sources": {s["name"]: s["tokens"] for s in cal.get("sources", [])},
-            "held_out_source": None if calibration == "all" else calibration.removeprefix("no-"),
+    entries = cal.get("sources", cal.get("files", []))
+    digests = {file_sha256(args.data / path): name for name, path in SOURCES.items()}
+    used = {digests[e["sha256"]]: e.get("tokens") for e in entries if e["sha256"] in digests}
+    left_out = [s for s in SOURCES if s not in used]
+    return {"way": way, "recipe": recipe, "calibration": calibration, "calibration_sources": used,
+            "held_out_source": left_out[0] if len(left_out) == 1 else None,
             "build_s": build_s, "fit_error": fit_summary(manifest),
             "perplexity": evaluate(out, texts_for(calibration, args.data), args.max_tokens, TAUS)}
+
+
+def measure_before(args) -> list[dict]:
+    """The embedded sets of an earlier commit (`--before REV`), priced the same way."""
+    import subprocess
+
+    runs = []
+    for way in (2, 4):
+        out = args.work / "before" / f"way{way}"
+        out.mkdir(parents=True, exist_ok=True)
+        for name in ("manifest.json", "united.safetensors"):
+            blob = subprocess.run(["git", "show", f"{args.before}:brownout/assets/demo/united-way{way}/{name}"],
+                                  cwd=ROOT, check=True, capture_output=True).stdout
+            if not (out / name).is_file() or (out / name).read_bytes() != blob:
+                (out / name).write_bytes(blob)
+        manifest = json.loads((out / "manifest.json").read_text())
+        recipe = f"shipped before ({manifest['grouping']['kind']}-{manifest['method']})"
+        runs.append(describe(args, out, way, "before", recipe))
+    return runs
 
 
 def _key(run: dict) -> tuple:

@@ -32,7 +32,8 @@ RECORD_SUFFIXES = (".jsonl", ".json")
 # (user field, assistant field) pairs of common request logs and datasets, tried in order
 PAIR_FIELDS = (("question", "answer"), ("prompt", "output"), ("instruction", "output"),
                ("prompt", "completion"), ("input", "output"), ("prompt", "response"))
-TEXT_FIELDS = ("text", "content")
+TEXT_FIELDS = ("text", "content")  # a record holding only plain text
+CHAT_FIELDS = ("messages", "conversations", "turns")
 _ROLE_ALIASES = {"human": "user", "gpt": "assistant", "chatgpt": "assistant", "bard": "assistant",
                  "bing": "assistant", "model": "assistant"}
 
@@ -96,8 +97,16 @@ def read_records(path: Path) -> list[Any]:
     return data
 
 
+def _plain_text(record: Any) -> Optional[str]:
+    """The text of a plain-text record ({"text": ...} without chat fields), else None."""
+    if not isinstance(record, dict) or any(k in record for k in CHAT_FIELDS) \
+            or any(u in record and a in record for u, a in PAIR_FIELDS):
+        return None
+    return next((record[k] for k in TEXT_FIELDS if isinstance(record.get(k), str)), None)
+
+
 def record_messages(record: Any) -> list[dict[str, str]]:
-    """A record as chat messages [{"role", "content"}] (see the module docstring)."""
+    """A request record as chat messages [{"role", "content"}] (see the module docstring)."""
     if isinstance(record, str):
         return [{"role": "user", "content": record}]
     if not isinstance(record, dict):
@@ -105,28 +114,27 @@ def record_messages(record: Any) -> list[dict[str, str]]:
     for key in ("messages", "conversations"):
         turns = record.get(key)
         if isinstance(turns, list) and turns:
-            return [{"role": _ROLE_ALIASES.get(str(t.get("role", t.get("from", "user"))),
-                                               str(t.get("role", t.get("from", "user")))),
-                     "content": str(t.get("content", t.get("value", "")))} for t in turns]
+            messages = []
+            for turn in turns:
+                role = str(turn.get("role", turn.get("from", "user")))
+                messages.append({"role": _ROLE_ALIASES.get(role, role),
+                                 "content": str(turn.get("content", turn.get("value", "")))})
+            return messages
     if isinstance(record.get("turns"), list):
         return [{"role": "user", "content": str(t)} for t in record["turns"]]
     for user, assistant in PAIR_FIELDS:
         if isinstance(record.get(user), str) and isinstance(record.get(assistant), str):
             return [{"role": "user", "content": record[user]},
                     {"role": "assistant", "content": record[assistant]}]
-    for key in TEXT_FIELDS:
-        if isinstance(record.get(key), str):
-            return [{"role": "user", "content": record[key]}]
     raise ValueError(f"record: no known text fields in {sorted(record)[:8]}")
 
 
 def render_record(record: Any, tokenizer=None) -> str:
-    """A record as the text a server sees: chat template if the tokenizer has one."""
-    if isinstance(record, dict) and not any(k in record for k in ("messages", "conversations", "turns")) \
-            and not any(u in record and a in record for u, a in PAIR_FIELDS):
-        for key in TEXT_FIELDS:  # a plain text record stays plain text
-            if isinstance(record.get(key), str):
-                return record[key]
+    """A record as the text a server sees: plain text stays plain, a conversation goes
+    through the tokenizer's chat template (turns joined by blank lines without one)."""
+    text = _plain_text(record)
+    if text is not None:
+        return text
     messages = record_messages(record)
     if tokenizer is not None and getattr(tokenizer, "chat_template", None):
         return tokenizer.apply_chat_template(messages, tokenize=False)
