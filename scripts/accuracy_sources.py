@@ -53,6 +53,8 @@ RECIPES = {
                                   "--distill-validation", "random"],
     "contiguous-distill": ["--grouping", "contiguous", "--method", "distill"],
     "similarity-distill": ["--grouping", "similarity", "--method", "distill"],
+    "contiguous-distill-tau0": ["--grouping", "contiguous", "--method", "distill", "--capture-tau", "0"],
+    "similarity-distill-tau0": ["--grouping", "similarity", "--method", "distill", "--capture-tau", "0"],
 }
 log = logging.getLogger("accuracy_sources")
 

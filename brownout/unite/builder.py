@@ -44,6 +44,10 @@ class UniteOptions:
     max_group_tokens: Optional[int] = 65536  # calibration tokens per group kept for fitting
     distill: DistillConfig = field(default_factory=DistillConfig)
     save_dtype: Optional[torch.dtype] = None  # None: the model's expert dtype
+    # None: every layer is fitted on the exact model's states. A tau: each layer's united
+    # experts are installed once built, and the next layer is fitted on the states it sees
+    # when the layers before it run at this tau (what serving at that tau feeds it)
+    capture_tau: Optional[float] = None
 
     def __post_init__(self) -> None:
         if self.way < 2:
@@ -52,6 +56,8 @@ class UniteOptions:
             raise ValueError(f"grouping: must be one of {'|'.join(GROUPINGS)}, got {self.grouping!r}")
         if self.method not in METHODS:
             raise ValueError(f"method: must be one of {'|'.join(METHODS)}, got {self.method!r}")
+        if self.capture_tau is not None and not 0.0 <= self.capture_tau <= 1.0:
+            raise ValueError(f"capture_tau: must be in [0, 1], got {self.capture_tau}")
         needs_data = self.grouping == "similarity" or self.method != "average"
         if needs_data and not self.calibration:
             raise ValueError(f"calibration: grouping {self.grouping!r} with method {self.method!r} "
@@ -137,12 +143,16 @@ def build_united(loaded, opts: UniteOptions, mix: Optional[CalibrationMix], prog
     for i, (layer, moe) in enumerate(layers):
         states = None
         if mix is not None:
-            states = capture_layer(model, i, mix.windows, opts.batch_tokens, loaded.device)
+            states = capture_layer(model, i, mix.windows, opts.batch_tokens, loaded.device,
+                                   opts.capture_tau)
             states.source = mix.token_sources()
         if progress is not None:
             progress.set_description(f"layer {layer}")
         w13_u, w2_u, group_of, report = build_layer(moe, states, opts, layer, progress)
         del states  # one layer's calibration states in memory at a time
+        if opts.capture_tau is not None:  # as served: rounded to the saved dtype
+            moe.install_united(w13_u.to(save_dtype).to(moe.w13.dtype), w2_u.to(save_dtype).to(moe.w2.dtype),
+                               group_of.to(moe.w13.device))
         tensors[f"layers.{layer}.w13"] = w13_u.to(save_dtype).cpu()
         tensors[f"layers.{layer}.w2"] = w2_u.to(save_dtype).cpu()
         tensors[f"layers.{layer}.group_of"] = group_of.cpu()
@@ -175,6 +185,7 @@ def make_manifest(loaded, opts: UniteOptions, mix: Optional[CalibrationMix], gro
         "method": opts.method,
         "distill": dict(vars(opts.distill)) if opts.method == "distill" else None,
         "calibration": calibration,
+        "capture_tau": opts.capture_tau,
         "seed": opts.seed,
         "dtype": str(save_dtype).removeprefix("torch."),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

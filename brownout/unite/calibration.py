@@ -117,8 +117,9 @@ class _StopAfterLayer(Exception):
 
 
 def capture_layer(model, layer: int, windows: torch.Tensor, batch_tokens: int,
-                  device: torch.device) -> LayerStates:
-    """Run the calibration windows through the model up to MoE layer `layer`."""
+                  device: torch.device, tau: Optional[float] = None) -> LayerStates:
+    """Run the calibration windows through the model up to MoE layer `layer` (at brownout
+    threshold `tau` in the layers before it that have united experts; None: exact)."""
     moe = model.moe_layers()[layer]
     records: list[dict] = []
 
@@ -131,7 +132,7 @@ def capture_layer(model, layer: int, windows: torch.Tensor, batch_tokens: int,
     try:
         for start in range(0, windows.shape[0], rows):
             try:
-                model.forward_full(windows[start:start + rows].to(device))
+                model.forward_full(windows[start:start + rows].to(device), tau)
             except _StopAfterLayer:
                 pass
     finally:

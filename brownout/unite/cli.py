@@ -46,6 +46,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--distill-anchor", type=float, default=DistillConfig.anchor,
                    help="weight of the L2 pull toward the start")
     p.add_argument("--distill-weight-decay", type=float, default=DistillConfig.weight_decay)
+    p.add_argument("--capture-tau", type=float, default=None,
+                   help="fit each layer on the states it sees when the layers before it, with "
+                        "their united experts, run at this tau (default: the exact model's states)")
     p.add_argument("--out", required=True, type=Path, help="output directory")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
@@ -95,11 +98,13 @@ def run(args: argparse.Namespace) -> int:
     opts = UniteOptions(way=args.way, grouping=args.grouping, method=args.method, seed=args.seed,
                         calibration=sources, calibration_tokens=args.calibration_tokens,
                         calibration_part=args.calibration_part, seq_len=args.seq_len,
-                        distill=distill, save_dtype=save_dtype)
+                        distill=distill, save_dtype=save_dtype, capture_tau=args.capture_tau)
     torch.manual_seed(args.seed)
     start = time.perf_counter()
+    # united slots only where built layers are installed to feed the next (--capture-tau)
+    slots = 0 if args.capture_tau is None else None
     loaded = load_model(ModelLoadConfig(model=str(args.model), device=args.device, dtype="float32",
-                                        extra_expert_slots=0))
+                                        extra_expert_slots=slots))
     if opts.save_dtype is None and loaded.model_dir is not None:
         opts.save_dtype = _checkpoint_dtype(loaded.model_dir)
     mix = None

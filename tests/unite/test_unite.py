@@ -225,3 +225,24 @@ def test_cli_end_to_end(qwen, calib_file, tmp_path):
     with safe_open(str(out / "united.safetensors"), "pt") as f:
         assert f.get_tensor("layers.0.w13").shape == (2, 64, 64)
         assert f.get_tensor("layers.1.group_of").shape == (8,)
+
+
+def test_capture_tau_fits_later_layers_on_dimmed_states(qwen, calib_file, tmp_path):
+    """With capture_tau, layer 0's united experts are installed before layer 1 is captured."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(qwen))
+    mix = calibration_mix(tok, [SourceSpec(calib_file)], 1024, 64, "all")
+    opts = UniteOptions(way=2, method="frequency", calibration=[SourceSpec(calib_file)], capture_tau=0.0,
+                        calibration_part="all")
+    loaded = _load(qwen, extra=None)
+    exact = capture_layer(loaded.model, 1, mix.windows, 512, loaded.device)
+    tensors, manifest = build_united(loaded, opts, mix)
+    assert manifest["capture_tau"] == 0.0
+    assert all(moe.brownout_ready for moe in loaded.model.moe_layers())
+    dimmed = capture_layer(loaded.model, 1, mix.windows, 512, loaded.device, tau=0.0)
+    assert not torch.allclose(dimmed.x, exact.x)  # layer 1 saw layer 0's united experts
+    again = capture_layer(loaded.model, 1, mix.windows, 512, loaded.device)
+    torch.testing.assert_close(again.x, exact.x)  # tau None stays exact
+    with pytest.raises(ValueError, match="capture_tau"):
+        UniteOptions(way=2, capture_tau=1.5)
