@@ -41,7 +41,7 @@ class UniteOptions:
     seq_len: int = 512
     batch_tokens: int = 2048
     similarity_sample: int = 256  # routed states per expert on which outputs are compared
-    max_group_tokens: Optional[int] = 65536  # calibration tokens per group kept for fitting
+    max_group_tokens: Optional[int] = 131072  # calibration tokens per group kept for fitting
     distill: DistillConfig = field(default_factory=DistillConfig)
     save_dtype: Optional[torch.dtype] = None  # None: the model's expert dtype
     # None: every layer is fitted on the exact model's states. A tau: each layer's united

@@ -42,6 +42,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--distill-steps", type=int, default=1000, help="Adam steps per group at most")
     p.add_argument("--distill-validation", choices=VALIDATIONS, default="sources",
                    help="early stopping on left-out sources (leave-one-source-out) or a random split")
+    p.add_argument("--distill-folds", type=int, default=DistillConfig.max_folds,
+                   help="left-out sources validated on per group (0: every source)")
     p.add_argument("--distill-start", choices=STARTS, default="frequency")
     p.add_argument("--distill-anchor", type=float, default=DistillConfig.anchor,
                    help="weight of the L2 pull toward the start")
@@ -93,6 +95,7 @@ def run(args: argparse.Namespace) -> int:
         if not spec.path.is_file():
             raise SystemExit(f"calibration: {spec.path} is not a file")
     distill = DistillConfig(max_steps=args.distill_steps, validation=args.distill_validation,
+                            max_folds=args.distill_folds,
                             start=args.distill_start, anchor=args.distill_anchor,
                             weight_decay=args.distill_weight_decay)
     opts = UniteOptions(way=args.way, grouping=args.grouping, method=args.method, seed=args.seed,

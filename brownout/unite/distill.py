@@ -3,9 +3,9 @@
 The united expert U is fitted with Adam so that, on calibration states routed to its group,
 w * U(x) matches the routing-weighted mixture of the members' outputs (w: the token's
 summed group weight). What matters is how well U stands in on text unlike the calibration,
-so validation leaves whole sources out: with S sources in the group's tokens, S fold
-models are trained, fold k on every source but k and scored on source k, in lockstep with
-the model that is kept, trained on all sources. Training stops when the mean error over
+so validation leaves whole sources out: for each left-out source k (every source, or
+`max_folds` of them, rotating over groups) a fold model is trained on the other sources
+and scored on k, in lockstep with the model that is kept, trained on all sources. Training stops when the mean error over
 the left-out sources stops improving, and the kept model is the one at the step where that
 mean was lowest (so a group whose fit does not carry over to unseen sources keeps its
 start). A group whose tokens come from one source falls back to a random split.
@@ -45,13 +45,17 @@ def make_folds(data: GroupData, cfg: DistillConfig, seed: int) -> list[Fold]:
     gen = torch.Generator().manual_seed(seed)
     rows = torch.arange(n, device=data.x.device)
     if cfg.validation == "sources" and data.source is not None:
+        sources = [s for s in data.source.unique().tolist()
+                   if cfg.min_fold_tokens <= int((data.source == s).sum()) < n]
+        if cfg.max_folds and len(sources) > cfg.max_folds:  # rotate which sources are left out
+            first = seed % len(sources)
+            sources = [sources[(first + i) % len(sources)] for i in range(cfg.max_folds)]
         folds = []
-        for s in data.source.unique().tolist():
+        for s in sources:
             mine = data.source == s
-            if int(mine.sum()) >= cfg.min_fold_tokens and bool((~mine).any()):
-                val = rows[mine]
-                val = val[torch.randperm(val.numel(), generator=gen)[:cfg.max_val_tokens].to(val.device)]
-                folds.append(Fold(rows[~mine], data.pick(val), int(s)))
+            val = rows[mine]
+            val = val[torch.randperm(val.numel(), generator=gen)[:cfg.max_val_tokens].to(val.device)]
+            folds.append(Fold(rows[~mine], data.pick(val), int(s)))
         if len(folds) >= 2:
             return folds
     perm = torch.randperm(n, generator=gen).to(data.x.device)

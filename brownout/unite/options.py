@@ -17,6 +17,7 @@ class DistillConfig:
     patience: int = 4  # evaluations without improvement before stopping
     max_val_tokens: int = 4096  # validation tokens per fold (a random sample of the left-out source)
     validation: str = "sources"  # leave-one-source-out folds, or a random split
+    max_folds: int = 2  # left-out sources per group (rotating over groups); 0: every source
     held_out: float = 0.1  # validation share of a random split
     min_fold_tokens: int = 32  # a source routing fewer tokens to the group is no validation fold
     anchor: float = 0.0  # weight of the L2 pull toward the start
@@ -28,5 +29,7 @@ class DistillConfig:
             raise ValueError(f"validation: must be one of {'|'.join(VALIDATIONS)}, got {self.validation!r}")
         if self.start not in STARTS:
             raise ValueError(f"start: must be one of {'|'.join(STARTS)}, got {self.start!r}")
+        if self.max_folds < 0 or self.max_folds == 1:
+            raise ValueError(f"max_folds: 0 (every source) or at least 2, got {self.max_folds}")
         if self.anchor < 0 or self.weight_decay < 0:
             raise ValueError("anchor and weight_decay must be >= 0")

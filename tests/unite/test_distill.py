@@ -34,12 +34,21 @@ def _data(functions, n_per_source: int = 256, seed: int = 0) -> GroupData:
 
 def test_folds_leave_one_source_out():
     data = _data([_expert(1), _expert(1), _expert(1)])
-    folds = make_folds(data, DistillConfig(max_val_tokens=100), seed=0)
+    folds = make_folds(data, DistillConfig(max_val_tokens=100, max_folds=0), seed=0)
     assert [f.held_out_source for f in folds] == [0, 1, 2]
     for f in folds:
         assert torch.all(data.source[f.train] != f.held_out_source)
         assert torch.all(f.val.source == f.held_out_source) and f.val.x.shape[0] == 100
         assert f.train.numel() == 512
+
+
+def test_at_most_max_folds_rotating_over_groups():
+    data = _data([_expert(1)] * 4, n_per_source=64)
+    cfg = DistillConfig(max_folds=2)
+    assert [f.held_out_source for f in make_folds(data, cfg, seed=0)] == [0, 1]
+    assert [f.held_out_source for f in make_folds(data, cfg, seed=3)] == [3, 0]
+    with pytest.raises(ValueError, match="max_folds"):
+        DistillConfig(max_folds=1)
 
 
 def test_folds_fall_back_to_a_random_split():
