@@ -1,8 +1,10 @@
 """Build united experts for every MoE layer of a loaded model (SPEC 1.2), one layer at a time.
 
-Per layer: capture calibration states (if any), group the experts, build one united
-expert per group with the chosen method, measure each group's fit error on a held-out
-split of its calibration tokens, then drop the layer's states before the next layer.
+Per layer: capture calibration states (if any; each token labelled with its calibration
+source), group the experts, build one united expert per group with the chosen method,
+measure each group's fit error on calibration tokens of sources left out of its fit (a
+random held-out split where a group saw one source), then drop the layer's states before
+the next layer.
 """
 
 from __future__ import annotations
