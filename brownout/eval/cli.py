@@ -2,9 +2,15 @@
 
 Examples:
   brownout eval perplexity --model brownout/assets/demo/model \
-      --united brownout/assets/demo/united-way4 --tau 1,0.8,0.6,0.4,0.2,0 \
-      --text ../shared/data/eval/wikitext2_raw_valid.txt --max-tokens 65536 --out ppl.json
+      --united brownout/assets/demo/united-way4 --tau 1,0.8,0.6,0.4,0.2,0 --part tail \
+      --text ../shared/data/text/gsm8k_train.jsonl ../shared/data/text/tinyshakespeare.txt \
+      --max-tokens 32768 --out ppl.json --record
   brownout eval choice --model DIR --united DIR --tau 1,0 --data questions.jsonl
+
+Perplexity prices every text and sorts each into in-distribution (its file is one of the
+united set's calibration sources) or held-out (the calibration never saw it): both are
+reported, and the held-out price is the one quoted (the JSON's "results"); `--record`
+stores both in the united set's manifest.
 """
 
 from __future__ import annotations
@@ -14,6 +20,8 @@ import json
 import platform
 import time
 from pathlib import Path
+
+from brownout.unite.sources import PARTS
 
 DEFAULT_TAUS = "1,0.8,0.6,0.4,0.2,0"
 
@@ -53,8 +61,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="eval_command", required=True, metavar="TASK")
     ppl = sub.add_parser("perplexity", help="perplexity of a text at each tau")
     _common(ppl)
-    ppl.add_argument("--text", required=True, type=Path, help="plain-text file")
-    ppl.add_argument("--max-tokens", type=int, default=None, help="score only this many tokens")
+    ppl.add_argument("--text", required=True, type=Path, nargs="+",
+                     help="plain text or .jsonl/.json records (rendered as chats), one source each")
+    ppl.add_argument("--part", choices=PARTS, default="all",
+                     help="part of each text to score (tail: the last 5%%, which calibration leaves out)")
+    ppl.add_argument("--max-tokens", type=int, default=None, help="score only this many tokens per text")
+    ppl.add_argument("--record", action="store_true",
+                     help="store the prices (per kind of text and tau) in the united set's manifest")
     ppl.add_argument("--window", type=int, default=512, help="tokens per scored window")
     ppl.add_argument("--top-k", type=parse_top_ks, default=None,
                      help="comma-separated k' (routed experts kept per token, expert shedding); "
@@ -95,13 +108,25 @@ def _run_perplexity(args, em):
     from tqdm import tqdm
 
     from brownout.eval.perplexity import evaluate_perplexity, make_batches, tokenize_text  # lazy: torch
+    from brownout.eval.prices import by_kind, manifest_prices, quoted_kind, record_prices, text_kind
+    from brownout.unite.sources import file_sha256, source_text
 
-    ids = tokenize_text(em.tokenizer, args.text.read_text(encoding="utf-8"), args.max_tokens)
-    batches = make_batches(ids, args.window, args.batch_tokens)
     top_ks = args.top_k or [None]
-    with tqdm(total=len(batches) * len(args.tau) * len(top_ks), unit="step") as bar:
-        results = evaluate_perplexity(em.model, batches, args.tau, em.device, bar, top_ks)
-    return results, {"text": str(args.text), "window": args.window, "tokens_read": int(ids.numel())}
+    texts = []
+    for path in args.text:
+        ids = tokenize_text(em.tokenizer, source_text(path, args.part, em.tokenizer), args.max_tokens)
+        batches = make_batches(ids, args.window, args.batch_tokens)
+        with tqdm(total=len(batches) * len(args.tau) * len(top_ks), unit="step", desc=path.name) as bar:
+            results = evaluate_perplexity(em.model, batches, args.tau, em.device, bar, top_ks)
+        texts.append({"path": str(path), "name": path.name, "sha256": file_sha256(path), "part": args.part,
+                      "kind": text_kind(path, em.united), "tokens": int(ids.numel()), "results": results})
+    kinds = by_kind(texts)
+    if args.record and args.united is not None:
+        record_prices(Path(args.united), manifest_prices(texts, args.window, args.batch_tokens))
+    meta = {"text": str(args.text[0]) if len(args.text) == 1 else [str(t) for t in args.text],
+            "part": args.part, "window": args.window, "texts": texts, "kinds": kinds,
+            "quoted": quoted_kind(kinds)}
+    return kinds[meta["quoted"]], meta
 
 
 def _run_choice(args, em):
@@ -124,18 +149,25 @@ def _print_table(report: dict) -> None:
     table = Table(title=f"{report['task']} of {report['model']} (united: {united})")
     table.add_column("tau", justify="right")
     if report["task"] == "perplexity":
+        kinds = report["kinds"]
         shed = any(r.get("top_k") is not None for r in report["results"])
         if shed:
             table.add_column("k'", justify="right")
-        base = report["results"][0]["perplexity"]
-        for col in ("perplexity", "vs first row" if shed else "vs first tau", "slots touched / layer"):
-            table.add_column(col, justify="right")
-        for r in report["results"]:
-            touched = r["mean_slots_touched"]
-            k_col = [str(r["top_k"] or "k")] if shed else []
-            table.add_row(f"{r['tau']:g}", *k_col, f"{r['perplexity']:.3f}",
-                          f"{r['perplexity'] / base - 1:+.1%}",
-                          f"{sum(touched) / max(1, len(touched)):.1f}")
+        for kind in kinds:
+            label = kind.replace("_", "-") + (" (quoted)" if kind == report["quoted"] else "")
+            table.add_column(f"{label} ppl", justify="right")
+            table.add_column("vs tau 1", justify="right")
+        table.add_column("slots touched / layer", justify="right")
+        for i, r in enumerate(report["results"]):
+            cells = []
+            for rows in kinds.values():
+                inc = rows[i].get("increase")
+                cells += [f"{rows[i]['perplexity']:.3f}", "-" if inc is None else f"{inc:+.1%}"]
+            touched = r.get("mean_slots_touched") or []
+            k_col = [str(r.get("top_k") or "k")] if shed else []
+            table.add_row(f"{r['tau']:g}", *k_col, *cells, f"{sum(touched) / max(1, len(touched)):.1f}")
+        Console().print("texts: " + "; ".join(f"{t['name']} ({t['part']}, {t['tokens']} tokens): "
+                                               f"{t['kind'].replace('_', '-')}" for t in report["texts"]))
     else:
         table.add_column("acc", justify="right")
         table.add_column("acc_norm", justify="right")

@@ -1,8 +1,10 @@
 """Build united experts for every MoE layer of a loaded model (SPEC 1.2), one layer at a time.
 
-Per layer: capture calibration states (if any), group the experts, build one united
-expert per group with the chosen method, measure each group's fit error on a held-out
-split of its calibration tokens, then drop the layer's states before the next layer.
+Per layer: capture calibration states (if any; each token labelled with its calibration
+source), group the experts, build one united expert per group with the chosen method,
+measure each group's fit error on calibration tokens of sources left out of its fit (a
+random held-out split where a group saw one source), then drop the layer's states before
+the next layer.
 """
 
 from __future__ import annotations
@@ -17,7 +19,10 @@ from typing import Optional, Sequence
 import torch
 
 from brownout.unite import grouping, methods
-from brownout.unite.calibration import LayerStates, capture_layer, file_sha256, group_targets
+from brownout.unite.calibration import CalibrationMix, LayerStates, capture_layer, group_targets
+from brownout.unite.distill import distill, held_out_error, make_folds
+from brownout.unite.options import DistillConfig
+from brownout.unite.sources import HELD_OUT_FRACTION, SourceSpec
 from brownout.unite.store import FORMAT_VERSION, config_sha256, model_shapes
 
 log = logging.getLogger(__name__)
@@ -32,14 +37,19 @@ class UniteOptions:
     grouping: str = "contiguous"
     method: str = "average"
     seed: int = 0
-    calibration_files: Sequence[Path] = ()
-    calibration_tokens: int = 32768
+    calibration: Sequence[SourceSpec] = ()  # sources of the calibration mix
+    calibration_tokens: int = 65536  # over all sources, split by their weights
+    calibration_part: str = "fit"  # the part of each source taken (sources.PARTS)
     seq_len: int = 512
     batch_tokens: int = 2048
     similarity_sample: int = 256  # routed states per expert on which outputs are compared
-    max_group_tokens: Optional[int] = 65536  # calibration tokens per group kept for fitting
-    distill: methods.DistillConfig = field(default_factory=methods.DistillConfig)
+    max_group_tokens: Optional[int] = 131072  # calibration tokens per group kept for fitting
+    distill: DistillConfig = field(default_factory=DistillConfig)
     save_dtype: Optional[torch.dtype] = None  # None: the model's expert dtype
+    # None: every layer is fitted on the exact model's states. A tau: each layer's united
+    # experts are installed once built, and the next layer is fitted on the states it sees
+    # when the layers before it run at this tau (what serving at that tau feeds it)
+    capture_tau: Optional[float] = None
 
     def __post_init__(self) -> None:
         if self.way < 2:
@@ -48,8 +58,10 @@ class UniteOptions:
             raise ValueError(f"grouping: must be one of {'|'.join(GROUPINGS)}, got {self.grouping!r}")
         if self.method not in METHODS:
             raise ValueError(f"method: must be one of {'|'.join(METHODS)}, got {self.method!r}")
+        if self.capture_tau is not None and not 0.0 <= self.capture_tau <= 1.0:
+            raise ValueError(f"capture_tau: must be in [0, 1], got {self.capture_tau}")
         needs_data = self.grouping == "similarity" or self.method != "average"
-        if needs_data and not self.calibration_files:
+        if needs_data and not self.calibration:
             raise ValueError(f"calibration: grouping {self.grouping!r} with method {self.method!r} "
                              "needs calibration text (--calibration FILE)")
 
@@ -71,6 +83,29 @@ def _affinity(states: LayerStates, w13, w2, per_expert: int, seed: int) -> torch
     return grouping.merge_affinity(distance, states.counts(E))
 
 
+def _start(opts: UniteOptions, w13, w2, members, counts):
+    """The method's starting point: uniform or count-weighted mean of the members."""
+    kind = opts.distill.start if opts.method == "distill" else opts.method
+    if kind == "average" or counts is None:
+        return methods.average(w13, w2, members)
+    return methods.frequency(w13, w2, members, counts)
+
+
+def _fit_group(opts: UniteOptions, init, data: methods.GroupData, counts, members, seed: int):
+    """Distil (if asked) one group's united expert -> (w13, w2, fit report entry)."""
+    folds = make_folds(data, opts.distill, seed)
+    entry = {"tokens": int(data.x.shape[0]), "assignments": int(counts[members].sum()),
+             "validation": "sources" if folds and folds[0].held_out_source is not None else "random",
+             "error_before": held_out_error(*init, folds)}
+    final = init
+    if opts.method == "distill":
+        *final, info = distill(*init, data, folds, opts.distill, seed)
+        entry.update(info)
+    entry["error_after"] = held_out_error(*final, folds)
+    entry["error_in_sample"] = methods.fit_error(*final, data)
+    return final[0], final[1], entry
+
+
 def build_layer(moe, states: Optional[LayerStates], opts: UniteOptions, layer: int, progress=None):
     """United experts of one layer -> (w13_u [G, 2I, D], w2_u [G, D, I], group_of [E], report)."""
     E = moe.num_experts
@@ -82,20 +117,15 @@ def build_layer(moe, states: Optional[LayerStates], opts: UniteOptions, layer: i
     counts = states.counts(E) if states is not None else None
     united13, united2, report = [], [], []
     for g, members in enumerate(grouping.groups_from_map(group_of)):
-        init = methods.average(w13, w2, members) if opts.method == "average" \
-            else methods.frequency(w13, w2, members, counts)
+        init = _start(opts, w13, w2, members, counts)
         final, entry = init, {"group": g, "members": members}
         if states is not None:
             data = methods.GroupData(*group_targets(
                 states, members, E, lambda e, x: methods.expert_forward(w13[e], w2[e], x),
                 opts.max_group_tokens, w13.device))
-            train, val = data.split(opts.distill.held_out, opts.seed * 1000 + layer * 100 + g)
-            entry.update(tokens=int(data.x.shape[0]), assignments=int(counts[members].sum()),
-                         error_before=methods.fit_error(*init, val))
-            if opts.method == "distill":
-                *final, info = methods.distill(*init, train, val, opts.distill, opts.seed + g)
-                entry.update(info)
-            entry["error_after"] = methods.fit_error(*final, val)
+            *final, fit = _fit_group(opts, init, data, counts, members,
+                                     opts.seed * 1000 + layer * 100 + g)
+            entry.update(fit)
         united13.append(final[0])
         united2.append(final[1])
         report.append(entry)
@@ -104,7 +134,7 @@ def build_layer(moe, states: Optional[LayerStates], opts: UniteOptions, layer: i
     return torch.stack(united13), torch.stack(united2), group_of, report
 
 
-def build_united(loaded, opts: UniteOptions, windows: Optional[torch.Tensor], progress_factory=None):
+def build_united(loaded, opts: UniteOptions, mix: Optional[CalibrationMix], progress_factory=None):
     """All MoE layers -> (tensors for united.safetensors, manifest)."""
     model, spec = loaded.model, loaded.spec
     layers = list(zip(spec.moe_layers, model.moe_layers()))
@@ -113,12 +143,18 @@ def build_united(loaded, opts: UniteOptions, windows: Optional[torch.Tensor], pr
     progress = progress_factory(total=len(layers) * groups_per_layer) if progress_factory else None
     tensors, grouping_map, fit = {}, {}, {}
     for i, (layer, moe) in enumerate(layers):
-        states = capture_layer(model, i, windows, opts.batch_tokens, loaded.device) \
-            if windows is not None else None
+        states = None
+        if mix is not None:
+            states = capture_layer(model, i, mix.windows, opts.batch_tokens, loaded.device,
+                                   opts.capture_tau)
+            states.source = mix.token_sources()
         if progress is not None:
             progress.set_description(f"layer {layer}")
         w13_u, w2_u, group_of, report = build_layer(moe, states, opts, layer, progress)
         del states  # one layer's calibration states in memory at a time
+        if opts.capture_tau is not None:  # as served: rounded to the saved dtype
+            moe.install_united(w13_u.to(save_dtype).to(moe.w13.dtype), w2_u.to(save_dtype).to(moe.w2.dtype),
+                               group_of.to(moe.w13.device))
         tensors[f"layers.{layer}.w13"] = w13_u.to(save_dtype).cpu()
         tensors[f"layers.{layer}.w2"] = w2_u.to(save_dtype).cpu()
         tensors[f"layers.{layer}.group_of"] = group_of.cpu()
@@ -126,18 +162,19 @@ def build_united(loaded, opts: UniteOptions, windows: Optional[torch.Tensor], pr
         fit[str(layer)] = report
     if progress is not None:
         progress.close()
-    return tensors, make_manifest(loaded, opts, windows, grouping_map, fit, save_dtype)
+    return tensors, make_manifest(loaded, opts, mix, grouping_map, fit, save_dtype)
 
 
-def make_manifest(loaded, opts: UniteOptions, windows, grouping_map, fit, save_dtype) -> dict:
+def make_manifest(loaded, opts: UniteOptions, mix: Optional[CalibrationMix], grouping_map, fit,
+                  save_dtype) -> dict:
     model_dir = loaded.model_dir
     has_config = model_dir is not None and (Path(model_dir) / "config.json").is_file()
     calibration = None
-    if opts.calibration_files:
-        calibration = {"files": [{"path": str(p), "sha256": file_sha256(Path(p))}
-                                 for p in opts.calibration_files],
-                       "tokens": int(windows.numel()) if windows is not None else 0,
-                       "seq_len": opts.seq_len}
+    if mix is not None:
+        calibration = {"sources": mix.sources, "tokens": int(mix.windows.numel()),
+                       "seq_len": int(mix.windows.shape[1]), "part": opts.calibration_part,
+                       "held_out_fraction": HELD_OUT_FRACTION,
+                       "balance": "equal" if len({s.weight for s in opts.calibration}) == 1 else "weights"}
     return {
         "format_version": FORMAT_VERSION,
         "source_model": str(model_dir) if model_dir is not None else None,
@@ -148,8 +185,9 @@ def make_manifest(loaded, opts: UniteOptions, windows, grouping_map, fit, save_d
         "num_groups": math.ceil(loaded.spec.num_experts / opts.way),
         "grouping": {"kind": opts.grouping, "group_of": grouping_map},
         "method": opts.method,
-        "distill": vars(opts.distill) if opts.method == "distill" else None,
+        "distill": dict(vars(opts.distill)) if opts.method == "distill" else None,
         "calibration": calibration,
+        "capture_tau": opts.capture_tau,
         "seed": opts.seed,
         "dtype": str(save_dtype).removeprefix("torch."),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

@@ -13,7 +13,9 @@ from brownout.config import ModelLoadConfig
 from brownout.runner.loader import load_model
 from brownout.unite import grouping, methods
 from brownout.unite.builder import UniteOptions, build_layer, build_united
-from brownout.unite.calibration import calibration_windows, capture_layer
+from brownout.unite.calibration import calibration_mix, calibration_windows, capture_layer
+from brownout.unite.options import DistillConfig
+from brownout.unite.sources import SourceSpec
 from brownout.unite.store import load_united, read_manifest, save_united
 
 
@@ -39,15 +41,15 @@ def _load(path, extra=None):
 def _build(model_dir, calib_file, out, **kw):
     from transformers import AutoTokenizer
 
-    opts = UniteOptions(calibration_files=[calib_file] if kw.get("method", "average") != "average"
+    opts = UniteOptions(calibration=[SourceSpec(calib_file)] if kw.get("method", "average") != "average"
                         or kw.get("grouping") == "similarity" else [], seq_len=64,
-                        calibration_tokens=2048, **kw)
+                        calibration_tokens=2048, calibration_part="all", **kw)
     loaded = _load(model_dir)
-    windows = None
-    if opts.calibration_files:
+    mix = None
+    if opts.calibration:
         tok = AutoTokenizer.from_pretrained(str(model_dir))
-        windows = calibration_windows(tok, opts.calibration_files, opts.calibration_tokens, opts.seq_len)
-    tensors, manifest = build_united(loaded, opts, windows)
+        mix = calibration_mix(tok, opts.calibration, opts.calibration_tokens, opts.seq_len, "all")
+    tensors, manifest = build_united(loaded, opts, mix)
     save_united(out, tensors, manifest)
     return loaded, tensors, manifest
 
@@ -93,8 +95,8 @@ def test_distill_fits_better_than_frequency(qwen, calib_file):
     loaded = _load(qwen)
     tok = AutoTokenizer.from_pretrained(str(qwen))
     windows = calibration_windows(tok, [calib_file], 4096, 64)
-    opts = UniteOptions(way=4, method="distill", calibration_files=[calib_file],
-                        distill=methods.DistillConfig(max_steps=150, eval_every=10, patience=5))
+    opts = UniteOptions(way=4, method="distill", calibration=[SourceSpec(calib_file)],
+                        distill=DistillConfig(max_steps=150, eval_every=10, patience=5))
     states = capture_layer(loaded.model, 0, windows, 512, loaded.device)
     assert states.x.shape == (windows.numel(), loaded.spec.hidden_size)
     *_, report = build_layer(loaded.model.moe_layers()[0], states, opts, 0)
@@ -171,7 +173,7 @@ def test_manifest_round_trip_and_install(qwen, calib_file, tmp_path):
                                        method="frequency", seed=3)
     assert read_manifest(out) == json.loads(json.dumps(manifest))
     assert manifest["seed"] == 3 and manifest["grouping"]["kind"] == "similarity"
-    assert manifest["calibration"]["files"][0]["path"] == str(calib_file)
+    assert manifest["calibration"]["sources"][0]["path"] == str(calib_file)
     assert all("error_before" in g for g in manifest["fit_error"]["0"])
     target = _load(qwen)
     load_united(target, out, way=2)
@@ -223,3 +225,24 @@ def test_cli_end_to_end(qwen, calib_file, tmp_path):
     with safe_open(str(out / "united.safetensors"), "pt") as f:
         assert f.get_tensor("layers.0.w13").shape == (2, 64, 64)
         assert f.get_tensor("layers.1.group_of").shape == (8,)
+
+
+def test_capture_tau_fits_later_layers_on_dimmed_states(qwen, calib_file, tmp_path):
+    """With capture_tau, layer 0's united experts are installed before layer 1 is captured."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(qwen))
+    mix = calibration_mix(tok, [SourceSpec(calib_file)], 1024, 64, "all")
+    opts = UniteOptions(way=2, method="frequency", calibration=[SourceSpec(calib_file)], capture_tau=0.0,
+                        calibration_part="all")
+    loaded = _load(qwen, extra=None)
+    exact = capture_layer(loaded.model, 1, mix.windows, 512, loaded.device)
+    tensors, manifest = build_united(loaded, opts, mix)
+    assert manifest["capture_tau"] == 0.0
+    assert all(moe.brownout_ready for moe in loaded.model.moe_layers())
+    dimmed = capture_layer(loaded.model, 1, mix.windows, 512, loaded.device, tau=0.0)
+    assert not torch.allclose(dimmed.x, exact.x)  # layer 1 saw layer 0's united experts
+    again = capture_layer(loaded.model, 1, mix.windows, 512, loaded.device)
+    torch.testing.assert_close(again.x, exact.x)  # tau None stays exact
+    with pytest.raises(ValueError, match="capture_tau"):
+        UniteOptions(way=2, capture_tau=1.5)

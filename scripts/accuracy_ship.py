@@ -1,0 +1,105 @@
+"""Install the demo model's embedded united experts and record their prices.
+
+For each way: copy the set built by `accuracy_sources.py` on calibration `all` (the four
+training sources) with the chosen recipe into brownout/assets/demo/united-way{W}, price it
+with `brownout eval perplexity --record` on the tails of the four sources (in
+distribution) and of AlpacaEval's answers (held out: a fifth kind of text), and record
+the leave-one-source-out estimate (the same recipe fitted without each source in turn,
+priced on the tail of the one left out; from held_out_sources.json), which is the quoted
+price. The quoted way-4 prices also become brownout/assets/demo/perplexity-way4.json, the
+eval table of the demo's bench report.
+
+  python scripts/accuracy_ship.py --data ../shared/data --recipe contiguous-distill --ways 2,4,8
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import shutil
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+
+from accuracy_sources import FIFTH, MODEL, SOURCES, TAUS  # noqa: E402
+
+ASSETS = ROOT / "brownout" / "assets" / "demo"
+EVAL_TABLE_WAY = 4  # the demo serves the way-4 set
+log = logging.getLogger("accuracy_ship")
+
+
+def loso_estimate(report: dict, way: int, recipe: str) -> dict:
+    """Leave-one-source-out price of a recipe from the runs of held_out_sources.json."""
+    folds = []
+    for left_out in SOURCES:
+        run = next((r for r in report["runs"] if (r["way"], r["recipe"], r["calibration"])
+                    == (way, recipe, f"no-{left_out}")), None)
+        if run is None:
+            raise SystemExit(f"no run of way {way} {recipe} without {left_out}: run accuracy_sources.py")
+        ppl = run["perplexity"][left_out]
+        folds.append({"left_out": left_out, "calibration": sorted(run["calibration_sources"]),
+                      "perplexity": [ppl[str(t)] for t in TAUS],
+                      "increase": [ppl[str(t)] / ppl["1.0"] - 1 for t in TAUS]})
+    return {"method": "leave-one-source-out", "recipe": recipe, "text_part": "tail",
+            "folds": folds, "tau": TAUS,
+            "perplexity": [math.exp(sum(math.log(f["perplexity"][i]) for f in folds) / len(folds))
+                           for i in range(len(TAUS))],
+            "increase": [sum(f["increase"][i] for f in folds) / len(folds) for i in range(len(TAUS))]}
+
+
+def ship(args, way: int, report: dict) -> dict:
+    from brownout.cli import main
+    from brownout.eval.prices import record_prices
+
+    built = args.work / "all" / f"way{way}-{args.recipe}"
+    dest = ASSETS / f"united-way{way}"
+    estimate = loso_estimate(report, way, args.recipe)  # before touching the asset
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in ("manifest.json", "united.safetensors"):
+        shutil.copyfile(built / name, dest / name)
+    texts = [os.path.relpath(args.data / p, ROOT) for p in list(SOURCES.values()) + list(FIFTH.values())]
+    out = args.work / f"ship-way{way}.json"
+    argv = ["eval", "perplexity", "--model", os.path.relpath(MODEL, ROOT), "--united",
+            os.path.relpath(dest, ROOT), "--tau", ",".join(f"{t:g}" for t in TAUS), "--part", "tail",
+            "--text", *texts, "--max-tokens", str(args.max_tokens), "--device", "cpu", "--record",
+            "--out", str(out)]
+    if main(argv) != 0:
+        raise RuntimeError(f"eval failed for {dest}")
+    return record_prices(dest, {"held_out_estimate": estimate})
+
+
+def main() -> None:
+    import torch
+
+    from brownout.eval.prices import quoted_table
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data")
+    p.add_argument("--work", type=Path, default=ROOT / "runs" / "accuracy")
+    p.add_argument("--recipe", required=True)
+    p.add_argument("--ways", default="2,4,8")
+    p.add_argument("--max-tokens", type=int, default=32768)
+    p.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results" / "accuracy")
+    args = p.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    os.chdir(ROOT)
+    torch.set_num_threads(1)  # the 2-core box is shared: one thread avoids oversubscription
+    args.data = args.data.resolve()
+    report = json.loads((args.results / "held_out_sources.json").read_text())
+    for way in (int(w) for w in args.ways.split(",")):
+        prices = ship(args, way, report)
+        log.info("way %d: quoted %s, tau 0 %+.1f%%", way, prices["quoted"],
+                 100 * prices[prices["quoted"]]["increase"][-1])
+        if way == EVAL_TABLE_WAY:
+            manifest = json.loads((ASSETS / f"united-way{way}" / "manifest.json").read_text())
+            table = {"united": os.path.relpath(ASSETS / f"united-way{way}", ROOT), **quoted_table(manifest)}
+            (ASSETS / f"perplexity-way{way}.json").write_text(json.dumps(table, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()

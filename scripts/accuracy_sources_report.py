@@ -1,0 +1,132 @@
+"""Markdown tables for `held_out_sources.json` (written by scripts/accuracy_sources.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+from accuracy_sources_notes import ABOUT, CHOICE, TRIED
+
+TARGETS = {2: 0.08, 4: 0.20, 8: 0.40}  # held-out-source perplexity increase at tau 0, at most
+DISTILL_VS_AVERAGE = 0.60  # distillation's increase at least this much below averaging's
+BASELINE = "contiguous-average"  # the calibration-free recipe distillation is compared with
+
+
+def increase(run: dict, text: str, tau: float) -> float:
+    """Perplexity at `tau` relative to tau 1 on `text`, minus 1."""
+    ppl = run["perplexity"][text]
+    return ppl[str(float(tau))] / ppl["1.0"] - 1
+
+
+def mean_increase(run: dict, texts: list[str], tau: float) -> float:
+    """Mean over texts of the relative increase (each source counts once)."""
+    return sum(increase(run, t, tau) for t in texts) / len(texts)
+
+
+def in_distribution(run: dict, report: dict) -> list[str]:
+    """Tails of the calibration's own sources (all four for a calibration-free set)."""
+    return [s for s in report["sources"] if s in run["calibration_sources"]] or list(report["sources"])
+
+
+def held_out(run: dict, report: dict) -> list[str]:
+    """The tail of the source the calibration left out, else the fifth kind of text."""
+    if run["held_out_source"]:
+        return [run["held_out_source"]]
+    return [t for t in report["fifth"] if t in run["perplexity"]]
+
+
+def find(report: dict, way: int, recipe: str, calibration: str) -> Optional[dict]:
+    return next((r for r in report["runs"] if (r["way"], r["recipe"], r["calibration"])
+                 == (way, recipe, calibration)), None)
+
+
+def loso(report: dict, way: int, recipe: str, tau: float) -> Optional[dict]:
+    """Leave-one-source-out price: per left-out source, the set fitted without it priced on
+    its tail (a calibration-free recipe: its one set on every tail); None if a fold is missing."""
+    folds = {}
+    for source in report["sources"]:
+        run = find(report, way, recipe, f"no-{source}")
+        if run is None and recipe == BASELINE:
+            run = find(report, way, recipe, "all")
+        if run is None or source not in run["perplexity"]:
+            return None
+        folds[source] = increase(run, source, tau)
+    return {"mean": sum(folds.values()) / len(folds), "folds": folds}
+
+
+def _pct(v: Optional[float]) -> str:
+    return "-" if v is None else f"{100 * v:+.1f}%"
+
+
+def _recipe_table(report: dict, runs: list[dict]) -> list[str]:
+    taus = [t for t in report["taus"] if t < 1]
+    head = ("| recipe | calibration | held out | fit error before / after | "
+            + " | ".join(f"in-dist {t:g}" for t in taus) + " | "
+            + " | ".join(f"held-out {t:g}" for t in taus) + " |")
+    lines = [head, "|" + "---|" * (4 + 2 * len(taus))]
+    for run in runs:
+        fit = run["fit_error"]
+        fit_s = f"{fit['before']:.3f} / {fit['after']:.3f}" if "after" in fit else "-"
+        ind, held = in_distribution(run, report), held_out(run, report)
+        cells = [_pct(mean_increase(run, ind, t)) for t in taus] + \
+            [_pct(mean_increase(run, held, t)) if held else "-" for t in taus]
+        lines.append(f"| {run['recipe']} | {run['calibration']} | {', '.join(held) or '-'} | {fit_s} | "
+                     + " | ".join(cells) + " |")
+    return lines
+
+
+def _targets(report: dict, shipped: dict) -> list[str]:
+    lines = ["| way | recipe shipped | quoted: leave-one-source-out mean, tau 0 | target | met | "
+             "left-out gsm8k | left-out plain sources | in-dist (all four) | AlpacaEval (never seen) | "
+             f"{BASELINE}, leave-one-source-out | distill below average | met (>= 60%) |",
+             "|" + "---|" * 12]
+    for way, recipe in sorted((int(w), r) for w, r in shipped.items()):
+        est, base = loso(report, way, recipe, 0.0), loso(report, way, BASELINE, 0.0)
+        run = find(report, way, recipe, "all")
+        if est is None or run is None:
+            lines.append(f"| {way} | {recipe} | (folds missing) |" + " |" * 9)
+            continue
+        plain = [v for k, v in est["folds"].items() if k != "gsm8k"]
+        below = None if base is None else 1 - est["mean"] / base["mean"]
+        lines.append(
+            f"| {way} | {recipe} | **{_pct(est['mean'])}** | {_pct(TARGETS.get(way))} | "
+            f"{'yes' if est['mean'] <= TARGETS.get(way, 0) else 'no'} | {_pct(est['folds'].get('gsm8k'))} | "
+            f"{_pct(sum(plain) / len(plain))} | {_pct(mean_increase(run, in_distribution(run, report), 0.0))} | "
+            f"{_pct(mean_increase(run, held_out(run, report), 0.0))} | {_pct(base and base['mean'])} | "
+            f"{'-' if below is None else f'{100 * below:.0f}%'} | "
+            f"{'-' if below is None else ('yes' if below >= DISTILL_VS_AVERAGE else 'no')} |")
+    return lines
+
+
+def _fold_table(report: dict, way: int, recipes: list[str]) -> list[str]:
+    taus = [t for t in report["taus"] if t < 1]
+    lines = ["| recipe | left out | " + " | ".join(f"tau {t:g}" for t in taus) + " |",
+             "|" + "---|" * (2 + len(taus))]
+    for recipe in recipes:
+        rows = [loso(report, way, recipe, t) for t in taus]
+        if rows[0] is None:
+            continue
+        for source in report["sources"]:
+            lines.append(f"| {recipe} | {source} | " + " | ".join(_pct(r["folds"][source]) for r in rows) + " |")
+        lines.append(f"| {recipe} | **mean** | " + " | ".join(f"**{_pct(r['mean'])}**" for r in rows) + " |")
+    return lines
+
+
+def write_markdown(report: dict, path: Path) -> None:
+    shipped = report.get("shipped", {})
+    lines = ["# United experts priced on sources their calibration did not include", "",
+             f"Measured on {report['machine']}, torch {report['torch']}, by `scripts/accuracy_sources.py` "
+             "(sets built by `brownout unite`, priced with the code of `brownout eval perplexity`); raw "
+             "numbers in `held_out_sources.json`.", "", ABOUT, "", "## Which held-out text is quoted", "",
+             CHOICE, ""]
+    if shipped:
+        lines += ["## Shipped sets against the targets (tau 0)", ""] + _targets(report, shipped) + [""]
+    lines += ["## What was tried", "", TRIED, ""]
+    for way in sorted({r["way"] for r in report["runs"]}):
+        runs = [r for r in report["runs"] if r["way"] == way]
+        lines += [f"## way {way}: every recipe", ""] + _recipe_table(report, runs) + [""]
+        recipes = sorted({r["recipe"] for r in runs})
+        folds = _fold_table(report, way, recipes)
+        if len(folds) > 2:
+            lines += [f"### way {way}: leave-one-source-out, held-out tail of the left-out source", ""] + folds + [""]
+    path.write_text("\n".join(lines) + "\n")
