@@ -79,10 +79,14 @@ def health(url: str) -> tuple[int, dict]:
 BODY = {"prompt": "Tell me a story", "max_tokens": 300, "ignore_eos": True, "temperature": 0}
 
 
-async def stream_until_killed(url: str, started: asyncio.Event) -> list[str]:
+async def stream_until_killed(url: str, started: asyncio.Event) -> list[str] | httpx.Response:
+    """The events of a stream that started, or the response of one refused before its
+    first token (the server answers a stream's headers only once its first token is out)."""
     async with httpx.AsyncClient(base_url=url, timeout=120) as http:
         async with http.stream("POST", "/v1/completions", json={**BODY, "stream": True}) as r:
-            assert r.status_code == 200
+            if r.status_code != 200:
+                await r.aread()
+                return r
             events = []
             async for line in r.aiter_lines():
                 if line.startswith("data: "):
@@ -126,8 +130,13 @@ def test_killed_engine_fails_in_flight_requests_and_comes_back(server):
     results, events, _ = asyncio.run(kill_under_load(server))
     for r in results:  # queued or running when the engine died
         assert r.status_code == 503 and r.json()["error"]["code"] == "engine_dead", r.text
-    for ev in events:  # started streams end with an error event and [DONE]
+    for ev in events:
+        if isinstance(ev, httpx.Response):  # not started yet when the engine died
+            assert ev.status_code == 503 and ev.json()["error"]["code"] == "engine_dead", ev.text
+            continue
+        # started streams end with an error event and [DONE]
         assert ev[-1] == "[DONE]" and json.loads(ev[-2])["error"]["code"] == "engine_dead"
+    assert any(isinstance(ev, list) for ev in events)  # the kill came after a stream started
     status, info = health(server.url)
     if status == 503:  # still restarting: say so, and refuse new requests at once
         assert info["status"] == "restarting" and "exited" in info["reason"]
