@@ -8,6 +8,8 @@ k) were the largest groups of them. These kernels compute the same float32 arith
 `RMSNorm` and `Rotary` in `models/layers/common.py`, in one launch each:
 
   rms_norm(x, w, eps)         out = w * (x * rsqrt(mean(x^2) + eps)).to(x.dtype), float32 stats
+  add_rms_norm(x, r, w, eps)  s = x + r (rounded to x's dtype), out = rms_norm(s): the
+                              residual add of a decoder layer and the norm after it, one pass
   rotary_(x, pos, cos, sin)   x [T, H, Dh] rotated in place (neox halves); called for q and k
   silu_and_mul(h)             silu(h[:, :I]) * h[:, I:] (SwiGLU), one pass over h
   gated_add(out, g, shared)   out + sigmoid(g) * shared (the shared expert's gate), one pass
@@ -51,6 +53,23 @@ if triton is not None:
         x = tl.load(x_ptr + row * stride_x + offs, mask=ok, other=0.0).to(tl.float32)
         inv = tl.rsqrt(tl.sum(x * x, axis=0) / D + eps)
         normed = (x * inv).to(out_ptr.dtype.element_ty)  # rounded like `.to(x.dtype)`
+        w = tl.load(w_ptr + offs, mask=ok, other=0.0)
+        out = normed.to(tl.float32) * w.to(tl.float32)
+        tl.store(out_ptr + row * stride_o + offs, out.to(out_ptr.dtype.element_ty), mask=ok)
+
+    @triton.jit
+    def _add_rms_norm_kernel(x_ptr, r_ptr, w_ptr, out_ptr, sum_ptr, stride_x, stride_r, stride_o,
+                             stride_s, D, eps, BLOCK_D: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        offs = tl.arange(0, BLOCK_D)
+        ok = offs < D
+        x = tl.load(x_ptr + row * stride_x + offs, mask=ok, other=0.0).to(tl.float32)
+        r = tl.load(r_ptr + row * stride_r + offs, mask=ok, other=0.0).to(tl.float32)
+        s = (x + r).to(sum_ptr.dtype.element_ty)  # rounded like torch's `x + r`
+        tl.store(sum_ptr + row * stride_s + offs, s, mask=ok)
+        sf = s.to(tl.float32)
+        inv = tl.rsqrt(tl.sum(sf * sf, axis=0) / D + eps)
+        normed = (sf * inv).to(out_ptr.dtype.element_ty)
         w = tl.load(w_ptr + offs, mask=ok, other=0.0)
         out = normed.to(tl.float32) * w.to(tl.float32)
         tl.store(out_ptr + row * stride_o + offs, out.to(out_ptr.dtype.element_ty), mask=ok)
@@ -123,6 +142,33 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
                                       float(eps), BLOCK_D=block_d,
                                       num_warps=4 if block_d <= 2048 else 8)
     return out.reshape(x.shape)
+
+
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                 eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rms_norm(x + residual), x + residual) for x, residual [..., D] of one dtype, in one
+    pass: the decoder layer's residual add and the norm that follows it read the activations
+    once instead of three times, with one launch instead of two."""
+    D = x.shape[-1]
+    if weight.shape != (D,) or residual.shape != x.shape or residual.dtype != x.dtype:
+        raise ValueError(f"add_rms_norm: x {tuple(x.shape)} {x.dtype}, residual "
+                         f"{tuple(residual.shape)} {residual.dtype} and weight "
+                         f"{tuple(weight.shape)} do not match")
+    rows = x.reshape(-1, D)
+    res = residual.reshape(-1, D)
+    if rows.stride(-1) != 1:
+        rows = rows.contiguous()
+    if res.stride(-1) != 1:
+        res = res.contiguous()
+    out = torch.empty(rows.shape, dtype=x.dtype, device=x.device)
+    total = torch.empty(rows.shape, dtype=x.dtype, device=x.device)
+    if rows.shape[0]:
+        block_d = _next_pow2(D)
+        _add_rms_norm_kernel[(rows.shape[0],)](rows, res, weight, out, total, rows.stride(0),
+                                              res.stride(0), out.stride(0), total.stride(0), D,
+                                              float(eps), BLOCK_D=block_d,
+                                              num_warps=4 if block_d <= 2048 else 8)
+    return out.reshape(x.shape), total.reshape(x.shape)
 
 
 def rotary_(x: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:

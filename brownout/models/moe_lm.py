@@ -41,18 +41,25 @@ class DecoderLayer(nn.Module):
             self.mlp = SparseMoE(spec, extra_slots, parallel)
         self.reduce = parallel.all_reduce if parallel.active else None  # sum of partial outputs
 
-    def forward(self, x, positions, ctx: ForwardContext) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """-> (hidden states, distinct expert slots touched: 0-d int64, None in a dense layer
-        or when the context does not count them)."""
-        attn = self.self_attn(self.input_layernorm(x), positions, ctx)
-        x = x + (attn if self.reduce is None else self.reduce(attn))
-        h = self.post_attention_layernorm(x)
+    def forward(self, x, positions, ctx: ForwardContext, residual: Optional[torch.Tensor] = None
+                ) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+        """x: the embeddings (residual None) or the previous layer's MLP output, not yet added
+        to the residual stream -> (this layer's MLP output, the residual stream before it,
+        distinct expert slots touched: 0-d int64, None in a dense layer or when the context
+        does not count them). Each residual add travels into the next norm, where it is fused."""
+        if residual is None:
+            h, residual = self.input_layernorm(x), x
+        else:
+            h, residual = self.input_layernorm.add_forward(x, residual)
+        attn = self.self_attn(h, positions, ctx)
+        h, residual = self.post_attention_layernorm.add_forward(
+            attn if self.reduce is None else self.reduce(attn), residual)
         touched = None
         if isinstance(self.mlp, SparseMoE):
             mlp, touched = self.mlp(h, ctx)
         else:
             mlp = self.mlp(h)
-        return x + (mlp if self.reduce is None else self.reduce(mlp)), touched
+        return (mlp if self.reduce is None else self.reduce(mlp)), residual, touched
 
 
 class MoEForCausalLM(nn.Module):
@@ -85,12 +92,14 @@ class MoEForCausalLM(nn.Module):
         """input_ids/positions [T] (paged) or [B, L] (full) -> final hidden states and the
         expert slots each MoE layer touched ([M] int64, None when not counted)."""
         x = self.embed_tokens(input_ids)
+        residual = None
         touched = []
         for layer in self.layers:
-            x, layer_touched = layer(x, positions, ctx)
+            x, residual, layer_touched = layer(x, positions, ctx, residual)
             if layer_touched is not None:
                 touched.append(layer_touched)
-        return ForwardOutput(self.norm(x), torch.stack(touched) if touched else None)
+        hidden = self.norm(x) if residual is None else self.norm.add_forward(x, residual)[0]
+        return ForwardOutput(hidden, torch.stack(touched) if touched else None)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()

@@ -157,3 +157,50 @@ def test_elementwise_kernels_reject_bad_layouts():
         nr.silu_and_mul(h)  # odd width
     with pytest.raises(ValueError):
         nr.gated_add(h, torch.randn(4, 2, device=DEVICE), h)  # gate not [T, 1]
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows,D", [(1, 64), (7, 100), (33, 256)])
+def test_add_rms_norm_matches_the_add_then_the_layer(dtype, rows, D):
+    g = torch.Generator().manual_seed(7 * rows + D)
+    norm = RMSNorm(D, 1e-6).to(DEVICE, dtype)
+    with torch.no_grad():
+        norm.weight.copy_(torch.rand(D, generator=g) + 0.5)
+    x = (torch.randn(rows, D, generator=g) * 3).to(DEVICE, dtype)
+    r = (torch.randn(rows, D, generator=g) * 3).to(DEVICE, dtype)
+    ref_sum = r + x
+    out, total = nr.add_rms_norm(x, r, norm.weight.detach(), norm.eps)
+    ref = torch_rms_norm(norm, total)  # the norm of the sum the kernel stored
+    if dtype == torch.float32:
+        torch.testing.assert_close(total, ref_sum, rtol=0, atol=0)  # rounded where torch rounds
+    else:  # the interpreter's bf16 cast may round the other way: one step apart at most
+        torch.testing.assert_close(total.float(), ref_sum.float(), rtol=2 ** -7, atol=0)
+    if dtype == torch.float32:
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    else:
+        torch.testing.assert_close(out.float(), ref.float(), rtol=1.6e-2, atol=1e-2)
+
+
+@needs_kernels
+def test_add_rms_norm_of_strided_views_empty_input_and_mismatch():
+    x = torch.randn(5, 3, 64).to(DEVICE)[:, 1]
+    r = torch.randn(5, 2, 64).to(DEVICE)[:, 0]
+    w = torch.rand(64).to(DEVICE)
+    out, total = nr.add_rms_norm(x, r, w, 1e-5)
+    torch.testing.assert_close(total, r + x)
+    torch.testing.assert_close(out, torch_rms_norm(_norm(w, 1e-5), r + x))
+    empty = torch.empty(0, 64, device=DEVICE)
+    assert nr.add_rms_norm(empty, empty, w, 1e-5)[0].shape == (0, 64)
+    with pytest.raises(ValueError, match="do not match"):
+        nr.add_rms_norm(x, r[:, :32], w, 1e-5)
+
+
+def test_layer_add_forward_is_the_add_then_the_norm():
+    """The torch path the layers take off CUDA: bit-for-bit the unfused code."""
+    g = torch.Generator().manual_seed(3)
+    norm = RMSNorm(48, 1e-6).to(torch.bfloat16)
+    x = torch.randn(5, 48, generator=g).to(torch.bfloat16)
+    r = torch.randn(5, 48, generator=g).to(torch.bfloat16)
+    out, total = norm.add_forward(x, r)
+    assert torch.equal(total, r + x) and torch.equal(out, norm(r + x))

@@ -28,6 +28,17 @@ class RMSNorm(nn.Module):
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * xf.to(x.dtype)
 
+    def add_forward(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(norm(x + residual), x + residual): a decoder layer's residual add and the norm
+        after it, fused into one kernel on CUDA."""
+        if x.is_cuda and self.weight.dtype == x.dtype and residual.dtype == x.dtype:
+            from brownout.kernels import norm_rope
+
+            if norm_rope.kernels_usable(x) and x.stride(-1) == 1 and residual.stride(-1) == 1:
+                return norm_rope.add_rms_norm(x, residual, self.weight, self.eps)
+        total = residual + x
+        return self.forward(total), total
+
 
 class Rotary(nn.Module):
     """cos/sin table over all positions; applied to the halves of each head (neox style)."""
