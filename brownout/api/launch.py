@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import sys
 from pathlib import Path
 from typing import Mapping, Optional
 
@@ -87,7 +86,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--gpu-memory-utilization", type=float, default=None,
                    help="fraction of GPU memory for weights and KV cache (default 0.85)")
     g.add_argument("--served-model-name", default=None, help="model name clients use (default: the model's)")
-    g.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
+    g.add_argument("--max-model-len", type=int, default=None, help="context length, in tokens (default: the model's)")
     g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="where to run (auto: cuda when available)")
     g.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
@@ -136,7 +135,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     key = g.add_mutually_exclusive_group()
     key.add_argument("--api-key", default=None,
                      help="require 'Authorization: Bearer KEY' on every path but /health and /metrics; "
-                          f"visible in the process list: prefer {API_KEY_ENV} or --api-key-file")
+                          f"visible in the process list: prefer {API_KEY_ENV} or --api-key-file (default: none, "
+                          "no auth unless one of those gives a key)")
     key.add_argument("--api-key-file", default=None,
                      help=f"read the API key from this file (default: the {API_KEY_ENV} environment "
                           "variable, if set)")
@@ -256,11 +256,7 @@ def run(args) -> int:
     from brownout.api.engine_client import EngineClient
     from brownout.engine.worker import DEFAULT_ENGINE_FACTORY, WorkerOptions
 
-    try:
-        engine_config, server_config = build_configs(args)
-    except ValidationError as exc:
-        print(f"brownout serve: error: {flag_of(exc.field)}: {exc.message}", file=sys.stderr)
-        return 2
+    engine_config, server_config = build_configs(args)  # a ValidationError: `brownout.cli.main` names its flag
     logger.info("model %s; %s", shown_path(engine_config.load.model or resolve_model(None)),
                 brownout_summary(engine_config))
     options = WorkerOptions(engine_factory=args.engine_factory or DEFAULT_ENGINE_FACTORY,

@@ -103,10 +103,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    resolve_args(args)  # before torch loads: an input error is reported at once
     # lazy: the torch chain loads only when the command runs (`brownout --help` stays fast)
     from brownout.eval.scoring import check_taus, load_eval_model
 
-    resolve_args(args)
     check_taus(args.tau, args.united is not None)
     start = time.perf_counter()
     em = load_eval_model(args.model, args.united, args.device, args.dtype)
