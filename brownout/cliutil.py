@@ -24,6 +24,8 @@ from brownout.types import ValidationError
 # the way of the embedded united experts a command uses by default: the set the demo and the
 # published prices use
 DEFAULT_WAY = 4
+# the --united-experts value that asks for no united experts (overriding the embedded default)
+NO_UNITED = "none"
 # seconds between progress lines when stderr is not a terminal (CI logs): one line now and then
 # shows a long command is alive without flooding the log
 LOG_PROGRESS_INTERVAL_S = 30.0
@@ -187,16 +189,18 @@ def resolve_united(value: Optional[str], model_dir: str, flag: str = "--united-e
                    allow_average: bool = True) -> Optional[str]:
     """The united experts `value` names: None is the embedded way-4 set when the model is the
     embedded one (else None: no united experts); `average:WAY` passes where the command builds
-    them at load time; a directory must hold a `brownout unite` manifest.json."""
+    them at load time; a directory must hold a `brownout unite` manifest.json; `none` is no
+    united experts."""
     if value is None:
         return default_united_dir(DEFAULT_WAY) if is_embedded_model(model_dir) else None
+    if value == NO_UNITED:
+        return None
     if allow_average and value.startswith("average:"):
         return value
     if (Path(value) / "manifest.json").is_file():
         return value
     expected = "a directory written by `brownout unite` (holding manifest.json)"
-    if allow_average:
-        expected += " or average:WAY"
+    expected += ", average:WAY or none" if allow_average else " or none"
     why = "no such directory" if not Path(value).exists() else "no manifest.json in it"
     raise ValidationError(flag, f"expected {expected}, got {value} ({why})")
 

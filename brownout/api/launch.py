@@ -2,8 +2,9 @@
 
 With no --model it serves the embedded demo model with its way-4 united experts, brownout
 off until --slo-policy (or --fixed-tau) turns it on; the start-up log says which united
-experts and policy are active. Flags left unset keep the config defaults (the SLO knobs default to the paper's settings,
-see brownout.config.SLOConfig). A bad value is reported as a CLI error naming the flag.
+experts and policy are active. Flags left unset keep the config defaults (the SLO knobs
+default to the paper's settings, see brownout.config.SLOConfig). A bad value is reported as
+a CLI error naming the flag.
 The API key comes from --api-key-file, the BROWNOUT_API_KEY environment variable, or
 --api-key (visible to every local user in the process list, so a warning is logged); an
 empty key is an error, never a silent "no auth".
@@ -80,8 +81,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="checkpoint directory, or a directory holding one in model/ (default: the "
                         "embedded demo model); a preset name with --load-format dummy")
     g.add_argument("--united-experts", default=None,
-                   help="directory written by `brownout unite`, or average:WAY (uncalibrated, built at "
-                        "load) (default: the embedded way-4 set with the embedded model, else none)")
+                   help="directory written by `brownout unite`, average:WAY (uncalibrated, built at "
+                        "load), or none (default: the embedded way-4 set with the embedded model, else none)")
     g.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the model's)")
     g.add_argument("--gpu-memory-utilization", type=float, default=None,
                    help="fraction of GPU memory for weights and KV cache (default 0.85)")

@@ -96,8 +96,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chat", action="store_true", help="use /v1/chat/completions")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--seed", type=int, default=0, help="seed of the arrivals and prompts")
-    p.add_argument("--label", help="name of this run in comparisons (default: --policy or --out)")
-    p.add_argument("--policy", help="the server's SLO policy, recorded for comparisons (default: none)")
+    p.add_argument("--label", help="name of this run in comparisons (default: --slo-policy or --out)")
+    p.add_argument("--slo-policy", dest="policy",
+                   help="the server's SLO policy, recorded for comparisons (default: none)")
+    p.add_argument("--policy", dest="policy", default=argparse.SUPPRESS, help=argparse.SUPPRESS)  # former name
     p.add_argument("--max-tokens", type=int_at_least(1),
                    help="cap on max_tokens of every request, in tokens (default: the prompt SPEC's)")
     p.add_argument("--api-key", help="bearer token for the server (default: none)")

@@ -69,8 +69,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="base rate (requests/s) as a fraction of the measured capacity with brownout off; with "
                         "the default burst the load peaks near full batches, where brownout's "
                         "cheaper steps decide whether TPOT meets its SLO")
-    p.add_argument("--policies", default="off,aimd,predictive",
+    p.add_argument("--slo-policy", dest="policies", default="off,aimd,predictive",
                    help="SLO policies to compare, comma-separated, each on a fresh server")
+    p.add_argument("--policies", dest="policies", default=argparse.SUPPRESS, help=argparse.SUPPRESS)  # former name
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"], help="where the servers run")
     p.add_argument("--no-progress", action="store_true", help="draw no progress bars")
     p.add_argument("--trace", default=None,
@@ -192,7 +193,7 @@ def simulated_headline(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     Console().print(f"[bold]Part 1: SIMULATED H200 headline[/bold] (committed H200 step-cost "
                     f"profile; no GPU used): {what}")
     cmd = [sys.executable, "-m", "brownout.cli", "simulate", "--workload", workload,
-           "--prompts", prompts, "--policy", "off,aimd,predictive", "--out", str(out), *SIM_FLAGS]
+           "--prompts", prompts, "--slo-policy", "off,aimd,predictive", "--out", str(out), *SIM_FLAGS]
     subprocess.run(cmd, check=True)  # a separate process: it prints each policy as it ends
     result = json.loads((out / "comparison.json").read_text())
     lines = sim_table(result["rows"]) + textwrap.wrap(sim_conclusion(result["rows"]), TABLE_WIDTH)

@@ -21,10 +21,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="checkpoint directory, or a directory holding one in model/ (default: the "
                         "embedded demo model); a preset name with --load-format dummy")
     p.add_argument("--united-experts", default=None,
-                   help="directory written by `brownout unite`, or average:WAY (uncalibrated, built "
-                        "at load) (default: the embedded way-4 set with the embedded model, else none)")
-    p.add_argument("--tau", type=float_in(0.0, 1.0), default=1.0,
-                   help="fixed brownout threshold in [0, 1]; 1 is the exact model")
+                   help="directory written by `brownout unite`, average:WAY (uncalibrated, built "
+                        "at load), or none (default: the embedded way-4 set with the embedded model, else none)")
+    p.add_argument("--fixed-tau", dest="tau", type=float_in(0.0, 1.0), default=1.0,
+                   help="fixed brownout threshold in [0, 1], as `brownout serve --fixed-tau`; 1 is the "
+                        "exact model")
+    p.add_argument("--tau", dest="tau", type=float_in(0.0, 1.0), default=argparse.SUPPRESS,
+                   help=argparse.SUPPRESS)  # former name
     p.add_argument("--chat", action="store_true", help="wrap each prompt in the chat template")
     p.add_argument("--max-tokens", type=int_at_least(1), default=64, help="tokens to generate per prompt at most")
     p.add_argument("--temperature", type=float_in(0.0), default=0.0, help="sampling temperature; 0 is greedy")

@@ -60,8 +60,8 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="checkpoint directory, or a directory holding one in model/ "
                         "(default: the embedded demo model)")
     p.add_argument("--united-experts", dest="united", default=None,
-                   help="directory written by `brownout unite`, needed for tau < 1 (default: the "
-                        "embedded way-4 set with the embedded model, else none: tau 1 only)")
+                   help="directory written by `brownout unite`, needed for tau < 1, or none (default: "
+                        "the embedded way-4 set with the embedded model, else none: tau 1 only)")
     p.add_argument("--united", dest="united", default=None, help=argparse.SUPPRESS)  # former name
     p.add_argument("--tau", type=parse_taus, default=None,
                    help=f"comma-separated brownout thresholds in [0, 1] (default {DEFAULT_TAUS}; "
@@ -132,13 +132,14 @@ def resolve_args(args: argparse.Namespace) -> None:
     """Fill in the defaults that depend on each other (model, united experts, taus) and check
     them and the output path, each error naming its flag."""
     args.model = resolve_model(args.model)
+    named = args.united is not None
     args.united = resolve_united(args.united, args.model, allow_average=False)
+    if getattr(args, "record", False) and (not named or args.united is None):  # only into a named set
+        raise ValidationError("--record", "needs the united experts to record into named: --united-experts DIR")
     if args.united is None:
         if args.tau is not None and any(t < 1.0 for t in args.tau):
             raise ValidationError("--united-experts", "tau below 1 needs united experts: expected a "
                                   "directory written by `brownout unite` (or --tau 1 for the exact model)")
-        if getattr(args, "record", False):
-            raise ValidationError("--record", "needs united experts to record into (--united-experts DIR)")
         if args.tau is None:
             log.warning("no united experts (--united-experts DIR): pricing tau 1 only")
         args.tau = [1.0]

@@ -1,7 +1,7 @@
 """`brownout simulate`: a bench run against a simulated engine, on a virtual clock.
 
   brownout simulate --workload "trace:path=T.csv,speedup=2.7,duration=60,burst=2,burst_at=20,burst_until=40" \
-      --policy off,aimd,predictive --profile h200 --out runs/sim [--seed 0]
+      --slo-policy off,aimd,predictive --profile h200 --out runs/sim [--seed 0]
       [--max-num-seqs 128 --max-num-batched-tokens 1024 --admission-ttft-factor 1.0]
       [--slo-ttft 0.1 --slo-tpot 0.02 --slo-prefill-step 0.024 --slo-decode-step 0.013]
 Each policy's run goes to --out/<policy> with the files of `brownout bench` (meta.json,
@@ -39,8 +39,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workload", required=True,
                    help="arrival SPEC, as for `brownout bench` (rates in requests/s, times in seconds)")
     p.add_argument("--prompts", default="synthetic", help="prompt SPEC (default: synthetic)")
-    p.add_argument("--policy", default="off,aimd,predictive",
+    p.add_argument("--slo-policy", dest="policy", default="off,aimd,predictive",
                    help=f"SLO policies to simulate, comma-separated ({'|'.join(policy_names())})")
+    p.add_argument("--policy", dest="policy", default=argparse.SUPPRESS, help=argparse.SUPPRESS)  # former name
     p.add_argument("--profile", default="h200", help="step-cost profile: a shipped name or a JSON file")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--seed", type=int, default=0, help="seed of the arrivals, prompts and step costs")

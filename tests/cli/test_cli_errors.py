@@ -88,6 +88,8 @@ def test_eval_bad_ranges_and_files(tmp_path, text, capsys):
               "brownout eval choice", "--data")
     _one_line(["eval", "perplexity", "--text", str(text), "--out", str(tmp_path)], capsys,
               "brownout eval perplexity", "--out")
+    _one_line(["eval", "perplexity", "--text", str(text), "--record"], capsys,  # not the package's set
+              "brownout eval perplexity", "--record")
 
 
 def test_unite_errors(tmp_path, capsys):
@@ -140,6 +142,7 @@ def test_model_defaults_to_the_embedded_one():
     assert resolve_model("cpu-moe", dummy=True) == "cpu-moe"
     assert resolve_united(None, embedded) == default_united_dir(4)
     assert resolve_united("average:2", embedded) == "average:2"
+    assert resolve_united("none", embedded) is None
 
 
 def test_eval_defaults(other_model, text):

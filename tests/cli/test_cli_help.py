@@ -75,7 +75,23 @@ def test_one_flag_name_per_concept():
     for name in ("serve", "generate", "eval perplexity", "eval choice", "demo"):
         assert {"--model", "--united-experts"} <= by_command[name], name
     assert "--model" in by_command["unite"]
-    assert "--policy" not in by_command["serve"] and "--slo-policy" in by_command["serve"]
+    for name in ("serve", "simulate", "bench", "demo"):  # one policy or a comma-separated list
+        assert "--slo-policy" in by_command[name] and not {"--policy", "--policies"} & by_command[name]
+    for name in ("serve", "simulate", "generate"):
+        assert "--fixed-tau" in by_command[name] and "--tau" not in by_command[name]
+    for name in ("serve", "generate", "unite", "eval perplexity", "eval choice", "bench", "simulate", "demo"):
+        assert "--out" in by_command[name] or name in ("serve", "generate"), name
+
+
+@pytest.mark.parametrize("argv,dest,value", [
+    (["eval", "perplexity", "--text", __file__, "--united", "D"], "united", "D"),
+    (["simulate", "--workload", "W", "--out", "O", "--policy", "off"], "policy", "off"),
+    (["demo", "--policies", "off"], "policies", "off"),
+    (["bench", "--out", "O", "--policy", "aimd"], "policy", "aimd"),
+    (["generate", "x", "--tau", "0.5"], "tau", 0.5),
+])
+def test_former_names_still_parse(argv, dest, value):
+    assert getattr(build_parser(argv).parse_args(argv), dest) == value
 
 
 def test_help_states_the_default_once():
