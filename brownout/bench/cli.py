@@ -142,6 +142,10 @@ def run(args: argparse.Namespace) -> int:
 def _run_compare(args: argparse.Namespace) -> int:
     if not args.runs:
         raise ValidationError("--runs", "required by compare: the run directories, --runs DIR [DIR ...]")
+    for run_dir in args.runs:
+        if not (Path(run_dir) / "requests.jsonl").is_file():
+            raise ValidationError("--runs", f"expected directories written by `brownout bench`, got {run_dir} "
+                                            "(no requests.jsonl)")
     result = compare_runs(args.runs, args.out, slo_ttft=args.slo_ttft, slo_tpot=args.slo_tpot,
                           slo_e2e=args.slo_e2e, baseline_label=args.baseline or "off",
                           eval_table=args.eval_table, plots=not args.no_plots)

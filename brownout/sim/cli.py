@@ -98,6 +98,10 @@ def run(args: argparse.Namespace) -> int:
         logging.getLogger(CONTROL_LOGGER).setLevel(logging.WARNING)
     policies = [x for x in (s.strip() for s in args.policy.split(",")) if x]
     try:
+        load_profile(args.profile)
+    except (FileNotFoundError, ValueError) as e:
+        raise ValidationError("--profile", f"expected a shipped profile name or a JSON file: {e}") from None
+    try:
         dirs = []
         for policy in policies:
             setup = setup_from_args(args, policy)

@@ -118,6 +118,17 @@ def test_bench_and_simulate_errors(tmp_path, capsys):
                str(tmp_path)], capsys, "brownout bench", "--workload")
     _one_line(["simulate", "--workload", "poisson:rate=1,duration=1", "--out", str(tmp_path),
                "--slo-ttft", "0"], capsys, "brownout simulate", "--slo-ttft")
+    _one_line(["simulate", "--workload", "poisson:rate=1,duration=1", "--out", str(tmp_path),
+               "--profile", "nowhere"], capsys, "brownout simulate", "--profile")
+    _one_line(["bench", "compare", "--runs", str(tmp_path / "none"), "--out", str(tmp_path)], capsys,
+              "brownout bench", "--runs")
+
+
+def test_parse_errors_are_one_line(capsys):
+    _one_line(["serve", "--device", "tpu"], capsys, "brownout serve", "--device")
+    _one_line(["serve", "--port", "x"], capsys, "brownout serve", "--port")
+    rc, lines = _run([], capsys)
+    assert rc == 2 and lines == ["brownout: error: COMMAND: required"]
 
 
 def test_debug_shows_the_traceback(tmp_path):
