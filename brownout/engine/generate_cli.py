@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from brownout.cliutil import float_in, int_at_least, resolve_model, resolve_united, united_summary
+from brownout.cliutil import float_in, int_at_least, resolve_model, resolve_united, shown_path, united_summary
 from brownout.types import SamplingParams, ValidationError
 
 log = logging.getLogger(__name__)
@@ -49,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
     if args.tau < 1.0 and united is None:
         raise ValidationError("--united-experts", "tau below 1 needs united experts: expected a directory "
                                                   "written by `brownout unite` or average:WAY")
-    log.info("model %s; united experts %s; tau %g", model, united_summary(united), args.tau)
+    log.info("model %s; united experts %s; tau %g", shown_path(model), united_summary(united), args.tau)
     llm = LLM(model, united_experts=united, tau=args.tau, device=args.device,
               load_format=args.load_format)
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
