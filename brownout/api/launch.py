@@ -98,7 +98,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--cpu-threads", type=int, default=None,
                    help="torch threads of the engine on the CPU (default: cores - 1, leaving one core "
                         "to the HTTP process: an engine contending for every core runs far slower)")
-    g.add_argument("--seed", type=int, default=0, help="seed of dummy weights and of unseeded sampling")
+    g.add_argument("--seed", type=int, default=0, help="seed of the random weights of --load-format dummy")
     g.add_argument("--tensor-parallel-size", type=int, default=1,
                    help="split the model over this many processes (GPUs)")
     g.add_argument("--enable-expert-parallel", action="store_true",

@@ -77,7 +77,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "their united experts, run at this tau (default: the exact model's states)")
     p.add_argument("--out", required=True, type=Path,
                    help="directory to write the united experts to (manifest.json, united.safetensors)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the sampling and the fits")
+    p.add_argument("--seed", type=int, default=0, help="seed of the calibration sampling and the fits")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                    help="where to run (auto: cuda when available)")
     p.add_argument("--save-dtype", choices=SAVE_DTYPES, default="auto",

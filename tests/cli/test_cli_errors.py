@@ -92,6 +92,14 @@ def test_eval_bad_ranges_and_files(tmp_path, text, capsys):
               "brownout eval perplexity", "--record")
 
 
+def test_eval_text_too_short_names_the_flag(tmp_path, capsys):
+    short = tmp_path / "short.txt"
+    short.write_text("Once upon a time.")
+    line = _one_line(["eval", "perplexity", "--text", str(short), "--device", "cpu", "--tau", "1"],
+                     capsys, "brownout eval perplexity", "--text")
+    assert "lower --window or --batch-tokens" in line
+
+
 def test_unite_errors(tmp_path, capsys):
     _one_line(["unite", "--model", str(tmp_path / "nowhere"), "--out", str(tmp_path / "u")], capsys,
               "brownout unite", "--model")
