@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import io
 import json
-import logging
 import shutil
 import subprocess
 import sys
@@ -241,4 +240,3 @@ def test_manifest_summary_names_way_and_method():
     text = united_summary(default_united_dir(4))
     assert f"way {manifest['way']}" in text and manifest["method"] in text
     assert united_summary(None) == "none"
-    logging.getLogger(__name__).debug(text)
