@@ -1,7 +1,10 @@
 """`brownout serve`: build the engine and server configs from flags, then run uvicorn.
 
-Flags left unset keep the config defaults (the SLO knobs default to the paper's settings,
-see brownout.config.SLOConfig). A bad value is reported as a CLI error naming the flag.
+With no --model it serves the embedded demo model with its way-4 united experts, brownout
+off until --slo-policy (or --fixed-tau) turns it on; the start-up log says which united
+experts and policy are active. Flags left unset keep the config defaults (the SLO knobs
+default to the paper's settings, see brownout.config.SLOConfig). A bad value is reported as
+a CLI error naming the flag.
 The API key comes from --api-key-file, the BROWNOUT_API_KEY environment variable, or
 --api-key (visible to every local user in the process list, so a warning is logged); an
 empty key is an error, never a silent "no auth".
@@ -12,11 +15,11 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import sys
 from pathlib import Path
 from typing import Mapping, Optional
 
 from brownout.api.limits import REQUEST_CONTEXTS
+from brownout.cliutil import flag_name, resolve_model, resolve_united, shown_path, united_summary
 from brownout.config import (BrownoutConfig, CacheConfig, EngineConfig, ModelLoadConfig,
                              SchedulerConfig, ServerConfig, SLOConfig)
 from brownout.types import ValidationError
@@ -47,6 +50,19 @@ _SERVER_FLAGS = {
     "shutdown_timeout": "shutdown_timeout_s",
 }
 
+# what each SLO flag sets, with its unit
+_SLO_HELP = {
+    "slo_ttft": "time-to-first-token SLO, seconds",
+    "slo_tpot": "time-per-output-token SLO, seconds",
+    "slo_prefill_step": "latency SLO of a step with prefill work, seconds",
+    "slo_decode_step": "latency SLO of a decode-only step, seconds",
+    "slo_window": "span of recent steps the controller's P90 latency is taken over, seconds",
+    "slo_check_interval": "seconds between two decisions of the aimd controller",
+    "slo_shrink_factor": "aimd: tau is multiplied by this fraction when a P90 exceeds its SLO",
+    "slo_increase_step": "aimd: tau grows by this much (of 1) when a P90 is below the warning ratio",
+    "slo_warning_ratio": "aimd: fraction of an SLO below which tau grows",
+}
+
 # flag dest -> SLOConfig field
 _SLO_FLAGS = {
     "slo_ttft": "ttft_s", "slo_tpot": "tpot_s", "slo_prefill_step": "prefill_step_s",
@@ -61,65 +77,80 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sched = SchedulerConfig()
     srv = ServerConfig()
     g = parser.add_argument_group("model")
-    g.add_argument("--model", default=None, help="checkpoint directory (default: the embedded demo model)")
+    g.add_argument("--model", default=None,
+                   help="checkpoint directory, or a directory holding one in model/ (default: the "
+                        "embedded demo model); a preset name with --load-format dummy")
     g.add_argument("--united-experts", default=None,
-                   help="directory written by `brownout unite`, or average:WAY (uncalibrated, built at load)")
+                   help="directory written by `brownout unite`, average:WAY (uncalibrated, built at "
+                        "load), or none (default: the embedded way-4 set with the embedded model, else none)")
     g.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the model's)")
     g.add_argument("--gpu-memory-utilization", type=float, default=None,
                    help="fraction of GPU memory for weights and KV cache (default 0.85)")
     g.add_argument("--served-model-name", default=None, help="model name clients use (default: the model's)")
-    g.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
-    g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    g.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto")
-    g.add_argument("--load-format", choices=("auto", "dummy"), default="auto")
-    g.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+    g.add_argument("--max-model-len", type=int, default=None, help="context length, in tokens (default: the model's)")
+    g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="where to run (auto: cuda when available)")
+    g.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
+                   help="dtype of weights and activations (auto: bfloat16 on a GPU, float32 on a CPU)")
+    g.add_argument("--load-format", choices=("auto", "dummy"), default="auto",
+                   help="dummy: random weights of a preset's or checkpoint's shapes")
+    g.add_argument("--enforce-eager", action="store_true", help="run without CUDA graphs")
     g.add_argument("--cpu-threads", type=int, default=None,
                    help="torch threads of the engine on the CPU (default: cores - 1, leaving one core "
                         "to the HTTP process: an engine contending for every core runs far slower)")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=int, default=0, help="seed of the random weights of --load-format dummy")
     g.add_argument("--tensor-parallel-size", type=int, default=1,
-                   help="split the model over this many processes (GPUs); default 1")
+                   help="split the model over this many processes (GPUs)")
     g.add_argument("--enable-expert-parallel", action="store_true",
                    help="split routed experts by rank instead of along their width")
     g = parser.add_argument_group("scheduler and admission")
-    g.add_argument("--max-num-seqs", type=int, default=None, help=f"batch size (default {sched.max_num_seqs})")
+    g.add_argument("--max-num-seqs", type=int, default=None,
+                   help=f"sequences per step at most, i.e. the batch size (default {sched.max_num_seqs})")
     g.add_argument("--max-num-batched-tokens", type=int, default=None,
-                   help=f"token budget per step (default {sched.max_num_batched_tokens})")
+                   help=f"tokens per step at most (default {sched.max_num_batched_tokens})")
     g.add_argument("--max-waiting-requests", type=int, default=None,
-                   help=f"bounded queue; beyond it requests get 429 (default {sched.max_waiting_requests})")
+                   help=f"requests the queue holds; beyond it requests get 429 (default {sched.max_waiting_requests})")
     g.add_argument("--queue-timeout", type=float, default=None, help="seconds a request may wait (default: no limit)")
     g.add_argument("--admission-ttft-factor", type=float, default=None,
                    help="refuse (429) a request whose predicted wait for its first token exceeds this many "
                         "TTFT SLOs (--slo-ttft), so the admitted ones can meet it (default: admit while the "
                         "queue has room)")
-    g.add_argument("--num-kv-blocks", type=int, default=None, help="KV cache blocks (default: from memory)")
-    g.add_argument("--block-size", type=int, default=None, help="tokens per KV block")
+    g.add_argument("--num-kv-blocks", type=int, default=None,
+                   help="KV cache blocks (default: as many as the memory budget holds)")
+    g.add_argument("--block-size", type=int, default=None,
+                   help=f"tokens per KV block (default {CacheConfig().block_size})")
     g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=None,
                    help="reuse the KV blocks of prompt prefixes seen before (default: on)")
     g = parser.add_argument_group("brownout and SLO control")
     g.add_argument("--slo-policy", choices=("off", "fixed", "aimd", "predictive"), default=None,
-                   help=f"dimmer policy (default {slo.policy}; 'fixed' when --fixed-tau is given)")
-    g.add_argument("--fixed-tau", type=float, default=None, help="tau for the fixed policy (initial tau otherwise)")
+                   help=f"brownout policy: off, a fixed tau, or a controller that dims under load "
+                        f"(default {slo.policy}; 'fixed' when --fixed-tau is given)")
+    g.add_argument("--fixed-tau", type=float, default=None,
+                   help="tau in [0, 1] of the fixed policy; the initial tau of the others (default 1)")
     for dest, name in _SLO_FLAGS.items():
         g.add_argument("--" + dest.replace("_", "-"), dest=dest, type=float, default=None,
-                       help=f"default {getattr(slo, name)}")
+                       help=f"{_SLO_HELP[dest]} (default {getattr(slo, name):g})")
     g = parser.add_argument_group("server")
     g.add_argument("--host", default=srv.host, help="bind address (default 127.0.0.1: local only)")
-    g.add_argument("--port", type=int, default=srv.port)
+    g.add_argument("--port", type=int, default=srv.port, help="TCP port (0: any free port)")
     key = g.add_mutually_exclusive_group()
     key.add_argument("--api-key", default=None,
                      help="require 'Authorization: Bearer KEY' on every path but /health and /metrics; "
-                          f"visible in the process list: prefer {API_KEY_ENV} or --api-key-file")
+                          f"visible in the process list: prefer {API_KEY_ENV} or --api-key-file (default: none, "
+                          "no auth unless one of those gives a key)")
     key.add_argument("--api-key-file", default=None,
                      help=f"read the API key from this file (default: the {API_KEY_ENV} environment "
                           "variable, if set)")
-    g.add_argument("--max-body-bytes", type=int, default=srv.max_body_bytes)
-    g.add_argument("--max-prompt-tokens", type=int, default=None, help="default: the context length - 1")
+    g.add_argument("--max-body-bytes", type=int, default=srv.max_body_bytes,
+                   help="largest request body, in bytes; 413 beyond")
+    g.add_argument("--max-prompt-tokens", type=int, default=None,
+                   help="longest prompt, in tokens (default: the context length - 1)")
     g.add_argument("--max-request-tokens", type=int, default=None,
                    help="prompt tokens one request may queue over all its prompts (text counted at "
                         f"the most characters per token; default: {REQUEST_CONTEXTS} x the largest prompt)")
     g.add_argument("--max-tokens-limit", type=int, default=srv.max_tokens_limit,
-                   help="largest max_tokens a request may ask for")
+                   help="largest max_tokens a request may ask for, in tokens; a chat request without "
+                        "max_tokens runs up to it (or the context)")
     g.add_argument("--keep-alive-timeout", type=float, default=None,
                    help=f"seconds an idle keep-alive connection stays open (default {srv.keep_alive_timeout_s:g})")
     g.add_argument("--header-timeout", type=float, default=None,
@@ -144,7 +175,11 @@ def build_configs(args, environ: Mapping[str, str] = os.environ) -> tuple[Engine
     if policy == "fixed" and args.fixed_tau is None:
         raise ValidationError("fixed_tau", "the fixed policy needs --fixed-tau in [0, 1]")
     tau = {} if args.fixed_tau is None else {"tau_prefill": args.fixed_tau, "tau_decode": args.fixed_tau}
-    load = ModelLoadConfig(model=args.model or "", load_format=args.load_format, dtype=args.dtype,
+    dummy = args.load_format == "dummy"
+    model = None if args.model is None else resolve_model(args.model, dummy=dummy)
+    united = None if dummy and args.united_experts is None else \
+        resolve_united(args.united_experts, model or resolve_model(None))
+    load = ModelLoadConfig(model=model or "", load_format=args.load_format, dtype=args.dtype,
                            device=args.device, seed=args.seed, max_model_len=args.max_model_len,
                            enforce_eager=args.enforce_eager, tokenizer=args.tokenizer,
                            tensor_parallel_size=args.tensor_parallel_size,
@@ -158,7 +193,7 @@ def build_configs(args, environ: Mapping[str, str] = os.environ) -> tuple[Engine
         "max_waiting_requests": "max_waiting_requests", "queue_timeout": "queue_timeout_s",
         "admission_ttft_factor": "admission_ttft_factor"}))
     engine = EngineConfig(load=load, cache=cache, scheduler=scheduler,
-                          brownout=BrownoutConfig(united_experts=args.united_experts, **tau),
+                          brownout=BrownoutConfig(united_experts=united, **tau),
                           slo=SLOConfig(policy=policy, **_given(args, _SLO_FLAGS)))
     key, source = api_key(args, environ)
     try:
@@ -193,7 +228,26 @@ def api_key(args, environ: Mapping[str, str]) -> tuple[Optional[str], str]:
 
 
 def flag_of(field: str) -> str:
-    return _FLAG_OF_FIELD.get(field, "--" + field.replace("_", "-"))
+    return _FLAG_OF_FIELD.get(field, flag_name(field))
+
+
+def brownout_summary(engine: EngineConfig) -> str:
+    """One line: the united experts and policy the server runs with, and, while brownout is
+    off, the flags that turn it on."""
+    united, slo = engine.brownout.united_experts, engine.slo
+    turn_on = "--slo-policy predictive (or aimd, or --fixed-tau T)"
+    if united is None:
+        add = "--united-experts DIR (written by `brownout unite`) or --united-experts average:4"
+        if slo.policy == "off":
+            return f"brownout is off: no united experts; to turn it on: {add}, with {turn_on}"
+        return f"brownout stays off: --slo-policy {slo.policy} needs united experts; add {add}"
+    what = f"united experts {united_summary(united)}"
+    if slo.policy == "off":
+        return f"brownout is off (--slo-policy off); {what} loaded; to turn it on: {turn_on}"
+    if slo.policy == "fixed":
+        return f"brownout on: fixed tau {engine.brownout.tau_decode:g}, {what}"
+    return (f"brownout on: policy {slo.policy} (TTFT SLO {slo.ttft_s:g} s, TPOT SLO {slo.tpot_s:g} s), "
+            f"{what}")
 
 
 def run(args) -> int:
@@ -203,11 +257,9 @@ def run(args) -> int:
     from brownout.api.engine_client import EngineClient
     from brownout.engine.worker import DEFAULT_ENGINE_FACTORY, WorkerOptions
 
-    try:
-        engine_config, server_config = build_configs(args)
-    except ValidationError as exc:
-        print(f"brownout serve: error: {flag_of(exc.field)}: {exc.message}", file=sys.stderr)
-        return 2
+    engine_config, server_config = build_configs(args)  # a ValidationError: `brownout.cli.main` names its flag
+    logger.info("model %s; %s", shown_path(engine_config.load.model or resolve_model(None)),
+                brownout_summary(engine_config))
     options = WorkerOptions(engine_factory=args.engine_factory or DEFAULT_ENGINE_FACTORY,
                             max_prompt_tokens=server_config.max_prompt_tokens,
                             default_model_factory=None if args.model else DEFAULT_MODEL_FACTORY,

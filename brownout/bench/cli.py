@@ -18,6 +18,7 @@ import argparse
 import asyncio
 import json
 import logging
+import sys
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Optional
@@ -27,6 +28,7 @@ from brownout.bench.datasets import build_requests, make_source
 from brownout.bench.report import compare_runs, compute_report, write_report
 from brownout.bench.runs import load_run
 from brownout.bench.workloads import make_workload
+from brownout.cliutil import float_in, int_at_least
 from brownout.types import ValidationError
 
 logger = logging.getLogger(__name__)
@@ -80,29 +82,37 @@ def run_bench(url: str, workload: str, prompts: str = "synthetic",
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("mode", nargs="?", choices=("run", "compare"), default="run",
                    help="run a benchmark (default) or compare finished runs")
-    p.add_argument("--url", help="server base URL, e.g. http://127.0.0.1:8000")
-    p.add_argument("--workload", help="arrival SPEC, e.g. 'poisson:rate=4,duration=30'")
+    p.add_argument("--url", help="run: the server's base URL, e.g. http://127.0.0.1:8000 (required)")
+    p.add_argument("--workload", help="run: arrival SPEC, e.g. 'poisson:rate=4,duration=30' (rates in "
+                                      "requests/s, times in seconds; required)")
     p.add_argument("--prompts", default="synthetic", help="prompt SPEC (default: synthetic)")
     p.add_argument("--model", help="model name to send (default: the first of /v1/models)")
-    p.add_argument("--slo-ttft", type=float, default=1.0, help="TTFT SLO, seconds")
-    p.add_argument("--slo-tpot", type=float, default=0.15, help="TPOT SLO, seconds")
-    p.add_argument("--slo-e2e", type=float, default=None, help="end-to-end SLO, seconds")
+    p.add_argument("--slo-ttft", type=float_in(0.0, lo_open=True), default=1.0,
+                   help="time-to-first-token SLO, seconds")
+    p.add_argument("--slo-tpot", type=float_in(0.0, lo_open=True), default=0.15,
+                   help="time-per-output-token SLO, seconds")
+    p.add_argument("--slo-e2e", type=float_in(0.0, lo_open=True), default=None,
+                   help="end-to-end latency SLO, seconds (default: none)")
     p.add_argument("--chat", action="store_true", help="use /v1/chat/completions")
     p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--label", help="name of this run in comparisons (default: --policy or --out)")
-    p.add_argument("--policy", help="the server's SLO policy, recorded for comparisons")
-    p.add_argument("--max-tokens", type=int, help="cap on max_tokens of every request")
-    p.add_argument("--api-key", help="bearer token for the server")
-    p.add_argument("--timeout", type=float, default=600.0, help="per-request timeout, seconds")
-    p.add_argument("--max-retries", type=int, default=0, help="retries of rejected requests")
+    p.add_argument("--seed", type=int, default=0, help="seed of the arrivals and prompts")
+    p.add_argument("--label", help="name of this run in comparisons (default: --slo-policy or --out)")
+    p.add_argument("--slo-policy", dest="policy",
+                   help="the server's SLO policy, recorded for comparisons (default: none)")
+    p.add_argument("--policy", dest="policy", default=argparse.SUPPRESS, help=argparse.SUPPRESS)  # former name
+    p.add_argument("--max-tokens", type=int_at_least(1),
+                   help="cap on max_tokens of every request, in tokens (default: the prompt SPEC's)")
+    p.add_argument("--api-key", help="bearer token for the server (default: none)")
+    p.add_argument("--timeout", type=float_in(0.0, lo_open=True), default=600.0,
+                   help="per-request timeout, seconds")
+    p.add_argument("--max-retries", type=int_at_least(0), default=0, help="retries of rejected requests")
     p.add_argument("--no-ignore-eos", action="store_true", help="let requests stop at EOS")
-    p.add_argument("--no-plots", action="store_true")
-    p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--runs", nargs="+", help="compare: run directories")
+    p.add_argument("--no-plots", action="store_true", help="write no PNG plots")
+    p.add_argument("--no-progress", action="store_true", help="draw no progress bar")
+    p.add_argument("--runs", nargs="+", help="compare: run directories (required)")
     p.add_argument("--baseline", help="run: a baseline run directory; compare: the baseline "
                                       "run's label (default 'off', else the first run)")
-    p.add_argument("--eval-table", help="compare: JSON tau -> perplexity")
+    p.add_argument("--eval-table", help="compare: JSON file of tau -> perplexity (default: none)")
 
 
 def _print_table(title: str, header: list[str], rows: list[list[Any]]) -> None:
@@ -122,15 +132,20 @@ def run(args: argparse.Namespace) -> int:
         if args.mode == "compare":
             return _run_compare(args)
         return _run_one(args)
-    except (ValidationError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}")
+    except ValidationError:
+        raise  # `brownout.cli.main` prints it naming its flag
+    except (FileNotFoundError, ValueError) as e:  # a run directory or table that is missing or bad
+        print(f"{getattr(args, '_prog', 'brownout bench')}: error: {e}", file=sys.stderr)
         return 2
 
 
 def _run_compare(args: argparse.Namespace) -> int:
     if not args.runs:
-        print("error: compare needs --runs DIR [DIR ...]")
-        return 2
+        raise ValidationError("--runs", "required by compare: the run directories, --runs DIR [DIR ...]")
+    for run_dir in args.runs:
+        if not (Path(run_dir) / "requests.jsonl").is_file():
+            raise ValidationError("--runs", f"expected directories written by `brownout bench`, got {run_dir} "
+                                            "(no requests.jsonl)")
     result = compare_runs(args.runs, args.out, slo_ttft=args.slo_ttft, slo_tpot=args.slo_tpot,
                           slo_e2e=args.slo_e2e, baseline_label=args.baseline or "off",
                           eval_table=args.eval_table, plots=not args.no_plots)
@@ -142,9 +157,10 @@ def _run_compare(args: argparse.Namespace) -> int:
 
 
 def _run_one(args: argparse.Namespace) -> int:
-    if not args.url or not args.workload:
-        print("error: a benchmark run needs --url and --workload")
-        return 2
+    for flag, value in (("--url", args.url), ("--workload", args.workload)):
+        if not value:
+            raise ValidationError(flag, "required by a benchmark run (--url http://HOST:PORT "
+                                        "--workload SPEC)")
     report = run_bench(
         args.url, args.workload, args.prompts, args.out, model=args.model,
         slo_ttft=args.slo_ttft, slo_tpot=args.slo_tpot, slo_e2e=args.slo_e2e, chat=args.chat,

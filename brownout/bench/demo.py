@@ -41,6 +41,7 @@ from brownout.bench.cli import run_bench
 from brownout.bench.experiment import ServerConfig, run_configs, server_process
 from brownout.bench.html_report import write_html_report
 from brownout.bench.report import load_eval_table
+from brownout.cliutil import resolve_model, resolve_united
 from brownout.defaults import ASSETS, default_model_dir, default_united_dir
 
 log = logging.getLogger(__name__)
@@ -52,7 +53,9 @@ PROMPTS = "synthetic:prompt_len=48"
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="demo-out", help="output directory (default: demo-out)")
-    p.add_argument("--model", default=None, help="checkpoint (default: the embedded demo model)")
+    p.add_argument("--model", default=None,
+                   help="checkpoint directory, or a directory holding one in model/ (default: the "
+                        "embedded demo model)")
     p.add_argument("--united-experts", default=None,
                    help="united experts (default: the embedded way-4 set of the demo model)")
     p.add_argument("--dummy-preset", default=None, metavar="NAME",
@@ -61,14 +64,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "of expert reads shows on a CPU too; its accuracy is meaningless)")
     p.add_argument("--duration", type=float, default=27.0,
                    help="seconds of load per run (the burst is its middle third)")
-    p.add_argument("--burst-factor", type=float, default=2.5, help="rate multiplier during the burst")
+    p.add_argument("--burst-factor", type=float, default=2.5,
+                   help="rate multiplier during the burst (requests/s over the base rate's)")
     p.add_argument("--base-load", type=float, default=0.35,
-                   help="base rate as a fraction of the measured capacity with brownout off; with "
+                   help="base rate (requests/s) as a fraction of the measured capacity with brownout off; with "
                         "the default burst the load peaks near full batches, where brownout's "
                         "cheaper steps decide whether TPOT meets its SLO")
-    p.add_argument("--policies", default="off,aimd,predictive")
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--slo-policy", dest="policies", default="off,aimd,predictive",
+                   help="SLO policies to compare, comma-separated, each on a fresh server")
+    p.add_argument("--policies", dest="policies", default=argparse.SUPPRESS, help=argparse.SUPPRESS)  # former name
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"], help="where the servers run")
+    p.add_argument("--no-progress", action="store_true", help="draw no progress bars")
     p.add_argument("--trace", default=None,
                    help="Azure conversation trace CSV for the simulated headline (default: "
                         "../shared/data/traces/azure_llm_2023_conv.csv when present)")
@@ -130,6 +136,10 @@ def policy_flags(policy: str, cal: dict[str, Any]) -> list[str]:
 
 def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
+    if args.model is not None and args.dummy_preset is None:
+        args.model = resolve_model(args.model)
+    if args.united_experts is not None:  # checked here, not first in a server's log
+        resolve_united(args.united_experts, args.model or default_model_dir())
     if not args.no_simulation:
         simulated_headline(args, out / "simulated-h200")
         if args.simulation_only:
@@ -186,7 +196,7 @@ def simulated_headline(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     Console().print(f"[bold]Part 1: SIMULATED H200 headline[/bold] (committed H200 step-cost "
                     f"profile; no GPU used): {what}")
     cmd = [sys.executable, "-m", "brownout.cli", "simulate", "--workload", workload,
-           "--prompts", prompts, "--policy", "off,aimd,predictive", "--out", str(out), *SIM_FLAGS]
+           "--prompts", prompts, "--slo-policy", "off,aimd,predictive", "--out", str(out), *SIM_FLAGS]
     subprocess.run(cmd, check=True)  # a separate process: it prints each policy as it ends
     result = json.loads((out / "comparison.json").read_text())
     lines = sim_table(result["rows"]) + textwrap.wrap(sim_conclusion(result["rows"]), TABLE_WIDTH)

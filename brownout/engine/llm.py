@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Optional, Sequence, Union
 
 from brownout.config import (BrownoutConfig, CacheConfig, EngineConfig, ModelLoadConfig,
-                             SchedulerConfig, SLOConfig)
+                             SchedulerConfig, ServerConfig, SLOConfig)
 from brownout.defaults import default_model_dir
 from brownout.engine.llm_engine import LLMEngine
 from brownout.types import FinishReason, Logprob, SamplingParams, ValidationError
@@ -81,8 +81,16 @@ class LLM:
 
     def chat(self, messages: Union[list[dict], list[list[dict]]],
              params: Optional[SamplingParams] = None) -> list[Completion]:
+        """Answer each conversation. Without `params` a reply runs until it ends, as the server's
+        chat endpoint lets one run when a request sets no max_tokens: up to the context left
+        after the prompt, at most `ServerConfig.max_tokens_limit` tokens."""
         convs = [messages] if messages and isinstance(messages[0], dict) else messages
-        return self.generate([self.engine.apply_chat_template(c) for c in convs], params)
+        prompts = [self.engine.apply_chat_template(c) for c in convs]
+        if params is None:
+            limit = ServerConfig().max_tokens_limit
+            params = [SamplingParams(max_tokens=max(1, min(limit, self.engine.max_model_len - len(p))))
+                      for p in prompts]
+        return self.generate(prompts, params)
 
     def _run(self, ids: list[str]) -> list[Completion]:
         results: dict[str, Completion] = {}

@@ -1,7 +1,7 @@
 """`brownout simulate`: a bench run against a simulated engine, on a virtual clock.
 
   brownout simulate --workload "trace:path=T.csv,speedup=2.7,duration=60,burst=2,burst_at=20,burst_until=40" \
-      --policy off,aimd,predictive --profile h200 --out runs/sim [--seed 0]
+      --slo-policy off,aimd,predictive --profile h200 --out runs/sim [--seed 0]
       [--max-num-seqs 128 --max-num-batched-tokens 1024 --admission-ttft-factor 1.0]
       [--slo-ttft 0.1 --slo-tpot 0.02 --slo-prefill-step 0.024 --slo-decode-step 0.013]
 Each policy's run goes to --out/<policy> with the files of `brownout bench` (meta.json,
@@ -15,9 +15,12 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 from pathlib import Path
 
+from brownout.api.launch import flag_of  # noqa: F401  (config field -> its flag, as serve names it)
 from brownout.bench.report import compare_runs
+from brownout.cliutil import int_at_least
 from brownout.config import SchedulerConfig, SLOConfig
 from brownout.control import policy_names
 from brownout.sim.fleet import ROUTERS
@@ -33,32 +36,46 @@ CONTROL_LOGGER = "brownout.control"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--workload", required=True, help="arrival SPEC, as for `brownout bench`")
+    p.add_argument("--workload", required=True,
+                   help="arrival SPEC, as for `brownout bench` (rates in requests/s, times in seconds)")
     p.add_argument("--prompts", default="synthetic", help="prompt SPEC (default: synthetic)")
-    p.add_argument("--policy", default="off,aimd,predictive",
+    p.add_argument("--slo-policy", dest="policy", default="off,aimd,predictive",
                    help=f"SLO policies to simulate, comma-separated ({'|'.join(policy_names())})")
+    p.add_argument("--policy", dest="policy", default=argparse.SUPPRESS, help=argparse.SUPPRESS)  # former name
     p.add_argument("--profile", default="h200", help="step-cost profile: a shipped name or a JSON file")
     p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-tokens", type=int, help="cap on max_tokens of every request")
-    p.add_argument("--max-model-len", type=int, default=None)
-    p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--seed", type=int, default=0, help="seed of the arrivals, prompts and step costs")
+    p.add_argument("--max-tokens", type=int_at_least(1),
+                   help="cap on max_tokens of every request, in tokens (default: the prompt SPEC's)")
+    p.add_argument("--max-model-len", type=int_at_least(2), default=None,
+                   help="context length, in tokens (default: the profile's)")
+    p.add_argument("--no-plots", action="store_true", help="write no PNG plots")
     d = SchedulerConfig()
     g = p.add_argument_group("server flags (as `brownout serve` takes them)")
-    g.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs)
-    g.add_argument("--max-num-batched-tokens", type=int, default=d.max_num_batched_tokens)
-    g.add_argument("--max-waiting-requests", type=int, default=d.max_waiting_requests)
-    g.add_argument("--queue-timeout", type=float, default=None)
-    g.add_argument("--admission-ttft-factor", type=float, default=None)
+    g.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs,
+                   help="sequences per step at most, i.e. the batch size")
+    g.add_argument("--max-num-batched-tokens", type=int, default=d.max_num_batched_tokens,
+                   help="tokens per step at most")
+    g.add_argument("--max-waiting-requests", type=int, default=d.max_waiting_requests,
+                   help="requests the queue holds; beyond it requests get 429")
+    g.add_argument("--queue-timeout", type=float, default=None,
+                   help="seconds a request may wait (default: no limit)")
+    g.add_argument("--admission-ttft-factor", type=float, default=None,
+                   help="refuse a request whose predicted wait for its first token exceeds this many "
+                        "TTFT SLOs (default: admit while the queue has room)")
     s = SLOConfig()
-    g.add_argument("--slo-ttft", type=float, default=s.ttft_s)
-    g.add_argument("--slo-tpot", type=float, default=s.tpot_s)
-    g.add_argument("--slo-prefill-step", type=float, default=s.prefill_step_s)
-    g.add_argument("--slo-decode-step", type=float, default=s.decode_step_s)
-    g.add_argument("--slo-window", type=float, default=s.window_s)
-    g.add_argument("--slo-check-interval", type=float, default=s.check_interval_s)
-    g.add_argument("--fixed-tau", type=float, default=1.0, help="tau of the `fixed` policy")
-    p.add_argument("--replicas", type=int, default=1, help="engines behind a router (default 1)")
+    g.add_argument("--slo-ttft", type=float, default=s.ttft_s, help="time-to-first-token SLO, seconds")
+    g.add_argument("--slo-tpot", type=float, default=s.tpot_s, help="time-per-output-token SLO, seconds")
+    g.add_argument("--slo-prefill-step", type=float, default=s.prefill_step_s,
+                   help="latency SLO of a step with prefill work, seconds")
+    g.add_argument("--slo-decode-step", type=float, default=s.decode_step_s,
+                   help="latency SLO of a decode-only step, seconds")
+    g.add_argument("--slo-window", type=float, default=s.window_s,
+                   help="span of recent steps the controller's P90 latency is taken over, seconds")
+    g.add_argument("--slo-check-interval", type=float, default=s.check_interval_s,
+                   help="seconds between two decisions of the aimd controller")
+    g.add_argument("--fixed-tau", type=float, default=1.0, help="tau in [0, 1] of the `fixed` policy")
+    p.add_argument("--replicas", type=int_at_least(1), default=1, help="engines behind a router")
     p.add_argument("--router", default="least_loaded", choices=ROUTERS,
                    help="how the router picks a replica for each request")
 
@@ -81,6 +98,10 @@ def run(args: argparse.Namespace) -> int:
         logging.getLogger(CONTROL_LOGGER).setLevel(logging.WARNING)
     policies = [x for x in (s.strip() for s in args.policy.split(",")) if x]
     try:
+        load_profile(args.profile)
+    except (FileNotFoundError, ValueError) as e:
+        raise ValidationError("--profile", f"expected a shipped profile name or a JSON file: {e}") from None
+    try:
         dirs = []
         for policy in policies:
             setup = setup_from_args(args, policy)
@@ -96,7 +117,9 @@ def run(args: argparse.Namespace) -> int:
             compare_runs(dirs, args.out, slo_ttft=args.slo_ttft, slo_tpot=args.slo_tpot,
                          baseline_label=policies[0], plots=not args.no_plots)
             print(f"wrote {Path(args.out) / 'comparison.md'}")
-    except (ValidationError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}")
+    except ValidationError:
+        raise  # `brownout.cli.main` prints it naming its flag
+    except (FileNotFoundError, ValueError) as e:  # a profile or trace that is missing or bad
+        print(f"{getattr(args, '_prog', 'brownout simulate')}: error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -1,5 +1,8 @@
 """`brownout unite`: build united experts for a checkpoint, offline (SPEC 1.2).
 
+With no --model it unites the embedded demo model; `--model brownout/assets/demo` (a directory
+holding a `model/` checkpoint) means the same.
+
 Example (a calibration mix of a plain-text file and a JSONL of logged requests, the
 requests given twice the tokens of the text):
   brownout unite --model brownout/assets/demo/model --way 4 --grouping similarity \
@@ -18,43 +21,65 @@ import logging
 import time
 from pathlib import Path
 
+from brownout.cliutil import (check_output_dir, float_in, int_at_least, progress, resolve_model,
+                              user_errors)
 from brownout.config import ModelLoadConfig
+from brownout.types import ValidationError
 from brownout.unite.options import STARTS, VALIDATIONS, DistillConfig
 from brownout.unite.sources import PARTS, SourceSpec
 
 log = logging.getLogger(__name__)
 
 SAVE_DTYPES = ("auto", "float32", "bfloat16", "float16")
+# the group sizes whose united experts are tested and shipped
+TESTED_WAYS = (2, 4, 8)
+# ValueError fields of the unite options -> the flag that sets each
+OPTION_FLAGS = {"way": "--way", "grouping": "--grouping", "method": "--method",
+                "capture_tau": "--capture-tau", "calibration": "--calibration",
+                "validation": "--distill-validation", "start": "--distill-start",
+                "max_folds": "--distill-folds"}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="checkpoint directory (Hugging Face format)")
-    p.add_argument("--way", type=int, required=True, help="experts per group: 2, 4 or 8")
-    p.add_argument("--grouping", choices=["contiguous", "similarity"], default="contiguous")
-    p.add_argument("--method", choices=["average", "frequency", "distill"], default="average")
+    p.add_argument("--model", default=None,
+                   help="checkpoint directory (Hugging Face format), or a directory holding one in "
+                        "model/ (default: the embedded demo model)")
+    p.add_argument("--way", type=int_at_least(2), default=4,
+                   help="experts per group; 2, 4 and 8 are tested")
+    p.add_argument("--grouping", choices=["contiguous", "similarity"], default="contiguous",
+                   help="how experts are grouped: contiguous ids (e // way) or similar outputs on "
+                        "the calibration text")
+    p.add_argument("--method", choices=["average", "frequency", "distill"], default="average",
+                   help="how a group's united expert is built: plain or routing-frequency-weighted "
+                        "average of its members, or fitted to their mixture (distill)")
     p.add_argument("--calibration", nargs="+", default=[], metavar="FILE[:WEIGHT]",
                    help="calibration sources: plain text, or .jsonl/.json records of requests "
                         "(e.g. {question, answer}, {prompt, output}); needed by "
-                        "similarity/frequency/distill")
-    p.add_argument("--calibration-tokens", type=int, default=65536, help="over all sources")
+                        "similarity/frequency/distill (default: none)")
+    p.add_argument("--calibration-tokens", type=int_at_least(1), default=65536,
+                   help="calibration tokens over all sources")
     p.add_argument("--calibration-part", choices=PARTS, default="fit",
                    help="part of each source to calibrate on (fit: all but the last 5%%)")
-    p.add_argument("--seq-len", type=int, default=512, help="calibration window length")
-    p.add_argument("--distill-steps", type=int, default=1000, help="Adam steps per group at most")
+    p.add_argument("--seq-len", type=int_at_least(2), default=512, help="calibration window length, in tokens")
+    p.add_argument("--distill-steps", type=int_at_least(0), default=1000, help="Adam steps per group at most")
     p.add_argument("--distill-validation", choices=VALIDATIONS, default="sources",
                    help="early stopping on left-out sources (leave-one-source-out) or a random split")
-    p.add_argument("--distill-folds", type=int, default=DistillConfig.max_folds,
+    p.add_argument("--distill-folds", type=int_at_least(0), default=DistillConfig.max_folds,
                    help="left-out sources validated on per group (0: every source)")
-    p.add_argument("--distill-start", choices=STARTS, default="frequency")
-    p.add_argument("--distill-anchor", type=float, default=DistillConfig.anchor,
-                   help="weight of the L2 pull toward the start")
-    p.add_argument("--distill-weight-decay", type=float, default=DistillConfig.weight_decay)
-    p.add_argument("--capture-tau", type=float, default=None,
+    p.add_argument("--distill-start", choices=STARTS, default="frequency",
+                   help="the mean the distillation starts from and --distill-anchor pulls toward")
+    p.add_argument("--distill-anchor", type=float_in(0.0), default=DistillConfig.anchor,
+                   help="weight of the L2 pull toward the start (unitless, >= 0)")
+    p.add_argument("--distill-weight-decay", type=float_in(0.0), default=DistillConfig.weight_decay,
+                   help="AdamW decoupled weight decay (unitless, >= 0)")
+    p.add_argument("--capture-tau", type=float_in(0.0, 1.0), default=None,
                    help="fit each layer on the states it sees when the layers before it, with "
                         "their united experts, run at this tau (default: the exact model's states)")
-    p.add_argument("--out", required=True, type=Path, help="output directory")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--out", required=True, type=Path,
+                   help="directory to write the united experts to (manifest.json, united.safetensors)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the calibration sampling and the fits")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="where to run (auto: cuda when available)")
     p.add_argument("--save-dtype", choices=SAVE_DTYPES, default="auto",
                    help="dtype of the saved united experts (auto: the checkpoint's)")
 
@@ -78,7 +103,6 @@ def _checkpoint_dtype(model_dir: Path):
 def run(args: argparse.Namespace) -> int:
     # lazy: the torch and transformers chain loads only when the command runs
     import torch
-    from tqdm import tqdm
     from transformers import AutoTokenizer
 
     from brownout.runner.loader import load_model
@@ -86,24 +110,26 @@ def run(args: argparse.Namespace) -> int:
     from brownout.unite.calibration import calibration_mix
     from brownout.unite.store import save_united
 
-    if args.way not in (2, 4, 8):
-        log.warning("way %d: the tested group sizes are 2, 4 and 8", args.way)
+    args.model = resolve_model(args.model)
+    check_output_dir("--out", args.out)
+    if args.way not in TESTED_WAYS:
+        log.warning("way %d: the tested group sizes are %s", args.way, ", ".join(map(str, TESTED_WAYS)))
     save_dtype = None if args.save_dtype == "auto" else getattr(torch, args.save_dtype)
-    try:
+    with user_errors(OPTION_FLAGS):
         sources = [SourceSpec.parse(text) for text in args.calibration]
-    except ValueError as exc:
-        raise SystemExit(str(exc)) from None
     for spec in sources:
         if not spec.path.is_file():
-            raise SystemExit(f"calibration: {spec.path} is not a file")
-    distill = DistillConfig(max_steps=args.distill_steps, validation=args.distill_validation,
-                            max_folds=args.distill_folds,
-                            start=args.distill_start, anchor=args.distill_anchor,
-                            weight_decay=args.distill_weight_decay)
-    opts = UniteOptions(way=args.way, grouping=args.grouping, method=args.method, seed=args.seed,
-                        calibration=sources, calibration_tokens=args.calibration_tokens,
-                        calibration_part=args.calibration_part, seq_len=args.seq_len,
-                        distill=distill, save_dtype=save_dtype, capture_tau=args.capture_tau)
+            raise ValidationError("--calibration", f"expected FILE[:WEIGHT] naming a readable file, "
+                                                   f"got {spec.path} (no such file)")
+    with user_errors(OPTION_FLAGS):
+        distill = DistillConfig(max_steps=args.distill_steps, validation=args.distill_validation,
+                                max_folds=args.distill_folds,
+                                start=args.distill_start, anchor=args.distill_anchor,
+                                weight_decay=args.distill_weight_decay)
+        opts = UniteOptions(way=args.way, grouping=args.grouping, method=args.method, seed=args.seed,
+                            calibration=sources, calibration_tokens=args.calibration_tokens,
+                            calibration_part=args.calibration_part, seq_len=args.seq_len,
+                            distill=distill, save_dtype=save_dtype, capture_tau=args.capture_tau)
     torch.manual_seed(args.seed)
     start = time.perf_counter()
     # united slots only where built layers are installed to feed the next (--capture-tau)
@@ -115,12 +141,17 @@ def run(args: argparse.Namespace) -> int:
     mix = None
     if opts.calibration:
         tokenizer = AutoTokenizer.from_pretrained(str(args.model))
-        mix = calibration_mix(tokenizer, opts.calibration, opts.calibration_tokens, opts.seq_len,
-                              opts.calibration_part)
+        try:
+            mix = calibration_mix(tokenizer, opts.calibration, opts.calibration_tokens, opts.seq_len,
+                                  opts.calibration_part)
+        except UnicodeDecodeError:
+            raise ValidationError("--calibration", "expected UTF-8 text or .jsonl/.json records") from None
+        except ValueError as exc:  # a source's content: bad records, too few tokens
+            raise ValidationError("--calibration", str(exc).removeprefix("calibration: ")) from None
         log.info("calibration: %d windows of %d tokens from %s", mix.windows.shape[0], opts.seq_len,
                  ", ".join(f"{s['name']} ({s['tokens']})" for s in mix.sources))
     tensors, manifest = build_united(loaded, opts, mix,
-                                     progress_factory=lambda total: tqdm(total=total, unit="group"))
+                                     progress_factory=lambda total: progress(total, "unite", "group"))
     save_united(args.out, tensors, manifest)
     print(f"wrote {args.out} (way {opts.way}, {opts.grouping}, {opts.method}) "
           f"in {time.perf_counter() - start:.1f} s")

@@ -90,6 +90,17 @@ def test_missing_model_fails_fast(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "brownout.cli", "serve", "--model",
                            str(tmp_path / "nothing"), "--device", "cpu", "--port", "0"],
                           cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "brownout serve: error: --model: expected a checkpoint directory" in proc.stderr
+
+
+def test_unloadable_model_fails_fast(tmp_path):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text("{}")  # a checkpoint directory the engine cannot load
+    proc = subprocess.run([sys.executable, "-m", "brownout.cli", "serve", "--model", str(broken),
+                           "--device", "cpu", "--port", "0"],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0
     assert "engine failed to start" in proc.stderr + proc.stdout
 

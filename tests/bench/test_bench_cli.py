@@ -46,4 +46,4 @@ def test_cli_errors(tmp_path, capsys):
     assert main(["bench", "--out", str(tmp_path)]) == 2
     assert main(["bench", "--url", "http://x", "--workload", "nope:rate=1", "--out", str(tmp_path)]) == 2
     assert main(["bench", "compare", "--out", str(tmp_path)]) == 2
-    assert "unknown kind" in capsys.readouterr().out
+    assert "unknown kind" in capsys.readouterr().err  # errors go to stderr, one line each
