@@ -199,6 +199,8 @@ class Rungs:
 
     tau: float = 1.0  # brownout threshold (1: every expert keeps its tokens)
     top_k: Optional[int] = None  # routed experts kept per token (k' < k sheds); None: the model's k
+    # the step's token budget (rung 3), chosen before it was scheduled; None: the configured one
+    token_budget: Optional[int] = None
 
 
 @dataclass(slots=True)

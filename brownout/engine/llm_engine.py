@@ -29,6 +29,7 @@ from brownout.engine.parallel_group import WorkerGroup
 from brownout.engine.request import Request, Status
 from brownout.engine.scheduler import NewToken, Scheduler
 from brownout.runner.build import build_model_runner
+from brownout.runner.cuda_graphs import token_bucket_sizes
 from brownout.types import (EngineBrokenError, FinishReason, RequestOutput, SamplingParams,
                             SchedulerOutput, StepStats, ValidationError)
 
@@ -74,6 +75,8 @@ class LLMEngine:
                                   self.spec.top_k)
         if prices is not None:  # measured rung prices: shedding and the accuracy spent
             self.controller.enable_ladder(prices)
+        budget = config.scheduler.max_num_batched_tokens
+        self.controller.set_step_sizes(budget, token_bucket_sizes(budget))
         self.last_step_stats: Optional[StepStats] = None
         self.fresh_step_stats: Optional[StepStats] = None  # the step collected by the last call
         self._inflight = None  # (SchedulerOutput, launched step, start time, requests left waiting)
@@ -96,7 +99,7 @@ class LLMEngine:
         ids = self.inputs.prompt_ids(prompt)
         arrival = arrival_time or self.clock()
         predicted = self.admission.admit(len(ids), arrival, self.clock(),
-                                         self.controller.prefill_speedup)
+                                         self.controller.prefill_speedup, priority)
         req = Request(request_id, ids, params, arrival, priority, predicted_wait_s=predicted)
         outputs.start_detokenizer(self.tokenizer, req)
         self.scheduler.add(req)
@@ -133,7 +136,7 @@ class LLMEngine:
                 new_tokens, collected_at = self._collect()
             except Exception:
                 outs += self._fail_step(step_requests, "collect")
-        scheduler_output = self.scheduler.schedule()
+        scheduler_output = self._schedule()
         if scheduler_output.seqs:
             step_requests = self._step_requests(scheduler_output)
             try:
@@ -141,6 +144,12 @@ class LLMEngine:
             except Exception:
                 outs += self._fail_step(step_requests, "launch")
         return outs + [self._emit_or_fail(t, collected_at) for t in new_tokens]
+
+    def _schedule(self) -> SchedulerOutput:
+        """The next step, under the controller's running cap and token budget (rungs 4, 3)."""
+        view = self.scheduler.view
+        self.admission.set_running_cap(self.controller.running_cap(view))
+        return self.scheduler.schedule(self.controller.choose_token_budget(view))
 
     # ---- a failed step ends its own requests -----------------------------------------
     def _step_requests(self, scheduler_output: SchedulerOutput) -> list[Request]:
@@ -222,7 +231,9 @@ class LLMEngine:
                            num_decode_tokens=scheduler_output.num_decode_tokens,
                            batch_size=len(scheduler_output.seqs), num_waiting=view.num_waiting,
                            waiting_tokens=view.waiting_tokens,
-                           has_prefill=scheduler_output.has_prefill)
+                           has_prefill=scheduler_output.has_prefill,
+                           exempt=self.scheduler.holds_priority(
+                               scheduler_output, self.config.slo.dim_exempt_priority))
 
     def _emit(self, new: NewToken, now: float) -> RequestOutput:
         """Detokenise an accepted token, finish its request on a stop string, build the output."""
@@ -262,6 +273,9 @@ class LLMEngine:
                     top_k_prefill=self.controller.top_k_prefill or self.spec.top_k,
                     top_k_decode=self.controller.top_k_decode or self.spec.top_k,
                     accuracy_spent=self.controller.accuracy_spent(),
+                    step_token_budget=(self.controller.token_budget
+                                       or self.config.scheduler.max_num_batched_tokens),
+                    exempt_steps_total=self.controller.num_exempt_steps,
                     num_preemptions_total=sched.num_preemptions,
                     prompt_tokens_total=sched.num_prompt_tokens_total,
                     generation_tokens_total=sched.num_generation_tokens_total,

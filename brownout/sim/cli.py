@@ -20,6 +20,7 @@ from pathlib import Path
 from brownout.bench.report import compare_runs
 from brownout.config import SchedulerConfig, SLOConfig
 from brownout.control import policy_names
+from brownout.control.prices import PriceTable
 from brownout.sim.fleet import ROUTERS
 from brownout.sim.profile import load_profile
 from brownout.sim.run import SimSetup, simulate
@@ -58,6 +59,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--slo-window", type=float, default=s.window_s)
     g.add_argument("--slo-check-interval", type=float, default=s.check_interval_s)
     g.add_argument("--fixed-tau", type=float, default=1.0, help="tau of the `fixed` policy")
+    g.add_argument("--scheduling-policy", choices=("fcfs", "priority"), default=d.policy,
+                   help=f"queue, refusal and preemption order (default {d.policy})")
+    g.add_argument("--dim-exempt-priority", type=int, default=None,
+                   help="requests with priority <= this run undimmed (default: none exempt)")
+    p.add_argument("--prices", default=None,
+                   help="rung price table (JSON, ladder-prices.json format): expert shedding and the "
+                        "accuracy spent (default: none, so no shedding and no accuracy spent)")
     p.add_argument("--replicas", type=int, default=1, help="engines behind a router (default 1)")
     p.add_argument("--router", default="least_loaded", choices=ROUTERS,
                    help="how the router picks a replica for each request")
@@ -68,12 +76,15 @@ def setup_from_args(args: argparse.Namespace, policy: str) -> SimSetup:
                             max_num_batched_tokens=args.max_num_batched_tokens,
                             max_waiting_requests=args.max_waiting_requests,
                             queue_timeout_s=args.queue_timeout,
-                            admission_ttft_factor=args.admission_ttft_factor)
+                            admission_ttft_factor=args.admission_ttft_factor,
+                            policy=args.scheduling_policy)
     slo = SLOConfig(policy=policy, ttft_s=args.slo_ttft, tpot_s=args.slo_tpot,
                     prefill_step_s=args.slo_prefill_step, decode_step_s=args.slo_decode_step,
-                    window_s=args.slo_window, check_interval_s=args.slo_check_interval)
+                    window_s=args.slo_window, check_interval_s=args.slo_check_interval,
+                    dim_exempt_priority=args.dim_exempt_priority)
+    prices = PriceTable.load(Path(args.prices)) if args.prices else None
     return SimSetup(load_profile(args.profile), sched, slo, args.max_model_len, args.seed,
-                    args.fixed_tau, args.replicas, args.router)
+                    args.fixed_tau, args.replicas, args.router, prices)
 
 
 def run(args: argparse.Namespace) -> int:

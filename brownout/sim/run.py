@@ -48,7 +48,7 @@ def simulate_requests(requests: list[SimRequest], setup: SimSetup,
         engine = Fleet(setup, setup.replicas, setup.router)
     else:
         engine = SimEngine(setup.profile, setup.scheduler, setup.slo, setup.seed,
-                           setup.max_model_len, setup.fixed_tau)
+                           setup.max_model_len, setup.fixed_tau, prices=setup.prices)
     for r in requests:
         engine.submit(r)
     scrapes: list[dict[str, Any]] = []
