@@ -8,8 +8,8 @@ Workloads:
   prefill-heavy     log-normal prompts (mean PREFILL_MEAN_PROMPT tokens), log-normal outputs
                     (mean PREFILL_MEAN_OUTPUT), gamma arrivals of burstiness 0.5 at 70% of the
                     profile's prefill capacity, same server flags and SLOs
-Rung 5 (priority classes) on conv-3x with the priority scheduling policy: a share
-PRIORITY_SHARE of requests gets priority 0, the rest 1, ladder policy, with and without
+Rung 5 (priority classes) on conv-3x with the priority scheduling policy: a share (each of
+PRIORITY_SHARES) of requests gets priority 0, the rest 1, ladder policy, with and without
 `dim_exempt_priority = 0` (steps holding a priority-0 request run undimmed); the cost of the
 exemption is the difference of the two runs.
 
@@ -25,6 +25,7 @@ import dataclasses
 import gzip
 import json
 import math
+import re
 import sys
 import tempfile
 from pathlib import Path
@@ -70,8 +71,8 @@ PREFILL_DURATION_S = 60.0
 PREFILL_MAX_PROMPT = 4000
 # the decodes beside a full chunk when the capacity is priced: a step of the prefill-heavy load
 CAPACITY_DECODES = 16
-# rung 5: share of requests in the important class (priority 0; the rest are 1)
-PRIORITY_SHARE = 0.2
+# rung 5: shares of requests in the important class (priority 0; the rest are 1)
+PRIORITY_SHARES = (0.2, 0.05)
 
 
 def prefill_heavy_requests(setup: SimSetup, seed: int) -> tuple[list[SimRequest], float]:
@@ -98,9 +99,9 @@ def prefill_heavy_requests(setup: SimSetup, seed: int) -> tuple[list[SimRequest]
     return reqs, rate
 
 
-def with_priorities(reqs: list[SimRequest], seed: int) -> list[SimRequest]:
+def with_priorities(reqs: list[SimRequest], seed: int, share: float) -> list[SimRequest]:
     rng = np.random.default_rng(seed + 7)
-    return [dataclasses.replace(r, priority=0 if rng.random() < PRIORITY_SHARE else 1) for r in reqs]
+    return [dataclasses.replace(r, priority=0 if rng.random() < share else 1) for r in reqs]
 
 
 def summarise(report: dict[str, Any], run_dir: Path, recs: list[dict]) -> dict[str, Any]:
@@ -156,7 +157,7 @@ def _meets(r: dict, slo: dict) -> bool:
 
 def run_one(name: str, policy: str, setup: SimSetup, workload: str, requests: list[SimRequest],
             tmp: Path, variant: str = "") -> dict[str, Any]:
-    out = tmp / f"{name}-{policy}{variant}-{setup.seed}"
+    out = tmp / re.sub(r"\W+", "_", f"{name}-{policy}{variant}-{setup.seed}")
     report = simulate(workload, out, setup, label=policy, plots=False, requests=requests)
     recs = [json.loads(line) for line in (out / "requests.jsonl").read_text().splitlines()]
     prio = {r.index: r.priority for r in requests}
@@ -204,12 +205,14 @@ def main(argv: Optional[list[str]] = None) -> int:
             # rung 5: priority classes on the 3x burst, ladder, with and without the exemption
             workload, setup = headline_setup("h200", HEADLINE_RUN, "ladder", profile, args.trace, seed)
             workload = workload.replace("burst=2.0", "burst=3.0")
-            reqs = with_priorities(sim_requests(workload), seed)
             sched = dataclasses.replace(setup.scheduler, policy="priority")
-            for variant, exempt in (("+priority", None), ("+priority+exempt0", 0)):
-                slo = dataclasses.replace(setup.slo, dim_exempt_priority=exempt)
-                s = dataclasses.replace(setup, scheduler=sched, slo=slo, prices=prices)
-                rows.append(run_one("conv-3x", "ladder", s, workload, reqs, tmp, variant))
+            for share in PRIORITY_SHARES:
+                reqs = with_priorities(sim_requests(workload), seed, share)
+                for exempt in (None, 0):
+                    variant = f" +priority ({share:.0%} class 0)" + (", class 0 exempt" if exempt == 0 else "")
+                    slo = dataclasses.replace(setup.slo, dim_exempt_priority=exempt)
+                    s = dataclasses.replace(setup, scheduler=sched, slo=slo, prices=prices)
+                    rows.append(run_one("conv-3x", "ladder", s, workload, reqs, tmp, variant))
     out = Path(args.out)
     (out / "raw").mkdir(parents=True, exist_ok=True)
     with gzip.open(out / "raw" / "ladder_sim.jsonl.gz", "wt") as f:
@@ -241,7 +244,8 @@ def table(rows: list[dict], seeds: list[int]) -> str:
         lines.append(f"| {wl} | {LABELS.get(pol, pol)}{var} | " + " | ".join(fmt[k] for k in keys) + " |")
     prio = [r for r in rows if r["variant"]]
     if prio:
-        lines += ["", "Rung 5 by class (conv-3x, ladder, priority scheduling; summed over seeds):", "",
+        lines += ["", "Rung 5 by class (conv-3x, ladder, priority scheduling; summed over seeds; "
+                  "missed = refused + errored + past an SLO):", "",
                   "| variant | class | requests | refused | missed |", "|---|---|---|---|---|"]
         for var in dict.fromkeys(r["variant"] for r in prio):
             tot: dict[str, dict[str, int]] = {}

@@ -43,6 +43,10 @@ from brownout.control.base import QueueState, register_policy
 from brownout.control.predictive import PredictiveController
 from brownout.control.windows import DECODE, PREFILL
 
+# the user-facing TPOT P90 is read at most this often: a percentile over the window per step
+# would cost host time on every step, and the window moves slowly
+TPOT_READ_S = 0.05
+
 
 @register_policy
 class LadderController(PredictiveController):
@@ -51,6 +55,11 @@ class LadderController(PredictiveController):
     # dimming for the rest): less accuracy spent for slower prefill; off by default, where
     # the simulated H200 runs (benchmarks/results/sim/ladder_sim.md) refuse more with it
     partial_cut = False
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._tpot_read: tuple[float, Optional[float]] = (-math.inf, None)  # (time, TPOT P90)
+        self._cap_key: Optional[tuple[int, int]] = None
 
     # -- rung 3 -------------------------------------------------------------------------
     def choose_token_budget(self, queue: QueueState) -> Optional[int]:
@@ -64,19 +73,20 @@ class LadderController(PredictiveController):
     def _budget(self, queue: QueueState) -> Optional[int]:
         prompt = queue.running_prefill_tokens + queue.waiting_tokens
         decoding = queue.num_running - queue.num_prefilling
-        sizes = [b for b in self.budget_sizes if b >= decoding + self.tuning.min_prefill_chunk]
-        if not self.ready or prompt <= 0 or decoding <= 0 or len(sizes) < 2:
+        if not self.ready or prompt <= 0 or decoding <= 0:
             return None
-        p90 = np.array([self._step_p90(decoding + min(b - decoding, prompt), decoding + 1)
-                        for b in sizes])
-        if not np.all(np.isfinite(p90)):
-            return None
-        t = self.tuning
         # TPOT safe, or TTFT at risk: the configured budget drains fastest (dimming, not
         # smaller chunks, then answers TPOT: with many decodes beside it a step's fixed cost
         # is large, and a smaller chunk pays it for fewer prompt tokens)
-        if self._tpot_headroom() or self._ttft_at_risk():
+        if self._ttft_at_risk() or self._tpot_headroom():
             return None
+        sizes = [b for b in self.budget_sizes if b >= decoding + self.tuning.min_prefill_chunk]
+        if len(sizes) < 2:
+            return None
+        p90 = self._steps_p90(np.minimum(np.array(sizes), decoding + prompt), decoding + 1)
+        if p90 is None:
+            return None
+        t = self.tuning
         tpot_target = self.slo.tpot_s * (1.0 - t.margin - self._pressure[DECODE])
         fits = np.flatnonzero(p90 <= tpot_target)
         steps = np.array([math.ceil(prompt / (b - decoding)) + 1 for b in sizes])
@@ -88,9 +98,16 @@ class LadderController(PredictiveController):
         i = max(int(fits[-1]) if fits.size else 0, int(drains[0]) if drains.size else len(sizes) - 1)
         return int(sizes[i]) if i < len(sizes) - 1 else None
 
-    def _step_p90(self, tokens: int, batch: int) -> float:
-        lat = self.predict_latency([1.0], tokens, batch)
-        return float(self._p90(PREFILL, lat)[0]) if lat is not None else math.nan
+    def _steps_p90(self, tokens: np.ndarray, batch: int) -> Optional[np.ndarray]:
+        """Predicted P90 of undimmed steps of each token count in `tokens`, `batch` requests."""
+        theta = self.latency.theta
+        experts = [self.experts.full(float(n)) for n in tokens]
+        if theta is None or any(e is None for e in experts):
+            return None
+        lat = np.maximum(theta[0] + theta[1] * tokens + theta[2] * batch
+                         + theta[3] * np.array(experts, dtype=float), 0.0)
+        p90 = self._p90(PREFILL, lat)
+        return p90 if np.all(np.isfinite(p90)) else None
 
     def _ttft_at_risk(self) -> bool:
         """The user-facing TTFT P90 is over its SLO while requests wait (prefill pressure), or
@@ -101,12 +118,20 @@ class LadderController(PredictiveController):
         """The user-facing TPOT P90 is under its SLO by the hysteresis, without pressure."""
         if self._pressure[DECODE] > 0:
             return False
-        p = self.windows.percentile("tpot", self.slo.percentile, self.slo.window_s, self._clock())
+        now = self._clock()
+        if now - self._tpot_read[0] >= TPOT_READ_S:  # a percentile per step costs host time
+            self._tpot_read = (now, self.windows.percentile("tpot", self.slo.percentile,
+                                                             self.slo.window_s, now))
+        p = self._tpot_read[1]
         return p is None or p <= self.slo.tpot_s * (1.0 - self.tuning.hysteresis)
 
     # -- rung 4 -------------------------------------------------------------------------
     def running_cap(self, queue: QueueState) -> Optional[int]:
-        self.cap = self._cap(queue.max_num_seqs)
+        # the cap moves with the latency fit only: recomputed when the model was refit
+        key = (self.latency.num_samples // self.tuning.refit_every, queue.max_num_seqs)
+        if key != self._cap_key:
+            self._cap_key = key
+            self.cap = self._cap(queue.max_num_seqs)
         return self.cap
 
     def _cap(self, max_num_seqs: int) -> Optional[int]:

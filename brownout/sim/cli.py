@@ -4,6 +4,8 @@
       --policy off,aimd,predictive --profile h200 --out runs/sim [--seed 0]
       [--max-num-seqs 128 --max-num-batched-tokens 1024 --admission-ttft-factor 1.0]
       [--slo-ttft 0.1 --slo-tpot 0.02 --slo-prefill-step 0.024 --slo-decode-step 0.013]
+      [--prices brownout/assets/demo/ladder-prices.json --scheduling-policy priority
+       --dim-exempt-priority 0]
 Each policy's run goes to --out/<policy> with the files of `brownout bench` (meta.json,
 requests.jsonl, metrics.jsonl, report.json/.md, plots); with several policies,
 comparison.json/.md and overlay plots go to --out. Every number is a simulation: the

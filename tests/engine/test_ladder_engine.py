@@ -6,7 +6,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from brownout.config import EngineConfig, ModelLoadConfig, SchedulerConfig
+import pytest
+
+from brownout.config import BrownoutConfig, EngineConfig, ModelLoadConfig, SchedulerConfig, SLOConfig
 from brownout.defaults import default_model_dir
 from brownout.engine import llm_engine
 from brownout.engine.llm_engine import LLMEngine
@@ -38,5 +40,38 @@ def test_engine_runs_the_chosen_rungs_and_reports_them(tiny_models, tmp_path, mo
     assert eng.last_step_stats.top_k == 1
     snap = eng.snapshot()
     assert snap["top_k_prefill"] == 2  # the policy's own choice (it sheds nothing)
-    assert snap["accuracy_spent"]["time_weighted"] == 0.2
-    assert snap["accuracy_spent"]["token_weighted"] == 0.2
+    # sums of price x step time over step times: equal up to rounding
+    assert snap["accuracy_spent"]["time_weighted"] == pytest.approx(0.2)
+    assert snap["accuracy_spent"]["token_weighted"] == pytest.approx(0.2)
+
+
+def _drain(eng, rid, prompt, priority):
+    eng.add_request(rid, prompt, SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True),
+                    priority=priority)
+    tokens = []
+    while eng.has_unfinished_requests():
+        for out in eng.step():
+            tokens = list(out.output_token_ids) if out.request_id == rid else tokens
+    return tokens
+
+
+def test_an_exempt_request_runs_undimmed_as_at_tau_one(tiny_models):
+    """Exemption is per step: a step holding a request of priority <= --dim-exempt-priority
+    runs at tau 1 and the model's k, so alone that request's tokens are the exact model's."""
+    path = str(tiny_models["qwen2_moe"])
+    prompt = list(range(5, 40))
+
+    def engine(tau, exempt):
+        return LLMEngine(EngineConfig(
+            load=ModelLoadConfig(model=path, device="cpu"),
+            brownout=BrownoutConfig(united_experts="average:4", tau_prefill=tau, tau_decode=tau),
+            slo=SLOConfig(policy="fixed", dim_exempt_priority=exempt)))
+
+    exact = _drain(engine(1.0, None), "r", prompt, 0)
+    assert len(exact) == 8
+    eng = engine(0.0, 0)
+    assert _drain(eng, "r", prompt, 0) == exact
+    assert eng.last_step_stats.tau == 1.0 and eng.controller.num_exempt_steps > 0
+    assert eng.snapshot()["exempt_steps_total"] == eng.controller.num_exempt_steps
+    _drain(eng, "s", prompt, 1)  # not exempt: dimmed to the policy's tau
+    assert eng.last_step_stats.tau == 0.0
