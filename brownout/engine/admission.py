@@ -160,7 +160,9 @@ class Admission:
         return dict(running_cap=self.view.max_running,
                     num_refused_slo_total=self.num_refused_slo,
                     num_refused_full_total=self.num_refused_full,
-                    admission_margin_s=self.wait_feedback.margin(self.limit_s),
+                    # under the priority policy: the most important class seen
+                    admission_margin_s=self._feedback(
+                        min(self._class_feedback, default=0)).margin(self.limit_s),
                     admission_slot_wait_s=self.slot_wait_s(now))
 
 

@@ -5,6 +5,10 @@ tokens, its KV blocks, when it stops and why. Each step it first continues the r
 requests (one decode token each, or the next prefill chunk), preempting the lowest-priority
 running request when KV blocks run out, then admits waiting requests (FCFS, or by priority)
 while the step's token budget, the batch size and the free blocks allow (`schedule`). The
+SLO controller may set a smaller token budget for a step (it caps prompt chunks, never a
+decode) and a running-batch cap (`QueueView.running_cap`, below `max_num_seqs`); under the
+priority policy a full batch gives a slot to a more important waiting request by preempting
+its least important running one. The
 collected step comes back through `update_from_output`, which advances the computed tokens,
 appends the sampled tokens and stops requests on EOS, a stop token id, `max_tokens` or the
 context length. Queue timeouts (`expire_waiting`) and aborts and stop strings
