@@ -9,9 +9,11 @@ Workloads:
                     (mean PREFILL_MEAN_OUTPUT), gamma arrivals of burstiness 0.5 at 70% of the
                     profile's prefill capacity, same server flags and SLOs
 Rung 5 (priority classes) on conv-3x with the priority scheduling policy: a share (each of
-PRIORITY_SHARES) of requests gets priority 0, the rest 1, ladder policy, with and without
-`dim_exempt_priority = 0` (steps holding a priority-0 request run undimmed); the cost of the
-exemption is the difference of the two runs.
+PRIORITY_SHARES) of requests gets priority 0, the rest 1, ladder policy, without
+`dim_exempt_priority`, with it per token (the engine's way: priority-0 tokens keep their
+experts inside dimmed steps; the profile has no term for it, so a step's experts are the
+union of the two routings, `brownout.sim.profile.mixed_experts`) and per step (a step
+holding a priority-0 request runs undimmed); the cost of the exemption is the difference.
 
   python benchmarks/sim_ladder.py --trace /path/to/azure_llm_2023_conv.csv \
       --out benchmarks/results/sim [--seeds 0,1]
@@ -208,10 +210,13 @@ def main(argv: Optional[list[str]] = None) -> int:
             sched = dataclasses.replace(setup.scheduler, policy="priority")
             for share in PRIORITY_SHARES:
                 reqs = with_priorities(sim_requests(workload), seed, share)
-                for exempt in (None, 0):
-                    variant = f" +priority ({share:.0%} class 0)" + (", class 0 exempt" if exempt == 0 else "")
+                for exempt, per_token in ((None, True), (0, True), (0, False)):
+                    variant = f" +priority ({share:.0%} class 0)" + (
+                        "" if exempt is None else
+                        f", class 0 exempt per {'token' if per_token else 'step'}")
                     slo = dataclasses.replace(setup.slo, dim_exempt_priority=exempt)
-                    s = dataclasses.replace(setup, scheduler=sched, slo=slo, prices=prices)
+                    s = dataclasses.replace(setup, scheduler=sched, slo=slo, prices=prices,
+                                            exempt_per_token=per_token)
                     rows.append(run_one("conv-3x", "ladder", s, workload, reqs, tmp, variant))
     out = Path(args.out)
     (out / "raw").mkdir(parents=True, exist_ok=True)

@@ -93,8 +93,9 @@ class ServerMetrics:
                                  "Requests the running batch may hold now (rung 4: the TPOT-aware "
                                  "cap, at most --max-num-seqs)", registry=r)
         self.exempt_steps = Counter("brownout_exempt_steps",
-                                    "Steps run undimmed because they held a request of a class "
-                                    "exempt from dimming (--dim-exempt-priority)", registry=r)
+                                    "Dimmed or shed steps that held a request of a class exempt "
+                                    "from dimming, whose tokens kept their experts "
+                                    "(--dim-exempt-priority)", registry=r)
         self.experts = Histogram("brownout_experts_touched",
                                  "Distinct expert slots read per step (mean over MoE layers)",
                                  buckets=EXPERT_BUCKETS, registry=r)

@@ -96,7 +96,10 @@ class Controller:
         # the step token counts the engine runs without padding waste (its captured graphs),
         # ascending, the configured step budget last; a chosen budget is one of them
         self.budget_sizes: tuple[int, ...] = ()
-        self.num_exempt_steps = 0  # steps run undimmed because they held an exempt request
+        self.num_exempt_steps = 0  # steps holding an exempt request while the policy dimmed
+        # the engine keeps exempt tokens undimmed inside a dimmed step (per-token routing); when
+        # False a step holding an exempt request runs undimmed as a whole
+        self.exempt_per_token = False
         self.violations: dict[str, int] = {
             "prefill_step": 0, "decode_step": 0, "ttft": 0, "tpot": 0,
             "prefill_check": 0, "decode_check": 0}
@@ -149,6 +152,8 @@ class Controller:
         if price is None or not stats.latency_s >= 0:
             return
         tokens = stats.num_prefill_tokens + stats.num_decode_tokens
+        if tokens > 0 and stats.exempt_tokens:  # exempt tokens ran at tau 1: they spend nothing
+            price *= max(0.0, 1.0 - stats.exempt_tokens / tokens)
         s = self._spent
         s["time"] += stats.latency_s
         s["time_price"] += price * stats.latency_s
@@ -185,14 +190,17 @@ class Controller:
         return None
 
     def choose_rungs(self, planned: PlannedStep) -> Rungs:
-        """The step's rungs. A step holding an exempt request runs at tau 1 and the model's
-        k; the policy still decides (its clocks and state move as for any step) and its
-        choice is what the controller reports, so dimming resumes on the next step."""
+        """The step's rungs. With per-token exemption (`exempt_per_token`) the step runs at
+        them and the exempt tokens keep tau 1 and the model's k inside it; without, a step
+        holding an exempt request runs at tau 1 and the model's k as a whole: the policy
+        still decides (its clocks and state move as for any step) and its choice is what
+        the controller reports, so dimming resumes on the next step."""
         rungs = self._choose_rungs(planned)
         if planned.exempt and (rungs.tau < 1.0 or rungs.top_k is not None):
             self.num_exempt_steps += 1
-            self._exempted(planned.phase)
-            return Rungs(tau=1.0, token_budget=self.token_budget)
+            if not self.exempt_per_token:
+                self._exempted(planned.phase)
+                return Rungs(tau=1.0, token_budget=self.token_budget)
         return Rungs(rungs.tau, rungs.top_k, self.token_budget)
 
     def _choose_rungs(self, planned: PlannedStep) -> Rungs:

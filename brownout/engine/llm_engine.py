@@ -77,6 +77,7 @@ class LLMEngine:
             self.controller.enable_ladder(prices)
         budget = config.scheduler.max_num_batched_tokens
         self.controller.set_step_sizes(budget, token_bucket_sizes(budget))
+        self.controller.exempt_per_token = True  # the runner masks exempt tokens per token
         self.last_step_stats: Optional[StepStats] = None
         self.fresh_step_stats: Optional[StepStats] = None  # the step collected by the last call
         self._inflight = None  # (SchedulerOutput, launched step, start time, requests left waiting)
@@ -197,9 +198,19 @@ class LLMEngine:
 
     def _launch(self, scheduler_output: SchedulerOutput) -> None:
         start = self.clock()
-        rungs = self.controller.choose_rungs(self._planned(scheduler_output))
+        planned = self._planned(scheduler_output)
+        if planned.exempt:
+            self._mark_exempt(scheduler_output)
+        rungs = self.controller.choose_rungs(planned)
         pending = self.runner.launch(scheduler_output, rungs)
         self._inflight = (scheduler_output, pending, start, self.scheduler.view.num_waiting > 0)
+
+    def _mark_exempt(self, scheduler_output: SchedulerOutput) -> None:
+        """Flag the sequences of an exempt class: the runner keeps their tokens undimmed."""
+        limit = self.config.slo.dim_exempt_priority
+        for s in scheduler_output.seqs:
+            req = self.scheduler.requests.get(s.request_id)
+            s.exempt = req is not None and req.priority <= limit
 
     def _collect(self) -> tuple[list[NewToken], float]:
         scheduler_output, pending, start, queue_left = self._inflight
@@ -220,7 +231,9 @@ class LLMEngine:
                           has_prefill=scheduler_output.has_prefill, tau=runner_output.tau,
                           experts_touched=runner_output.experts_touched,
                           num_waiting=view.num_waiting, num_running=view.num_running,
-                          kv_usage=self.blocks.usage, top_k=runner_output.top_k)
+                          kv_usage=self.blocks.usage, top_k=runner_output.top_k,
+                          exempt_tokens=sum(len(s.token_ids) for s in scheduler_output.seqs
+                                            if s.exempt))
         self.last_step_stats = self.fresh_step_stats = stats
         self.controller.observe_step(stats)
         return new_tokens, now

@@ -51,6 +51,9 @@ class SimSetup:
     replicas: int = 1  # engines behind a router (`brownout.sim.fleet`)
     router: str = "least_loaded"
     prices: Optional[PriceTable] = None  # rung prices: expert shedding and the accuracy spent
+    # exempt tokens keep their experts inside a dimmed step, as the engine does; False: a
+    # step holding an exempt request runs undimmed as a whole
+    exempt_per_token: bool = True
 
 
 @dataclass
@@ -78,7 +81,7 @@ class SimEngine:
     def __init__(self, profile: StepCostProfile, sched_config: SchedulerConfig, slo: SLOConfig,
                  seed: int = 0, max_model_len: Optional[int] = None, fixed_tau: float = 1.0,
                  clock: Optional[VirtualClock] = None, events: Optional[EventQueue] = None,
-                 prices: Optional[PriceTable] = None):
+                 prices: Optional[PriceTable] = None, exempt_per_token: bool = True):
         """`clock` and `events`: shared with other engines (replicas behind a router);
         `prices`: the rungs' accuracy prices (shedding, and the accuracy spent)."""
         self.profile = profile
@@ -94,6 +97,7 @@ class SimEngine:
         budget = sched_config.max_num_batched_tokens
         self.controller.set_step_sizes(budget, profile.graph_buckets.get("prefill_tokens", ()))
         self.exempt_priority = slo.dim_exempt_priority
+        self.controller.exempt_per_token = exempt_per_token
         self.records: dict[str, _Record] = {}
         self.busy = False
         self.step_count = {"prefill": 0, "decode": 0}
@@ -160,17 +164,22 @@ class SimEngine:
         rungs = self.controller.choose_rungs(planned)
         top_k = rungs.top_k if rungs.top_k is not None and rungs.top_k < self.profile.routing.top_k \
             else None
-        latency = self.profile.step_latency_s(shape, rungs.tau, self.rng, top_k)
+        exempt = 0
+        if planned.exempt and self.controller.exempt_per_token:
+            exempt = sum(len(s.token_ids) for s in sched.seqs
+                         if self.scheduler.requests[s.request_id].priority <= self.exempt_priority)
+        latency = self.profile.step_latency_s(shape, rungs.tau, self.rng, top_k, exempt)
         queue_left = self.scheduler.view.num_waiting > 0
-        self.events.at(now + latency, self._collect, sched, shape, rungs.tau, now, queue_left, top_k)
+        self.events.at(now + latency, self._collect, sched, shape, rungs.tau, now, queue_left, top_k,
+                       exempt)
 
     def _collect(self, sched: SchedulerOutput, shape: StepShape, tau: float, start: float,
-                 queue_left: bool, top_k: Optional[int] = None) -> None:
+                 queue_left: bool, top_k: Optional[int] = None, exempt: int = 0) -> None:
         now = self.clock()
         latency = now - start
         self.admission.observe_step(sched.num_prefill_tokens, latency, queue_left)
         sampled = {s.request_id: SIM_TOKEN_ID for s in sched.seqs if s.sample}
-        touched = self.profile.experts_touched(shape, tau, top_k)
+        touched = self.profile.experts_touched(shape, tau, top_k, exempt)
         new_tokens = self.scheduler.update_from_output(
             sched, RunnerOutput(sampled=sampled, experts_touched=touched, tau=tau, top_k=top_k), now)
         for t in new_tokens:
@@ -181,7 +190,7 @@ class SimEngine:
                           num_decode_tokens=sched.num_decode_tokens, batch_size=len(sched.seqs),
                           has_prefill=sched.has_prefill, tau=tau, experts_touched=touched,
                           num_waiting=view.num_waiting, num_running=view.num_running,
-                          kv_usage=self.blocks.usage, top_k=top_k)
+                          kv_usage=self.blocks.usage, top_k=top_k, exempt_tokens=exempt)
         self.controller.observe_step(stats)
         self.step_count[shape.phase] += 1
         self.step_sum[shape.phase] += latency

@@ -99,12 +99,15 @@ def test_running_cap_is_the_batch_whose_step_meets_tpot_at_the_fastest_rung():
     assert ctrl.running_cap(Queue(max_num_seqs=64)) == 64
 
 
-def test_an_exempt_step_runs_undimmed_and_is_counted():
+def test_an_exempt_step_is_counted_and_runs_undimmed_without_per_token_exemption():
     ctrl = make_controller(SLOConfig(policy="fixed"), FakeClock(), fixed_tau=0.4)
     assert ctrl.choose_rungs(PlannedStep(16, 0, 1)) == Rungs(tau=0.4)
     assert ctrl.choose_rungs(PlannedStep(16, 0, 1, exempt=True)) == Rungs(tau=1.0)
     assert ctrl.num_exempt_steps == 1
     assert ctrl.tau_prefill == pytest.approx(0.4)  # the policy's own choice is kept
+    ctrl.exempt_per_token = True  # the engine keeps exempt tokens undimmed inside the step
+    assert ctrl.choose_rungs(PlannedStep(16, 0, 1, exempt=True)) == Rungs(tau=0.4)
+    assert ctrl.num_exempt_steps == 2
     off = make_controller(SLOConfig(policy="off"), FakeClock())
     off.choose_rungs(PlannedStep(16, 0, 1, exempt=True))
     assert off.num_exempt_steps == 0  # undimmed anyway: nothing was exempted

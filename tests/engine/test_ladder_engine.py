@@ -45,21 +45,24 @@ def test_engine_runs_the_chosen_rungs_and_reports_them(tiny_models, tmp_path, mo
     assert snap["accuracy_spent"]["token_weighted"] == pytest.approx(0.2)
 
 
-def _drain(eng, rid, prompt, priority):
-    eng.add_request(rid, prompt, SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True),
-                    priority=priority)
-    tokens = []
+def _run(eng, prompts):
+    """Run the requests {id: (prompt, priority)} together; their output tokens by id."""
+    for rid, (prompt, priority) in prompts.items():
+        eng.add_request(rid, prompt, SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True),
+                        priority=priority)
+    tokens: dict[str, list[int]] = {}
     while eng.has_unfinished_requests():
         for out in eng.step():
-            tokens = list(out.output_token_ids) if out.request_id == rid else tokens
+            tokens[out.request_id] = list(out.output_token_ids)
     return tokens
 
 
-def test_an_exempt_request_runs_undimmed_as_at_tau_one(tiny_models):
-    """Exemption is per step: a step holding a request of priority <= --dim-exempt-priority
-    runs at tau 1 and the model's k, so alone that request's tokens are the exact model's."""
+def test_exempt_tokens_keep_their_experts_inside_a_dimmed_step(tiny_models):
+    """--dim-exempt-priority: the tokens of a request of priority <= P keep the model's own
+    top-k routing while the step (and the other requests in it) runs dimmed, so that
+    request's output is the exact model's."""
     path = str(tiny_models["qwen2_moe"])
-    prompt = list(range(5, 40))
+    prompts = {"vip": (list(range(5, 40)), 0), "bulk": (list(range(100, 140)), 1)}
 
     def engine(tau, exempt):
         return LLMEngine(EngineConfig(
@@ -67,11 +70,28 @@ def test_an_exempt_request_runs_undimmed_as_at_tau_one(tiny_models):
             brownout=BrownoutConfig(united_experts="average:4", tau_prefill=tau, tau_decode=tau),
             slo=SLOConfig(policy="fixed", dim_exempt_priority=exempt)))
 
-    exact = _drain(engine(1.0, None), "r", prompt, 0)
-    assert len(exact) == 8
+    exact = _run(engine(1.0, None), prompts)
+    assert len(exact["vip"]) == 8
     eng = engine(0.0, 0)
-    assert _drain(eng, "r", prompt, 0) == exact
-    assert eng.last_step_stats.tau == 1.0 and eng.controller.num_exempt_steps > 0
+    dimmed = _run(eng, prompts)
+    assert dimmed["vip"] == exact["vip"]
+    assert eng.last_step_stats.tau == 0.0  # the steps ran dimmed around the exempt tokens
+    assert eng.controller.num_exempt_steps > 0
     assert eng.snapshot()["exempt_steps_total"] == eng.controller.num_exempt_steps
-    _drain(eng, "s", prompt, 1)  # not exempt: dimmed to the policy's tau
-    assert eng.last_step_stats.tau == 0.0
+    spent = eng.controller.accuracy_spent()
+    assert spent is None or spent["token_weighted"] >= 0.0
+    plain = _run(engine(0.0, None), prompts)  # without the exemption the request is dimmed
+    assert plain["vip"] != exact["vip"]  # so the equality above is the exemption's doing
+
+
+def test_exempt_tokens_keep_the_models_k_inside_a_shed_step(tiny_models, monkeypatch):
+    path = str(tiny_models["qwen2_moe"])
+    prompts = {"vip": (list(range(5, 40)), 0), "bulk": (list(range(100, 140)), 1)}
+    config = EngineConfig(load=ModelLoadConfig(model=path, device="cpu"),
+                          brownout=BrownoutConfig(united_experts="average:4"),
+                          slo=SLOConfig(policy="fixed", dim_exempt_priority=0))
+    exact = _run(LLMEngine(config), prompts)
+    eng = LLMEngine(config)
+    monkeypatch.setattr(eng.controller, "_choose_rungs", lambda planned: Rungs(tau=0.0, top_k=1))
+    assert _run(eng, prompts)["vip"] == exact["vip"]
+    assert eng.last_step_stats.top_k == 1
