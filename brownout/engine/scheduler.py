@@ -79,7 +79,7 @@ class QueueView:
                 t += tokens
         return n, t
 
-    def _count_waiting(self, priority: int, n: int, tokens: int) -> None:
+    def count_waiting(self, priority: int, n: int, tokens: int) -> None:
         rec = self.waiting_by_priority.setdefault(priority, [0, 0])
         rec[0] += n
         rec[1] += tokens
@@ -357,13 +357,13 @@ class Scheduler:
         self.waiting.push(req)
         self.view.num_waiting += 1
         self.view.waiting_tokens += req.num_tokens - req.num_computed
-        self.view._count_waiting(req.priority, 1, req.num_tokens - req.num_computed)
+        self.view.count_waiting(req.priority, 1, req.num_tokens - req.num_computed)
 
     def _from_waiting(self, req: Request) -> None:
         """Count out a request the caller took out of `waiting` (pop or remove)."""
         self.view.num_waiting -= 1
         self.view.waiting_tokens -= req.num_tokens - req.num_computed
-        self.view._count_waiting(req.priority, -1, -(req.num_tokens - req.num_computed))
+        self.view.count_waiting(req.priority, -1, -(req.num_tokens - req.num_computed))
 
     def _to_running(self, req: Request) -> None:
         req.status = Status.RUNNING
