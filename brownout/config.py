@@ -102,8 +102,15 @@ class SLOConfig:
     warning_ratio: float = 0.8
     percentile: float = 90.0
     min_tau: float = 0.0
+    # requests with priority <= this keep tau 1 and the model's k: a step holding one runs
+    # undimmed (None: no class is exempt)
+    dim_exempt_priority: Optional[int] = None
 
     def __post_init__(self) -> None:
+        if self.dim_exempt_priority is not None and (
+                isinstance(self.dim_exempt_priority, bool) or not isinstance(self.dim_exempt_priority, int)):
+            raise ValidationError("dim_exempt_priority",
+                                  f"must be an integer priority, got {self.dim_exempt_priority!r}")
         if self.policy not in policy_names():
             raise unknown_policy(self.policy)
         for name in ("ttft_s", "tpot_s", "prefill_step_s", "decode_step_s", "window_s",

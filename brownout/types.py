@@ -175,6 +175,9 @@ class ScheduledSeq:
     output_len: int  # tokens generated so far (seeds the per-request generator offset)
     # prompt tokens that follow each position of this chunk (prompt logprobs); None: not asked
     prompt_logprob_targets: Optional[list[int]] = None
+    # its tokens keep tau 1 and the model's k in a dimmed or shed step (a class exempt from
+    # dimming, --dim-exempt-priority)
+    exempt: bool = False
 
 
 @dataclass(slots=True)
@@ -199,6 +202,8 @@ class Rungs:
 
     tau: float = 1.0  # brownout threshold (1: every expert keeps its tokens)
     top_k: Optional[int] = None  # routed experts kept per token (k' < k sheds); None: the model's k
+    # the step's token budget (rung 3), chosen before it was scheduled; None: the configured one
+    token_budget: Optional[int] = None
 
 
 @dataclass(slots=True)
@@ -217,6 +222,7 @@ class StepStats:
     num_running: int = 0
     kv_usage: float = 0.0
     top_k: Optional[int] = None  # routed experts kept per token; None: the model's k (no shedding)
+    exempt_tokens: int = 0  # tokens that kept tau 1 and the model's k (an exempt class)
 
     @property
     def mean_experts_touched(self) -> float:

@@ -39,6 +39,7 @@ _FLAG_OF_FIELD = {
     "increase_step": "--slo-increase-step", "warning_ratio": "--slo-warning-ratio",
     "tau_prefill": "--fixed-tau", "tau_decode": "--fixed-tau", "num_blocks": "--num-kv-blocks",
     "united_experts": "--united-experts", API_KEY_ENV: API_KEY_ENV,
+    "dim_exempt_priority": "--dim-exempt-priority",
     "keep_alive_timeout_s": "--keep-alive-timeout", "header_timeout_s": "--header-timeout",
     "body_timeout_s": "--body-timeout", "shutdown_timeout_s": "--shutdown-timeout",
 }
@@ -122,11 +123,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=None,
                    help="reuse the KV blocks of prompt prefixes seen before (default: on)")
     g = parser.add_argument_group("brownout and SLO control")
-    g.add_argument("--slo-policy", choices=("off", "fixed", "aimd", "predictive"), default=None,
+    g.add_argument("--slo-policy", choices=("off", "fixed", "aimd", "predictive", "ladder"), default=None,
                    help=f"brownout policy: off, a fixed tau, or a controller that dims under load "
                         f"(default {slo.policy}; 'fixed' when --fixed-tau is given)")
     g.add_argument("--fixed-tau", type=float, default=None,
                    help="tau in [0, 1] of the fixed policy; the initial tau of the others (default 1)")
+    g.add_argument("--dim-exempt-priority", type=int, default=None,
+                   help="requests with priority <= this run undimmed (tau 1, full top-k): a step "
+                        "holding one is not dimmed (default: none exempt)")
+    g.add_argument("--scheduling-policy", choices=("fcfs", "priority"), default=None,
+                   help="queue order, refusal and preemption order: 'priority' by the request's "
+                        "priority (lower first), then arrival (default fcfs)")
     for dest, name in _SLO_FLAGS.items():
         g.add_argument("--" + dest.replace("_", "-"), dest=dest, type=float, default=None,
                        help=f"{_SLO_HELP[dest]} (default {getattr(slo, name):g})")
@@ -191,10 +198,11 @@ def build_configs(args, environ: Mapping[str, str] = os.environ) -> tuple[Engine
     scheduler = SchedulerConfig(**_given(args, {
         "max_num_seqs": "max_num_seqs", "max_num_batched_tokens": "max_num_batched_tokens",
         "max_waiting_requests": "max_waiting_requests", "queue_timeout": "queue_timeout_s",
-        "admission_ttft_factor": "admission_ttft_factor"}))
+        "admission_ttft_factor": "admission_ttft_factor", "scheduling_policy": "policy"}))
     engine = EngineConfig(load=load, cache=cache, scheduler=scheduler,
                           brownout=BrownoutConfig(united_experts=united, **tau),
-                          slo=SLOConfig(policy=policy, **_given(args, _SLO_FLAGS)))
+                          slo=SLOConfig(policy=policy, **_given(args, {**_SLO_FLAGS,
+                                                                       "dim_exempt_priority": "dim_exempt_priority"})))
     key, source = api_key(args, environ)
     try:
         server = ServerConfig(host=args.host, port=args.port, api_key=key,

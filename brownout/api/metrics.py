@@ -86,6 +86,16 @@ class ServerMetrics:
         self.accuracy_spent = Gauge("brownout_accuracy_spent",
                                     "Mean perplexity increase of the rungs used, by step time or tokens",
                                     ["weighting"], registry=r)
+        self.step_token_budget = Gauge("brownout_step_token_budget",
+                                       "Token budget of the last scheduled step (rung 3: smaller "
+                                       "under TPOT pressure, larger under TTFT pressure)", registry=r)
+        self.running_cap = Gauge("brownout_running_cap",
+                                 "Requests the running batch may hold now (rung 4: the TPOT-aware "
+                                 "cap, at most --max-num-seqs)", registry=r)
+        self.exempt_steps = Counter("brownout_exempt_steps",
+                                    "Dimmed or shed steps that held a request of a class exempt "
+                                    "from dimming, whose tokens kept their experts "
+                                    "(--dim-exempt-priority)", registry=r)
         self.experts = Histogram("brownout_experts_touched",
                                  "Distinct expert slots read per step (mean over MoE layers)",
                                  buckets=EXPERT_BUCKETS, registry=r)
@@ -258,6 +268,11 @@ class ServerMetrics:
                              ("generation_tokens_total", self.generation_tokens)):
             self._advance(counter.labels(m), key, snapshot)
         self._advance(self.refused_slo, "num_refused_slo_total", snapshot)
+        self._advance(self.exempt_steps, "exempt_steps_total", snapshot)
+        if "step_token_budget" in snapshot:
+            self.step_token_budget.set(snapshot["step_token_budget"])
+        if "running_cap" in snapshot:
+            self.running_cap.set(snapshot["running_cap"])
         for gen, count in (snapshot.get("gc_collections") or {}).items():
             self._advance(self.gc_collections.labels(gen), f"gc_collections/{gen}", count)
         for gen, secs in (snapshot.get("gc_seconds") or {}).items():

@@ -115,6 +115,7 @@ def compute_report(run: Run, slo_ttft: Optional[float] = None, slo_tpot: Optiona
     report["latency"]["itl"] = summarize([g for lat in lats for g in lat["itl"]])
     report["violations"] = _violations(recs, lats, slo, start, end, window_s)
     report["tau"] = _mean_tau(run.metrics, start, end)
+    report["ladder"] = _ladder(run.metrics, start, end)
     report["baseline"] = baseline.get("label") if baseline else None
     report["reduction_vs_baseline"] = reduction(report, baseline) if baseline else None
     return report
@@ -145,6 +146,32 @@ def _mean_tau(metrics: list[dict[str, Any]], start: float, end: float) -> dict[s
                                         start, end)
     known = [v for v in out.values() if v is not None]
     out["mean"] = sum(known) / len(known) if known else None  # both phases weigh the same
+    return out
+
+
+# the ladder's gauges in a scrape's `brownout` dict, and their names in the report
+_LADDER_GAUGES = (("brownout_step_token_budget", "step_token_budget"),
+                  ("brownout_running_cap", "running_cap"))
+
+
+def _ladder(metrics: list[dict[str, Any]], start: float, end: float) -> dict[str, Any]:
+    """The rungs beside tau, from the scrapes: the step token budget and the running cap
+    (time-weighted mean and minimum), the accuracy spent and the steps exempt from dimming
+    (the last scrape's totals); a key is absent when the server does not export it."""
+    out: dict[str, Any] = {}
+    for key, name in _LADDER_GAUGES:
+        rows = [m for m in metrics if key in (m.get("brownout") or {})]
+        if rows:
+            vals = [m["brownout"][key] for m in rows]
+            out[f"mean_{name}"] = time_weighted_mean([m["t"] for m in rows], vals, start, end)
+            out[f"min_{name}"] = min(vals)
+    last = (metrics[-1].get("brownout") or {}) if metrics else {}
+    spent = {w: last[f"brownout_accuracy_spent,weighting={w}"] for w in ("time", "token")
+             if f"brownout_accuracy_spent,weighting={w}" in last}
+    if spent:
+        out["accuracy_spent"] = spent
+    if "brownout_exempt_steps_total" in last:
+        out["exempt_steps"] = last["brownout_exempt_steps_total"]
     return out
 
 
@@ -186,7 +213,7 @@ def report_markdown(report: dict[str, Any]) -> str:
              f"- throughput {_fmt(report['throughput_tok_s'], 1)} output tok/s, goodput "
              f"{_fmt(report['goodput_req_s'])} req/s ({_fmt(report['goodput_fraction'])} of requests)",
              f"- mean tau: prefill {_fmt(report['tau']['prefill'])}, decode "
-             f"{_fmt(report['tau']['decode'])}", "",
+             f"{_fmt(report['tau']['decode'])}", *_ladder_lines(report.get("ladder") or {}), "",
              "| latency (s) | n | mean | P50 | P90 | P99 |", "|---|---|---|---|---|---|"]
     for key, s in report["latency"].items():
         lines.append(f"| {key} | {s['n']} | " + " | ".join(_fmt(s[k], 4) for k in
@@ -200,6 +227,21 @@ def report_markdown(report: dict[str, Any]) -> str:
     if report["errors"]:
         lines += ["", "Errors by status: " + ", ".join(f"{k}: {v}" for k, v in report["errors"].items())]
     return "\n".join(lines) + "\n"
+
+
+def _ladder_lines(lad: dict[str, Any]) -> list[str]:
+    lines = []
+    if "accuracy_spent" in lad:
+        a = lad["accuracy_spent"]
+        lines.append(f"- accuracy spent (mean perplexity increase of the rungs used): "
+                     f"{_fmt(a.get('time'))} by step time, {_fmt(a.get('token'))} by tokens")
+    if "mean_step_token_budget" in lad:
+        lines.append(f"- step token budget: mean {_fmt(lad['mean_step_token_budget'], 0)}, "
+                     f"min {_fmt(lad['min_step_token_budget'], 0)}; running cap: mean "
+                     f"{_fmt(lad.get('mean_running_cap'), 0)}, min {_fmt(lad.get('min_running_cap'), 0)}")
+    if lad.get("exempt_steps"):
+        lines.append(f"- steps run undimmed for an exempt class: {_fmt(lad['exempt_steps'], 0)}")
+    return lines
 
 
 def write_report(report: dict[str, Any], out_dir: str | Path) -> None:

@@ -2,8 +2,12 @@
 class (latency windows, violation counters, the engine's three calls) and the policy registry.
 
 The engine calls, from its single-threaded step loop:
+  `choose_token_budget(queue)` and `running_cap(queue)` before it schedules a step (the
+  ladder's rungs 3 and 4: the step's token budget and the running-batch cap; None keeps the
+  configured ones, which is what every policy but `ladder` answers),
   `choose_rungs(planned)` just before a step runs (tau and k' for that step's phase; a
-  policy without expert shedding answers `choose_tau(planned)` at the model's k),
+  policy without expert shedding answers `choose_tau(planned)` at the model's k; a step
+  holding a request of a class exempt from dimming runs at tau 1 and the model's k),
   `observe_step(stats)` after it ran, and
   `observe_request(ttft_s, tpot_s, t)` when a request finishes.
 A policy is a `Controller` subclass registered under its `name` with `@register_policy`;
@@ -17,7 +21,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Optional, TypeVar
+from typing import TYPE_CHECKING, Callable, Optional, Protocol, Sequence, TypeVar
 
 from brownout.control.prices import PriceTable
 from brownout.control.windows import DECODE, PHASES, PREFILL, LatencyWindows, phase_of
@@ -33,6 +37,18 @@ Clock = Callable[[], float]
 MIN_HORIZON_S = 10.0
 
 
+class QueueState(Protocol):
+    """What the controller reads of the scheduler's queue before a step is scheduled (the
+    scheduler's `QueueView` is one)."""
+
+    max_num_seqs: int
+    num_waiting: int
+    num_running: int
+    waiting_tokens: int
+    running_prefill_tokens: int
+    num_prefilling: int
+
+
 @dataclass(slots=True)
 class PlannedStep:
     """What the scheduler is about to run; all the controller may know before the step."""
@@ -43,6 +59,7 @@ class PlannedStep:
     num_waiting: int = 0  # requests still queued after this step was scheduled
     waiting_tokens: int = 0  # prompt tokens of those queued requests
     has_prefill: Optional[bool] = None  # default: num_prefill_tokens > 0
+    exempt: bool = False  # holds a request of a class exempt from dimming (runs undimmed)
 
     def __post_init__(self) -> None:
         if self.has_prefill is None:
@@ -73,6 +90,16 @@ class Controller:
         self._top_k: dict[str, Optional[int]] = {PREFILL: None, DECODE: None}  # None: model's k
         self.prices: Optional[PriceTable] = None  # accuracy prices of the rungs (enable_ladder)
         self._spent = {"time": 0.0, "time_price": 0.0, "tokens": 0.0, "token_price": 0.0}
+        # rungs 3 and 4 as last chosen (None: the configured step budget and batch size)
+        self.token_budget: Optional[int] = None
+        self.cap: Optional[int] = None
+        # the step token counts the engine runs without padding waste (its captured graphs),
+        # ascending, the configured step budget last; a chosen budget is one of them
+        self.budget_sizes: tuple[int, ...] = ()
+        self.num_exempt_steps = 0  # steps holding an exempt request while the policy dimmed
+        # the engine keeps exempt tokens undimmed inside a dimmed step (per-token routing); when
+        # False a step holding an exempt request runs undimmed as a whole
+        self.exempt_per_token = False
         self.violations: dict[str, int] = {
             "prefill_step": 0, "decode_step": 0, "ttft": 0, "tpot": 0,
             "prefill_check": 0, "decode_check": 0}
@@ -100,6 +127,12 @@ class Controller:
     def top_k_decode(self) -> Optional[int]:
         return self._top_k[DECODE]
 
+    def set_step_sizes(self, max_num_batched_tokens: int, sizes: Sequence[int] = ()) -> None:
+        """The token counts a step's budget may take: `sizes` (the engine's captured step
+        sizes) up to the configured budget, which is always one."""
+        self.budget_sizes = tuple(sorted({int(s) for s in sizes if 0 < s < max_num_batched_tokens}
+                                         | {int(max_num_batched_tokens)}))
+
     def enable_ladder(self, prices: PriceTable) -> None:
         """Measured accuracy prices of the rungs: the run's accuracy spent is accounted with
         them, and a policy that sheds experts may choose among the priced k'."""
@@ -119,6 +152,8 @@ class Controller:
         if price is None or not stats.latency_s >= 0:
             return
         tokens = stats.num_prefill_tokens + stats.num_decode_tokens
+        if tokens > 0 and stats.exempt_tokens:  # exempt tokens ran at tau 1: they spend nothing
+            price *= max(0.0, 1.0 - stats.exempt_tokens / tokens)
         s = self._spent
         s["time"] += stats.latency_s
         s["time_price"] += price * stats.latency_s
@@ -146,9 +181,34 @@ class Controller:
         self._tau[phase] = tau
         return tau
 
+    def choose_token_budget(self, queue: QueueState) -> Optional[int]:
+        """The next step's token budget (rung 3); None: the configured one."""
+        return None
+
+    def running_cap(self, queue: QueueState) -> Optional[int]:
+        """The running batch's cap (rung 4); None: `max_num_seqs`."""
+        return None
+
     def choose_rungs(self, planned: PlannedStep) -> Rungs:
-        """The step's rungs; policies that shed experts override it."""
+        """The step's rungs. With per-token exemption (`exempt_per_token`) the step runs at
+        them and the exempt tokens keep tau 1 and the model's k inside it; without, a step
+        holding an exempt request runs at tau 1 and the model's k as a whole: the policy
+        still decides (its clocks and state move as for any step) and its choice is what
+        the controller reports, so dimming resumes on the next step."""
+        rungs = self._choose_rungs(planned)
+        if planned.exempt and (rungs.tau < 1.0 or rungs.top_k is not None):
+            self.num_exempt_steps += 1
+            if not self.exempt_per_token:
+                self._exempted(planned.phase)
+                return Rungs(tau=1.0, token_budget=self.token_budget)
+        return Rungs(rungs.tau, rungs.top_k, self.token_budget)
+
+    def _choose_rungs(self, planned: PlannedStep) -> Rungs:
+        """The policy's tau and k' for the step; policies that shed experts override it."""
         return Rungs(tau=self.choose_tau(planned))
+
+    def _exempted(self, phase: str) -> None:
+        """Hook: the step about to run is exempt from the rungs the policy chose."""
 
     def observe_step(self, stats: StepStats) -> None:
         phase = phase_of(stats.has_prefill)

@@ -175,7 +175,12 @@ class PredictiveController(Controller):
         self._pending = (phase, float(pred[0]))
         return tau
 
-    def choose_rungs(self, planned: PlannedStep) -> Rungs:
+    def _exempted(self, phase: str) -> None:
+        # the step runs at tau 1, not at the rung predicted for it: no residual to learn
+        self._pending = None
+        self._shed_pending = None
+
+    def _choose_rungs(self, planned: PlannedStep) -> Rungs:
         """The tau-only choice, or a shed rung (tau, k') when that choice misses its target."""
         tau = self.choose_tau(planned)
         phase = planned.phase

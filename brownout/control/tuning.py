@@ -102,12 +102,17 @@ class PredictiveTuning:
     # weight of the newest step in the moving mean of observed / predicted latency per k'
     shed_alpha: float = 0.1
 
+    # -- the step's token budget and the running-batch cap (the `ladder` policy) -------------
+    # a chosen step budget leaves at least this many prompt tokens beside the decodes, and the
+    # running cap is priced with a chunk this large, so prefill never stalls behind decodes
+    min_prefill_chunk: int = 32
+
     def __post_init__(self) -> None:
         for f in fields(self):
             value = getattr(self, f.name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
                 raise ValidationError(f.name, f"must be a non-negative number, got {value!r}")
-        for name in ("grid_points", "min_samples", "refit_every", "tau_buckets"):
+        for name in ("grid_points", "min_samples", "refit_every", "tau_buckets", "min_prefill_chunk"):
             if not isinstance(getattr(self, name), int):
                 raise ValidationError(name, f"must be an integer, got {getattr(self, name)!r}")
         for name in ("grid_points", "tau_buckets"):

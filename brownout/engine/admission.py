@@ -31,6 +31,15 @@ limit) when wait > F x the TTFT SLO, so those it admits can still meet it.
   time, and the queue may grow as far as dimming can drain it: brownout spends accuracy
   first and sheds load only beyond that. Until such steps have been seen there is no queue
   worth refusing for, and everything is admitted.
+* The running cap (the controller's rung 4, `set_running_cap`): the batch the latency model
+  says meets the TPOT SLO at the fastest rung. The scheduler admits no request beyond it,
+  and the slot wait counts free slots under it, so once the batch is at the cap a request
+  whose slot would come too late for its first token is refused here, with the predicted
+  Retry-After.
+* Priority classes (the priority scheduling policy): a request waits only behind the
+  queued work of its own and more important classes (lower `priority` values), and each
+  class has its own measured errors, so under overload the least important class is
+  refused first.
 """
 
 from __future__ import annotations
@@ -68,15 +77,21 @@ class Admission:
         self.limit_s = (self.factor or 0.0) * ttft_slo_s
         self.prefill_rate = PrefillRate()
         self.wait_feedback = WaitFeedback()
+        # under the priority policy each class has its own errors: a less important class is
+        # overtaken by later arrivals, so its predictions err long, which must not refuse
+        # the more important classes
+        self._class_feedback: dict[int, WaitFeedback] = {}
         self.slot_rate = SlotRate()  # sequence slots freed per second
         self.step_time_s = _INITIAL_STEP_S  # moving average of collected steps' latency
         self.num_refused_full = 0  # refused because the queue was full
         self.num_refused_slo = 0  # refused because their TTFT could not be met
 
     def admit(self, num_tokens: int, arrival: float, now: float,
-              prefill_speedup: Callable[[], float]) -> Optional[float]:
+              prefill_speedup: Callable[[], float], priority: int = 0) -> Optional[float]:
         """Admit a request of `num_tokens` prompt tokens that arrived at `arrival`, or raise
-        AdmissionError; returns its predicted wait for its first token (None: none made)."""
+        AdmissionError; returns its predicted wait for its first token (None: none made).
+        Under the priority policy only the queued work of its own and more important classes
+        is ahead of it, so under overload the least important class is refused first."""
         view, sched = self.view, self.config
         if view.num_waiting >= sched.max_waiting_requests or \
                 view.waiting_tokens + num_tokens > sched.max_waiting_tokens:
@@ -86,10 +101,13 @@ class Admission:
         if self.factor is None or rate is None:  # no rate yet: no queue worth refusing for
             return None
         rate *= prefill_speedup()  # refuse only what even the lowest tau could not serve
-        wait = admission_wait(view.waiting_tokens + view.running_prefill_tokens, num_tokens, rate,
+        queued, queued_tokens = view.num_waiting, view.waiting_tokens
+        if sched.policy == "priority":
+            queued, queued_tokens = view.ahead_of(priority)
+        wait = admission_wait(queued_tokens + view.running_prefill_tokens, num_tokens, rate,
                               step_s=self.step_time_s, elapsed_s=now - arrival,
-                              slot_wait_s=self.slot_wait_s(now))
-        expected = wait + self.wait_feedback.margin(self.limit_s)  # corrected by measured errors
+                              slot_wait_s=self.slot_wait_s(now, queued))
+        expected = wait + self._feedback(priority).margin(self.limit_s)  # corrected by measured errors
         retry = refuse_for(expected, self.limit_s)
         if retry is not None:
             self.num_refused_slo += 1
@@ -104,9 +122,18 @@ class Admission:
         steps = queued / self.config.max_num_batched_tokens
         return max(MIN_RETRY_AFTER_S, round(steps * self.step_time_s, 1))
 
-    def slot_wait_s(self, now: float) -> float:
-        """Seconds a request arriving now would wait for a sequence slot."""
-        return slot_wait(self.view.num_waiting, self.view.free_slots, self.slot_rate.per_s(now))
+    def slot_wait_s(self, now: float, queued_ahead: Optional[int] = None) -> float:
+        """Seconds a request arriving now, behind `queued_ahead` waiting requests (default:
+        all), would wait for a sequence slot (the running cap counts, `set_running_cap`)."""
+        ahead = self.view.num_waiting if queued_ahead is None else queued_ahead
+        return slot_wait(ahead, self.view.free_slots, self.slot_rate.per_s(now))
+
+    def set_running_cap(self, cap: Optional[int]) -> None:
+        """The running-batch cap for the next steps (the controller's rung 4; None: none).
+        The scheduler admits no request beyond it, and the slot wait counts only slots under
+        it, so a request that would wait past the TTFT limit for one is refused at arrival
+        with the predicted Retry-After."""
+        self.view.running_cap = cap
 
     def observe_step(self, prefill_tokens: int, latency_s: float, queue_left: bool) -> None:
         """A collected step: its prompt tokens, its latency, and whether requests still waited
@@ -117,7 +144,12 @@ class Admission:
     def observe_first_token(self, req: Request, now: float) -> None:
         """A request's first token: the error of its predicted wait, if one was made."""
         if req.predicted_wait_s is not None:
-            self.wait_feedback.observe(req.predicted_wait_s, now - req.arrival_time)
+            self._feedback(req.priority).observe(req.predicted_wait_s, now - req.arrival_time)
+
+    def _feedback(self, priority: int) -> WaitFeedback:
+        if self.config.policy != "priority":
+            return self.wait_feedback
+        return self._class_feedback.setdefault(priority, WaitFeedback())
 
     def observe_finish(self, now: float, held_slot: bool) -> None:
         """A request finished (or was aborted); `held_slot`: it freed a sequence slot."""
@@ -125,9 +157,12 @@ class Admission:
             self.slot_rate.observe(now)
 
     def snapshot(self, now: float) -> dict:
-        return dict(num_refused_slo_total=self.num_refused_slo,
+        return dict(running_cap=self.view.max_running,
+                    num_refused_slo_total=self.num_refused_slo,
                     num_refused_full_total=self.num_refused_full,
-                    admission_margin_s=self.wait_feedback.margin(self.limit_s),
+                    # under the priority policy: the most important class seen
+                    admission_margin_s=self._feedback(
+                        min(self._class_feedback, default=0)).margin(self.limit_s),
                     admission_slot_wait_s=self.slot_wait_s(now))
 
 

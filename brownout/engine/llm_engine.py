@@ -29,6 +29,7 @@ from brownout.engine.parallel_group import WorkerGroup
 from brownout.engine.request import Request, Status
 from brownout.engine.scheduler import NewToken, Scheduler
 from brownout.runner.build import build_model_runner
+from brownout.runner.cuda_graphs import token_bucket_sizes
 from brownout.types import (EngineBrokenError, FinishReason, RequestOutput, SamplingParams,
                             SchedulerOutput, StepStats, ValidationError)
 
@@ -74,6 +75,9 @@ class LLMEngine:
                                   self.spec.top_k)
         if prices is not None:  # measured rung prices: shedding and the accuracy spent
             self.controller.enable_ladder(prices)
+        budget = config.scheduler.max_num_batched_tokens
+        self.controller.set_step_sizes(budget, token_bucket_sizes(budget))
+        self.controller.exempt_per_token = True  # the runner masks exempt tokens per token
         self.last_step_stats: Optional[StepStats] = None
         self.fresh_step_stats: Optional[StepStats] = None  # the step collected by the last call
         self._inflight = None  # (SchedulerOutput, launched step, start time, requests left waiting)
@@ -96,7 +100,7 @@ class LLMEngine:
         ids = self.inputs.prompt_ids(prompt)
         arrival = arrival_time or self.clock()
         predicted = self.admission.admit(len(ids), arrival, self.clock(),
-                                         self.controller.prefill_speedup)
+                                         self.controller.prefill_speedup, priority)
         req = Request(request_id, ids, params, arrival, priority, predicted_wait_s=predicted)
         outputs.start_detokenizer(self.tokenizer, req)
         self.scheduler.add(req)
@@ -133,7 +137,7 @@ class LLMEngine:
                 new_tokens, collected_at = self._collect()
             except Exception:
                 outs += self._fail_step(step_requests, "collect")
-        scheduler_output = self.scheduler.schedule()
+        scheduler_output = self._schedule()
         if scheduler_output.seqs:
             step_requests = self._step_requests(scheduler_output)
             try:
@@ -141,6 +145,12 @@ class LLMEngine:
             except Exception:
                 outs += self._fail_step(step_requests, "launch")
         return outs + [self._emit_or_fail(t, collected_at) for t in new_tokens]
+
+    def _schedule(self) -> SchedulerOutput:
+        """The next step, under the controller's running cap and token budget (rungs 4, 3)."""
+        view = self.scheduler.view
+        self.admission.set_running_cap(self.controller.running_cap(view))
+        return self.scheduler.schedule(self.controller.choose_token_budget(view))
 
     # ---- a failed step ends its own requests -----------------------------------------
     def _step_requests(self, scheduler_output: SchedulerOutput) -> list[Request]:
@@ -188,9 +198,19 @@ class LLMEngine:
 
     def _launch(self, scheduler_output: SchedulerOutput) -> None:
         start = self.clock()
-        rungs = self.controller.choose_rungs(self._planned(scheduler_output))
+        planned = self._planned(scheduler_output)
+        if planned.exempt:
+            self._mark_exempt(scheduler_output)
+        rungs = self.controller.choose_rungs(planned)
         pending = self.runner.launch(scheduler_output, rungs)
         self._inflight = (scheduler_output, pending, start, self.scheduler.view.num_waiting > 0)
+
+    def _mark_exempt(self, scheduler_output: SchedulerOutput) -> None:
+        """Flag the sequences of an exempt class: the runner keeps their tokens undimmed."""
+        limit = self.config.slo.dim_exempt_priority
+        for s in scheduler_output.seqs:
+            req = self.scheduler.requests.get(s.request_id)
+            s.exempt = req is not None and req.priority <= limit
 
     def _collect(self) -> tuple[list[NewToken], float]:
         scheduler_output, pending, start, queue_left = self._inflight
@@ -211,7 +231,9 @@ class LLMEngine:
                           has_prefill=scheduler_output.has_prefill, tau=runner_output.tau,
                           experts_touched=runner_output.experts_touched,
                           num_waiting=view.num_waiting, num_running=view.num_running,
-                          kv_usage=self.blocks.usage, top_k=runner_output.top_k)
+                          kv_usage=self.blocks.usage, top_k=runner_output.top_k,
+                          exempt_tokens=sum(len(s.token_ids) for s in scheduler_output.seqs
+                                            if s.exempt))
         self.last_step_stats = self.fresh_step_stats = stats
         self.controller.observe_step(stats)
         return new_tokens, now
@@ -222,7 +244,9 @@ class LLMEngine:
                            num_decode_tokens=scheduler_output.num_decode_tokens,
                            batch_size=len(scheduler_output.seqs), num_waiting=view.num_waiting,
                            waiting_tokens=view.waiting_tokens,
-                           has_prefill=scheduler_output.has_prefill)
+                           has_prefill=scheduler_output.has_prefill,
+                           exempt=self.scheduler.holds_priority(
+                               scheduler_output, self.config.slo.dim_exempt_priority))
 
     def _emit(self, new: NewToken, now: float) -> RequestOutput:
         """Detokenise an accepted token, finish its request on a stop string, build the output."""
@@ -262,6 +286,9 @@ class LLMEngine:
                     top_k_prefill=self.controller.top_k_prefill or self.spec.top_k,
                     top_k_decode=self.controller.top_k_decode or self.spec.top_k,
                     accuracy_spent=self.controller.accuracy_spent(),
+                    step_token_budget=(self.controller.token_budget
+                                       or self.config.scheduler.max_num_batched_tokens),
+                    exempt_steps_total=self.controller.num_exempt_steps,
                     num_preemptions_total=sched.num_preemptions,
                     prompt_tokens_total=sched.num_prompt_tokens_total,
                     generation_tokens_total=sched.num_generation_tokens_total,

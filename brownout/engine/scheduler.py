@@ -5,6 +5,10 @@ tokens, its KV blocks, when it stops and why. Each step it first continues the r
 requests (one decode token each, or the next prefill chunk), preempting the lowest-priority
 running request when KV blocks run out, then admits waiting requests (FCFS, or by priority)
 while the step's token budget, the batch size and the free blocks allow (`schedule`). The
+SLO controller may set a smaller token budget for a step (it caps prompt chunks, never a
+decode) and a running-batch cap (`QueueView.running_cap`, below `max_num_seqs`); under the
+priority policy a full batch gives a slot to a more important waiting request by preempting
+its least important running one. The
 collected step comes back through `update_from_output`, which advances the computed tokens,
 appends the sampled tokens and stops requests on EOS, a stop token id, `max_tokens` or the
 context length. Queue timeouts (`expire_waiting`) and aborts and stop strings
@@ -25,7 +29,7 @@ it instead of computing it a second time: samples of one prompt (`n`) compute it
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterable, Optional, Sequence
 
 from brownout.config import SchedulerConfig
@@ -44,10 +48,43 @@ class QueueView:
     num_running: int = 0
     waiting_tokens: int = 0  # tokens the waiting requests still have to compute
     running_prefill_tokens: int = 0  # prompt tokens of running requests not yet computed
+    num_prefilling: int = 0  # running requests with prompt tokens not yet computed
+    # the running-batch cap (admission's TPOT rung, `Admission.set_running_cap`); None: none
+    running_cap: Optional[int] = None
+    # priority -> [waiting requests, their tokens still to compute]: the work queued ahead of
+    # a new request under the priority policy (`ahead_of`)
+    waiting_by_priority: dict[int, list[int]] = field(default_factory=dict)
+
+    @property
+    def max_running(self) -> int:
+        """Requests the batch may hold now: `max_num_seqs`, or the running cap when lower."""
+        cap = self.running_cap
+        return self.max_num_seqs if cap is None else max(1, min(cap, self.max_num_seqs))
 
     @property
     def free_slots(self) -> int:
-        return self.max_num_seqs - self.num_running
+        return self.max_running - self.num_running
+
+    @property
+    def num_decoding(self) -> int:
+        return self.num_running - self.num_prefilling
+
+    def ahead_of(self, priority: int) -> tuple[int, int]:
+        """(requests, tokens) waiting that the priority policy serves before a new request of
+        `priority`: those of the same or a more important class (lower value)."""
+        n = t = 0
+        for p, (count, tokens) in self.waiting_by_priority.items():
+            if p <= priority:
+                n += count
+                t += tokens
+        return n, t
+
+    def count_waiting(self, priority: int, n: int, tokens: int) -> None:
+        rec = self.waiting_by_priority.setdefault(priority, [0, 0])
+        rec[0] += n
+        rec[1] += tokens
+        if rec[0] == 0:
+            del self.waiting_by_priority[priority]
 
 
 @dataclass(slots=True)
@@ -115,24 +152,58 @@ class Scheduler:
         return expired
 
     # ---- one step ------------------------------------------------------------------------
-    def schedule(self) -> SchedulerOutput:
+    def schedule(self, token_budget: Optional[int] = None) -> SchedulerOutput:
+        """The next step. `token_budget`: the step's token budget chosen for it (the SLO
+        controller's rung 3), at most `max_num_batched_tokens`; it caps the prompt tokens the
+        step takes, while every decoding request still gets its token (decodes count
+        against it, prompt chunks get what is left). None: the configured budget."""
         budget = self.config.max_num_batched_tokens
+        prefill_budget = budget
+        if token_budget is not None:
+            prefill_budget = max(0, min(budget, int(token_budget)) - self.view.num_decoding)
         out = SchedulerOutput(seqs=[], num_prefill_tokens=0, num_decode_tokens=0)
+        # slots freed for a more important class: the step still admits into them (only a
+        # preemption for KV blocks stops admission)
+        yielded: list[str] = []
+        if self.config.policy == "priority":
+            self._preempt_for_priority(yielded)
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
-            n = min(req.num_tokens - req.num_computed, budget)
+            left = req.num_tokens - req.num_computed
+            decode = self._is_decode(req, left)
+            n = min(left, budget) if decode else min(left, budget, prefill_budget)
+            if n <= 0:  # a prompt chunk the step's token budget has no room for
+                i += 1
+                continue
             if not self._make_room(req, req.num_computed + n, out.preempted, i):
                 continue  # req itself was preempted; the list shifted
-            self._add_seq(out, req, n, decode=self._is_decode(req, n))
+            self._add_seq(out, req, n, decode=decode)
             budget -= n
+            if not decode:
+                prefill_budget -= n
             i += 1
         if not out.preempted:
-            budget = self._admit_waiting(out, budget)
+            self._admit_waiting(out, min(budget, prefill_budget))
+        out.preempted[:0] = yielded
         return out
 
+    def _preempt_for_priority(self, preempted: list[str]) -> None:
+        """With the batch exactly full, preempt the least important running request when the
+        first waiting one is of a strictly more important class (lower priority value): under
+        overload the least important class gives way first. One a step, and only into a slot
+        the waiting request then takes: a batch over a lowered running cap drains by finishes
+        instead (preempting it down to the cap would recompute many requests for one)."""
+        if not (self.waiting and self.running and len(self.running) == self.view.max_running):
+            return
+        head = self.waiting.peek()
+        victim = max(self.running, key=self.waiting.key)
+        if victim.priority > head.priority:
+            self._preempt(victim)
+            preempted.append(victim.request_id)
+
     def _admit_waiting(self, out: SchedulerOutput, budget: int) -> int:
-        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+        while self.waiting and budget > 0 and len(self.running) < self.view.max_running:
             req = self.waiting.peek()
             cached = self._cached_prefix(req)
             if self._prefix_in_progress(req, len(cached)):
@@ -216,6 +287,14 @@ class Scheduler:
         if self.blocks.enable_caching and req.num_computed // bs > (req.num_computed - n) // bs:
             self.blocks.commit(req.request_id, req.all_token_ids, req.num_computed, tau)
 
+    def holds_priority(self, sched: SchedulerOutput, priority: Optional[int]) -> bool:
+        """Whether a step holds a request of `priority` or a more important class (lower
+        value): a class exempt from dimming runs such a step undimmed. False for None."""
+        if priority is None:
+            return False
+        reqs = (self.requests.get(s.request_id) for s in sched.seqs)
+        return any(r is not None and r.priority <= priority for r in reqs)
+
     # ---- building a step -----------------------------------------------------------------
     @staticmethod
     def _is_decode(req: Request, n: int) -> bool:
@@ -278,27 +357,33 @@ class Scheduler:
         self.waiting.push(req)
         self.view.num_waiting += 1
         self.view.waiting_tokens += req.num_tokens - req.num_computed
+        self.view.count_waiting(req.priority, 1, req.num_tokens - req.num_computed)
 
     def _from_waiting(self, req: Request) -> None:
         """Count out a request the caller took out of `waiting` (pop or remove)."""
         self.view.num_waiting -= 1
         self.view.waiting_tokens -= req.num_tokens - req.num_computed
+        self.view.count_waiting(req.priority, -1, -(req.num_tokens - req.num_computed))
 
     def _to_running(self, req: Request) -> None:
         req.status = Status.RUNNING
         self.running.append(req)
         self.view.num_running += 1
         self.view.running_prefill_tokens += _prefill_left(req)
+        self.view.num_prefilling += _prefill_left(req) > 0
 
     def _from_running(self, req: Request) -> None:
         self.running.remove(req)
         self.view.num_running -= 1
         self.view.running_prefill_tokens -= _prefill_left(req)
+        self.view.num_prefilling -= _prefill_left(req) > 0
 
     def _advance(self, req: Request, n: int) -> None:
         before = _prefill_left(req)
         req.num_computed += n
-        self.view.running_prefill_tokens += _prefill_left(req) - before
+        after = _prefill_left(req)
+        self.view.running_prefill_tokens += after - before
+        self.view.num_prefilling += (after > 0) - (before > 0)
 
 
 def _prefill_left(req: Request) -> int:

@@ -34,6 +34,9 @@ class ForwardContext:
     # 0-d int32: routed experts kept per token (k' <= k, expert shedding); None: the model's k
     top_k: Optional[torch.Tensor] = None
     valid: Optional[torch.Tensor] = None  # [T] bool: False on CUDA-graph padding rows
+    # [T] bool: tokens that keep the model's top-k experts, unshed and not redirected, while
+    # the step is dimmed or shed (a class exempt from dimming); None: none
+    exempt: Optional[torch.Tensor] = None
     count_touched: bool = True  # MoE layers count the distinct expert slots they use
     use_kernels: bool = False  # Triton kernels (GPU) instead of the plain-torch path
 

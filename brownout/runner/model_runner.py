@@ -225,18 +225,28 @@ class ModelRunner:
             self.tau.fill_(tau)
         top_k = self.shed_to(rungs)
         self.top_k.fill_(self.model_top_k if top_k is None else top_k)
+        brownout = self.brownout_ready and tau < 1.0
+        # tokens of an exempt class keep their experts; the graphs hold no per-token mask, so
+        # a dimmed or shed step carrying them runs eager
+        exempt = self._exempt_mask(sched) if brownout or top_k is not None else None
         key = None
-        if self.graphs is not None:
+        if self.graphs is not None and exempt is None:
             key = self.graphs.dispatch(StepDescriptor.of(sched, routed=tau < 1.0, shed=top_k is not None))
         if key is not None:
             return self.graphs.run(key, input_ids, positions, meta), meta
         # eager: at tau = 1 routing is skipped altogether (it would change nothing), and so
         # is shedding at the model's k
-        brownout = self.brownout_ready and tau < 1.0
         ctx = ForwardContext(attn=meta, kv_caches=self.kv_caches, tau=self.tau if brownout else None,
                              top_k=self.top_k if top_k is not None else None,
-                             use_kernels=self.use_kernels)
+                             use_kernels=self.use_kernels, exempt=exempt)
         return self.model(input_ids, positions, ctx), meta
+
+    def _exempt_mask(self, sched: SchedulerOutput) -> Optional[torch.Tensor]:
+        """[T] bool: the step's tokens of exempt sequences; None when it carries none."""
+        if not any(s.exempt for s in sched.seqs):
+            return None
+        mask = [s.exempt for s in sched.seqs for _ in s.token_ids]
+        return to_device(mask, self.device, torch.bool)
 
     def _logprobs(self, pending: "PendingStep", out: RunnerOutput) -> None:
         counts = pending.sampling.num_logprobs

@@ -4,6 +4,8 @@
       --slo-policy off,aimd,predictive --profile h200 --out runs/sim [--seed 0]
       [--max-num-seqs 128 --max-num-batched-tokens 1024 --admission-ttft-factor 1.0]
       [--slo-ttft 0.1 --slo-tpot 0.02 --slo-prefill-step 0.024 --slo-decode-step 0.013]
+      [--prices brownout/assets/demo/ladder-prices.json --scheduling-policy priority
+       --dim-exempt-priority 0]
 Each policy's run goes to --out/<policy> with the files of `brownout bench` (meta.json,
 requests.jsonl, metrics.jsonl, report.json/.md, plots); with several policies,
 comparison.json/.md and overlay plots go to --out. Every number is a simulation: the
@@ -23,6 +25,7 @@ from brownout.bench.report import compare_runs
 from brownout.cliutil import int_at_least
 from brownout.config import SchedulerConfig, SLOConfig
 from brownout.control import policy_names
+from brownout.control.prices import PriceTable
 from brownout.sim.fleet import ROUTERS
 from brownout.sim.profile import load_profile
 from brownout.sim.run import SimSetup, simulate
@@ -75,6 +78,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--slo-check-interval", type=float, default=s.check_interval_s,
                    help="seconds between two decisions of the aimd controller")
     g.add_argument("--fixed-tau", type=float, default=1.0, help="tau in [0, 1] of the `fixed` policy")
+    g.add_argument("--scheduling-policy", choices=("fcfs", "priority"), default=d.policy,
+                   help=f"queue, refusal and preemption order (default {d.policy})")
+    g.add_argument("--dim-exempt-priority", type=int, default=None,
+                   help="requests with priority <= this run undimmed (default: none exempt)")
+    p.add_argument("--prices", default=None,
+                   help="rung price table (JSON, ladder-prices.json format): expert shedding and the "
+                        "accuracy spent (default: none, so no shedding and no accuracy spent)")
     p.add_argument("--replicas", type=int_at_least(1), default=1, help="engines behind a router")
     p.add_argument("--router", default="least_loaded", choices=ROUTERS,
                    help="how the router picks a replica for each request")
@@ -85,12 +95,15 @@ def setup_from_args(args: argparse.Namespace, policy: str) -> SimSetup:
                             max_num_batched_tokens=args.max_num_batched_tokens,
                             max_waiting_requests=args.max_waiting_requests,
                             queue_timeout_s=args.queue_timeout,
-                            admission_ttft_factor=args.admission_ttft_factor)
+                            admission_ttft_factor=args.admission_ttft_factor,
+                            policy=args.scheduling_policy)
     slo = SLOConfig(policy=policy, ttft_s=args.slo_ttft, tpot_s=args.slo_tpot,
                     prefill_step_s=args.slo_prefill_step, decode_step_s=args.slo_decode_step,
-                    window_s=args.slo_window, check_interval_s=args.slo_check_interval)
+                    window_s=args.slo_window, check_interval_s=args.slo_check_interval,
+                    dim_exempt_priority=args.dim_exempt_priority)
+    prices = PriceTable.load(Path(args.prices)) if args.prices else None
     return SimSetup(load_profile(args.profile), sched, slo, args.max_model_len, args.seed,
-                    args.fixed_tau, args.replicas, args.router)
+                    args.fixed_tau, args.replicas, args.router, prices)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -19,6 +19,7 @@ import numpy as np
 
 from brownout.config import SchedulerConfig, SLOConfig
 from brownout.control import PlannedStep, make_controller
+from brownout.control.prices import PriceTable
 from brownout.engine.admission import Admission
 from brownout.engine.block_manager import BlockManager
 from brownout.engine.outputs import time_per_output_token
@@ -49,6 +50,10 @@ class SimSetup:
     fixed_tau: float = 1.0  # the `fixed` policy's tau (`--fixed-tau`)
     replicas: int = 1  # engines behind a router (`brownout.sim.fleet`)
     router: str = "least_loaded"
+    prices: Optional[PriceTable] = None  # rung prices: expert shedding and the accuracy spent
+    # exempt tokens keep their experts inside a dimmed step, as the engine does; False: a
+    # step holding an exempt request runs undimmed as a whole
+    exempt_per_token: bool = True
 
 
 @dataclass
@@ -60,6 +65,7 @@ class SimRequest:
     prompt_tokens: int
     max_tokens: int
     prompt_len_hint: Optional[int] = None
+    priority: int = 0  # as the API's `priority` (lower is more important)
 
 
 @dataclass
@@ -74,8 +80,10 @@ class SimEngine:
 
     def __init__(self, profile: StepCostProfile, sched_config: SchedulerConfig, slo: SLOConfig,
                  seed: int = 0, max_model_len: Optional[int] = None, fixed_tau: float = 1.0,
-                 clock: Optional[VirtualClock] = None, events: Optional[EventQueue] = None):
-        """`clock` and `events`: shared with other engines (replicas behind a router)."""
+                 clock: Optional[VirtualClock] = None, events: Optional[EventQueue] = None,
+                 prices: Optional[PriceTable] = None, exempt_per_token: bool = True):
+        """`clock` and `events`: shared with other engines (replicas behind a router);
+        `prices`: the rungs' accuracy prices (shedding, and the accuracy spent)."""
         self.profile = profile
         self.clock = VirtualClock() if clock is None else clock
         self.events = EventQueue(self.clock) if events is None else events
@@ -84,6 +92,12 @@ class SimEngine:
         self.scheduler = Scheduler(sched_config, self.blocks, max_model_len)
         self.admission = Admission(sched_config, slo.ttft_s, self.scheduler.view)
         self.controller = make_controller(slo, clock=self.clock, fixed_tau=fixed_tau)
+        if prices is not None:
+            self.controller.enable_ladder(prices)
+        budget = sched_config.max_num_batched_tokens
+        self.controller.set_step_sizes(budget, profile.graph_buckets.get("prefill_tokens", ()))
+        self.exempt_priority = slo.dim_exempt_priority
+        self.controller.exempt_per_token = exempt_per_token
         self.records: dict[str, _Record] = {}
         self.busy = False
         self.step_count = {"prefill": 0, "decode": 0}
@@ -115,13 +129,13 @@ class SimEngine:
         record = self.records[rid]
         try:
             predicted = self.admission.admit(req.prompt_tokens, now, now,
-                                             self.controller.prefill_speedup)
+                                             self.controller.prefill_speedup, req.priority)
         except AdmissionError as e:
             record.rec.update(status=REFUSED_STATUS, error=str(e), rejected=True,
                               retry_after=e.retry_after_s, done=now + self.profile.request_out_s)
             return
         params = SamplingParams(max_tokens=req.max_tokens, ignore_eos=True)
-        request = Request(rid, [SIM_TOKEN_ID] * req.prompt_tokens, params, now,
+        request = Request(rid, [SIM_TOKEN_ID] * req.prompt_tokens, params, now, req.priority,
                           predicted_wait_s=predicted)
         try:
             self.scheduler.add(request)
@@ -138,27 +152,36 @@ class SimEngine:
         now = self.clock()
         for req in self.scheduler.expire_waiting(now):
             self._complete(req, now)
-        sched = self.scheduler.schedule()
+        view = self.scheduler.view
+        self.admission.set_running_cap(self.controller.running_cap(view))
+        sched = self.scheduler.schedule(self.controller.choose_token_budget(view))
         if not sched.seqs:
             self.busy = False
             return
         self.busy = True
         shape = StepShape.of(sched)
-        planned = _planned(self.scheduler, sched)
-        tau = self.controller.choose_tau(planned)
-        latency = self.profile.step_latency_s(shape, tau, self.rng)
+        planned = _planned(self.scheduler, sched, self.exempt_priority)
+        rungs = self.controller.choose_rungs(planned)
+        top_k = rungs.top_k if rungs.top_k is not None and rungs.top_k < self.profile.routing.top_k \
+            else None
+        exempt = 0
+        if planned.exempt and self.controller.exempt_per_token:
+            exempt = sum(len(s.token_ids) for s in sched.seqs
+                         if self.scheduler.requests[s.request_id].priority <= self.exempt_priority)
+        latency = self.profile.step_latency_s(shape, rungs.tau, self.rng, top_k, exempt)
         queue_left = self.scheduler.view.num_waiting > 0
-        self.events.at(now + latency, self._collect, sched, shape, tau, now, queue_left)
+        self.events.at(now + latency, self._collect, sched, shape, rungs.tau, now, queue_left, top_k,
+                       exempt)
 
     def _collect(self, sched: SchedulerOutput, shape: StepShape, tau: float, start: float,
-                 queue_left: bool) -> None:
+                 queue_left: bool, top_k: Optional[int] = None, exempt: int = 0) -> None:
         now = self.clock()
         latency = now - start
         self.admission.observe_step(sched.num_prefill_tokens, latency, queue_left)
         sampled = {s.request_id: SIM_TOKEN_ID for s in sched.seqs if s.sample}
-        touched = self.profile.experts_touched(shape, tau)
+        touched = self.profile.experts_touched(shape, tau, top_k, exempt)
         new_tokens = self.scheduler.update_from_output(
-            sched, RunnerOutput(sampled=sampled, experts_touched=touched, tau=tau), now)
+            sched, RunnerOutput(sampled=sampled, experts_touched=touched, tau=tau, top_k=top_k), now)
         for t in new_tokens:
             self._token(t, now)
         view = self.scheduler.view
@@ -167,7 +190,7 @@ class SimEngine:
                           num_decode_tokens=sched.num_decode_tokens, batch_size=len(sched.seqs),
                           has_prefill=sched.has_prefill, tau=tau, experts_touched=touched,
                           num_waiting=view.num_waiting, num_running=view.num_running,
-                          kv_usage=self.blocks.usage)
+                          kv_usage=self.blocks.usage, top_k=top_k, exempt_tokens=exempt)
         self.controller.observe_step(stats)
         self.step_count[shape.phase] += 1
         self.step_sum[shape.phase] += latency
@@ -209,6 +232,15 @@ class SimEngine:
         brownout = {f"brownout_slo_violations_total,kind={k}": float(v)
                     for k, v in ctl.violations.items()}
         brownout["brownout_requests_refused_slo_total"] = float(self.admission.num_refused_slo)
+        brownout["brownout_step_token_budget"] = float(
+            ctl.token_budget or self.scheduler.config.max_num_batched_tokens)
+        brownout["brownout_running_cap"] = float(view.max_running)
+        brownout["brownout_exempt_steps_total"] = float(ctl.num_exempt_steps)
+        k = self.profile.routing.top_k
+        for phase, top_k in (("prefill", ctl.top_k_prefill), ("decode", ctl.top_k_decode)):
+            brownout[f"brownout_top_k,phase={phase}"] = float(top_k or k)
+        for weighting, value in (ctl.accuracy_spent() or {}).items():
+            brownout[f"brownout_accuracy_spent,weighting={weighting.removesuffix('_weighted')}"] = value
         for phase in ("prefill", "decode"):
             brownout[f"brownout_step_latency_seconds_count,phase={phase}"] = float(self.step_count[phase])
             brownout[f"brownout_step_latency_seconds_sum,phase={phase}"] = self.step_sum[phase]
@@ -227,9 +259,11 @@ class SimEngine:
         return out
 
 
-def _planned(scheduler: Scheduler, sched: SchedulerOutput) -> PlannedStep:
+def _planned(scheduler: Scheduler, sched: SchedulerOutput,
+             exempt_priority: Optional[int] = None) -> PlannedStep:
     view = scheduler.view
     return PlannedStep(num_prefill_tokens=sched.num_prefill_tokens,
                        num_decode_tokens=sched.num_decode_tokens, batch_size=len(sched.seqs),
                        num_waiting=view.num_waiting, waiting_tokens=view.waiting_tokens,
-                       has_prefill=sched.has_prefill)
+                       has_prefill=sched.has_prefill,
+                       exempt=scheduler.holds_priority(sched, exempt_priority))

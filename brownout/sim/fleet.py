@@ -34,7 +34,8 @@ class Fleet:
         # each replica draws its own noise, from seeds derived from the fleet's
         seeds = np.random.SeedSequence(setup.seed).generate_state(replicas)
         self.replicas = [SimEngine(setup.profile, setup.scheduler, setup.slo, int(seed),
-                                   setup.max_model_len, setup.fixed_tau, self.clock, self.events)
+                                   setup.max_model_len, setup.fixed_tau, self.clock, self.events,
+                                   setup.prices, setup.exempt_per_token)
                          for seed in seeds]
         self.router = router
         self._turn = itertools.cycle(range(replicas))

@@ -76,9 +76,11 @@ class RoutingShape:
     way: int = 4  # experts per united group
     num_layers: int = 24
 
-    def experts_touched(self, num_tokens: int, tau: float) -> float:
-        """Expected distinct expert slots one MoE layer touches for `num_tokens` tokens."""
-        n, k = self.num_experts, self.top_k
+    def experts_touched(self, num_tokens: int, tau: float, top_k: Optional[int] = None) -> float:
+        """Expected distinct expert slots one MoE layer touches for `num_tokens` tokens, each
+        routed to `top_k` experts (default: the model's k; fewer when the step sheds)."""
+        n = self.num_experts
+        k = self.top_k if top_k is None else max(1, min(int(top_k), self.top_k))
         full = n * (1.0 - (1.0 - k / n) ** num_tokens)
         groups = n // self.way
         # a group is hit when any of its `way` members is among a token's k picks
@@ -97,7 +99,12 @@ def pad_to(n: int, buckets: Sequence[int]) -> int:
 
 
 def step_features(shape: StepShape, tau: float, routing: RoutingShape,
-                  buckets: Optional[dict[str, list[int]]] = None) -> dict[str, float]:
+                  buckets: Optional[dict[str, list[int]]] = None,
+                  top_k: Optional[int] = None, exempt_tokens: int = 0) -> dict[str, float]:
+    """The fitted features of a step. A shed step (`top_k` k' < k) differs only in its experts
+    touched, computed at k': the profile was measured at the model's k and has no term for
+    the expert GEMMs' k'/k share, so shedding is credited with fewer expert reads alone.
+    `exempt_tokens` of the step keep tau 1 and the model's k (`mixed_experts`)."""
     tokens, batch = shape.num_tokens, shape.batch_size
     if buckets:
         if shape.has_prefill:
@@ -106,8 +113,21 @@ def step_features(shape: StepShape, tau: float, routing: RoutingShape,
             tokens = batch = pad_to(batch, buckets.get("decode_batch", ()))
     return {"one": 1.0, "ktokens": tokens / KILO, "batch": float(batch),
             "kctx": shape.context_tokens / KILO,
-            "experts": routing.experts_touched(tokens, tau),
+            "experts": mixed_experts(routing, tokens, tau, top_k, exempt_tokens),
             "routed": float(tau < 1.0)}
+
+
+def mixed_experts(routing: RoutingShape, tokens: int, tau: float, top_k: Optional[int],
+                  exempt_tokens: int = 0) -> float:
+    """Distinct expert slots of a step whose `exempt_tokens` keep tau 1 and the model's k
+    while the rest run at (tau, k'): the union of the two sets, taken as independent draws
+    over the routed experts (no profile term was measured for it)."""
+    exempt = max(0, min(int(exempt_tokens), tokens))
+    if exempt == 0 or (tau >= 1.0 and top_k is None):
+        return routing.experts_touched(tokens, tau, top_k)
+    a = routing.experts_touched(exempt, 1.0)
+    b = routing.experts_touched(tokens - exempt, tau, top_k) if tokens > exempt else 0.0
+    return a + b - a * b / routing.num_experts
 
 
 @dataclass
@@ -145,17 +165,20 @@ class StepCostProfile:
     notes: dict[str, Any] = field(default_factory=dict)
 
     def step_latency_s(self, shape: StepShape, tau: float,
-                       rng: Optional[np.random.Generator] = None) -> float:
+                       rng: Optional[np.random.Generator] = None,
+                       top_k: Optional[int] = None, exempt_tokens: int = 0) -> float:
         """Mean latency of a step, or one draw with the measured noise when `rng` is given."""
         model = self.phases[shape.phase]
-        ms = model.mean_ms(step_features(shape, tau, self.routing, self.graph_buckets))
+        ms = model.mean_ms(step_features(shape, tau, self.routing, self.graph_buckets, top_k,
+                                         exempt_tokens))
         if rng is not None and model.residuals:
             ms *= max(MIN_NOISE_FACTOR, 1.0 + model.residuals[rng.integers(len(model.residuals))])
         return ms / KILO
 
-    def experts_touched(self, shape: StepShape, tau: float) -> list[int]:
+    def experts_touched(self, shape: StepShape, tau: float, top_k: Optional[int] = None,
+                        exempt_tokens: int = 0) -> list[int]:
         """Distinct expert slots per MoE layer, as the runner reports them."""
-        e = round(self.routing.experts_touched(shape.num_tokens, tau))
+        e = round(mixed_experts(self.routing, shape.num_tokens, tau, top_k, exempt_tokens))
         return [e] * self.routing.num_layers
 
     def to_json(self) -> dict[str, Any]:

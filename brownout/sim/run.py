@@ -48,7 +48,8 @@ def simulate_requests(requests: list[SimRequest], setup: SimSetup,
         engine = Fleet(setup, setup.replicas, setup.router)
     else:
         engine = SimEngine(setup.profile, setup.scheduler, setup.slo, setup.seed,
-                           setup.max_model_len, setup.fixed_tau)
+                           setup.max_model_len, setup.fixed_tau, prices=setup.prices,
+                           exempt_per_token=setup.exempt_per_token)
     for r in requests:
         engine.submit(r)
     scrapes: list[dict[str, Any]] = []

@@ -5,15 +5,15 @@ import re
 import pytest
 
 from brownout.config import SLOConfig
-from brownout.control import (AIMDController, FixedController, OffController, PredictiveController,
-                              PredictiveTuning, make_controller, policy_names)
+from brownout.control import (AIMDController, FixedController, LadderController, OffController,
+                              PredictiveController, PredictiveTuning, make_controller, policy_names)
 from brownout.types import ValidationError
 
 
 def test_every_policy_is_registered_in_order():
-    assert policy_names() == ("off", "fixed", "aimd", "predictive")
+    assert policy_names() == ("off", "fixed", "aimd", "predictive", "ladder")
     kinds = {"off": OffController, "fixed": FixedController, "aimd": AIMDController,
-             "predictive": PredictiveController}
+             "predictive": PredictiveController, "ladder": LadderController}
     for name, cls in kinds.items():
         ctrl = make_controller(SLOConfig(policy=name), fixed_tau=0.5)
         assert type(ctrl) is cls and ctrl.name == name
@@ -21,7 +21,7 @@ def test_every_policy_is_registered_in_order():
 
 
 def test_config_names_the_registered_policies():
-    with pytest.raises(ValidationError, match=re.escape("must be one of off|fixed|aimd|predictive")) as exc:
+    with pytest.raises(ValidationError, match=re.escape("must be one of off|fixed|aimd|predictive|ladder")) as exc:
         SLOConfig(policy="pid")
     assert exc.value.field == "slo_policy"
 

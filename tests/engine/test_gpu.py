@@ -61,3 +61,32 @@ def test_gpu_launch_does_not_wait_for_the_gpu(tiny_models):
                 torch.cuda.set_sync_debug_mode(0)
             out = runner.collect(pending)
             assert set(out.sampled) == {s.request_id for s in sched.seqs}
+
+
+def test_gpu_exempt_tokens_keep_their_experts_inside_a_dimmed_step(tiny_models):
+    """On the Triton routing and fused-MoE path too, a request of an exempt class keeps the
+    exact model's tokens while the rest of each step is dimmed (such steps run eager)."""
+    from brownout.config import BrownoutConfig, EngineConfig, ModelLoadConfig, SLOConfig
+    from brownout.engine.llm_engine import LLMEngine
+
+    path = str(tiny_models["qwen2_moe"])
+    prompts = {"vip": (list(range(5, 40)), 0), "bulk": (list(range(100, 140)), 1)}
+
+    def run(tau, exempt):
+        eng = LLMEngine(EngineConfig(
+            load=ModelLoadConfig(model=path, device="cuda", dtype="float32"), cache=SMALL,
+            brownout=BrownoutConfig(united_experts="average:4", tau_prefill=tau, tau_decode=tau),
+            slo=SLOConfig(policy="fixed", dim_exempt_priority=exempt)))
+        assert eng.runner.use_kernels
+        for rid, (prompt, priority) in prompts.items():
+            eng.add_request(rid, prompt, SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True),
+                            priority=priority)
+        tokens = {}
+        while eng.has_unfinished_requests():
+            for out in eng.step():
+                tokens[out.request_id] = list(out.output_token_ids)
+        return tokens, eng
+
+    exact, _ = run(1.0, None)
+    dimmed, eng = run(0.0, 0)
+    assert dimmed["vip"] == exact["vip"] and eng.controller.num_exempt_steps > 0

@@ -260,6 +260,13 @@ class SchedulerMachine(RuleBasedStateMachine):
         assert v.waiting_tokens == sum(r.num_tokens - r.num_computed for r in waiting)
         assert v.running_prefill_tokens == sum(max(0, len(r.prompt_token_ids) - r.num_computed)
                                                for r in running)
+        assert v.num_prefilling == sum(len(r.prompt_token_ids) > r.num_computed for r in running)
+        by_class: dict[int, list[int]] = {}
+        for r in waiting:
+            c = by_class.setdefault(r.priority, [0, 0])
+            c[0] += 1
+            c[1] += r.num_tokens - r.num_computed
+        assert v.waiting_by_priority == by_class
         assert v.num_running <= s.config.max_num_seqs
         pending = {q.request_id: len(q.token_ids) for q in self.inflight.seqs} if self.inflight else {}
         bs = s.blocks.block_size

@@ -137,6 +137,9 @@ class SparseMoE(nn.Module):
         router_logits = self.gate(x)  # [T, E]
         weights, ids = select_experts(router_logits, self.top_k, self.renormalize,
                                       ctx.top_k)  # [T, k]; shed assignments have id -1
+        full = (weights, ids)  # what exempt tokens keep: the model's k, no redirection
+        if ctx.exempt is not None and ctx.top_k is not None:
+            full = select_experts(router_logits, self.top_k, self.renormalize)
         if self.capture is not None:
             self.capture.append(dict(x=x.detach().cpu(), topk_ids=ids.cpu(), topk_weights=weights.cpu()))
         routed = ctx.tau is not None and self.brownout_ready
@@ -144,6 +147,10 @@ class SparseMoE(nn.Module):
             ids, weights = brownout_route(ids, weights, ctx.tau, self.group_of, self.num_experts, ctx.valid)
         elif ctx.valid is not None:  # CUDA-graph padding rows skip every expert
             ids = torch.where(ctx.valid.unsqueeze(1), ids, -1)
+        if ctx.exempt is not None:  # exempt tokens: their router's own top-k, as at tau 1
+            keep = ctx.exempt.unsqueeze(1)  # [T, 1]
+            weights = torch.where(keep, full[0], weights)
+            ids = torch.where(keep, full[1].to(ids.dtype), ids)
         return weights, ids, routed
 
     def _experts(self, x, weights, ids, ctx: ForwardContext, routed: bool = False,

@@ -1,0 +1,161 @@
+"""The full degradation ladder: the predictive controller with rungs 3 and 4, which cost no
+accuracy, taken before dimming (rungs 1 and 2) wherever they suffice.
+
+Every rung is priced as predicted latency gained per unit of accuracy spent. Rungs 3 and 4
+spend none, so they are always preferred; the predictive controller then dims (tau, k') only
+for what the smaller step still misses.
+
+Rung 3, the step's token budget (the Sarathi-Serve trade), chosen before each step is
+scheduled with the same latency model, among the engine's step sizes (its captured graphs,
+so a chosen budget is never padded up), predicted at tau 1 (the undimmed step):
+  TPOT      with D requests decoding, every step adds its latency to each of their TPOTs:
+            the TPOT cap is the largest budget whose predicted P90 step (D decodes and
+            budget - D prompt tokens) fits the TPOT target, tpot_s * (1 - margin - decode
+            pressure); the smallest budget when none does (dimming takes the rest).
+  TTFT      the prompt tokens queued and in prefill drain in ceil(tokens / (budget - D))
+            steps; the TTFT cap is the smallest budget whose drain (and a step more) fits
+            ttft_s * (1 - margin).
+  choice    the configured budget (the fastest drain) with no decodes, when the user-facing
+            TPOT P90 is under its SLO by the hysteresis with no decode pressure, or when TTFT
+            is at risk (prefill pressure, or a growing queue): with many decodes beside it a
+            step's fixed cost is large and a smaller chunk pays it for fewer prompt tokens,
+            so there dimming answers TPOT. Otherwise (TPOT at risk, TTFT not) the TPOT cap,
+            where it suffices: some chunk size meets the TPOT target undimmed and the queue
+            still drains in time at it (TTFT cap <= TPOT cap); where it does not, the
+            configured budget, and dimming answers TPOT. So a step is smaller under TPOT
+            pressure and larger (back to the configured budget) under TTFT pressure.
+Rung 4, the running-batch cap: the largest batch B (at most max_num_seqs) whose step of B
+decodes and a minimal prompt chunk is predicted to fit the TPOT target at the fastest rung
+the controller may take (min_tau, the smallest priced k'): past it not even the lowest rung
+meets TPOT, so further requests wait (the scheduler admits none beyond the cap) and TTFT
+admission, which counts slots up to the cap, refuses those whose first token would miss.
+Until the models are fitted both rungs keep the configured values.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import numpy as np
+
+from brownout.control.base import QueueState, register_policy
+from brownout.control.predictive import PredictiveController
+from brownout.control.windows import DECODE, PREFILL
+
+# the user-facing TPOT P90 is read at most this often: a percentile over the window per step
+# would cost host time on every step, and the window moves slowly
+TPOT_READ_S = 0.05
+
+
+@register_policy
+class LadderController(PredictiveController):
+    name = "ladder"
+    # take the cut also where it does not suffice (the larger of the TPOT and the TTFT cap,
+    # dimming for the rest): less accuracy spent for slower prefill; off by default, where
+    # the simulated H200 runs (benchmarks/results/sim/ladder_sim.md) refuse more with it
+    partial_cut = False
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._tpot_read: tuple[float, Optional[float]] = (-math.inf, None)  # (time, TPOT P90)
+        self._cap_key: Optional[tuple[int, int]] = None
+
+    # -- rung 3 -------------------------------------------------------------------------
+    def choose_token_budget(self, queue: QueueState) -> Optional[int]:
+        """The step's budget: a cut one, or the configured one (the largest step size)."""
+        budget = self._budget(queue)
+        if budget is None and self.budget_sizes:
+            budget = self.budget_sizes[-1]
+        self.token_budget = budget
+        return budget
+
+    def _budget(self, queue: QueueState) -> Optional[int]:
+        prompt = queue.running_prefill_tokens + queue.waiting_tokens
+        decoding = queue.num_running - queue.num_prefilling
+        if not self.ready or prompt <= 0 or decoding <= 0:
+            return None
+        # TPOT safe, or TTFT at risk: the configured budget drains fastest (dimming, not
+        # smaller chunks, then answers TPOT: with many decodes beside it a step's fixed cost
+        # is large, and a smaller chunk pays it for fewer prompt tokens)
+        if self._ttft_at_risk() or self._tpot_headroom():
+            return None
+        sizes = [b for b in self.budget_sizes if b >= decoding + self.tuning.min_prefill_chunk]
+        if len(sizes) < 2:
+            return None
+        p90 = self._steps_p90(np.minimum(np.array(sizes), decoding + prompt), decoding + 1)
+        if p90 is None:
+            return None
+        t = self.tuning
+        tpot_target = self.slo.tpot_s * (1.0 - t.margin - self._pressure[DECODE])
+        fits = np.flatnonzero(p90 <= tpot_target)
+        steps = np.array([math.ceil(prompt / (b - decoding)) + 1 for b in sizes])
+        drains = np.flatnonzero(steps * p90 <= self.slo.ttft_s * (1.0 - t.margin))
+        if fits.size and drains.size and drains[0] <= fits[-1]:  # the cut suffices
+            return int(sizes[fits[-1]])
+        if not self.partial_cut:  # it does not: the configured budget, dimming answers TPOT
+            return None
+        i = max(int(fits[-1]) if fits.size else 0, int(drains[0]) if drains.size else len(sizes) - 1)
+        return int(sizes[i]) if i < len(sizes) - 1 else None
+
+    def _steps_p90(self, tokens: np.ndarray, batch: int) -> Optional[np.ndarray]:
+        """Predicted P90 of undimmed steps of each token count in `tokens`, `batch` requests."""
+        theta = self.latency.theta
+        experts = [self.experts.full(float(n)) for n in tokens]
+        if theta is None or any(e is None for e in experts):
+            return None
+        lat = np.maximum(theta[0] + theta[1] * tokens + theta[2] * batch
+                         + theta[3] * np.array(experts, dtype=float), 0.0)
+        p90 = self._p90(PREFILL, lat)
+        return p90 if np.all(np.isfinite(p90)) else None
+
+    def _ttft_at_risk(self) -> bool:
+        """The user-facing TTFT P90 is over its SLO while requests wait (prefill pressure), or
+        the waiting queue grows."""
+        return self._pressure[PREFILL] > 0 or self._queue_growing()
+
+    def _tpot_headroom(self) -> bool:
+        """The user-facing TPOT P90 is under its SLO by the hysteresis, without pressure."""
+        if self._pressure[DECODE] > 0:
+            return False
+        now = self._clock()
+        if now - self._tpot_read[0] >= TPOT_READ_S:  # a percentile per step costs host time
+            self._tpot_read = (now, self.windows.percentile("tpot", self.slo.percentile,
+                                                             self.slo.window_s, now))
+        p = self._tpot_read[1]
+        return p is None or p <= self.slo.tpot_s * (1.0 - self.tuning.hysteresis)
+
+    # -- rung 4 -------------------------------------------------------------------------
+    def running_cap(self, queue: QueueState) -> Optional[int]:
+        # the cap moves with the latency fit only: recomputed when the model was refit
+        key = (self.latency.num_samples // self.tuning.refit_every, queue.max_num_seqs)
+        if key != self._cap_key:
+            self._cap_key = key
+            self.cap = self._cap(queue.max_num_seqs)
+        return self.cap
+
+    def _cap(self, max_num_seqs: int) -> Optional[int]:
+        if not self.ready:
+            return None
+        target = self.slo.tpot_s * (1.0 - self.tuning.margin)
+        if self._fastest_p90(max_num_seqs) <= target:
+            return max_num_seqs
+        lo, hi = 1, max_num_seqs  # the fastest rung meets the target at lo (or nothing does)
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            if self._fastest_p90(mid) <= target:
+                lo = mid
+            else:
+                hi = mid
+        return lo
+
+    def _fastest_p90(self, batch: int) -> float:
+        """Predicted P90 of a step of `batch` decodes and a minimal prompt chunk at the
+        fastest rung."""
+        lat = self.predict_latency([float(self.grid[-1])], batch + self.tuning.min_prefill_chunk,
+                                   batch + 1)
+        if lat is None or not np.isfinite(lat[0]):
+            return math.inf
+        if self._shed is not None:
+            lat = lat * self._shed.ratio(min(self.prices.shed_levels))
+        return float(self._p90(DECODE, lat)[0])
