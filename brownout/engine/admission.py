@@ -134,9 +134,11 @@ class Admission:
     def predicted_wait_s(self, now: float) -> float:
         """Seconds a request arriving now would wait for its first token at the tau the
         controller runs now (its own prompt not counted), with the measured error margin: what
-        a router compares between engines. Before a prefill rate is measured, a step per
+        a router compares between engines (0 for an idle one). Before a prefill rate is measured, a step per
         request queued ahead and one for itself."""
         view = self.view
+        if view.num_running == 0 and view.num_waiting == 0:
+            return 0.0  # an idle engine: no step in flight, no queue ahead
         wait = admission_wait(view.waiting_tokens + view.running_prefill_tokens, 0,
                               self.prefill_rate.tokens_per_s, step_s=self.step_time_s,
                               slot_wait_s=self.slot_wait_s(now))

@@ -45,6 +45,7 @@ APP_NAME = "brownout"
 METRICS_APP_NAME = "brownout-metrics"
 REPLICA_DEPLOYMENT = "BrownoutReplica"
 HUB_DEPLOYMENT = "MetricsHub"
+REPLICA_HEADER = "x-brownout-replica"
 ROUTERS = {"slo": "brownout.replicas.router:SLORouter",
            "pow2": "ray.serve._private.request_router.pow_2_router:PowerOfTwoChoicesRequestRouter"}
 
@@ -136,6 +137,24 @@ class StepWatch:
     def on_engine_restart(self, num_restarts) -> None: ...
 
 
+class ReplicaHeader:
+    """ASGI wrapper naming the replica that answered in an `x-brownout-replica` header."""
+
+    def __init__(self, app, name: str):
+        self.app, self.header = app, (REPLICA_HEADER.encode(), name.encode())
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def send_named(message):
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), self.header]}
+            await send(message)
+
+        await self.app(scope, receive, send_named)
+
+
 @serve.ingress()
 class BrownoutReplica:
     """One engine and the server's FastAPI app over it (see module doc)."""
@@ -156,7 +175,7 @@ class BrownoutReplica:
         self._push_task = asyncio.get_running_loop().create_task(self._push_metrics())
 
     def __serve_build_asgi_app__(self):
-        return self.asgi
+        return ReplicaHeader(self.asgi, self.name)
 
     def _refused_total(self) -> float:
         snap = self.client.last_snapshot
@@ -203,7 +222,22 @@ class BrownoutReplica:
                 logger.debug("metrics push failed: %s", exc)
 
 
+class _RootSlash:
+    """ASGI middleware serving the route prefix itself (/metrics) as its "/" route: Serve
+    passes it as an empty path under the prefix, which FastAPI would redirect."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        root = scope.get("root_path", "")
+        if scope["type"] == "http" and scope["path"] in ("", root):
+            scope = {**scope, "path": root + "/"}
+        await self.app(scope, receive, send)
+
+
 hub_app = FastAPI(title="brownout-serve metrics", docs_url=None, redoc_url=None, openapi_url=None)
+hub_app.add_middleware(_RootSlash)
 
 
 @serve.ingress(hub_app)
@@ -221,8 +255,6 @@ class MetricsHub:
         self.pages = {r: p for r, p in self.pages.items() if now - p[0] <= PAGE_TTL_S}
         return {r: text for r, (_, text) in self.pages.items()}
 
-    # "" is /metrics itself (Serve strips the route prefix), "/" is /metrics/
-    @hub_app.get("")
     @hub_app.get("/")
     def aggregated(self) -> Response:
         return Response(merge_pages(self._live(), per_replica=False), media_type=PROMETHEUS_CONTENT_TYPE)

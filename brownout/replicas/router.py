@@ -37,22 +37,23 @@ class SLORouter(PowerOfTwoChoicesRequestRouter):
         if not tie_s >= 0:
             raise ValueError(f"tie_s: {tie_s} must be >= 0")
         self.stale_s, self.tie_s = stale_s, tie_s
-        # replica -> (time of the stats it last published, requests routed to it since)
-        self._routed: dict[ReplicaID, tuple[float, int]] = {}
+        # replica -> (time of the stats it last published, ids of the requests routed to it
+        # since that are still running: a finished one no longer adds to its wait)
+        self._routed: dict[ReplicaID, tuple[float, set[str]]] = {}
         self._sessions: OrderedDict[str, ReplicaID] = OrderedDict()
         self.num_slo_choices = 0
         self.num_fallback_choices = 0
 
-    def _routed_since(self, replica_id: ReplicaID, stats: ReplicaStats) -> int:
-        seen, count = self._routed.get(replica_id, (stats.time, 0))
-        return count if seen == stats.time else 0  # fresh stats already count them
+    def _routed_since(self, replica_id: ReplicaID, stats: ReplicaStats) -> set[str]:
+        seen, ids = self._routed.get(replica_id, (stats.time, set()))
+        return ids if seen == stats.time else set()  # fresh stats already count them
 
     async def choose_replicas(self, candidate_replicas: list[RunningReplica],
                               pending_request: Optional[PendingRequest] = None
                               ) -> list[list[RunningReplica]]:
         by_id = {r.replica_id: r for r in candidate_replicas}
         stats = {rid: ReplicaStats.from_dict(r.routing_stats) for rid, r in by_id.items()}
-        routed = {rid: self._routed_since(rid, s) for rid, s in stats.items() if s is not None}
+        routed = {rid: len(self._routed_since(rid, s)) for rid, s in stats.items() if s is not None}
         session = pending_request.metadata.session_id if pending_request is not None else ""
         ranked = rank_replicas(list(by_id), stats, time.time(), routed,
                                affinity=self._sessions.get(session) if session else None,
@@ -67,11 +68,18 @@ class SLORouter(PowerOfTwoChoicesRequestRouter):
                           result) -> None:
         replica = self._replicas.get(replica_id)
         stats = ReplicaStats.from_dict(replica.routing_stats) if replica is not None else None
-        if stats is not None:
-            self._routed[replica_id] = (stats.time, self._routed_since(replica_id, stats) + 1)
+        if stats is not None and pending_request is not None:
+            ids = self._routed_since(replica_id, stats)
+            ids.add(pending_request.metadata.internal_request_id)
+            self._routed[replica_id] = (stats.time, ids)
         session = pending_request.metadata.session_id if pending_request is not None else ""
         if session:
             self._sessions[session] = replica_id
             self._sessions.move_to_end(session)
             while len(self._sessions) > MAX_SESSIONS:
                 self._sessions.popitem(last=False)
+
+    def on_request_completed(self, replica_id: ReplicaID, internal_request_id: str) -> None:
+        routed = self._routed.get(replica_id)
+        if routed is not None:
+            routed[1].discard(internal_request_id)

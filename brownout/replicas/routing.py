@@ -12,8 +12,8 @@ and whether it refused requests lately. The router ranks the replicas by
 replica that looked emptiest), refusing replicas last. Replicas whose score lies within `tie_s`
 of the best count as tied, and the tie goes to the one running at the highest tau: it has
 spent the least accuracy, so sending it work keeps the fleet's mean tau highest. Within a
-tie, a replica that served the same session before (`affinity`) goes first: its prefix cache
-likely holds the conversation's prompt. With any candidate's stats missing or older than
+tie at the same tau, a replica that served the same session before (`affinity`) goes first:
+its prefix cache likely holds the conversation's prompt; then the one holding fewer requests. With any candidate's stats missing or older than
 `stale_s`, `rank_replicas` returns None and the router falls back to power-of-two choices.
 """
 
@@ -107,8 +107,11 @@ def rank_replicas(candidates: Sequence[Hashable], stats: Mapping[Hashable, Optio
         while group:
             best = min(scored[c] for c in group)
             tied = [c for c in group if scored[c] <= best + tie_s]
-            # highest tau first; then the session's replica; then the lower score
-            tied.sort(key=lambda c: (-fresh[c].tau, c != affinity, scored[c]))
+            # highest tau first; then the session's replica; then the fewer requests held
+            # (the wait model counts a running request only once slots run out); then score
+            tied.sort(key=lambda c: (-fresh[c].tau, c != affinity,
+                                     fresh[c].num_running + fresh[c].num_waiting + routed_since.get(c, 0),
+                                     scored[c]))
             out.append(tied[0])
             group.remove(tied[0])
     return out
