@@ -147,3 +147,21 @@ def test_cli_rejects_bad_replicas(capsys):
 
     assert main(["serve", "--replicas", "0"]) == 2
     assert "--replicas" in capsys.readouterr().err
+
+
+def test_the_documented_serve_config_builds():
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    from brownout.replicas.cli import app_builder, metrics_app_builder
+
+    path = __import__("pathlib").Path(__file__).resolve().parents[2] / "docs" / "replicas-serve.yaml"
+    config = ServeDeploySchema.model_validate(yaml.safe_load(path.read_text()))
+    apps = {a.name: a for a in config.applications}
+    assert apps["brownout-metrics"].route_prefix == "/metrics"
+    app = app_builder(apps["brownout"].args)
+    deployment = app._bound_deployment
+    assert deployment.ray_actor_options == {"num_cpus": 4, "num_gpus": 1}
+    auto = deployment._deployment_config.autoscaling_config
+    assert (auto.min_replicas, auto.max_replicas) == (4, 8)
+    assert metrics_app_builder({}) is not None
