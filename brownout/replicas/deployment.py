@@ -35,7 +35,7 @@ from brownout.api.engine_client import EngineClient
 from brownout.api.server import PROMETHEUS_CONTENT_TYPE, create_app
 from brownout.config import EngineConfig, ServerConfig
 from brownout.replicas.autoscale import (DEFAULT_HEADROOM, DEFAULT_TAU_THRESHOLD, METRIC_LOAD,
-                                         METRIC_REFUSING, METRIC_TAU)
+                                         METRIC_OVER_SLO, METRIC_REFUSING, METRIC_TAU)
 from brownout.replicas.metrics_merge import merge_pages
 from brownout.replicas.routing import DEFAULT_PER_REQUEST_S, replica_stats
 
@@ -57,6 +57,9 @@ PAGE_TTL_S = 10.0
 # A refusal (429) counts as recent for this long (seconds): routing sends new requests
 # elsewhere and the autoscaler reads "refusing" for that long.
 REFUSAL_WINDOW_S = 2.0
+# Ray's in-flight limit per replica, in units of its engine's batch plus bounded queue: above
+# one, so what the engine cannot hold reaches its admission (429) rather than Ray's queue.
+ONGOING_PER_ENGINE_SLOT = 2
 # Steps of recent history behind a replica's added wait per queued request.
 _STEP_HISTORY = 32
 
@@ -160,11 +163,11 @@ class BrownoutReplica:
     """One engine and the server's FastAPI app over it (see module doc)."""
 
     async def __init__(self, engine_config: EngineConfig, server_config: ServerConfig,
-                       options, max_num_seqs: int):
+                       options, max_num_seqs: int, ttft_slo_s: float):
         self.client = EngineClient(engine_config, options)
         # not `self.app`: Serve's ASGI wrapper owns that name
         self.asgi = create_app(self.client, server_config)
-        self.max_num_seqs = max_num_seqs
+        self.max_num_seqs, self.ttft_slo_s = max_num_seqs, ttft_slo_s
         self.steps = StepWatch()
         self.client.listeners.append(self.steps)
         self.route_refusals, self.scale_refusals = RefusalWatch(), RefusalWatch()
@@ -201,7 +204,10 @@ class BrownoutReplica:
         tau = min(float(snap.get("tau_prefill", 1.0)), float(snap.get("tau_decode", 1.0)))
         refusing = self.scale_refusals.observe(time.time(), self._refused_total())
         load = (int(snap.get("num_running", 0)) + int(snap.get("num_waiting", 0))) / self.max_num_seqs
-        return {METRIC_TAU: tau, METRIC_REFUSING: float(refusing), METRIC_LOAD: load}
+        wait = snap.get("admission_predicted_wait_s")
+        over = float(wait is not None and wait > self.ttft_slo_s)
+        return {METRIC_TAU: tau, METRIC_REFUSING: float(refusing), METRIC_LOAD: load,
+                METRIC_OVER_SLO: over}
 
     async def _push_metrics(self) -> None:
         """Pushes this replica's metrics page to the hub every METRICS_PUSH_S."""
@@ -281,8 +287,9 @@ def replica_deployment(engine_config: EngineConfig, server_config: ServerConfig,
     options_kw = dict(
         name=REPLICA_DEPLOYMENT,
         ray_actor_options={"num_cpus": settings.num_cpus, "num_gpus": settings.num_gpus},
-        # the engine's own bounded queue refuses (429) before Ray would queue at the proxy
-        max_ongoing_requests=sched.max_num_seqs + sched.max_waiting_requests,
+        # twice the engine's batch and bounded queue: the engine's admission refuses (429
+        # with Retry-After) before Ray would hold requests back at the proxy
+        max_ongoing_requests=ONGOING_PER_ENGINE_SLOT * (sched.max_num_seqs + sched.max_waiting_requests),
         request_router_config=router,
         health_check_period_s=2.0,
         graceful_shutdown_timeout_s=server_config.shutdown_timeout_s)
@@ -299,7 +306,8 @@ def replica_deployment(engine_config: EngineConfig, server_config: ServerConfig,
     else:
         options_kw["num_replicas"] = settings.num_replicas
     deployment = serve.deployment(BrownoutReplica).options(**options_kw)
-    return deployment.bind(engine_config, server_config, options, sched.max_num_seqs)
+    return deployment.bind(engine_config, server_config, options, sched.max_num_seqs,
+                           engine_config.slo.ttft_s)
 
 
 def hub_deployment():

@@ -57,13 +57,13 @@ def replica_states() -> dict:
     return dict(app.deployments[REPLICA_DEPLOYMENT].replica_states)
 
 
-def per_replica(url: str, name: str) -> dict[str, float]:
-    """A metric's value per replica (summed over its other labels)."""
+def per_replica(url: str, name: str, **match: str) -> dict[str, float]:
+    """A metric's value per replica (summed over its other labels, those in `match` fixed)."""
     from brownout.bench.client import parse_prometheus
 
     out: dict[str, float] = {}
     for sample, labels, value in parse_prometheus(httpx.get(url + "/metrics/replicas", timeout=10).text):
-        if sample == name:
+        if sample == name and all(labels.get(k) == v for k, v in match.items()):
             out[labels["replica"]] = out.get(labels["replica"], 0.0) + value
     return out
 
@@ -81,7 +81,7 @@ class Fleet:
         wait_for(f"{n} replicas in /metrics", lambda: len(per_replica(self.url, "brownout_tau")) == n)
 
 
-BASE_FLAGS = {"device": "cpu", "served_model_name": "demo", "max_num_seqs": 4}
+BASE_FLAGS = {"device": "cpu", "served_model_name": "demo", "max_num_seqs": 4, "max_waiting_requests": 4}
 
 
 @pytest.fixture(scope="module")
@@ -142,9 +142,9 @@ def _open_stream(url: str, body: dict, headers: Optional[dict] = None):
 
 
 def test_router_sends_work_to_the_idle_replica_and_a_disconnect_frees_it(fleet):
-    client, resp, _ = _open_stream(fleet.url, LONG)
+    client, resp, lines = _open_stream(fleet.url, LONG)  # held: a dropped iterator closes the stream
     busy = resp.headers[REPLICA_HEADER]
-    aborted = per_replica(fleet.url, "vllm:request_success_total")
+    aborted = per_replica(fleet.url, "vllm:request_success_total", finished_reason="abort")
     try:
         wait_for("the long request running", lambda: per_replica(fleet.url, "vllm:num_requests_running")
                  .get(busy) == 1)
@@ -152,15 +152,39 @@ def test_router_sends_work_to_the_idle_replica_and_a_disconnect_frees_it(fleet):
         for _ in range(3):  # skewed: one replica holds a long request, the other none
             r = httpx.post(fleet.url + "/v1/completions", timeout=REQUEST_TIMEOUT_S,
                            json={"model": "demo", "prompt": "Hi", "max_tokens": 2})
-            assert r.status_code == 200 and r.headers[REPLICA_HEADER] != busy
+            seen = {m: per_replica(fleet.url, m) for m in
+                    ("brownout_tau", "brownout_predicted_ttft_seconds", "vllm:num_requests_running")}
+            assert r.status_code == 200 and r.headers[REPLICA_HEADER] != busy, (busy, seen)
     finally:
         resp.close()  # the client goes away mid-stream
         client.close()
     # the replica aborts the request: it stops running and counts as aborted
     wait_for("the disconnected request aborted",
              lambda: per_replica(fleet.url, "vllm:num_requests_running").get(busy) == 0)
-    wait_for("the abort counted", lambda: per_replica(fleet.url, "vllm:request_success_total")
-             .get(busy, 0) > aborted.get(busy, 0))
+    wait_for("the abort counted", lambda: per_replica(fleet.url, "vllm:request_success_total",
+                                                      finished_reason="abort").get(busy, 0) > aborted.get(busy, 0))
+
+
+def test_every_replica_refusing_answers_429_with_retry_after(fleet):
+    """Each replica holds 4 running and 4 waiting requests; a burst beyond both is refused
+    by the engines' own admission, with a Retry-After, and both replicas serve meanwhile."""
+    answers: list[tuple[int, Optional[str], Optional[str]]] = []
+
+    def one():
+        with httpx.Client(timeout=REQUEST_TIMEOUT_S) as c:
+            r = c.post(fleet.url + "/v1/completions",
+                       json={"model": "demo", "prompt": "The king", "max_tokens": 200, "ignore_eos": True})
+            answers.append((r.status_code, r.headers.get("retry-after"), r.headers.get(REPLICA_HEADER)))
+
+    threads = [threading.Thread(target=one) for _ in range(32)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(REQUEST_TIMEOUT_S)
+    assert len(answers) == 32 and {code for code, _, _ in answers} <= {200, 429}
+    refused = [a for a in answers if a[0] == 429]
+    assert refused and all(retry is not None and float(retry) >= 1 for _, retry, _ in refused)
+    assert len({replica for code, _, replica in answers if code == 200}) == 2
 
 
 def test_replica_killed_mid_load(fleet):
@@ -207,7 +231,7 @@ def test_autoscaler_follows_a_burst(fleet, tmp_path):
                  ReplicaSettings(num_replicas=1, max_replicas=2, num_cpus=0.5, upscale_delay_s=2.0,
                                  downscale_delay_s=5.0, look_back_period_s=2.0))
     stop = threading.Event()
-    statuses: list[int] = []
+    statuses: list[int] = []  # the replica refuses (429) once its one slot and queue are taken
 
     def burst():
         with httpx.Client(timeout=REQUEST_TIMEOUT_S) as c:

@@ -81,6 +81,8 @@ def test_autoscaling_decision():
     assert decide({"r1": 0.5}, {"r1": 0.0}, {"r1": 0.9}, 1) == 2  # dimmed
     assert decide(one, {"r1": 1.0}, {"r1": 0.9}, 1) == 2  # refusing
     assert decide(one, {"r1": 0.0}, {"r1": 0.9}, 1) == 1  # busy but bright: hold
+    assert decide(one, {}, {"r1": 0.9}, 1, over_slo={"r1": 0.6}) == 2  # predicted over the SLO
+    assert decide(one, {}, {"r1": 0.9}, 1, over_slo={"r1": 0.2}) == 1  # only briefly
     both = {"r1": 1.0, "r2": 1.0}
     assert decide(both, {}, {"r1": 0.1, "r2": 0.2}, 2) == 1  # all at tau 1 with headroom
     assert decide(both, {}, {"r1": 0.4, "r2": 0.4}, 2) == 2  # would not fit on one
