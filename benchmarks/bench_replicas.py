@@ -36,7 +36,7 @@ sys.path.insert(0, str(REPO))
 
 from brownout.bench.cli import run_bench  # noqa: E402
 from brownout.bench.demo import MAX_NUM_SEQS, OUTPUT_TOKENS, PROMPTS  # noqa: E402
-from brownout.defaults import default_united_dir  # noqa: E402
+from brownout.defaults import default_model_dir, default_united_dir  # noqa: E402
 
 log = logging.getLogger("bench_replicas")
 
@@ -109,6 +109,9 @@ def main() -> int:
     p.add_argument("--duration", type=float, default=40.0, help="workload seconds (default 40)")
     p.add_argument("--peak", type=float, default=1.6,
                    help="burst peak in units of one replica's measured capacity (default 1.6)")
+    p.add_argument("--dummy-preset", default=None,
+                   help="random weights of this preset (e.g. cpu-moe, whose expert reads bound a CPU "
+                        "step as on a GPU, so dimming shows) instead of the embedded model")
     p.add_argument("--configs", default="one,pow2,slo,autoscale",
                    help="comma-separated subset of one,pow2,slo,autoscale")
     args = p.parse_args()
@@ -124,6 +127,9 @@ def main() -> int:
     port = free_port()
     base = {"device": "cpu", "max_num_seqs": MAX_NUM_SEQS, "max_waiting_requests": 256,
             "united_experts": str(default_united_dir(4))}
+    if args.dummy_preset:  # as `brownout demo --dummy-preset`
+        base.update(load_format="dummy", model=args.dummy_preset, tokenizer=str(default_model_dir()),
+                    united_experts="average:4")
     quiet = dict(progress=False, plots=False, max_tokens=OUTPUT_TOKENS)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     results: dict[str, dict] = {}
@@ -220,11 +226,15 @@ def write_results(args, cal: dict, results: dict, out: Path) -> None:
                        f"second replica took {scale['second_replica_start_s']} s from being started to "
                        f"serving, so it served {scale['second_replica_serving_after_burst_s']} s into the burst; "
                        f"until then the first replica's controller covered the burst by dimming.")
+    model = (f"random weights of the `{args.dummy_preset}` preset (uncalibrated united experts, "
+             "average of 4)" if args.dummy_preset else
+             "the embedded demo model (calibrated united experts, way 4)")
     text = f"""# Replicas on the CPU ({args.name})
 
-Made by `benchmarks/bench_replicas.py` (`--duration {args.duration:g} --peak {args.peak:g}`) on
-{platform.machine()} with {os.cpu_count()} CPU cores shared with other work, Ray {_ray_version()}.
-Ray Serve replicas of the embedded demo model (calibrated united experts, way 4), one torch
+Made by `benchmarks/bench_replicas.py` (`--duration {args.duration:g} --peak {args.peak:g}`) at
+commit {_commit()} on {platform.machine()} with {os.cpu_count()} CPU cores shared with other work,
+Ray {_ray_version()}.
+Ray Serve replicas of {model}, one torch
 thread and {REPLICA_CPUS:g} Ray CPU each, predictive controller; workload `{cal['workload']}`
 (synthetic prompts of ~48 tokens, {OUTPUT_TOKENS} output tokens), its peak {args.peak:g} x one
 replica's measured capacity ({cal['capacity_req_s']:.2f} req/s); SLOs calibrated on one
@@ -238,7 +248,9 @@ What this CPU run can show: that the replicas, the router and the autoscaler wor
 under a burst, and how a second replica and the choice of router move violation windows,
 goodput and the accuracy spent (mean tau) on this machine. What it cannot show: GPU-scale
 numbers (the embedded model's experts fit a CPU's caches, so dimming saves little step time
-here, and the second replica's start takes seconds, not the minutes of a large model), or
+with it; `cpu-moe`'s do not; and a replica's start takes seconds here, not the minutes of a
+large model), two replicas' worth of compute (the two cores are shared with other jobs, so a
+second replica adds less than a core), or
 the routers' difference at many replicas: with two, power-of-two choices already compares
 both replicas on every request (by Ray's queue length), so the SLO-aware router can differ
 only in what it compares (predicted first-token wait and tau instead of queue length). The
@@ -248,6 +260,11 @@ replica states every {POLL_S} s, calibration, summary).
 """
     (dest / f"{args.name}.md").write_text(text)
     log.info("wrote %s", dest / f"{args.name}.md")
+
+
+def _commit() -> str:
+    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
+                          text=True).stdout.strip() or "unknown"
 
 
 def _ray_version() -> str:

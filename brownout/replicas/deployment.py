@@ -37,7 +37,7 @@ from brownout.config import EngineConfig, ServerConfig
 from brownout.replicas.autoscale import (DEFAULT_HEADROOM, DEFAULT_TAU_THRESHOLD, METRIC_LOAD,
                                          METRIC_OVER_SLO, METRIC_REFUSING, METRIC_TAU)
 from brownout.replicas.metrics_merge import merge_pages
-from brownout.replicas.routing import DEFAULT_PER_REQUEST_S, replica_stats
+from brownout.replicas.routing import DEFAULT_PER_REQUEST_S, ReplicaStats, replica_stats
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +60,8 @@ REFUSAL_WINDOW_S = 2.0
 # Ray's in-flight limit per replica, in units of its engine's batch plus bounded queue: above
 # one, so what the engine cannot hold reaches its admission (429) rather than Ray's queue.
 ONGOING_PER_ENGINE_SLOT = 2
+# The wait a replica whose engine is restarting publishes: it sorts after every serving one.
+UNAVAILABLE_WAIT_S = 1e6
 # Steps of recent history behind a replica's added wait per queued request.
 _STEP_HISTORY = 32
 
@@ -193,8 +195,9 @@ class BrownoutReplica:
         if self.ready is None and self.client.is_alive:
             self.ready = now
         refusing = self.route_refusals.observe(now, self._refused_total())
-        if not self.client.is_alive:  # restarting: nothing can be served here now
-            return {}
+        if not self.client.is_alive:  # restarting: ranked last, as a refusing replica
+            return ReplicaStats(time=now, predicted_ttft_s=UNAVAILABLE_WAIT_S, tau=1.0,
+                                refusing=True).to_dict()
         stats = replica_stats(self.client.last_snapshot, now, refusing, self.steps.per_request_s())
         return {**stats.to_dict(), "replica": self.name, "started_s": self.created,
                 "ready_s": self.ready}
