@@ -9,9 +9,10 @@ and whether it refused requests lately. The router ranks the replicas by
     score = predicted wait + (requests routed to it since its stats) x its added wait per request
 
 (the second term keeps a burst that arrives between two stats updates from all landing on the
-replica that looked emptiest), refusing replicas last. Replicas whose score lies within `tie_s`
-of the best count as tied, and the tie goes to the one running at the highest tau: it has
-spent the least accuracy, so sending it work keeps the fleet's mean tau highest. Within a
+replica that looked emptiest), refusing replicas last. Replicas whose score lies within one step
+of the best one's (at least `tie_s`) count as tied, and the tie goes to the one running at the
+highest tau: it has spent the least accuracy, so sending it work keeps the fleet's mean tau
+highest (and a dimmed replica is the loaded one). Within a
 tie at the same tau, a replica that served the same session before (`affinity`) goes first:
 its prefix cache likely holds the conversation's prompt; then the one holding fewer requests. With any candidate's stats missing or older than
 `stale_s`, `rank_replicas` returns None and the router falls back to power-of-two choices.
@@ -105,8 +106,13 @@ def rank_replicas(candidates: Sequence[Hashable], stats: Mapping[Hashable, Optio
     for refusing in (False, True):  # a refusing replica only when all are
         group = [c for c in candidates if fresh[c].refusing == refusing]
         while group:
-            best = min(scored[c] for c in group)
-            tied = [c for c in group if scored[c] <= best + tie_s]
+            leader = min(group, key=lambda c: scored[c])
+            best = scored[leader]
+            # within one step of the best is within the model's granularity (a prefill ends
+            # only at a step boundary); and a dimmed replica's steps are shorter, so a finer
+            # comparison would send more work to the replica that is already dimmed
+            window = max(tie_s, fresh[leader].per_request_s)
+            tied = [c for c in group if scored[c] <= best + window]
             # highest tau first; then the session's replica; then the fewer requests held
             # (the wait model counts a running request only once slots run out); then score
             tied.sort(key=lambda c: (-fresh[c].tau, c != affinity,

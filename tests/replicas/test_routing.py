@@ -26,9 +26,18 @@ def test_lowest_predicted_ttft_first():
 
 
 def test_tie_goes_to_the_highest_tau():
-    stats = {"dim": st(0.20, tau=0.4), "bright": st(0.23, tau=1.0), "far": st(0.9, tau=1.0)}
+    stats = {"dim": st(0.20, tau=0.4, per_request=0.01), "bright": st(0.23, tau=1.0, per_request=0.01),
+             "far": st(0.9, tau=1.0)}
     assert rank_replicas(["dim", "bright", "far"], stats, NOW, tie_s=0.05) == ["bright", "dim", "far"]
     # outside the tie the lower wait wins whatever the tau
+    assert rank_replicas(["dim", "bright"], stats, NOW, tie_s=0.01)[0] == "dim"
+
+
+def test_a_tie_spans_one_step_of_the_best():
+    # 0.1 s steps: a dimmed replica whose shorter steps predict 60 ms less does not win
+    stats = {"dim": st(0.14, tau=0.5, per_request=0.1), "bright": st(0.20, tau=1.0, per_request=0.12)}
+    assert rank_replicas(["dim", "bright"], stats, NOW, tie_s=0.01)[0] == "bright"
+    stats = {"dim": st(0.14, tau=0.5, per_request=0.1), "bright": st(0.30, tau=1.0, per_request=0.12)}
     assert rank_replicas(["dim", "bright"], stats, NOW, tie_s=0.01)[0] == "dim"
 
 
