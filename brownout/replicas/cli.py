@@ -30,8 +30,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="run this many engines as Ray Serve replicas behind one ingress, each "
                         "with its own SLO controller (default: one engine, no Ray)")
     g.add_argument("--max-replicas", type=int, default=None,
-                   help="autoscale between --replicas and this many replicas on brownout "
-                        "(dimmed or refusing replicas) (default: no autoscaling)")
+                   help="autoscale between --replicas and this many replicas on brownout: replicas "
+                        "dimmed, refusing, or predicting first tokens later than --slo-ttft "
+                        "(default: no autoscaling)")
     g.add_argument("--replica-cpus", type=float, default=1.0,
                    help="Ray CPUs per replica; its engine runs this many torch threads unless "
                         "--cpu-threads says otherwise (default 1)")
