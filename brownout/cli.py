@@ -19,7 +19,7 @@ from brownout.types import ValidationError
 
 SUBCOMMANDS = {
     "generate": ("brownout.engine.generate_cli", "generate text offline with the engine"),
-    "serve": ("brownout.api.launch", "serve a model over an OpenAI-compatible HTTP API"),
+    "serve": ("brownout.replicas.cli", "serve a model over an OpenAI-compatible HTTP API"),
     "unite": ("brownout.unite.cli", "build united experts for a checkpoint (offline)"),
     "eval": ("brownout.eval.cli", "perplexity / multiple-choice accuracy at fixed tau"),
     "bench": ("brownout.bench.cli", "bursty-load benchmark against an OpenAI-compatible server"),

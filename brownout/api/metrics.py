@@ -111,6 +111,10 @@ class ServerMetrics:
                                          "Predicted wait of a new request for a sequence slot (0 while one "
                                          "is free): queued requests ahead over the rate slots free at",
                                          registry=r)
+        self.predicted_ttft = Gauge("brownout_predicted_ttft_seconds",
+                                    "Predicted wait for the first token of a request arriving now "
+                                    "(its own prompt not counted): what a router or autoscaler compares",
+                                    registry=r)
         self.gc_collections = Counter("brownout_gc_collections", "Garbage collections of the engine process",
                                       ["generation"], registry=r)
         self.gc_seconds = Counter("brownout_gc_pause_seconds", "Time the engine process spent in garbage "
@@ -281,6 +285,8 @@ class ServerMetrics:
             self.admission_margin.set(snapshot["admission_margin_s"])
         if "admission_slot_wait_s" in snapshot:
             self.admission_slot_wait.set(snapshot["admission_slot_wait_s"])
+        if "admission_predicted_wait_s" in snapshot:
+            self.predicted_ttft.set(snapshot["admission_predicted_wait_s"])
         if "gc_longest_s" in snapshot:
             self.gc_longest.set(snapshot["gc_longest_s"])
         self._engine_counts_tokens = "generation_tokens_total" in snapshot

@@ -163,7 +163,23 @@ class Admission:
                     # under the priority policy: the most important class seen
                     admission_margin_s=self._feedback(
                         min(self._class_feedback, default=0)).margin(self.limit_s),
-                    admission_slot_wait_s=self.slot_wait_s(now))
+                    admission_slot_wait_s=self.slot_wait_s(now),
+                    admission_predicted_wait_s=self.predicted_wait_s(now))
+
+    def predicted_wait_s(self, now: float) -> float:
+        """Seconds a request arriving now would wait for its first token at the tau the
+        controller runs now (its own prompt not counted), with the measured error margin: what
+        a router compares between engines (0 for an idle one). Before a prefill rate is
+        measured, a step per request queued ahead and one for itself."""
+        view = self.view
+        if view.num_running == 0 and view.num_waiting == 0:
+            return 0.0  # an idle engine: no step in flight, no queue ahead
+        wait = admission_wait(view.waiting_tokens + view.running_prefill_tokens, 0,
+                              self.prefill_rate.tokens_per_s, step_s=self.step_time_s,
+                              slot_wait_s=self.slot_wait_s(now))
+        if wait is None:
+            wait = self.step_time_s * (view.num_waiting + 1)
+        return max(0.0, wait + self._feedback(min(self._class_feedback, default=0)).margin(self.limit_s))
 
 
 class PrefillRate:
