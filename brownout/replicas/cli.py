@@ -22,6 +22,8 @@ from brownout.api import launch
 
 logger = logging.getLogger(__name__)
 
+flag_of = launch.flag_of  # a config field -> the serve flag that sets it (for brownout.cli)
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     launch.add_arguments(parser)
@@ -72,7 +74,7 @@ def run(args) -> int:
     try:
         engine_config, server_config, options, settings = _prepare(args)
     except ValidationError as exc:
-        print(f"brownout serve: error: {launch.flag_of(exc.field)}: {exc.message}", file=sys.stderr)
+        print(f"brownout serve: error: {flag_of(exc.field)}: {exc.message}", file=sys.stderr)
         return 2
     except ValueError as exc:  # ReplicaSettings: "field: message"
         field, _, message = str(exc).partition(": ")
