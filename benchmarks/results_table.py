@@ -186,7 +186,19 @@ def other_rows() -> list[list[str]]:
         ppl = acc[(way, "contiguous", method)]
         return f"{ppl[0.0] / ppl[1.0] - 1:+.1%}"
 
+    pc = load("engine", "prefix_cache_h200")["rows"]
+
+    def prefix(caching: bool, key: str) -> list[float]:
+        return [r[key] for r in pc if r["prefix_caching"] is caching]
+
+    ttft_ms = [[1e3 * v for v in prefix(c, "ttft_p50_s")] for c in (False, True)]
+    tok_s = [prefix(c, "output_tok_s") for c in (False, True)]
     return [
+        ["Prefix caching on a multi-turn ShareGPT chat (history resent each turn): TTFT P50 off / on; "
+         "output tok/s off / on", "H200",
+         f"{spread(ttft_ms[0], '{:.0f}')} / {spread(ttft_ms[1], '{:.0f}')} ms; "
+         f"{spread(tok_s[0], '{:.0f}')} / {spread(tok_s[1], '{:.0f}')} tok/s", "",
+         links("engine", ["prefix_cache_h200"]) + " (two repeats each)"],
         ["Offline throughput vs transformers `generate`, same weights and lengths", "H200",
          f"{off['speedup']:.1f}x ({off['ours_tok_s']:.0f} vs {off['transformers_tok_s']:.0f} output tok/s)", "",
          links("engine", ["engine_h200_run1"]) + " (one run)"],
