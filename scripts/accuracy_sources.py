@@ -52,6 +52,8 @@ RECIPES = {
     "contiguous-distill-random": ["--grouping", "contiguous", "--method", "distill",
                                   "--distill-validation", "random"],
     "contiguous-distill": ["--grouping", "contiguous", "--method", "distill"],
+    # a shorter fit, for when the machine cannot afford 1000 steps per group
+    "contiguous-distill-300": ["--grouping", "contiguous", "--method", "distill", "--distill-steps", "300"],
     "similarity-distill": ["--grouping", "similarity", "--method", "distill"],
     "contiguous-distill-tau0": ["--grouping", "contiguous", "--method", "distill", "--capture-tau", "0"],
     "similarity-distill-tau0": ["--grouping", "similarity", "--method", "distill", "--capture-tau", "0"],
