@@ -27,7 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from accuracy_sources import FIFTH, MODEL, SOURCES, TAUS  # noqa: E402
+from accuracy_sources import FIFTH, MODEL, SOURCES, STEP_TOKENS, TAUS, WINDOW  # noqa: E402
 from accuracy_sources_report import write_markdown  # noqa: E402
 
 ASSETS = ROOT / "brownout" / "assets" / "demo"
@@ -72,6 +72,11 @@ def ship(args, way: int, report: dict) -> dict:
     for name in ("manifest.json", "united.safetensors"):
         shutil.copyfile(built / name, dest / name)
     texts = [os.path.relpath(args.data / p, ROOT) for p in list(SOURCES.values()) + list(FIFTH.values())]
+    if args.from_cache:
+        record_prices(dest, _cached_prices(built, dest, args))
+        prices = record_prices(dest, {"held_out_estimate": estimate})
+        _name_data_home(dest / "manifest.json", os.path.relpath(args.data, ROOT))
+        return prices
     out = args.work / f"ship-way{way}.json"
     argv = ["eval", "perplexity", "--model", os.path.relpath(MODEL, ROOT), "--united",
             os.path.relpath(dest, ROOT), "--tau", ",".join(f"{t:g}" for t in TAUS), "--part", "tail",
@@ -82,6 +87,35 @@ def ship(args, way: int, report: dict) -> dict:
     prices = record_prices(dest, {"held_out_estimate": estimate})
     _name_data_home(dest / "manifest.json", os.path.relpath(args.data, ROOT))
     return prices
+
+
+def _cached_prices(built: Path, dest: Path, args) -> dict:
+    """The "prices" entry `brownout eval perplexity --record` writes, from the evaluation that
+    accuracy_sources.py cached beside the built set (the same scoring code, window, step
+    and texts, so the same numbers); only the tokenizer runs here."""
+    from transformers import AutoTokenizer
+
+    from brownout.eval.perplexity import tokenize_text
+    from brownout.eval.prices import manifest_prices, text_kind
+    from brownout.unite.sources import file_sha256, source_text
+    from brownout.unite.store import read_manifest
+
+    cache = json.loads((built / "eval.json").read_text())
+    if cache.get("max_tokens") != args.max_tokens:
+        raise SystemExit(f"--from-cache: {built} was priced on {cache.get('max_tokens')} tokens per text, "
+                         f"not --max-tokens {args.max_tokens}")
+    tokenizer = AutoTokenizer.from_pretrained(str(MODEL))
+    manifest = read_manifest(dest)
+    texts = []
+    for name, rel in list(SOURCES.items()) + list(FIFTH.items()):
+        path, ppl = args.data / rel, cache["results"][name]
+        ids = tokenize_text(tokenizer, source_text(path, "tail", tokenizer), args.max_tokens)
+        results = [{"tau": t, "top_k": None, "perplexity": ppl[str(t)], "nll": math.log(ppl[str(t)]),
+                    "tokens_scored": ppl["tokens"]} for t in TAUS]
+        texts.append({"path": os.path.relpath(path, ROOT), "name": path.name, "sha256": file_sha256(path),
+                      "part": "tail", "kind": text_kind(path, manifest), "tokens": int(ids.numel()),
+                      "results": results})
+    return manifest_prices(texts, WINDOW, STEP_TOKENS)
 
 
 def _name_data_home(manifest_path: Path, data: str) -> None:
@@ -105,6 +139,8 @@ def main() -> None:
     p.add_argument("--recipe", required=True)
     p.add_argument("--ways", default="2,4,8")
     p.add_argument("--max-tokens", type=int, default=32768)
+    p.add_argument("--from-cache", action="store_true",
+                   help="record the prices accuracy_sources.py measured instead of pricing again")
     p.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results" / "accuracy")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")

@@ -18,9 +18,11 @@ def increase(run: dict, text: str, tau: float) -> float:
     return ppl[str(float(tau))] / ppl["1.0"] - 1
 
 
-def mean_increase(run: dict, texts: list[str], tau: float) -> float:
-    """Mean over texts of the relative increase (each source counts once)."""
-    return sum(increase(run, t, tau) for t in texts) / len(texts)
+def mean_increase(run: dict, texts: list[str], tau: float) -> Optional[float]:
+    """Mean over the texts priced of the relative increase (each source counts once); None if
+    none of them was priced."""
+    priced = [t for t in texts if t in run["perplexity"]]
+    return sum(increase(run, t, tau) for t in priced) / len(priced) if priced else None
 
 
 def in_distribution(run: dict, report: dict) -> list[str]:
