@@ -38,7 +38,7 @@ Attempts, each priced below at tau 0 on the gsm8k tail (the held-out source that
 targets) and on the plain sources' tails:
 
 - *No calibration* (`contiguous-average`: each united expert is the mean of its members): the
-  baseline distillation is compared with.
+  baseline distillation is compared with, priced on the gsm8k tail only (`--texts gsm8k`).
 - *Distillation on the three plain sources* (`no-gsm8k`): the fit carries over to the plain
   sources' tails but not to gsm8k, whose tokens route through the experts differently; this is
   the held-out price quoted.

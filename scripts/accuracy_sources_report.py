@@ -76,6 +76,8 @@ def _recipe_table(report: dict, runs: list[dict]) -> list[str]:
         fit = run["fit_error"]
         fit_s = f"{fit['before']:.3f} / {fit['after']:.3f}" if "after" in fit else "-"
         ind, held = in_distribution(run, report), held_out(run, report)
+        if run["recipe"] == BASELINE:  # calibration-free: every text priced is unseen by it
+            ind, held = [], [t for t in [*report["sources"], *report["fifth"]] if t in run["perplexity"]]
         cells = [_pct(mean_increase(run, ind, t)) for t in taus] + \
             [_pct(mean_increase(run, held, t)) if held else "-" for t in taus]
         lines.append(f"| {run['recipe']} | {run['calibration']} | {', '.join(held) or '-'} | {fit_s} | "
