@@ -77,7 +77,7 @@ def write_markdown(report: dict, path: Path) -> None:
     head = "| source | tokens | " + " | ".join(f"k'={k}, tau={t:g}" for k in TOP_KS for t in TAUS) + " |"
     half = [s["results"][TOP_KS.index(TOP_KS[0] // 2) * len(TAUS)]["perplexity"] / s["results"][0]["perplexity"] - 1
             for s in report["sources"]]
-    lines += [f"Target k' = k/2 within +5% (tau 1): {'met' if max(half) <= 0.05 else 'missed'} on "
+    lines += [f"Target k' = k/2 within +5% (tau 1): {'met' if max(half) <= 0.05 else 'missed'}; within on "
               f"{sum(h <= 0.05 for h in half)} of {len(half)} sources ({min(half):+.2%} to {max(half):+.2%}).",
               f"One CPU thread, {report['elapsed_s'] / 60:.0f} min in all.", ""]
     lines += [head, "|" + " --- |" * (2 + len(TOP_KS) * len(TAUS))]
