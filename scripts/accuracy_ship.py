@@ -7,8 +7,9 @@ distribution) and of AlpacaEval's answers (held out: a fifth kind of text), and 
 the leave-one-source-out estimate (the same recipe fitted without one source, priced on
 the tail of the one left out, averaged over the folds held_out_sources.json holds; the
 folds not measured are named), which is the quoted price. The shipped recipe per way is
-recorded in held_out_sources.json and its tables rewritten. The quoted way-4 prices also become brownout/assets/demo/perplexity-way4.json, the
-eval table of the demo's bench report.
+recorded in held_out_sources.json and its tables rewritten. The quoted way-4 prices also
+become brownout/assets/demo/perplexity-way4.json, the eval table of the demo's bench report.
+`--from-cache` records the prices accuracy_sources.py already measured on the same texts.
 
   python scripts/accuracy_ship.py --data ../shared/data --recipe contiguous-distill --ways 2,4,8
 """

@@ -38,7 +38,8 @@ Attempts, each priced below at tau 0 on the gsm8k tail (the held-out source that
 targets) and on the plain sources' tails:
 
 - *No calibration* (`contiguous-average`: each united expert is the mean of its members): the
-  baseline distillation is compared with, priced on the gsm8k tail only (`--texts gsm8k`).
+  baseline distillation is compared with, priced on the four tails at way 4 and on the gsm8k
+  tail alone at ways 2 and 8 (`--texts`).
 - *Distillation on the three plain sources* (`no-gsm8k`): the fit carries over to the plain
   sources' tails but not to gsm8k, whose tokens route through the experts differently; this is
   the held-out price quoted.
@@ -53,6 +54,6 @@ targets) and on the plain sources' tails:
 - The earlier embedded way-4 set (distilled on the three plain sources, 32,256 tokens, random
   split) cost +109.3% at tau 0 on the gsm8k tail (`ladder_price.md`, 40,960 tokens).
 
-Not run here: further leave-one-source-out folds (no-shakespeare, no-sotu, no-inaugural),
-similarity grouping, `--capture-tau 0`, and the distillation ablation
+Not run here: the three plain-source folds at ways 2 and 8 (their quoted price is the gsm8k
+fold alone, the hardest of the four at way 4), similarity grouping, `--capture-tau 0`, and the distillation ablation
 (`scripts/accuracy_distill_ablation.py`: anchor, weight decay, start, steps, tokens)."""

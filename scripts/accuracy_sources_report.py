@@ -95,15 +95,19 @@ def _targets(report: dict, shipped: dict) -> list[str]:
         if est is None or run is None:
             lines.append(f"| {way} | {recipe} | (folds missing) |" + " |" * 9)
             continue
-        base = loso(report, way, BASELINE, 0.0, list(est["folds"]))  # on the same folds
         folds_s = "" if not est["missing"] else f" ({', '.join(est['folds'])} left out)"
         plain = [v for k, v in est["folds"].items() if k != "gsm8k"]
-        below = None if base is None else 1 - est["mean"] / base["mean"]
+        # distillation against the baseline on the folds both were priced on
+        base = loso(report, way, BASELINE, 0.0, list(est["folds"]))
+        below = None if base is None else \
+            1 - sum(est["folds"][k] for k in base["folds"]) / len(base["folds"]) / base["mean"]
+        base_s = "-" if base is None else _pct(base["mean"]) + (
+            f" (on {', '.join(base['folds'])})" if base["missing"] else "")
         lines.append(
             f"| {way} | {recipe} | **{_pct(est['mean'])}**{folds_s} | {_pct(TARGETS.get(way))} | "
             f"{'yes' if est['mean'] <= TARGETS.get(way, 0) else 'no'} | {_pct(est['folds'].get('gsm8k'))} | "
             f"{_pct(sum(plain) / len(plain) if plain else None)} | {_pct(mean_increase(run, in_distribution(run, report), 0.0))} | "
-            f"{_pct(mean_increase(run, held_out(run, report), 0.0))} | {_pct(base and base['mean'])} | "
+            f"{_pct(mean_increase(run, held_out(run, report), 0.0))} | {base_s} | "
             f"{'-' if below is None else f'{100 * below:.0f}%'} | "
             f"{'-' if below is None else ('yes' if below >= DISTILL_VS_AVERAGE else 'no')} |")
     return lines
