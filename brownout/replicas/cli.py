@@ -70,6 +70,12 @@ def _prepare(args):
 def run(args) -> int:
     if args.replicas is None:
         return launch.run(args)
+    try:  # an optional extra: say how to get it rather than fail on an import
+        import ray  # noqa: F401
+    except ImportError:
+        print("brownout serve: error: --replicas: needs Ray Serve, which is not installed: "
+              "pip install 'brownout-serve[replicas]'", file=sys.stderr)
+        return 2
     from brownout.types import ValidationError
     try:
         engine_config, server_config, options, settings = _prepare(args)

@@ -240,3 +240,10 @@ def test_manifest_summary_names_way_and_method():
     text = united_summary(default_united_dir(4))
     assert f"way {manifest['way']}" in text and manifest["method"] in text
     assert united_summary(None) == "none"
+
+
+def test_replicas_without_ray_installed_is_one_line(capsys, monkeypatch):
+    """Ray Serve is an optional extra: without it, --replicas says how to install it."""
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` raises ImportError
+    line = _one_line(["serve", "--replicas", "2"], capsys, "brownout serve", "--replicas")
+    assert "brownout-serve[replicas]" in line
