@@ -6,7 +6,7 @@ import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-DOCS = [ROOT / "README.md", ROOT / "docs" / "notebook.md", ROOT / "benchmarks" / "results" / "README.md"]
+DOCS = [ROOT / "README.md", ROOT / "docs" / "notebook.md", ROOT / "docs" / "design.md", ROOT / "benchmarks" / "results" / "README.md"]
 LINK = re.compile(r"\]\(([^)#\s]+)(?:#[^)]*)?\)")
 
 

@@ -182,7 +182,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 # -- the simulated H200 headline ----------------------------------------------------------
-# the headline's server flags and calibrated SLOs (benchmarks/results/headline/, run 15-17)
+# the GPU headline's server flags and calibrated SLOs, so the simulation replays its setup
 SIM_FLAGS = ["--max-num-seqs", "128", "--max-num-batched-tokens", "1024", "--max-model-len", "4096",
              "--max-waiting-requests", "1024", "--admission-ttft-factor", "1.0",
              "--slo-ttft", "0.1054", "--slo-tpot", "0.0199", "--slo-decode-step", "0.0134",
