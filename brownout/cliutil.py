@@ -163,6 +163,16 @@ def check_output_file(flag: str, path: Path) -> Path:
 
 
 # ---- the embedded model and united experts as defaults --------------------------------------
+def add_model_arguments(g) -> None:
+    """--model and --united-experts as the commands that run the engine (serve, generate) take them."""
+    g.add_argument("--model", default=None,
+                   help="checkpoint directory, or a directory holding one in model/ (default: the "
+                        "embedded demo model); a preset name with --load-format dummy")
+    g.add_argument("--united-experts", default=None,
+                   help="directory written by `brownout unite`, average:WAY (uncalibrated, built at "
+                        "load), or none (default: the embedded way-4 set with the embedded model, else none)")
+
+
 def resolve_model(value: Optional[str], flag: str = "--model", dummy: bool = False) -> str:
     """The checkpoint directory `value` names: None is the embedded demo model; a directory
     holding a `model/` checkpoint (as `brownout/assets/demo` does) means that checkpoint. With

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Mapping, Optional
 
 from brownout.api.limits import REQUEST_CONTEXTS
-from brownout.cliutil import flag_name, resolve_model, resolve_united, shown_path, united_summary
+from brownout.cliutil import add_model_arguments, flag_name, resolve_model, resolve_united, shown_path, united_summary
 from brownout.config import (BrownoutConfig, CacheConfig, EngineConfig, ModelLoadConfig,
                              SchedulerConfig, ServerConfig, SLOConfig)
 from brownout.types import ValidationError
@@ -52,7 +52,7 @@ _SERVER_FLAGS = {
 }
 
 # what each SLO flag sets, with its unit
-_SLO_HELP = {
+SLO_HELP = {
     "slo_ttft": "time-to-first-token SLO, seconds",
     "slo_tpot": "time-per-output-token SLO, seconds",
     "slo_prefill_step": "latency SLO of a step with prefill work, seconds",
@@ -65,7 +65,7 @@ _SLO_HELP = {
 }
 
 # flag dest -> SLOConfig field
-_SLO_FLAGS = {
+SLO_FLAGS = {
     "slo_ttft": "ttft_s", "slo_tpot": "tpot_s", "slo_prefill_step": "prefill_step_s",
     "slo_decode_step": "decode_step_s", "slo_window": "window_s",
     "slo_check_interval": "check_interval_s", "slo_shrink_factor": "shrink_factor",
@@ -78,12 +78,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sched = SchedulerConfig()
     srv = ServerConfig()
     g = parser.add_argument_group("model")
-    g.add_argument("--model", default=None,
-                   help="checkpoint directory, or a directory holding one in model/ (default: the "
-                        "embedded demo model); a preset name with --load-format dummy")
-    g.add_argument("--united-experts", default=None,
-                   help="directory written by `brownout unite`, average:WAY (uncalibrated, built at "
-                        "load), or none (default: the embedded way-4 set with the embedded model, else none)")
+    add_model_arguments(g)
     g.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the model's)")
     g.add_argument("--gpu-memory-utilization", type=float, default=None,
                    help="fraction of GPU memory for weights and KV cache (default 0.85)")
@@ -134,9 +129,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--scheduling-policy", choices=("fcfs", "priority"), default=None,
                    help="queue order, refusal and preemption order: 'priority' by the request's "
                         "priority (lower first), then arrival (default fcfs)")
-    for dest, name in _SLO_FLAGS.items():
+    for dest, name in SLO_FLAGS.items():
         g.add_argument("--" + dest.replace("_", "-"), dest=dest, type=float, default=None,
-                       help=f"{_SLO_HELP[dest]} (default {getattr(slo, name):g})")
+                       help=f"{SLO_HELP[dest]} (default {getattr(slo, name):g})")
     g = parser.add_argument_group("server")
     g.add_argument("--host", default=srv.host, help="bind address (default 127.0.0.1: local only)")
     g.add_argument("--port", type=int, default=srv.port, help="TCP port (0: any free port)")
@@ -201,7 +196,7 @@ def build_configs(args, environ: Mapping[str, str] = os.environ) -> tuple[Engine
         "admission_ttft_factor": "admission_ttft_factor", "scheduling_policy": "policy"}))
     engine = EngineConfig(load=load, cache=cache, scheduler=scheduler,
                           brownout=BrownoutConfig(united_experts=united, **tau),
-                          slo=SLOConfig(policy=policy, **_given(args, {**_SLO_FLAGS,
+                          slo=SLOConfig(policy=policy, **_given(args, {**SLO_FLAGS,
                                                                        "dim_exempt_priority": "dim_exempt_priority"})))
     key, source = api_key(args, environ)
     try:

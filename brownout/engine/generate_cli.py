@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from brownout.cliutil import float_in, int_at_least, resolve_model, resolve_united, shown_path, united_summary
+from brownout.cliutil import add_model_arguments, float_in, int_at_least, resolve_model, resolve_united, shown_path, united_summary
 from brownout.types import SamplingParams, ValidationError
 
 log = logging.getLogger(__name__)
@@ -17,12 +17,7 @@ log = logging.getLogger(__name__)
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("prompts", nargs="+", metavar="PROMPT", help="prompt texts, one completion each")
-    p.add_argument("--model", default=None,
-                   help="checkpoint directory, or a directory holding one in model/ (default: the "
-                        "embedded demo model); a preset name with --load-format dummy")
-    p.add_argument("--united-experts", default=None,
-                   help="directory written by `brownout unite`, average:WAY (uncalibrated, built "
-                        "at load), or none (default: the embedded way-4 set with the embedded model, else none)")
+    add_model_arguments(p)
     p.add_argument("--fixed-tau", dest="tau", type=float_in(0.0, 1.0), default=1.0,
                    help="fixed brownout threshold in [0, 1], as `brownout serve --fixed-tau`; 1 is the "
                         "exact model")

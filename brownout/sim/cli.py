@@ -20,7 +20,7 @@ import logging
 import sys
 from pathlib import Path
 
-from brownout.api.launch import flag_of  # noqa: F401  (config field -> its flag, as serve names it)
+from brownout.api.launch import SLO_FLAGS, SLO_HELP, flag_of  # noqa: F401  (flag_of: for cli)
 from brownout.bench.report import compare_runs
 from brownout.cliutil import int_at_least
 from brownout.config import SchedulerConfig, SLOConfig
@@ -67,16 +67,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="refuse a request whose predicted wait for its first token exceeds this many "
                         "TTFT SLOs (default: admit while the queue has room)")
     s = SLOConfig()
-    g.add_argument("--slo-ttft", type=float, default=s.ttft_s, help="time-to-first-token SLO, seconds")
-    g.add_argument("--slo-tpot", type=float, default=s.tpot_s, help="time-per-output-token SLO, seconds")
-    g.add_argument("--slo-prefill-step", type=float, default=s.prefill_step_s,
-                   help="latency SLO of a step with prefill work, seconds")
-    g.add_argument("--slo-decode-step", type=float, default=s.decode_step_s,
-                   help="latency SLO of a decode-only step, seconds")
-    g.add_argument("--slo-window", type=float, default=s.window_s,
-                   help="span of recent steps the controller's P90 latency is taken over, seconds")
-    g.add_argument("--slo-check-interval", type=float, default=s.check_interval_s,
-                   help="seconds between two decisions of the aimd controller")
+    for dest, field in SLO_FLAGS.items():  # the SLO flags of `brownout serve`, same help
+        g.add_argument("--" + dest.replace("_", "-"), type=float, default=getattr(s, field),
+                       help=SLO_HELP[dest])
     g.add_argument("--fixed-tau", type=float, default=1.0, help="tau in [0, 1] of the `fixed` policy")
     g.add_argument("--scheduling-policy", choices=("fcfs", "priority"), default=d.policy,
                    help=f"queue, refusal and preemption order (default {d.policy})")
@@ -97,10 +90,8 @@ def setup_from_args(args: argparse.Namespace, policy: str) -> SimSetup:
                             queue_timeout_s=args.queue_timeout,
                             admission_ttft_factor=args.admission_ttft_factor,
                             policy=args.scheduling_policy)
-    slo = SLOConfig(policy=policy, ttft_s=args.slo_ttft, tpot_s=args.slo_tpot,
-                    prefill_step_s=args.slo_prefill_step, decode_step_s=args.slo_decode_step,
-                    window_s=args.slo_window, check_interval_s=args.slo_check_interval,
-                    dim_exempt_priority=args.dim_exempt_priority)
+    slo = SLOConfig(policy=policy, dim_exempt_priority=args.dim_exempt_priority,
+                    **{field: getattr(args, dest) for dest, field in SLO_FLAGS.items()})
     prices = PriceTable.load(Path(args.prices)) if args.prices else None
     return SimSetup(load_profile(args.profile), sched, slo, args.max_model_len, args.seed,
                     args.fixed_tau, args.replicas, args.router, prices)
