@@ -26,8 +26,9 @@ from pathlib import Path
 
 from brownout.models.registry import preset_config
 
-# copy bandwidth of one H200 as measured on this workplace's machines (device KINDS.md)
-COPY_BW_BPS = 4.3e12
+# the one-GPU run the model is fitted to: its measured copy bandwidth sets the rooflines
+FIT_RUN = Path(__file__).resolve().parent / "results" / "engine" / "raw" / "refactor_after" / "meta.json"
+COPY_BW_BPS = json.loads(FIT_RUN.read_text())["copy_bandwidth_Bps"]
 # graphed one-GPU decode steps, batch 1 and 128 at context 512 (engine_h200_refactor, after), ms
 STEP_B1_MS, STEP_B128_MS = 3.57, 13.33
 # their rooflines from the same file (step / roofline 3.08 and 1.36)
