@@ -47,7 +47,8 @@ def base_flags(args) -> list[str]:
             "--max-num-batched-tokens", str(args.max_num_batched_tokens), "--max-model-len", "4096",
             "--max-waiting-requests", "1024"] + \
         (["--gpu-memory-utilization", "0.9"] if args.device == "cuda" else []) + \
-        (["--admission-ttft-factor", str(args.admission_ttft_factor)] if args.admission_ttft_factor else [])
+        (["--admission-ttft-factor", str(args.admission_ttft_factor)] if args.admission_ttft_factor else []) + \
+        (["--rung-prices", str(args.rung_prices)] if args.rung_prices else [])
 
 
 def trace_spec(args, speedup: float, duration: float, extra: str = "") -> str:
@@ -206,6 +207,9 @@ def main() -> None:
     ap.add_argument("--full-raw", action="store_true",
                     help="leave the output directory as the runs wrote it (per-token times, plots, "
                          "access logs) instead of compacting it at the end")
+    ap.add_argument("--rung-prices", type=Path, default=None,
+                    help="the rungs' accuracy prices every server uses (shedding, accuracy spent); the "
+                         "dummy weights have none of their own")
     ap.add_argument("--policies", default="off,aimd,predictive", help="policy runs, comma-separated (off first)")
     ap.add_argument("--calibration", type=Path, default=None,
                     help="calibration.json (or the headline.json / committed result) of an earlier "

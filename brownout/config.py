@@ -78,6 +78,8 @@ class BrownoutConfig:
     """Brownout routing. `tau` 1 keeps every expert (exact model), 0 keeps none."""
 
     united_experts: Optional[str] = None  # directory written by `brownout unite`
+    # the rungs' accuracy prices (ladder-prices.json format); None: the one beside the united experts
+    rung_prices: Optional[str] = None
     tau_prefill: float = 1.0  # initial thresholds; the SLO controller moves them
     tau_decode: float = 1.0
 

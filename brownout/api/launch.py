@@ -39,7 +39,7 @@ _FLAG_OF_FIELD = {
     "increase_step": "--slo-increase-step", "warning_ratio": "--slo-warning-ratio",
     "tau_prefill": "--fixed-tau", "tau_decode": "--fixed-tau", "num_blocks": "--num-kv-blocks",
     "united_experts": "--united-experts", API_KEY_ENV: API_KEY_ENV,
-    "dim_exempt_priority": "--dim-exempt-priority",
+    "dim_exempt_priority": "--dim-exempt-priority", "rung_prices": "--rung-prices",
     "keep_alive_timeout_s": "--keep-alive-timeout", "header_timeout_s": "--header-timeout",
     "body_timeout_s": "--body-timeout", "shutdown_timeout_s": "--shutdown-timeout",
 }
@@ -80,6 +80,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("model")
     add_model_arguments(g)
     g.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the model's)")
+    g.add_argument("--rung-prices", default=None,
+                   help="accuracy prices of the rungs (JSON, as `brownout eval` writes ladder-prices.json): "
+                        "enables expert shedding and the accuracy-spent gauge (default: the file beside "
+                        "the united experts, if any)")
     g.add_argument("--gpu-memory-utilization", type=float, default=None,
                    help="fraction of GPU memory for weights and KV cache (default 0.85)")
     g.add_argument("--served-model-name", default=None, help="model name clients use (default: the model's)")
@@ -181,6 +185,9 @@ def build_configs(args, environ: Mapping[str, str] = os.environ) -> tuple[Engine
     model = None if args.model is None else resolve_model(args.model, dummy=dummy)
     united = None if dummy and args.united_experts is None else \
         resolve_united(args.united_experts, model or resolve_model(None))
+    rung_prices = args.rung_prices
+    if rung_prices is not None and not Path(rung_prices).is_file():
+        raise ValidationError("rung_prices", f"expected a price table file (ladder-prices.json), got {rung_prices}")
     load = ModelLoadConfig(model=model or "", load_format=args.load_format, dtype=args.dtype,
                            device=args.device, seed=args.seed, max_model_len=args.max_model_len,
                            enforce_eager=args.enforce_eager, tokenizer=args.tokenizer,
@@ -195,7 +202,7 @@ def build_configs(args, environ: Mapping[str, str] = os.environ) -> tuple[Engine
         "max_waiting_requests": "max_waiting_requests", "queue_timeout": "queue_timeout_s",
         "admission_ttft_factor": "admission_ttft_factor", "scheduling_policy": "policy"}))
     engine = EngineConfig(load=load, cache=cache, scheduler=scheduler,
-                          brownout=BrownoutConfig(united_experts=united, **tau),
+                          brownout=BrownoutConfig(united_experts=united, rung_prices=rung_prices, **tau),
                           slo=SLOConfig(policy=policy, **_given(args, {**SLO_FLAGS,
                                                                        "dim_exempt_priority": "dim_exempt_priority"})))
     key, source = api_key(args, environ)

@@ -17,9 +17,9 @@ import time
 from pathlib import Path
 from typing import Optional, Union
 
-from brownout.config import EngineConfig
+from brownout.config import BrownoutConfig, EngineConfig
 from brownout.control import PlannedStep, make_controller
-from brownout.control.prices import find_price_table
+from brownout.control.prices import PriceTable, find_price_table
 from brownout.defaults import DEMO_MODEL_NAME, default_model_dir
 from brownout.engine import outputs
 from brownout.engine.admission import Admission
@@ -71,8 +71,7 @@ class LLMEngine:
                         slo.policy)
             slo = dataclasses.replace(slo, policy="off")
         self.controller = make_controller(slo, clock=clock, fixed_tau=config.brownout.tau_decode)
-        prices = find_price_table(_price_dirs(config.brownout.united_experts, loaded.model_dir),
-                                  self.spec.top_k)
+        prices = rung_price_table(config.brownout, loaded.model_dir, self.spec.top_k)
         if prices is not None:  # measured rung prices: shedding and the accuracy spent
             self.controller.enable_ladder(prices)
         budget = config.scheduler.max_num_batched_tokens
@@ -297,6 +296,18 @@ class LLMEngine:
                     slo_violations=dict(self.controller.violations),
                     brownout_ready=self.runner.brownout_ready,
                     **self.admission.snapshot(self.clock()))
+
+
+def rung_price_table(brownout: BrownoutConfig, model_dir: Optional[Path], top_k: int) -> Optional[PriceTable]:
+    """The rung prices: the file `--rung-prices` names (for a model of `top_k` routed experts,
+    else a ValidationError), else the first found beside the united experts or the demo model."""
+    if brownout.rung_prices is not None:
+        table = PriceTable.load(Path(brownout.rung_prices))
+        if table.model_top_k != top_k:
+            raise ValidationError("rung_prices", f"the table prices a model of top-k {table.model_top_k}; "
+                                                 f"this model routes each token to {top_k} experts")
+        return table
+    return find_price_table(_price_dirs(brownout.united_experts, model_dir), top_k)
 
 
 def _price_dirs(united: Optional[str], model_dir: Optional[Path]) -> list[Path]:

@@ -247,3 +247,16 @@ def test_replicas_without_ray_installed_is_one_line(capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` raises ImportError
     line = _one_line(["serve", "--replicas", "2"], capsys, "brownout serve", "--replicas")
     assert "brownout-serve[replicas]" in line
+
+
+def test_serve_rung_prices_flag(tmp_path):
+    from brownout.api.launch import build_configs
+
+    def configs(*argv):
+        return build_configs(build_parser(["serve"]).parse_args(["serve", *argv]), {})[0]
+
+    prices = ASSETS / "demo" / "ladder-prices.json"
+    assert configs("--rung-prices", str(prices)).brownout.rung_prices == str(prices)
+    assert configs().brownout.rung_prices is None
+    with pytest.raises(ValidationError, match="rung_prices: expected a price table file"):
+        configs("--rung-prices", str(tmp_path / "missing.json"))

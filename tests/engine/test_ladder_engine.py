@@ -12,7 +12,7 @@ from brownout.config import BrownoutConfig, EngineConfig, ModelLoadConfig, Sched
 from brownout.defaults import default_model_dir
 from brownout.engine import llm_engine
 from brownout.engine.llm_engine import LLMEngine
-from brownout.types import Rungs, SamplingParams
+from brownout.types import Rungs, SamplingParams, ValidationError
 
 PRICES = {"model_top_k": 2, "prices": [{"top_k": 2, "tau": 1.0, "ppl_increase": 0.0},
                                        {"top_k": 1, "tau": 1.0, "ppl_increase": 0.2}]}
@@ -43,6 +43,22 @@ def test_engine_runs_the_chosen_rungs_and_reports_them(tiny_models, tmp_path, mo
     # sums of price x step time over step times: equal up to rounding
     assert snap["accuracy_spent"]["time_weighted"] == pytest.approx(0.2)
     assert snap["accuracy_spent"]["token_weighted"] == pytest.approx(0.2)
+
+
+def test_rung_prices_flag_overrides_the_table_beside_the_united_experts(tmp_path):
+    given = tmp_path / "mine.json"
+    given.write_text(json.dumps(PRICES))
+    table = llm_engine.rung_price_table(BrownoutConfig(rung_prices=str(given)), None, top_k=2)
+    assert table.shed_levels == [1] and table.price(1.0, 1) == pytest.approx(0.2)
+    # no flag, no table beside anything: no prices (no shedding, no accuracy spent)
+    assert llm_engine.rung_price_table(BrownoutConfig(), None, top_k=2) is None
+
+
+def test_rung_prices_of_another_top_k_are_refused_naming_the_flag(tmp_path):
+    given = tmp_path / "mine.json"
+    given.write_text(json.dumps(PRICES))
+    with pytest.raises(ValidationError, match="rung_prices.*top-k 2.*4 experts"):
+        llm_engine.rung_price_table(BrownoutConfig(rung_prices=str(given)), None, top_k=4)
 
 
 def _run(eng, prompts):
