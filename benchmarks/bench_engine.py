@@ -301,7 +301,7 @@ def stage_brownout(runner, wb, bw, out_dir: Path, gen) -> dict:
     moe = model.moe_layers()[0]
     D = model.spec.hidden_size
     result = dict(moe_layer=[], decode=[], routing_overhead=[])
-    for way in (4, 2):
+    for way in (4, 2, 8):
         install_uncalibrated(model, way)
         for B in (8, 16, 32, 64, 128):
             x = torch.randn(B, D, dtype=torch.bfloat16, device="cuda", generator=gen) * 0.5
