@@ -54,7 +54,7 @@ WAY = 4
 
 
 def engine_rows(runs: list[int], gpu: str):
-    """(phase, shape, tau, measured ms) of every graphed step measurement."""
+    """(phase, shape, tau, k' (None: the model's k), measured ms) of every graphed step measurement."""
     out, meta = [], None
     for n in runs:
         d = json.loads((RESULTS / "engine" / f"engine_{gpu}_run{n}.json").read_text())
@@ -62,11 +62,11 @@ def engine_rows(runs: list[int], gpu: str):
         for r in d.get("decode", []):
             if r["cuda_graph"]:
                 B = r["batch"]
-                out.append(("decode", StepShape(B, B, B * (r["ctx"] + 1), False), 1.0, r["step_ms"]))
+                out.append(("decode", StepShape(B, B, B * (r["ctx"] + 1), False), 1.0, None, r["step_ms"]))
         for r in d.get("brownout", {}).get("decode", []):
             if r["way"] == WAY:
                 B = r["batch"]
-                out.append(("decode", StepShape(B, B, B * (r["ctx"] + 1), False), r["tau"], r["step_ms"]))
+                out.append(("decode", StepShape(B, B, B * (r["ctx"] + 1), False), r["tau"], None, r["step_ms"]))
         for r in d.get("prefill", []):
             if not r["cuda_graph"]:
                 continue
@@ -76,15 +76,15 @@ def engine_rows(runs: list[int], gpu: str):
             else:
                 chunk = T - MIXED_DECODES
                 shape = StepShape(T, MIXED_DECODES + 1, chunk + MIXED_DECODES * (MIXED_CTX + 1), True)
-            out.append(("prefill", shape, r["tau"], r["step_ms"]))
+            out.append(("prefill", shape, r["tau"], None, r["step_ms"]))
     return out, meta
 
 
 def grid_rows(path: Path):
-    """(phase, shape, tau, ms) of the rows `benchmarks/bench_step_cost.py` wrote."""
+    """(phase, shape, tau, k' or None, ms) of the rows `benchmarks/bench_step_cost.py` wrote."""
     d = json.loads(Path(path).read_text())
     return [(r["phase"], StepShape(r["tokens"], r["batch"], r["context_tokens"], r["phase"] == "prefill"),
-             r["tau"], r["step_ms"]) for r in d["rows"]], d["meta"]
+             r["tau"], r.get("top_k"), r["step_ms"]) for r in d["rows"]], d["meta"]
 
 
 def mean_context(gpu: str, runs: list[int]) -> tuple[float, float]:
@@ -164,7 +164,9 @@ def fit(gpu: str, engine_runs: list[int], headline_runs: list[int], budget: int,
     phases = {}
     for phase, names in (("decode", DECODE_FEATURES), ("prefill", PREFILL_FEATURES)):
         sel = [r for r in rows if r[0] == phase]
-        feats = [step_features(shape, tau, routing) for _, shape, tau, _ in sel]
+        if any(top_k is not None for _, _, _, top_k, _ in sel):
+            names = names + ("kexpert",)  # shed steps separate the expert GEMMs' arithmetic
+        feats = [step_features(shape, tau, routing, top_k=top_k) for _, shape, tau, top_k, _ in sel]
         phases[phase] = fit_phase(feats, [ms for *_, ms in sel], names)
     profile = StepCostProfile(machine=meta["device"], date="", phases=phases, routing=routing)
     profile.num_blocks, profile.block_size, profile.graph_buckets = server_facts(gpu, headline_runs[0])

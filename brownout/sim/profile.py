@@ -12,6 +12,9 @@ linear model over named features,
                  (start position + tokens) / 1000
       experts    distinct expert slots touched per MoE layer (`experts_touched`)
       routed     1 when the step runs brownout routing (tau < 1): its fixed cost
+      kexpert    tokens in the step / 1000 x k'/k: the expert GEMMs' arithmetic, which
+                 expert shedding (k' < k routed experts per token) cuts; a profile fitted
+                 without shed steps has no coefficient for it (it equals ktokens there)
 
 with the step padded as its CUDA graph pads it (a decode step to the next captured batch
 size, a step with prefill work to the next captured token count; context is not padded),
@@ -36,7 +39,7 @@ import numpy as np
 
 from brownout.types import SchedulerOutput
 
-FEATURES = ("one", "ktokens", "batch", "kctx", "experts", "routed")
+FEATURES = ("one", "ktokens", "batch", "kctx", "experts", "routed", "kexpert")
 PHASES = ("prefill", "decode")
 # a step's latency never falls below this share of its mean, whatever noise is drawn
 MIN_NOISE_FACTOR = 0.2
@@ -101,9 +104,9 @@ def pad_to(n: int, buckets: Sequence[int]) -> int:
 def step_features(shape: StepShape, tau: float, routing: RoutingShape,
                   buckets: Optional[dict[str, list[int]]] = None,
                   top_k: Optional[int] = None, exempt_tokens: int = 0) -> dict[str, float]:
-    """The fitted features of a step. A shed step (`top_k` k' < k) differs only in its experts
-    touched, computed at k': the profile was measured at the model's k and has no term for
-    the expert GEMMs' k'/k share, so shedding is credited with fewer expert reads alone.
+    """The fitted features of a step. A shed step (`top_k` k' < k) differs in its experts
+    touched, computed at k', and in `kexpert`, the expert GEMMs' share k'/k of its tokens
+    (a profile without that coefficient credits shedding with fewer expert reads alone).
     `exempt_tokens` of the step keep tau 1 and the model's k (`mixed_experts`)."""
     tokens, batch = shape.num_tokens, shape.batch_size
     if buckets:
@@ -114,7 +117,18 @@ def step_features(shape: StepShape, tau: float, routing: RoutingShape,
     return {"one": 1.0, "ktokens": tokens / KILO, "batch": float(batch),
             "kctx": shape.context_tokens / KILO,
             "experts": mixed_experts(routing, tokens, tau, top_k, exempt_tokens),
-            "routed": float(tau < 1.0)}
+            "routed": float(tau < 1.0),
+            "kexpert": tokens / KILO * kept_share(routing, tokens, top_k, exempt_tokens)}
+
+
+def kept_share(routing: RoutingShape, tokens: int, top_k: Optional[int], exempt_tokens: int = 0) -> float:
+    """The share of the model's k routed assignments a step keeps: k'/k for its shed tokens,
+    1 for its exempt ones."""
+    if top_k is None or top_k >= routing.top_k or tokens <= 0:
+        return 1.0
+    exempt = max(0, min(int(exempt_tokens), tokens))
+    kk = max(1, int(top_k)) / routing.top_k
+    return (exempt + (tokens - exempt) * kk) / tokens
 
 
 def mixed_experts(routing: RoutingShape, tokens: int, tau: float, top_k: Optional[int],

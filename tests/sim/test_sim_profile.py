@@ -11,7 +11,8 @@ from brownout.sim.profile import (FEATURES, PhaseModel, RoutingShape, StepCostPr
                                   fit_phase, load_profile, pad_to, step_features)
 
 ROUTING = RoutingShape()
-KNOWN = {"one": 3.5, "ktokens": 9.0, "batch": 0.02, "kctx": 0.07, "experts": 0.09, "routed": 0.4}
+KNOWN = {"one": 3.5, "ktokens": 4.0, "batch": 0.02, "kctx": 0.07, "experts": 0.09, "routed": 0.4,
+         "kexpert": 5.0}
 
 
 def _synthetic(rng, n=80):
@@ -21,7 +22,8 @@ def _synthetic(rng, n=80):
         B = int(rng.integers(1, min(T, 128) + 1))
         shape = StepShape(T, B, int(rng.integers(T, 200_000)), True)
         tau = float(rng.choice([0.0, 0.3, 0.7, 1.0]))
-        rows.append(step_features(shape, tau, ROUTING))
+        top_k = [None, 1, 2, 3][int(rng.integers(4))]  # shed steps separate kexpert from ktokens
+        rows.append(step_features(shape, tau, ROUTING, top_k=top_k))
         shapes.append((shape, tau))
     return rows, shapes
 
@@ -45,6 +47,15 @@ def test_fit_with_noise_predicts_within_the_noise_and_keeps_it():
         truth = sum(KNOWN[f] * r[f] for f in FEATURES)
         assert model.mean_ms(r) == pytest.approx(truth, rel=0.03)
     assert np.std(model.residuals) == pytest.approx(0.03, rel=0.25)
+
+
+def test_kexpert_is_the_kept_share_of_the_tokens():
+    shape = StepShape(1000, 4, 4000, True)
+    assert step_features(shape, 1.0, ROUTING)["kexpert"] == pytest.approx(1.0)
+    assert step_features(shape, 1.0, ROUTING, top_k=2)["kexpert"] == pytest.approx(0.5)
+    # exempt tokens keep the model's k: 200 at k, 800 at k' = 1 of 4
+    assert step_features(shape, 0.0, ROUTING, top_k=1, exempt_tokens=200)["kexpert"] == \
+        pytest.approx((200 + 800 * 0.25) / 1000)
 
 
 @given(st.integers(1, 4096))
