@@ -14,10 +14,12 @@ import re
 from pathlib import Path
 
 from brownout.config import SchedulerConfig, SLOConfig
+from brownout.control.prices import PriceTable
 from brownout.sim.profile import StepCostProfile
 from brownout.sim.run import SimSetup
 
 RESULTS = Path(__file__).resolve().parent / "results"
+ROOT = Path(__file__).resolve().parent.parent
 HEADLINE_SLO_WINDOW_S = 2.0
 HEADLINE_CHECK_INTERVAL_S = 1.0
 # server flags a simulated engine takes, and the SchedulerConfig fields they set
@@ -43,7 +45,10 @@ def headline_setup(gpu: str, run: int, policy: str, profile: StepCostProfile, tr
                     prefill_step_s=cal["slo_prefill_step_s"], decode_step_s=cal["slo_decode_step_s"],
                     window_s=HEADLINE_SLO_WINDOW_S, check_interval_s=HEADLINE_CHECK_INTERVAL_S)
     max_len = int(values["--max-model-len"]) if "--max-model-len" in values else None
-    return workload, SimSetup(profile, SchedulerConfig(**sched), slo, max_len, seed)
+    # a price table the servers read (--rung-prices, a path in the repository): shedding and
+    # the accuracy spent are simulated with the same prices
+    prices = PriceTable.load(ROOT / values["--rung-prices"]) if "--rung-prices" in values else None
+    return workload, SimSetup(profile, SchedulerConfig(**sched), slo, max_len, seed, prices=prices)
 
 
 def measured_rows(gpu: str, run: int) -> dict[str, dict]:

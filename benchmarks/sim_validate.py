@@ -1,7 +1,7 @@
 """Simulated vs measured: the GPU headline runs replayed by `brownout simulate`.
 
-For each committed headline run (conversation trace, 2x burst; its workload, SLOs and
-server flags from its headline.json) and each policy, the run is simulated with several
+For each committed headline run (its workload, SLOs and server flags from its
+headline.json) and each policy it ran, the run is simulated with several
 seeds (the seed draws the step-latency noise) and its violation windows, goodput, refusals
 and mean tau are set beside the measured ones. A figure is within target when the mean of
 the simulations is within 20% of the measurement, or within 2 for window counts. Every
@@ -9,6 +9,9 @@ simulated figure is a simulation from the committed profile, not a measurement.
 
   python benchmarks/sim_validate.py --trace ../shared/data/traces/azure_llm_2023_conv.csv \
       --out benchmarks/results/sim
+  # runs that replayed another trace name it per run, e.g. the prefill-heavy one:
+  python benchmarks/prefill_heavy_trace.py --out /tmp/ph.csv
+  python benchmarks/sim_validate.py --runs 20,21 --run-trace 21=/tmp/ph.csv --name ladder ...
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from sim_headline import headline_setup, measured_rows
 from brownout.sim.profile import load_profile
 from brownout.sim.run import sim_requests, simulate
 
-POLICIES = ("off", "aimd", "predictive")
+POLICIES = ("off", "aimd", "predictive", "ladder")
 # figure -> (comparison-row key, report getter, absolute slack)
 FIGURES = {
     "violation windows": ("violations", lambda r: r["violations"]["any"]["count"], 2.0),
@@ -41,19 +44,21 @@ def within(sim: float, meas: float, slack: float) -> bool:
     return abs(sim - meas) <= max(REL_TARGET * abs(meas), slack)
 
 
-def validate(gpu: str, runs: list[int], seeds: int, trace: str, profile_name: str) -> dict:
+def validate(gpu: str, runs: list[int], seeds: int, trace: str, profile_name: str,
+             run_traces: dict[int, str] | None = None) -> dict:
     profile = load_profile(profile_name)
     out = {"profile": {"machine": profile.machine, "date": profile.date, "name": profile_name},
            "seeds": seeds, "runs": runs, "rows": []}
     with tempfile.TemporaryDirectory() as tmp:
         for run in runs:
             measured = measured_rows(gpu, run)
-            workload, _ = headline_setup(gpu, run, "off", profile, trace)
+            path = (run_traces or {}).get(run, trace)
+            workload, _ = headline_setup(gpu, run, "off", profile, path)
             requests = sim_requests(workload)
-            for policy in POLICIES:
+            for policy in (p for p in POLICIES if p in measured):
                 sims = []
                 for seed in range(seeds):
-                    _, setup = headline_setup(gpu, run, policy, profile, trace, seed)
+                    _, setup = headline_setup(gpu, run, policy, profile, path, seed)
                     sims.append(simulate(workload, Path(tmp) / f"{run}-{policy}-{seed}", setup,
                                          label=policy, plots=False, requests=requests))
                 row = {"run": run, "policy": policy}
@@ -72,6 +77,8 @@ def summary(result: dict) -> list[dict]:
     rows = []
     for policy in POLICIES:
         mine = [r for r in result["rows"] if r["policy"] == policy]
+        if not mine:
+            continue
         for name, (_, _, slack) in FIGURES.items():
             meas = [r[name]["measured"] for r in mine]
             sim = [statistics.fmean(r[name]["simulated"]) for r in mine]
@@ -111,28 +118,33 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--profile", default="h200")
     ap.add_argument("--trace", help="the Azure conversation trace CSV (needed unless --summarize)")
+    ap.add_argument("--run-trace", action="append", default=[], metavar="RUN=CSV",
+                    help="the trace a run replayed, where it is not --trace (repeatable)")
+    ap.add_argument("--name", default=None, help="output file stem suffix: validation_<gpu>_<name>")
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--summarize", action="store_true",
                     help="rewrite the tables from --out's existing validation JSON, simulating nothing")
     args = ap.parse_args()
+    stem = f"validation_{args.gpu}" + (f"_{args.name}" if args.name else "")
     if args.summarize:
-        result = json.loads((args.out / f"validation_{args.gpu}.json").read_text())
-        _write(result, args.out, args.gpu)
+        result = json.loads((args.out / f"{stem}.json").read_text())
+        _write(result, args.out, stem)
         return
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("brownout.control").setLevel(logging.WARNING)
     logging.getLogger("brownout.sim").setLevel(logging.WARNING)
+    run_traces = {int(k): v for k, _, v in (x.partition("=") for x in args.run_trace)}
     result = validate(args.gpu, [int(x) for x in args.runs.split(",")], args.seeds, args.trace,
-                      args.profile)
-    _write(result, args.out, args.gpu)
+                      args.profile, run_traces)
+    _write(result, args.out, stem)
 
 
-def _write(result: dict, out: Path, gpu: str) -> None:
+def _write(result: dict, out: Path, stem: str) -> None:
     rows = summary(result)
     result["summary"] = rows
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"validation_{gpu}.json").write_text(json.dumps(result, indent=1))
-    (out / f"validation_{gpu}.md").write_text(markdown(result, rows))
+    (out / f"{stem}.json").write_text(json.dumps(result, indent=1))
+    (out / f"{stem}.md").write_text(markdown(result, rows))
     print(markdown(result, rows))
 
 
