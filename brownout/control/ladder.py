@@ -6,8 +6,9 @@ spend none, so they are always preferred; the predictive controller then dims (t
 for what the smaller step still misses.
 
 Rung 3, the step's token budget (the Sarathi-Serve trade), chosen before each step is
-scheduled with the same latency model, among the engine's step sizes (its captured graphs,
-so a chosen budget is never padded up), predicted at tau 1 (the undimmed step):
+scheduled with the same latency model (its prefill fit), among the engine's step sizes (its
+captured graphs, so a chosen budget is never padded up), predicted at tau 1 (the undimmed
+step):
   TPOT      with D requests decoding, every step adds its latency to each of their TPOTs:
             the TPOT cap is the largest budget whose predicted P90 step (D decodes and
             budget - D prompt tokens) fits the TPOT target, tpot_s * (1 - margin - decode
@@ -25,10 +26,11 @@ so a chosen budget is never padded up), predicted at tau 1 (the undimmed step):
             configured budget, and dimming answers TPOT. So a step is smaller under TPOT
             pressure and larger (back to the configured budget) under TTFT pressure.
 Rung 4, the running-batch cap: the largest batch B (at most max_num_seqs) whose step of B
-decodes and a minimal prompt chunk is predicted to fit the TPOT target at the fastest rung
-the controller may take (min_tau, the smallest priced k'): past it not even the lowest rung
-meets TPOT, so further requests wait (the scheduler admits none beyond the cap) and TTFT
-admission, which counts slots up to the cap, refuses those whose first token would miss.
+decodes and a minimal prompt chunk is predicted (by the decode fit: such a step is
+memory-bound like a decode step) to fit the TPOT target at the fastest rung the controller
+may take (min_tau, the smallest priced k'): past it not even the lowest rung meets TPOT,
+so further requests wait (the scheduler admits none beyond the cap) and TTFT admission,
+which counts slots up to the cap, refuses those whose first token would miss.
 Until the models are fitted both rungs keep the configured values.
 """
 
@@ -100,7 +102,7 @@ class LadderController(PredictiveController):
 
     def _steps_p90(self, tokens: np.ndarray, batch: int) -> Optional[np.ndarray]:
         """Predicted P90 of undimmed steps of each token count in `tokens`, `batch` requests."""
-        theta = self.latency.theta
+        theta = self.latency_model(PREFILL).theta  # steps with prompt tokens: prefill steps
         experts = [self.experts.full(float(n)) for n in tokens]
         if theta is None or any(e is None for e in experts):
             return None
@@ -127,8 +129,9 @@ class LadderController(PredictiveController):
 
     # -- rung 4 -------------------------------------------------------------------------
     def running_cap(self, queue: QueueState) -> Optional[int]:
-        # the cap moves with the latency fit only: recomputed when the model was refit
-        key = (self.latency.num_samples // self.tuning.refit_every, queue.max_num_seqs)
+        # the cap moves with the latency fits only: recomputed when one was refit
+        key = (self.latency.num_samples // self.tuning.refit_every,
+               self.phase_latency[DECODE].num_samples // self.tuning.refit_every, queue.max_num_seqs)
         if key != self._cap_key:
             self._cap_key = key
             self.cap = self._cap(queue.max_num_seqs)
@@ -151,9 +154,12 @@ class LadderController(PredictiveController):
 
     def _fastest_p90(self, batch: int) -> float:
         """Predicted P90 of a step of `batch` decodes and a minimal prompt chunk at the
-        fastest rung."""
+        fastest rung. It is predicted with the decode fit, as the TPOT it guards is priced with
+        the decode residual: a step of decodes and a few prompt tokens is memory-bound like a
+        decode step and lies in decode steps' token range, far below the chunks the prefill
+        fit is fed by."""
         lat = self.predict_latency([float(self.grid[-1])], batch + self.tuning.min_prefill_chunk,
-                                   batch + 1)
+                                   batch + 1, phase=DECODE)
         if lat is None or not np.isfinite(lat[0]):
             return math.inf
         if self._shed is not None:

@@ -2,7 +2,15 @@
 
 Model (fitted online from `StepStats`, see `brownout.control.latency_model`):
   E(tau, T)        distinct experts touched by a step of T tokens at tau = E1(T) * r(tau)
-  L(T, B, E)       step latency ~ a + b*T + c*B + d*E (ridge, exponential forgetting)
+  L_p(T, B, E)     step latency ~ a + b*T + c*B + d*E + r*routed (ridge, exponential
+                   forgetting), one fit per phase p, each fed by its own phase's steps only:
+                   a prefill chunk is compute-bound and a decode step memory-bound, so
+                   fewer experts save a different share of each, and one fit over both
+                   gives prefill the expert slope of the (more numerous) decode steps,
+                   mispricing what dimming saves a prefill chunk (the speed-up admission
+                   credits). A prediction for phase p uses the pooled fit (every step)
+                   while L_p has fewer than `min_samples` steps or no fit yet; readiness
+                   is the pooled fit's.
   bias, sigma      per phase, moving mean and spread of the out-of-sample residual
                    (observed latency - prediction made before the step); the bias corrects
                    what the linear model misses, sigma prices the noise.
@@ -83,7 +91,8 @@ class PredictiveController(Controller):
         if self.grid.size == 0 or self.grid[-1] > slo.min_tau:
             self.grid = np.append(self.grid, slo.min_tau)
         self.experts = ExpertsModel(tuning)
-        self.latency = StepLatencyModel(tuning)
+        self.latency = StepLatencyModel(tuning)  # pooled: every step, the fallback
+        self.phase_latency = {p: StepLatencyModel(tuning) for p in PHASES}  # own steps only
         self._fallback = AIMDController(slo, clock)
         self._bias = {p: 0.0 for p in PHASES}
         self._var = {p: 0.0 for p in PHASES}
@@ -120,9 +129,17 @@ class PredictiveController(Controller):
         self._shed = ShedModel(self.tuning, prices.model_top_k) if prices.shed_levels else None
 
     # -- prediction ---------------------------------------------------------------------
-    def predict_latency(self, taus, tokens: int, batch: int) -> Optional[np.ndarray]:
-        """Model-only latency (no bias) of a step at each tau; None when unfit."""
-        theta = self.latency.theta
+    def latency_model(self, phase: str) -> StepLatencyModel:
+        """The latency fit a step of `phase` is predicted with: the phase's own once it has
+        `min_samples` steps and a fit, the pooled one before."""
+        model = self.phase_latency[phase]
+        if model.theta is not None and model.num_samples >= self.tuning.min_samples:
+            return model
+        return self.latency
+
+    def predict_latency(self, taus, tokens: int, batch: int, *, phase: str) -> Optional[np.ndarray]:
+        """Model-only latency (no bias) of a `phase` step at each tau; None when unfit."""
+        theta = self.latency_model(phase).theta
         experts = self.experts.predict(np.atleast_1d(np.asarray(taus, dtype=float)), max(tokens, 1))
         if experts is None or theta is None:
             return None
@@ -136,7 +153,8 @@ class PredictiveController(Controller):
         model is fitted)."""
         if not self.ready or self._last_prefill is None:
             return 1.0
-        lat = self.predict_latency([self._tau[PREFILL], float(self.grid[-1])], *self._last_prefill)
+        lat = self.predict_latency([self._tau[PREFILL], float(self.grid[-1])], *self._last_prefill,
+                                   phase=PREFILL)
         if lat is None or not np.all(np.isfinite(lat)) or lat[1] <= 0:
             return 1.0
         if self._shed is not None:  # the fastest rung also sheds to the smallest priced k'
@@ -156,7 +174,7 @@ class PredictiveController(Controller):
             self._last_prefill = (planned.num_tokens, planned.batch_size)
         prev = self._tau[phase]
         taus = np.append(self.grid, prev)  # the grid, then the current tau
-        lat = self.predict_latency(taus, planned.num_tokens, planned.batch_size) \
+        lat = self.predict_latency(taus, planned.num_tokens, planned.batch_size, phase=phase) \
             if self.ready else None
         if lat is None or not np.all(np.isfinite(lat)):
             tau = self._fallback.choose_tau(planned)
@@ -171,7 +189,7 @@ class PredictiveController(Controller):
         self._fallback.set_tau(phase, tau)
         hit = np.flatnonzero(np.abs(taus - tau) < TAU_EPS)
         pred = lat[hit[:1]] if hit.size else \
-            self.predict_latency([tau], planned.num_tokens, planned.batch_size)
+            self.predict_latency([tau], planned.num_tokens, planned.batch_size, phase=phase)
         self._pending = (phase, float(pred[0]))
         return tau
 
@@ -198,7 +216,8 @@ class PredictiveController(Controller):
     def _shed_rung(self, phase: str, planned: PlannedStep, tau: float) -> Optional[tuple[float, int]]:
         if not self.ready or self._pending is None:
             return None
-        lat = self.predict_latency(np.append(self.grid, tau), planned.num_tokens, planned.batch_size)
+        lat = self.predict_latency(np.append(self.grid, tau), planned.num_tokens, planned.batch_size,
+                                   phase=phase)
         if lat is None or not np.all(np.isfinite(lat)):
             return None
         p90 = self._p90(phase, lat)
@@ -227,7 +246,7 @@ class PredictiveController(Controller):
     def _log_decision(self, phase: str, planned: PlannedStep, tau: float, p90: np.ndarray) -> None:
         """What the model believes, now and then: enough to tell afterwards why it dimmed so far."""
         at = {t: float(p90[int(np.argmin(np.abs(self.grid - t)))]) * 1e3 for t in (1.0, 0.5, 0.0)}
-        theta = self.latency.theta
+        theta = self.latency_model(phase).theta
         logger.info(
             "predictive %s step of %d tokens / %d seqs, %d waiting: tau %.2f (%s); predicted P90 "
             "%.1f / %.1f / %.1f ms at tau 1 / 0.5 / 0 against a target of %.1f ms; latency model "
@@ -317,10 +336,12 @@ class PredictiveController(Controller):
         if stats.experts_touched:
             experts = float(sum(stats.experts_touched))
             self.experts.update(stats.tau, tokens, experts)
-            self.latency.add(tokens, stats.batch_size, experts, lat, float(stats.tau < 1.0))
-            # The fit moves slowly: refitting every few steps saves host time per step.
-            if self.latency.theta is None or self.latency.num_samples % self.tuning.refit_every == 0:
-                self.latency.fit()
+            routed = float(stats.tau < 1.0)
+            for model in (self.latency, self.phase_latency[phase]):
+                model.add(tokens, stats.batch_size, experts, lat, routed)
+                # The fit moves slowly: refitting every few steps saves host time per step.
+                if model.theta is None or model.num_samples % self.tuning.refit_every == 0:
+                    model.fit()
         if self._pending is not None and self._pending[0] == phase:
             self._update_residual(phase, lat - self._pending[1], self._pending[1])
         self._pending = None

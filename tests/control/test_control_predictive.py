@@ -13,6 +13,7 @@ from brownout.config import SLOConfig
 from brownout.control import AIMDController, PlannedStep, make_controller
 from brownout.control.latency_model import ExpertsModel, StepLatencyModel
 from brownout.control.predictive import PredictiveController
+from brownout.control.windows import DECODE, PREFILL
 from brownout.types import StepStats
 from simulated_engine import FakeClock, simulate
 
@@ -173,7 +174,7 @@ def test_queue_of_waiting_prompts_dims_prefill():
     backlog = ctrl.choose_tau(PlannedStep(256, 0, 4, num_waiting=20, waiting_tokens=5000))
     assert 0.0 < backlog < 1.0
     # drain estimate at the chosen tau, plus the last prompt's own step, fits the TTFT SLO
-    lat = ctrl.predict_latency([backlog], 256, 4)[0]
+    lat = ctrl.predict_latency([backlog], 256, 4, phase=PREFILL)[0]
     assert (5000 / 256 + 1) * lat <= 2.0
 
 
@@ -220,7 +221,7 @@ def test_queue_best_effort_stops_at_the_knee():
     prefill chunk): with a queue and no tau meeting the SLO, the controller dims to the knee,
     keeping 90% of the available speed-up, instead of spending tau 0.5 -> 0 for ~1% more."""
     ctrl = _trained_on_unreachable_slo(0.002, ratio=_knee)
-    lat = ctrl.predict_latency([1.0, 0.5, 0.0], 1024, 4)
+    lat = ctrl.predict_latency([1.0, 0.5, 0.0], 1024, 4, phase=PREFILL)
     assert lat[0] - lat[1] > 8 * (lat[1] - lat[2]) > 0  # the curve the test means
     tau = ctrl.choose_tau(PlannedStep(1024, 0, 4, num_waiting=30, waiting_tokens=30000))
     assert 0.45 <= tau <= 0.55
@@ -251,7 +252,7 @@ def test_one_stalled_step_barely_moves_the_prediction():
     planned = PlannedStep(1024, 0, 4)
 
     def p90_at_1():
-        lat = ctrl.predict_latency([1.0], 1024, 4)
+        lat = ctrl.predict_latency([1.0], 1024, 4, phase=PREFILL)
         return float(ctrl._p90("prefill", lat)[0])
 
     ctrl.choose_tau(planned)
@@ -267,7 +268,7 @@ def test_one_stalled_step_barely_moves_the_prediction():
         ctrl.observe_step(StepStats(0.0, 1.5 * (0.04 + 1e-6 * 1024 + 0.002 * experts), 1024, 0, 4, True,
                                     tau, experts_touched=[experts]))
     tau = ctrl.tau_prefill  # the tau it runs at (no tau meets this SLO: best effort)
-    lat = float(ctrl._p90("prefill", ctrl.predict_latency([tau], 1024, 4))[0])
+    lat = float(ctrl._p90("prefill", ctrl.predict_latency([tau], 1024, 4, phase=PREFILL))[0])
     expected = 1.5 * (0.04 + 1e-6 * 1024 + 0.002 * 60.0 * (0.25 + 0.75 * tau))
     assert lat == pytest.approx(expected, rel=0.15)
 
@@ -280,7 +281,7 @@ def test_a_gain_inside_the_step_noise_is_not_worth_accuracy(waiting):
     planned = PlannedStep(1024, 0, 4, num_waiting=waiting, waiting_tokens=1000 * waiting)
     assert ctrl.choose_tau(planned) < 1.0  # with steady steps that gain is taken ...
     ctrl._var["prefill"] = 0.01 ** 2  # ... but not when single steps scatter by 10 ms
-    lat = ctrl.predict_latency([1.0, 0.0], 1024, 4)
+    lat = ctrl.predict_latency([1.0, 0.0], 1024, 4, phase=PREFILL)
     assert 0 < lat[0] - lat[1] < 0.01  # the case the test means
     ctrl._clock.t += 0.01
     assert ctrl.choose_tau(planned) == 1.0
@@ -331,3 +332,79 @@ def test_decode_under_tpot_pressure_takes_the_fastest_tau(tpot_late):
         assert tau == 0.0
     else:
         assert 0.4 <= tau <= 0.6
+
+
+# -- one latency fit per phase ----------------------------------------------------------
+def _experts(tau, tokens):
+    """Distinct experts of a step: grow with its tokens up to 60, fall with tau."""
+    return 60.0 * min(1.0, tokens / 100.0) * (0.25 + 0.75 * tau)
+
+
+def _phase_step(phase, tau, rng):
+    """Prefill chunks of ~1000 tokens cost the same at any tau (compute-bound); decode steps
+    of 16-128 requests cost in proportion to the experts they read (memory-bound)."""
+    if phase == PREFILL:
+        tokens, batch = int(rng.integers(900, 1025)), int(rng.integers(2, 17))
+        e = _experts(tau, tokens)
+        lat = 0.05 + 2e-5 * tokens + rng.normal(0, 1e-4)
+        return StepStats(0.0, lat, tokens, 0, batch, True, tau, experts_touched=[e])
+    batch = int(rng.integers(16, 129))
+    e = _experts(tau, batch)
+    return StepStats(0.0, 4e-4 * e + rng.normal(0, 1e-5), 0, batch, batch, False, tau,
+                     experts_touched=[e])
+
+
+def _fed(phases, seed=0):
+    clock = FakeClock()
+    ctrl = PredictiveController(SLOConfig(policy="predictive", prefill_step_s=1.0,
+                                          decode_step_s=1.0, tpot_s=1.0, ttft_s=10.0), clock)
+    rng = np.random.default_rng(seed)
+    for i, phase in enumerate(phases):
+        clock.t = i * 0.01
+        ctrl.observe_step(_phase_step(phase, float(rng.choice(np.linspace(0, 1, 11))), rng))
+    return ctrl
+
+
+def _speedup(lat):
+    return float(lat[0] / lat[1])  # tau 1 over tau 0
+
+
+def test_each_phase_is_predicted_by_its_own_latency_law():
+    """Three decode steps to one prefill step: the pooled fit takes its expert slope mostly
+    from decode and promises prefill a speed-up from dimming; the prefill fit, fed only by
+    prefill steps, finds none (prefill_speedup near 1), the decode fit keeps decode's."""
+    ctrl = _fed([PREFILL if i % 4 == 0 else DECODE for i in range(800)])
+    assert ctrl.latency_model(PREFILL) is ctrl.phase_latency[PREFILL]
+    assert ctrl.latency_model(DECODE) is ctrl.phase_latency[DECODE]
+    prefill = ctrl.predict_latency([1.0, 0.0], 1000, 8, phase=PREFILL)
+    decode = ctrl.predict_latency([1.0, 0.0], 100, 100, phase=DECODE)
+    assert prefill == pytest.approx([0.07, 0.07], rel=0.02)
+    assert _speedup(decode) == pytest.approx(1.0 / 0.25, rel=0.1)  # latency in proportion to experts
+    # the expert slope of prefill is near 0, that of decode near the law's
+    assert ctrl.phase_latency[PREFILL].theta[3] < 0.02 * 4e-4
+    assert ctrl.phase_latency[DECODE].theta[3] == pytest.approx(4e-4, rel=0.05)
+    # the pooled fit would promise prefill a speed-up it does not get
+    e = ctrl.experts.predict(np.array([1.0, 0.0]), 1000)
+    pooled = ctrl.latency.predict(np.column_stack([np.ones(2), [1000, 1000], [8, 8], e, [0, 1]]))
+    assert _speedup(pooled) > 1.1
+    ctrl.choose_tau(PlannedStep(1000, 0, 8))
+    assert ctrl.tau_prefill == 1.0
+    assert ctrl.prefill_speedup() == pytest.approx(1.0, abs=0.01)
+
+
+def test_a_phase_is_predicted_by_the_pooled_fit_until_it_has_min_samples():
+    ctrl = _fed([DECODE] * 100)
+    assert ctrl.ready
+    assert ctrl.phase_latency[PREFILL].num_samples == 0
+    assert ctrl.latency_model(PREFILL) is ctrl.latency  # no prefill step yet: pooled
+    e = ctrl.experts.predict(np.array([1.0]), 1000)[0]
+    pooled = ctrl.latency.predict(np.array([[1.0, 1000, 8, e, 0.0]]))
+    assert ctrl.predict_latency([1.0], 1000, 8, phase=PREFILL) == pytest.approx(pooled)
+    rng = np.random.default_rng(1)
+    for i in range(ctrl.tuning.min_samples - 1):
+        ctrl.observe_step(_phase_step(PREFILL, 1.0 - 0.05 * (i % 10), rng))
+    assert ctrl.phase_latency[PREFILL].theta is not None  # fitted, but on too few steps
+    assert ctrl.latency_model(PREFILL) is ctrl.latency
+    ctrl.observe_step(_phase_step(PREFILL, 0.5, rng))
+    assert ctrl.latency_model(PREFILL) is ctrl.phase_latency[PREFILL]
+    assert ctrl.latency_model(DECODE) is ctrl.phase_latency[DECODE]
