@@ -107,6 +107,8 @@ def compute_report(run: Run, slo_ttft: Optional[float] = None, slo_tpot: Optiona
         "num_requests": len(recs), "num_ok": len(ok),
         "num_rejected": sum(bool(r.get("rejected")) for r in recs),
         "num_failed": len(recs) - len(ok), "duration_s": duration,
+        # refused, errored or served past an SLO: every request the promise failed
+        "num_missed": len(recs) - good,
         "throughput_tok_s": rate(out_tokens), "request_throughput": rate(len(ok)),
         "goodput_req_s": rate(good), "goodput_fraction": good / len(recs) if recs else None,
         "output_tokens": out_tokens,
@@ -303,7 +305,8 @@ def compare_runs(run_dirs: Sequence[str | Path], out_dir: Optional[str | Path] =
             "violation_fraction": rep["violations"]["any"]["fraction"], "reduction": red,
             "goodput_req_s": rep["goodput_req_s"], "throughput_tok_s": rep["throughput_tok_s"],
             "p90_ttft_s": rep["latency"]["ttft"]["p90"], "p90_tpot_s": rep["latency"]["tpot"]["p90"],
-            "mean_tau": rep["tau"]["mean"], "rejected": rep["num_rejected"],
+            "mean_tau": rep["tau"]["mean"], "rejected": rep["num_rejected"], "missed": rep["num_missed"],
+            "accuracy_spent": rep["ladder"].get("accuracy_spent", {}).get("time"),
             "perplexity": accuracy_at(table, rep["tau"]["mean"]) if table else None})
     result = {"baseline": base_run.label, "slo": slo, "rows": rows}
     if out_dir is not None:
@@ -322,8 +325,8 @@ COMPARE_COLUMNS = (("label", "run", 0), ("violations", "violation windows", 0),
                    ("violation_fraction", "fraction", 3), ("reduction", "reduction vs base", 3),
                    ("goodput_req_s", "goodput req/s", 3), ("throughput_tok_s", "tok/s", 1),
                    ("p90_ttft_s", "P90 TTFT s", 3), ("p90_tpot_s", "P90 TPOT s", 4),
-                   ("mean_tau", "mean tau", 3), ("rejected", "rejected", 0),
-                   ("perplexity", "ppl @ mean tau", 2))
+                   ("mean_tau", "mean tau", 3), ("rejected", "rejected", 0), ("missed", "missed", 0),
+                   ("accuracy_spent", "accuracy spent", 3), ("perplexity", "ppl @ mean tau", 2))
 
 
 def comparison_markdown(result: dict[str, Any]) -> str:

@@ -51,6 +51,8 @@ def test_latency_percentiles_goodput_and_errors():
     assert r["goodput_req_s"] == pytest.approx(4 / 10.5)
     assert r["goodput_fraction"] == pytest.approx(4 / 13)
     assert (r["num_ok"], r["num_rejected"], r["num_failed"]) == (10, 1, 3)
+    # missed: the 3 failed (one refused) and the 6 served past an SLO (requests 2, 5-9)
+    assert r["num_missed"] == 9
     assert r["errors"] == {"429": 1, "500": 1, "connection": 1}
 
 
@@ -129,6 +131,8 @@ def test_compare_runs(tmp_path):
     assert rows["predictive"]["violations"] == 5
     assert rows["predictive"]["reduction"] == pytest.approx(1 - 5 / 12)
     assert rows["off"]["perplexity"] == pytest.approx(10.0)
+    assert rows["off"]["missed"] == 10 and rows["predictive"]["missed"] == 9
+    assert rows["off"]["accuracy_spent"] is None  # no server exported it
     tau = rows["predictive"]["mean_tau"]
     assert rows["predictive"]["perplexity"] == pytest.approx(10 + 10 * (1 - tau))
     md = (tmp_path / "cmp" / "comparison.md").read_text()
