@@ -43,6 +43,7 @@ from brownout.bench.experiment import ServerConfig, run_configs, server_process
 from brownout.bench.html_report import write_html_report
 from brownout.bench.report import load_eval_table
 from brownout.cliutil import resolve_model, resolve_united
+from brownout.control.prices import PRICE_FILE
 from brownout.defaults import ASSETS, default_model_dir, default_united_dir
 from brownout.types import ValidationError
 
@@ -213,7 +214,8 @@ def simulated_headline(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     Console().print(f"[bold]Part 1: SIMULATED H200 headline[/bold] (committed H200 step-cost "
                     f"profile; no GPU used): {what}")
     cmd = [sys.executable, "-m", "brownout.cli", "simulate", "--workload", workload,
-           "--prompts", prompts, "--slo-policy", "off,aimd,predictive", "--out", str(out), *SIM_FLAGS]
+           "--prompts", prompts, "--slo-policy", SIM_POLICIES, "--out", str(out), *SIM_FLAGS,
+           "--prices", str(demo_price_file())]
     subprocess.run(cmd, check=True)  # a separate process: it prints each policy as it ends
     result = json.loads((out / "comparison.json").read_text())
     lines = sim_table(result["rows"]) + textwrap.wrap(sim_conclusion(result["rows"]), TABLE_WIDTH)
@@ -223,19 +225,30 @@ def simulated_headline(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     return result
 
 
-SIM_COLUMNS = ("policy    windows  vs off  goodput/s  refused  P90 TTFT  P90 TPOT  tau",
+# the simulated headline compares brownout off, the two tau controllers and the full ladder
+SIM_POLICIES = "off,aimd,predictive,ladder"
+SIM_COLUMNS = ("policy    windows  vs off  goodput/s  refused  P90 TTFT  P90 TPOT tau  acc.",
                "", "(SIMULATED; windows: 1-s windows whose P90 TTFT or TPOT missed its SLO;",
                " goodput: requests/s meeting both SLOs; refused: 429s of TTFT admission;",
-               " tau: time-weighted brownout threshold, 1 = exact model)")
+               " tau: time-weighted brownout threshold, 1 = exact model; acc.: accuracy",
+               " spent, the time-weighted perplexity increase of the rungs used, at the",
+               " embedded model's prices)")
+
+
+def demo_price_file() -> Path:
+    """The embedded model's measured rung prices (ladder-prices.json beside its checkpoint)."""
+    return Path(default_model_dir()).parent / PRICE_FILE
 
 
 def sim_table(rows: list[dict[str, Any]]) -> list[str]:
     lines = [SIM_COLUMNS[0]]
     for r in rows:
         red = "-" if r["reduction"] is None else f"{100 * r['reduction']:.0f}%"
+        spent = r.get("accuracy_spent")
+        acc = "-" if spent is None else f"+{100 * spent:.0f}%"
         lines.append(f"{r['label']:<10}{r['violations']:>5}  {red:>6}  {r['goodput_req_s']:>9.1f}"
                      f"  {r['rejected']:>7}  {1e3 * r['p90_ttft_s']:>5.0f} ms  "
-                     f"{1e3 * r['p90_tpot_s']:>5.1f} ms  {r['mean_tau']:.2f}")
+                     f"{1e3 * r['p90_tpot_s']:>5.1f} ms  {r['mean_tau']:.2f}  {acc:>4}")
     return lines + list(SIM_COLUMNS[2:])
 
 

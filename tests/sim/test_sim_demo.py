@@ -11,9 +11,12 @@ def _rows(off, aimd, pred):
 
 
 def test_table_fits_80_columns_and_says_it_is_simulated():
-    lines = sim_table(_rows(24, 4, 1))
+    rows = _rows(24, 4, 1) + [dict(_rows(24, 4, 1)[2], label="ladder", accuracy_spent=0.395)]
+    lines = sim_table(rows)
     assert all(len(line) <= 80 for line in lines)
     assert any("SIMULATED" in line for line in lines)
+    assert lines[4].endswith("+40%") and lines[1].endswith("-")  # ladder spent 39.5%; off: none
+    assert lines[0].index("acc.") == lines[4].index("+40%")
 
 
 def test_conclusion_names_the_best_policy_or_says_no_difference():
