@@ -246,3 +246,36 @@ def test_capture_tau_fits_later_layers_on_dimmed_states(qwen, calib_file, tmp_pa
     torch.testing.assert_close(again.x, exact.x)  # tau None stays exact
     with pytest.raises(ValueError, match="capture_tau"):
         UniteOptions(way=2, capture_tau=1.5)
+
+
+def test_cli_bfloat16_model_fits_experts_in_float32(qwen, calib_file, tmp_path, monkeypatch):
+    """--dtype bfloat16 holds the model in bfloat16 (half the memory) while each layer's
+    united experts are still fitted in float32, close to those of a float32 model."""
+    import brownout.runner.loader as loader_module
+    from safetensors.torch import load_file
+
+    from brownout.cli import main
+
+    held = []
+    real_load = loader_module.load_model
+
+    def spy(cfg, *args, **kwargs):
+        loaded = real_load(cfg, *args, **kwargs)
+        held.append(loaded.model.moe_layers()[0].w13.dtype)
+        return loaded
+
+    monkeypatch.setattr(loader_module, "load_model", spy)
+    united = {}
+    for dtype in ("float32", "bfloat16"):
+        out = tmp_path / dtype
+        rc = main(["unite", "--model", str(qwen), "--way", "4", "--method", "distill",
+                   "--calibration", str(calib_file), "--calibration-tokens", "1024", "--seq-len", "64",
+                   "--distill-steps", "20", "--device", "cpu", "--dtype", dtype,
+                   "--save-dtype", "float32", "--out", str(out)])
+        assert rc == 0
+        united[dtype] = load_file(str(out / "united.safetensors"))
+    assert held == [torch.float32, torch.bfloat16]
+    w_full, w_half = united["float32"]["layers.0.w13"], united["bfloat16"]["layers.0.w13"]
+    assert w_half.dtype == torch.float32
+    assert not torch.equal(w_half.to(torch.bfloat16).float(), w_half)  # fitted in float32
+    assert float((w_half - w_full).norm() / w_full.norm()) < 0.05
