@@ -7,7 +7,8 @@ Workloads:
                     F = 1), with the trace played 2x / 3x faster from 20 s to 40 s
   prefill-heavy     log-normal prompts (mean PREFILL_MEAN_PROMPT tokens), log-normal outputs
                     (mean PREFILL_MEAN_OUTPUT), gamma arrivals of burstiness 0.5 at 70% of the
-                    profile's prefill capacity, same server flags and SLOs
+                    profile's prefill capacity, same server flags and SLOs; also `fixed` at
+                    tau REFERENCE_TAU, what dimming at its fullest serves there
 Rung 5 (priority classes) on conv-3x with the priority scheduling policy: a share (each of
 PRIORITY_SHARES) of requests gets priority 0, the rest 1, ladder policy, without
 `dim_exempt_priority`, with it per token (the engine's way: priority-0 tokens keep their
@@ -51,8 +52,12 @@ ROOT = Path(__file__).resolve().parent.parent
 PRICES = ROOT / "brownout" / "assets" / "demo" / "ladder-prices.json"
 HEADLINE_RUN = 15  # the conversation-trace headline run whose setup the trace workloads reuse
 POLICIES = ("off", "predictive", "ladder", "ladder_partial")
+# the prefill-heavy load also runs every step at this tau (the `fixed` policy), admission
+# on: what dimming serves there at the most accuracy spent, a reference for the policies
+REFERENCE_TAU = 0.0
 LABELS = {"off": "off", "predictive": "predictive (rungs 1-2)", "ladder": "ladder (rungs 1-4)",
-          "ladder_partial": "ladder, partial budget cut"}
+          "ladder_partial": "ladder, partial budget cut",
+          "fixed": f"fixed tau {REFERENCE_TAU:g} (reference: every step at the lowest tau)"}
 
 
 @register_policy
@@ -197,9 +202,9 @@ def main(argv: Optional[list[str]] = None) -> int:
                     workload = workload.replace("burst=2.0", f"burst={burst:.1f}")
                     setup = dataclasses.replace(setup, prices=prices)
                     rows.append(run_one(name, policy, setup, workload, sim_requests(workload), tmp))
-            for policy in POLICIES:
+            for policy in (*POLICIES, "fixed"):
                 _, setup = headline_setup("h200", HEADLINE_RUN, policy, profile, args.trace, seed)
-                setup = dataclasses.replace(setup, prices=prices)
+                setup = dataclasses.replace(setup, prices=prices, fixed_tau=REFERENCE_TAU)
                 reqs, rate = prefill_heavy_requests(setup, seed)
                 workload = (f"prefill-heavy:rate={rate:.2f},burstiness={PREFILL_BURSTINESS},"
                             f"duration={PREFILL_DURATION_S:g}")

@@ -60,6 +60,11 @@ class PlannedStep:
     waiting_tokens: int = 0  # prompt tokens of those queued requests
     has_prefill: Optional[bool] = None  # default: num_prefill_tokens > 0
     exempt: bool = False  # holds a request of a class exempt from dimming (runs undimmed)
+    # (prompt tokens still to compute, arrival time on the controller's clock) of every
+    # request not yet through its prefill, in the order the scheduler serves them, this
+    # step's chunks included (`Scheduler.prefill_queue`; arrival +inf: no first token to
+    # wait for); filled for steps with prefill work, () when the engine gives none
+    prefill_queue: tuple[tuple[int, float], ...] = ()
 
     def __post_init__(self) -> None:
         if self.has_prefill is None:

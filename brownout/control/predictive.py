@@ -24,10 +24,15 @@ Decision for a planned step of phase p (prefill or decode) with T tokens and B r
              decays at `idle_decay` per second); growth is added while
              the waiting queue is growing, so the controller dims before latency breaks.
   P90(tau) = L(T, B, E(tau, T)) + bias_p + z * sigma_p  for tau on a grid 1.0, 0.95, ..., 0
-  tau      = the largest grid tau with P90(tau) <= target; for prefill steps with a
-             queue, also (waiting_tokens / T + 1) * P90(tau) <= ttft_s * (1 - margin) (the
-             queue must drain, and its last prompt get its first token, within the TTFT
-             SLO); if no tau qualifies, best effort: the
+  tau      = the largest grid tau with P90(tau) <= target; for prefill steps with
+             prompts to prefill, also, for each prompt i in the order they are served
+             (`PlannedStep.prefill_queue`), waited_i + ceil(tokens up to and including
+             i / T_prefill) * P90(tau) <= ttft_s * (1 - margin): each prompt gets its first
+             token within the TTFT SLO of its arrival, so a queue admitted on the credit of
+             dimming (`prefill_speedup`) is dimmed for even while its tail alone would drain
+             at the current tau; a prompt no grid tau saves is left out (without the queue,
+             the waiting tokens must drain: (waiting_tokens / T + 1) * P90(tau) within the
+             same budget); if no tau qualifies, best effort: the
              largest tau that keeps `gain_share` of the speed-up the fastest tau offers over
              tau = 1 (a latency curve flat below some tau stops at that knee rather than
              spend accuracy for the last percent; a decode step while the TPOT P90 is over
@@ -54,7 +59,7 @@ import logging
 import math
 import time
 from collections import deque
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Optional, Sequence
 
 import numpy as np
 
@@ -150,14 +155,17 @@ class PredictiveController(Controller):
     def prefill_speedup(self) -> float:
         """Predicted latency of the last planned prefill step at the current rung over that at
         the fastest (the lowest tau, and the smallest priced k' when shedding; 1.0 until the
-        model is fitted)."""
+        model is fitted). Shedding counts only once `shed_credit_samples` shed steps taught
+        its model: admission lets the queue grow as far as this speed-up drains it, so it
+        holds only what the controller has seen the rungs deliver, not the prior's guess."""
         if not self.ready or self._last_prefill is None:
             return 1.0
         lat = self.predict_latency([self._tau[PREFILL], float(self.grid[-1])], *self._last_prefill,
                                    phase=PREFILL)
         if lat is None or not np.all(np.isfinite(lat)) or lat[1] <= 0:
             return 1.0
-        if self._shed is not None:  # the fastest rung also sheds to the smallest priced k'
+        if self._shed is not None and self._shed.num_samples >= self.tuning.shed_credit_samples:
+            # the fastest rung also sheds to the smallest priced k'
             lat[1] *= self._shed.ratio(min(self.prices.shed_levels))
             if self._top_k[PREFILL] is not None:
                 lat[0] *= self._shed.ratio(self._top_k[PREFILL])
@@ -223,8 +231,10 @@ class PredictiveController(Controller):
         p90 = self._p90(phase, lat)
         target = self._target(phase)
 
+        fastest = self._credited_fastest_p90(p90[:-1])
+
         def feasible(p: np.ndarray) -> np.ndarray:
-            return self._feasible(phase, planned, p, target)
+            return self._feasible(phase, planned, p, target, fastest)
 
         if feasible(p90[-1:])[0]:  # tau alone meets the target: no accuracy spent on k'
             return None
@@ -260,20 +270,38 @@ class PredictiveController(Controller):
         growth = self.tuning.growth_margin if self._queue_growing() else 0.0
         return self.target_slo(phase) * (1.0 - self.tuning.margin - self._pressure[phase] - growth)
 
+    def _credited_fastest_p90(self, p90_grid: np.ndarray) -> float:
+        """The P90 of the fastest rung admission credits (`prefill_speedup`): the fastest
+        grid tau, shed to the smallest priced k' once shed steps have shown what it saves."""
+        fastest = float(np.min(p90_grid))
+        if self._shed is not None and self._shed.num_samples >= self.tuning.shed_credit_samples:
+            fastest *= self._shed.ratio(min(self.prices.shed_levels))
+        return fastest
+
     def _feasible(self, phase: str, planned: PlannedStep, p90: np.ndarray,
-                  target: float) -> np.ndarray:
+                  target: float, fastest: Optional[float] = None) -> np.ndarray:
+        """Which rungs of predicted P90 `p90` meet the step target and, for prefill, every
+        savable queued prompt's first token (`fastest`: the fastest rung's P90, what
+        savable is judged by; default: the fastest in `p90`)."""
         ok = p90 <= target
-        if phase == PREFILL and planned.waiting_tokens > 0 and planned.num_tokens > 0:
+        if phase != PREFILL or planned.num_tokens <= 0:
+            return ok
+        budget = self.slo.ttft_s * (1.0 - self.tuning.margin)
+        if planned.prefill_queue and planned.num_prefill_tokens > 0:
+            ok &= queue_meets_ttft(planned.prefill_queue, planned.num_prefill_tokens, p90,
+                                   self._clock(), budget, fastest)
+        elif planned.waiting_tokens > 0:
             # the last waiting prompt's first token: the queue's drain time plus its own step
             drain = planned.waiting_tokens * p90 / planned.num_tokens + p90
-            ok &= drain <= self.slo.ttft_s * (1.0 - self.tuning.margin)
+            ok &= drain <= budget
         return ok
 
     def _pick(self, phase: str, planned: PlannedStep, p90: np.ndarray, now: float) -> float:
         """p90: predicted P90 latency at each grid tau, then at the current tau."""
         target = self._target(phase)
         prev = self._tau[phase]
-        ok = self._feasible(phase, planned, p90, target)
+        fastest = self._credited_fastest_p90(p90[:-1])
+        ok = self._feasible(phase, planned, p90, target, fastest)
         ok_grid, ok_prev = ok[:-1], bool(ok[-1])
         if not ok_prev:  # dim at once to the largest tau that qualifies (or best effort)
             if ok_grid.any():
@@ -286,7 +314,8 @@ class PredictiveController(Controller):
                                      fastest_only=urgent)
         self._mode = "hold or raise"
         # Raise only with headroom (hysteresis), and only so fast.
-        ok_up = self._feasible(phase, planned, p90[:-1], target * (1.0 - self.tuning.hysteresis))
+        ok_up = self._feasible(phase, planned, p90[:-1], target * (1.0 - self.tuning.hysteresis),
+                               fastest)
         up = float(self.grid[np.argmax(ok_up)]) if ok_up.any() else prev
         if up <= prev:
             return prev
@@ -389,3 +418,25 @@ class PredictiveController(Controller):
         if len(self._waiting) < 2:
             return False
         return self._waiting[-1][1] > self._waiting[0][1] and self._waiting[-1][1] > 0
+
+
+def queue_meets_ttft(queue: Sequence[tuple[int, float]], chunk: int, p90: np.ndarray, now: float,
+                     budget_s: float, fastest_s: Optional[float] = None) -> np.ndarray:
+    """Whether every queued prompt that can still make it gets its first token within
+    `budget_s` of its arrival, at each latency in `p90` (a step's P90 at each rung).
+    `queue`: (prompt tokens still to compute, arrival time) in the order they are served,
+    this step's chunks included (`PlannedStep.prefill_queue`); `chunk`: the prompt tokens a
+    step takes. A prompt's first token comes at the end of the step that computes its last
+    token: ceil(its own and all earlier tokens / chunk) steps from now. The check counts
+    the time a prompt has already waited, so a queue admitted on the credit of dimming
+    (`prefill_speedup`) is dimmed for, although its tail alone would drain at the current
+    rung. A prompt that misses even at `fastest_s` (the fastest rung's P90; default: the
+    smallest in `p90`), having waited too long already, is left out: no rung saves it, and
+    counting it would dim every step until it is served."""
+    tokens = np.array([t for t, _ in queue], dtype=float)
+    left = budget_s - (now - np.array([a for _, a in queue], dtype=float))  # inf: no deadline
+    steps = np.ceil(np.cumsum(tokens) / max(chunk, 1))
+    p90 = np.atleast_1d(np.asarray(p90, dtype=float))
+    fastest = float(p90.min()) if fastest_s is None else min(fastest_s, float(p90.min()))
+    savable = steps * fastest <= left
+    return (steps[savable, None] * p90[None, :] <= left[savable, None]).all(axis=0)

@@ -101,6 +101,10 @@ class PredictiveTuning:
     shed_prior_share: float = 0.5
     # weight of the newest step in the moving mean of observed / predicted latency per k'
     shed_alpha: float = 0.1
+    # the speed-up of shedding counts toward `prefill_speedup` (what admission credits) only
+    # once this many shed steps taught the shedding model: before, it is the prior's guess,
+    # and a queue admitted on it may need more speed than any rung gives
+    shed_credit_samples: int = 8
 
     # -- the step's token budget and the running-batch cap (the `ladder` policy) -------------
     # a chosen step budget leaves at least this many prompt tokens beside the decodes, and the
@@ -112,7 +116,8 @@ class PredictiveTuning:
             value = getattr(self, f.name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
                 raise ValidationError(f.name, f"must be a non-negative number, got {value!r}")
-        for name in ("grid_points", "min_samples", "refit_every", "tau_buckets", "min_prefill_chunk"):
+        for name in ("grid_points", "min_samples", "refit_every", "tau_buckets", "min_prefill_chunk",
+                     "shed_credit_samples"):
             if not isinstance(getattr(self, name), int):
                 raise ValidationError(name, f"must be an integer, got {getattr(self, name)!r}")
         for name in ("grid_points", "tau_buckets"):

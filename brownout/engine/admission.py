@@ -27,10 +27,13 @@ limit) when wait > F x the TTFT SLO, so those it admits can still meet it.
   that left requests waiting (budget-bound steps, so their rate is what the engine does now
   at the tau the controller chose), scaled by the speed-up the controller predicts from
   dimming to its lowest tau (`Controller.prefill_speedup`; 1 for policies without a latency
-  model). So a request is refused only when even the fastest tau could not serve it in
-  time, and the queue may grow as far as dimming can drain it: brownout spends accuracy
-  first and sheds load only beyond that. Until such steps have been seen there is no queue
-  worth refusing for, and everything is admitted.
+  model; the speed-up of expert shedding counts only once shed steps have shown it). So a
+  request is refused only when even the fastest tau could not serve it in time, and the
+  queue may grow as far as dimming can drain it: brownout spends accuracy first and sheds
+  load only beyond that. The predictive controller keeps that promise: it checks each
+  queued prompt's first token against the TTFT SLO from its arrival and dims prefill when
+  the current tau would miss it. Until such steps have been seen there is no queue worth
+  refusing for, and everything is admitted.
 * The running cap (the controller's rung 4, `set_running_cap`): the batch the latency model
   says meets the TPOT SLO at the fastest rung. The scheduler admits no request beyond it,
   and the slot wait counts free slots under it, so once the batch is at the cap a request

@@ -245,7 +245,9 @@ class LLMEngine:
                            waiting_tokens=view.waiting_tokens,
                            has_prefill=scheduler_output.has_prefill,
                            exempt=self.scheduler.holds_priority(
-                               scheduler_output, self.config.slo.dim_exempt_priority))
+                               scheduler_output, self.config.slo.dim_exempt_priority),
+                           prefill_queue=self.scheduler.prefill_queue()
+                           if scheduler_output.has_prefill else ())
 
     def _emit(self, new: NewToken, now: float) -> RequestOutput:
         """Detokenise an accepted token, finish its request on a stop string, build the output."""

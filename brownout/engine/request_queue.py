@@ -13,7 +13,7 @@ import bisect
 import heapq
 from collections import deque
 from operator import itemgetter
-from typing import Iterator
+from typing import Iterable, Iterator
 
 from brownout.engine.request import Request
 
@@ -71,6 +71,14 @@ class RequestQueue(abc.ABC):
         """The waiting requests in the order they were pushed (not `key` order)."""
         return iter(list(self._live))
 
+    def in_order(self) -> Iterator[Request]:
+        """The waiting requests in `key` order (the order they leave the queue)."""
+        return (e[1] for e in self._ordered_entries() if e[1] is not None)
+
+    @abc.abstractmethod
+    def _ordered_entries(self) -> Iterable[list]:
+        """Every entry, dead ones too, in key order."""
+
     @abc.abstractmethod
     def _insert(self, entry: list) -> None: ...
 
@@ -106,6 +114,9 @@ class FCFSQueue(RequestQueue):
         else:
             bisect.insort(q, entry, key=_key_of)
 
+    def _ordered_entries(self) -> Iterable[list]:
+        return list(self._entries)  # already in key order
+
     def _front(self) -> list:
         return self._entries[0]
 
@@ -129,6 +140,9 @@ class PriorityQueue(RequestQueue):
 
     def _insert(self, entry: list) -> None:
         heapq.heappush(self._entries, entry)
+
+    def _ordered_entries(self) -> Iterable[list]:
+        return sorted(self._entries, key=_key_of)  # a heap is ordered only at its front
 
     def _front(self) -> list:
         return self._entries[0]

@@ -29,6 +29,7 @@ it instead of computing it a second time: samples of one prompt (`n`) compute it
 from __future__ import annotations
 
 import itertools
+import math
 from dataclasses import dataclass, field
 from typing import Iterable, Optional, Sequence
 
@@ -187,6 +188,18 @@ class Scheduler:
             self._admit_waiting(out, min(budget, prefill_budget))
         out.preempted[:0] = yielded
         return out
+
+    def prefill_queue(self) -> tuple[tuple[int, float], ...]:
+        """(prompt tokens still to compute, arrival time) of every request not yet through
+        its prefill, in the order the scheduler serves them: the running ones (batch order,
+        the chunks of a step just scheduled still counted), then the waiting ones (queue
+        order). A request that already has its first token (one preempted and recomputing)
+        has arrival time +inf: its tokens are ahead of the others, but no first-token
+        deadline is its own. The SLO controller reads it to check each queued prompt's first
+        token against the TTFT SLO from the time it arrived (`PlannedStep.prefill_queue`)."""
+        out = [(_prefill_left(r), _ttft_clock(r)) for r in self.running if _prefill_left(r) > 0]
+        out += [(r.num_tokens - r.num_computed, _ttft_clock(r)) for r in self.waiting.in_order()]
+        return tuple(out)
 
     def _preempt_for_priority(self, preempted: list[str]) -> None:
         """With the batch exactly full, preempt the least important running request when the
@@ -388,3 +401,8 @@ class Scheduler:
 
 def _prefill_left(req: Request) -> int:
     return max(0, len(req.prompt_token_ids) - req.num_computed)
+
+
+def _ttft_clock(req: Request) -> float:
+    """When the request's TTFT clock started; +inf once it has its first token."""
+    return math.inf if req.output_token_ids else req.arrival_time

@@ -266,4 +266,5 @@ def _planned(scheduler: Scheduler, sched: SchedulerOutput,
                        num_decode_tokens=sched.num_decode_tokens, batch_size=len(sched.seqs),
                        num_waiting=view.num_waiting, waiting_tokens=view.waiting_tokens,
                        has_prefill=sched.has_prefill,
-                       exempt=scheduler.holds_priority(sched, exempt_priority))
+                       exempt=scheduler.holds_priority(sched, exempt_priority),
+                       prefill_queue=scheduler.prefill_queue() if sched.has_prefill else ())

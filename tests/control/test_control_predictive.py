@@ -178,6 +178,79 @@ def test_queue_of_waiting_prompts_dims_prefill():
     assert (5000 / 256 + 1) * lat <= 2.0
 
 
+def _trained_on_chunks(clock, ttft_s=0.5):
+    """A controller fitted on 1024-token prefill steps of 10 ms + 1 ms per expert slot, 60
+    slots at tau 1 falling to 15 at tau 0: 70 ms a step at tau 1, 25 ms at tau 0."""
+    ctrl = PredictiveController(SLOConfig(policy="predictive", prefill_step_s=1.0, ttft_s=ttft_s), clock)
+    rng = np.random.default_rng(0)
+    for i in range(200):
+        clock.t = i * 0.05
+        tau = float(rng.choice(np.linspace(0, 1, 11)))
+        experts = 60.0 * (0.25 + 0.75 * tau)
+        ctrl.observe_step(StepStats(0.0, 0.01 + 0.001 * experts, 1024, 0, 4, True, tau,
+                                    experts_touched=[experts]))
+    assert ctrl.ready
+    return ctrl
+
+
+def _chunk_step(queue):
+    return PlannedStep(1024, 0, 4, num_waiting=len(queue) - 1, waiting_tokens=1024 * (len(queue) - 1),
+                       prefill_queue=tuple(queue))
+
+
+def test_prompts_that_already_waited_dim_prefill():
+    """Each queued prompt's first token is checked against the TTFT SLO from its arrival.
+    Two 1024-token prompts (this step's and the next) drain in 2 x 70 ms at tau 1, within
+    the 0.475 s budget (0.5 s TTFT less the margin) when they just arrived; when they have
+    waited 0.4 s the second has 75 ms left for two steps, which only tau <= 0.25 gives
+    (2 x (10 + 60 x (0.25 + 0.75 x 0.25)) = 72.5 ms). The count of waiting tokens alone (the
+    check without arrival times) sees a queue that drains at tau 1."""
+    clock = FakeClock()
+    ctrl = _trained_on_chunks(clock)
+    now = clock.t = clock.t + 1.0
+    assert ctrl.choose_tau(_chunk_step([(1024, now), (1024, now)])) == 1.0
+    clock.t += 0.001
+    assert ctrl.choose_tau(PlannedStep(1024, 0, 4, num_waiting=1, waiting_tokens=1024)) == 1.0
+    clock.t += 0.001
+    tau = ctrl.choose_tau(_chunk_step([(1024, now - 0.4), (1024, now - 0.4)]))
+    assert tau == pytest.approx(0.25)
+
+
+def test_prompts_dimming_cannot_save_or_without_a_deadline_do_not_dim():
+    """A prompt that misses its first-token deadline at every tau (it waited too long) is
+    left out of the check, and so is one that already has its first token (arrival +inf):
+    neither lowers tau, while the prompts behind them are still checked."""
+    clock = FakeClock()
+    ctrl = _trained_on_chunks(clock)
+    now = clock.t = clock.t + 1.0
+    assert ctrl.choose_tau(_chunk_step([(1024, now - 1.0), (1024, now)])) == 1.0
+    clock.t += 0.001
+    assert ctrl.choose_tau(_chunk_step([(1024, math.inf)] * 6 + [(1024, math.inf)])) == 1.0
+    clock.t += 0.001
+    # the same preempted work ahead of a fresh prompt: 7 steps before its first token, which
+    # at 0.475 s needs <= 68 ms a step, so tau comes down a little
+    tau = ctrl.choose_tau(_chunk_step([(1024, math.inf)] * 6 + [(1024, clock.t)]))
+    assert 0.8 < tau < 1.0
+
+
+def test_queue_meets_ttft_counts_steps_to_each_first_token():
+    """ceil(tokens up to and including a prompt / chunk) steps until its first token, within
+    the budget less the time it already waited; a prompt no latency saves is left out."""
+    from brownout.control.predictive import queue_meets_ttft
+    queue = [(1500, 0.0), (100, 0.0), (500, 0.0)]  # first tokens after 2, 2 and 3 steps
+    p90 = np.array([0.3, 0.25, 0.2])
+    assert queue_meets_ttft(queue, 1024, p90, now=0.0, budget_s=0.61).tolist() == [False, False, True]
+    assert queue_meets_ttft(queue, 1024, p90, now=0.0, budget_s=0.76).tolist() == [False, True, True]
+    assert queue_meets_ttft(queue, 1024, p90, now=0.0, budget_s=0.91).tolist() == [True, True, True]
+    # the first two waited 0.35 s: two steps must fit in 0.56 s
+    waited = [(1500, -0.35), (100, -0.35), (500, 0.0)]
+    assert queue_meets_ttft(waited, 1024, p90, now=0.0, budget_s=0.91).tolist() == [False, True, True]
+    # the first waited 1 s, past the budget at any latency: left out, the rest still count
+    lost = [(1500, -1.0), (100, 0.0), (500, 0.0)]
+    assert queue_meets_ttft(lost, 1024, p90, now=0.0, budget_s=0.91).tolist() == [True, True, True]
+    assert queue_meets_ttft(lost, 1024, p90, now=0.0, budget_s=0.76).tolist() == [False, True, True]
+
+
 @pytest.mark.parametrize("expert_cost", [0.0, 0.002])
 def test_unreachable_slo_dims_only_when_dimming_pays(expert_cost):
     """No tau can meet the step SLO. When fewer experts make the step faster (here in

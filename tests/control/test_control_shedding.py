@@ -3,6 +3,8 @@ accuracy accounting, and a prefill-heavy simulated load that tau alone cannot se
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -129,3 +131,35 @@ def test_prefill_speedup_counts_the_smallest_priced_k():
     ladder_ctrl, _ = run(PRICES)
     tau_only_ctrl, _ = run(None)
     assert ladder_ctrl.prefill_speedup() > tau_only_ctrl.prefill_speedup() >= 1.0
+
+
+def _prefill_trained(prices, tuning=DEFAULT_TUNING):
+    """A predictive controller fitted on unshed 512-token prefill steps (`latency`), tau
+    from 1 to 0; it has never seen a shed step."""
+    from brownout.control.predictive import PredictiveController
+    clock = FakeClock()
+    ctrl = PredictiveController(SLOConfig(policy="predictive", **SLO), clock, tuning)
+    if prices is not None:
+        ctrl.enable_ladder(PriceTable.from_dict(prices))
+    rng = np.random.default_rng(0)
+    for i in range(200):
+        clock.t = i * 0.05
+        tau = float(rng.choice(np.linspace(0, 1, 11)))
+        experts = 60.0 * (0.25 + 0.75 * tau)
+        ctrl.observe_step(StepStats(0.0, latency(experts, 512, True), 512, 0, 4, True, tau,
+                                    experts_touched=[experts]))
+    ctrl.choose_tau(PlannedStep(512, 0, 4))
+    return ctrl
+
+
+def test_prefill_speedup_credits_shedding_only_once_shed_steps_taught_it():
+    """Admission lets the queue grow as far as `prefill_speedup` drains it: a speed-up of
+    shedding that no shed step has shown (the prior's guess) is not part of it, so the
+    controller with prices claims what the tau-only one does; with `shed_credit_samples` 0
+    the prior counts. (Once shed steps were seen it counts as learnt:
+    test_prefill_speedup_counts_the_smallest_priced_k.)"""
+    tau_only = _prefill_trained(None).prefill_speedup()
+    assert tau_only > 1.0
+    assert _prefill_trained(PRICES).prefill_speedup() == pytest.approx(tau_only)
+    prior = dataclasses.replace(DEFAULT_TUNING, shed_credit_samples=0)
+    assert _prefill_trained(PRICES, prior).prefill_speedup() > tau_only * 1.2

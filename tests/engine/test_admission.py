@@ -232,3 +232,14 @@ def test_full_slots_refuse_what_would_wait_too_long(tiny_models):
     eng.abort_request("d1")  # a slot frees: w1 takes it, and one more fits behind
     eng.add_request("w2", list(range(3, 8)), PARAMS)
     assert "w2" in eng.requests
+
+
+def test_the_planned_step_carries_the_prompts_left_to_prefill(tiny_models):
+    """The engine hands the controller each prompt still to prefill with its arrival time
+    (the first-token check that keeps admission's credit of dimming), in the order they
+    are served, this step's chunk counted."""
+    eng = _engine(tiny_models, factor=None)
+    eng.add_request("a", list(range(3, 103)), PARAMS, arrival_time=5.0)  # 100 tokens
+    eng.add_request("b", list(range(3, 23)), PARAMS, arrival_time=6.0)  # 20 tokens
+    sched = eng.scheduler.schedule()  # a 64-token chunk of "a"; "b" waits (2 slots, budget spent)
+    assert eng._planned(sched).prefill_queue == ((100, 5.0), (20, 6.0))

@@ -184,6 +184,29 @@ def test_removal_from_the_waiting_queue_keeps_the_order(policy):
     assert len(sched.waiting) == sched.view.num_waiting == len(kept) - 30
 
 
+@pytest.mark.parametrize("policy", ["fcfs", "priority"])
+def test_prefill_queue_lists_prompts_in_the_order_they_are_served(policy):
+    """Running prompts still prefilling first (what this step has not computed yet counted),
+    then the waiting ones in queue order; a preempted request that already has its first
+    token carries no deadline of its own (+inf)."""
+    sched = _scheduler(policy=policy, budget=10, max_seqs=4, num_blocks=64)
+    _add(sched, "long", 25, arrival=0.0, priority=1)
+    _step(sched, now=0.1)  # 10 of its 25 prompt tokens computed
+    _add(sched, "late", 6, arrival=2.0, priority=1)
+    _add(sched, "urgent", 4, arrival=3.0, priority=0)
+    _add(sched, "early", 5, arrival=1.0, priority=1)
+    waiting = [("urgent", 4, 3.0), ("early", 5, 1.0), ("late", 6, 2.0)] if policy == "priority" \
+        else [("early", 5, 1.0), ("late", 6, 2.0), ("urgent", 4, 3.0)]
+    assert sched.prefill_queue() == ((15, 0.0),) + tuple((n, a) for _, n, a in waiting)
+    assert [r.request_id for r in sched.waiting.in_order()] == [rid for rid, _, _ in waiting]
+    # a request with output tokens back in the queue: its tokens are ahead, no deadline
+    done = _scheduler(budget=64)
+    req = _add(done, "d", 3, arrival=0.5)
+    _step(done)
+    done._preempt(req)
+    assert done.prefill_queue() == ((4, math.inf),)
+
+
 def test_the_scheduler_imports_no_torch():
     code = ("import sys, brownout.engine.scheduler, brownout.engine.admission; "
             "sys.exit(any(m.split('.')[0] == 'torch' for m in sys.modules))")
@@ -267,6 +290,10 @@ class SchedulerMachine(RuleBasedStateMachine):
             c[0] += 1
             c[1] += r.num_tokens - r.num_computed
         assert v.waiting_by_priority == by_class
+        # the controller's view of the prompts still to prefill: the same tokens, served order
+        queue = s.prefill_queue()
+        assert sum(t for t, _ in queue) == v.running_prefill_tokens + v.waiting_tokens
+        assert list(s.waiting.in_order()) == sorted(waiting, key=s.waiting.key)
         assert v.num_running <= s.config.max_num_seqs
         pending = {q.request_id: len(q.token_ids) for q in self.inflight.seqs} if self.inflight else {}
         bs = s.blocks.block_size
