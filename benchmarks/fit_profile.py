@@ -165,7 +165,9 @@ def fit(gpu: str, engine_runs: list[int], headline_runs: list[int], budget: int,
     for phase, names in (("decode", DECODE_FEATURES), ("prefill", PREFILL_FEATURES)):
         sel = [r for r in rows if r[0] == phase]
         if any(top_k is not None for _, _, _, top_k, _ in sel):
-            names = names + ("kexpert",)  # shed steps separate the expert GEMMs' arithmetic
+            # shed steps separate the expert GEMMs' arithmetic, and they and the grid's taus
+            # between 1 and 0 the routing path's fixed cost
+            names = tuple(dict.fromkeys(names + ("routed", "kexpert")))
         feats = [step_features(shape, tau, routing, top_k=top_k) for _, shape, tau, top_k, _ in sel]
         phases[phase] = fit_phase(feats, [ms for *_, ms in sel], names)
     profile = StepCostProfile(machine=meta["device"], date="", phases=phases, routing=routing)

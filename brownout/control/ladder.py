@@ -143,7 +143,11 @@ class LadderController(PredictiveController):
         target = self.slo.tpot_s * (1.0 - self.tuning.margin)
         if self._fastest_p90(max_num_seqs) <= target:
             return max_num_seqs
-        lo, hi = 1, max_num_seqs  # the fastest rung meets the target at lo (or nothing does)
+        if self._fastest_p90(1) > target:
+            # no batch meets TPOT: what breaks it is not the batch (a prompt chunk beside the
+            # decodes, or the fit), so a cap would refuse requests and buy no TPOT
+            return None
+        lo, hi = 1, max_num_seqs  # the fastest rung meets the target at lo
         while hi - lo > 1:
             mid = (lo + hi) // 2
             if self._fastest_p90(mid) <= target:
@@ -154,14 +158,16 @@ class LadderController(PredictiveController):
 
     def _fastest_p90(self, batch: int) -> float:
         """Predicted P90 of a step of `batch` decodes and a minimal prompt chunk at the
-        fastest rung. It is predicted with the decode fit, as the TPOT it guards is priced with
-        the decode residual: a step of decodes and a few prompt tokens is memory-bound like a
-        decode step and lies in decode steps' token range, far below the chunks the prefill
-        fit is fed by."""
-        lat = self.predict_latency([float(self.grid[-1])], batch + self.tuning.min_prefill_chunk,
-                                   batch + 1, phase=DECODE)
-        if lat is None or not np.isfinite(lat[0]):
+        fastest rung: the decode fit's step of `batch` decodes plus the chunk's tokens at the
+        prefill fit's per-token cost, priced with the decode residual, as the TPOT it guards.
+        The decode fit alone would not do: it has seen only steps whose tokens equal their
+        sequences, so its token and sequence slopes are not apart and extrapolate badly to a
+        step with more tokens than sequences."""
+        lat = self.predict_latency([float(self.grid[-1])], batch, batch, phase=DECODE)
+        theta = self.latency_model(PREFILL).theta
+        if lat is None or theta is None or not np.isfinite(lat[0]):
             return math.inf
+        lat = lat + max(float(theta[1]), 0.0) * self.tuning.min_prefill_chunk
         if self._shed is not None:
             lat = lat * self._shed.ratio(min(self.prices.shed_levels))
         return float(self._p90(DECODE, lat)[0])

@@ -9,8 +9,12 @@ Model (fitted online from `StepStats`, see `brownout.control.latency_model`):
                    gives prefill the expert slope of the (more numerous) decode steps,
                    mispricing what dimming saves a prefill chunk (the speed-up admission
                    credits). A prediction for phase p uses the pooled fit (every step)
-                   while L_p has fewer than `min_samples` steps or no fit yet; readiness
-                   is the pooled fit's.
+                   while L_p has fewer than `min_samples` steps, no fit yet, or fewer than
+                   `phase_fit_dimmed_samples` dimmed steps: a phase fit fed undimmed steps
+                   alone cannot tell its expert slope from its intercept (at tau 1 the
+                   experts touched barely move), so it would price dimming at nothing and
+                   the controller would never dim to learn otherwise, while every dimmed
+                   step of either phase teaches the pooled fit. Readiness is the pooled fit's.
   bias, sigma      per phase, moving mean and spread of the out-of-sample residual
                    (observed latency - prediction made before the step); the bias corrects
                    what the linear model misses, sigma prices the noise.
@@ -98,6 +102,7 @@ class PredictiveController(Controller):
         self.experts = ExpertsModel(tuning)
         self.latency = StepLatencyModel(tuning)  # pooled: every step, the fallback
         self.phase_latency = {p: StepLatencyModel(tuning) for p in PHASES}  # own steps only
+        self._phase_dimmed = {p: 0 for p in PHASES}  # dimmed steps each phase fit was fed
         self._fallback = AIMDController(slo, clock)
         self._bias = {p: 0.0 for p in PHASES}
         self._var = {p: 0.0 for p in PHASES}
@@ -136,9 +141,11 @@ class PredictiveController(Controller):
     # -- prediction ---------------------------------------------------------------------
     def latency_model(self, phase: str) -> StepLatencyModel:
         """The latency fit a step of `phase` is predicted with: the phase's own once it has
-        `min_samples` steps and a fit, the pooled one before."""
+        `min_samples` steps, a fit and `phase_fit_dimmed_samples` dimmed steps, the pooled one
+        before."""
         model = self.phase_latency[phase]
-        if model.theta is not None and model.num_samples >= self.tuning.min_samples:
+        if (model.theta is not None and model.num_samples >= self.tuning.min_samples
+                and self._phase_dimmed[phase] >= self.tuning.phase_fit_dimmed_samples):
             return model
         return self.latency
 
@@ -366,6 +373,7 @@ class PredictiveController(Controller):
             experts = float(sum(stats.experts_touched))
             self.experts.update(stats.tau, tokens, experts)
             routed = float(stats.tau < 1.0)
+            self._phase_dimmed[phase] += int(routed)
             for model in (self.latency, self.phase_latency[phase]):
                 model.add(tokens, stats.batch_size, experts, lat, routed)
                 # The fit moves slowly: refitting every few steps saves host time per step.

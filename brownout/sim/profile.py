@@ -11,7 +11,8 @@ linear model over named features,
       kctx       context the step's attention reads: sum over its sequences of
                  (start position + tokens) / 1000
       experts    distinct expert slots touched per MoE layer (`experts_touched`)
-      routed     1 when the step runs brownout routing (tau < 1): its fixed cost
+      routed     1 when the step runs brownout routing (tau < 1, or k' < k, which the same
+                 routing path applies): its fixed cost
       kexpert    tokens in the step / 1000 x k'/k: the expert GEMMs' arithmetic, which
                  expert shedding (k' < k routed experts per token) cuts; a profile fitted
                  without shed steps has no coefficient for it (it equals ktokens there)
@@ -117,7 +118,7 @@ def step_features(shape: StepShape, tau: float, routing: RoutingShape,
     return {"one": 1.0, "ktokens": tokens / KILO, "batch": float(batch),
             "kctx": shape.context_tokens / KILO,
             "experts": mixed_experts(routing, tokens, tau, top_k, exempt_tokens),
-            "routed": float(tau < 1.0),
+            "routed": float(tau < 1.0 or kept_share(routing, tokens, top_k) < 1.0),
             "kexpert": tokens / KILO * kept_share(routing, tokens, top_k, exempt_tokens)}
 
 

@@ -91,12 +91,32 @@ def test_running_cap_is_the_batch_whose_step_meets_tpot_at_the_fastest_rung():
     ctrl, _ = _ladder(theta=theta)
     cap = ctrl.running_cap(Queue(max_num_seqs=128))
 
-    def step(b):  # a step of b decodes and the minimal chunk beside them
-        return theta[0] + theta[1] * (b + ctrl.tuning.min_prefill_chunk) + theta[2] * (b + 1)
+    def step(b):  # a step of b decodes, and the minimal chunk's tokens beside them
+        return theta[0] + theta[1] * (b + ctrl.tuning.min_prefill_chunk) + theta[2] * b
     assert step(cap) <= 0.019 < step(cap + 1)
     assert ctrl.cap == cap
     ctrl, _ = _ladder()  # cheap sequences: the cap is max_num_seqs
     assert ctrl.running_cap(Queue(max_num_seqs=64)) == 64
+
+
+def test_no_running_cap_when_not_even_one_sequence_meets_tpot():
+    # 20 ms a step whatever its batch: a cap cannot buy TPOT, it would only refuse requests
+    ctrl, _ = _ladder(theta=(2e-2, 2e-5, 1e-4, 0.0, 0.0))
+    assert ctrl.running_cap(Queue(max_num_seqs=128)) is None
+
+
+def test_running_cap_takes_the_chunk_cost_from_the_prefill_fit():
+    # the decode fit's collinear token and sequence slopes (0.33 ms each, as fitted on steps
+    # whose tokens equal their sequences) must not price the chunk's 32 tokens: at 0.33 ms a
+    # token a chunk alone would cost 10.5 ms and cap the batch near 1
+    ctrl, _ = _ladder(theta=(3.7e-3, 3.3e-4, 3.3e-4, 0.0, 0.0), tpot_s=0.016)
+    prefill = ctrl.phase_latency[PREFILL]
+    prefill.theta = np.array([7.6e-3, 7e-6, 4.6e-4, 0.0, 0.0])
+    prefill.num_samples = ctrl.tuning.min_samples
+    ctrl._phase_dimmed[PREFILL] = ctrl.tuning.phase_fit_dimmed_samples
+    cap = ctrl.running_cap(Queue(max_num_seqs=128))
+    # 3.7 ms + 0.66 ms per decode + 32 x 7 us <= 15.2 ms: 17 decodes
+    assert cap == 17
 
 
 def test_an_exempt_step_is_counted_and_runs_undimmed_without_per_token_exemption():

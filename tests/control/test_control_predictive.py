@@ -465,7 +465,7 @@ def test_each_phase_is_predicted_by_its_own_latency_law():
     assert ctrl.prefill_speedup() == pytest.approx(1.0, abs=0.01)
 
 
-def test_a_phase_is_predicted_by_the_pooled_fit_until_it_has_min_samples():
+def test_a_phase_is_predicted_by_the_pooled_fit_until_it_has_min_samples_and_dimmed_ones():
     ctrl = _fed([DECODE] * 100)
     assert ctrl.ready
     assert ctrl.phase_latency[PREFILL].num_samples == 0
@@ -474,10 +474,14 @@ def test_a_phase_is_predicted_by_the_pooled_fit_until_it_has_min_samples():
     pooled = ctrl.latency.predict(np.array([[1.0, 1000, 8, e, 0.0]]))
     assert ctrl.predict_latency([1.0], 1000, 8, phase=PREFILL) == pytest.approx(pooled)
     rng = np.random.default_rng(1)
-    for i in range(ctrl.tuning.min_samples - 1):
-        ctrl.observe_step(_phase_step(PREFILL, 1.0 - 0.05 * (i % 10), rng))
-    assert ctrl.phase_latency[PREFILL].theta is not None  # fitted, but on too few steps
+    for _ in range(2 * ctrl.tuning.min_samples):
+        ctrl.observe_step(_phase_step(PREFILL, 1.0, rng))
+    # fitted on enough steps, but none dimmed: it cannot tell what dimming saves
+    assert ctrl.phase_latency[PREFILL].theta is not None
     assert ctrl.latency_model(PREFILL) is ctrl.latency
+    for i in range(ctrl.tuning.phase_fit_dimmed_samples - 1):
+        ctrl.observe_step(_phase_step(PREFILL, 0.9 - 0.05 * (i % 10), rng))
+    assert ctrl.latency_model(PREFILL) is ctrl.latency  # one dimmed step short
     ctrl.observe_step(_phase_step(PREFILL, 0.5, rng))
     assert ctrl.latency_model(PREFILL) is ctrl.phase_latency[PREFILL]
     assert ctrl.latency_model(DECODE) is ctrl.phase_latency[DECODE]
