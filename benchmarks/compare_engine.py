@@ -5,12 +5,15 @@ shape, measured before and after on the same kind of GPU, with the after/before 
 
 Run: python benchmarks/compare_engine.py BEFORE_DIR AFTER_DIR --out FILE.md [--title T]
      python benchmarks/compare_engine.py --shed RUN_DIR --out FILE.md (the `shed` stage alone)
+     python benchmarks/compare_engine.py BEFORE AFTER --brownout AFTER --out FILE.md (the
+         comparison, then the `brownout` stage of AFTER: decode steps by way at tau 1 and 0)
 (each DIR holds the `decode.json`, `prefill.json` and `meta.json` that bench_engine writes)
 """
 
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 from pathlib import Path
 
@@ -85,6 +88,29 @@ def _geomean(values: list[float]) -> float:
     return product ** (1.0 / len(values))
 
 
+def render_brownout(run_dir: Path) -> str:
+    """The `brownout` stage's decode steps by way and batch at tau 1 and 0, and the routing
+    path's cost at tau 1 inside one MoE layer."""
+    path = run_dir / "brownout.json"
+    d = json.loads(path.read_text() if path.exists() else gzip.open(f"{path}.gz", "rt").read())
+    by = {(r["way"], r["batch"], r["tau"]): r for r in d["decode"]}
+    lines = ["## Brownout decode steps by way (context 512, CUDA-graphed, uncalibrated united experts)", "",
+             "`vs tau 1`: the same step at tau 1 in the same run; `/ roofline`: bytes read (dense weights, "
+             "the expert slots touched, KV) over the measured copy bandwidth.", "",
+             "| way | batch | tau 1 ms | tau 0 ms | tau 0 vs tau 1 | tau 0 / roofline | slots / layer at tau 0 |",
+             "|---|---|---|---|---|---|---|"]
+    for way, batch in sorted({(w, b) for w, b, _ in by}):
+        a, z = by.get((way, batch, 1.0)), by.get((way, batch, 0.0))
+        if a and z:
+            lines.append(f"| {way} | {batch} | {a['step_ms']:.2f} | {z['step_ms']:.2f} | {z['vs_tau1']:.3f} | "
+                         f"{z['ratio_roofline']:.2f} | {z['experts_touched_mean']:.1f} |")
+    lines += ["", "Routing at tau 1 inside one MoE layer (the graphed layer with the routing path vs without):", "",
+              "| batch | plain ms | routed at tau 1 ms | overhead |", "|---|---|---|---|"]
+    for r in d["routing_overhead"]:
+        lines.append(f"| {r['batch']} | {r['plain_ms']:.4f} | {r['routed_tau1_ms']:.4f} | {100 * r['overhead']:.1f}% |")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("before", type=Path, nargs="?")
@@ -92,11 +118,18 @@ def main() -> None:
     ap.add_argument("--shed", type=Path, help="render the shed stage of this run instead")
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--title", default="Engine steps before and after a change")
+    ap.add_argument("--brownout", type=Path, help="append the brownout stage of this run")
+    ap.add_argument("--note", default="", help="a paragraph set between the two tables")
     args = ap.parse_args()
     if args.shed:
         args.out.write_text(render_shed(args.shed))
-    else:
-        args.out.write_text(render(args.before, args.after, args.title))
+        return
+    text = render(args.before, args.after, args.title)
+    if args.note:
+        text = text.rstrip("\n") + "\n\n" + args.note + "\n"
+    if args.brownout:
+        text = text.rstrip("\n") + "\n\n" + render_brownout(args.brownout)
+    args.out.write_text(text)
 
 
 if __name__ == "__main__":
