@@ -525,7 +525,7 @@ def render(reports: list[dict], notes: tuple[str, ...] = ()) -> str:
                   f"the tail of {Path(p['eval_text']).name}; checkpoint in {p['checkpoint_dtype']} "
                   f"({r['checkpoint']['bytes'] / GIB:.1f} GiB, {r['checkpoint']['shards']} shards).",
                   "",
-                  "| phase | measured s | GPU peak GiB | host RSS peak GiB |",
+                  "| phase | measured s | GPU peak GiB | host RSS peak so far GiB |",
                   "|---|---:|---:|---:|"]
         ph = r["phases"]
         for key, label in (("write", "write checkpoint"), ("unite", "unite (all)"),

@@ -22,6 +22,7 @@ from brownout.api.limits import REQUEST_CONTEXTS
 from brownout.cliutil import add_model_arguments, flag_name, resolve_model, resolve_united, shown_path, united_summary
 from brownout.config import (BrownoutConfig, CacheConfig, EngineConfig, ModelLoadConfig,
                              SchedulerConfig, ServerConfig, SLOConfig)
+from brownout.control.prices import PriceTable
 from brownout.types import ValidationError
 
 logger = logging.getLogger(__name__)
@@ -186,8 +187,14 @@ def build_configs(args, environ: Mapping[str, str] = os.environ) -> tuple[Engine
     united = None if dummy and args.united_experts is None else \
         resolve_united(args.united_experts, model or resolve_model(None))
     rung_prices = args.rung_prices
-    if rung_prices is not None and not Path(rung_prices).is_file():
-        raise ValidationError("rung_prices", f"expected a price table file (ladder-prices.json), got {rung_prices}")
+    if rung_prices is not None:  # absolute, so an engine in another process finds it
+        if not Path(rung_prices).is_file():
+            raise ValidationError("rung_prices", f"expected a price table file (ladder-prices.json), got {rung_prices}")
+        try:
+            PriceTable.load(Path(rung_prices))
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ValidationError("rung_prices", f"{rung_prices} is not a price table ({exc!r})") from exc
+        rung_prices = str(Path(rung_prices).resolve())
     load = ModelLoadConfig(model=model or "", load_format=args.load_format, dtype=args.dtype,
                            device=args.device, seed=args.seed, max_model_len=args.max_model_len,
                            enforce_eager=args.enforce_eager, tokenizer=args.tokenizer,

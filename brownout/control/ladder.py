@@ -26,9 +26,11 @@ step):
             configured budget, and dimming answers TPOT. So a step is smaller under TPOT
             pressure and larger (back to the configured budget) under TTFT pressure.
 Rung 4, the running-batch cap: the largest batch B (at most max_num_seqs) whose step of B
-decodes and a minimal prompt chunk is predicted (by the decode fit: such a step is
-memory-bound like a decode step) to fit the TPOT target at the fastest rung the controller
-may take (min_tau, the smallest priced k'): past it not even the lowest rung meets TPOT,
+decodes and a minimal prompt chunk is predicted (the decodes by the decode fit, the chunk's
+tokens and sequence at the prefill fit's costs) to fit the TPOT target at the fastest rung
+the controller may count on (min_tau; the smallest priced k' once shed steps confirmed its
+speed-up): past it not even the lowest rung meets TPOT, and where not even one sequence
+meets it there is no cap (the batch is not what breaks TPOT),
 so further requests wait (the scheduler admits none beyond the cap) and TTFT admission,
 which counts slots up to the cap, refuses those whose first token would miss.
 Until the models are fitted both rungs keep the configured values.
@@ -61,7 +63,7 @@ class LadderController(PredictiveController):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._tpot_read: tuple[float, Optional[float]] = (-math.inf, None)  # (time, TPOT P90)
-        self._cap_key: Optional[tuple[int, int]] = None
+        self._cap_key: Optional[tuple] = None
 
     # -- rung 3 -------------------------------------------------------------------------
     def choose_token_budget(self, queue: QueueState) -> Optional[int]:
@@ -131,7 +133,10 @@ class LadderController(PredictiveController):
     def running_cap(self, queue: QueueState) -> Optional[int]:
         # the cap moves with the latency fits only: recomputed when one was refit
         key = (self.latency.num_samples // self.tuning.refit_every,
-               self.phase_latency[DECODE].num_samples // self.tuning.refit_every, queue.max_num_seqs)
+               self.phase_latency[DECODE].num_samples // self.tuning.refit_every,
+               self.phase_latency[PREFILL].num_samples // self.tuning.refit_every,
+               self.latency_model(DECODE) is self.latency, self.latency_model(PREFILL) is self.latency,
+               self.credited_shed_ratio(), queue.max_num_seqs)
         if key != self._cap_key:
             self._cap_key = key
             self.cap = self._cap(queue.max_num_seqs)
@@ -158,8 +163,8 @@ class LadderController(PredictiveController):
 
     def _fastest_p90(self, batch: int) -> float:
         """Predicted P90 of a step of `batch` decodes and a minimal prompt chunk at the
-        fastest rung: the decode fit's step of `batch` decodes plus the chunk's tokens at the
-        prefill fit's per-token cost, priced with the decode residual, as the TPOT it guards.
+        fastest rung: the decode fit's step of `batch` decodes plus the chunk's tokens and
+        its sequence at the prefill fit's costs, priced with the decode residual, as the TPOT it guards.
         The decode fit alone would not do: it has seen only steps whose tokens equal their
         sequences, so its token and sequence slopes are not apart and extrapolate badly to a
         step with more tokens than sequences."""
@@ -167,7 +172,6 @@ class LadderController(PredictiveController):
         theta = self.latency_model(PREFILL).theta
         if lat is None or theta is None or not np.isfinite(lat[0]):
             return math.inf
-        lat = lat + max(float(theta[1]), 0.0) * self.tuning.min_prefill_chunk
-        if self._shed is not None:
-            lat = lat * self._shed.ratio(min(self.prices.shed_levels))
+        lat = lat + max(float(theta[1]), 0.0) * self.tuning.min_prefill_chunk + max(float(theta[2]), 0.0)
+        lat = lat * self.credited_shed_ratio()
         return float(self._p90(DECODE, lat)[0])

@@ -9,12 +9,13 @@ Model (fitted online from `StepStats`, see `brownout.control.latency_model`):
                    gives prefill the expert slope of the (more numerous) decode steps,
                    mispricing what dimming saves a prefill chunk (the speed-up admission
                    credits). A prediction for phase p uses the pooled fit (every step)
-                   while L_p has fewer than `min_samples` steps, no fit yet, or fewer than
-                   `phase_fit_dimmed_samples` dimmed steps: a phase fit fed undimmed steps
-                   alone cannot tell its expert slope from its intercept (at tau 1 the
-                   experts touched barely move), so it would price dimming at nothing and
-                   the controller would never dim to learn otherwise, while every dimmed
-                   step of either phase teaches the pooled fit. Readiness is the pooled fit's.
+                   while L_p has fewer than `min_samples` steps, no fit yet, or dimmed
+                   steps under `phase_fit_dimmed_share` of its (decayed) weight: a phase
+                   fit fed mostly undimmed steps cannot tell its expert slope from its
+                   intercept (at tau 1 the experts touched barely move), so it would price
+                   dimming at nothing and the controller would never dim to learn
+                   otherwise, while every dimmed step of either phase teaches the pooled
+                   fit. Readiness is the pooled fit's.
   bias, sigma      per phase, moving mean and spread of the out-of-sample residual
                    (observed latency - prediction made before the step); the bias corrects
                    what the linear model misses, sigma prices the noise.
@@ -85,6 +86,9 @@ logger = logging.getLogger(__name__)
 TAU_EPS = 1e-12
 # a log line of the model's view at most this often
 LOG_EVERY_S = 5.0
+# a phase's own fit, once in use, gives way to the pooled fit only when its dimmed share falls
+# under this fraction of the share it needed to enter, so predictions do not flip at the edge
+PHASE_FIT_LEAVE_RATIO = 0.5
 
 
 @register_policy
@@ -102,7 +106,9 @@ class PredictiveController(Controller):
         self.experts = ExpertsModel(tuning)
         self.latency = StepLatencyModel(tuning)  # pooled: every step, the fallback
         self.phase_latency = {p: StepLatencyModel(tuning) for p in PHASES}  # own steps only
-        self._phase_dimmed = {p: 0 for p in PHASES}  # dimmed steps each phase fit was fed
+        # per phase: decayed weights of (dimmed steps, all steps) its own fit was fed
+        self._phase_dimmed = {p: (0.0, 0.0) for p in PHASES}
+        self._phase_fit_on = {p: False for p in PHASES}  # the phase's own fit predicts it
         self._fallback = AIMDController(slo, clock)
         self._bias = {p: 0.0 for p in PHASES}
         self._var = {p: 0.0 for p in PHASES}
@@ -141,13 +147,24 @@ class PredictiveController(Controller):
     # -- prediction ---------------------------------------------------------------------
     def latency_model(self, phase: str) -> StepLatencyModel:
         """The latency fit a step of `phase` is predicted with: the phase's own once it has
-        `min_samples` steps, a fit and `phase_fit_dimmed_samples` dimmed steps, the pooled one
-        before."""
+        `min_samples` steps, a fit and dimmed steps of at least `phase_fit_dimmed_share` of its
+        weight, the pooled one before."""
         model = self.phase_latency[phase]
-        if (model.theta is not None and model.num_samples >= self.tuning.min_samples
-                and self._phase_dimmed[phase] >= self.tuning.phase_fit_dimmed_samples):
+        share = self.dimmed_share(phase)
+        if self._phase_fit_on[phase]:  # hysteresis: predictions do not flip at the threshold
+            self._phase_fit_on[phase] = share >= PHASE_FIT_LEAVE_RATIO * self.tuning.phase_fit_dimmed_share
+        else:
+            self._phase_fit_on[phase] = share >= self.tuning.phase_fit_dimmed_share
+        if (self._phase_fit_on[phase] and model.theta is not None
+                and model.num_samples >= self.tuning.min_samples):
             return model
         return self.latency
+
+    def dimmed_share(self, phase: str) -> float:
+        """The share of dimmed steps in the weight of `phase`'s own fit (its forgetting
+        applied to both), 0 before any step."""
+        dimmed, total = self._phase_dimmed[phase]
+        return dimmed / total if total > 0 else 0.0
 
     def predict_latency(self, taus, tokens: int, batch: int, *, phase: str) -> Optional[np.ndarray]:
         """Model-only latency (no bias) of a `phase` step at each tau; None when unfit."""
@@ -277,6 +294,13 @@ class PredictiveController(Controller):
         growth = self.tuning.growth_margin if self._queue_growing() else 0.0
         return self.target_slo(phase) * (1.0 - self.tuning.margin - self._pressure[phase] - growth)
 
+    def credited_shed_ratio(self) -> float:
+        """The latency ratio of the smallest priced k' that admission and the running cap may
+        count on: 1 until `shed_credit_samples` shed steps taught the shedding model."""
+        if self._shed is not None and self._shed.num_samples >= self.tuning.shed_credit_samples:
+            return self._shed.ratio(min(self.prices.shed_levels))
+        return 1.0
+
     def _credited_fastest_p90(self, p90_grid: np.ndarray) -> float:
         """The P90 of the fastest rung admission credits (`prefill_speedup`): the fastest
         grid tau, shed to the smallest priced k' once shed steps have shown what it saves."""
@@ -295,8 +319,12 @@ class PredictiveController(Controller):
             return ok
         budget = self.slo.ttft_s * (1.0 - self.tuning.margin)
         if planned.prefill_queue and planned.num_prefill_tokens > 0:
+            # later steps take the configured budget less the decodes beside them, whatever
+            # this step takes (a prompt's tail, or what the free slots and blocks allowed)
+            full = max(self.budget_sizes) if self.budget_sizes else planned.num_prefill_tokens
+            later = max(planned.num_prefill_tokens, full - planned.num_decode_tokens)
             ok &= queue_meets_ttft(planned.prefill_queue, planned.num_prefill_tokens, p90,
-                                   self._clock(), budget, fastest)
+                                   self._clock(), budget, fastest, later_chunk=later)
         elif planned.waiting_tokens > 0:
             # the last waiting prompt's first token: the queue's drain time plus its own step
             drain = planned.waiting_tokens * p90 / planned.num_tokens + p90
@@ -373,7 +401,9 @@ class PredictiveController(Controller):
             experts = float(sum(stats.experts_touched))
             self.experts.update(stats.tau, tokens, experts)
             routed = float(stats.tau < 1.0)
-            self._phase_dimmed[phase] += int(routed)
+            decay = self.phase_latency[phase].decay
+            dimmed, total = self._phase_dimmed[phase]
+            self._phase_dimmed[phase] = (decay * dimmed + routed, decay * total + 1.0)
             for model in (self.latency, self.phase_latency[phase]):
                 model.add(tokens, stats.batch_size, experts, lat, routed)
                 # The fit moves slowly: refitting every few steps saves host time per step.
@@ -429,13 +459,17 @@ class PredictiveController(Controller):
 
 
 def queue_meets_ttft(queue: Sequence[tuple[int, float]], chunk: int, p90: np.ndarray, now: float,
-                     budget_s: float, fastest_s: Optional[float] = None) -> np.ndarray:
+                     budget_s: float, fastest_s: Optional[float] = None,
+                     later_chunk: Optional[int] = None) -> np.ndarray:
     """Whether every queued prompt that can still make it gets its first token within
     `budget_s` of its arrival, at each latency in `p90` (a step's P90 at each rung).
     `queue`: (prompt tokens still to compute, arrival time) in the order they are served,
     this step's chunks included (`PlannedStep.prefill_queue`); `chunk`: the prompt tokens a
-    step takes. A prompt's first token comes at the end of the step that computes its last
-    token: ceil(its own and all earlier tokens / chunk) steps from now. The check counts
+    step takes, `later_chunk` those of each later step (default: `chunk`). A prompt's first
+    token comes at the end of the step that computes its last token: this step for the
+    prompts it finishes, else 1 + ceil((its own and all earlier tokens - chunk) /
+    later_chunk) steps from now. Prompts held back by sequence slots or KV blocks rather
+    than by tokens are not modelled. The check counts
     the time a prompt has already waited, so a queue admitted on the credit of dimming
     (`prefill_speedup`) is dimmed for, although its tail alone would drain at the current
     rung. A prompt that misses even at `fastest_s` (the fastest rung's P90; default: the
@@ -443,7 +477,8 @@ def queue_meets_ttft(queue: Sequence[tuple[int, float]], chunk: int, p90: np.nda
     counting it would dim every step until it is served."""
     tokens = np.array([t for t, _ in queue], dtype=float)
     left = budget_s - (now - np.array([a for _, a in queue], dtype=float))  # inf: no deadline
-    steps = np.ceil(np.cumsum(tokens) / max(chunk, 1))
+    later = max(int(later_chunk if later_chunk is not None else chunk), 1)
+    steps = 1.0 + np.ceil(np.maximum(np.cumsum(tokens) - chunk, 0.0) / later)
     p90 = np.atleast_1d(np.asarray(p90, dtype=float))
     fastest = float(p90.min()) if fastest_s is None else min(fastest_s, float(p90.min()))
     savable = steps * fastest <= left

@@ -27,9 +27,9 @@ class PredictiveTuning:
     z: float = 1.28
     # steps the models need before they are trusted; until then the policy acts as aimd
     min_samples: int = 24
-    # dimmed steps a phase's own latency fit needs before it replaces the pooled fit: fed
-    # undimmed steps alone it cannot price what fewer experts save
-    phase_fit_dimmed_samples: int = 24
+    # share of dimmed steps in a phase's own latency fit (by its decayed weight) before it
+    # replaces the pooled fit: fed mostly undimmed steps it cannot price what fewer experts save
+    phase_fit_dimmed_share: float = 0.2
     # raise tau only when P90 <= target * (1 - hysteresis), so tau does not flap at the edge
     hysteresis: float = 0.05
     # tau rises at most this much per second; lowering is immediate (safety first)
@@ -120,7 +120,7 @@ class PredictiveTuning:
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
                 raise ValidationError(f.name, f"must be a non-negative number, got {value!r}")
         for name in ("grid_points", "min_samples", "refit_every", "tau_buckets", "min_prefill_chunk",
-                     "shed_credit_samples", "phase_fit_dimmed_samples"):
+                     "shed_credit_samples"):
             if not isinstance(getattr(self, name), int):
                 raise ValidationError(name, f"must be an integer, got {getattr(self, name)!r}")
         for name in ("grid_points", "tau_buckets"):

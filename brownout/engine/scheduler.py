@@ -196,7 +196,10 @@ class Scheduler:
         order). A request that already has its first token (one preempted and recomputing)
         has arrival time +inf: its tokens are ahead of the others, but no first-token
         deadline is its own. The SLO controller reads it to check each queued prompt's first
-        token against the TTFT SLO from the time it arrived (`PlannedStep.prefill_queue`)."""
+        token against the TTFT SLO from the time it arrived (`PlannedStep.prefill_queue`).
+        A waiting request counts all its tokens not yet computed, as the queue view does: a
+        prefix the cache will supply is not known before it is scheduled, so a queue of
+        shared prefixes reads longer than it computes (the check errs toward dimming)."""
         out = [(_prefill_left(r), _ttft_clock(r)) for r in self.running if _prefill_left(r) > 0]
         out += [(r.num_tokens - r.num_computed, _ttft_clock(r)) for r in self.waiting.in_order()]
         return tuple(out)

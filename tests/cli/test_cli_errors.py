@@ -256,7 +256,11 @@ def test_serve_rung_prices_flag(tmp_path):
         return build_configs(build_parser(["serve"]).parse_args(["serve", *argv]), {})[0]
 
     prices = ASSETS / "demo" / "ladder-prices.json"
-    assert configs("--rung-prices", str(prices)).brownout.rung_prices == str(prices)
+    assert configs("--rung-prices", str(prices)).brownout.rung_prices == str(prices.resolve())
+    bad = tmp_path / "bad.json"
+    bad.write_text("{\"prices\": []}")
+    with pytest.raises(ValidationError, match="rung_prices: .*is not a price table"):
+        configs("--rung-prices", str(bad))
     assert configs().brownout.rung_prices is None
     with pytest.raises(ValidationError, match="rung_prices: expected a price table file"):
         configs("--rung-prices", str(tmp_path / "missing.json"))

@@ -91,8 +91,8 @@ def test_running_cap_is_the_batch_whose_step_meets_tpot_at_the_fastest_rung():
     ctrl, _ = _ladder(theta=theta)
     cap = ctrl.running_cap(Queue(max_num_seqs=128))
 
-    def step(b):  # a step of b decodes, and the minimal chunk's tokens beside them
-        return theta[0] + theta[1] * (b + ctrl.tuning.min_prefill_chunk) + theta[2] * b
+    def step(b):  # a step of b decodes and the minimal chunk (its tokens and sequence)
+        return theta[0] + theta[1] * (b + ctrl.tuning.min_prefill_chunk) + theta[2] * (b + 1)
     assert step(cap) <= 0.019 < step(cap + 1)
     assert ctrl.cap == cap
     ctrl, _ = _ladder()  # cheap sequences: the cap is max_num_seqs
@@ -113,10 +113,10 @@ def test_running_cap_takes_the_chunk_cost_from_the_prefill_fit():
     prefill = ctrl.phase_latency[PREFILL]
     prefill.theta = np.array([7.6e-3, 7e-6, 4.6e-4, 0.0, 0.0])
     prefill.num_samples = ctrl.tuning.min_samples
-    ctrl._phase_dimmed[PREFILL] = ctrl.tuning.phase_fit_dimmed_samples
+    ctrl._phase_dimmed[PREFILL] = (1.0, 1.0)  # every step it was fed was dimmed
     cap = ctrl.running_cap(Queue(max_num_seqs=128))
-    # 3.7 ms + 0.66 ms per decode + 32 x 7 us <= 15.2 ms: 17 decodes
-    assert cap == 17
+    # 3.7 ms + 0.66 ms per decode + 32 x 7 us + 0.46 ms (the chunk's sequence) <= 15.2 ms
+    assert cap == 16
 
 
 def test_an_exempt_step_is_counted_and_runs_undimmed_without_per_token_exemption():
@@ -131,3 +131,14 @@ def test_an_exempt_step_is_counted_and_runs_undimmed_without_per_token_exemption
     off = make_controller(SLOConfig(policy="off"), FakeClock())
     off.choose_rungs(PlannedStep(16, 0, 1, exempt=True))
     assert off.num_exempt_steps == 0  # undimmed anyway: nothing was exempted
+
+
+def test_running_cap_credits_shedding_only_after_shed_steps_taught_it():
+    from brownout.control.prices import PriceTable
+    theta = (2e-3, 2e-5, 5e-4, 0.0, 0.0)
+    ctrl, _ = _ladder(theta=theta)
+    before = ctrl.running_cap(Queue(max_num_seqs=128))
+    ctrl.enable_ladder(PriceTable.from_dict({"model_top_k": 4, "prices": [
+        {"top_k": 4, "tau": 1.0, "ppl_increase": 0.0}, {"top_k": 1, "tau": 1.0, "ppl_increase": 0.1}]}))
+    assert ctrl.credited_shed_ratio() == 1.0  # the prior's guess is not counted on
+    assert ctrl.running_cap(Queue(max_num_seqs=128)) == before

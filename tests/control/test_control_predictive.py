@@ -251,6 +251,18 @@ def test_queue_meets_ttft_counts_steps_to_each_first_token():
     assert queue_meets_ttft(lost, 1024, p90, now=0.0, budget_s=0.76).tolist() == [False, True, True]
 
 
+def test_queue_meets_ttft_counts_later_steps_at_their_own_chunk():
+    """A step carrying only a prompt's 32-token tail does not make every later step that
+    small: the prompts behind it come at the later steps' chunk."""
+    from brownout.control.predictive import queue_meets_ttft
+    queue = [(32, 0.0), (96, 0.0)]
+    p90 = np.array([0.3, 0.2])
+    # at 32 tokens a step the second prompt is 4 steps away (only the faster rung makes
+    # it); at 1024 tokens a later step, 2 (both do)
+    assert queue_meets_ttft(queue, 32, p90, now=0.0, budget_s=0.91, later_chunk=1024).tolist() == [True, True]
+    assert queue_meets_ttft(queue, 32, p90, now=0.0, budget_s=0.91).tolist() == [False, True]
+
+
 @pytest.mark.parametrize("expert_cost", [0.0, 0.002])
 def test_unreachable_slo_dims_only_when_dimming_pays(expert_cost):
     """No tau can meet the step SLO. When fewer experts make the step faster (here in
@@ -479,9 +491,16 @@ def test_a_phase_is_predicted_by_the_pooled_fit_until_it_has_min_samples_and_dim
     # fitted on enough steps, but none dimmed: it cannot tell what dimming saves
     assert ctrl.phase_latency[PREFILL].theta is not None
     assert ctrl.latency_model(PREFILL) is ctrl.latency
-    for i in range(ctrl.tuning.phase_fit_dimmed_samples - 1):
+    assert ctrl.dimmed_share(PREFILL) == 0.0
+    i = 0
+    while ctrl.dimmed_share(PREFILL) < ctrl.tuning.phase_fit_dimmed_share:
+        assert ctrl.latency_model(PREFILL) is ctrl.latency  # too few dimmed steps yet
         ctrl.observe_step(_phase_step(PREFILL, 0.9 - 0.05 * (i % 10), rng))
-    assert ctrl.latency_model(PREFILL) is ctrl.latency  # one dimmed step short
-    ctrl.observe_step(_phase_step(PREFILL, 0.5, rng))
+        i += 1
+    # the share counts decayed weights: more dimmed steps than share x steps fed are needed
+    assert i > ctrl.tuning.phase_fit_dimmed_share * 2 * ctrl.tuning.min_samples
     assert ctrl.latency_model(PREFILL) is ctrl.phase_latency[PREFILL]
+    for _ in range(3 * int(ctrl.tuning.half_life_steps)):  # undimmed again for long: forgotten
+        ctrl.observe_step(_phase_step(PREFILL, 1.0, rng))
+    assert ctrl.latency_model(PREFILL) is ctrl.latency
     assert ctrl.latency_model(DECODE) is ctrl.phase_latency[DECODE]
