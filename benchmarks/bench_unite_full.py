@@ -128,6 +128,18 @@ def wrapped(module, name: str, make_wrapper):
 
 # ---- the checkpoint ----------------------------------------------------------------------
 
+def timed(meter: Meter, name: str, layer_of=None):
+    """A wrapper for `wrapped` that times each call as the meter's phase `name` (per layer
+    when `layer_of(args, kwargs)` names the call's layer)."""
+    def wrap(fn):
+        def call(*a, **k):
+            extra = {} if layer_of is None else {"layer": layer_of(a, k)}
+            with meter.phase(name, **extra):
+                return fn(*a, **k)
+        return call
+    return wrap
+
+
 def model_config(preset: str | None, config: Path | None, layers: int | None):
     """A transformers config of the preset or config.json, cut to its first `layers` layers."""
     from transformers import AutoConfig
@@ -237,30 +249,14 @@ def run_unite(meter: Meter, model_dir: Path, out_dir: Path, args) -> dict:
     unite_cli.add_arguments(parser)
     cli_args = parser.parse_args(flags)
 
-    def timed(name):
-        def wrap(fn):
-            def call(*a, **k):
-                with meter.phase(name):
-                    return fn(*a, **k)
-            return call
-        return wrap
-
-    def per_layer(name, layer_of):
-        def wrap(fn):
-            def call(*a, **k):
-                with meter.phase(name, layer=layer_of(a, k)):
-                    return fn(*a, **k)
-            return call
-        return wrap
-
     with contextlib.ExitStack() as stack:
-        stack.enter_context(wrapped(loader_module, "load_model", timed("unite.load")))
-        stack.enter_context(wrapped(calibration, "calibration_mix", timed("unite.calibration_mix")))
-        stack.enter_context(wrapped(store, "save_united", timed("unite.save")))
+        stack.enter_context(wrapped(loader_module, "load_model", timed(meter, "unite.load")))
+        stack.enter_context(wrapped(calibration, "calibration_mix", timed(meter, "unite.calibration_mix")))
+        stack.enter_context(wrapped(store, "save_united", timed(meter, "unite.save")))
         # capture_layer(model, i, ...) takes the MoE layer's index, build_layer(..., layer) its
         # decoder layer: equal where every layer is MoE, as in the presets
-        stack.enter_context(wrapped(builder, "capture_layer", per_layer("capture", lambda a, k: a[1])))
-        stack.enter_context(wrapped(builder, "build_layer", per_layer("build", lambda a, k: a[3])))
+        stack.enter_context(wrapped(builder, "capture_layer", timed(meter, "capture", lambda a, k: a[1])))
+        stack.enter_context(wrapped(builder, "build_layer", timed(meter, "build", lambda a, k: a[3])))
         with meter.phase("unite"):
             rc = unite_cli.run(cli_args)
     if rc != 0:
@@ -282,16 +278,8 @@ def run_eval(meter: Meter, model_dir: Path, united_dir: Path, out_json: Path, ar
     eval_cli.add_arguments(parser)
     cli_args = parser.parse_args(flags)
 
-    def timed(name):
-        def wrap(fn):
-            def call(*a, **k):
-                with meter.phase(name):
-                    return fn(*a, **k)
-            return call
-        return wrap
-
-    with wrapped(scoring, "load_eval_model", timed("eval.load")), \
-            wrapped(perplexity, "evaluate_perplexity", timed("eval.score")):
+    with wrapped(scoring, "load_eval_model", timed(meter, "eval.load")), \
+            wrapped(perplexity, "evaluate_perplexity", timed(meter, "eval.score")):
         with meter.phase("eval"):
             rc = eval_cli.run(cli_args)
     if rc != 0:

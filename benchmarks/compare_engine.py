@@ -17,6 +17,8 @@ import gzip
 import json
 from pathlib import Path
 
+from make_tables import routing_overhead_table
+
 # Eager steps are host-bound on a GPU box; graphed steps are what serving runs.
 GRAPHED_ONLY = True
 
@@ -104,10 +106,8 @@ def render_brownout(run_dir: Path) -> str:
         if a and z:
             lines.append(f"| {way} | {batch} | {a['step_ms']:.2f} | {z['step_ms']:.2f} | {z['vs_tau1']:.3f} | "
                          f"{z['ratio_roofline']:.2f} | {z['experts_touched_mean']:.1f} |")
-    lines += ["", "Routing at tau 1 inside one MoE layer (the graphed layer with the routing path vs without):", "",
-              "| batch | plain ms | routed at tau 1 ms | overhead |", "|---|---|---|---|"]
-    for r in d["routing_overhead"]:
-        lines.append(f"| {r['batch']} | {r['plain_ms']:.4f} | {r['routed_tau1_ms']:.4f} | {100 * r['overhead']:.1f}% |")
+    lines += ["", "Routing at tau 1 inside one MoE layer (the graphed layer with the routing path vs without):", ""]
+    lines += routing_overhead_table(d["routing_overhead"])
     return "\n".join(lines) + "\n"
 
 

@@ -24,6 +24,13 @@ def _f(x, d=3):
     return "-" if x is None else (f"{x:.{d}f}" if isinstance(x, float) else str(x))
 
 
+def routing_overhead_table(rows: list[dict]) -> list[str]:
+    """The `brownout` stage's routing-overhead rows (bench_engine.py) as a markdown table."""
+    return ["| batch | plain ms | routed at tau 1 ms | overhead |", "|---|---|---|---|"] + [
+        f"| {r['batch']} | {r['plain_ms']:.4f} | {r['routed_tau1_ms']:.4f} | {100 * r['overhead']:.1f}% |"
+        for r in rows]
+
+
 def engine(name: str) -> None:
     """Tables of a `bench_engine.py` run collected into engine/NAME.json (any of its stages)."""
     data = json.loads((ENGINE / f"{name}.json").read_text())
@@ -53,10 +60,8 @@ def engine(name: str) -> None:
         for r in b["moe_layer"]:
             md.append(f"| {r['way']} | {r['batch']} | {r['tau']} | {r['ms']:.4f} | {r['slots_touched']} | "
                       f"{r['ratio_roofline']:.2f} | {r['vs_no_brownout']:.3f} |")
-        md += ["", "Routing overhead at tau = 1 (routed graph vs routing-free graph, MoE layer):", "",
-               "| batch | plain ms | routed at tau 1 ms | overhead |", "|---|---|---|---|"]
-        for r in b["routing_overhead"]:
-            md.append(f"| {r['batch']} | {r['plain_ms']:.4f} | {r['routed_tau1_ms']:.4f} | {100 * r['overhead']:.1f}% |")
+        md += ["", "Routing overhead at tau = 1 (routed graph vs routing-free graph, MoE layer):", ""]
+        md += routing_overhead_table(b["routing_overhead"])
         md += ["", "## Brownout: full decode step (CUDA graph, context 512) vs tau", "",
                "| way | batch | tau | step ms | vs tau 1 | / roofline | experts touched / layer |",
                "|---|---|---|---|---|---|---|"]
