@@ -1,4 +1,4 @@
-"""lm-eval's `local-completions` model against a real server, as the README's recipe runs it:
+"""lm-eval's `local-completions` model against a real server, as the recipe in docs/evaluating.md runs it:
 a tiny local multiple-choice task and a rolling log-likelihood task, with the server's own
 tokenizer (/tokenize, /detokenize, /tokenizer_info: `tokenizer_backend=remote`) and with the
 model directory's (`tokenizer_backend=huggingface`), which must agree. Skipped when lm-eval
