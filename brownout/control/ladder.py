@@ -25,14 +25,21 @@ step):
             still drains in time at it (TTFT cap <= TPOT cap); where it does not, the
             configured budget, and dimming answers TPOT. So a step is smaller under TPOT
             pressure and larger (back to the configured budget) under TTFT pressure.
-Rung 4, the running-batch cap: the largest batch B (at most max_num_seqs) whose step of B
-decodes and a minimal prompt chunk is predicted (the decodes by the decode fit, the chunk's
-tokens and sequence at the prefill fit's costs) to fit the TPOT target at the fastest rung
-the controller may count on (min_tau; the smallest priced k' once shed steps confirmed its
-speed-up): past it not even the lowest rung meets TPOT, and where not even one sequence
-meets it there is no cap (the batch is not what breaks TPOT),
-so further requests wait (the scheduler admits none beyond the cap) and TTFT admission,
-which counts slots up to the cap, refuses those whose first token would miss.
+Rung 4, the running-batch cap: the largest batch B (at most max_num_seqs) whose predicted
+TPOT meets the TPOT target, tpot_s * (1 - margin - decode pressure), at the fastest rung the
+controller may count on (min_tau; the smallest priced k' once shed steps confirmed its
+speed-up). A decoding sequence's TPOT is the mean period of the steps it rides in, so it is
+priced as the mean step of B decodes (the decode fit, plus its residual bias) plus the prompt
+work the traffic brings per decode, B * (q_tok * c_tok + q_seq * c_seq): q_tok prompt
+tokens and q_seq prefilling sequences per decode token, as measured over the last few
+seconds of steps, at the prefill fit's per-token and per-sequence costs (a running batch
+held at B takes in new prompts as fast as it finishes requests, so this is what each step
+carries on average, whatever the chunking), plus the host time measured between steps.
+Past the cap not even the lowest rung meets TPOT, and where not even one sequence meets it
+there is no cap (the batch is not what breaks TPOT), so further requests wait (the
+scheduler admits none beyond the cap) and TTFT admission, which counts slots up to the cap,
+refuses those whose first token would miss. The decode fit alone would not price the
+prompt work: it has seen only steps whose tokens equal their sequences.
 Until the models are fitted both rungs keep the configured values.
 """
 
@@ -46,10 +53,19 @@ import numpy as np
 from brownout.control.base import QueueState, register_policy
 from brownout.control.predictive import PredictiveController
 from brownout.control.windows import DECODE, PREFILL
+from brownout.types import StepStats
 
 # the user-facing TPOT P90 is read at most this often: a percentile over the window per step
 # would cost host time on every step, and the window moves slowly
 TPOT_READ_S = 0.05
+# the running cap is recomputed at least this often, as the traffic's prompt mix, the host
+# time and the pressure move between refits: a binary search per step would cost host time
+CAP_REFRESH_S = 0.25
+# the prompt mix and the host time are averaged with this half-life: long enough to span
+# many requests' prompts, short enough to follow a burst's mix within a few seconds
+MIX_HALF_LIFE_S = 2.0
+# a pause between steps longer than this is the engine waiting for work, not host time
+HOST_GAP_CLIP_S = 0.01
 
 
 @register_policy
@@ -64,6 +80,11 @@ class LadderController(PredictiveController):
         super().__init__(*args, **kwargs)
         self._tpot_read: tuple[float, Optional[float]] = (-math.inf, None)  # (time, TPOT P90)
         self._cap_key: Optional[tuple] = None
+        self._cap_time = -math.inf
+        # decayed sums: prompt tokens, prefilling sequences, decode tokens; host gaps, steps
+        self._mix = np.zeros(3)
+        self._gap = np.zeros(2)
+        self._last_step: Optional[tuple[float, float]] = None  # (time of its end, of the update)
 
     # -- rung 3 -------------------------------------------------------------------------
     def choose_token_budget(self, queue: QueueState) -> Optional[int]:
@@ -131,47 +152,73 @@ class LadderController(PredictiveController):
 
     # -- rung 4 -------------------------------------------------------------------------
     def running_cap(self, queue: QueueState) -> Optional[int]:
-        # the cap moves with the latency fits only: recomputed when one was refit
+        # recomputed when a latency fit was refit, and every CAP_REFRESH_S for the rest
         key = (self.latency.num_samples // self.tuning.refit_every,
                self.phase_latency[DECODE].num_samples // self.tuning.refit_every,
                self.phase_latency[PREFILL].num_samples // self.tuning.refit_every,
                self.latency_model(DECODE) is self.latency, self.latency_model(PREFILL) is self.latency,
                self.credited_shed_ratio(), queue.max_num_seqs)
-        if key != self._cap_key:
-            self._cap_key = key
+        now = self._clock()
+        if key != self._cap_key or now - self._cap_time >= CAP_REFRESH_S:
+            self._cap_key, self._cap_time = key, now
             self.cap = self._cap(queue.max_num_seqs)
         return self.cap
+
+    def _after_step(self, phase: str, stats: StepStats, now: float) -> None:
+        super()._after_step(phase, stats, now)
+        end = stats.start_time + stats.latency_s
+        decay = 1.0
+        if self._last_step is not None:
+            prev_end, prev_now = self._last_step
+            decay = 0.5 ** (max(now - prev_now, 0.0) / MIX_HALF_LIFE_S)
+            gap = stats.start_time - prev_end
+            if 0.0 <= gap <= HOST_GAP_CLIP_S:
+                self._gap = self._gap * decay + (gap, 1.0)
+            else:
+                self._gap *= decay
+        self._last_step = (end, now)
+        prefilling = stats.batch_size - stats.num_decode_tokens if stats.has_prefill else 0
+        self._mix = self._mix * decay + (stats.num_prefill_tokens, max(prefilling, 0),
+                                         stats.num_decode_tokens)
+
+    def prompt_mix(self) -> tuple[float, float]:
+        """(prompt tokens, prefilling sequences) the recent steps carried per decode token."""
+        tokens, seqs, decodes = self._mix
+        return (tokens / decodes, seqs / decodes) if decodes > 0 else (0.0, 0.0)
+
+    def host_gap_s(self) -> float:
+        """Mean host time between the recent steps (pauses for work left out)."""
+        total, steps = self._gap
+        return total / steps if steps > 0 else 0.0
 
     def _cap(self, max_num_seqs: int) -> Optional[int]:
         if not self.ready:
             return None
-        target = self.slo.tpot_s * (1.0 - self.tuning.margin)
-        if self._fastest_p90(max_num_seqs) <= target:
+        target = self.slo.tpot_s * (1.0 - self.tuning.margin - self._pressure[DECODE])
+        if self.predicted_tpot(max_num_seqs) <= target:
             return max_num_seqs
-        if self._fastest_p90(1) > target:
-            # no batch meets TPOT: what breaks it is not the batch (a prompt chunk beside the
-            # decodes, or the fit), so a cap would refuse requests and buy no TPOT
+        if self.predicted_tpot(1) > target:
+            # no batch meets TPOT: what breaks it is not the batch (the prompt work beside
+            # the decodes, or the fit), so a cap would refuse requests and buy no TPOT
             return None
         lo, hi = 1, max_num_seqs  # the fastest rung meets the target at lo
         while hi - lo > 1:
             mid = (lo + hi) // 2
-            if self._fastest_p90(mid) <= target:
+            if self.predicted_tpot(mid) <= target:
                 lo = mid
             else:
                 hi = mid
         return lo
 
-    def _fastest_p90(self, batch: int) -> float:
-        """Predicted P90 of a step of `batch` decodes and a minimal prompt chunk at the
-        fastest rung: the decode fit's step of `batch` decodes plus the chunk's tokens and
-        its sequence at the prefill fit's costs, priced with the decode residual, as the TPOT it guards.
-        The decode fit alone would not do: it has seen only steps whose tokens equal their
-        sequences, so its token and sequence slopes are not apart and extrapolate badly to a
-        step with more tokens than sequences."""
+    def predicted_tpot(self, batch: int) -> float:
+        """Predicted TPOT of a sequence among `batch` decoding ones at the fastest rung: the
+        mean step of `batch` decodes (decode fit and its residual bias), the prompt work the
+        recent traffic brings per decode at the prefill fit's costs, and the host gap."""
         lat = self.predict_latency([float(self.grid[-1])], batch, batch, phase=DECODE)
         theta = self.latency_model(PREFILL).theta
         if lat is None or theta is None or not np.isfinite(lat[0]):
             return math.inf
-        lat = lat + max(float(theta[1]), 0.0) * self.tuning.min_prefill_chunk + max(float(theta[2]), 0.0)
-        lat = lat * self.credited_shed_ratio()
-        return float(self._p90(DECODE, lat)[0])
+        q_tok, q_seq = self.prompt_mix()
+        prompt = batch * (q_tok * max(float(theta[1]), 0.0) + q_seq * max(float(theta[2]), 0.0))
+        step = (float(lat[0]) + prompt) * self.credited_shed_ratio() + self._bias[DECODE]
+        return max(step, 0.0) + self.host_gap_s()

@@ -7,7 +7,11 @@
          faster than linearly in T (distinct experts cannot grow faster than T * top_k).
   r(tau) the ratio E / E1(T) observed at each tau bucket (0.1 wide), with r(1) = 1 and a
          prior knot at tau = 0 until that bucket is seen; made non-decreasing in tau
-         (raising a noisy dip: over-predicting experts errs on the safe side).
+         (raising a noisy dip: over-predicting experts errs on the safe side). The ratio
+         depends on T: a few tokens touch few experts at any tau, while a large step at tau
+         1 touches nearly all and at tau 0 only the united ones (about 0.3 of them at 1024
+         tokens against 0.7 at a handful), so a tau bucket seen at T's log2 bucket often
+         enough uses that bucket's own ratio, the pooled one otherwise.
 `StepLatencyModel` fits latency ~ a + b*tokens + c*batch + d*experts + r*routed by ridge least
 squares with exponential forgetting (recent steps weigh more); the slopes are shrunk
 toward a prior that gives a share `prior_expert_share` of the mean latency to expert reads (decode is
@@ -39,6 +43,9 @@ RIDGE_MEAN_FLOOR = 1e-6
 RIDGE_ABS_FLOOR = 1e-9
 # two token buckets closer than this in log2(T) give no slope to extrapolate with
 MIN_BUCKET_GAP = 1e-9
+# a token bucket's own ratio E / E1 at a tau bucket replaces the pooled one after this many
+# steps: one step's count of experts is noisy
+BUCKET_RATIO_MIN_SAMPLES = 4
 # a spread (and so a fit) needs at least two steps
 MIN_FIT_SAMPLES = 2
 
@@ -58,8 +65,9 @@ class ExpertsModel:
         self.single_bucket_growth = tuning.single_bucket_growth
         self._full: dict[int, list] = {}  # log2 bucket -> [n, mean log2 T, mean E1]
         self._ratio: dict[int, list] = {}  # tau bucket -> [n, mean ratio]
+        self._ratio_at: dict[tuple[int, int], list] = {}  # (log2 T bucket, tau bucket) -> same
         self._full_knots: Optional[tuple[np.ndarray, np.ndarray]] = None  # caches, reset on update
-        self._ratio_knots: Optional[tuple[np.ndarray, np.ndarray]] = None
+        self._ratio_knots: dict[Optional[int], tuple[np.ndarray, np.ndarray]] = {}
 
     @property
     def ready(self) -> bool:
@@ -79,10 +87,13 @@ class ExpertsModel:
         full = self.full(tokens)
         if full is None or full <= 0:
             return
-        rec = self._ratio.setdefault(int(round(tau * self.tau_buckets)), [0, 0.0])
-        rec[0] += 1
-        rec[1] = _running_update(rec[1], rec[0], min(experts / full, self.max_ratio), self.alpha)
-        self._ratio_knots = None
+        b = int(round(tau * self.tau_buckets))
+        ratio = min(experts / full, self.max_ratio)
+        for rec in (self._ratio.setdefault(b, [0, 0.0]),
+                    self._ratio_at.setdefault((int(math.log2(tokens)), b), [0, 0.0])):
+            rec[0] += 1
+            rec[1] = _running_update(rec[1], rec[0], ratio, self.alpha)
+        self._ratio_knots = {}
 
     def full(self, tokens: float) -> Optional[float]:
         """E1(T): experts touched at tau = 1 by a step of `tokens` tokens."""
@@ -105,25 +116,30 @@ class ExpertsModel:
             slope = self.single_bucket_growth * ys[-1]  # one bucket only
         return float(min(cap, ys[-1] + slope * (lx - xs[-1])))
 
-    def ratio(self, taus: np.ndarray) -> np.ndarray:
-        """r(tau) = E(tau) / E1, non-decreasing in tau, r(1) = 1."""
-        if self._ratio_knots is None:
+    def ratio(self, taus: np.ndarray, tokens: Optional[float] = None) -> np.ndarray:
+        """r(tau) = E(tau) / E1, non-decreasing in tau, r(1) = 1; at a step of `tokens` tokens
+        where its log2 bucket was seen at a tau bucket, that bucket's own ratio there."""
+        tb = int(math.log2(tokens)) if tokens is not None and tokens >= 1 else None
+        if tb not in self._ratio_knots:
             knots = {1.0: 1.0}
             for b, (n, r) in self._ratio.items():
+                own = self._ratio_at.get((tb, b)) if tb is not None else None
+                if own is not None and own[0] >= BUCKET_RATIO_MIN_SAMPLES:
+                    n, r = own
                 if n > 0:
                     knots[b / self.tau_buckets] = r
             if 0.0 not in knots:
                 knots[0.0] = min([self.r0_prior, *knots.values()])
             kx = np.array(sorted(knots))
-            self._ratio_knots = (kx, np.maximum.accumulate(np.array([knots[x] for x in kx])))
-        kx, ky = self._ratio_knots
+            self._ratio_knots[tb] = (kx, np.maximum.accumulate(np.array([knots[x] for x in kx])))
+        kx, ky = self._ratio_knots[tb]
         return np.interp(np.clip(taus, 0.0, 1.0), kx, ky)
 
     def predict(self, taus: np.ndarray, tokens: float) -> Optional[np.ndarray]:
         full = self.full(tokens)
         if full is None:
             return None
-        return full * self.ratio(np.asarray(taus, dtype=float))
+        return full * self.ratio(np.asarray(taus, dtype=float), tokens)
 
 
 class StepLatencyModel:

@@ -288,7 +288,7 @@ class PredictiveController(Controller):
             "experts at tau 0.5 / 0: %.2f / %.2f of tau 1", phase, planned.num_tokens,
             planned.batch_size, planned.num_waiting, tau, self._mode, at[1.0], at[0.5], at[0.0],
             self._target(phase) * 1e3, theta[0] * 1e3, theta[1] * 1e6, theta[2] * 1e6, theta[3] * 1e6,
-            theta[4] * 1e3, *self.experts.ratio(np.array([0.5, 0.0])))
+            theta[4] * 1e3, *self.experts.ratio(np.array([0.5, 0.0]), max(planned.num_tokens, 1)))
 
     def _target(self, phase: str) -> float:
         growth = self.tuning.growth_margin if self._queue_growing() else 0.0

@@ -10,8 +10,8 @@ import pytest
 
 from brownout.config import SLOConfig
 from brownout.control import PlannedStep, make_controller
-from brownout.control.windows import PREFILL
-from brownout.types import Rungs
+from brownout.control.windows import DECODE, PREFILL
+from brownout.types import Rungs, StepStats
 from simulated_engine import FakeClock
 
 SIZES = (16, 32, 64, 128, 256, 512, 768, 1024)
@@ -86,14 +86,23 @@ def test_other_policies_keep_the_configured_budget_and_batch():
     assert ctrl.running_cap(Queue(num_running=4)) is None
 
 
-def test_running_cap_is_the_batch_whose_step_meets_tpot_at_the_fastest_rung():
+def _steps(ctrl, clock, n, *, prompt, decodes, prefilling=1, latency=0.01, gap=0.002):
+    """Feed `n` mixed steps of `prompt` prompt tokens beside `decodes` decodes, `gap` apart."""
+    for _ in range(n):
+        ctrl.observe_step(StepStats(start_time=clock(), latency_s=latency, num_prefill_tokens=prompt,
+                                    num_decode_tokens=decodes, batch_size=decodes + prefilling,
+                                    has_prefill=prompt > 0, tau=1.0))
+        clock.t += latency + gap
+
+
+def test_running_cap_is_the_batch_whose_tpot_meets_the_target_at_the_fastest_rung():
     theta = (2e-3, 2e-5, 5e-4, 0.0, 0.0)  # 0.5 ms per sequence
     ctrl, _ = _ladder(theta=theta)
     cap = ctrl.running_cap(Queue(max_num_seqs=128))
 
-    def step(b):  # a step of b decodes and the minimal chunk (its tokens and sequence)
-        return theta[0] + theta[1] * (b + ctrl.tuning.min_prefill_chunk) + theta[2] * (b + 1)
-    assert step(cap) <= 0.019 < step(cap + 1)
+    def tpot(b):  # decode-only traffic, no host gap seen yet: the decode step of b sequences
+        return theta[0] + theta[1] * b + theta[2] * b
+    assert tpot(cap) <= 0.019 < tpot(cap + 1)
     assert ctrl.cap == cap
     ctrl, _ = _ladder()  # cheap sequences: the cap is max_num_seqs
     assert ctrl.running_cap(Queue(max_num_seqs=64)) == 64
@@ -105,18 +114,48 @@ def test_no_running_cap_when_not_even_one_sequence_meets_tpot():
     assert ctrl.running_cap(Queue(max_num_seqs=128)) is None
 
 
-def test_running_cap_takes_the_chunk_cost_from_the_prefill_fit():
-    # the decode fit's collinear token and sequence slopes (0.33 ms each, as fitted on steps
-    # whose tokens equal their sequences) must not price the chunk's 32 tokens: at 0.33 ms a
-    # token a chunk alone would cost 10.5 ms and cap the batch near 1
-    ctrl, _ = _ladder(theta=(3.7e-3, 3.3e-4, 3.3e-4, 0.0, 0.0), tpot_s=0.016)
+def test_running_cap_prices_the_prompt_work_per_decode_and_the_host_gap():
+    # decode fit: 3.75 ms + 0.1 ms per decode; prefill fit: 10 us a prompt token, 0.5 ms a
+    # prefilling sequence. Traffic brings 4 prompt tokens and 0.01 prefilling sequences per
+    # decode token, with 2 ms of host time between steps: TPOT(B) = 3.75 ms + 2 ms +
+    # B * (0.1 + 0.04 + 0.005) ms, which meets 19 ms up to B = 91 (decodes alone: B = 152)
+    ctrl, clock = _ladder(theta=(3.75e-3, 5e-5, 5e-5, 0.0, 0.0))
     prefill = ctrl.phase_latency[PREFILL]
-    prefill.theta = np.array([7.6e-3, 7e-6, 4.6e-4, 0.0, 0.0])
+    prefill.theta = np.array([5e-3, 1e-5, 5e-4, 0.0, 0.0])
     prefill.num_samples = ctrl.tuning.min_samples
     ctrl._phase_dimmed[PREFILL] = (1.0, 1.0)  # every step it was fed was dimmed
-    cap = ctrl.running_cap(Queue(max_num_seqs=128))
-    # 3.7 ms + 0.66 ms per decode + 32 x 7 us + 0.46 ms (the chunk's sequence) <= 15.2 ms
-    assert cap == 16
+    assert ctrl.running_cap(Queue(max_num_seqs=256)) == 152
+    # 100 decodes and 400 prompt tokens a step, one prefilling sequence every 100 decodes
+    _steps(ctrl, clock, 50, prompt=400, decodes=100, prefilling=0)
+    _steps(ctrl, clock, 1, prompt=0, decodes=100, prefilling=0)
+    q_tok, _ = ctrl.prompt_mix()
+    assert q_tok == pytest.approx(4.0, rel=0.05)
+    assert ctrl.host_gap_s() == pytest.approx(0.002)
+    ctrl._mix[1] = 0.01 * ctrl._mix[2]  # the prefilling sequences per decode, as stated
+    clock.t += 1.0  # past the cap's refresh interval
+    cap = ctrl.running_cap(Queue(max_num_seqs=256))
+    q_tok, _ = ctrl.prompt_mix()
+
+    def tpot(b):
+        return 3.75e-3 + 2e-3 + b * (1e-4 + q_tok * 1e-5 + 0.01 * 5e-4)
+    assert tpot(cap) <= 0.019 < tpot(cap + 1)
+    assert 85 <= cap <= 95
+
+
+def test_tpot_pressure_lowers_the_running_cap():
+    ctrl, clock = _ladder(theta=(2e-3, 2e-5, 5e-4, 0.0, 0.0))
+    before = ctrl.running_cap(Queue(max_num_seqs=128))
+    ctrl._pressure[DECODE] = 0.2
+    clock.t += 1.0
+    assert ctrl.running_cap(Queue(max_num_seqs=128)) < before
+
+
+def test_pauses_for_work_are_not_host_time():
+    ctrl, clock = _ladder()
+    _steps(ctrl, clock, 5, prompt=0, decodes=8, gap=0.5)  # idle between requests
+    assert ctrl.host_gap_s() == 0.0
+    _steps(ctrl, clock, 5, prompt=0, decodes=8, gap=0.001)
+    assert ctrl.host_gap_s() == pytest.approx(0.001)
 
 
 def test_an_exempt_step_is_counted_and_runs_undimmed_without_per_token_exemption():

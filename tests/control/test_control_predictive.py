@@ -99,6 +99,24 @@ def test_experts_model_monotone_and_learns_ratio():
     assert np.all(np.isfinite(m.predict(grid, 64)))
 
 
+
+def test_experts_ratio_is_learned_per_token_bucket():
+    # a handful of tokens keep most of their experts at tau 0, a large step only the united
+    # ones: one pooled ratio would price both at their mix
+    m = ExpertsModel()
+    for tokens, experts in ((4, 12), (1024, 60)):
+        for _ in range(5):
+            m.update(1.0, tokens, experts)
+    for _ in range(5):
+        m.update(0.0, 4, 9)  # 0.75 of tau 1
+        m.update(0.0, 1024, 15)  # 0.25 of tau 1
+    assert m.predict([0.0], 4)[0] == pytest.approx(9)
+    assert m.predict([0.0], 1024)[0] == pytest.approx(15)
+    assert m.ratio(np.array([0.0]))[0] == pytest.approx(0.5)  # pooled: the mean of both
+    assert m.predict([0.0], 64)[0] == pytest.approx(0.5 * m.full(64))  # unseen bucket: pooled
+    m.update(0.0, 64, 1.0)  # one step is not enough to replace the pooled ratio
+    assert m.predict([0.0], 64)[0] == pytest.approx(m.ratio(np.array([0.0]))[0] * m.full(64))
+
 # -- the controller -------------------------------------------------------------------
 def test_behaves_like_aimd_until_it_has_data():
     clock = FakeClock()
