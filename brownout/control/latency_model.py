@@ -95,6 +95,14 @@ class ExpertsModel:
             rec[1] = _running_update(rec[1], rec[0], ratio, self.alpha)
         self._ratio_knots = {}
 
+    def bucket_known(self, tokens: float, tau: float) -> bool:
+        """Whether steps of `tokens` tokens were seen at `tau`'s bucket often enough for
+        their own ratio to replace the pooled one."""
+        if tokens < 1 or tau >= 1.0 - 0.5 / self.tau_buckets:
+            return True  # tau 1 needs no ratio
+        rec = self._ratio_at.get((int(math.log2(tokens)), int(round(tau * self.tau_buckets))))
+        return rec is not None and rec[0] >= BUCKET_RATIO_MIN_SAMPLES
+
     def full(self, tokens: float) -> Optional[float]:
         """E1(T): experts touched at tau = 1 by a step of `tokens` tokens."""
         if not self._full or tokens <= 0:

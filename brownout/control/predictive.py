@@ -46,6 +46,10 @@ Decision for a planned step of phase p (prefill or decode) with T tokens and B r
              for a host-bound step, so no accuracy is spent for nothing). With requests
              waiting every percent of step time is a percent of the rate the queue drains
              at, so small gains are taken.
+Exploring: where no tau qualifies and steps of this size (log2 of T) were never seen at the
+fastest tau often enough to know their own experts ratio, the step runs at the fastest tau
+(unshed) instead of best effort: the pooled ratio of other sizes may hide what dimming saves
+this one, and a model that prices dimming at nothing never dims to learn otherwise.
 Smoothing: lowering is immediate (safety first); raising needs P90 <= target * (1 -
 hysteresis) and is limited to `max_raise_per_s` per second, so tau does not flap.
 Until the models have `min_samples` steps (or when steps carry no expert counts), the
@@ -202,6 +206,7 @@ class PredictiveController(Controller):
     def _decide(self, phase: str, planned: PlannedStep, now: float) -> float:
         self._note_waiting(now, planned.num_waiting)
         self._pending = None
+        self._mode = ""
         if phase == PREFILL:
             self._last_prefill = (planned.num_tokens, planned.batch_size)
         prev = self._tau[phase]
@@ -236,7 +241,9 @@ class PredictiveController(Controller):
         phase = planned.phase
         self._top_k[phase] = None
         self._shed_pending = None
-        rung = self._shed_rung(phase, planned, tau) if self._shed is not None else None
+        # an exploring step runs unshed: a shed step does not teach the experts model
+        rung = self._shed_rung(phase, planned, tau) \
+            if self._shed is not None and self._mode != "explore" else None
         if rung is None:
             return Rungs(tau=tau)
         tau, top_k = rung
@@ -342,6 +349,13 @@ class PredictiveController(Controller):
             if ok_grid.any():
                 self._mode = "dim"
                 return float(self.grid[np.argmax(ok_grid)])
+            if not self.experts.bucket_known(planned.num_tokens, float(self.grid[-1])):
+                # no rung meets the target, and what dimming saves a step of this size was
+                # never seen: the pooled experts ratio of other sizes may hide it (a handful
+                # of tokens keeps most of its experts at tau 0, a large chunk few), so the
+                # fastest tau is tried until the size's own ratio is known
+                self._mode = "explore"
+                return float(self.grid[-1])
             urgent = phase == DECODE and self._pressure[DECODE] > 0
             self._mode = "best effort, fastest" if urgent else "best effort"
             return self._best_effort(p90[:-1], queued=planned.num_waiting > 0,

@@ -11,7 +11,7 @@ import pytest
 
 from brownout.config import SLOConfig
 from brownout.control import AIMDController, PlannedStep, make_controller
-from brownout.control.latency_model import ExpertsModel, StepLatencyModel
+from brownout.control.latency_model import BUCKET_RATIO_MIN_SAMPLES, ExpertsModel, StepLatencyModel
 from brownout.control.predictive import PredictiveController
 from brownout.control.windows import DECODE, PREFILL
 from brownout.types import StepStats
@@ -522,3 +522,32 @@ def test_a_phase_is_predicted_by_the_pooled_fit_until_it_has_min_samples_and_dim
         ctrl.observe_step(_phase_step(PREFILL, 1.0, rng))
     assert ctrl.latency_model(PREFILL) is ctrl.latency
     assert ctrl.latency_model(DECODE) is ctrl.phase_latency[DECODE]
+
+
+def test_a_step_size_never_seen_dimmed_is_explored_at_the_fastest_tau():
+    # the pooled ratio (decode steps of a few tokens keep 0.9 of their experts at tau 0) and
+    # a routing cost make dimming look useless for a 1024-token chunk; no tau meets the
+    # target, so the chunk runs at tau 0 until its own bucket's ratio is known
+    clock = FakeClock(10.0)
+    ctrl = make_controller(SLOConfig(policy="predictive", prefill_step_s=0.01, tpot_s=1.0,
+                                     ttft_s=10.0), clock)
+    for tokens, experts in ((4, 100.0), (1024, 1400.0)):
+        for _ in range(5):
+            ctrl.experts.update(1.0, tokens, experts)
+    for _ in range(5):
+        ctrl.experts.update(0.0, 4, 90.0)
+    ctrl.latency.theta = np.array([5e-3, 1.5e-5, 0.0, 1e-6, 2e-3])
+    ctrl.latency.num_samples = ctrl.tuning.min_samples
+    step = PlannedStep(1024, 0, 1)
+    explored = 0
+    for _ in range(10):
+        tau = ctrl.choose_tau(step)
+        if tau == 0.0:
+            explored += 1
+            ctrl.experts.update(0.0, 1024, 420.0)  # what the step touched: 0.3 of tau 1
+        clock.t += 0.01
+    assert explored == BUCKET_RATIO_MIN_SAMPLES  # then the bucket's own ratio is known
+    assert ctrl.experts.predict([0.0], 1024)[0] == pytest.approx(420.0)
+    small = PlannedStep(4, 0, 1)  # a size whose ratio is known: best effort, no exploring
+    ctrl.choose_tau(small)
+    assert ctrl._mode != "explore"
