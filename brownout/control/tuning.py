@@ -110,8 +110,8 @@ class PredictiveTuning:
     shed_credit_samples: int = 8
 
     # -- the step's token budget and the running-batch cap (the `ladder` policy) -------------
-    # a chosen step budget leaves at least this many prompt tokens beside the decodes, and the
-    # running cap is priced with a chunk this large, so prefill never stalls behind decodes
+    # a chosen step budget leaves at least this many prompt tokens beside the decodes, so
+    # prefill never stalls behind decodes
     min_prefill_chunk: int = 32
 
     def __post_init__(self) -> None:
