@@ -40,6 +40,9 @@ STACK_FREE_SHARE = 0.5
 # bytes the groups distilled together may take in host memory, which also holds the model and
 # the layer's captured states
 STACK_BYTES_HOST = 4 * 2**30
+# groups distilled together by default off the GPU: on a CPU one group's tensors stay in its
+# caches, while a stack of them runs its elementwise work several times slower per element
+HOST_GROUP_BATCH = 1
 
 
 @dataclass
@@ -144,7 +147,8 @@ def _chunks(opts: UniteOptions, states: LayerStates, group_of, dim: int, inter: 
     sources = 1 if states.source is None else int(states.source.unique().numel())
     folds = max(sources if cfg.validation == "sources" else 1, 1)
     models = (min(folds, cfg.max_folds) if cfg.max_folds else folds) + 1
-    budget, cap = _stack_budget(device), opts.distill_group_batch or G
+    default = G if device.type == "cuda" else HOST_GROUP_BATCH
+    budget, cap = _stack_budget(device), opts.distill_group_batch or default
     chunks, used = [[]], 0
     for g, rows in enumerate(_group_rows(states, group_of, opts.max_group_tokens)):
         need = _group_bytes(rows, models, dim, inter, cfg)

@@ -75,8 +75,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--distill-weight-decay", type=float_in(0.0), default=DistillConfig.weight_decay,
                    help="AdamW decoupled weight decay (unitless, >= 0)")
     p.add_argument("--distill-group-batch", type=int_at_least(1), default=None,
-                   help="groups of a layer distilled together at most (default: as many as fit in "
-                        "memory); the fits are the same whatever it is")
+                   help="groups of a layer distilled together at most (default: on a GPU as many as "
+                        "fit in its memory, on a CPU 1); the fits are the same whatever it is")
     p.add_argument("--capture-tau", type=float_in(0.0, 1.0), default=None,
                    help="fit each layer on the states it sees when the layers before it, with "
                         "their united experts, run at this tau (default: the exact model's states)")

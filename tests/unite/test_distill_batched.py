@@ -200,7 +200,7 @@ def test_layers_fit_the_same_however_groups_are_batched(tiny_models, tmp_path, m
     mix = calibration_mix(AutoTokenizer.from_pretrained(str(model_dir)), specs, 2048, 64, "all")
     cfg = DistillConfig(max_steps=60, eval_every=10, patience=2, batch_tokens=128)
     built, bars = {}, {}
-    for batch in (None, 1, 3):
+    for batch in (None, 4, 1, 3):  # None: the CPU's default
         opts = builder.UniteOptions(way=2, method="distill", calibration=specs, seq_len=64,
                                     distill=cfg, distill_group_batch=batch)
         loaded = load_model(ModelLoadConfig(model=str(model_dir), device="cpu", dtype="float32"))
@@ -212,13 +212,13 @@ def test_layers_fit_the_same_however_groups_are_batched(tiny_models, tmp_path, m
                                             progress_factory=lambda total: bars[batch].append(_Bar(total))
                                             or bars[batch][-1])
         monkeypatch.undo()
-        assert [len(c) for c in chunks[0]] == {None: [4], 1: [1, 1, 1, 1], 3: [3, 1]}[batch]
+        assert [len(c) for c in chunks[0]] == {None: [1, 1, 1, 1], 4: [4], 1: [1, 1, 1, 1], 3: [3, 1]}[batch]
         (bar,) = bars[batch]
         assert bar.n == bar.total == 2 * 4 and bar.closed
-    tensors, manifest = built[None]
+    tensors, manifest = built[4]
     groups = [g for layer in manifest["fit_error"].values() for g in layer]
     assert any(g["best_step"] > 0 for g in groups)
-    for batch in (1, 3):
+    for batch in (None, 1, 3):
         other, other_manifest = built[batch]
         for key, value in tensors.items():
             torch.testing.assert_close(other[key], value, atol=ATOL, rtol=1e-4)
@@ -238,6 +238,9 @@ def test_groups_are_batched_within_the_memory_budget(monkeypatch):
     states = LayerStates(torch.zeros(N, 16), ids, torch.ones(N, 2), torch.arange(N) % 3)
     group_of = torch.arange(E) // 2
     opts = builder.UniteOptions(way=2, method="distill", calibration=["x"])
+    # off the GPU one group at a time unless asked for more
+    assert builder._chunks(opts, states, group_of, 16, 4, torch.device("cpu")) == [[0], [1], [2], [3]]
+    opts = builder.UniteOptions(way=2, method="distill", calibration=["x"], distill_group_batch=64)
     rows = builder._group_rows(states, group_of, None)
     assert rows == [int((group_of[ids] == g).any(1).sum()) for g in range(4)]
     need = [builder._group_bytes(n, 3, 16, 4, opts.distill) for n in rows]
