@@ -245,6 +245,8 @@ def run_unite(meter: Meter, model_dir: Path, out_dir: Path, args) -> dict:
              "--calibration-tokens", str(args.calibration_tokens), "--seq-len", str(args.seq_len),
              "--distill-steps", str(args.distill_steps), "--device", args.device,
              "--dtype", args.unite_dtype, "--out", str(out_dir), "--seed", str(args.seed)]
+    if args.distill_group_batch is not None:
+        flags += ["--distill-group-batch", str(args.distill_group_batch)]
     parser = argparse.ArgumentParser(prog="brownout unite")
     unite_cli.add_arguments(parser)
     cli_args = parser.parse_args(flags)
@@ -432,7 +434,8 @@ def bench(args, meter: Meter) -> dict:
         "grouping": args.grouping,
         "params": {"calibration": [str(c) for c in args.calibration],
                    "calibration_tokens": args.calibration_tokens, "seq_len": args.seq_len,
-                   "distill_steps_max": args.distill_steps, "eval_text": str(args.eval_text),
+                   "distill_steps_max": args.distill_steps,
+                   "distill_group_batch": args.distill_group_batch, "eval_text": str(args.eval_text),
                    "eval_part": "tail", "eval_tokens": args.eval_tokens, "eval_window": args.eval_window,
                    "eval_batch_tokens": args.eval_batch_tokens, "taus": TAUS,
                    "checkpoint_dtype": args.checkpoint_dtype, "unite_dtype": args.unite_dtype,
@@ -465,6 +468,15 @@ def _n(count: int, noun: str) -> str:
 
 def _g(v) -> str:
     return "-" if not v else f"{v / GIB:.1f}"
+
+
+def _group_batch(params: dict) -> str:
+    """How many groups of a layer were distilled together (reports made before the flag: one)."""
+    if "distill_group_batch" not in params:
+        return "one group at a time"
+    batch = params["distill_group_batch"]
+    return "groups distilled together: as many as fit in memory" if batch is None \
+        else f"groups distilled together: at most {batch}"
 
 
 def render(reports: list[dict], notes: tuple[str, ...] = ()) -> str:
@@ -508,7 +520,7 @@ def render(reports: list[dict], notes: tuple[str, ...] = ()) -> str:
                   f"{', '.join(Path(c).name for c in p['calibration'])} in windows of "
                   f"{p['seq_len']}; distillation at most {p['distill_steps_max']} steps per group "
                   f"(taken: mean {r['distill_steps_taken']['mean']:.0f}, max "
-                  f"{r['distill_steps_taken']['max']}); unite runs the model in {p['unite_dtype']}, "
+                  f"{r['distill_steps_taken']['max']}; {_group_batch(p)}); unite runs the model in {p['unite_dtype']}, "
                   f"eval in {p['eval_dtype']} at tau {p['taus']} on {p['eval_tokens']} tokens of "
                   f"the tail of {Path(p['eval_text']).name}; checkpoint in {p['checkpoint_dtype']} "
                   f"({r['checkpoint']['bytes'] / GIB:.1f} GiB, {r['checkpoint']['shards']} shards).",
@@ -580,6 +592,9 @@ def main(argv=None) -> int:
     p.add_argument("--calibration-tokens", type=int, default=8192)
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--distill-steps", type=int, default=200)
+    p.add_argument("--distill-group-batch", type=int, default=None,
+                   help="unite's --distill-group-batch: groups of a layer distilled together at most "
+                        "(1: one group at a time; default: unite's, as many as fit in memory)")
     p.add_argument("--way", type=int, default=4)
     p.add_argument("--grouping", choices=["contiguous", "similarity"], default="contiguous")
     p.add_argument("--eval-tokens", type=int, default=8192, help="tokens scored at each tau")

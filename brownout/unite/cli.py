@@ -39,7 +39,7 @@ TESTED_WAYS = (2, 4, 8)
 OPTION_FLAGS = {"way": "--way", "grouping": "--grouping", "method": "--method",
                 "capture_tau": "--capture-tau", "calibration": "--calibration",
                 "validation": "--distill-validation", "start": "--distill-start",
-                "max_folds": "--distill-folds"}
+                "max_folds": "--distill-folds", "distill_group_batch": "--distill-group-batch"}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -74,6 +74,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="weight of the L2 pull toward the start (unitless, >= 0)")
     p.add_argument("--distill-weight-decay", type=float_in(0.0), default=DistillConfig.weight_decay,
                    help="AdamW decoupled weight decay (unitless, >= 0)")
+    p.add_argument("--distill-group-batch", type=int_at_least(1), default=None,
+                   help="groups of a layer distilled together at most (default: on a GPU as many as "
+                        "fit in its memory, on a CPU 1); the fits are the same whatever it is")
     p.add_argument("--capture-tau", type=float_in(0.0, 1.0), default=None,
                    help="fit each layer on the states it sees when the layers before it, with "
                         "their united experts, run at this tau (default: the exact model's states)")
@@ -136,7 +139,8 @@ def run(args: argparse.Namespace) -> int:
         opts = UniteOptions(way=args.way, grouping=args.grouping, method=args.method, seed=args.seed,
                             calibration=sources, calibration_tokens=args.calibration_tokens,
                             calibration_part=args.calibration_part, seq_len=args.seq_len,
-                            distill=distill, save_dtype=save_dtype, capture_tau=args.capture_tau)
+                            distill=distill, distill_group_batch=args.distill_group_batch,
+                            save_dtype=save_dtype, capture_tau=args.capture_tau)
     torch.manual_seed(args.seed)
     start = time.perf_counter()
     # united slots only where built layers are installed to feed the next (--capture-tau)
