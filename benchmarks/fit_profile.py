@@ -15,14 +15,26 @@ Inputs (all committed):
                   prefill step (the request's path in and out of the engine), come from
                   the same files.
 
+With --grid (rows of benchmarks/bench_step_cost.py) the graphed model is fitted to that grid
+instead, its steps past the token budget left out. --curve GRID fits the routing's experts
+touched to the grid's counts: the kept curve over tau and the step's prompt share, and how
+many tokens of different sequences a prompt chunk routes like. --bound fits the expert work
+of a phase with shed steps as max(weight reads, arithmetic). --serving-time fits each phase's
+served step as a fixed time plus a factor of the graphed one (where the windows part them).
+
 With --trace (the Azure conversation trace the headline runs replayed), the serving factors
 are then refined by simulation: the headline runs are simulated with brownout off, and each
 phase's factor is scaled by measured / simulated mean step latency, `--refine` times. So
 the off policy's mean step latencies are fitted, not predicted; every other simulated
-figure (windows, goodput, refusals, tau, and all of aimd and predictive) is not.
+figure (windows, goodput, refusals, tau, and all of aimd and predictive) is not. With
+--refine-ttft the request path's time per running request is fitted too, to the off runs'
+median TTFT.
 
   python benchmarks/fit_profile.py --gpu h200 --engine-runs 3,5,6 --headline-runs 15,16,17 \
       --trace ../shared/data/traces/azure_llm_2023_conv.csv --out brownout/sim/profiles/h200.json
+  python benchmarks/fit_profile.py --grid benchmarks/results/engine/step_cost_h200.json \
+      --curve benchmarks/results/engine/step_cost_h200.json --serving-time --refine-ttft --refine 4 \
+      --trace ../shared/data/traces/azure_llm_2023_conv.csv --out brownout/sim/profiles/h200_grid.json
 """
 
 from __future__ import annotations

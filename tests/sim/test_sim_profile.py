@@ -231,3 +231,18 @@ def test_the_fit_script_recovers_a_known_prompt_routing_and_kept_curve(tmp_path)
     for tau in (0.0, 0.5, 1.0):
         for share in (0.2, 0.6, 0.95):
             assert got.kept(tau, share) == pytest.approx(truth.kept(tau, share), abs=0.03)
+
+
+def test_the_grid_profile_dims_a_prompt_chunk_less_than_a_decode_batch():
+    p = load_profile("h200_grid")
+    assert "H200" in p.machine and p.routing.kept_curve and p.routing.prompt_scale > 0
+    assert all(c > 0 for m in p.phases.values() for c in m.coef.values())
+    decode = StepShape(128, 128, 128 * 1000, False)
+    chunk = StepShape(1024, 16, 1024 + 15 * 513, True)
+    # a prompt-heavy step has shed most of its experts by tau 0.8; a decode batch has not
+    # (the grid: 85% of a 1039-token chunk's saving by tau 0.8, none of a 128-decode batch's)
+    def by_08(s):
+        lat = [p.step_latency_s(s, tau) for tau in (1.0, 0.8, 0.0)]
+        return (lat[0] - lat[1]) / (lat[0] - lat[2])
+    assert p.step_latency_s(decode, 0.0) < p.step_latency_s(decode, 1.0)
+    assert by_08(chunk) > 0.5 > 0.2 > by_08(decode)
