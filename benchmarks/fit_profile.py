@@ -15,14 +15,26 @@ Inputs (all committed):
                   prefill step (the request's path in and out of the engine), come from
                   the same files.
 
+With --grid (rows of benchmarks/bench_step_cost.py) the graphed model is fitted to that grid
+instead, its steps past the token budget left out. --curve GRID fits the routing's experts
+touched to the grid's counts: the kept curve over tau and the step's prompt share, and how
+many tokens of different sequences a prompt chunk routes like. --bound fits the expert work
+of a phase with shed steps as max(weight reads, arithmetic). --serving-time fits each phase's
+served step as a fixed time plus a factor of the graphed one (where the windows part them).
+
 With --trace (the Azure conversation trace the headline runs replayed), the serving factors
 are then refined by simulation: the headline runs are simulated with brownout off, and each
 phase's factor is scaled by measured / simulated mean step latency, `--refine` times. So
 the off policy's mean step latencies are fitted, not predicted; every other simulated
-figure (windows, goodput, refusals, tau, and all of aimd and predictive) is not.
+figure (windows, goodput, refusals, tau, and all of aimd and predictive) is not. With
+--refine-ttft the request path's time per running request is fitted too, to the off runs'
+median TTFT.
 
   python benchmarks/fit_profile.py --gpu h200 --engine-runs 3,5,6 --headline-runs 15,16,17 \
       --trace ../shared/data/traces/azure_llm_2023_conv.csv --out brownout/sim/profiles/h200.json
+  python benchmarks/fit_profile.py --grid benchmarks/results/engine/step_cost_h200.json \
+      --curve benchmarks/results/engine/step_cost_h200.json --serving-time --refine-ttft --refine 4 \
+      --trace ../shared/data/traces/azure_llm_2023_conv.csv --out brownout/sim/profiles/h200_grid.json
 """
 
 from __future__ import annotations
@@ -45,6 +57,21 @@ from brownout.sim.run import sim_requests, simulate_requests
 RESULTS = Path(__file__).resolve().parent / "results"
 DECODE_FEATURES = ("one", "batch", "kctx", "experts", "routed")
 PREFILL_FEATURES = ("one", "ktokens", "batch", "kctx", "experts")
+# the expert work of a step: its weight reads (experts) and its arithmetic (kexpert) bound it
+# by whichever is larger (`brownout.sim.profile`); fitted so where the shed steps separate them
+BOUND = ("experts", "kexpert")
+# the kept curve's prompt-share knots: a decode step, a chunk beside as many decode tokens, a
+# prompt-only chunk, and the quarters between, where the grid's mixed steps lie
+PROMPT_SHARE_KNOTS = (0.0, 0.25, 0.5, 0.75, 1.0)
+# a step shape whose tau-1 and tau-0 expert counts differ by fewer slots than this shows no
+# curve (a batch of one or two touches about as many experts either way)
+MIN_CURVE_GAP = 3.0
+# pull of a knot toward the tau-linear share, against shapes' unit weight: small, so it only
+# settles knots no measured shape lies near
+CURVE_RIDGE = 1e-3
+# steps touching more than this share of the experts leave the tokens they route like
+# ill-determined (the uniform count's slope vanishes near every expert)
+PROMPT_FIT_MAX_SHARE = 0.95
 # the engine benchmark's shapes (benchmarks/bench_engine.py): fresh prompts come as 4
 # sequences; a mixed step is one prompt chunk beside 63 decodes at context 512
 PREFILL_SEQS = 4
@@ -87,6 +114,69 @@ def grid_rows(path: Path):
              r["tau"], r.get("top_k"), r["step_ms"]) for r in d["rows"]], d["meta"]
 
 
+def kept_curve(path: Path, routing: RoutingShape) -> RoutingShape:
+    """The routing with its kept curve fitted to the grid's experts touched: for each measured
+    step shape (at the model's k) and tau, the share of the gap between its tau-1 and tau-0
+    counts it kept; at each tau, least squares over the shapes of a curve linear between the
+    prompt-share knots."""
+    d = json.loads(Path(path).read_text())
+    shapes: dict[tuple, dict[float, float]] = {}
+    for r in d["rows"]:
+        if r.get("top_k") is None:
+            key = (r["phase"], r["tokens"], r["batch"], r["context_tokens"])
+            shapes.setdefault(key, {})[r["tau"]] = r["experts_touched_mean"]
+    taus = sorted({t for v in shapes.values() for t in v})
+    knots = np.array(PROMPT_SHARE_KNOTS)
+    rows = {t: ([], []) for t in taus}
+    for (phase, tokens, batch, ctx), v in shapes.items():
+        if 1.0 not in v or 0.0 not in v or v[1.0] - v[0.0] < MIN_CURVE_GAP:
+            continue
+        share = StepShape(tokens, batch, ctx, phase == "prefill").prompt_share
+        # the share's weights on the knots: linear between the two around it
+        hat = np.array([np.interp(share, knots, np.eye(len(knots))[j]) for j in range(len(knots))])
+        for t, e in v.items():
+            rows[t][0].append(hat)
+            rows[t][1].append((e - v[0.0]) / (v[1.0] - v[0.0]))
+    curve = np.zeros((len(knots), len(taus)))
+    for i, t in enumerate(taus):
+        A, b = np.array(rows[t][0]), np.array(rows[t][1])
+        # a knot no shape lies near keeps the tau-linear share (the ridge pulls it there)
+        prior = np.full(len(knots), t)
+        w = CURVE_RIDGE
+        curve[:, i] = np.linalg.solve(A.T @ A + w * np.eye(len(knots)), A.T @ b + w * prior)
+    curve = np.clip(curve, 0.0, 1.0)
+    scale, exponent = prompt_routing(d["rows"], routing)
+    return RoutingShape(routing.num_experts, routing.top_k, routing.way, routing.num_layers,
+                        tuple(taus), tuple(PROMPT_SHARE_KNOTS),
+                        tuple(tuple(round(float(x), 4) for x in row) for row in curve),
+                        round(scale, 4), round(exponent, 4))
+
+
+def prompt_routing(rows: list[dict], routing: RoutingShape) -> tuple[float, float]:
+    """(scale, exponent) of a prompt chunk's routing: the grid's steps with prefill work at
+    tau 1 and the model's k, each a chunk of c prompt tokens beside batch - 1 decodes, touch
+    E experts, which uniform routing gives to T = log(1 - E/n) / log(1 - k/n) tokens; less
+    the decodes, that is what the chunk routes like, fitted as scale * c^exponent by least
+    squares in logs. Steps touching nearly every expert say nothing of T and are left out."""
+    n, k = routing.num_experts, routing.top_k
+    xs, ys = [], []
+    for r in rows:
+        if r["phase"] != "prefill" or r["tau"] != 1.0 or r.get("top_k") is not None:
+            continue
+        e = r["experts_touched_mean"]
+        if e >= PROMPT_FIT_MAX_SHARE * n:
+            continue
+        decodes = r["batch"] - 1
+        chunk_eff = np.log(1.0 - e / n) / np.log(1.0 - k / n) - decodes
+        if chunk_eff > 0:
+            xs.append(np.log(r["tokens"] - decodes))
+            ys.append(np.log(chunk_eff))
+    if len(xs) < 2:
+        return 0.0, 1.0
+    exponent, log_scale = np.polyfit(xs, ys, 1)
+    return float(np.exp(log_scale)), float(exponent)
+
+
 def mean_context(gpu: str, runs: list[int]) -> tuple[float, float]:
     """(mean prompt tokens, time-weighted mean context of a running request) over the
     headline runs' requests: a request runs about as many steps as it has output tokens,
@@ -106,10 +196,13 @@ def mean_context(gpu: str, runs: list[int]) -> tuple[float, float]:
 
 
 def serving_factors(profile: StepCostProfile, gpu: str, runs: list[int], budget: int,
-                    prompt: float, ctx: float) -> dict[str, float]:
-    """Per phase: step-weighted mean of (served mean step) / (model at the window's shape)."""
-    num = {"prefill": 0.0, "decode": 0.0}
-    den = {"prefill": 0.0, "decode": 0.0}
+                    prompt: float, ctx: float, affine: bool = False) -> dict[str, tuple[float, float]]:
+    """Per phase (serving time ms, serving factor): the served mean step of each window
+    against the graphed model at the window's shape, by least squares weighted by the
+    window's steps. Without `affine`, or where the fitted time falls below zero (the windows'
+    steps span too narrow a range to part a fixed time from a factor), the time is 0 and
+    the factor the step-weighted ratio of served to modelled."""
+    pairs: dict[str, list[tuple[float, float, int]]] = {"prefill": [], "decode": []}
     for n in runs:
         steps = json.loads((RESULTS / "headline" / f"headline_{gpu}_run{n}_steps.json").read_text())
         for policy in steps.values():
@@ -124,11 +217,21 @@ def serving_factors(profile: StepCostProfile, gpu: str, runs: list[int], budget:
                     k = w.get(f"{phase}_steps") or 0
                     if k and w.get(f"{phase}_mean_ms"):
                         model = profile.phases[phase]
-                        pred = model.mean_ms(step_features(shape, w[f"tau_{phase}"], profile.routing,
-                                                           profile.graph_buckets))
-                        num[phase] += k * w[f"{phase}_mean_ms"]
-                        den[phase] += k * pred
-    return {p: num[p] / den[p] for p in num}
+                        pred = max(0.0, model.raw_ms(step_features(shape, w[f"tau_{phase}"], profile.routing,
+                                                                   profile.graph_buckets)))
+                        pairs[phase].append((pred, w[f"{phase}_mean_ms"], k))
+    out = {}
+    for phase, rows in pairs.items():
+        pred, served, k = (np.array(x, dtype=float) for x in zip(*rows))
+        ratio = float((k * served).sum() / (k * pred).sum())
+        time, factor = 0.0, ratio
+        if affine:
+            A = np.vstack([np.ones_like(pred), pred]).T * np.sqrt(k)[:, None]
+            a, f = np.linalg.lstsq(A, served * np.sqrt(k), rcond=None)[0]
+            if a >= 0.0 and f > 0.0:
+                time, factor = float(a), float(f)
+        out[phase] = (time, factor)
+    return out
 
 
 def host_and_edge(gpu: str, runs: list[int]) -> tuple[float, float, str]:
@@ -158,22 +261,30 @@ def server_facts(gpu: str, run: int) -> tuple[int, int, dict[str, list[int]]]:
 
 
 def fit(gpu: str, engine_runs: list[int], headline_runs: list[int], budget: int,
-        grid: Path | None = None) -> StepCostProfile:
+        grid: Path | None = None, curve: Path | None = None, bound: bool = False,
+        serving_time: bool = False) -> StepCostProfile:
     rows, meta = grid_rows(grid) if grid else engine_rows(engine_runs, gpu)
-    routing = RoutingShape(way=WAY)
+    # a served step holds at most the token budget: larger grid steps run past the largest
+    # captured graph, eagerly, at a cost no served step pays
+    rows = [r for r in rows if r[1].num_tokens <= budget]
+    routing = kept_curve(curve, RoutingShape(way=WAY)) if curve else RoutingShape(way=WAY)
     phases = {}
     for phase, names in (("decode", DECODE_FEATURES), ("prefill", PREFILL_FEATURES)):
         sel = [r for r in rows if r[0] == phase]
-        if any(top_k is not None for _, _, _, top_k, _ in sel):
+        shed = any(top_k is not None for _, _, _, top_k, _ in sel)
+        if shed:
             # shed steps separate the expert GEMMs' arithmetic, and they and the grid's taus
             # between 1 and 0 the routing path's fixed cost
             names = tuple(dict.fromkeys(names + ("routed", "kexpert")))
         feats = [step_features(shape, tau, routing, top_k=top_k) for _, shape, tau, top_k, _ in sel]
-        phases[phase] = fit_phase(feats, [ms for *_, ms in sel], names)
+        phases[phase] = fit_phase(feats, [ms for *_, ms in sel], names,
+                                  bound=BOUND if bound and shed else ())
     profile = StepCostProfile(machine=meta["device"], date="", phases=phases, routing=routing)
     profile.num_blocks, profile.block_size, profile.graph_buckets = server_facts(gpu, headline_runs[0])
     prompt, ctx = mean_context(gpu, headline_runs)
-    for phase, factor in serving_factors(profile, gpu, headline_runs, budget, prompt, ctx).items():
+    for phase, (time, factor) in serving_factors(profile, gpu, headline_runs, budget, prompt, ctx,
+                                                 serving_time).items():
+        profile.phases[phase].serving_ms = round(time, 4)
         profile.phases[phase].serving_factor = round(factor, 4)
     gap, unloaded_ttft, date = host_and_edge(gpu, headline_runs)
     lone = profile.step_latency_s(StepShape(int(prompt), 1, int(prompt), True), 1.0)
@@ -183,10 +294,15 @@ def fit(gpu: str, engine_runs: list[int], headline_runs: list[int], budget: int,
     profile.request_in_s = profile.request_out_s = round(edge / 2, 6)
     profile.sources = ([str(grid)] if grid else
                        [f"benchmarks/results/engine/engine_{gpu}_run{n}.json" for n in engine_runs])
+    if curve and curve != grid:
+        profile.sources.append(str(curve))
     profile.sources += [f"benchmarks/results/headline/headline_{gpu}_run{n}_steps.json" for n in headline_runs]
     profile.sources += [f"benchmarks/results/headline/raw/headline_{gpu}_run{n}/" for n in headline_runs]
     profile.notes = {
         "model": f"{meta['preset']}, {meta['weights']}, way-{WAY} united experts (average)",
+        "kept_curve": f"fitted to the experts touched in {curve}" if curve else "linear in tau",
+        "bound_phases": [p for p, m in profile.phases.items() if m.bound],
+        "serving": "a fixed time plus a factor of the graphed step" if serving_time else "a factor of the graphed step",
         "fit_points": {p: len(m.residuals) for p, m in profile.phases.items()},
         "fit_rms_relative_error": {p: round(float(np.sqrt(np.mean(np.square(m.residuals)))), 4)
                                    for p, m in profile.phases.items()},
@@ -198,22 +314,41 @@ def fit(gpu: str, engine_runs: list[int], headline_runs: list[int], budget: int,
 
 
 def refine_by_simulation(profile: StepCostProfile, gpu: str, runs: list[int], trace: str,
-                         rounds: int) -> None:
-    """Scale each phase's serving factor by the off runs' measured / simulated mean step."""
+                         rounds: int, ttft: bool = False) -> None:
+    """Scale each phase's serving factor (and time) by the off runs' measured / simulated
+    mean step; with `ttft`, also fit the request path's time per running request (in and out
+    alike) to the off runs' measured less simulated median TTFT: under load the path in and
+    out of the engine takes longer than the unloaded TTFT shows."""
     for _ in range(rounds):
         ratios: dict[str, list[float]] = {"prefill": [], "decode": []}
+        shifts, running = [], []
         for n in runs:
             workload, setup = headline_setup(gpu, n, "off", profile, trace)
-            _, _, engine = simulate_requests(sim_requests(workload), setup)
+            records, scrapes, engine = simulate_requests(sim_requests(workload), setup)
             steps = json.loads((RESULTS / "headline" / f"headline_{gpu}_run{n}_steps.json").read_text())
             for phase in ratios:
                 sim_ms = KILO * engine.step_sum[phase] / max(1, engine.step_count[phase])
                 ratios[phase].append(steps["off"]["summary"][phase]["mean_ms"] / sim_ms)
+            report = json.loads((RESULTS / "headline" / "raw" / f"headline_{gpu}_run{n}" / "off" /
+                                 "report.json").read_text())
+            sim_ttft = [r["first_token"] - r["sent"] for r in records
+                        if r.get("status") == 200 and r.get("first_token") is not None]
+            shifts.append(report["latency"]["ttft"]["p50"] - float(np.median(sim_ttft)))
+            running.append(statistics.fmean(s["running"] for s in scrapes if s["running"] > 0))
         for phase, r in ratios.items():
-            profile.phases[phase].serving_factor = round(
-                profile.phases[phase].serving_factor * statistics.fmean(r), 4)
-        print("refined serving factors:", {p: m.serving_factor for p, m in profile.phases.items()})
+            model = profile.phases[phase]
+            model.serving_factor = round(model.serving_factor * statistics.fmean(r), 4)
+            model.serving_ms = round(model.serving_ms * statistics.fmean(r), 4)
+        if ttft:
+            # the TTFT holds the path in and out once each, at about the mean running load
+            per = statistics.fmean(shifts) / (2 * statistics.fmean(running))
+            profile.request_s_per_running = round(max(0.0, profile.request_s_per_running + per), 8)
+        print("refined serving (ms, factor):", {p: (m.serving_ms, m.serving_factor)
+                                                for p, m in profile.phases.items()},
+              f"off TTFT median measured less simulated {statistics.fmean(shifts) * KILO:.1f} ms")
     profile.notes["serving_factor_refined_by_simulation_rounds"] = rounds
+    if ttft:
+        profile.notes["request_path_per_running_fitted_to_off_ttft_median"] = True
 
 
 def main() -> None:
@@ -224,15 +359,25 @@ def main() -> None:
     ap.add_argument("--max-num-batched-tokens", type=int, default=1024)
     ap.add_argument("--grid", type=Path, help="rows of benchmarks/bench_step_cost.py instead of "
                                                "the engine results")
+    ap.add_argument("--curve", type=Path, help="rows of benchmarks/bench_step_cost.py whose experts "
+                                                "touched fit the routing's kept curve over tau")
+    ap.add_argument("--bound", action="store_true", help="fit each phase with shed steps with its "
+                                                         "expert work bound by max(weight reads, arithmetic)")
+    ap.add_argument("--serving-time", action="store_true",
+                    help="fit each phase's served step as a fixed time plus a factor of the graphed one")
     ap.add_argument("--trace", help="the trace the headline runs replayed (refines by simulation)")
+    ap.add_argument("--refine-ttft", action="store_true",
+                    help="fit also the request path's time per running request to the off runs' median TTFT")
     ap.add_argument("--refine", type=int, default=2, help="rounds of refinement by simulation")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
     ints = lambda s: [int(x) for x in s.split(",") if x]  # noqa: E731
     profile = fit(args.gpu, ints(args.engine_runs), ints(args.headline_runs),
-                  args.max_num_batched_tokens, args.grid)
+                  args.max_num_batched_tokens, args.grid, args.curve, args.bound,
+                  args.serving_time)
     if args.trace:
-        refine_by_simulation(profile, args.gpu, ints(args.headline_runs), args.trace, args.refine)
+        refine_by_simulation(profile, args.gpu, ints(args.headline_runs), args.trace, args.refine,
+                             args.refine_ttft)
     profile.save(args.out)
     print(json.dumps({p: m.to_json() | {"residuals": len(m.residuals)}
                       for p, m in profile.phases.items()}, indent=1))

@@ -4,8 +4,9 @@ with each model step replaced by a latency drawn from a step-cost profile.
 The step loop follows `LLMEngine.step`: at the end of a step its output is collected
 (admission and the controller observe it, the scheduler takes one token per sampling
 sequence), queue timeouts expire, and the next step is scheduled, its tau chosen and its
-end drawn from the profile. Requests reach the engine `request_in_s` after the client sent
-them and each token reaches the client `request_out_s` after the engine made it. The
+end drawn from the profile. Requests reach the engine the profile's request path time after
+the client sent them and each token reaches the client its path time after the engine made
+it (each a fixed time plus a time per request running in the engine then). The
 per-request records are the bench client's (`brownout.bench.client`), in client time, and
 `scrape` returns what the bench client reads from /metrics.
 """
@@ -105,9 +106,17 @@ class SimEngine:
 
     # ---- requests ------------------------------------------------------------------------
     def submit(self, req: SimRequest) -> None:
-        """Schedule a request's send; it reaches the engine `request_in_s` later."""
+        """Schedule a request's send; it reaches the engine the path's time later."""
         self._record(req)
-        self.events.at(req.send_time_s + self.profile.request_in_s, self._arrive, req)
+        self.events.at(req.send_time_s, self._send, req)
+
+    def _send(self, req: SimRequest) -> None:
+        self.events.at(self.clock() + self.profile.request_in(self.scheduler.view.num_running),
+                       self._arrive, req)
+
+    def _out(self) -> float:
+        """Engine to client now."""
+        return self.profile.request_out(self.scheduler.view.num_running)
 
     def accept(self, req: SimRequest) -> None:
         """A request that reaches the engine now (a router chose it)."""
@@ -132,7 +141,7 @@ class SimEngine:
                                              self.controller.prefill_speedup, req.priority)
         except AdmissionError as e:
             record.rec.update(status=REFUSED_STATUS, error=str(e), rejected=True,
-                              retry_after=e.retry_after_s, done=now + self.profile.request_out_s)
+                              retry_after=e.retry_after_s, done=now + self._out())
             return
         params = SamplingParams(max_tokens=req.max_tokens, ignore_eos=True)
         request = Request(rid, [SIM_TOKEN_ID] * req.prompt_tokens, params, now, req.priority,
@@ -141,7 +150,7 @@ class SimEngine:
             self.scheduler.add(request)
         except ValueError as e:  # a prompt longer than the context: the server answers 400
             record.rec.update(status=BAD_REQUEST_STATUS, error=str(e),
-                              done=now + self.profile.request_out_s)
+                              done=now + self._out())
             return
         record.request = request
         if not self.busy:
@@ -199,7 +208,7 @@ class SimEngine:
 
     def _token(self, new: NewToken, now: float) -> None:
         record = self.records[new.request.request_id]
-        record.token_times.append(now + self.profile.request_out_s)
+        record.token_times.append(now + self._out())
         if new.first:
             self.admission.observe_first_token(new.request, now)
         if new.request.finished:
@@ -212,7 +221,7 @@ class SimEngine:
         self.admission.observe_finish(now, held_slot=m.first_scheduled_time is not None)
         n_out = len(req.output_token_ids)
         self.controller.observe_request(m.ttft, time_per_output_token(req, now), now)
-        out = self.profile.request_out_s
+        out = self._out()
         rec = record.rec
         if req.finish_reason is FinishReason.TIMEOUT:
             rec.update(status=REFUSED_STATUS, rejected=True, error="queue timeout",
