@@ -26,7 +26,8 @@ step):
             configured budget, and dimming answers TPOT. So a step is smaller under TPOT
             pressure and larger (back to the configured budget) under TTFT pressure.
 Rung 4, the running-batch cap: the largest batch B (at most max_num_seqs) whose predicted
-TPOT meets the TPOT target, tpot_s * (1 - margin - decode pressure), at the fastest rung the
+TPOT meets the TPOT target, tpot_s * (1 - margin - decode pressure) (the pressure counted
+only as far as one sequence still meets the target), at the fastest rung the
 controller may count on (min_tau; the smallest priced k' once shed steps confirmed its
 speed-up). A decoding sequence's TPOT is the mean period of the steps it rides in, so it is
 priced as the mean step of B decodes (the decode fit, plus its residual bias) plus the prompt
@@ -64,7 +65,8 @@ CAP_REFRESH_S = 0.25
 # the prompt mix and the host time are averaged with this half-life: long enough to span
 # many requests' prompts, short enough to follow a burst's mix within a few seconds
 MIX_HALF_LIFE_S = 2.0
-# a pause between steps longer than this is the engine waiting for work, not host time
+# a gap between steps counts at most this much: one stalled step (a pause of the host) must
+# not move the mean that prices every step
 HOST_GAP_CLIP_S = 0.01
 
 
@@ -84,7 +86,8 @@ class LadderController(PredictiveController):
         # decayed sums: prompt tokens, prefilling sequences, decode tokens; host gaps, steps
         self._mix = np.zeros(3)
         self._gap = np.zeros(2)
-        self._last_step: Optional[tuple[float, float]] = None  # (time of its end, of the update)
+        # (time of its end, of the update, whether work was left after it)
+        self._last_step: Optional[tuple[float, float, bool]] = None
 
     # -- rung 3 -------------------------------------------------------------------------
     def choose_token_budget(self, queue: QueueState) -> Optional[int]:
@@ -169,14 +172,14 @@ class LadderController(PredictiveController):
         end = stats.start_time + stats.latency_s
         decay = 1.0
         if self._last_step is not None:
-            prev_end, prev_now = self._last_step
+            prev_end, prev_now, busy = self._last_step
             decay = 0.5 ** (max(now - prev_now, 0.0) / MIX_HALF_LIFE_S)
             gap = stats.start_time - prev_end
-            if 0.0 <= gap <= HOST_GAP_CLIP_S:
-                self._gap = self._gap * decay + (gap, 1.0)
+            if busy and gap >= 0.0:  # with work left the gap is host time, not idling
+                self._gap = self._gap * decay + (min(gap, HOST_GAP_CLIP_S), 1.0)
             else:
                 self._gap *= decay
-        self._last_step = (end, now)
+        self._last_step = (end, now, stats.num_running > 0 or stats.num_waiting > 0)
         prefilling = stats.batch_size - stats.num_decode_tokens if stats.has_prefill else 0
         self._mix = self._mix * decay + (stats.num_prefill_tokens, max(prefilling, 0),
                                          stats.num_decode_tokens)
@@ -184,7 +187,8 @@ class LadderController(PredictiveController):
     def prompt_mix(self) -> tuple[float, float]:
         """(prompt tokens, prefilling sequences) the recent steps carried per decode token."""
         tokens, seqs, decodes = self._mix
-        return (tokens / decodes, seqs / decodes) if decodes > 0 else (0.0, 0.0)
+        # under one decode token of weight the ratio says nothing (and may overflow)
+        return (tokens / decodes, seqs / decodes) if decodes >= 1.0 else (0.0, 0.0)
 
     def host_gap_s(self) -> float:
         """Mean host time between the recent steps (pauses for work left out)."""
@@ -194,13 +198,19 @@ class LadderController(PredictiveController):
     def _cap(self, max_num_seqs: int) -> Optional[int]:
         if not self.ready:
             return None
-        target = self.slo.tpot_s * (1.0 - self.tuning.margin - self._pressure[DECODE])
-        if self.predicted_tpot(max_num_seqs) <= target:
-            return max_num_seqs
+        target = self.slo.tpot_s * (1.0 - self.tuning.margin)
         if self.predicted_tpot(1) > target:
             # no batch meets TPOT: what breaks it is not the batch (the prompt work beside
             # the decodes, or the fit), so a cap would refuse requests and buy no TPOT
             return None
+        # the decode pressure tightens the target as far as one sequence still meets it: the
+        # cap then shrinks while TPOT is missed, and never vanishes at the peak of pressure
+        pressed = target - self.slo.tpot_s * self._pressure[DECODE]
+        target = pressed if self.predicted_tpot(1) <= pressed else target
+        if self.predicted_tpot(max_num_seqs) <= target:
+            return max_num_seqs
+        # binary search: predicted TPOT grows with the batch, up to the steps of the experts
+        # ratio between token buckets
         lo, hi = 1, max_num_seqs  # the fastest rung meets the target at lo
         while hi - lo > 1:
             mid = (lo + hi) // 2

@@ -349,7 +349,8 @@ class PredictiveController(Controller):
             if ok_grid.any():
                 self._mode = "dim"
                 return float(self.grid[np.argmax(ok_grid)])
-            if not self.experts.bucket_known(planned.num_tokens, float(self.grid[-1])):
+            if not planned.exempt and not self.experts.bucket_known(planned.num_tokens,
+                                                                       float(self.grid[-1])):
                 # no rung meets the target, and what dimming saves a step of this size was
                 # never seen: the pooled experts ratio of other sizes may hide it (a handful
                 # of tokens keeps most of its experts at tau 0, a large chunk few), so the
@@ -413,7 +414,8 @@ class PredictiveController(Controller):
         tokens = stats.num_prefill_tokens + stats.num_decode_tokens
         if stats.experts_touched:
             experts = float(sum(stats.experts_touched))
-            self.experts.update(stats.tau, tokens, experts)
+            if not stats.exempt_tokens:  # exempt tokens kept their experts: not the tau's count
+                self.experts.update(stats.tau, tokens, experts)
             routed = float(stats.tau < 1.0)
             decay = self.phase_latency[phase].decay
             dimmed, total = self._phase_dimmed[phase]

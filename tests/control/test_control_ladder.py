@@ -91,7 +91,7 @@ def _steps(ctrl, clock, n, *, prompt, decodes, prefilling=1, latency=0.01, gap=0
     for _ in range(n):
         ctrl.observe_step(StepStats(start_time=clock(), latency_s=latency, num_prefill_tokens=prompt,
                                     num_decode_tokens=decodes, batch_size=decodes + prefilling,
-                                    has_prefill=prompt > 0, tau=1.0))
+                                    has_prefill=prompt > 0, tau=1.0, num_running=decodes))
         clock.t += latency + gap
 
 
@@ -142,17 +142,24 @@ def test_running_cap_prices_the_prompt_work_per_decode_and_the_host_gap():
     assert 85 <= cap <= 95
 
 
-def test_tpot_pressure_lowers_the_running_cap():
+def test_tpot_pressure_lowers_the_running_cap_but_never_lifts_it():
     ctrl, clock = _ladder(theta=(2e-3, 2e-5, 5e-4, 0.0, 0.0))
     before = ctrl.running_cap(Queue(max_num_seqs=128))
     ctrl._pressure[DECODE] = 0.2
     clock.t += 1.0
-    assert ctrl.running_cap(Queue(max_num_seqs=128)) < before
+    pressed = ctrl.running_cap(Queue(max_num_seqs=128))
+    assert pressed < before
+    ctrl._pressure[DECODE] = 0.9  # past what one sequence meets: the cap stays, unpressured
+    clock.t += 1.0
+    assert ctrl.running_cap(Queue(max_num_seqs=128)) == before
 
 
 def test_pauses_for_work_are_not_host_time():
     ctrl, clock = _ladder()
-    _steps(ctrl, clock, 5, prompt=0, decodes=8, gap=0.5)  # idle between requests
+    for _ in range(5):  # each step ends its requests: the engine then idles for work
+        ctrl.observe_step(StepStats(start_time=clock(), latency_s=0.01, num_prefill_tokens=0,
+                                    num_decode_tokens=8, batch_size=8, has_prefill=False, tau=1.0))
+        clock.t += 0.5
     assert ctrl.host_gap_s() == 0.0
     _steps(ctrl, clock, 5, prompt=0, decodes=8, gap=0.001)
     assert ctrl.host_gap_s() == pytest.approx(0.001)

@@ -551,3 +551,21 @@ def test_a_step_size_never_seen_dimmed_is_explored_at_the_fastest_tau():
     small = PlannedStep(4, 0, 1)  # a size whose ratio is known: best effort, no exploring
     ctrl.choose_tau(small)
     assert ctrl._mode != "explore"
+
+
+def test_exempt_steps_neither_explore_nor_teach_the_experts_ratio():
+    clock = FakeClock(10.0)
+    ctrl = make_controller(SLOConfig(policy="predictive", prefill_step_s=0.01, tpot_s=1.0,
+                                     ttft_s=10.0), clock)
+    for tokens, experts in ((4, 100.0), (1024, 1400.0)):
+        for _ in range(5):
+            ctrl.experts.update(1.0, tokens, experts)
+    ctrl.latency.theta = np.array([5e-3, 1.5e-5, 0.0, 1e-6, 2e-3])
+    ctrl.latency.num_samples = ctrl.tuning.min_samples
+    ctrl.choose_tau(PlannedStep(1024, 0, 1, exempt=True))
+    assert ctrl._mode != "explore"
+    ctrl.observe_step(StepStats(start_time=clock(), latency_s=0.02, num_prefill_tokens=1024,
+                                num_decode_tokens=0, batch_size=1, has_prefill=True, tau=0.0,
+                                experts_touched=[1400], exempt_tokens=1024))
+    assert not ctrl.experts.bucket_known(1024, 0.0)
+    assert ctrl.choose_tau(PlannedStep(1024, 0, 1)) == 0.0 and ctrl._mode == "explore"
