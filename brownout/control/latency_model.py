@@ -87,10 +87,9 @@ class ExpertsModel:
         full = self.full(tokens)
         if full is None or full <= 0:
             return
-        b = int(round(tau * self.tau_buckets))
         ratio = min(experts / full, self.max_ratio)
-        for rec in (self._ratio.setdefault(b, [0, 0.0]),
-                    self._ratio_at.setdefault((int(math.log2(tokens)), b), [0, 0.0])):
+        key = self._ratio_key(tokens, tau)
+        for rec in (self._ratio.setdefault(key[1], [0, 0.0]), self._ratio_at.setdefault(key, [0, 0.0])):
             rec[0] += 1
             rec[1] = _running_update(rec[1], rec[0], ratio, self.alpha)
         self._ratio_knots = {}
@@ -100,8 +99,12 @@ class ExpertsModel:
         their own ratio to replace the pooled one."""
         if tokens < 1 or tau >= 1.0 - 0.5 / self.tau_buckets:
             return True  # tau 1 needs no ratio
-        rec = self._ratio_at.get((int(math.log2(tokens)), int(round(tau * self.tau_buckets))))
+        rec = self._ratio_at.get(self._ratio_key(tokens, tau))
         return rec is not None and rec[0] >= BUCKET_RATIO_MIN_SAMPLES
+
+    def _ratio_key(self, tokens: float, tau: float) -> tuple[int, int]:
+        """(log2 token bucket, tau bucket) of a step of `tokens` (>= 1) tokens at `tau`."""
+        return int(math.log2(tokens)), int(round(tau * self.tau_buckets))
 
     def full(self, tokens: float) -> Optional[float]:
         """E1(T): experts touched at tau = 1 by a step of `tokens` tokens."""

@@ -524,20 +524,27 @@ def test_a_phase_is_predicted_by_the_pooled_fit_until_it_has_min_samples_and_dim
     assert ctrl.latency_model(DECODE) is ctrl.phase_latency[DECODE]
 
 
-def test_a_step_size_never_seen_dimmed_is_explored_at_the_fastest_tau():
-    # the pooled ratio (decode steps of a few tokens keep 0.9 of their experts at tau 0) and
-    # a routing cost make dimming look useless for a 1024-token chunk; no tau meets the
-    # target, so the chunk runs at tau 0 until its own bucket's ratio is known
+def _chunk_never_seen_dimmed():
+    """A fitted controller whose 10 ms prefill target no tau meets for a 1024-token chunk (a
+    routing cost and a small expert slope), that size seen only at tau 1."""
     clock = FakeClock(10.0)
     ctrl = make_controller(SLOConfig(policy="predictive", prefill_step_s=0.01, tpot_s=1.0,
                                      ttft_s=10.0), clock)
     for tokens, experts in ((4, 100.0), (1024, 1400.0)):
         for _ in range(5):
             ctrl.experts.update(1.0, tokens, experts)
-    for _ in range(5):
-        ctrl.experts.update(0.0, 4, 90.0)
     ctrl.latency.theta = np.array([5e-3, 1.5e-5, 0.0, 1e-6, 2e-3])
     ctrl.latency.num_samples = ctrl.tuning.min_samples
+    return ctrl, clock
+
+
+def test_a_step_size_never_seen_dimmed_is_explored_at_the_fastest_tau():
+    # the pooled ratio (decode steps of a few tokens keep 0.9 of their experts at tau 0) and
+    # a routing cost make dimming look useless for a 1024-token chunk; no tau meets the
+    # target, so the chunk runs at tau 0 until its own bucket's ratio is known
+    ctrl, clock = _chunk_never_seen_dimmed()
+    for _ in range(5):
+        ctrl.experts.update(0.0, 4, 90.0)
     step = PlannedStep(1024, 0, 1)
     explored = 0
     for _ in range(10):
@@ -554,14 +561,7 @@ def test_a_step_size_never_seen_dimmed_is_explored_at_the_fastest_tau():
 
 
 def test_exempt_steps_neither_explore_nor_teach_the_experts_ratio():
-    clock = FakeClock(10.0)
-    ctrl = make_controller(SLOConfig(policy="predictive", prefill_step_s=0.01, tpot_s=1.0,
-                                     ttft_s=10.0), clock)
-    for tokens, experts in ((4, 100.0), (1024, 1400.0)):
-        for _ in range(5):
-            ctrl.experts.update(1.0, tokens, experts)
-    ctrl.latency.theta = np.array([5e-3, 1.5e-5, 0.0, 1e-6, 2e-3])
-    ctrl.latency.num_samples = ctrl.tuning.min_samples
+    ctrl, clock = _chunk_never_seen_dimmed()
     ctrl.choose_tau(PlannedStep(1024, 0, 1, exempt=True))
     assert ctrl._mode != "explore"
     ctrl.observe_step(StepStats(start_time=clock(), latency_s=0.02, num_prefill_tokens=1024,
