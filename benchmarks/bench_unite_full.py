@@ -399,7 +399,8 @@ def bench(args, meter: Meter) -> dict:
     }
     own_work = not args.workdir
     work = Path(tempfile.mkdtemp(prefix="bench-unite-")) if own_work else Path(args.workdir)
-    model_dir, united_dir = work / "model", work / "united"
+    model_dir = work / "model"
+    united_dir = Path(args.united_dir) if args.united_dir else work / "united"
     for d in (model_dir, united_dir):
         if d.exists():
             raise SystemExit(f"--workdir: {d} exists; give an empty directory")
@@ -610,6 +611,9 @@ def main(argv=None) -> int:
     p.add_argument("--workdir", default=None,
                    help="where the checkpoint and united experts go (default: a new temporary "
                         "directory); never under $OUT, which carries results only")
+    p.add_argument("--united-dir", default=None,
+                   help="where the united experts go (default: WORKDIR/united); another disk "
+                        "when the checkpoint fills the work directory's")
     p.add_argument("--keep", action="store_true",
                    help="keep the checkpoint and the united experts (deleted by default)")
     p.add_argument("--out", type=Path, required=True, help="result JSON (with --render: the markdown)")
