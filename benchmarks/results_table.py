@@ -241,9 +241,10 @@ def demo_rows() -> list[list[str]]:
 
 
 # the ladder on the H200: (run, workload) at admission on, off vs ladder in one call each
-LADDER_RUNS = (("headline_h200_run26", "conversation trace, 2x burst", 1.5),
-               ("headline_h200_run27", "conversation trace, 3x burst", 1.5),
-               ("headline_h200_run28", "prefill-heavy, 2x burst", 1.3))  # (run, workload, goodput target)
+LADDER_RUNS = (("headline_h200_run29", "conversation trace, 2x burst", 1.5),
+               ("headline_h200_run31", "conversation trace, 3x burst", 1.5),
+               ("headline_h200_run30", "prefill-heavy, 2x burst", 1.3),
+               ("headline_h200_run32", "prefill-heavy, 3x burst", 1.3))  # (run, workload, goodput target)
 # the ladder's target on missed requests: at least 80% fewer than off
 LADDER_MISSED_CUT = 0.8
 
