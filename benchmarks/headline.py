@@ -131,7 +131,7 @@ def burst_goodput(run_dir: Path, slo: dict, t0: float, t1: float) -> float:
 def sweep(args, cal: dict, out: Path) -> list[dict]:
     rows = []
     slo = {"ttft": cal["slo_ttft_s"], "tpot": cal["slo_tpot_s"], "e2e": None}
-    for policy in ("off", "predictive"):
+    for policy in args.sweep_policies:
         flags = base_flags(args) + policy_flags(policy, cal, args)
         with server_process(flags, out / f"server-sweep-{policy}.log") as url:
             for frac in args.sweep:
@@ -199,6 +199,8 @@ def main() -> None:
                     help="SLOs = this x the P90 (steps: mean) measured at the base load, brownout off")
     ap.add_argument("--sweep", type=lambda s: [float(x) for x in s.split(",")], default=[0.8, 1.1, 1.4])
     ap.add_argument("--sweep-s", type=float, default=20.0)
+    ap.add_argument("--sweep-policies", type=lambda s: s.split(","), default=["off", "predictive"],
+                    help="policies the rate sweep runs, comma-separated (e.g. off,ladder)")
     ap.add_argument("--skip-sweep", action="store_true")
     ap.add_argument("--sweep-only", action="store_true", help="only the rate sweep (with --calibration)")
     ap.add_argument("--admission-ttft-factor", type=float, default=None,
