@@ -13,16 +13,18 @@ process's peak host RSS:
      draws them (norms one, the rest normal with std DUMMY_STD).
   2. unite: `brownout unite --method distill` run in this process through the command's own
      `run`, its parts timed from outside: loading the model, the calibration mix, per layer
-     the capture of calibration states and the build (grouping and distillation), the save.
+     the capture of calibration states (the step of the one pass over the decoder stack that
+     reaches that layer; the windows' embedding before it is left in the unite total) and the
+     build (grouping and distillation), the save.
   3. eval: `brownout eval perplexity` at tau 1 and 0 on the held-out tail of --eval-text,
      through the command's own `run`: loading (with the united experts) and scoring.
 
 With --layers below the model's, the full model's figures are extrapolated and marked as
-such: capture cost grows with depth (layer i runs i + 1 layers), so a line fitted to the
-measured per-layer capture times is summed over every layer; build and save scale with the
-layer count; loading and writing scale with the bytes; the scoring time scales with the
-layers (an upper bound: the embedding and head do not grow); peak memory is the measured
-peak with the truncated model's weights swapped for the full model's.
+such: the capture carries the windows' states from layer to layer (each layer's capture
+runs that layer), so capture, build and save scale with the layer count; loading and
+writing scale with the bytes; the scoring time scales with the layers (an upper bound: the
+embedding and head do not grow); peak memory is the measured peak with the truncated
+model's weights swapped for the full model's.
 
   python3 benchmarks/bench_unite_full.py --preset qwen1.5-moe-a2.7b \
       --calibration ../shared/data/text/gsm8k_train.jsonl --out unite_q15.json
@@ -255,9 +257,10 @@ def run_unite(meter: Meter, model_dir: Path, out_dir: Path, args) -> dict:
         stack.enter_context(wrapped(loader_module, "load_model", timed(meter, "unite.load")))
         stack.enter_context(wrapped(calibration, "calibration_mix", timed(meter, "unite.calibration_mix")))
         stack.enter_context(wrapped(store, "save_united", timed(meter, "unite.save")))
-        # capture_layer(model, i, ...) takes the MoE layer's index, build_layer(..., layer) its
+        # StackCapture.states(self, i) takes the MoE layer's index, build_layer(..., layer) its
         # decoder layer: equal where every layer is MoE, as in the presets
-        stack.enter_context(wrapped(builder, "capture_layer", timed(meter, "capture", lambda a, k: a[1])))
+        stack.enter_context(wrapped(calibration.StackCapture, "states",
+                                    timed(meter, "capture", lambda a, k: a[1])))
         stack.enter_context(wrapped(builder, "build_layer", timed(meter, "build", lambda a, k: a[3])))
         with meter.phase("unite"):
             rc = unite_cli.run(cli_args)
@@ -304,24 +307,14 @@ def unite_defaults() -> dict:
 
 # ---- extrapolation to the full model -----------------------------------------------------
 
-def _line_fit(xs: list[float], ys: list[float]) -> tuple[float, float]:
-    """Least-squares (a, b) of y = a + b x; through the origin when one point is known."""
-    if len(xs) < 2:
-        return 0.0, ys[0] / xs[0]
-    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
-    sxx = sum((x - mx) ** 2 for x in xs)
-    b = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx
-    return my - b * mx, b
-
-
 def extrapolate(report: dict) -> dict:
     """The full model's times and peaks from a truncated run's (equal to them when whole)."""
     ph, layers = report["phases"], report["layers"]
     run_l, full_l = report["layers_run"], report["layers_full"]
     scale_bytes = report["weights"]["checkpoint_full_bytes"] / report["weights"]["checkpoint_run_bytes"]
     capture = [e["capture"]["seconds"] for e in layers]
-    a, b = _line_fit([i + 1 for i in range(len(capture))], capture)
-    capture_full = sum(max(0.0, a + b * (i + 1)) for i in range(full_l)) if run_l < full_l else sum(capture)
+    # each layer's capture runs that layer once: the full model's is the mean times its layers
+    capture_full = sum(capture) / len(capture) * full_l if run_l < full_l else sum(capture)
     build = [e["build"]["seconds"] for e in layers]
     build_full = sum(build) / len(build) * full_l
     unite_parts = {"unite.load": ph["unite.load"]["seconds"] * scale_bytes,
@@ -352,7 +345,7 @@ def extrapolate(report: dict) -> dict:
         "write_s": ph["write"]["seconds"] * scale_bytes,
         "unite_s": sum(unite_parts.values()) + max(0.0, unite_other),
         "unite_parts_s": unite_parts,
-        "capture_fit": {"a_s": a, "b_s_per_layer_run": b},
+        "capture_per_layer_s": sum(capture) / len(capture),
         "build_per_layer_s": sum(build) / len(build),
         "eval_s": sum(eval_full.values()) + max(0.0, eval_other),
         "eval_parts_s": eval_full,
@@ -563,10 +556,16 @@ def render(reports: list[dict], notes: tuple[str, ...] = ()) -> str:
                       f"{full['distill_step_s'] * 1000:.1f} ms.", ""]
         if full["extrapolated"]:
             parts = full["unite_parts_s"]
-            lines += ["Extrapolation: capture of layer i runs i + 1 layers, so the line "
-                      f"{full['capture_fit']['a_s']:.2f} s + {full['capture_fit']['b_s_per_layer_run']:.2f} s "
-                      f"x (i + 1) fitted to the capture times of the {_n(r['layers_run'], 'measured layer')} is summed over "
-                      f"{r['layers_full']} layers ({parts['capture'] / 60:.1f} min); group + distill "
+            if "capture_fit" in full:  # a report whose capture ran the model up to each layer
+                capture = ("capture of layer i runs i + 1 layers, so the line "
+                           f"{full['capture_fit']['a_s']:.2f} s + {full['capture_fit']['b_s_per_layer_run']:.2f} s "
+                           f"x (i + 1) fitted to the capture times of the {_n(r['layers_run'], 'measured layer')} "
+                           f"is summed over {r['layers_full']} layers")
+            else:
+                capture = ("capture carries the states from layer to layer, so "
+                           f"{full['capture_per_layer_s']:.2f} s per layer (the mean of the "
+                           f"{_n(r['layers_run'], 'measured layer')}) x {r['layers_full']}")
+            lines += [f"Extrapolation: {capture} ({parts['capture'] / 60:.1f} min); group + distill "
                       f"= {full['build_per_layer_s']:.1f} s per layer x {r['layers_full']} "
                       f"({parts['build'] / 60:.1f} min); loading and writing scale with the checkpoint's "
                       "bytes; scoring with the layers (an upper bound: embedding and head do not grow); "

@@ -80,7 +80,7 @@ def main() -> None:
     from brownout.config import ModelLoadConfig
     from brownout.runner.loader import load_model
     from brownout.unite import grouping, methods
-    from brownout.unite.calibration import calibration_mix, capture_layer, group_targets
+    from brownout.unite.calibration import StackCapture, calibration_mix, group_targets
     from brownout.unite.sources import SourceSpec
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -100,8 +100,9 @@ def main() -> None:
                           args.calibration_tokens, 512, "fit")
     raw = args.results / "distill_ablation.json"
     report = json.loads(raw.read_text()) if raw.is_file() else {"groups": []}
-    for layer in (int(v) for v in args.layers.split(",")):
-        states = capture_layer(loaded.model, layer, mix.windows, 2048, loaded.device)
+    capture = StackCapture(loaded.model, mix.windows, 2048, loaded.device)
+    for layer in sorted(int(v) for v in args.layers.split(",")):  # one pass: ascending
+        states = capture.states(layer)
         states.source = mix.token_sources()
         moe = loaded.model.moe_layers()[layer]
         E = moe.num_experts

@@ -4,6 +4,8 @@ Families differ only in their `MoESpec` (QKV bias, q/k norm, shared expert, top-
 renormalisation) and in checkpoint names (see `runner/loader.py`), so one model class
 serves all. Two entry points: `forward` over a flat batch of tokens with a paged KV cache
 (serving) and `forward_full` over a [B, L] batch without cache (calibration, evaluation).
+`embed` and `run_layer` take a [B, L] batch through the stack one decoder layer at a time,
+as `forward_full` does (calibration carries every window's states from layer to layer).
 `forward` returns the final hidden states and, per MoE layer, the distinct expert slots
 its tokens went to, as device tensors: inside a CUDA graph they are outputs like the
 hidden states, read by the host only after the step.
@@ -104,6 +106,13 @@ class MoEForCausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()
 
+    @staticmethod
+    def _full_inputs(B: int, L: int, device, tau: Optional[float]) -> tuple[torch.Tensor, ForwardContext]:
+        """Positions [B, L] and the context of a causal [B, L] batch without KV cache."""
+        positions = torch.arange(L, device=device).expand(B, L)
+        tau_t = None if tau is None else torch.tensor(float(tau), device=device)
+        return positions, ForwardContext(tau=tau_t, count_touched=False)
+
     @torch.inference_mode()
     def forward_full(self, input_ids: torch.Tensor, tau: Optional[float] = None) -> torch.Tensor:
         """Logits [B, L, V] of a batch of equal-length sequences, causal, no KV cache.
@@ -111,8 +120,21 @@ class MoEForCausalLM(nn.Module):
         With `tau` set (and united experts installed) brownout counts are taken over all
         B*L tokens, as in one serving step of that many tokens.
         """
-        B, L = input_ids.shape
-        positions = torch.arange(L, device=input_ids.device).expand(B, L)
-        tau_t = None if tau is None else torch.tensor(float(tau), device=input_ids.device)
-        ctx = ForwardContext(tau=tau_t, count_touched=False)
+        positions, ctx = self._full_inputs(*input_ids.shape, input_ids.device, tau)
         return self.compute_logits(self.forward(input_ids, positions, ctx).hidden)
+
+    @torch.inference_mode()
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Token ids [B, L] -> the first decoder layer's input x [B, L, D] (its residual: None)."""
+        return self.embed_tokens(input_ids)
+
+    @torch.inference_mode()
+    def run_layer(self, index: int, x: torch.Tensor, residual: Optional[torch.Tensor],
+                  tau: Optional[float] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Decoder layer `index` over a causal [B, L] batch as `forward_full` runs it: the
+        layer's input (x [B, L, D], the residual stream before it: None for the first layer)
+        -> the next layer's input (x, residual). With `tau`, brownout counts are taken over
+        the batch's B*L tokens, as in `forward_full`."""
+        positions, ctx = self._full_inputs(x.shape[0], x.shape[1], x.device, tau)
+        x, residual, _ = self.layers[index](x, positions, ctx, residual)
+        return x, residual

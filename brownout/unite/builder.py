@@ -1,11 +1,12 @@
 """Build united experts for every MoE layer of a loaded model (SPEC 1.2), one layer at a time.
 
 Per layer: capture calibration states (if any; each token labelled with its calibration
-source), group the experts, build one united expert per group with the chosen method (with
-distill, the groups of a layer are fitted together in one stacked optimisation, in as few
-runs of consecutive groups as the memory budget allows), measure each group's fit error on
-calibration tokens of sources left out of its fit (a random held-out split where a group saw
-one source), then drop the layer's states before the next layer.
+source; the layers' captures make one pass over the decoder stack, see
+calibration.StackCapture), group the experts, build one united expert per group with the
+chosen method (with distill, the groups of a layer are fitted together in one stacked
+optimisation, in as few runs of consecutive groups as the memory budget allows), measure each
+group's fit error on calibration tokens of sources left out of its fit (a random held-out
+split where a group saw one source), then drop the layer's states before the next layer.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import Optional, Sequence
 import torch
 
 from brownout.unite import grouping, methods
-from brownout.unite.calibration import CalibrationMix, LayerStates, capture_layer, group_targets
+from brownout.unite.calibration import CalibrationMix, LayerStates, StackCapture, group_targets
 from brownout.unite.distill import distill_groups, held_out_error, make_folds
 from brownout.unite.options import DistillConfig
 from brownout.unite.sources import HELD_OUT_FRACTION, SourceSpec
@@ -224,11 +225,12 @@ def build_united(loaded, opts: UniteOptions, mix: Optional[CalibrationMix], prog
     groups_per_layer = math.ceil(spec.num_experts / opts.way)
     progress = progress_factory(total=len(layers) * groups_per_layer) if progress_factory else None
     tensors, grouping_map, fit = {}, {}, {}
+    capture = None if mix is None else StackCapture(model, mix.windows, opts.batch_tokens,
+                                                    loaded.device, opts.capture_tau)
     for i, (layer, moe) in enumerate(layers):
         states = None
-        if mix is not None:
-            states = capture_layer(model, i, mix.windows, opts.batch_tokens, loaded.device,
-                                   opts.capture_tau)
+        if capture is not None:
+            states = capture.states(i)  # with capture_tau: after layer i - 1's install below
             states.source = mix.token_sources()
         if progress is not None:
             progress.set_description(f"layer {layer}")
@@ -242,6 +244,7 @@ def build_united(loaded, opts: UniteOptions, mix: Optional[CalibrationMix], prog
         tensors[f"layers.{layer}.group_of"] = group_of.cpu()
         grouping_map[str(layer)] = group_of.tolist()
         fit[str(layer)] = report
+    del capture  # the carried hidden states
     if progress is not None:
         progress.close()
     return tensors, make_manifest(loaded, opts, mix, grouping_map, fit, save_dtype)

@@ -1,8 +1,9 @@
 """Calibration data for building united experts: token windows and per-layer MoE states.
 
 States are captured one MoE layer at a time (memory holds one layer's inputs, never all
-layers'): each pass runs the model only up to that layer and stops, through the MoE
-module's `capture` list, which records the layer's input and its router choices.
+layers'), in one pass over the decoder stack: the hidden states of every calibration window
+are carried from one decoder layer to the next, and each MoE layer records its input and
+its router choices through the MoE module's `capture` list as it runs.
 """
 
 from __future__ import annotations
@@ -112,35 +113,74 @@ def calibration_windows(tokenizer, files: Sequence[Path], max_tokens: int, seq_l
                            part="all").windows
 
 
-class _StopAfterLayer(Exception):
-    """Raised by a hook once the wanted layer has been captured: later layers are skipped."""
+# share of the device memory free when the capture starts that the carried states of all
+# windows may take on the device: the rest holds the layer's batch and the fits that follow
+CARRY_DEVICE_SHARE = 0.25
 
 
-def capture_layer(model, layer: int, windows: torch.Tensor, batch_tokens: int,
-                  device: torch.device, tau: Optional[float] = None) -> LayerStates:
-    """Run the calibration windows through the model up to MoE layer `layer` (at brownout
-    threshold `tau` in the layers before it that have united experts; None: exact)."""
-    moe = model.moe_layers()[layer]
-    records: list[dict] = []
+class StackCapture:
+    """The MoE layers' calibration states in one pass over the decoder stack.
 
-    def stop(module, inputs, output):
-        raise _StopAfterLayer
+    The windows run in batches of `batch_tokens` (whole windows, at least one), each batch
+    as `forward_full` runs it (with a tau, brownout counts over the batch's tokens); every
+    window's hidden states (the next decoder layer's input and residual stream) are carried
+    from layer to layer, on `device` in the model's dtype where they take at most
+    CARRY_DEVICE_SHARE of its free memory, else in host memory.
+    `states(i)` runs the decoder layers up to MoE layer i at threshold `tau` (None: exact),
+    then layer i with its `capture` list set. Without tau, that run's output is carried on;
+    with a tau it is not: layer i runs again at tau when the next layer is asked for, so
+    the united experts installed in layer i meanwhile shape what the later layers see.
+    MoE layers are asked for in ascending order, each at most once; the cost is one pass
+    over the stack (two runs of each MoE layer with a tau), not one pass per layer.
+    """
 
-    moe.capture = records
-    handle = moe.register_forward_hook(stop)
-    rows = max(1, batch_tokens // windows.shape[1])
-    try:
-        for start in range(0, windows.shape[0], rows):
-            try:
-                model.forward_full(windows[start:start + rows].to(device), tau)
-            except _StopAfterLayer:
-                pass
-    finally:
-        handle.remove()
-        moe.capture = None
-    return LayerStates(x=torch.cat([r["x"] for r in records]).float(),
-                       topk_ids=torch.cat([r["topk_ids"] for r in records]),
-                       topk_weights=torch.cat([r["topk_weights"] for r in records]).float())
+    def __init__(self, model, windows: torch.Tensor, batch_tokens: int, device: torch.device,
+                 tau: Optional[float] = None):
+        self.model, self.device, self.tau = model, torch.device(device), tau
+        self.decoder_index = list(model.spec.moe_layers)  # decoder layer of each MoE layer
+        rows = max(1, batch_tokens // windows.shape[1])
+        batches = [windows[s:s + rows] for s in range(0, windows.shape[0], rows)]
+        dtype = model.embed_tokens.weight.dtype
+        carried = 2 * windows.numel() * model.spec.hidden_size * dtype.itemsize  # x and residual
+        self.carry_device = self.device
+        if self.device.type == "cuda" and \
+                carried > CARRY_DEVICE_SHARE * torch.cuda.mem_get_info(self.device)[0]:
+            self.carry_device = torch.device("cpu")
+        self.next_layer = 0  # the decoder layer the carried states enter
+        # per batch: (x, residual), residual None before the first decoder layer
+        self.carried: list[tuple[torch.Tensor, Optional[torch.Tensor]]] = [
+            (model.embed(b.to(self.device)).to(self.carry_device), None) for b in batches]
+
+    def _run(self, layer: int, keep: bool) -> None:
+        """Decoder layer `layer` over every batch at `tau`; keep: its output is carried on."""
+        for j, (x, residual) in enumerate(self.carried):
+            if residual is not None:
+                residual = residual.to(self.device)
+            out = self.model.run_layer(layer, x.to(self.device), residual, self.tau)
+            if keep:
+                self.carried[j] = (out[0].to(self.carry_device), out[1].to(self.carry_device))
+            del out  # one batch's output in memory at a time
+        if keep:
+            self.next_layer = layer + 1
+
+    def states(self, layer: int) -> LayerStates:
+        """What MoE layer `layer` (its index among the MoE layers) sees on the windows."""
+        index = self.decoder_index[layer]
+        if index < self.next_layer:
+            raise ValueError(f"StackCapture: MoE layer {layer} is behind the carried states "
+                             f"(decoder layer {self.next_layer}); ask for layers in ascending order")
+        while self.next_layer < index:
+            self._run(self.next_layer, keep=True)
+        moe = self.model.moe_layers()[layer]
+        records: list[dict] = []
+        moe.capture = records
+        try:
+            self._run(index, keep=self.tau is None)
+        finally:
+            moe.capture = None
+        return LayerStates(x=torch.cat([r["x"] for r in records]).float(),
+                           topk_ids=torch.cat([r["topk_ids"] for r in records]),
+                           topk_weights=torch.cat([r["topk_weights"] for r in records]).float())
 
 
 def group_targets(states: LayerStates, members: Sequence[int], num_experts: int, expert_fn,

@@ -52,6 +52,8 @@ def test_bench_unite_full_on_cpu(tiny_models, text_file, tmp_path):
     full = report["full_model"]
     assert full["extrapolated"]
     assert full["unite_parts_s"]["build"] == pytest.approx(2 * report["layers"][0]["build"]["seconds"])
+    # one layer run per layer's capture: the measured layer's capture time, twice
+    assert full["unite_parts_s"]["capture"] == pytest.approx(2 * report["layers"][0]["capture"]["seconds"])
     assert report["weights"]["checkpoint_full_bytes"] > report["weights"]["checkpoint_run_bytes"]
     # the command's defaults (more calibration tokens, more steps) only add time
     assert full["unite_s_at_cli_defaults"] > full["unite_s"]
@@ -68,11 +70,21 @@ def test_bench_unite_full_on_cpu(tiny_models, text_file, tmp_path):
     assert "EXTRAPOLATION" in text and "Weights are random (dummy)" in text and "Machine: " in text
 
 
-def test_capture_extrapolation_sums_a_line_over_all_layers():
+def test_capture_extrapolation_is_the_mean_layer_times_the_layers():
     bench = _module()
-    a, b = bench._line_fit([1, 2, 3], [1.5, 2.5, 3.5])
-    assert (a, b) == pytest.approx((0.5, 1.0))
-    assert bench._line_fit([1], [2.0]) == (0.0, 2.0)
+    phase = {"seconds": 1.0, "gpu_peak_bytes": 0}
+    report = {"phases": {k: dict(phase) for k in ("write", "unite", "unite.load", "unite.calibration_mix",
+                                                  "unite.save", "eval", "eval.load", "eval.score")},
+              "layers": [{"capture": {"seconds": s}, "build": {"seconds": 1.0}} for s in (1.0, 2.0, 6.0)],
+              "layers_run": 3, "layers_full": 12, "groups_per_layer": 2, "gpu_peak_bytes": None,
+              "weights": {"checkpoint_full_bytes": 4, "checkpoint_run_bytes": 1},
+              "cli_defaults": {"calibration_tokens": 1024, "distill_steps": 10},
+              "params": {"calibration_tokens": 512}}
+    full = bench.extrapolate(report)
+    assert full["capture_per_layer_s"] == pytest.approx(3.0)
+    assert full["unite_parts_s"]["capture"] == pytest.approx(36.0)  # 3 s x 12 layers
+    report["layers_full"] = 3  # whole: the measured sum
+    assert bench.extrapolate(report)["unite_parts_s"]["capture"] == pytest.approx(9.0)
 
 
 def test_stopped_run_keeps_its_phases(tiny_models, text_file, tmp_path, monkeypatch):

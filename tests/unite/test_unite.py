@@ -13,7 +13,7 @@ from brownout.config import ModelLoadConfig
 from brownout.runner.loader import load_model
 from brownout.unite import grouping, methods
 from brownout.unite.builder import UniteOptions, build_layer, build_united
-from brownout.unite.calibration import calibration_mix, calibration_windows, capture_layer
+from brownout.unite.calibration import StackCapture, calibration_mix, calibration_windows
 from brownout.unite.options import DistillConfig
 from brownout.unite.sources import SourceSpec
 from brownout.unite.store import load_united, read_manifest, save_united
@@ -97,7 +97,7 @@ def test_distill_fits_better_than_frequency(qwen, calib_file):
     windows = calibration_windows(tok, [calib_file], 4096, 64)
     opts = UniteOptions(way=4, method="distill", calibration=[SourceSpec(calib_file)],
                         distill=DistillConfig(max_steps=150, eval_every=10, patience=5))
-    states = capture_layer(loaded.model, 0, windows, 512, loaded.device)
+    states = StackCapture(loaded.model, windows, 512, loaded.device).states(0)
     assert states.x.shape == (windows.numel(), loaded.spec.hidden_size)
     *_, report = build_layer(loaded.model.moe_layers()[0], states, opts, 0)
     fitted = [g for g in report if g["tokens"] > 20]
@@ -108,7 +108,7 @@ def test_distill_fits_better_than_frequency(qwen, calib_file):
 
 
 def test_capture_matches_full_forward_routing(qwen, calib_file):
-    """Stopping after layer i must not change what layer i sees."""
+    """Carrying the states layer by layer must not change what layer i sees."""
     from transformers import AutoTokenizer
 
     loaded = _load(qwen)
@@ -118,7 +118,7 @@ def test_capture_matches_full_forward_routing(qwen, calib_file):
     loaded.model.forward_full(windows)
     full = moe.capture
     moe.capture = None
-    states = capture_layer(loaded.model, 1, windows, 10_000, loaded.device)
+    states = StackCapture(loaded.model, windows, 10_000, loaded.device).states(1)
     torch.testing.assert_close(states.x, full[0]["x"])
     assert torch.equal(states.topk_ids, full[0]["topk_ids"])
 
@@ -236,13 +236,13 @@ def test_capture_tau_fits_later_layers_on_dimmed_states(qwen, calib_file, tmp_pa
     opts = UniteOptions(way=2, method="frequency", calibration=[SourceSpec(calib_file)], capture_tau=0.0,
                         calibration_part="all")
     loaded = _load(qwen, extra=None)
-    exact = capture_layer(loaded.model, 1, mix.windows, 512, loaded.device)
+    exact = StackCapture(loaded.model, mix.windows, 512, loaded.device).states(1)
     tensors, manifest = build_united(loaded, opts, mix)
     assert manifest["capture_tau"] == 0.0
     assert all(moe.brownout_ready for moe in loaded.model.moe_layers())
-    dimmed = capture_layer(loaded.model, 1, mix.windows, 512, loaded.device, tau=0.0)
+    dimmed = StackCapture(loaded.model, mix.windows, 512, loaded.device, tau=0.0).states(1)
     assert not torch.allclose(dimmed.x, exact.x)  # layer 1 saw layer 0's united experts
-    again = capture_layer(loaded.model, 1, mix.windows, 512, loaded.device)
+    again = StackCapture(loaded.model, mix.windows, 512, loaded.device).states(1)
     torch.testing.assert_close(again.x, exact.x)  # tau None stays exact
     with pytest.raises(ValueError, match="capture_tau"):
         UniteOptions(way=2, capture_tau=1.5)
