@@ -48,6 +48,7 @@ from pathlib import Path
 
 import numpy as np
 
+from compact_raw import jsonl_file, read_jsonl
 from sim_headline import headline_setup
 
 from brownout.sim.profile import (KILO, RoutingShape, StepCostProfile, StepShape, fit_phase,
@@ -78,6 +79,8 @@ PREFILL_SEQS = 4
 MIXED_DECODES, MIXED_CTX = 63, 512
 # the united experts the headline servers ran (`--united-experts average:4`)
 WAY = 4
+# the server's step latency counters, whose sums are the time inside steps
+STEP_COUNTER = "brownout_step_latency_seconds_{kind},phase={phase}"
 
 
 def engine_rows(runs: list[int], gpu: str):
@@ -246,6 +249,56 @@ def host_and_edge(gpu: str, runs: list[int]) -> tuple[float, float, str]:
     return statistics.fmean(gaps) / KILO, statistics.fmean(unloaded), date
 
 
+def gap_intervals(metrics: list[dict], t0: float, t1: float) -> list[tuple[float, float, float]]:
+    """(mean running requests, host seconds per step, steps) of each scrape interval inside
+    [t0, t1] that holds steps and starts and ends with requests running: the interval's
+    wall time less the time inside steps, per step. An interval that starts or ends empty
+    may hold idle time, which is no host work, and is left out."""
+    out = []
+    for a, b in zip(metrics, metrics[1:]):
+        if a["t"] < t0 or b["t"] > t1 or min(a["running"], b["running"]) < 1:
+            continue
+        delta = {kind: sum(b["brownout"].get(STEP_COUNTER.format(kind=kind, phase=p), 0.0)
+                           - a["brownout"].get(STEP_COUNTER.format(kind=kind, phase=p), 0.0)
+                           for p in ("prefill", "decode")) for kind in ("count", "sum")}
+        if delta["count"] > 0:
+            out.append(((a["running"] + b["running"]) / 2,
+                        (b["t"] - a["t"] - delta["sum"]) / delta["count"], delta["count"]))
+    return out
+
+
+def fit_host_gap(intervals: list[tuple[float, float, float]]) -> tuple[float, float]:
+    """(seconds, seconds per running request) of the host gap: least squares of each
+    interval's host time per step over its running requests, weighted by its steps. Where
+    the fitted slope or intercept falls below zero (the intervals span too narrow a load),
+    the gap is the step-weighted mean and no slope."""
+    run, gap, w = (np.array(x, dtype=float) for x in zip(*intervals))
+    A = np.vstack([np.ones_like(run), run]).T * np.sqrt(w)[:, None]
+    fixed, per = np.linalg.lstsq(A, gap * np.sqrt(w), rcond=None)[0]
+    if fixed < 0.0 or per < 0.0:
+        return float(np.average(gap, weights=w)), 0.0
+    return float(fixed), float(per)
+
+
+def host_gap_by_policy(gpu: str, runs: list[int]) -> dict[str, tuple[float, float]]:
+    """Per policy of the headline runs, and pooled over them all under "" (the default of a
+    policy not named), the host gap's fixed time and time per running request, fitted to
+    the /metrics scrapes of each run's burst window: there the queue keeps the engine
+    stepping, so the time outside steps is host work between them."""
+    by_policy: dict[str, list[tuple[float, float, float]]] = {}
+    for n in runs:
+        root = RESULTS / "headline" / "raw" / f"headline_{gpu}_run{n}"
+        head = json.loads((root / "headline.json").read_text())
+        t0, t1 = head["burst_window_s"]
+        for policy in {r["policy"] for r in head["rows"]}:
+            path = jsonl_file(root / policy, "metrics")
+            if path is not None:
+                by_policy.setdefault(policy, []).extend(gap_intervals(read_jsonl(path), t0, t1))
+    out = {p: fit_host_gap(v) for p, v in sorted(by_policy.items())}
+    out[""] = fit_host_gap([x for v in by_policy.values() for x in v])
+    return out
+
+
 _BLOCKS = re.compile(r"KV cache: (\d+) blocks of (\d+) tokens")
 _BUCKETS = re.compile(r"decode batch sizes \[([\d, ]+)\], mixed-step token counts \[([\d, ]+)\]")
 
@@ -262,7 +315,7 @@ def server_facts(gpu: str, run: int) -> tuple[int, int, dict[str, list[int]]]:
 
 def fit(gpu: str, engine_runs: list[int], headline_runs: list[int], budget: int,
         grid: Path | None = None, curve: Path | None = None, bound: bool = False,
-        serving_time: bool = False) -> StepCostProfile:
+        serving_time: bool = False, host_gap_runs: list[int] | None = None) -> StepCostProfile:
     rows, meta = grid_rows(grid) if grid else engine_rows(engine_runs, gpu)
     # a served step holds at most the token budget: larger grid steps run past the largest
     # captured graph, eagerly, at a cost no served step pays
@@ -291,6 +344,11 @@ def fit(gpu: str, engine_runs: list[int], headline_runs: list[int], budget: int,
     edge = max(0.0, unloaded_ttft - lone - gap)
     profile.date = date
     profile.host_gap_s = round(gap, 6)
+    if host_gap_runs:
+        terms = host_gap_by_policy(gpu, host_gap_runs)
+        fixed, per = terms.pop("")
+        profile.host_gap_s, profile.host_gap_s_per_running = round(fixed, 7), round(per, 9)
+        profile.host_gap_by_policy = {p: [round(a, 7), round(b, 9)] for p, (a, b) in terms.items()}
     profile.request_in_s = profile.request_out_s = round(edge / 2, 6)
     profile.sources = ([str(grid)] if grid else
                        [f"benchmarks/results/engine/engine_{gpu}_run{n}.json" for n in engine_runs])
@@ -298,6 +356,9 @@ def fit(gpu: str, engine_runs: list[int], headline_runs: list[int], budget: int,
         profile.sources.append(str(curve))
     profile.sources += [f"benchmarks/results/headline/headline_{gpu}_run{n}_steps.json" for n in headline_runs]
     profile.sources += [f"benchmarks/results/headline/raw/headline_{gpu}_run{n}/" for n in headline_runs]
+    if host_gap_runs:
+        profile.sources += [f"benchmarks/results/headline/raw/headline_{gpu}_run{n}/{{policy}}/metrics.jsonl.gz"
+                            for n in host_gap_runs if n not in headline_runs]
     profile.notes = {
         "model": f"{meta['preset']}, {meta['weights']}, way-{WAY} united experts (average)",
         "kept_curve": f"fitted to the experts touched in {curve}" if curve else "linear in tau",
@@ -310,6 +371,11 @@ def fit(gpu: str, engine_runs: list[int], headline_runs: list[int], budget: int,
         "headline_mean_running_context": round(ctx, 1),
         "unloaded_ttft_s": round(unloaded_ttft, 5),
         "max_num_batched_tokens_of_the_serving_fit": budget}
+    if host_gap_runs:
+        profile.notes["host_gap"] = (
+            "per policy, seconds plus seconds per running request, fitted to the burst-window "
+            f"/metrics scrapes of headline runs {','.join(map(str, host_gap_runs))}; "
+            "host_gap_s and host_gap_s_per_running pool every policy")
     return profile
 
 
@@ -365,6 +431,10 @@ def main() -> None:
                                                          "expert work bound by max(weight reads, arithmetic)")
     ap.add_argument("--serving-time", action="store_true",
                     help="fit each phase's served step as a fixed time plus a factor of the graphed one")
+    ap.add_argument("--host-gap-runs", default="",
+                    help="headline runs whose burst scrapes fit the host gap between steps per policy, "
+                         "as a time plus a time per running request (default: one gap, the burst mean "
+                         "of --headline-runs, for every policy)")
     ap.add_argument("--trace", help="the trace the headline runs replayed (refines by simulation)")
     ap.add_argument("--refine-ttft", action="store_true",
                     help="fit also the request path's time per running request to the off runs' median TTFT")
@@ -374,13 +444,15 @@ def main() -> None:
     ints = lambda s: [int(x) for x in s.split(",") if x]  # noqa: E731
     profile = fit(args.gpu, ints(args.engine_runs), ints(args.headline_runs),
                   args.max_num_batched_tokens, args.grid, args.curve, args.bound,
-                  args.serving_time)
+                  args.serving_time, ints(args.host_gap_runs))
     if args.trace:
         refine_by_simulation(profile, args.gpu, ints(args.headline_runs), args.trace, args.refine,
                              args.refine_ttft)
     profile.save(args.out)
     print(json.dumps({p: m.to_json() | {"residuals": len(m.residuals)}
                       for p, m in profile.phases.items()}, indent=1))
+    for policy, (fixed, per) in profile.host_gap_by_policy.items():
+        print(f"host gap {policy}: {fixed * KILO:.3f} ms + {per * 1e6:.2f} us per running request")
     print(f"host gap {profile.host_gap_s * KILO:.2f} ms, request in/out "
           f"{profile.request_in_s * KILO:.2f} ms each, {profile.num_blocks} KV blocks; wrote {args.out}")
 

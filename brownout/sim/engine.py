@@ -97,6 +97,7 @@ class SimEngine:
             self.controller.enable_ladder(prices)
         budget = sched_config.max_num_batched_tokens
         self.controller.set_step_sizes(budget, profile.graph_buckets.get("prefill_tokens", ()))
+        self.policy = slo.policy  # the profile's host gap between steps may differ by policy
         self.exempt_priority = slo.dim_exempt_priority
         self.controller.exempt_per_token = exempt_per_token
         self.records: dict[str, _Record] = {}
@@ -204,7 +205,7 @@ class SimEngine:
         self.step_count[shape.phase] += 1
         self.step_sum[shape.phase] += latency
         self.busy = True  # the host gap belongs to the engine: arrivals do not start a step
-        self.events.at(now + self.profile.host_gap_s, self._schedule_next)
+        self.events.at(now + self.profile.host_gap(self.policy, view.num_running), self._schedule_next)
 
     def _token(self, new: NewToken, now: float) -> None:
         record = self.records[new.request.request_id]

@@ -266,6 +266,13 @@ class StepCostProfile:
     phases: dict[str, PhaseModel]
     routing: RoutingShape = field(default_factory=RoutingShape)
     host_gap_s: float = 0.0  # host time between one step's end and the next one's start
+    # more host time between steps per request the engine runs (streaming each one its
+    # token, the objects its collector frees): the gap grows with the running load
+    host_gap_s_per_running: float = 0.0
+    # per policy: [seconds, seconds per running request] of the host gap, where that
+    # policy's server spends its own host time between steps (the controller's per-step
+    # planning); a policy not named takes host_gap_s and host_gap_s_per_running
+    host_gap_by_policy: dict[str, list[float]] = field(default_factory=dict)
     request_in_s: float = 0.0  # client send to engine arrival (HTTP, tokenising, hop)
     request_out_s: float = 0.0  # engine token to client (detokenising, streaming)
     # more time each way per request the engine runs: the server's path in and out streams
@@ -276,6 +283,12 @@ class StepCostProfile:
     graph_buckets: dict[str, list[int]] = field(default_factory=dict)  # captured CUDA graphs
     sources: list[str] = field(default_factory=list)
     notes: dict[str, Any] = field(default_factory=dict)
+
+    def host_gap(self, policy: Optional[str] = None, running: int = 0) -> float:
+        """Host time between a step's end and the next one's start, under `policy` with
+        `running` requests in the engine."""
+        fixed, per = self.host_gap_by_policy.get(policy or "", (self.host_gap_s, self.host_gap_s_per_running))
+        return max(0.0, fixed + per * running)
 
     def request_in(self, running: int) -> float:
         """Client send to engine arrival with `running` requests in the engine."""
@@ -304,9 +317,13 @@ class StepCostProfile:
         return [e] * self.routing.num_layers
 
     def to_json(self) -> dict[str, Any]:
+        gap: dict[str, Any] = {"host_gap_s": self.host_gap_s}
+        if self.host_gap_s_per_running:
+            gap["host_gap_s_per_running"] = self.host_gap_s_per_running
+        if self.host_gap_by_policy:
+            gap["host_gap_by_policy"] = {p: list(v) for p, v in self.host_gap_by_policy.items()}
         return {"machine": self.machine, "date": self.date, "sources": self.sources,
-                "routing": self.routing.to_json(),
-                "host_gap_s": self.host_gap_s, "request_in_s": self.request_in_s,
+                "routing": self.routing.to_json(), **gap, "request_in_s": self.request_in_s,
                 "request_out_s": self.request_out_s,
                 "request_s_per_running": self.request_s_per_running, "num_blocks": self.num_blocks,
                 "block_size": self.block_size, "graph_buckets": self.graph_buckets, "notes": self.notes,
@@ -317,7 +334,11 @@ class StepCostProfile:
         return cls(machine=d["machine"], date=d["date"],
                    phases={p: PhaseModel.from_json(m) for p, m in d["phases"].items()},
                    routing=RoutingShape.from_json(d.get("routing", {})),
-                   host_gap_s=d.get("host_gap_s", 0.0), request_in_s=d.get("request_in_s", 0.0),
+                   host_gap_s=d.get("host_gap_s", 0.0),
+                   host_gap_s_per_running=d.get("host_gap_s_per_running", 0.0),
+                   host_gap_by_policy={p: [float(x) for x in v]
+                                       for p, v in d.get("host_gap_by_policy", {}).items()},
+                   request_in_s=d.get("request_in_s", 0.0),
                    request_out_s=d.get("request_out_s", 0.0),
                    request_s_per_running=d.get("request_s_per_running", 0.0),
                    num_blocks=d.get("num_blocks", 32768), block_size=d.get("block_size", 16),
