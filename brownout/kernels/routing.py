@@ -11,13 +11,24 @@ renormalised exactly as the family's router does at top-k': Mixtral and Qwen3-Mo
 (renormalize) divide by the kept sum; Qwen2-MoE without norm_topk_prob keeps the softmax
 probabilities as they are. So shedding at k' computes what the model computes with
 top_k = k', and at k' = k it returns the plain selection bit for bit.
+
+`select_experts` is the reference and the CPU path. `route_experts` is what the MoE layer
+calls: on CUDA with triton installed, for steps of at most TRITON_MAX_TOKENS tokens, the
+one-launch kernel of `routing_triton` (same outputs, see its docstring for the tie rule);
+`select_experts` everywhere else.
 """
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 from typing import Optional
 
 import torch
+
+# Decode steps (CUDA-graph batches) and short prefills stay under this: there the ~4 launches
+# of the torch path dominate; longer steps are bandwidth-bound and those launches are noise.
+TRITON_MAX_TOKENS = 256
 
 
 def select_experts(
@@ -36,3 +47,30 @@ def select_experts(
     if renormalize:
         weights = weights / weights.sum(dim=-1, keepdim=True)
     return weights, ids
+
+
+@functools.cache
+def _triton_kernels():
+    """The Triton module, or None without triton. Imported on the first CUDA call only,
+    so CPU-only processes never import triton from here."""
+    if importlib.util.find_spec("triton") is None:
+        return None
+    from brownout.kernels import routing_triton
+    return routing_triton
+
+
+def route_experts(
+    router_logits: torch.Tensor,  # [T, E]
+    top_k: int,
+    renormalize: bool,
+    active_k: Optional[torch.Tensor] = None,  # 0-d int on the logits' device
+) -> tuple[torch.Tensor, torch.Tensor]:  # weights [T, k] float32, ids [T, k] int32 (-1 = shed)
+    """`select_experts`, in one Triton launch on CUDA for short steps with autograd off
+    (the kernel records no graph); the torch ops elsewhere, the CPU included."""
+    if router_logits.is_cuda and router_logits.shape[0] <= TRITON_MAX_TOKENS \
+            and not (torch.is_grad_enabled() and router_logits.requires_grad):
+        kern = _triton_kernels()
+        if kern is not None and kern.triton_topk_available(router_logits.device,
+                                                           router_logits.shape[1], top_k):
+            return kern.select_experts_triton(router_logits, top_k, renormalize, active_k)
+    return select_experts(router_logits, top_k, renormalize, active_k)

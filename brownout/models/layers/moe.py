@@ -24,7 +24,7 @@ from brownout.parallel.info import SINGLE, ParallelInfo
 from brownout.parallel.sharding import shard_dim, shard_gate_up
 from brownout.kernels.moe_ref import moe_experts_ref
 from brownout.kernels.brownout_routing import brownout_route, count_touched
-from brownout.kernels.routing import select_experts
+from brownout.kernels.routing import route_experts
 from brownout.models.context import ForwardContext
 from brownout.models.layers.common import SwiGLU
 from brownout.models.spec import MoESpec
@@ -135,11 +135,11 @@ class SparseMoE(nn.Module):
         whatever tau is (its price is measured alone), and brownout's keep set is chosen
         over the assignments the step computes."""
         router_logits = self.gate(x)  # [T, E]
-        weights, ids = select_experts(router_logits, self.top_k, self.renormalize,
-                                      ctx.top_k)  # [T, k]; shed assignments have id -1
+        weights, ids = route_experts(router_logits, self.top_k, self.renormalize,
+                                     ctx.top_k)  # [T, k]; shed assignments have id -1
         full = (weights, ids)  # what exempt tokens keep: the model's k, no redirection
         if ctx.exempt is not None and ctx.top_k is not None:
-            full = select_experts(router_logits, self.top_k, self.renormalize)
+            full = route_experts(router_logits, self.top_k, self.renormalize)
         if self.capture is not None:
             self.capture.append(dict(x=x.detach().cpu(), topk_ids=ids.cpu(), topk_weights=weights.cpu()))
         routed = ctx.tau is not None and self.brownout_ready
