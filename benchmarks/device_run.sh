@@ -6,8 +6,8 @@
 # Parts: tests (GPU tests of the engine and kernels), engine (bench_engine stages in
 # $ENGINE_STAGES), kernels (fused MoE tile sweep at $KERNEL_TOKENS; KERNEL_EXTRA=--crowded
 # for the tau = 0 case), install (that table into brownout/kernels/configs for the later
-# parts), headline (benchmarks/headline.py), sweep (headline rate sweep, needs
-# $CALIBRATION). Wheels in .whl/ (fastapi, uvicorn, pydantic...) for the server; the trace in
+# parts), topk (the fused router top-k vs the torch ops), headline (benchmarks/headline.py),
+# sweep (headline rate sweep, needs $CALIBRATION). Wheels in .whl/ (fastapi, uvicorn, pydantic...) for the server; the trace in
 # .gpu_data/ (a copy of ../shared/data/traces, never committed).
 # The tarball is transport only, never committed. Back on the development machine, each part's
 # folder in it goes to its experiment's raw folder, e.g. for a headline run:
@@ -42,7 +42,8 @@ for part in ${parts//,/ }; do
   case $part in
     tests)
       timeout ${TESTS_S:-240} python3 -m pytest -q -p no:cacheprovider -x tests/engine/test_gpu.py \
-        tests/kernels/test_step_graphs.py tests/kernels/test_paged_attention.py 2>&1 | tail -30 | tee "$work/tests.txt" ;;
+        tests/kernels/test_step_graphs.py tests/kernels/test_paged_attention.py \
+        tests/kernels/test_routing_triton.py 2>&1 | tail -30 | tee "$work/tests.txt" ;;
     engine)
       timeout ${ENGINE_S:-300} python3 benchmarks/bench_engine.py --out "$work/engine" \
         --stages "${ENGINE_STAGES:-prefill,profile}" 2>&1 | tee "$work/engine.log" | tail -40 ;;
@@ -51,6 +52,9 @@ for part in ${parts//,/ }; do
         --tokens "${KERNEL_TOKENS:-1,16,64,128,256,512,1024,2048}" --budget-s ${KERNEL_BUDGET_S:-200} \
         ${KERNEL_EXTRA:-} 2>&1 \
         | tee "$work/kernels.log" | tail -25 ;;
+    topk)  # the one-launch router top-k against the torch ops, inside CUDA graphs
+      timeout ${TOPK_S:-120} python3 benchmarks/bench_routing_topk.py --out "$work/topk" 2>&1 \
+        | tee "$work/topk.log" | tail -20 ;;
     install)  # the table the kernels part just wrote, for the parts after it in this call
       for f in "$work"/kernels/*.json; do
         [ "$(basename "$f")" = kernels_raw.json ] || cp -v "$f" brownout/kernels/configs/

@@ -13,15 +13,18 @@ probabilities as they are. So shedding at k' computes what the model computes wi
 top_k = k', and at k' = k it returns the plain selection bit for bit.
 
 `select_experts` is the reference and the CPU path. `route_experts` is what the MoE layer
-calls: on CUDA with triton installed, for steps of at most TRITON_MAX_TOKENS tokens, the
-one-launch kernel of `routing_triton` (same outputs, see its docstring for the tie rule);
-`select_experts` everywhere else.
+calls: with BROWNOUT_FUSED_TOPK=1 in the environment, on CUDA with triton installed, for
+steps of at most TRITON_MAX_TOKENS tokens, the one-launch kernel of `routing_triton` (same
+outputs, see its docstring for the tie rule); `select_experts` everywhere else. The fused
+kernel is opt-in until its GPU timing (`benchmarks/bench_routing_topk.py`) shows it faster
+than the torch ops inside the step's CUDA graph.
 """
 
 from __future__ import annotations
 
 import functools
 import importlib.util
+import os
 from typing import Optional
 
 import torch
@@ -29,6 +32,9 @@ import torch
 # Decode steps (CUDA-graph batches) and short prefills stay under this: there the ~4 launches
 # of the torch path dominate; longer steps are bandwidth-bound and those launches are noise.
 TRITON_MAX_TOKENS = 256
+# opt-in switch for the fused kernel: it is interpreter-tested, not yet timed on a GPU
+FUSED_TOPK_ENV = "BROWNOUT_FUSED_TOPK"
+FUSED_TOPK = os.environ.get(FUSED_TOPK_ENV) == "1"  # read once: the step path asks per layer
 
 
 def select_experts(
@@ -67,7 +73,8 @@ def route_experts(
 ) -> tuple[torch.Tensor, torch.Tensor]:  # weights [T, k] float32, ids [T, k] int32 (-1 = shed)
     """`select_experts`, in one Triton launch on CUDA for short steps with autograd off
     (the kernel records no graph); the torch ops elsewhere, the CPU included."""
-    if router_logits.is_cuda and router_logits.shape[0] <= TRITON_MAX_TOKENS \
+    if router_logits.is_cuda and FUSED_TOPK \
+            and router_logits.shape[0] <= TRITON_MAX_TOKENS \
             and not (torch.is_grad_enabled() and router_logits.requires_grad):
         kern = _triton_kernels()
         if kern is not None and kern.triton_topk_available(router_logits.device,
