@@ -2,10 +2,7 @@
 the simulated engine to the policy it names only, and fitted by benchmarks/fit_profile.py
 from the /metrics scrapes a headline run saved."""
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,14 +16,6 @@ PROMPTS = "synthetic:prompt_len=200,output_len=40"
 STEP_COUNTER = "brownout_step_latency_seconds_{kind},phase={phase}"
 
 
-def _fit_script():
-    bench = Path(__file__).resolve().parents[2] / "benchmarks"
-    if str(bench) not in sys.path:  # the scripts import each other
-        sys.path.insert(0, str(bench))
-    spec = importlib.util.spec_from_file_location("fit_profile", bench / "fit_profile.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def _profile(**gap):
@@ -95,8 +84,8 @@ def _scrapes(rng, fixed_s, per_running_s, n=60):
     return out
 
 
-def test_the_fit_recovers_a_known_gap_per_policy_from_scrapes():
-    fit = _fit_script()
+def test_the_fit_recovers_a_known_gap_per_policy_from_scrapes(fit_script):
+    fit = fit_script
     rng = np.random.default_rng(0)
     off = fit.fit_host_gap(fit.gap_intervals(_scrapes(rng, 0.0006, 5e-6), 0.0, 1e9))
     ladder = fit.fit_host_gap(fit.gap_intervals(_scrapes(rng, 0.0009, 7e-6), 0.0, 1e9))
@@ -104,8 +93,8 @@ def test_the_fit_recovers_a_known_gap_per_policy_from_scrapes():
     assert ladder == pytest.approx((0.0009, 7e-6), rel=1e-6)
 
 
-def test_intervals_outside_the_window_or_starting_empty_are_left_out():
-    fit = _fit_script()
+def test_intervals_outside_the_window_or_starting_empty_are_left_out(fit_script):
+    fit = fit_script
     scrapes = _scrapes(np.random.default_rng(1), 0.001, 0.0, n=10)
     scrapes[4]["running"] = 0.0  # an interval that starts or ends empty may hold idle time
     got = fit.gap_intervals(scrapes, 2.0, 8.0)

@@ -196,21 +196,10 @@ def test_serving_time_adds_to_the_factor_and_survives_json(tmp_path):
     assert load_profile(tmp_path / "p.json").to_json() == p.to_json()
 
 
-def _fit_script():
-    import importlib.util
-    import sys
-    from pathlib import Path
-    bench = Path(__file__).resolve().parents[2] / "benchmarks"
-    if str(bench) not in sys.path:  # the scripts import each other
-        sys.path.insert(0, str(bench))
-    spec = importlib.util.spec_from_file_location("fit_profile", bench / "fit_profile.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
-def test_the_fit_script_recovers_a_known_prompt_routing_and_kept_curve(tmp_path):
-    fit = _fit_script()
+def test_the_fit_script_recovers_a_known_prompt_routing_and_kept_curve(tmp_path, fit_script):
+    fit = fit_script
     truth = RoutingShape(curve_taus=(0.0, 0.5, 1.0), curve_prompt_shares=fit.PROMPT_SHARE_KNOTS,
                          kept_curve=tuple((0.0, 0.5 - 0.4 * s, 1.0) for s in fit.PROMPT_SHARE_KNOTS),
                          prompt_scale=1.7, prompt_exponent=0.3)
