@@ -1,6 +1,7 @@
 """Where a headline run's missed requests come from: per policy, the requests that arrived in
 the burst, how many were refused, served, served within both SLOs, and the served ones late
-on TTFT or TPOT (with the late TTFTs' median), from the committed raw requests files.
+on TTFT or TPOT (with the late TTFTs' median), from the committed raw requests files; and
+the running cap the /metrics scrapes read during the burst (min-max).
   python benchmarks/burst_misses.py 26 27 28 --out benchmarks/results/headline/burst_misses_h200.md
 """
 from __future__ import annotations
@@ -28,10 +29,14 @@ def rows(run: int, gpu: str = "h200") -> list[list[str]]:
         late_ttft = [t for t in ttft if t > cal["slo_ttft_s"]]
         late_tpot = sum(t > cal["slo_tpot_s"] for t in tpot)
         good = sum(a <= cal["slo_ttft_s"] and b <= cal["slo_tpot_s"] for a, b in zip(ttft, tpot))
+        scrapes = [json.loads(line) for line in gzip.open(path.with_name("metrics.jsonl.gz"), "rt")]
+        caps = [s["brownout"]["brownout_running_cap"] for s in scrapes
+                if t0 <= s["t"] < t1 and "brownout_running_cap" in s.get("brownout", {})]
         out.append([str(run), row["label"], str(len(burst)), str(len(burst) - len(served)), str(len(served)),
                     f"{good} ({good / (t1 - t0):.1f}/s)", str(len(late_ttft)),
                     f"{statistics.median(late_ttft) * 1e3:.0f}" if late_ttft else "-", str(late_tpot),
-                    f"{cal['slo_ttft_s'] * 1e3:.0f} / {cal['slo_tpot_s'] * 1e3:.1f}"])
+                    f"{cal['slo_ttft_s'] * 1e3:.0f} / {cal['slo_tpot_s'] * 1e3:.1f}",
+                    f"{min(caps):.0f}-{max(caps):.0f}" if caps else "-"])
     return out
 
 
@@ -45,8 +50,8 @@ def main() -> None:
              f"Made by `python benchmarks/burst_misses.py {' '.join(map(str, args.runs))} --out {args.out}` "
              "from the runs' raw requests files (requests scheduled inside the burst window).", "",
              "| run | policy | burst arrivals | refused or failed | served | within both SLOs | "
-             "late TTFT | late TTFT median ms | late TPOT | SLO TTFT ms / TPOT ms |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "late TTFT | late TTFT median ms | late TPOT | SLO TTFT ms / TPOT ms | running cap in the burst |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for run in args.runs:
         lines += ["| " + " | ".join(r) + " |" for r in rows(run, args.gpu)]
     args.out.write_text("\n".join(lines) + "\n")
