@@ -133,8 +133,12 @@ def sweep(args, cal: dict, out: Path) -> list[dict]:
     slo = {"ttft": cal["slo_ttft_s"], "tpot": cal["slo_tpot_s"], "e2e": None}
     for policy in args.sweep_policies:
         flags = base_flags(args) + policy_flags(policy, cal, args)
+        misses = 0
         with server_process(flags, out / f"server-sweep-{policy}.log") as url:
             for frac in args.sweep:
+                if args.sweep_stop_after and misses >= args.sweep_stop_after:
+                    log.info("sweep %s: %d rates in a row missed, higher rates skipped", policy, misses)
+                    break
                 speed = frac * cal["capacity_req_s"] / cal["trace_rate_req_s"]
                 rep = run_bench(url, trace_spec(args, speed, args.sweep_s), "synthetic",
                                 out / f"sweep-{policy}-{frac}", slo_ttft=slo["ttft"], slo_tpot=slo["tpot"],
@@ -144,7 +148,10 @@ def sweep(args, cal: dict, out: Path) -> list[dict]:
                 rows.append(dict(policy=policy, load_fraction=frac, offered_req_s=rep["meta"]["offered_rate"],
                                  p90_ttft_s=rep["latency"]["ttft"]["p90"], p90_tpot_s=rep["latency"]["tpot"]["p90"],
                                  goodput_req_s=rep["goodput_req_s"], mean_tau=rep["tau"]["mean"], meets_slo=ok))
+                misses = 0 if ok else misses + 1
                 log.info("sweep %s", rows[-1])
+                # written after every rate so a run cut short by its time limit keeps its rows
+                (out / "sweep.json").write_text(json.dumps(rows, indent=2))
                 time.sleep(3)  # let the queue drain and the controller settle
     (out / "sweep.json").write_text(json.dumps(rows, indent=2))
     return rows
@@ -199,6 +206,9 @@ def main() -> None:
                     help="SLOs = this x the P90 (steps: mean) measured at the base load, brownout off")
     ap.add_argument("--sweep", type=lambda s: [float(x) for x in s.split(",")], default=[0.8, 1.1, 1.4])
     ap.add_argument("--sweep-s", type=float, default=20.0)
+    ap.add_argument("--sweep-stop-after", type=int, default=0,
+                    help="stop a policy's sweep after this many rates in a row missed the SLOs (the "
+                         "largest rate meeting them is below; 0: run every rate)")
     ap.add_argument("--sweep-policies", type=lambda s: s.split(","), default=["off", "predictive"],
                     help="policies the rate sweep runs, comma-separated (e.g. off,ladder)")
     ap.add_argument("--skip-sweep", action="store_true")
