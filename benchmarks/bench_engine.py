@@ -72,14 +72,23 @@ def matmul_flops(n: int = 8192) -> float:
     return 2 * n**3 / (ms / 1e3)
 
 
+def shared_slot_params(moe) -> int:
+    """Parameters of the shared expert folded into one MoE layer's expert slots (0 if none):
+    read by every step, so they count with the dense weights, not the touched slots."""
+    if moe.shared_slots is None:
+        return 0
+    return moe.shared_slots.count * 3 * moe.gate.in_features * moe.inter
+
+
 def weight_bytes(model) -> dict:
     spec = model.spec
     expert = 3 * spec.hidden_size * spec.moe_intermediate_size * 2  # one expert, bf16
     dense = sum(p.numel() * p.element_size() for n, p in model.named_parameters()
                 if not n.endswith((".w13", ".w2")) and n != "embed_tokens.weight")
+    dense += 2 * sum(shared_slot_params(m) for m in model.moe_layers())
     moe = model.moe_layers()[0]
     moe_dense = sum(p.numel() * p.element_size() for n, p in moe.named_parameters()
-                    if not n.endswith(("w13", "w2")))
+                    if not n.endswith(("w13", "w2"))) + 2 * shared_slot_params(moe)
     return dict(expert=expert, dense=dense, moe_layer_dense=moe_dense,
                 kv_per_token=spec.kv_bytes_per_token(2))
 
@@ -129,6 +138,7 @@ def step_flops(model, sched: SchedulerOutput, top_k: int | None = None) -> float
     k = spec.top_k if top_k is None else min(top_k, spec.top_k)
     dense = sum(p.numel() for n, p in model.named_parameters()
                 if not n.endswith((".w13", ".w2")) and n not in ("embed_tokens.weight", "lm_head.weight"))
+    dense += sum(shared_slot_params(m) for m in model.moe_layers())
     per_token = dense + len(model.moe_layers()) * k * 3 * spec.hidden_size * spec.moe_intermediate_size
     T = sum(len(s.token_ids) for s in sched.seqs)
     sampled = sum(s.sample for s in sched.seqs)

@@ -105,4 +105,7 @@ def load_model(load: ModelLoadConfig, parallel: Optional[ParallelInfo] = None) -
     else:
         model_dir = Path(load.model)
         load_safetensors(model, model_dir)
+    if load.fold_shared_expert:
+        for moe in model.moe_layers():
+            moe.fold_shared_expert()
     return LoadedModel(model, spec, hf_config, device, dtype, model_dir, parallel)
