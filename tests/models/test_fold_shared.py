@@ -82,3 +82,24 @@ def test_a_width_that_is_not_whole_experts_keeps_the_separate_shared_expert(tiny
     moe.inter = 24  # 64 is not a multiple: no fold, nothing changed
     assert not moe.can_fold_shared_expert() and not moe.fold_shared_expert()
     assert moe.shared_expert is not None and moe.shared_slots is None
+
+
+@pytest.mark.parametrize("tau", [None, 0.5])
+def test_long_steps_run_the_folded_slots_as_dense_gemms(monkeypatch, tau):
+    """Past FOLDED_MAX_TOKENS the shared slots run through dense GEMMs, not the expert
+    kernel's assignments; the logits stay those of the separate shared expert."""
+    from brownout.models.layers import moe as moe_mod
+
+    plain, folded = _pair(DEMO)
+    for m in (plain, folded):
+        install_uncalibrated(m, 4)
+    ids = _ids(plain.spec.vocab_size, seed=2)  # 38 tokens
+    monkeypatch.setattr(moe_mod, "FOLDED_MAX_TOKENS", 8)
+    seen = []
+    real = moe_mod.SparseMoE._shared_dense
+    monkeypatch.setattr(moe_mod.SparseMoE, "_shared_dense",
+                        lambda self, *a: seen.append(a[0].shape[0]) or real(self, *a))
+    (lp, tp), (lf, tf) = _step(plain, ids, tau), _step(folded, ids, tau)
+    assert seen and set(seen) == {ids.numel()}
+    torch.testing.assert_close(lf, lp, rtol=1e-4, atol=1e-4)
+    assert torch.equal(tf, tp)

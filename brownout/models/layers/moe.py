@@ -18,7 +18,10 @@ those slots as extra assignments weighted by its shared gate (whose row joins th
 so one GEMM gives both). SwiGLU is elementwise over the intermediate dimension and the down
 projection is linear in it, so the slots' outputs sum to the shared expert's. A decode step
 then runs the router GEMM, one routing launch and the four expert kernels instead of also
-the shared expert's five (gate GEMM, gate/up GEMM, SwiGLU, down GEMM, gated add).
+the shared expert's five (gate GEMM, gate/up GEMM, SwiGLU, down GEMM, gated add). Steps
+longer than FOLDED_MAX_TOKENS run the shared slots through cuBLAS instead (`_shared_dense`):
+there the shared expert is arithmetic, which the grouped expert kernel does at a fraction
+of cuBLAS's rate, and the saved launches are noise.
 """
 
 from __future__ import annotations
@@ -37,6 +40,11 @@ from brownout.kernels.routing import SharedSlots, append_shared, route_experts
 from brownout.models.context import ForwardContext
 from brownout.models.layers.common import SwiGLU
 from brownout.models.spec import MoESpec
+
+
+# Steps of at most this many tokens give the folded shared expert to the expert kernel: the
+# decode graphs' batch sizes, where a step is launches and weight bytes, not arithmetic.
+FOLDED_MAX_TOKENS = 128
 
 
 class SparseMoE(nn.Module):
@@ -130,10 +138,6 @@ class SparseMoE(nn.Module):
         self.shared_slots = SharedSlots(first=self.num_slots, count=n, gated=gated)
         return True
 
-    def router_logits(self, x: torch.Tensor) -> torch.Tensor:
-        """x [T, D] -> the router's logits [T, E] (the shared gate's column dropped)."""
-        return self.gate(x)[:, :self.num_experts]
-
     def _install_placed(self, w13_u: torch.Tensor, w2_u: torch.Tensor, group_of: torch.Tensor) -> None:
         """Expert parallel: keep the united experts placed on this rank after its routed ones."""
         p = self.parallel
@@ -155,7 +159,9 @@ class SparseMoE(nn.Module):
         int64 on x's device, None when `ctx.count_touched` is off)."""
         shape = x.shape
         x = x.reshape(-1, shape[-1])  # [T, D]
-        weights, ids, routed = self._route(x, ctx)  # [T, k (+shared)]; padding rows have id -1
+        in_slots = self.shared_slots is not None and x.shape[0] <= FOLDED_MAX_TOKENS
+        # [T, k (+shared when in_slots)]; padding rows have id -1
+        weights, ids, routed, logits = self._route(x, ctx, in_slots)
         # the fused kernel counts the slots it is given; expert parallel (local ids) needs
         # the separate count over global ids. The count covers routed and united slots: a
         # folded shared expert's slots are read by every step, as the unfolded one is.
@@ -165,7 +171,9 @@ class SparseMoE(nn.Module):
         else:
             touched = count_touched(ids[:, :self.top_k], self.num_slots) if ctx.count_touched else None
         out = self._experts(x, weights, ids, ctx, routed, touched if in_kernel else None)
-        if self.shared_expert is not None:
+        if self.shared_slots is not None and not in_slots:
+            out = self._shared_dense(x, logits, out)
+        elif self.shared_expert is not None:
             shared = self.shared_expert(x)
             if self.shared_expert_gate is None:
                 out = out + shared
@@ -173,20 +181,35 @@ class SparseMoE(nn.Module):
                 out = gated_shared_add(out, self.shared_expert_gate(x), shared)
         return out.reshape(shape), touched
 
-    def _route(self, x: torch.Tensor, ctx: ForwardContext) -> tuple[torch.Tensor, torch.Tensor, bool]:
-        """x [T, D] -> (weights [T, k], slot ids [T, k], whether brownout routing ran).
+    def _shared_dense(self, x: torch.Tensor, logits: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """out + the folded shared expert over x [T, D] by dense GEMMs on its slots' weights
+        (gated by the logit after the router's E when the family gates it)."""
+        sh = self.shared_slots
+        n, I, D, T = sh.count, self.inter, x.shape[-1], x.shape[0]
+        w13 = self.w13[sh.first:sh.first + n]  # [n, 2I, D]: a contiguous block
+        h = torch.nn.functional.linear(x, w13.reshape(n * 2 * I, D))  # [T, n * 2I]
+        a = _silu_and_mul(h.view(T * n, 2 * I)).view(T, n, I)
+        y = torch.bmm(a.transpose(0, 1), self.w2[sh.first:sh.first + n].transpose(1, 2)).sum(0)  # [T, D]
+        if not sh.gated:
+            return out + y
+        return gated_shared_add(out, logits[:, self.num_experts:self.num_experts + 1], y)
+
+    def _route(self, x: torch.Tensor, ctx: ForwardContext, in_slots: bool = False
+               ) -> tuple[torch.Tensor, torch.Tensor, bool, torch.Tensor]:
+        """x [T, D] -> (weights [T, k], slot ids [T, k], whether brownout routing ran, the
+        router's logits). `in_slots`: the folded shared expert's columns follow the k.
 
         Shedding (`ctx.top_k`) runs before brownout routing: it is then the model at top-k'
         whatever tau is (its price is measured alone), and brownout's keep set is chosen
         over the assignments the step computes."""
         router_logits = self.gate(x)  # [T, E] (+ the shared gate's column when folded)
-        E, shared = self.num_experts, self.shared_slots
+        E, shared = self.num_experts, (self.shared_slots if in_slots else None)
         routed = ctx.tau is not None and self.brownout_ready
         if not routed and ctx.exempt is None and self.capture is None:
             # the routing-free step: top-k, shared columns and padding rows in one launch
             weights, ids = route_experts(router_logits, self.top_k, self.renormalize, ctx.top_k,
                                          num_experts=E, shared=shared, valid=ctx.valid)
-            return weights, ids, False
+            return weights, ids, False, router_logits
         weights, ids = route_experts(router_logits, self.top_k, self.renormalize, ctx.top_k,
                                      num_experts=E)  # [T, k]; shed assignments have id -1
         full = (weights, ids)  # what exempt tokens keep: the model's k, no redirection
@@ -204,7 +227,7 @@ class SparseMoE(nn.Module):
             ids = torch.where(keep, full[1].to(ids.dtype), ids)
         if shared is not None:
             weights, ids = append_shared(weights, ids.to(torch.int32), router_logits, E, shared, ctx.valid)
-        return weights, ids, routed
+        return weights, ids, routed, router_logits
 
     def _experts(self, x, weights, ids, ctx: ForwardContext, routed: bool = False,
                  touched: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -220,6 +243,17 @@ class SparseMoE(nn.Module):
                              busy_slots=self.num_groups + n_shared if routed else None,
                              touched_out=touched, count_slots=self.num_slots)
         return moe_experts_ref(x, self.w13, self.w2, weights, ids)
+
+
+def _silu_and_mul(h: torch.Tensor) -> torch.Tensor:
+    """h [N, 2I] (gate then up) -> silu(gate) * up [N, I]: one Triton pass on CUDA."""
+    if h.is_cuda and h.stride(-1) == 1:
+        from brownout.kernels import norm_rope  # lazy: triton on CUDA only
+
+        if norm_rope.kernels_usable(h):
+            return norm_rope.silu_and_mul(h)
+    inter = h.shape[-1] // 2
+    return torch.nn.functional.silu(h[:, :inter]) * h[:, inter:]
 
 
 def gated_shared_add(out: torch.Tensor, gate_logit: torch.Tensor, shared: torch.Tensor) -> torch.Tensor:
