@@ -20,11 +20,10 @@ otherwise. Shared columns are never shed or renormalised. `valid` (CUDA-graph pa
 False) gives invalid rows id -1 in every column.
 
 `select_experts` is the reference and the CPU path. `route_experts` is what the MoE layer
-calls: with BROWNOUT_FUSED_TOPK=1 in the environment, on CUDA with triton installed, for
-steps of at most TRITON_MAX_TOKENS tokens, the one-launch kernel of `routing_triton` (same
-outputs, see its docstring for the tie rule); `select_experts` everywhere else. The fused
-kernel is opt-in until its GPU timing (`benchmarks/bench_routing_topk.py`) shows it faster
-than the torch ops inside the step's CUDA graph.
+calls: on CUDA with triton installed, for steps of at most TRITON_MAX_TOKENS tokens, the
+one-launch kernel of `routing_triton` (same outputs, see its docstring for the tie rule);
+the torch ops everywhere else, and everywhere with BROWNOUT_FUSED_TOPK=0 in the environment
+(the switch `benchmarks/bench_routing_topk.py` and A/B engine runs use).
 """
 
 from __future__ import annotations
@@ -40,9 +39,9 @@ import torch
 # Decode steps (CUDA-graph batches) and short prefills stay under this: there the ~4 launches
 # of the torch path dominate; longer steps are bandwidth-bound and those launches are noise.
 TRITON_MAX_TOKENS = 256
-# opt-in switch for the fused kernel: it is interpreter-tested, not yet timed on a GPU
+# "0" turns the fused kernel off (the torch ops then run on CUDA too), for A/B timings
 FUSED_TOPK_ENV = "BROWNOUT_FUSED_TOPK"
-FUSED_TOPK = os.environ.get(FUSED_TOPK_ENV) == "1"  # read once: the step path asks per layer
+FUSED_TOPK = os.environ.get(FUSED_TOPK_ENV, "1") != "0"  # read once: the step path asks per layer
 
 
 @dataclass(frozen=True)
