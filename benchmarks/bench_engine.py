@@ -75,7 +75,7 @@ def matmul_flops(n: int = 8192) -> float:
 def shared_slot_params(moe) -> int:
     """Parameters of the shared expert folded into one MoE layer's expert slots (0 if none):
     read by every step, so they count with the dense weights, not the touched slots."""
-    if moe.shared_slots is None:
+    if getattr(moe, "shared_slots", None) is None:
         return 0
     return moe.shared_slots.count * 3 * moe.gate.in_features * moe.inter
 
@@ -428,9 +428,10 @@ def main() -> None:
     log.info("copy bandwidth %.2f TB/s, bf16 matmul %.0f TFLOP/s", bw / 1e12, meta["matmul_flops"] / 1e12)
     (args.out / "meta.json").write_text(json.dumps(meta, indent=1))
     if {"decode", "brownout", "profile", "prefill", "shed"} & set(stages):
+        # the flag only when asked: the script also times older engine trees (PYTHONPATH)
+        fold = dict(fold_shared_expert=False) if args.no_fold_shared else {}
         loaded = load_model(ModelLoadConfig(model=PRESET, load_format="dummy", device="cuda",
-                                            dtype="bfloat16", extra_expert_slots=30,
-                                            fold_shared_expert=not args.no_fold_shared))
+                                            dtype="bfloat16", extra_expert_slots=30, **fold))
         install_uncalibrated(loaded.model, 4)  # so the captured graphs include routing
         num_blocks = 64 * -(-2049 // 16) + 64
         runner = ModelRunner(loaded, CacheConfig(num_blocks=num_blocks), max_batch=128,
