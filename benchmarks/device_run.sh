@@ -45,7 +45,7 @@ for part in ${parts//,/ }; do
         tests/kernels/test_step_graphs.py tests/kernels/test_paged_attention.py \
         tests/kernels/test_routing_triton.py 2>&1 | tail -30 | tee "$work/tests.txt" ;;
     engine)  # ENGINE_TREE: a folder holding an older `brownout` package to time instead
-      pp=$PYTHONPATH; [ -n "${ENGINE_TREE:-}" ] && pp=${PYTHONPATH%%:*}:$PWD/$ENGINE_TREE
+      pp=$PYTHONPATH; [ -n "${ENGINE_TREE:-}" ] && pp=$PWD/$ENGINE_TREE:$PYTHONPATH
       PYTHONPATH=$pp timeout ${ENGINE_S:-300} python3 benchmarks/bench_engine.py --out "$work/engine" \
         --stages "${ENGINE_STAGES:-prefill,profile}" ${ENGINE_EXTRA:-} 2>&1 | tee "$work/engine.log" | tail -40 ;;
     kernels)
