@@ -72,14 +72,23 @@ def matmul_flops(n: int = 8192) -> float:
     return 2 * n**3 / (ms / 1e3)
 
 
+def shared_slot_params(moe) -> int:
+    """Parameters of the shared expert folded into one MoE layer's expert slots (0 if none):
+    read by every step, so they count with the dense weights, not the touched slots."""
+    if getattr(moe, "shared_slots", None) is None:
+        return 0
+    return moe.shared_slots.count * 3 * moe.gate.in_features * moe.inter
+
+
 def weight_bytes(model) -> dict:
     spec = model.spec
     expert = 3 * spec.hidden_size * spec.moe_intermediate_size * 2  # one expert, bf16
     dense = sum(p.numel() * p.element_size() for n, p in model.named_parameters()
                 if not n.endswith((".w13", ".w2")) and n != "embed_tokens.weight")
+    dense += 2 * sum(shared_slot_params(m) for m in model.moe_layers())
     moe = model.moe_layers()[0]
     moe_dense = sum(p.numel() * p.element_size() for n, p in moe.named_parameters()
-                    if not n.endswith(("w13", "w2")))
+                    if not n.endswith(("w13", "w2"))) + 2 * shared_slot_params(moe)
     return dict(expert=expert, dense=dense, moe_layer_dense=moe_dense,
                 kv_per_token=spec.kv_bytes_per_token(2))
 
@@ -129,6 +138,7 @@ def step_flops(model, sched: SchedulerOutput, top_k: int | None = None) -> float
     k = spec.top_k if top_k is None else min(top_k, spec.top_k)
     dense = sum(p.numel() for n, p in model.named_parameters()
                 if not n.endswith((".w13", ".w2")) and n not in ("embed_tokens.weight", "lm_head.weight"))
+    dense += sum(shared_slot_params(m) for m in model.moe_layers())
     per_token = dense + len(model.moe_layers()) * k * 3 * spec.hidden_size * spec.moe_intermediate_size
     T = sum(len(s.token_ids) for s in sched.seqs)
     sampled = sum(s.sample for s in sched.seqs)
@@ -232,14 +242,14 @@ def stage_shed(runner, wb, bw, peak, out_dir: Path, timer=time_step) -> list[dic
     return rows
 
 
-def stage_decode(runner, wb, bw, out_dir: Path, gen) -> list[dict]:
+def stage_decode(runner, wb, bw, out_dir: Path, gen, graph_modes=(False, True)) -> list[dict]:
     rows = []
     for ctx in (512, 2048):
         for B in (1, 8, 32, 64, 128):
             if B * (ctx + 1) > runner.num_blocks * runner.block_size:
                 continue
             sched = decode_sched(B, ctx, runner.block_size, runner.model.spec.vocab_size)
-            for graphs in (False, True):
+            for graphs in graph_modes:
                 ms, touched = time_step(runner, sched, 1.0, graphs)
                 roof = step_roofline_s(wb, touched, B, ctx, bw) * 1e3
                 rows.append(dict(ctx=ctx, batch=B, cuda_graph=graphs, step_ms=ms, roofline_ms=roof,
@@ -392,10 +402,20 @@ def stage_offline(out_dir: Path, n_prompts: int = 64, prompt_len: int = 128, out
     return result
 
 
+# the steps the profile stage knows, by tag (decode batches at context 512, mixed and prefill steps)
+PROFILE_TAGS = ("b1", "b8", "b64", "b64_tau0", "mixed575", "mixed575_tau0", "mixed1087", "mixed1087_tau0",
+                "prefill2048")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--stages", default="decode,profile,brownout,offline")
+    ap.add_argument("--graphs-only", action="store_true", help="decode stage: CUDA-graphed steps only")
+    ap.add_argument("--profile-tags", default=",".join(PROFILE_TAGS),
+                    help=f"profile stage: steps to profile, comma-separated, of {','.join(PROFILE_TAGS)}")
+    ap.add_argument("--no-fold-shared", action="store_true",
+                    help="keep the shared expert a module of its own (the layout before folding)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     args.out.mkdir(parents=True, exist_ok=True)
@@ -408,8 +428,10 @@ def main() -> None:
     log.info("copy bandwidth %.2f TB/s, bf16 matmul %.0f TFLOP/s", bw / 1e12, meta["matmul_flops"] / 1e12)
     (args.out / "meta.json").write_text(json.dumps(meta, indent=1))
     if {"decode", "brownout", "profile", "prefill", "shed"} & set(stages):
+        # the flag only when asked: the script also times older engine trees (PYTHONPATH)
+        fold = dict(fold_shared_expert=False) if args.no_fold_shared else {}
         loaded = load_model(ModelLoadConfig(model=PRESET, load_format="dummy", device="cuda",
-                                            dtype="bfloat16", extra_expert_slots=30))
+                                            dtype="bfloat16", extra_expert_slots=30, **fold))
         install_uncalibrated(loaded.model, 4)  # so the captured graphs include routing
         num_blocks = 64 * -(-2049 // 16) + 64
         runner = ModelRunner(loaded, CacheConfig(num_blocks=num_blocks), max_batch=128,
@@ -421,16 +443,21 @@ def main() -> None:
         meta["weight_bytes"] = wb
         (args.out / "meta.json").write_text(json.dumps(meta, indent=1))
         if "decode" in stages:
-            stage_decode(runner, wb, bw, args.out, gen)
+            stage_decode(runner, wb, bw, args.out, gen, (True,) if args.graphs_only else (False, True))
         if "profile" in stages:
             bs, vocab = runner.block_size, loaded.spec.vocab_size
-            for tag, sched, tau in (("b64", decode_sched(64, 512, bs, vocab), 1.0),
-                                    ("b64_tau0", decode_sched(64, 512, bs, vocab), 0.0),
-                                    ("mixed575", mixed_sched(512, 63, 512, bs, vocab), 1.0),
-                                    ("mixed575_tau0", mixed_sched(512, 63, 512, bs, vocab), 0.0),
-                                    ("mixed1087", mixed_sched(1024, 63, 512, bs, vocab), 1.0),
-                                    ("mixed1087_tau0", mixed_sched(1024, 63, 512, bs, vocab), 0.0),
-                                    ("prefill2048", prefill_sched(2048, bs, vocab), 1.0)):
+            steps = {"b1": (lambda: decode_sched(1, 512, bs, vocab), 1.0),
+                     "b8": (lambda: decode_sched(8, 512, bs, vocab), 1.0),
+                     "b64": (lambda: decode_sched(64, 512, bs, vocab), 1.0),
+                     "b64_tau0": (lambda: decode_sched(64, 512, bs, vocab), 0.0),
+                     "mixed575": (lambda: mixed_sched(512, 63, 512, bs, vocab), 1.0),
+                     "mixed575_tau0": (lambda: mixed_sched(512, 63, 512, bs, vocab), 0.0),
+                     "mixed1087": (lambda: mixed_sched(1024, 63, 512, bs, vocab), 1.0),
+                     "mixed1087_tau0": (lambda: mixed_sched(1024, 63, 512, bs, vocab), 0.0),
+                     "prefill2048": (lambda: prefill_sched(2048, bs, vocab), 1.0)}
+            for tag in args.profile_tags.split(","):
+                make, tau = steps[tag]
+                sched = make()
                 try:
                     stage_profile(runner, args.out, sched, tag, graphs=True, tau=tau)
                 except Exception:  # a profiler problem must not cost the other stages

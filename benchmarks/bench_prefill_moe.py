@@ -37,7 +37,9 @@ def main() -> None:
     registry.PRESETS["qwen1.5-moe-a2.7b-short"] = dict(registry.PRESETS["qwen1.5-moe-a2.7b"],
                                                         num_hidden_layers=args.layers)
     loaded = load_model(ModelLoadConfig(model="qwen1.5-moe-a2.7b-short", load_format="dummy",
-                                        device="cuda", dtype="bfloat16", extra_expert_slots=30))
+                                        device="cuda", dtype="bfloat16", extra_expert_slots=30,
+                                        # the shared expert timed apart, as a module of its own
+                                        fold_shared_expert=False))
     install_uncalibrated(loaded.model, 4)
     moe = loaded.model.moe_layers()[0]
     E, D = moe.num_experts, loaded.spec.hidden_size

@@ -4,7 +4,7 @@
 # $OUT/<tag>.tgz, since the machine returns at most a few files.
 #   bash benchmarks/device_run.sh TAG PART[,PART...] [extra headline flags]
 # Parts: tests (GPU tests of the engine and kernels), engine (bench_engine stages in
-# $ENGINE_STAGES), kernels (fused MoE tile sweep at $KERNEL_TOKENS; KERNEL_EXTRA=--crowded
+# $ENGINE_STAGES, more flags in $ENGINE_EXTRA, an older package tree in $ENGINE_TREE), kernels (fused MoE tile sweep at $KERNEL_TOKENS; KERNEL_EXTRA=--crowded
 # for the tau = 0 case), install (that table into brownout/kernels/configs for the later
 # parts), topk (the fused router top-k vs the torch ops), headline (benchmarks/headline.py),
 # sweep (headline rate sweep, needs $CALIBRATION). Wheels in .whl/ (fastapi, uvicorn, pydantic...) for the server; the trace in
@@ -44,9 +44,10 @@ for part in ${parts//,/ }; do
       timeout ${TESTS_S:-240} python3 -m pytest -q -p no:cacheprovider -x tests/engine/test_gpu.py \
         tests/kernels/test_step_graphs.py tests/kernels/test_paged_attention.py \
         tests/kernels/test_routing_triton.py 2>&1 | tail -30 | tee "$work/tests.txt" ;;
-    engine)
-      timeout ${ENGINE_S:-300} python3 benchmarks/bench_engine.py --out "$work/engine" \
-        --stages "${ENGINE_STAGES:-prefill,profile}" 2>&1 | tee "$work/engine.log" | tail -40 ;;
+    engine)  # ENGINE_TREE: a folder holding an older `brownout` package to time instead
+      pp=$PYTHONPATH; [ -n "${ENGINE_TREE:-}" ] && pp=$PWD/$ENGINE_TREE:$PYTHONPATH
+      PYTHONPATH=$pp timeout ${ENGINE_S:-300} python3 benchmarks/bench_engine.py --out "$work/engine" \
+        --stages "${ENGINE_STAGES:-prefill,profile}" ${ENGINE_EXTRA:-} 2>&1 | tee "$work/engine.log" | tail -40 ;;
     kernels)
       timeout ${KERNELS_S:-300} python3 benchmarks/bench_kernels.py --out "$work/kernels" --skip-attention \
         --tokens "${KERNEL_TOKENS:-1,16,64,128,256,512,1024,2048}" --budget-s ${KERNEL_BUDGET_S:-200} \

@@ -12,6 +12,11 @@ The body is read here up to the limit and replayed to the app, so an oversize bo
 refused with 413 without ever being parsed, whether or not the client sent a
 Content-Length, and a body that stops arriving is refused with 408 once the body timeout
 passes. A head over MAX_HEAD_BYTES is refused with 431. While the server shuts down (brownout.api.drain) new requests get 503.
+
+A response to a connection the HTTP layer has already answered is dropped with a warning:
+uvicorn answers a request whose body framing breaks mid-stream (a bad chunk size) with its
+own 400 and closes, while the app may still be about to answer it; h11 then refuses the
+app's response. The client has its 400 and no other request is involved.
 """
 
 from __future__ import annotations
@@ -19,12 +24,21 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import logging
 from http.cookies import CookieError, SimpleCookie
 from typing import Optional
 from urllib.parse import parse_qs, unquote
 
 from brownout.api.drain import Drain
 from brownout.api.errors import APIError
+
+try:  # uvicorn's HTTP/1.1 protocol; its error for a response on an answered connection
+    from h11 import LocalProtocolError as _AnsweredConnection
+except ImportError:  # another server: nothing to drop
+    _AnsweredConnection = None
+ANSWERED_CONNECTION_ERRORS = (_AnsweredConnection,) if _AnsweredConnection is not None else ()
+
+logger = logging.getLogger(__name__)
 
 # Request line and headers of one request, in bytes: far above any client's (a bearer key
 # and a few headers), small enough that a flood of heads holds little memory.
@@ -80,6 +94,17 @@ def _dashboard_keys(scope, headers: dict[bytes, bytes]) -> list[str]:
     return keys
 
 
+def _dropping_answered(send):
+    """`send` that drops messages the HTTP layer refuses because it already answered the
+    request (see the module docstring)."""
+    async def wrapped(message) -> None:
+        try:
+            await send(message)
+        except ANSWERED_CONNECTION_ERRORS as exc:
+            logger.warning("response not sent: the connection was already answered and closed (%s)", exc)
+    return wrapped
+
+
 class GuardMiddleware:
     def __init__(self, app, api_key: Optional[str], max_body_bytes: int, body_timeout_s: float,
                  drain: Drain):
@@ -104,6 +129,7 @@ class GuardMiddleware:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        send = _dropping_answered(send)
         if self.drain.draining and scope["path"] not in DRAIN_OPEN_PATHS:
             return await _send_error(send, self.drain.error(), close=True)
         if _head_bytes(scope) > MAX_HEAD_BYTES:

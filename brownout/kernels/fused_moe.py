@@ -199,7 +199,7 @@ if triton is not None:
     # per-step sizes are not specialised on: one binary, no compile while serving
     @triton.jit(do_not_specialize=["n_assign", "n_blocks"])
     def _align_kernel(ids_ptr, counts_ptr, rank_ptr, offsets_ptr, sorted_ptr, block_slot_ptr,
-                      touched_ptr, n_assign, num_slots, n_blocks,
+                      touched_ptr, n_assign, num_slots, n_blocks, count_slots,
                       BLOCK_M: tl.constexpr, S_PAD: tl.constexpr, CHUNK: tl.constexpr,
                       BCHUNK: tl.constexpr, COUNT_TOUCHED: tl.constexpr):
         # one program: ids [T*k] -> sorted_ptr [padded] flat ids grouped by slot,
@@ -217,7 +217,7 @@ if triton is not None:
         # ".cg" reads at L2: the atomics and other threads' stores never passed through L1
         cnt = tl.load(counts_ptr + s, mask=s < num_slots, other=0, cache_modifier=".cg")
         if COUNT_TOUCHED:  # distinct slots with an assignment: the step stats' figure
-            tl.store(touched_ptr, tl.sum((cnt > 0).to(tl.int64), 0))
+            tl.store(touched_ptr, tl.sum(((cnt > 0) & (s < count_slots)).to(tl.int64), 0))
         padded = (cnt + BLOCK_M - 1) // BLOCK_M * BLOCK_M
         end = tl.cumsum(padded, 0)
         start = end - padded
@@ -360,12 +360,13 @@ if triton is not None:
 # ----------------------------------------------------------------------------- host side
 
 def moe_align(topk_ids: torch.Tensor, num_slots: int, block_m: int,
-              touched_out: torch.Tensor | None = None):
+              touched_out: torch.Tensor | None = None, count_slots: int | None = None):
     """Flat assignment ids grouped by slot and padded to `block_m`, plus each block's slot.
 
     Returns (sorted_ids [P] int32 with n_assign as padding, block_slot [P // block_m] int32
     with -1 past the used length); P = T*k + min(T*k, S) * (block_m - 1) rounded up.
-    `touched_out` (0-d int64), when given, receives the number of distinct slots used."""
+    `touched_out` (0-d int64), when given, receives the number of distinct slots used among
+    the first `count_slots` (all of them by default)."""
     ids = topk_ids.reshape(-1)  # [T*k]
     n_assign = ids.numel()
     n_blocks = triton.cdiv(n_assign + min(n_assign, num_slots) * (block_m - 1), block_m)
@@ -383,6 +384,7 @@ def moe_align(topk_ids: torch.Tensor, num_slots: int, block_m: int,
     _align_kernel[(1,)](ids, counts, rank, offsets, sorted_ids, block_slot,
                         counts if touched_out is None else touched_out,
                         n_assign, num_slots, n_blocks,
+                        num_slots if count_slots is None else count_slots,
                         BLOCK_M=block_m, S_PAD=max(16, _next_pow2(num_slots)),
                         CHUNK=1024 if wide else 256, BCHUNK=256,
                         COUNT_TOUCHED=touched_out is not None, num_warps=8 if wide else 4)
@@ -393,7 +395,8 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
               topk_weights: torch.Tensor, topk_ids: torch.Tensor, *,
               config: dict | None = None, out: torch.Tensor | None = None,
               busy_slots: int | None = None,
-              touched_out: torch.Tensor | None = None) -> torch.Tensor:
+              touched_out: torch.Tensor | None = None,
+              count_slots: int | None = None) -> torch.Tensor:
     """out[t] = sum_j w[t,j] * expert_{id[t,j]}(x[t]) over j with id >= 0; dtype of x.
 
     x [T, D]; w13 [S, 2I, D] (gate rows then up rows); w2 [S, D, I];
@@ -401,7 +404,8 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
     optional (a static buffer for graph capture). `busy_slots`: expected number of slots in
     use when routing concentrates rows (tile choice only; see `get_config`). `touched_out`
     (0-d int64): receives the number of distinct slots with an assignment, counted by the
-    align kernel (saves the ~6 small kernels of `count_touched` per layer)."""
+    align kernel (saves the ~6 small kernels of `count_touched` per layer), among the first
+    `count_slots` slots when given (the slots after them hold the folded shared expert)."""
     T, D = x.shape
     S, two_i, _ = w13.shape
     inter = two_i // 2
@@ -422,7 +426,7 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
     weights = topk_weights.contiguous()
     n_assign = T * top_k
     bm = cfg["BLOCK_M"]
-    sorted_ids, block_slot = moe_align(ids, S, bm, touched_out)
+    sorted_ids, block_slot = moe_align(ids, S, bm, touched_out, count_slots)
     n_blocks = block_slot.numel()
     dot_f32 = _kernels_interpreted()  # the interpreter's bf16 dot is wrong
     precision = _dot_precision(x.dtype)

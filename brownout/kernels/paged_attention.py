@@ -178,6 +178,49 @@ if triton is not None:
         tl.store(vc + d[None, :], v.to(v_cache_ptr.dtype.element_ty), mask=ok)
 
 
+    @triton.jit
+    def _rope_write_kv_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, cos_ptr, sin_ptr,
+                              k_cache_ptr, v_cache_ptr, slot_ptr, Hq, Hkv,
+                              stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+                              stride_c, stride_cb, stride_cs, stride_ch, stride_vcb, stride_vcs, stride_vch,
+                              HALF: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr,
+                              KV_BLOCK: tl.constexpr):
+        # one program: one token; rotate its q and k heads in place (neox halves), then
+        # write k and v into the paged cache (slot -1: a padding token, no write)
+        t = tl.program_id(0).to(tl.int64)
+        pos = tl.load(pos_ptr + t).to(tl.int64)
+        j = tl.arange(0, HALF)
+        cos = tl.load(cos_ptr + pos * stride_c + j)[None, :]  # [1, HALF] float32
+        sin = tl.load(sin_ptr + pos * stride_c + j)[None, :]
+        hq = tl.arange(0, BLOCK_HQ)
+        okq = hq[:, None] < Hq
+        qb = q_ptr + t * stride_qt + hq[:, None] * stride_qh + j[None, :]
+        q1 = tl.load(qb, mask=okq, other=0.0).to(tl.float32)
+        q2 = tl.load(qb + HALF, mask=okq, other=0.0).to(tl.float32)
+        tl.store(qb, (q1 * cos - q2 * sin).to(q_ptr.dtype.element_ty), mask=okq)
+        tl.store(qb + HALF, (q2 * cos + q1 * sin).to(q_ptr.dtype.element_ty), mask=okq)
+        hk = tl.arange(0, BLOCK_HK)
+        okk = hk[:, None] < Hkv
+        kb = k_ptr + t * stride_kt + hk[:, None] * stride_kh + j[None, :]
+        k1 = tl.load(kb, mask=okk, other=0.0).to(tl.float32)
+        k2 = tl.load(kb + HALF, mask=okk, other=0.0).to(tl.float32)
+        r1 = (k1 * cos - k2 * sin).to(k_ptr.dtype.element_ty)  # rounded as the separate rotary
+        r2 = (k2 * cos + k1 * sin).to(k_ptr.dtype.element_ty)
+        tl.store(kb, r1, mask=okk)
+        tl.store(kb + HALF, r2, mask=okk)
+        slot = tl.load(slot_ptr + t).to(tl.int64)
+        if slot >= 0:
+            blk = slot // KV_BLOCK
+            off = slot % KV_BLOCK
+            kc = k_cache_ptr + blk * stride_cb + off * stride_cs + hk[:, None] * stride_ch + j[None, :]
+            tl.store(kc, r1.to(k_cache_ptr.dtype.element_ty), mask=okk)
+            tl.store(kc + HALF, r2.to(k_cache_ptr.dtype.element_ty), mask=okk)
+            vb = v_ptr + t * stride_vt + hk[:, None] * stride_vh + j[None, :]
+            vc = v_cache_ptr + blk * stride_vcb + off * stride_vcs + hk[:, None] * stride_vch + j[None, :]
+            tl.store(vc, tl.load(vb, mask=okk).to(v_cache_ptr.dtype.element_ty), mask=okk)
+            tl.store(vc + HALF, tl.load(vb + HALF, mask=okk).to(v_cache_ptr.dtype.element_ty), mask=okk)
+
+
 @functools.cache
 def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
@@ -281,4 +324,36 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
         v.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         HEAD_DIM=Dh, BLOCK_H=_next_pow2(Hkv), BLOCK_D=_next_pow2(Dh), KV_BLOCK=k_cache.shape[1],
+        num_warps=4)
+
+
+def rope_write_kv_usable(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor) -> bool:
+    """`rope_write_kv` serves these tensors: unit-stride heads, a power-of-two half head dim
+    matching the cos table, float32 tables."""
+    half = q.shape[-1] // 2
+    return (q.dim() == k.dim() == v.dim() == 3 and half > 0 and half & (half - 1) == 0
+            and q.shape[-1] == k.shape[-1] == v.shape[-1] and cos.shape[-1] == half
+            and cos.stride(-1) == 1 and cos.dtype == torch.float32
+            and q.stride(-1) == k.stride(-1) == v.stride(-1) == 1)
+
+
+def rope_write_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
+                  cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                  slot_mapping: torch.Tensor) -> None:
+    """Rotary on q [T, Hq, Dh] and k [T, Hkv, Dh] in place (neox halves, tables [P, Dh/2]),
+    then `write_kv` of the rotated k and v: one launch where the layer took two (three with
+    q and k rotated apart)."""
+    T, Hq, Dh = q.shape
+    Hkv = k.shape[1]
+    if not rope_write_kv_usable(q, k, v, cos):
+        raise ValueError(f"rope_write_kv needs unit-stride heads and a power-of-two half dim, got "
+                         f"q {tuple(q.shape)} k {tuple(k.shape)} v {tuple(v.shape)} cos {tuple(cos.shape)}")
+    if T == 0:
+        return
+    _rope_write_kv_kernel[(T,)](
+        q, k, v, positions.reshape(-1), cos, sin, k_cache, v_cache, slot_mapping, Hq, Hkv,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), cos.stride(0),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        HALF=Dh // 2, BLOCK_HQ=_next_pow2(Hq), BLOCK_HK=_next_pow2(Hkv), KV_BLOCK=k_cache.shape[1],
         num_warps=4)

@@ -10,7 +10,9 @@ is a few microseconds of mostly launch latency. `_topk_kernel` does all of it pe
      lowest expert index; its weight is exp(l - max) / sum;
   4. shedding: positions >= active_k (read from a 0-d device tensor, so a CUDA graph reads
      its value at replay) get id -1 and weight 0;
-  5. renormalisation over the kept weights when `renormalize`.
+  5. renormalisation over the kept weights when `renormalize`;
+  6. a folded shared expert's columns after the k (`routing.SharedSlots`: fixed slot ids,
+     weight sigmoid(the logit at column E) or 1), and id -1 across a padding row.
 
 Selection compares logits, not probabilities: softmax is monotonic, so the order is the
 same, and ids then do not depend on how the exp is rounded on a given device.
@@ -36,6 +38,7 @@ except ImportError:  # CPU installs without triton use `routing.select_experts`
 
 MAX_EXPERTS = 1024  # one row of logits lives in one program's registers; wider routers use torch
 MAX_TOP_K = 8  # the families served route to at most 8 experts; the selection loop unrolls k times
+MAX_COLUMNS = 16  # k routed plus the shared slots: one row of outputs stays in registers
 BLOCK_T = 1  # rows per program: one warp per row keeps every reduction in warp shuffles
 
 
@@ -44,9 +47,11 @@ def _kernels_interpreted() -> bool:
     return triton is not None and not isinstance(_topk_kernel, triton.runtime.JITFunction)
 
 
-def triton_topk_available(device: torch.device, num_experts: int, top_k: int) -> bool:
+def triton_topk_available(device: torch.device, num_experts: int, top_k: int,
+                          num_shared: int = 0) -> bool:
     """True when the kernel can run these shapes on `device` (CUDA, or the interpreter)."""
-    if triton is None or num_experts > MAX_EXPERTS or not 1 <= top_k <= min(MAX_TOP_K, num_experts):
+    if triton is None or num_experts > MAX_EXPERTS or not 1 <= top_k <= min(MAX_TOP_K, num_experts) \
+            or top_k + num_shared > MAX_COLUMNS:
         return False
     return device.type == "cuda" or _kernels_interpreted()
 
@@ -54,10 +59,13 @@ def triton_topk_available(device: torch.device, num_experts: int, top_k: int) ->
 if triton is not None:
 
     @triton.jit(do_not_specialize=["T"])  # one binary for every step length
-    def _topk_kernel(logits_ptr, active_ptr, out_w_ptr, out_ids_ptr, T, E, s_t, s_e,
+    def _topk_kernel(logits_ptr, active_ptr, valid_ptr, out_w_ptr, out_ids_ptr, T, E, s_t, s_e,
+                     shared_first,
                      K: tl.constexpr, RENORM: tl.constexpr, HAS_ACTIVE: tl.constexpr,
+                     N_SHARED: tl.constexpr, GATED: tl.constexpr, HAS_VALID: tl.constexpr,
                      E_PAD: tl.constexpr, K_PAD: tl.constexpr, BLOCK_T: tl.constexpr):
-        """Rows [pid * BT, pid * BT + BT). Shapes: BT rows, EP experts, KP top-k positions."""
+        """Rows [pid * BT, pid * BT + BT). Shapes: BT rows, EP experts, KP output columns
+        (k routed, then N_SHARED shared)."""
         offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)  # [BT]
         offs_e = tl.arange(0, E_PAD)  # [EP]
         offs_k = tl.arange(0, K_PAD)  # [KP]
@@ -89,8 +97,21 @@ if triton is not None:
             ids = tl.where(keep, ids, -1)
         if RENORM:
             w = w / tl.sum(w, axis=1)[:, None]
-        out = offs_t[:, None] * K + offs_k[None, :]  # outputs are contiguous [T, K]
-        mo = mt[:, None] & (offs_k[None, :] < K)
+        KO: tl.constexpr = K + N_SHARED  # output columns
+        if N_SHARED > 0:
+            is_sh = (offs_k[None, :] >= K) & (offs_k[None, :] < KO)  # [1, KP]
+            if GATED:  # the shared expert's gate logit follows the router's E
+                g = tl.load(logits_ptr + offs_t * s_t + E * s_e, mask=mt, other=0.0).to(tl.float32)
+                w_sh = 1.0 / (1.0 + tl.exp(-g))  # [BT]
+            else:
+                w_sh = tl.full([BLOCK_T], 1.0, tl.float32)
+            w = tl.where(is_sh, w_sh[:, None], w)
+            ids = tl.where(is_sh, shared_first + offs_k[None, :] - K, ids)
+        if HAS_VALID:  # CUDA-graph padding rows touch no slot
+            ok = tl.load(valid_ptr + offs_t, mask=mt, other=0) != 0  # [BT]
+            ids = tl.where(ok[:, None], ids, -1)
+        out = offs_t[:, None] * KO + offs_k[None, :]  # outputs are contiguous [T, KO]
+        mo = mt[:, None] & (offs_k[None, :] < KO)
         tl.store(out_w_ptr + out, w, mask=mo)
         tl.store(out_ids_ptr + out, ids, mask=mo)
 
@@ -105,26 +126,38 @@ def select_experts_triton(
     renormalize: bool,
     active_k: Optional[torch.Tensor] = None,  # 0-d int on the device: routed experts kept (k')
     *,
+    num_experts: Optional[int] = None,  # E: the router's columns (default: all of them)
+    shared=None,  # routing.SharedSlots of a folded shared expert, or None
+    valid: Optional[torch.Tensor] = None,  # [T] bool: False rows get id -1 everywhere
     block_t: int = BLOCK_T,  # rows per program (a power of two); the benchmark sweeps it
     num_warps: Optional[int] = None,  # None: one warp per row, at most 4
-) -> tuple[torch.Tensor, torch.Tensor]:  # weights [T, k] float32, ids [T, k] int32 (-1 = shed)
-    """`routing.select_experts` in one Triton launch (see the module docstring)."""
-    T, E = router_logits.shape
-    if not 1 <= top_k <= min(MAX_TOP_K, E) or E > MAX_EXPERTS:
-        raise ValueError(f"top_k {top_k} of {E} experts is outside the kernel's range "
-                         f"(k <= {MAX_TOP_K}, E <= {MAX_EXPERTS})")
+) -> tuple[torch.Tensor, torch.Tensor]:  # weights [T, k (+count)] float32, ids int32 (-1 = skip)
+    """`routing.route_experts`' torch path in one Triton launch (see the module docstring)."""
+    T = router_logits.shape[0]
+    E = router_logits.shape[1] if num_experts is None else num_experts
+    n_shared = shared.count if shared is not None else 0
+    gated = shared is not None and shared.gated
+    if not 1 <= top_k <= min(MAX_TOP_K, E) or E > MAX_EXPERTS or top_k + n_shared > MAX_COLUMNS:
+        raise ValueError(f"top_k {top_k} of {E} experts (+{n_shared} shared) is outside the kernel's "
+                         f"range (k <= {MAX_TOP_K}, E <= {MAX_EXPERTS}, columns <= {MAX_COLUMNS})")
+    if router_logits.shape[1] < E + int(gated):
+        raise ValueError(f"router logits have {router_logits.shape[1]} columns; {E} experts"
+                         f"{' and the shared gate' if gated else ''} need {E + int(gated)}")
     dev = router_logits.device
-    out_w = torch.empty((T, top_k), dtype=torch.float32, device=dev)
-    out_ids = torch.empty((T, top_k), dtype=torch.int32, device=dev)
+    cols = top_k + n_shared
+    out_w = torch.empty((T, cols), dtype=torch.float32, device=dev)
+    out_ids = torch.empty((T, cols), dtype=torch.int32, device=dev)
     if T == 0:
         return out_w, out_ids
     has_active = active_k is not None
     if has_active and active_k.device != dev:
         active_k = active_k.to(dev)  # out of contract (a host tensor); the copy is not capturable
     _topk_kernel[(triton.cdiv(T, block_t),)](
-        router_logits, active_k if has_active else out_ids, out_w, out_ids, T, E,
-        router_logits.stride(0), router_logits.stride(1),
-        K=top_k, RENORM=bool(renormalize), HAS_ACTIVE=has_active, E_PAD=max(2, _pow2(E)),
-        K_PAD=max(2, _pow2(top_k)), BLOCK_T=block_t,
+        router_logits, active_k if has_active else out_ids, valid if valid is not None else out_ids,
+        out_w, out_ids, T, E,
+        router_logits.stride(0), router_logits.stride(1), shared.first if shared is not None else 0,
+        K=top_k, RENORM=bool(renormalize), HAS_ACTIVE=has_active, N_SHARED=n_shared, GATED=gated,
+        HAS_VALID=valid is not None, E_PAD=max(2, _pow2(E)),
+        K_PAD=max(2, _pow2(cols)), BLOCK_T=block_t,
         num_warps=num_warps if num_warps is not None else min(4, block_t))
     return out_w, out_ids

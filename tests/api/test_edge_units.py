@@ -234,6 +234,29 @@ def test_guard_times_out_a_half_sent_body():
     assert status == 408 and sent_headers[b"connection"] == b"close"
 
 
+def test_guard_drops_a_response_to_an_already_answered_connection():
+    """uvicorn answers a body whose framing breaks with its own 400; h11 then refuses the
+    app's response. The guard drops it (no exception reaches the server's error log); any
+    other send failure still propagates."""
+    import h11
+
+    scope = {"type": "http", "method": "GET", "path": "/health", "headers": []}
+
+    def run(error):
+        async def receive():
+            return {"type": "http.request", "body": b"", "more_body": False}
+
+        async def send(message):
+            raise error
+
+        return asyncio.run(_guard(key=None)(scope, receive, send))
+
+    assert run(h11.LocalProtocolError("can't handle event type Response when role=SERVER and "
+                                      "state=MUST_CLOSE")) is None
+    with pytest.raises(RuntimeError):
+        run(RuntimeError("another failure"))
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser()
     add_arguments(parser)

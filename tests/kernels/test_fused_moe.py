@@ -136,6 +136,9 @@ def test_align_groups_every_assignment_once(S, T, k, bm):
     touched = torch.full((), -1, dtype=torch.int64, device=DEVICE)
     sorted_ids, block_slot = fm.moe_align(ids, S, bm, touched_out=touched)
     assert int(touched) == len(set(ids.reshape(-1).cpu().tolist()) - {-1})
+    limit = S // 2  # slots past it (a folded shared expert's) are grouped but not counted
+    fm.moe_align(ids, S, bm, touched_out=touched, count_slots=limit)
+    assert int(touched) == len({i for i in ids.reshape(-1).cpu().tolist() if 0 <= i < limit})
     sorted_ids, block_slot, flat = sorted_ids.cpu(), block_slot.cpu(), ids.reshape(-1).cpu()
     n = flat.numel()
     used = int((block_slot >= 0).sum())  # rows past used * bm are never read

@@ -88,6 +88,31 @@ def test_rotary_in_place_matches_the_layer(dtype, T, Hq, Hk, Dh):
 
 
 @needs_kernels
+@pytest.mark.parametrize("T,Hq,Hk,Dh", [(1, 4, 4, 64), (9, 16, 2, 128)])
+def test_rotary_of_q_and_k_in_one_launch_over_the_qkv_split(T, Hq, Hk, Dh):
+    """q's heads then k's, adjacent in the qkv output, rotate as one [T, Hq + Hk, Dh] view;
+    tensors that are not adjacent get no such view."""
+    from brownout.models.layers.common import _adjacent_heads
+
+    g = torch.Generator().manual_seed(T + Hk)
+    rot = Rotary(Dh, 4096, 10000.0).to(DEVICE)
+    qkv = torch.randn(T, (Hq + 2 * Hk) * Dh, generator=g).to(DEVICE)
+    q, k, v = qkv.split([Hq * Dh, Hk * Dh, Hk * Dh], dim=-1)
+    q, k = q.unflatten(-1, (Hq, Dh)), k.unflatten(-1, (Hk, Dh))
+    v_before = v.clone()
+    positions = torch.randint(0, 4096, (T,), generator=g).to(DEVICE)
+    ref_q, ref_k = rot(q.clone(), positions), rot(k.clone(), positions)
+    both = _adjacent_heads(q, k)
+    assert both is not None and both.shape == (T, Hq + Hk, Dh)
+    nr.rotary_(both, positions, rot.cos, rot.sin)
+    torch.testing.assert_close(q, ref_q, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(k, ref_k, rtol=1e-5, atol=1e-5)
+    assert torch.equal(v, v_before)
+    assert _adjacent_heads(q.clone(), k.clone()) is None  # separate storage
+    assert _adjacent_heads(k, q) is None  # wrong order
+
+
+@needs_kernels
 def test_rotary_refuses_shapes_it_does_not_serve():
     rot = Rotary(96, 16, 10000.0)
     x = torch.randn(2, 2, 96).to(DEVICE)

@@ -136,6 +136,46 @@ def test_write_kv_skips_padding(dtype):
     assert torch.equal(k_cache, k_want) and torch.equal(v_cache, v_want)
 
 
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("hq,hkv", [(4, 2), (3, 3)])
+def test_rope_write_kv_is_rotary_then_write_kv(dtype, hq, hkv):
+    """The one-launch rotary + cache write gives what the layer's two steps give: q and k
+    rotated in place (views into one qkv row, v untouched), the rotated k and v cached,
+    padding slots (-1) not written."""
+    from brownout.models.layers.common import Rotary
+
+    g = torch.Generator().manual_seed(hq * 7 + hkv)
+    T, dh, nb, bs = 9, 32, 4, 4
+    rot = Rotary(dh, 256, 10000.0)
+    qkv = torch.randn(T, (hq + 2 * hkv) * dh, generator=g).to(dtype)
+    positions = torch.randint(0, 256, (T,), generator=g)
+    slots = torch.randperm(nb * bs, generator=g)[:T]
+    slots[[1, 5]] = -1
+    k_cache = torch.randn(nb, bs, hkv, dh, generator=g).to(dtype)
+    v_cache = torch.randn(nb, bs, hkv, dh, generator=g).to(dtype)
+
+    def views(t):
+        q, k, v = t.split([hq * dh, hkv * dh, hkv * dh], dim=-1)
+        return q.unflatten(-1, (hq, dh)), k.unflatten(-1, (hkv, dh)), v.unflatten(-1, (hkv, dh))
+
+    ref = [x.to(DEVICE) for x in (qkv.clone(), k_cache.clone(), v_cache.clone())]
+    q, k, v = views(ref[0])
+    cos, sin, pos, sl = rot.cos.to(DEVICE), rot.sin.to(DEVICE), positions.to(DEVICE), slots.to(DEVICE)
+    from brownout.kernels import norm_rope  # the separate kernels: rotary, then write_kv
+
+    norm_rope.rotary_(q, pos, cos, sin)
+    norm_rope.rotary_(k, pos, cos, sin)
+    pa.write_kv(k, v, ref[1], ref[2], sl)
+
+    got = [x.to(DEVICE) for x in (qkv.clone(), k_cache.clone(), v_cache.clone())]
+    q2, k2, v2 = views(got[0])
+    pa.rope_write_kv(q2, k2, v2, pos, cos, sin, got[1], got[2], sl)
+    for a, b in zip(got, ref):
+        assert torch.equal(a.cpu(), b.cpu())
+    assert torch.equal(got[0][:, (hq + hkv) * dh:].cpu(), qkv[:, (hq + hkv) * dh:])  # v untouched
+
+
 # ----------------------------------------------------------------------------- GPU
 
 @pytest.mark.gpu

@@ -178,3 +178,49 @@ def test_cuda_graph_replay_reads_active_k():
         assert torch.equal(ids, ref_ids)
         torch.testing.assert_close(w, ref_w, rtol=0, atol=1e-6)
     assert routing.route_experts(logits, 8, True)[1].dtype == torch.int32
+
+
+def _route_torch(logits, k, renorm, active, E, shared, valid):
+    """route_experts' torch path (the kernel's reference), whatever the environment says."""
+    w, ids = select_experts(logits[:, :E], k, renorm, _k(active))
+    if valid is not None:
+        ids = torch.where(valid.unsqueeze(1), ids, -1)
+    return routing.append_shared(w, ids, logits, E, shared, valid) if shared is not None else (w, ids)
+
+
+@needs_kernels
+@pytest.mark.parametrize("gated", [True, False])
+@pytest.mark.parametrize("k,n_shared,renorm,active", [(4, 4, False, None), (2, 2, True, 1),
+                                                      (8, 8, False, 5), (4, 1, True, None)])
+def test_shared_columns_and_padding_rows(gated, k, n_shared, renorm, active):
+    """A folded shared expert's columns follow the routed k (fixed slots, sigmoid of the
+    logit after the router's E, never shed or renormalised); padding rows get id -1."""
+    E, T = 60, 9
+    logits = _logits(T, E + int(gated), seed=k * 31 + n_shared)
+    valid = torch.tensor([True] * 6 + [False] * 3, device=DEVICE)
+    shared = routing.SharedSlots(first=E + 30, count=n_shared, gated=gated)
+    ref_w, ref_ids = _route_torch(logits, k, renorm, active, E, shared, valid)
+    w, ids = rt.select_experts_triton(logits, k, renorm, _k(active), num_experts=E, shared=shared,
+                                      valid=valid)
+    assert w.shape == ids.shape == (T, k + n_shared)
+    assert torch.equal(ids.cpu(), ref_ids.cpu()), (ids, ref_ids)
+    ok = valid.cpu()
+    torch.testing.assert_close(w.cpu()[ok], ref_w.cpu()[ok], rtol=0, atol=1e-6)
+    assert (ids.cpu()[~ok] == -1).all()
+    sh = ids.cpu()[ok][:, k:]
+    assert (sh == torch.arange(E + 30, E + 30 + n_shared, dtype=torch.int32)).all()
+    if not gated:
+        assert (w.cpu()[ok][:, k:] == 1.0).all()
+
+
+@needs_kernels
+def test_router_columns_beyond_e_are_not_selected():
+    """The shared gate's logit (column E) never competes in the top-k, however large."""
+    E = 16
+    logits = _logits(5, E + 1, seed=3)
+    logits[:, E] = 100.0
+    w, ids = rt.select_experts_triton(logits, 4, False, num_experts=E,
+                                      shared=routing.SharedSlots(first=E, count=2, gated=True))
+    assert (ids.cpu()[:, :4] < E).all() and (ids.cpu()[:, :4] >= 0).all()
+    ref_w, ref_ids = select_experts(logits[:, :E], 4, False)
+    assert torch.equal(ids.cpu()[:, :4], ref_ids.cpu())

@@ -46,12 +46,27 @@ class Attention(nn.Module):
         v = v.unflatten(-1, (self.num_kv_heads, s.head_dim))
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rotary.apply_qk(q, k, positions)
-        if ctx.attn is None:
-            out = self._full(q, k, v)
+        if ctx.attn is not None and ctx.use_kernels:
+            out = self._paged_kernels(q, k, v, positions, ctx)
         else:
-            out = self._paged(q, k, v, ctx)
+            q, k = self.rotary.apply_qk(q, k, positions)
+            out = self._full(q, k, v) if ctx.attn is None else self._paged(q, k, v, ctx)
         return self.o_proj(out.flatten(-2))
+
+    def _paged_kernels(self, q, k, v, positions, ctx: ForwardContext) -> torch.Tensor:
+        """The Triton path: rotary and the cache write in one launch, then paged attention."""
+        from brownout.kernels.paged_attention import (paged_attention, rope_write_kv,  # lazy: triton
+                                                      rope_write_kv_usable)
+
+        meta = ctx.attn
+        k_cache, v_cache = ctx.kv_caches[self.layer_idx]
+        if rope_write_kv_usable(q, k, v, self.rotary.cos):
+            rope_write_kv(q, k, v, positions, self.rotary.cos, self.rotary.sin, k_cache, v_cache,
+                          meta.slot_mapping)
+            return paged_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens,
+                                   meta.query_start_loc, meta.max_query_len, self.scale)
+        q, k = self.rotary.apply_qk(q, k, positions)
+        return self._paged(q, k, v, ctx)
 
     def _full(self, q, k, v) -> torch.Tensor:
         # q [B, L, Hq, Dh]: plain causal attention, no cache

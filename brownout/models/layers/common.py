@@ -70,10 +70,25 @@ class Rotary(nn.Module):
             from brownout.kernels import norm_rope  # lazy: triton on CUDA only
 
             if norm_rope.kernels_usable(q):
-                norm_rope.rotary_(q, positions, self.cos, self.sin)
-                norm_rope.rotary_(k, positions, self.cos, self.sin)
+                both = _adjacent_heads(q, k)
+                if both is not None:  # q's heads then k's in one row of the qkv output: one launch
+                    norm_rope.rotary_(both, positions, self.cos, self.sin)
+                else:
+                    norm_rope.rotary_(q, positions, self.cos, self.sin)
+                    norm_rope.rotary_(k, positions, self.cos, self.sin)
                 return q, k
         return self(q, positions), self(k, positions)
+
+
+def _adjacent_heads(q: torch.Tensor, k: torch.Tensor) -> Optional[torch.Tensor]:
+    """A [T, Hq + Hk, Dh] view over q [T, Hq, Dh] and k [T, Hk, Dh] when k's heads follow
+    q's in the same storage with the same strides (the split of one qkv projection), else None."""
+    if q.dtype != k.dtype or q.stride() != k.stride() or q.shape[0] != k.shape[0] \
+            or q.shape[2] != k.shape[2] or q.untyped_storage().data_ptr() != k.untyped_storage().data_ptr():
+        return None
+    if k.storage_offset() != q.storage_offset() + q.shape[1] * q.stride(1):
+        return None
+    return q.as_strided((q.shape[0], q.shape[1] + k.shape[1], q.shape[2]), q.stride())
 
 
 class SwiGLU(nn.Module):

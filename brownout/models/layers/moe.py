@@ -10,6 +10,18 @@ computes them for all tokens, identically); a rank holds either every slot's sli
 intermediate dimension, or, with expert parallelism, whole experts (its routed experts,
 then the united experts placed on it; `local_of` maps global slot -> local slot or -1).
 `forward` returns this rank's partial sum; the decoder layer all-reduces it.
+
+A shared expert (Qwen2-MoE) is folded into the expert kernel after loading
+(`fold_shared_expert`): its intermediate dimension is cut into `shared / moe_intermediate`
+slots of the experts' shape, placed after the routed and united slots, and every token gets
+those slots as extra assignments weighted by its shared gate (whose row joins the router's,
+so one GEMM gives both). SwiGLU is elementwise over the intermediate dimension and the down
+projection is linear in it, so the slots' outputs sum to the shared expert's. A decode step
+then runs the router GEMM, one routing launch and the four expert kernels instead of also
+the shared expert's five (gate GEMM, gate/up GEMM, SwiGLU, down GEMM, gated add). Steps
+longer than FOLDED_MAX_TOKENS run the shared slots through cuBLAS instead (`_shared_dense`):
+there the shared expert is arithmetic, which the grouped expert kernel does at a fraction
+of cuBLAS's rate, and the saved launches are noise.
 """
 
 from __future__ import annotations
@@ -24,10 +36,15 @@ from brownout.parallel.info import SINGLE, ParallelInfo
 from brownout.parallel.sharding import shard_dim, shard_gate_up
 from brownout.kernels.moe_ref import moe_experts_ref
 from brownout.kernels.brownout_routing import brownout_route, count_touched
-from brownout.kernels.routing import route_experts
+from brownout.kernels.routing import SharedSlots, append_shared, route_experts
 from brownout.models.context import ForwardContext
 from brownout.models.layers.common import SwiGLU
 from brownout.models.spec import MoESpec
+
+
+# Steps of at most this many tokens give the folded shared expert to the expert kernel: the
+# decode graphs' batch sizes, where a step is launches and weight bytes, not arithmetic.
+FOLDED_MAX_TOKENS = 128
 
 
 class SparseMoE(nn.Module):
@@ -56,6 +73,7 @@ class SparseMoE(nn.Module):
             if spec.shared_expert_intermediate_size else None
         self.shared_expert_gate = nn.Linear(D, 1, bias=False) \
             if (self.shared_expert is not None and spec.shared_expert_gate) else None
+        self.shared_slots: Optional[SharedSlots] = None  # set by fold_shared_expert
         self.register_buffer("group_of", torch.zeros(E, dtype=torch.long), persistent=False)
         self.num_groups = 0  # united experts installed (0: brownout unavailable)
         self.capture: Optional[list] = None  # set to a list to record routing (calibration)
@@ -90,6 +108,36 @@ class SparseMoE(nn.Module):
         self.group_of.copy_(group_of.to(self.group_of.device, torch.long))
         self.num_groups = G
 
+    def can_fold_shared_expert(self) -> bool:
+        """A shared expert whose width is a whole number of expert widths, in one process
+        (tensor and expert parallel ranks keep the separate shared expert)."""
+        spec_w = 0 if self.shared_expert is None else self.shared_expert.inter
+        return self.shared_expert is not None and self.parallel.world_size == 1 \
+            and spec_w % self.inter == 0 and spec_w > 0
+
+    @torch.no_grad()
+    def fold_shared_expert(self) -> bool:
+        """Move the loaded shared expert into slots of `w13`/`w2` (see the module docstring);
+        False, and nothing changed, where `can_fold_shared_expert` says no."""
+        if not self.can_fold_shared_expert():
+            return False
+        I, D = self.inter, self.gate.in_features
+        n = self.shared_expert.inter // I
+        gate_up = self.shared_expert.gate_up_proj.weight  # [2 n I, D]: gate rows, then up rows
+        g, u = gate_up[:n * I].view(n, I, D), gate_up[n * I:].view(n, I, D)
+        w13_sh = torch.cat([g, u], dim=1)  # [n, 2I, D]: each slot's gate rows, then its up rows
+        w2_sh = self.shared_expert.down_proj.weight.view(D, n, I).transpose(0, 1)  # [n, D, I]
+        self.w13 = nn.Parameter(torch.cat([self.w13.data, w13_sh.to(self.w13)]), requires_grad=False)
+        self.w2 = nn.Parameter(torch.cat([self.w2.data, w2_sh.to(self.w2)]), requires_grad=False)
+        gated = self.shared_expert_gate is not None
+        if gated:  # one router GEMM gives the E logits and the shared gate's
+            router = torch.cat([self.gate.weight.data, self.shared_expert_gate.weight.data.to(self.gate.weight)])
+            self.gate.weight = nn.Parameter(router, requires_grad=False)  # [E + 1, D]
+            self.shared_expert_gate = None
+        self.shared_expert = None
+        self.shared_slots = SharedSlots(first=self.num_slots, count=n, gated=gated)
+        return True
+
     def _install_placed(self, w13_u: torch.Tensor, w2_u: torch.Tensor, group_of: torch.Tensor) -> None:
         """Expert parallel: keep the united experts placed on this rank after its routed ones."""
         p = self.parallel
@@ -111,16 +159,21 @@ class SparseMoE(nn.Module):
         int64 on x's device, None when `ctx.count_touched` is off)."""
         shape = x.shape
         x = x.reshape(-1, shape[-1])  # [T, D]
-        weights, ids, routed = self._route(x, ctx)  # [T, k] each; padding rows have id -1
+        in_slots = self.shared_slots is not None and x.shape[0] <= FOLDED_MAX_TOKENS
+        # [T, k (+shared when in_slots)]; padding rows have id -1
+        weights, ids, routed, logits = self._route(x, ctx, in_slots)
         # the fused kernel counts the slots it is given; expert parallel (local ids) needs
-        # the separate count over global ids
+        # the separate count over global ids. The count covers routed and united slots: a
+        # folded shared expert's slots are read by every step, as the unfolded one is.
         in_kernel = ctx.count_touched and ctx.use_kernels and self.local_of is None and x.is_cuda
         if in_kernel:
             touched: Optional[torch.Tensor] = torch.empty((), dtype=torch.int64, device=x.device)
         else:
-            touched = count_touched(ids, self.num_slots) if ctx.count_touched else None
+            touched = count_touched(ids[:, :self.top_k], self.num_slots) if ctx.count_touched else None
         out = self._experts(x, weights, ids, ctx, routed, touched if in_kernel else None)
-        if self.shared_expert is not None:
+        if self.shared_slots is not None and not in_slots:
+            out = self._shared_dense(x, logits, out)
+        elif self.shared_expert is not None:
             shared = self.shared_expert(x)
             if self.shared_expert_gate is None:
                 out = out + shared
@@ -128,21 +181,42 @@ class SparseMoE(nn.Module):
                 out = gated_shared_add(out, self.shared_expert_gate(x), shared)
         return out.reshape(shape), touched
 
-    def _route(self, x: torch.Tensor, ctx: ForwardContext) -> tuple[torch.Tensor, torch.Tensor, bool]:
-        """x [T, D] -> (weights [T, k], slot ids [T, k], whether brownout routing ran).
+    def _shared_dense(self, x: torch.Tensor, logits: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """out + the folded shared expert over x [T, D] by dense GEMMs on its slots' weights
+        (gated by the logit after the router's E when the family gates it)."""
+        sh = self.shared_slots
+        n, I, D, T = sh.count, self.inter, x.shape[-1], x.shape[0]
+        w13 = self.w13[sh.first:sh.first + n]  # [n, 2I, D]: a contiguous block
+        h = torch.nn.functional.linear(x, w13.reshape(n * 2 * I, D))  # [T, n * 2I]
+        a = _silu_and_mul(h.view(T * n, 2 * I)).view(T, n, I)
+        y = torch.bmm(a.transpose(0, 1), self.w2[sh.first:sh.first + n].transpose(1, 2)).sum(0)  # [T, D]
+        if not sh.gated:
+            return out + y
+        return gated_shared_add(out, logits[:, self.num_experts:self.num_experts + 1], y)
+
+    def _route(self, x: torch.Tensor, ctx: ForwardContext, in_slots: bool = False
+               ) -> tuple[torch.Tensor, torch.Tensor, bool, torch.Tensor]:
+        """x [T, D] -> (weights [T, k], slot ids [T, k], whether brownout routing ran, the
+        router's logits). `in_slots`: the folded shared expert's columns follow the k.
 
         Shedding (`ctx.top_k`) runs before brownout routing: it is then the model at top-k'
         whatever tau is (its price is measured alone), and brownout's keep set is chosen
         over the assignments the step computes."""
-        router_logits = self.gate(x)  # [T, E]
-        weights, ids = route_experts(router_logits, self.top_k, self.renormalize,
-                                     ctx.top_k)  # [T, k]; shed assignments have id -1
+        router_logits = self.gate(x)  # [T, E] (+ the shared gate's column when folded)
+        E, shared = self.num_experts, (self.shared_slots if in_slots else None)
+        routed = ctx.tau is not None and self.brownout_ready
+        if not routed and ctx.exempt is None and self.capture is None:
+            # the routing-free step: top-k, shared columns and padding rows in one launch
+            weights, ids = route_experts(router_logits, self.top_k, self.renormalize, ctx.top_k,
+                                         num_experts=E, shared=shared, valid=ctx.valid)
+            return weights, ids, False, router_logits
+        weights, ids = route_experts(router_logits, self.top_k, self.renormalize, ctx.top_k,
+                                     num_experts=E)  # [T, k]; shed assignments have id -1
         full = (weights, ids)  # what exempt tokens keep: the model's k, no redirection
         if ctx.exempt is not None and ctx.top_k is not None:
-            full = route_experts(router_logits, self.top_k, self.renormalize)
+            full = route_experts(router_logits, self.top_k, self.renormalize, num_experts=E)
         if self.capture is not None:
             self.capture.append(dict(x=x.detach().cpu(), topk_ids=ids.cpu(), topk_weights=weights.cpu()))
-        routed = ctx.tau is not None and self.brownout_ready
         if routed:  # padding rows come back with id -1
             ids, weights = brownout_route(ids, weights, ctx.tau, self.group_of, self.num_experts, ctx.valid)
         elif ctx.valid is not None:  # CUDA-graph padding rows skip every expert
@@ -151,7 +225,9 @@ class SparseMoE(nn.Module):
             keep = ctx.exempt.unsqueeze(1)  # [T, 1]
             weights = torch.where(keep, full[0], weights)
             ids = torch.where(keep, full[1].to(ids.dtype), ids)
-        return weights, ids, routed
+        if shared is not None:
+            weights, ids = append_shared(weights, ids.to(torch.int32), router_logits, E, shared, ctx.valid)
+        return weights, ids, routed, router_logits
 
     def _experts(self, x, weights, ids, ctx: ForwardContext, routed: bool = False,
                  touched: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -162,9 +238,22 @@ class SparseMoE(nn.Module):
 
             # routed: tiles sized for the low-tau case, where the rows crowd into the united
             # slots (the routed path only runs at tau < 1; tau = 1 takes the plain one)
+            n_shared = 0 if self.shared_slots is None else self.shared_slots.count
             return fused_moe(x, self.w13, self.w2, weights, ids,
-                             busy_slots=self.num_groups if routed else None, touched_out=touched)
+                             busy_slots=self.num_groups + n_shared if routed else None,
+                             touched_out=touched, count_slots=self.num_slots)
         return moe_experts_ref(x, self.w13, self.w2, weights, ids)
+
+
+def _silu_and_mul(h: torch.Tensor) -> torch.Tensor:
+    """h [N, 2I] (gate then up) -> silu(gate) * up [N, I]: one Triton pass on CUDA."""
+    if h.is_cuda and h.stride(-1) == 1:
+        from brownout.kernels import norm_rope  # lazy: triton on CUDA only
+
+        if norm_rope.kernels_usable(h):
+            return norm_rope.silu_and_mul(h)
+    inter = h.shape[-1] // 2
+    return torch.nn.functional.silu(h[:, :inter]) * h[:, inter:]
 
 
 def gated_shared_add(out: torch.Tensor, gate_logit: torch.Tensor, shared: torch.Tensor) -> torch.Tensor:
