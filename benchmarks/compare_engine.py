@@ -7,6 +7,7 @@ Run: python benchmarks/compare_engine.py BEFORE_DIR AFTER_DIR --out FILE.md [--t
      python benchmarks/compare_engine.py --shed RUN_DIR --out FILE.md (the `shed` stage alone)
      python benchmarks/compare_engine.py BEFORE AFTER --brownout AFTER --out FILE.md (the
          comparison, then the `brownout` stage of AFTER: decode steps by way at tau 1 and 0)
+     --profiles b1,b8 adds the kernel tables of those profiled steps, before and after
 (each DIR holds the `decode.json`, `prefill.json` and `meta.json` that bench_engine writes)
 """
 
@@ -111,6 +112,30 @@ def render_brownout(run_dir: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
+def render_profiles(before: Path, after: Path, tags: list[str], top: int = 12) -> str:
+    """Kernel launches and kernel time per profiled step (`bench_engine.py --stages profile`)
+    of the two runs, then each run's `top` kernels by time, for every tag both runs have."""
+    lines = []
+    for tag in tags:
+        runs = {name: d / f"profile_{tag}.json" for name, d in (("before", before), ("after", after))}
+        if not all(p.exists() for p in runs.values()):
+            continue
+        prof = {name: json.loads(p.read_text()) for name, p in runs.items()}
+        b, a = prof["before"], prof["after"]
+        lines += [f"## Kernels of the step `{tag}` ({a['tokens']} tokens, {a['seqs']} sequences, tau "
+                  f"{a['tau']:g}, CUDA graph; torch.profiler over 5 replays)", "",
+                  "| run | kernel launches / step | kernel time us / step |", "|---|---|---|"]
+        for name, d in prof.items():
+            lines.append(f"| {name} | {sum(k['calls'] for k in d['kernels'])} | "
+                         f"{d['total_device_us_per_step']:.0f} |")
+        for name, d in prof.items():
+            lines += ["", f"{name}: top {top} kernels", "", "| kernel | calls / step | us / step |", "|---|---|---|"]
+            for k in d["kernels"][:top]:
+                lines.append(f"| `{k['name'][:70]}` | {k['calls']} | {k['device_us_per_step']:.0f} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("before", type=Path, nargs="?")
@@ -118,7 +143,9 @@ def main() -> None:
     ap.add_argument("--shed", type=Path, help="render the shed stage of this run instead")
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--title", default="Engine steps before and after a change")
-    ap.add_argument("--brownout", type=Path, help="append the brownout stage of this run")
+    ap.add_argument("--brownout", type=Path, nargs="+", default=[],
+                    help="append the brownout stage of these runs, each under its folder's name")
+    ap.add_argument("--profiles", default="", help="comma-separated profile tags to compare (e.g. b1,b8)")
     ap.add_argument("--note", default="", help="a paragraph set between the two tables")
     args = ap.parse_args()
     if args.shed:
@@ -127,8 +154,13 @@ def main() -> None:
     text = render(args.before, args.after, args.title)
     if args.note:
         text = text.rstrip("\n") + "\n\n" + args.note + "\n"
-    if args.brownout:
-        text = text.rstrip("\n") + "\n\n" + render_brownout(args.brownout)
+    for run in args.brownout:
+        part = render_brownout(run)
+        if len(args.brownout) > 1:
+            part = part.replace("## Brownout decode steps", f"## {run.name}: brownout decode steps", 1)
+        text = text.rstrip("\n") + "\n\n" + part
+    if args.profiles:
+        text = text.rstrip("\n") + "\n\n" + render_profiles(args.before, args.after, args.profiles.split(","))
     args.out.write_text(text)
 
 

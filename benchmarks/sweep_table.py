@@ -22,19 +22,22 @@ CONV_FLAGS = ("--rung-prices brownout/assets/demo/ladder-prices.json --max-outpu
               "--sweep-stop-after 2")
 PH_FLAGS = ("--rung-prices brownout/assets/demo/ladder-prices.json --trace .gpu_data/prefill_heavy.csv "
             "--trace-start 0 --max-prompt 4000 --max-output 128 --sweep-s 15 --sweep-stop-after 2")
-# workload -> (calibration reused, {policy: (raw folder, device_run.sh arguments)})
+# workload -> (calibration reused, {policy: [(raw folder, device_run.sh arguments), ...]}); a
+# policy's later sweeps extend its first (higher fractions, another server of the same flags)
 WORKLOADS = {
     "conversation": ("headline_h200_run13.json", {
-        "off": ("sweep_h200_conv/swc_off",
-                f"swc_off sweep --sweep-policies off --sweep 0.7,0.8,0.9,1.0,1.1 {CONV_FLAGS}"),
-        "ladder": ("sweep_h200_conv/swc_lad",
-                   f"swc_lad sweep --sweep-policies ladder --sweep 0.9,1.0,1.2,1.4,1.6,1.9 {CONV_FLAGS}"),
+        "off": [("sweep_h200_conv/swc_off",
+                 f"swc_off sweep --sweep-policies off --sweep 0.7,0.8,0.9,1.0,1.1 {CONV_FLAGS}"),
+                ("sweep_h200_conv/swc_off2",
+                 f"swc_off2 sweep --sweep-policies off --sweep 1.2,1.3 {CONV_FLAGS}")],
+        "ladder": [("sweep_h200_conv/swc_lad",
+                    f"swc_lad sweep --sweep-policies ladder --sweep 0.9,1.0,1.2,1.4,1.6,1.9 {CONV_FLAGS}")],
     }),
     "prefill-heavy": ("headline_h200_run21.json", {
-        "off": ("sweep_h200_ph/swp_off",
-                f"swp_off sweep --sweep-policies off --sweep 0.6,0.7,0.8,0.9,1.0,1.1 {PH_FLAGS}"),
-        "ladder": ("sweep_h200_ph/swp_lad",
-                   f"swp_lad sweep --sweep-policies ladder --sweep 0.8,1.0,1.2,1.4,1.6 {PH_FLAGS}"),
+        "off": [("sweep_h200_ph/swp_off",
+                 f"swp_off sweep --sweep-policies off --sweep 0.6,0.7,0.8,0.9,1.0,1.1 {PH_FLAGS}")],
+        "ladder": [("sweep_h200_ph/swp_lad",
+                    f"swp_lad sweep --sweep-policies ladder --sweep 0.8,1.0,1.2,1.4,1.6 {PH_FLAGS}")],
     }),
 }
 
@@ -88,7 +91,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=OUT)
     args = ap.parse_args()
     raw = HEADLINE / "raw"
-    first = next(iter(WORKLOADS.values()))[1][BASELINE][0]
+    first = next(iter(WORKLOADS.values()))[1][BASELINE][0][0]
     gpu = (raw / first / "gpu.txt").read_text().splitlines()
     lines = ["# Rate sweeps on the H200: largest load meeting the SLOs, brownout off vs ladder", "",
              f"Made by `python benchmarks/sweep_table.py` from the raw sweeps in "
@@ -109,12 +112,13 @@ def main() -> None:
              "`python benchmarks/prefill_heavy_trace.py` (prompts up to 4000 tokens, outputs capped at 128).",
              "- Each sweep reuses an earlier run's calibration (SLOs, capacity, trace rate), so its SLOs and "
              "offered load match that run's.", "",
-             "Commands (`benchmarks/device_run.sh` on the GPU machine, `SWEEP_S=250`; its sweep part runs "
+             "Commands (`benchmarks/device_run.sh` on the GPU machine, `SWEEP_S=250`, 170 for swc_off2; its sweep part runs "
              "`benchmarks/headline.py --sweep-only`):", ""]
     for name, (calfile, runs) in WORKLOADS.items():
-        for policy, (_, cmd) in runs.items():
-            lines.append(f"- {name}, {policy}: `CALIBRATION=benchmarks/results/headline/{calfile} "
-                         f"bash benchmarks/device_run.sh {cmd}`")
+        for policy, sweeps in runs.items():
+            for _, cmd in sweeps:
+                lines.append(f"- {name}, {policy}: `CALIBRATION=benchmarks/results/headline/{calfile} "
+                             f"bash benchmarks/device_run.sh {cmd}`")
     lines += ["", "Each call's tarball `TAG.tgz` became its raw folder by `python benchmarks/compact_raw.py TAG.tgz "
               "benchmarks/results/headline/raw/sweep_h200_<conv|ph>/TAG --part sweep`."]
     lines += ["", "| workload | policy | load fraction | offered req/s | P90 TTFT ms / SLO | P90 TPOT ms / SLO | "
@@ -124,8 +128,9 @@ def main() -> None:
     for name, (calfile, runs) in WORKLOADS.items():
         cal = json.loads((HEADLINE / calfile).read_text())["calibration"]
         best = {}
-        for policy, (folder, cmd) in runs.items():
-            rows = points(raw / folder, cal)
+        for policy, sweeps in runs.items():
+            rows = sorted((r for folder, _ in sweeps for r in points(raw / folder, cal)),
+                          key=lambda r: r["load_fraction"])
             for r in rows:
                 lines.append(
                     f"| {name} | {policy} | {r['load_fraction']:g} | {r['offered_req_s']:.1f} | "
@@ -133,7 +138,7 @@ def main() -> None:
                     f"{ms(r['p90_tpot_s'])} / {cal['slo_tpot_s'] * 1e3:.1f} | {r['refused']} / {r['failed']} | "
                     f"{r['goodput_req_s']:.1f} ({r['goodput_fraction']:.2f}) | {r['mean_tau']:.2f} | "
                     f"{'yes' if r['meets_slo'] else 'no'} |")
-            best[policy] = largest_met(rows, requested(cmd))
+            best[policy] = largest_met(rows, [f for _, cmd in sweeps for f in requested(cmd)])
         summary.append(f"- {name} (calibration `{calfile}`: capacity {cal['capacity_req_s']:.1f} req/s, "
                        f"SLO TTFT {cal['slo_ttft_s'] * 1e3:.1f} ms, TPOT {cal['slo_tpot_s'] * 1e3:.1f} ms):")
         for policy, (frac, _, note) in best.items():
