@@ -155,15 +155,23 @@ def brownout_route(
     group_of: torch.Tensor,  # [E] int64, group index of each routed expert (0..G-1)
     num_experts: int,
     valid: Optional[torch.Tensor] = None,  # [T] bool, False for padding tokens
+    out: Optional[tuple[torch.Tensor, torch.Tensor]] = None,  # (ids, weights) [T, k] to write
 ) -> tuple[torch.Tensor, torch.Tensor]:  # ids [T, k] (input dtype, -1 = skip), weights [T, k]
     """Apply brownout routing to one step's router output of one MoE layer.
 
     On CUDA with triton installed: the fused kernels of `brownout_routing_triton` (one or
-    two launches instead of ~25); elsewhere `brownout_route_torch`. Same outputs."""
+    two launches instead of ~25); elsewhere `brownout_route_torch`. Same outputs. `out`
+    (views with unit column strides, e.g. the first k columns of a wider routing output,
+    the inputs themselves allowed) receives the result in place of new tensors."""
     if topk_ids.is_cuda:
         kern = _triton_kernels()
         if kern is not None and kern.triton_route_available(topk_ids.device, num_experts,
                                                             topk_ids.shape[1]):
             return kern.brownout_route_triton(topk_ids, topk_weights, tau, group_of,
-                                              num_experts, valid)
-    return brownout_route_torch(topk_ids, topk_weights, tau, group_of, num_experts, valid)
+                                              num_experts, valid, out=out)
+    ids, weights = brownout_route_torch(topk_ids, topk_weights, tau, group_of, num_experts, valid)
+    if out is None:
+        return ids, weights
+    out[0].copy_(ids)
+    out[1].copy_(weights)
+    return out

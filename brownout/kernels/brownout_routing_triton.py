@@ -55,7 +55,7 @@ if triton is not None:
 
     @triton.jit
     def _apply_block(t0, ids_ptr, w_ptr, valid_ptr, slot_ptr, out_ids_ptr, out_w_ptr,
-                     T, K, E, s_it, s_ik, s_wt, s_wk, s_v,
+                     T, K, E, s_it, s_ik, s_wt, s_wk, s_v, s_ot,
                      HAS_VALID: tl.constexpr, BLOCK_T: tl.constexpr, K_PAD: tl.constexpr):
         """Remap and merge tokens [t0, t0 + BLOCK_T). Shapes: BT tokens, KP top-k slots."""
         offs_t = t0 + tl.arange(0, BLOCK_T)  # [BT]
@@ -82,14 +82,14 @@ if triton is not None:
             v = tl.load(valid_ptr + offs_t * s_v, mask=offs_t < T, other=0) != 0  # [BT]
             new_id = tl.where(v[:, None], new_id, -1)
             new_w = tl.where(v[:, None], new_w, 0.0)
-        out = offs_t[:, None] * K + offs_j[None, :]  # outputs are contiguous [T, K]
+        out = offs_t[:, None] * s_ot + offs_j[None, :]  # outputs: rows of stride s_ot, unit columns
         tl.store(out_ids_ptr + out, new_id.to(out_ids_ptr.dtype.element_ty), mask=m2)
         tl.store(out_w_ptr + out, new_w.to(out_w_ptr.dtype.element_ty), mask=m2)
 
     @triton.jit(do_not_specialize=["T"])  # one binary for every step length
     def _plan_kernel(ids_ptr, w_ptr, valid_ptr, group_ptr, tau_ptr, tau_val, scratch_ptr,
                      out_ids_ptr, out_w_ptr, T, K, E,
-                     s_it, s_ik, s_wt, s_wk, s_v, s_g,
+                     s_it, s_ik, s_wt, s_wk, s_v, s_g, s_ot,
                      HAS_VALID: tl.constexpr, TAU_IS_PTR: tl.constexpr, FUSED: tl.constexpr,
                      E_PAD: tl.constexpr, HBINS: tl.constexpr, CH: tl.constexpr,
                      BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, K_PAD: tl.constexpr):
@@ -148,14 +148,14 @@ if triton is not None:
             tl.debug_barrier()
             for t0 in range(0, T, BLOCK_T):
                 _apply_block(t0, ids_ptr, w_ptr, valid_ptr, slot_ptr, out_ids_ptr, out_w_ptr,
-                             T, K, E, s_it, s_ik, s_wt, s_wk, s_v, HAS_VALID, BLOCK_T, K_PAD)
+                             T, K, E, s_it, s_ik, s_wt, s_wk, s_v, s_ot, HAS_VALID, BLOCK_T, K_PAD)
 
     @triton.jit(do_not_specialize=["T"])
     def _apply_kernel(ids_ptr, w_ptr, valid_ptr, slot_ptr, out_ids_ptr, out_w_ptr,
-                      T, K, E, s_it, s_ik, s_wt, s_wk, s_v,
+                      T, K, E, s_it, s_ik, s_wt, s_wk, s_v, s_ot,
                       HAS_VALID: tl.constexpr, BLOCK_T: tl.constexpr, K_PAD: tl.constexpr):
         _apply_block(tl.program_id(0) * BLOCK_T, ids_ptr, w_ptr, valid_ptr, slot_ptr,
-                     out_ids_ptr, out_w_ptr, T, K, E, s_it, s_ik, s_wt, s_wk, s_v,
+                     out_ids_ptr, out_w_ptr, T, K, E, s_it, s_ik, s_wt, s_wk, s_v, s_ot,
                      HAS_VALID, BLOCK_T, K_PAD)
 
 
@@ -181,13 +181,24 @@ def brownout_route_triton(
     num_experts: int,
     valid: Optional[torch.Tensor] = None,  # [T] bool
     fused: Optional[bool] = None,  # one launch; None: by size (FUSED_MAX_ASSIGNMENTS)
+    out: Optional[tuple[torch.Tensor, torch.Tensor]] = None,  # (ids, weights) [T, k] to write
 ) -> tuple[torch.Tensor, torch.Tensor]:  # ids [T, k] (input dtype, -1 = skip), weights [T, k]
-    """`brownout_route` in one or two Triton launches (see the module docstring)."""
+    """`brownout_route` in one or two Triton launches (see the module docstring). `out`:
+    views to write instead of new tensors (unit column stride, one row stride for both); they
+    may be the inputs themselves, since every token's row is read before it is written."""
     T, k = topk_ids.shape
     E = num_experts
     dev = topk_ids.device
-    out_ids = torch.empty((T, k), dtype=topk_ids.dtype, device=dev)
-    out_w = torch.empty((T, k), dtype=topk_weights.dtype, device=dev)
+    if out is None:
+        out_ids = torch.empty((T, k), dtype=topk_ids.dtype, device=dev)
+        out_w = torch.empty((T, k), dtype=topk_weights.dtype, device=dev)
+    else:
+        out_ids, out_w = out
+        if out_ids.shape != (T, k) or out_w.shape != (T, k) or out_ids.stride(1) != 1 \
+                or out_w.stride(1) != 1 or out_ids.stride(0) != out_w.stride(0):
+            raise ValueError(f"out views must be [T, k] = {(T, k)} with unit column strides and one row "
+                             f"stride, got {tuple(out_ids.shape)} {out_ids.stride()} / "
+                             f"{tuple(out_w.shape)} {out_w.stride()}")
     if T == 0:
         return out_ids, out_w
     scratch = torch.empty(3 * E, dtype=torch.int32, device=dev)  # counts, redirected, slot_of
@@ -212,12 +223,13 @@ def brownout_route_triton(
                topk_weights.stride(1), s_v)
     _plan_kernel[(1,)](
         topk_ids, topk_weights, v, group_of, tau_ptr, tau_val, scratch, out_ids, out_w,
-        T, k, E, *strides, group_of.stride(0),
+        T, k, E, *strides, group_of.stride(0), out_ids.stride(0),
         HAS_VALID=has_valid, TAU_IS_PTR=tau_is_ptr, FUSED=fused, E_PAD=e_pad,
         HBINS=_pow2(E + 1), CH=min(e_pad, max(8, 4096 // e_pad)), BLOCK_N=block_n, BLOCK_T=block_t,
         K_PAD=k_pad, num_warps=warps)
     if not fused:
         _apply_kernel[(triton.cdiv(T, block_t),)](
             topk_ids, topk_weights, v, scratch[2 * E:], out_ids, out_w, T, k, E, *strides,
+            out_ids.stride(0),
             HAS_VALID=has_valid, BLOCK_T=block_t, K_PAD=k_pad, num_warps=4)
     return out_ids, out_w

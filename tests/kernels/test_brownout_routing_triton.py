@@ -103,6 +103,28 @@ def test_one_and_two_launches(fused):
 
 
 @needs_kernels
+@pytest.mark.parametrize("fused", [True, False])
+def test_in_place_on_the_first_k_columns_of_a_wider_output(fused):
+    """`out` = the inputs' own views, the first k columns of a [T, k + 4] routing output (a
+    folded shared expert's columns after them): the same result as new tensors, the extra
+    columns untouched."""
+    T, E, k, n = 300, 60, 4, 4
+    ids, w, group_of, valid = make_case(T, E, k, 4, "skew", 2, True)
+    wide_ids = torch.cat([ids, torch.arange(E + 15, E + 15 + n, dtype=ids.dtype, device=DEVICE).expand(T, n)], 1)
+    wide_w = torch.cat([w, torch.full((T, n), 0.5, device=DEVICE)], 1)
+    tau = torch.tensor(0.4, device=DEVICE)
+    ref_ids, ref_w = brownout_route_torch(ids, w, tau, group_of, E, valid)
+    views = (wide_ids[:, :k], wide_w[:, :k])
+    got = bt.brownout_route_triton(*views, tau, group_of, E, valid, fused=fused, out=views)
+    assert got[0].data_ptr() == wide_ids.data_ptr()
+    assert torch.equal(wide_ids[:, :k], ref_ids)
+    torch.testing.assert_close(wide_w[:, :k], ref_w, atol=1e-6, rtol=0)
+    assert (wide_ids[:, k:].cpu() == torch.arange(E + 15, E + 15 + n, dtype=ids.dtype)).all()
+    assert (wide_w[:, k:] == 0.5).all()
+    assert int((ref_ids >= E).sum()) > 0  # the case redirects
+
+
+@needs_kernels
 def test_tau_one_without_mask_is_bit_identical():
     ids, w, group_of, _ = make_case(64, 60, 4, 4, "skew", 2, False)
     out_ids, out_w = bt.brownout_route_triton(ids, w, torch.tensor(1.0, device=DEVICE),

@@ -205,11 +205,16 @@ class SparseMoE(nn.Module):
         router_logits = self.gate(x)  # [T, E] (+ the shared gate's column when folded)
         E, shared = self.num_experts, (self.shared_slots if in_slots else None)
         routed = ctx.tau is not None and self.brownout_ready
-        if not routed and ctx.exempt is None and self.capture is None:
-            # the routing-free step: top-k, shared columns and padding rows in one launch
+        if ctx.exempt is None and self.capture is None and (not routed or shared is not None):
+            # top-k, shared columns and padding rows in one launch; a routed step then
+            # redirects the first k columns in place (the shared ones are never redirected)
             weights, ids = route_experts(router_logits, self.top_k, self.renormalize, ctx.top_k,
                                          num_experts=E, shared=shared, valid=ctx.valid)
-            return weights, ids, False, router_logits
+            if routed:
+                k = self.top_k
+                brownout_route(ids[:, :k], weights[:, :k], ctx.tau, self.group_of, E, ctx.valid,
+                               out=(ids[:, :k], weights[:, :k]))
+            return weights, ids, routed, router_logits
         weights, ids = route_experts(router_logits, self.top_k, self.renormalize, ctx.top_k,
                                      num_experts=E)  # [T, k]; shed assignments have id -1
         full = (weights, ids)  # what exempt tokens keep: the model's k, no redirection
