@@ -244,6 +244,37 @@ if triton is not None:
             o = tl.load(offsets_ptr + e, mask=ok, other=0, cache_modifier=".cg")
             tl.store(sorted_ptr + o + r, offs.to(tl.int32), mask=ok)
 
+    @triton.jit(do_not_specialize=["n_assign", "n_blocks"])
+    def _align_small_kernel(ids_ptr, sorted_ptr, block_slot_ptr, touched_ptr, n_assign, num_slots,
+                            n_blocks, count_slots, BLOCK_M: tl.constexpr, N_PAD: tl.constexpr,
+                            S_PAD: tl.constexpr, B_PAD: tl.constexpr, COUNT_TOUCHED: tl.constexpr):
+        # one program, everything in registers (no atomics, no scratch, no barriers): counts
+        # per slot from an [N, S] one-hot, each assignment's rank from an [N, N] comparison
+        i = tl.arange(0, N_PAD)
+        e = tl.load(ids_ptr + i, mask=i < n_assign, other=-1).to(tl.int32)  # [N]; -1 matches no slot
+        s = tl.arange(0, S_PAD)
+        hit = e[:, None] == s[None, :]  # [N, S]
+        cnt = tl.sum(hit.to(tl.int32), 0)  # [S]
+        if COUNT_TOUCHED:
+            tl.store(touched_ptr, tl.sum(((cnt > 0) & (s < count_slots)).to(tl.int64), 0))
+        padded = (cnt + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+        end = tl.cumsum(padded, 0)
+        start = end - padded
+        total = tl.sum(padded, 0)
+        earlier = (e[:, None] == e[None, :]) & (i[None, :] < i[:, None])  # [N, N]: j < i, same slot
+        rank = tl.sum(earlier.to(tl.int32), 1)
+        own_start = tl.sum(tl.where(hit, start[None, :], 0), 1)  # [N]
+        tl.store(sorted_ptr + own_start + rank, i, mask=e >= 0)
+        j = tl.arange(0, BLOCK_M)  # each slot's padding rows get the sentinel n_assign
+        pad_pos = (start + cnt)[:, None] + j[None, :]
+        pad_ok = (j[None, :] < (padded - cnt)[:, None]) & (s < num_slots)[:, None]
+        tl.store(sorted_ptr + pad_pos, tl.full([S_PAD, BLOCK_M], 0, tl.int32) + n_assign, mask=pad_ok)
+        b = tl.arange(0, B_PAD)  # owner of row block b: the first slot ending past it
+        row = b * BLOCK_M
+        before = (end[None, :] <= row[:, None]) & (s < num_slots)[None, :]
+        slot = tl.sum(before.to(tl.int32), 1)
+        tl.store(block_slot_ptr + b, tl.where(row < total, slot, -1), mask=b < n_blocks)
+
     @triton.jit
     def _block_coords(n_blocks, N, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
         # grouped order: GROUP_M row blocks share each weight tile while it sits in L2
@@ -359,20 +390,49 @@ if triton is not None:
 
 # ----------------------------------------------------------------------------- host side
 
+# The register-only align for decode sizes: its [N, S] and [N, N] tiles stay within this many
+# elements (4 warps, 64 a thread), which covers 8-row decode steps of Qwen1.5-MoE (k = 4 plus 4
+# shared slots, 94 slots).
+ALIGN_SMALL_MAX_TILE = 8192
+# opt-in until timed on a GPU against the atomics kernel (benchmarks/bench_align.py)
+SMALL_ALIGN_ENV = "BROWNOUT_SMALL_ALIGN"
+SMALL_ALIGN = os.environ.get(SMALL_ALIGN_ENV) == "1"  # read once: the step path asks per layer
+
+
+def _small_align_fits(n_assign: int, num_slots: int) -> bool:
+    n_pad, s_pad = _next_pow2(max(2, n_assign)), _next_pow2(max(16, num_slots))
+    return n_pad * max(s_pad, n_pad) <= ALIGN_SMALL_MAX_TILE
+
+
 def moe_align(topk_ids: torch.Tensor, num_slots: int, block_m: int,
-              touched_out: torch.Tensor | None = None, count_slots: int | None = None):
+              touched_out: torch.Tensor | None = None, count_slots: int | None = None,
+              small: bool | None = None):
     """Flat assignment ids grouped by slot and padded to `block_m`, plus each block's slot.
 
     Returns (sorted_ids [P] int32 with n_assign as padding, block_slot [P // block_m] int32
     with -1 past the used length); P = T*k + min(T*k, S) * (block_m - 1) rounded up.
     `touched_out` (0-d int64), when given, receives the number of distinct slots used among
-    the first `count_slots` (all of them by default)."""
+    the first `count_slots` (all of them by default). `small`: the register-only kernel for
+    few assignments (None: when BROWNOUT_SMALL_ALIGN=1 and the shapes fit); the order of
+    the assignments inside a slot differs between the two, which no consumer depends on."""
     ids = topk_ids.reshape(-1)  # [T*k]
     n_assign = ids.numel()
     n_blocks = triton.cdiv(n_assign + min(n_assign, num_slots) * (block_m - 1), block_m)
     dev = ids.device
     sorted_ids = torch.empty(n_blocks * block_m, dtype=torch.int32, device=dev)
     block_slot = torch.empty(n_blocks, dtype=torch.int32, device=dev)
+    if small is None:
+        small = SMALL_ALIGN and _small_align_fits(n_assign, num_slots)
+    if small:
+        if not _small_align_fits(n_assign, num_slots):
+            raise ValueError(f"{n_assign} assignments over {num_slots} slots exceed the small align's "
+                             f"{ALIGN_SMALL_MAX_TILE}-element tiles")
+        _align_small_kernel[(1,)](
+            ids, sorted_ids, block_slot, block_slot if touched_out is None else touched_out,
+            n_assign, num_slots, n_blocks, num_slots if count_slots is None else count_slots,
+            BLOCK_M=block_m, N_PAD=_next_pow2(max(2, n_assign)), S_PAD=_next_pow2(max(16, num_slots)),
+            B_PAD=_next_pow2(max(2, n_blocks)), COUNT_TOUCHED=touched_out is not None, num_warps=4)
+        return sorted_ids, block_slot
     scratch = torch.empty(2 * num_slots + n_assign, dtype=torch.int32, device=dev)
     counts, offsets, rank = scratch[:num_slots], scratch[num_slots:2 * num_slots], \
         scratch[2 * num_slots:]

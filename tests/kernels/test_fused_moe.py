@@ -126,18 +126,23 @@ def test_all_skipped_gives_zeros():
 
 
 @needs_kernels
-@pytest.mark.parametrize("S,T,k,bm", [(11, 13, 3, 16),
-                                      # a prefill step's size: the wide-chunk path, and more
-                                      # row blocks than one block-owner chunk
-                                      (90, 1087, 4, 16), (90, 1087, 4, 128)])
-def test_align_groups_every_assignment_once(S, T, k, bm):
+@pytest.mark.parametrize("S,T,k,bm,small", [(11, 13, 3, 16, False),
+                                            # a prefill step's size: the wide-chunk path, and
+                                            # more row blocks than one block-owner chunk
+                                            (90, 1087, 4, 16, False), (90, 1087, 4, 128, False),
+                                            # the register-only kernel at decode sizes
+                                            (11, 13, 3, 16, True), (94, 8, 8, 16, True),
+                                            (94, 1, 8, 16, True), (160, 4, 8, 16, True)])
+def test_align_groups_every_assignment_once(S, T, k, bm, small):
     g = torch.Generator().manual_seed(5)
     ids = torch.randint(-1, S, (T, k), generator=g, dtype=torch.int32).to(DEVICE)
+    if small and T > 1:
+        ids[1, :2] = ids[0, 0]  # several assignments of one slot: ranks inside a slot
     touched = torch.full((), -1, dtype=torch.int64, device=DEVICE)
-    sorted_ids, block_slot = fm.moe_align(ids, S, bm, touched_out=touched)
+    sorted_ids, block_slot = fm.moe_align(ids, S, bm, touched_out=touched, small=small)
     assert int(touched) == len(set(ids.reshape(-1).cpu().tolist()) - {-1})
     limit = S // 2  # slots past it (a folded shared expert's) are grouped but not counted
-    fm.moe_align(ids, S, bm, touched_out=touched, count_slots=limit)
+    fm.moe_align(ids, S, bm, touched_out=touched, count_slots=limit, small=small)
     assert int(touched) == len({i for i in ids.reshape(-1).cpu().tolist() if 0 <= i < limit})
     sorted_ids, block_slot, flat = sorted_ids.cpu(), block_slot.cpu(), ids.reshape(-1).cpu()
     n = flat.numel()
@@ -292,3 +297,26 @@ def test_no_host_sync_and_graph_capture_gpu():
     graph.replay()
     ref = reference(x, w13, w2, weights, ids)
     assert ((out.double() - ref).norm() / ref.norm()).item() < TOL[torch.bfloat16]
+
+
+@needs_kernels
+def test_small_align_refuses_shapes_over_its_tiles():
+    ids = torch.zeros(64, 8, dtype=torch.int32, device=DEVICE)
+    with pytest.raises(ValueError, match="small align"):
+        fm.moe_align(ids, 94, 16, small=True)
+
+
+@needs_kernels
+def test_fused_moe_with_the_small_align_matches_the_reference(monkeypatch):
+    """The whole expert call with the register-only align switched on (as
+    BROWNOUT_SMALL_ALIGN=1 does) gives the reference's output."""
+    monkeypatch.setattr(fm, "SMALL_ALIGN", True)
+    g = torch.Generator().manual_seed(9)
+    T, D, inter, S, k = 5, 32, 48, 12, 3
+    x = torch.randn(T, D, generator=g).to(DEVICE)
+    w13 = (0.1 * torch.randn(S, 2 * inter, D, generator=g)).to(DEVICE)
+    w2 = (0.1 * torch.randn(S, D, inter, generator=g)).to(DEVICE)
+    ids = torch.randint(-1, S, (T, k), generator=g, dtype=torch.int32).to(DEVICE)
+    w = torch.rand(T, k, generator=g).to(DEVICE)
+    out = fm.fused_moe(x, w13, w2, w, ids)
+    torch.testing.assert_close(out.cpu(), moe_experts_ref(x, w13, w2, w, ids).cpu(), rtol=1e-4, atol=1e-4)

@@ -1,0 +1,89 @@
+"""The fused MoE's align step on a GPU: the atomics kernel against the register-only one
+(`fused_moe.moe_align(..., small=True)`), at decode sizes.
+
+Shapes: Qwen1.5-MoE-A2.7B serving (94 slots: 60 experts, 30 united, 4 folded shared; 8
+assignments a token) and Qwen3-MoE (160 slots: 128 experts, 32 united; 8 a token), at 1-16
+tokens where the small kernel's tiles fit. Each variant's grouping is checked first (every
+assignment once, in its slot's blocks). Timings: per call inside a captured CUDA graph of 10
+calls, replays between CUDA events, median; the per-layer saving times the model's MoE layers
+is what a decode step would gain.
+Writes align.json and align.md under --out.
+Usage: python benchmarks/bench_align.py --out DIR   (CUDA GPU with triton required)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+SHAPES = {"qwen1.5-moe (94 slots, 8 a token)": (94, 8), "qwen3-moe (160 slots, 8 a token)": (160, 8)}
+TOKENS = (1, 2, 4, 8, 16)
+BLOCK_M = 16  # the decode tiles' row block
+GRAPH_CALLS = 10  # calls per captured graph: replay overhead spread over several launches
+
+
+def grouped_ok(ids, sorted_ids, block_slot, bm: int) -> bool:
+    flat = ids.reshape(-1).cpu()
+    n = flat.numel()
+    used = int((block_slot >= 0).sum())
+    rows = sorted_ids[:used * bm].cpu().view(used, bm)
+    if sorted(rows[rows < n].tolist()) != [i for i in range(n) if flat[i] >= 0]:
+        return False
+    return all((flat[rows[b][rows[b] < n].long()] == int(block_slot[b])).all() for b in range(used))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", type=Path, required=True)
+    args = ap.parse_args()
+    import torch  # after parsing: nothing below runs without a GPU
+
+    if not torch.cuda.is_available():
+        sys.exit("bench_align.py needs a CUDA GPU")
+    from gpu_timing import cuda_time_ms
+
+    from brownout.kernels import fused_moe as fm
+
+    def graph_us(fn) -> float:
+        fn()
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for _ in range(GRAPH_CALLS):
+                fn()
+        return cuda_time_ms(graph.replay, iters=30, warmup=5) * 1e3 / GRAPH_CALLS
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for shape, (S, k) in SHAPES.items():
+        for T in TOKENS:
+            if not fm._small_align_fits(T * k, S):
+                continue
+            g = torch.Generator().manual_seed(T * 100 + S)
+            ids = torch.randint(0, S, (T, k), generator=g, dtype=torch.int32).cuda()
+            touched = torch.empty((), dtype=torch.int64, device="cuda")
+            row = dict(shape=shape, slots=S, tokens=T, assignments=T * k)
+            for name, small in (("atomics", False), ("small", True)):
+                call = lambda small=small: fm.moe_align(ids, S, BLOCK_M, touched, small=small)  # noqa: E731
+                row[f"{name}_grouped_ok"] = grouped_ok(ids, *call(), BLOCK_M)
+                row[f"{name}_graph_us"] = graph_us(call)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, script="benchmarks/bench_align.py",
+                command=" ".join(sys.argv))
+    (args.out / "align.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
+    lines = [f"# The fused MoE's align at decode sizes: atomics kernel vs register-only ({meta['device']})", "",
+             f"Made by `python {' '.join(sys.argv)}` (benchmarks/bench_align.py); torch {meta['torch']}. "
+             f"Per call in a captured graph of {GRAPH_CALLS} calls, median of CUDA-event timings.", "",
+             "| shape | tokens | assignments | atomics us | small us | grouping ok |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['shape']} | {r['tokens']} | {r['assignments']} | {r['atomics_graph_us']:.2f} | "
+                     f"{r['small_graph_us']:.2f} | {r['atomics_grouped_ok'] and r['small_grouped_ok']} |")
+    (args.out / "align.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
