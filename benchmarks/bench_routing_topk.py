@@ -58,6 +58,18 @@ def main() -> None:
                 fn()
         return eager_us(graph.replay, iters) / GRAPH_CALLS
 
+    def record(row: dict, name: str, call, ref_w, ref_ids) -> None:
+        """One variant's agreement with the reference and its timings into `row`."""
+        try:  # one failing variant must not lose the others' numbers
+            w, ids = call()
+            # bf16 logits may tie; tied positions share weights, ids may swap
+            row[f"{name}_ids_equal"] = bool(torch.equal(ids, ref_ids))
+            row[f"{name}_max_w_diff"] = float((w - ref_w).abs().max())
+            row[f"{name}_graph_us"] = graph_us(call)
+            row[f"{name}_eager_us"] = eager_us(call)
+        except Exception as exc:  # noqa: BLE001 - recorded in the JSON
+            row[f"{name}_error"] = repr(exc)[:500]
+
     args.out.mkdir(parents=True, exist_ok=True)
     variants = {
         "torch": routing.select_experts,
@@ -76,16 +88,7 @@ def main() -> None:
                            active_k_tensor=shed,
                            dispatched_to_triton=T <= routing.TRITON_MAX_TOKENS)
                 for name, fn in variants.items():
-                    try:  # one failing variant must not lose the others' numbers
-                        w, ids = fn(logits, k, renorm, active)
-                        # bf16 logits may tie; tied positions share weights, ids may swap
-                        row[f"{name}_ids_equal"] = bool(torch.equal(ids, ref_ids))
-                        row[f"{name}_max_w_diff"] = float((w - ref_w).abs().max())
-                        call = lambda fn=fn: fn(logits, k, renorm, active)  # noqa: E731
-                        row[f"{name}_graph_us"] = graph_us(call)
-                        row[f"{name}_eager_us"] = eager_us(call)
-                    except Exception as exc:  # noqa: BLE001 - recorded in the JSON
-                        row[f"{name}_error"] = repr(exc)[:500]
+                    record(row, name, lambda fn=fn: fn(logits, k, renorm, active), ref_w, ref_ids)
                 rows.append(row)
                 print(json.dumps(row), flush=True)
     # the serving layer's whole routing launch with a folded, gated shared expert (4 slots,
@@ -108,14 +111,7 @@ def main() -> None:
         row = dict(shape="qwen1.5-moe+shared", experts=E, top_k=k, renormalize=renorm, tokens=T,
                    active_k_tensor=False, dispatched_to_triton=T <= routing.TRITON_MAX_TOKENS)
         for name, fn in routes.items():
-            try:
-                w, ids = fn()
-                row[f"{name}_ids_equal"] = bool(torch.equal(ids, ref_ids))
-                row[f"{name}_max_w_diff"] = float((w - ref_w).abs().max())
-                row[f"{name}_graph_us"] = graph_us(fn)
-                row[f"{name}_eager_us"] = eager_us(fn)
-            except Exception as exc:  # noqa: BLE001 - recorded in the JSON
-                row[f"{name}_error"] = repr(exc)[:500]
+            record(row, name, fn, ref_w, ref_ids)
         rows.append(row)
         print(json.dumps(row), flush=True)
     meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
