@@ -59,7 +59,7 @@ def main() -> None:
     rows = []
     for shape, (S, k) in SHAPES.items():
         for T in TOKENS:
-            if not fm._small_align_fits(T * k, S):
+            if not fm._small_align_fits(T * k, S, BLOCK_M):
                 continue
             g = torch.Generator().manual_seed(T * 100 + S)
             ids = torch.randint(0, S, (T, k), generator=g, dtype=torch.int32).cuda()

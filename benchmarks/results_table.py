@@ -40,6 +40,8 @@ WINDOW_REDUCTION_TARGET = 0.9
 DECODE_ROOFLINE_TARGETS = {1: 1.5, 8: 1.4, 64: 1.25}
 # batch 64 at context 2048: KV reads dominate, which the attention kernel streams
 DECODE_LONG_TARGET = 1.2
+# the rate the ladder sustains over off's, conversation / prefill-heavy (the paper: 2.07x over vLLM)
+SWEEP_TARGETS = (2.1, 1.5)
 # way 4 at tau 0, batch-64 decode step vs tau 1: the expert bytes fall to a quarter
 BROWNOUT_STEP_TARGET = 0.55
 # one MoE layer at tau 0 vs tau 1: ~0.33x of the expert bytes is the ceiling (SPEC section 3)
@@ -136,10 +138,15 @@ def ladder_sweep_row() -> list[str]:
     for name in ("conversation", "prefill-heavy"):
         part = text.split(f"- {name} (calibration", 1)[1]
         best[name] = [part.split(f"  - {p}: ", 1)[1].split(" ", 1)[0] for p in ("off", "ladder")]
+        # the largest ratio the measurement allows: "below X" (ladder's next miss over off's best)
+        upper = part.split("the true ratio is below ", 1)[1].split("x", 1)[0]
+        best[name].append(float(upper))
     conv, ph = best["conversation"], best["prefill-heavy"]
+    judged = [("met" if upper >= target else "**missed**") + f" (below {upper:.2f}x)"
+              for (*_, upper), target in ((conv, SWEEP_TARGETS[0]), (ph, SWEEP_TARGETS[1]))]
     return ["Rate sweep without admission, largest load fraction meeting both SLOs, off / ladder: "
             "conversation; prefill-heavy", "H200", f"{conv[0]} / {conv[1]}; {ph[0]} / {ph[1]} of capacity",
-            "ladder >= 2.1x / 1.5x off: **missed** (below 1.27x on both)",
+            f"ladder >= {SWEEP_TARGETS[0]:g}x / {SWEEP_TARGETS[1]:g}x off: {' / '.join(judged)}",
             "headline/ [sweep_h200](benchmarks/results/headline/sweep_h200.md) (one sweep)"]
 
 

@@ -97,10 +97,16 @@ def _dashboard_keys(scope, headers: dict[bytes, bytes]) -> list[str]:
 def _dropping_answered(send):
     """`send` that drops messages the HTTP layer refuses because it already answered the
     request (see the module docstring)."""
+    answered = False
+
     async def wrapped(message) -> None:
+        nonlocal answered
+        if answered:  # the rest of a response the HTTP layer refused
+            return
         try:
             await send(message)
         except ANSWERED_CONNECTION_ERRORS as exc:
+            answered = True
             logger.warning("response not sent: the connection was already answered and closed (%s)", exc)
     return wrapped
 

@@ -35,12 +35,14 @@ class LLM:
                  dtype: str = "auto", seed: int = 0, max_model_len: Optional[int] = None,
                  tokenizer: Optional[str] = None, enforce_eager: bool = False,
                  cache: Optional[CacheConfig] = None, scheduler: Optional[SchedulerConfig] = None,
-                 tensor_parallel_size: int = 1, enable_expert_parallel: bool = False):
+                 tensor_parallel_size: int = 1, enable_expert_parallel: bool = False,
+                 fold_shared_expert: bool = True):
         load = ModelLoadConfig(model=model or default_model_dir(), load_format=load_format,
                                device=device, dtype=dtype, seed=seed, max_model_len=max_model_len,
                                tokenizer=tokenizer, enforce_eager=enforce_eager,
                                tensor_parallel_size=tensor_parallel_size,
-                               enable_expert_parallel=enable_expert_parallel)
+                               enable_expert_parallel=enable_expert_parallel,
+                               fold_shared_expert=fold_shared_expert)
         policy = "fixed" if tau < 1.0 else "off"
         self.engine = LLMEngine(EngineConfig(
             load=load, cache=cache or CacheConfig(), scheduler=scheduler or SchedulerConfig(),

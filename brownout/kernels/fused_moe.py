@@ -399,9 +399,10 @@ SMALL_ALIGN_ENV = "BROWNOUT_SMALL_ALIGN"
 SMALL_ALIGN = os.environ.get(SMALL_ALIGN_ENV) == "1"  # read once: the step path asks per layer
 
 
-def _small_align_fits(n_assign: int, num_slots: int) -> bool:
+def _small_align_fits(n_assign: int, num_slots: int, block_m: int) -> bool:
+    """The small align's [N, S], [N, N], [S, BLOCK_M] and [B, S] (B <= N) tiles fit."""
     n_pad, s_pad = _next_pow2(max(2, n_assign)), _next_pow2(max(16, num_slots))
-    return n_pad * max(s_pad, n_pad) <= ALIGN_SMALL_MAX_TILE
+    return n_pad * max(s_pad, n_pad) <= ALIGN_SMALL_MAX_TILE and s_pad * block_m <= ALIGN_SMALL_MAX_TILE
 
 
 def moe_align(topk_ids: torch.Tensor, num_slots: int, block_m: int,
@@ -422,9 +423,9 @@ def moe_align(topk_ids: torch.Tensor, num_slots: int, block_m: int,
     sorted_ids = torch.empty(n_blocks * block_m, dtype=torch.int32, device=dev)
     block_slot = torch.empty(n_blocks, dtype=torch.int32, device=dev)
     if small is None:
-        small = SMALL_ALIGN and _small_align_fits(n_assign, num_slots)
+        small = SMALL_ALIGN and _small_align_fits(n_assign, num_slots, block_m)
     if small:
-        if not _small_align_fits(n_assign, num_slots):
+        if not _small_align_fits(n_assign, num_slots, block_m):
             raise ValueError(f"{n_assign} assignments over {num_slots} slots exceed the small align's "
                              f"{ALIGN_SMALL_MAX_TILE}-element tiles")
         _align_small_kernel[(1,)](

@@ -60,7 +60,7 @@ if triton is not None:
 
     @triton.jit(do_not_specialize=["T"])  # one binary for every step length
     def _topk_kernel(logits_ptr, active_ptr, valid_ptr, out_w_ptr, out_ids_ptr, T, E, s_t, s_e,
-                     shared_first,
+                     shared_first, s_v,
                      K: tl.constexpr, RENORM: tl.constexpr, HAS_ACTIVE: tl.constexpr,
                      N_SHARED: tl.constexpr, GATED: tl.constexpr, HAS_VALID: tl.constexpr,
                      E_PAD: tl.constexpr, K_PAD: tl.constexpr, BLOCK_T: tl.constexpr):
@@ -108,7 +108,7 @@ if triton is not None:
             w = tl.where(is_sh, w_sh[:, None], w)
             ids = tl.where(is_sh, shared_first + offs_k[None, :] - K, ids)
         if HAS_VALID:  # CUDA-graph padding rows touch no slot
-            ok = tl.load(valid_ptr + offs_t, mask=mt, other=0) != 0  # [BT]
+            ok = tl.load(valid_ptr + offs_t * s_v, mask=mt, other=0) != 0  # [BT]
             ids = tl.where(ok[:, None], ids, -1)
         out = offs_t[:, None] * KO + offs_k[None, :]  # outputs are contiguous [T, KO]
         mo = mt[:, None] & (offs_k[None, :] < KO)
@@ -156,6 +156,7 @@ def select_experts_triton(
         router_logits, active_k if has_active else out_ids, valid if valid is not None else out_ids,
         out_w, out_ids, T, E,
         router_logits.stride(0), router_logits.stride(1), shared.first if shared is not None else 0,
+        valid.stride(0) if valid is not None else 0,
         K=top_k, RENORM=bool(renormalize), HAS_ACTIVE=has_active, N_SHARED=n_shared, GATED=gated,
         HAS_VALID=valid is not None, E_PAD=max(2, _pow2(E)),
         K_PAD=max(2, _pow2(cols)), BLOCK_T=block_t,

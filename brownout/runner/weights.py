@@ -95,6 +95,10 @@ class WeightLoader:
     """Places checkpoint tensors into one rank's model and counts the pieces still needed."""
 
     def __init__(self, model: MoEForCausalLM, layout: Optional[CheckpointLayout] = None):
+        if any(moe.shared_slots is not None for moe in model.moe_layers()):
+            raise CheckpointError("the model's shared expert is already folded into its expert slots: "
+                                  "load weights before folding (ModelLoadConfig(fold_shared_expert=False) "
+                                  "keeps it a module of its own)")
         self.model, self.spec, self.parallel = model, model.spec, model.parallel
         self.layout = layout or layout_of(model.spec)
         self.params = dict(model.named_parameters())

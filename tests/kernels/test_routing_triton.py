@@ -181,11 +181,11 @@ def test_cuda_graph_replay_reads_active_k():
 
 
 def _route_torch(logits, k, renorm, active, E, shared, valid):
-    """route_experts' torch path (the kernel's reference), whatever the environment says."""
-    w, ids = select_experts(logits[:, :E], k, renorm, _k(active))
-    if valid is not None:
-        ids = torch.where(valid.unsqueeze(1), ids, -1)
-    return routing.append_shared(w, ids, logits, E, shared, valid) if shared is not None else (w, ids)
+    """`route_experts` on CPU copies: its torch path, the kernel's reference."""
+    cpu = lambda x: None if x is None else x.cpu()  # noqa: E731
+    active_t = None if active is None else torch.tensor(active, dtype=torch.int32)
+    return routing.route_experts(logits.cpu(), k, renorm, active_t, num_experts=E, shared=shared,
+                                 valid=cpu(valid))
 
 
 @needs_kernels

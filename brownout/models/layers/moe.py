@@ -133,6 +133,7 @@ class SparseMoE(nn.Module):
         if gated:  # one router GEMM gives the E logits and the shared gate's
             router = torch.cat([self.gate.weight.data, self.shared_expert_gate.weight.data.to(self.gate.weight)])
             self.gate.weight = nn.Parameter(router, requires_grad=False)  # [E + 1, D]
+            self.gate.out_features = router.shape[0]
             self.shared_expert_gate = None
         self.shared_expert = None
         self.shared_slots = SharedSlots(first=self.num_slots, count=n, gated=gated)
@@ -243,7 +244,7 @@ class SparseMoE(nn.Module):
 
             # routed: tiles sized for the low-tau case, where the rows crowd into the united
             # slots (the routed path only runs at tau < 1; tau = 1 takes the plain one)
-            n_shared = 0 if self.shared_slots is None else self.shared_slots.count
+            n_shared = ids.shape[1] - self.top_k  # the folded shared expert's columns, if present
             return fused_moe(x, self.w13, self.w2, weights, ids,
                              busy_slots=self.num_groups + n_shared if routed else None,
                              touched_out=touched, count_slots=self.num_slots)
