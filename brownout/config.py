@@ -139,8 +139,9 @@ class ModelLoadConfig:
     extra_expert_slots: Optional[int] = None  # default: room for way-2 united experts
     tensor_parallel_size: int = 1  # processes (GPUs) the model is split over
     enable_expert_parallel: bool = False  # split routed experts by rank, not along their width
-    # the shared expert as extra slots of the expert kernel (fewer launches a layer; one process)
-    fold_shared_expert: bool = True
+    # the shared expert as extra slots of the expert kernel (fewer launches a layer; one process).
+    # None: on CUDA only (on the CPU the expert path loops over slots, where it adds work)
+    fold_shared_expert: Optional[bool] = None
 
     def __post_init__(self) -> None:
         if self.load_format not in ("auto", "dummy"):

@@ -36,7 +36,7 @@ class LLM:
                  tokenizer: Optional[str] = None, enforce_eager: bool = False,
                  cache: Optional[CacheConfig] = None, scheduler: Optional[SchedulerConfig] = None,
                  tensor_parallel_size: int = 1, enable_expert_parallel: bool = False,
-                 fold_shared_expert: bool = True):
+                 fold_shared_expert: Optional[bool] = None):
         load = ModelLoadConfig(model=model or default_model_dir(), load_format=load_format,
                                device=device, dtype=dtype, seed=seed, max_model_len=max_model_len,
                                tokenizer=tokenizer, enforce_eager=enforce_eager,

@@ -105,7 +105,8 @@ def load_model(load: ModelLoadConfig, parallel: Optional[ParallelInfo] = None) -
     else:
         model_dir = Path(load.model)
         load_safetensors(model, model_dir)
-    if load.fold_shared_expert:
+    fold = load.fold_shared_expert if load.fold_shared_expert is not None else device.type == "cuda"
+    if fold:
         folded = [moe.fold_shared_expert() for moe in model.moe_layers()]
         if any(folded) and device.type == "cuda":
             torch.cuda.empty_cache()  # the unfolded expert tensors' blocks go back before KV sizing

@@ -103,3 +103,11 @@ def test_long_steps_run_the_folded_slots_as_dense_gemms(monkeypatch, tau):
     assert seen and set(seen) == {ids.numel()}
     torch.testing.assert_close(lf, lp, rtol=1e-4, atol=1e-4)
     assert torch.equal(tf, tp)
+
+
+def test_the_cpu_default_keeps_the_shared_expert_a_module_of_its_own():
+    """Folding saves GPU launches; on the CPU the expert path loops over slots, so the
+    loader's default folds on CUDA only."""
+    model = load_model(ModelLoadConfig(model=DEMO, device="cpu", dtype="float32")).model
+    moe = model.moe_layers()[0]
+    assert moe.shared_slots is None and moe.shared_expert is not None

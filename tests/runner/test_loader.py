@@ -30,7 +30,7 @@ EXPERT_DOWN = {"qwen2_moe": "model.layers.1.mlp.experts.5.down_proj.weight",
                "qwen3_moe": "model.layers.1.mlp.experts.5.down_proj.weight"}
 
 
-def _load(path: Path, parallel: ParallelInfo = None, load_format: str = "auto", fold: bool = True):
+def _load(path: Path, parallel: ParallelInfo = None, load_format: str = "auto", fold=None):
     cfg = ModelLoadConfig(model=str(path), device="cpu", dtype="float32", load_format=load_format,
                           fold_shared_expert=fold)
     return load_model(cfg, parallel).model
