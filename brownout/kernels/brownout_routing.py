@@ -28,11 +28,11 @@ Reference: BrownoutServe (united experts + dynamic bypassing of cold experts).
 
 from __future__ import annotations
 
-import functools
-import importlib.util
 from typing import Optional
 
 import torch
+
+from brownout.kernels import triton_module
 
 
 def contiguous_groups(num_experts: int, way: int, device=None) -> torch.Tensor:
@@ -138,16 +138,6 @@ def brownout_route_torch(
 
 
 
-@functools.cache
-def _triton_kernels():
-    """The Triton module, or None without triton. Imported on the first CUDA call only,
-    so CPU-only processes never import triton from here."""
-    if importlib.util.find_spec("triton") is None:
-        return None
-    from brownout.kernels import brownout_routing_triton
-    return brownout_routing_triton
-
-
 def brownout_route(
     topk_ids: torch.Tensor,  # [T, k] int, expert ids in [0, E)
     topk_weights: torch.Tensor,  # [T, k] float32
@@ -164,7 +154,7 @@ def brownout_route(
     (views with unit column strides, e.g. the first k columns of a wider routing output,
     the inputs themselves allowed) receives the result in place of new tensors."""
     if topk_ids.is_cuda:
-        kern = _triton_kernels()
+        kern = triton_module("brownout_routing_triton")
         if kern is not None and kern.triton_route_available(topk_ids.device, num_experts,
                                                             topk_ids.shape[1]):
             return kern.brownout_route_triton(topk_ids, topk_weights, tau, group_of,

@@ -28,13 +28,13 @@ the torch ops everywhere else, and everywhere with BROWNOUT_FUSED_TOPK=0 in the 
 
 from __future__ import annotations
 
-import functools
-import importlib.util
 import os
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
+
+from brownout.kernels import triton_module
 
 # Decode steps (CUDA-graph batches) and short prefills stay under this: there the ~4 launches
 # of the torch path dominate; longer steps are bandwidth-bound and those launches are noise.
@@ -93,16 +93,6 @@ def select_experts(
     return weights, ids
 
 
-@functools.cache
-def _triton_kernels():
-    """The Triton module, or None without triton. Imported on the first CUDA call only,
-    so CPU-only processes never import triton from here."""
-    if importlib.util.find_spec("triton") is None:
-        return None
-    from brownout.kernels import routing_triton
-    return routing_triton
-
-
 def route_experts(
     router_logits: torch.Tensor,  # [T, E] ([T, E + 1] with a gated shared expert)
     top_k: int,
@@ -120,7 +110,7 @@ def route_experts(
     if router_logits.is_cuda and FUSED_TOPK \
             and router_logits.shape[0] <= TRITON_MAX_TOKENS \
             and not (torch.is_grad_enabled() and router_logits.requires_grad):
-        kern = _triton_kernels()
+        kern = triton_module("routing_triton")
         n_shared = shared.count if shared is not None else 0
         if kern is not None and kern.triton_topk_available(router_logits.device, E, top_k, n_shared):
             return kern.select_experts_triton(router_logits, top_k, renormalize, active_k,
