@@ -144,7 +144,7 @@ def ladder_sweep_row() -> list[str]:
     conv, ph = best["conversation"], best["prefill-heavy"]
     judged = [("met" if upper >= target else "**missed**") + f" (below {upper:.2f}x)"
               for (*_, upper), target in ((conv, SWEEP_TARGETS[0]), (ph, SWEEP_TARGETS[1]))]
-    return ["Rate sweep without admission, largest load fraction meeting both SLOs, off / ladder: "
+    return ["Rate sweep, no admission: largest load meeting both SLOs, off / ladder, "
             "conversation; prefill-heavy", "H200", f"{conv[0]} / {conv[1]}; {ph[0]} / {ph[1]} of capacity",
             f"ladder >= {SWEEP_TARGETS[0]:g}x / {SWEEP_TARGETS[1]:g}x off: {' / '.join(judged)}",
             "headline/ [sweep_h200](benchmarks/results/headline/sweep_h200.md) (one sweep)"]
