@@ -194,6 +194,15 @@ def time_step(runner: ModelRunner, sched: SchedulerOutput, tau: "float | Rungs",
     return ms, out.experts_touched
 
 
+def replay_ms(runner: ModelRunner, sched: SchedulerOutput) -> float | None:
+    """Milliseconds of the step's CUDA graph replayed alone (inputs already staged): the
+    forward without the host's preparation, the logits and the sampler around it."""
+    key = runner.graphs.dispatch(StepDescriptor.of(sched, routed=False))
+    if key is None:
+        return None
+    return cuda_time_ms(runner.graphs.graphs[key].replay, iters=20)
+
+
 def shed_levels(k: int) -> list[int]:
     """The k' of the shed stage: k, k - 1, k / 2 and 1, distinct, largest first."""
     return sorted({k, max(1, k - 1), max(1, k // 2), 1}, reverse=True)
@@ -254,6 +263,8 @@ def stage_decode(runner, wb, bw, out_dir: Path, gen, graph_modes=(False, True)) 
                 roof = step_roofline_s(wb, touched, B, ctx, bw) * 1e3
                 rows.append(dict(ctx=ctx, batch=B, cuda_graph=graphs, step_ms=ms, roofline_ms=roof,
                                  ratio=ms / roof, experts_touched_mean=sum(touched) / len(touched)))
+                if graphs and runner.graphs is not None:
+                    rows[-1]["replay_ms"] = replay_ms(runner, sched)
                 log.info("decode %s", rows[-1])
     (out_dir / "decode.json").write_text(json.dumps(rows, indent=1))
     return rows
@@ -286,7 +297,8 @@ def stage_profile(runner, out_dir: Path, sched: SchedulerOutput, tag: str, graph
     rows.sort(key=lambda r: -r["device_us_per_step"])
     result = dict(tag=tag, tokens=sum(len(s.token_ids) for s in sched.seqs), seqs=len(sched.seqs),
                   cuda_graph=graphs, tau=tau, profiled_wall_ms_per_step=wall_ms, kernels=rows,
-                  total_device_us_per_step=sum(r["device_us_per_step"] for r in rows))
+                  total_device_us_per_step=sum(r["device_us_per_step"] for r in rows),
+                  timeline=kernel_timeline(prof, steps=5))
     (out_dir / f"profile_{tag}.json").write_text(json.dumps(result, indent=1))
     (out_dir / f"profile_{tag}.txt").write_text(
         prof.key_averages().table(sort_by="device_time_total", row_limit=40) + "\n\n" +
@@ -294,6 +306,27 @@ def stage_profile(runner, out_dir: Path, sched: SchedulerOutput, tag: str, graph
     log.info("profile %s: %.0f us of kernels per step, %.1f ms wall per profiled step", tag,
              result["total_device_us_per_step"], wall_ms)
     return result
+
+
+def kernel_timeline(prof, steps: int) -> dict:
+    """The last profiled step's kernels in launch order (name, start and duration in us from
+    the step's first kernel) and the idle time before each kernel name within a step: where a
+    graph's time between kernels goes."""
+    kernels = sorted((e for e in prof.events() if e.device_type.name == "CUDA"),
+                     key=lambda e: e.time_range.start)
+    per_step = len(kernels) // steps
+    last = kernels[-per_step:] if per_step else []
+    t0 = last[0].time_range.start if last else 0
+    order = [dict(name=e.name[:80], start_us=round(e.time_range.start - t0, 2),
+                  dur_us=round(e.time_range.end - e.time_range.start, 2)) for e in last]
+    idle: dict[str, list[float]] = {}
+    for prev, e in zip(last, last[1:]):
+        idle.setdefault(e.name[:80], []).append(max(0.0, e.time_range.start - prev.time_range.end))
+    gaps = {k: dict(calls=len(v), idle_us_total=round(sum(v), 1), idle_us_mean=round(sum(v) / len(v), 2))
+            for k, v in idle.items()}
+    span = (last[-1].time_range.end - t0) if last else 0.0
+    return dict(span_us=round(span, 1), busy_us=round(sum(o["dur_us"] for o in order), 1),
+                idle_before=gaps, kernels=order)
 
 
 def moe_layer_graph(moe, x, tau_t, with_routing: bool):

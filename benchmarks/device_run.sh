@@ -6,7 +6,8 @@
 # Parts: tests (GPU tests of the engine and kernels), engine (bench_engine stages in
 # $ENGINE_STAGES, more flags in $ENGINE_EXTRA, an older package tree in $ENGINE_TREE), kernels (fused MoE tile sweep at $KERNEL_TOKENS; KERNEL_EXTRA=--crowded
 # for the tau = 0 case), install (that table into brownout/kernels/configs for the later
-# parts), topk (the fused router top-k vs the torch ops), align (the small align vs the atomics
+# parts), topk (the fused router top-k vs the torch ops), skinny (the decode-size linear
+# kernel vs cuBLAS; BROWNOUT_SKINNY_GEMM=1 with the engine part times the step with it), align (the small align vs the atomics
 # one; BROWNOUT_SMALL_ALIGN=1 with the engine part times the decode step with it), headline (benchmarks/headline.py),
 # sweep (headline rate sweep, needs $CALIBRATION). Wheels in .whl/ (fastapi, uvicorn, pydantic...) for the server; the trace in
 # .gpu_data/ (a copy of ../shared/data/traces, never committed).
@@ -44,7 +45,8 @@ for part in ${parts//,/ }; do
     tests)
       timeout ${TESTS_S:-240} python3 -m pytest -q -p no:cacheprovider -x tests/engine/test_gpu.py \
         tests/kernels/test_step_graphs.py tests/kernels/test_paged_attention.py \
-        tests/kernels/test_routing_triton.py tests/kernels/test_fused_moe.py::test_align_groups_every_assignment_once \
+        tests/kernels/test_routing_triton.py tests/kernels/test_skinny_gemm.py \
+        tests/kernels/test_fused_moe.py::test_align_groups_every_assignment_once \
         tests/kernels/test_fused_moe.py::test_fused_moe_with_the_small_align_matches_the_reference \
         2>&1 | tail -30 | tee "$work/tests.txt" ;;
     engine)  # ENGINE_TREE: a folder holding an older `brownout` package to time instead
@@ -59,6 +61,9 @@ for part in ${parts//,/ }; do
     align)  # the fused MoE's register-only align against the atomics kernel, inside CUDA graphs
       timeout ${ALIGN_S:-120} python3 benchmarks/bench_align.py --out "$work/align" 2>&1 \
         | tee "$work/align.log" | tail -20 ;;
+    skinny)  # the decode-size linear kernel against cuBLAS, and its tile sweep
+      timeout ${SKINNY_S:-240} python3 benchmarks/bench_skinny.py --out "$work/skinny" 2>&1 \
+        | tee "$work/skinny.log" | tail -30 ;;
     topk)  # the one-launch router top-k against the torch ops, inside CUDA graphs
       timeout ${TOPK_S:-120} python3 benchmarks/bench_routing_topk.py --out "$work/topk" 2>&1 \
         | tee "$work/topk.log" | tail -20 ;;

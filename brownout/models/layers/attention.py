@@ -16,7 +16,7 @@ from torch import nn
 from brownout.parallel.info import SINGLE, ParallelInfo
 from brownout.kernels.attention_ref import paged_attention_ref, write_kv_ref
 from brownout.models.context import ForwardContext
-from brownout.models.layers.common import RMSNorm, Rotary
+from brownout.models.layers.common import DecodeLinear, RMSNorm, Rotary
 from brownout.models.spec import MoESpec
 
 
@@ -30,8 +30,8 @@ class Attention(nn.Module):
         self.num_heads, self.num_kv_heads = heads.num_heads, heads.num_kv_heads  # this rank's
         self.q_size = self.num_heads * spec.head_dim
         self.kv_size = self.num_kv_heads * spec.head_dim
-        self.qkv_proj = nn.Linear(spec.hidden_size, self.q_size + 2 * self.kv_size, bias=spec.qkv_bias)
-        self.o_proj = nn.Linear(self.q_size, spec.hidden_size, bias=False)
+        self.qkv_proj = DecodeLinear(spec.hidden_size, self.q_size + 2 * self.kv_size, bias=spec.qkv_bias)
+        self.o_proj = DecodeLinear(self.q_size, spec.hidden_size, bias=False)
         self.q_norm = RMSNorm(spec.head_dim, spec.rms_norm_eps) if spec.qk_norm else None
         self.k_norm = RMSNorm(spec.head_dim, spec.rms_norm_eps) if spec.qk_norm else None
         self.rotary = rotary

@@ -11,6 +11,21 @@ from torch import nn
 from brownout.parallel.info import SINGLE, ParallelInfo
 
 
+class DecodeLinear(nn.Linear):
+    """nn.Linear whose decode-size calls (a few rows on CUDA, autograd off) may take the
+    skinny Triton GEMM (`brownout.kernels.skinny_gemm`, on with BROWNOUT_SKINNY_GEMM=1), which
+    spreads a weight over every SM where cuBLAS's tiles leave most of them idle."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_cuda and x.dim() == 2:
+            from brownout.kernels import triton_module
+
+            sk = triton_module("skinny_gemm")
+            if sk is not None and sk.ENABLED and sk.usable(x, self.weight):
+                return sk.skinny_linear(x, self.weight, self.bias)
+        return F.linear(x, self.weight, self.bias)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -102,8 +117,8 @@ class SwiGLU(nn.Module):
     def __init__(self, hidden: int, inter: int, parallel: Optional[ParallelInfo] = None):
         super().__init__()
         _, inter = (parallel or SINGLE).split(inter, "MLP intermediate size")  # local width
-        self.gate_up_proj = nn.Linear(hidden, 2 * inter, bias=False)  # [2I, D] gate then up
-        self.down_proj = nn.Linear(inter, hidden, bias=False)
+        self.gate_up_proj = DecodeLinear(hidden, 2 * inter, bias=False)  # [2I, D] gate then up
+        self.down_proj = DecodeLinear(inter, hidden, bias=False)
         self.inter = inter
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -38,7 +38,7 @@ from brownout.kernels.moe_ref import moe_experts_ref
 from brownout.kernels.brownout_routing import brownout_route, count_touched
 from brownout.kernels.routing import SharedSlots, append_shared, route_experts
 from brownout.models.context import ForwardContext
-from brownout.models.layers.common import SwiGLU
+from brownout.models.layers.common import DecodeLinear, SwiGLU
 from brownout.models.spec import MoESpec
 
 
@@ -57,7 +57,7 @@ class SparseMoE(nn.Module):
         self.renormalize = spec.renormalize
         self.num_slots = E + extra_slots  # global slot ids
         self.inter = inter  # full width of one expert
-        self.gate = nn.Linear(D, E, bias=False)  # router
+        self.gate = DecodeLinear(D, E, bias=False)  # router
         lo, n_local = parallel.expert_range(E)
         self.num_local_experts = n_local
         slots = n_local if parallel.ep else self.num_slots  # this rank's slots (EP: routed only)
