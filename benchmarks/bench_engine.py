@@ -203,6 +203,37 @@ def replay_ms(runner: ModelRunner, sched: SchedulerOutput) -> float | None:
     return cuda_time_ms(runner.graphs.graphs[key].replay, iters=20)
 
 
+def host_phases_ms(runner: ModelRunner, sched: SchedulerOutput, iters: int = 20) -> dict:
+    """Host (CPU) milliseconds of a graphed step's phases, medians, each started on an idle GPU:
+    `prepare` (the step's inputs to device tensors), `replay` (the graph launch call alone),
+    `launch` (`ModelRunner.launch`: prepare, fill, replay, logits and sampler queued) and
+    `step` (launch + collect, the GPU included). The GPU idles for what precedes the replay."""
+    import statistics
+
+    key = runner.graphs.dispatch(StepDescriptor.of(sched, routed=False))
+    graph = runner.graphs.graphs[key]
+    timed: dict[str, list[float]] = {"prepare": [], "replay": [], "launch": [], "step": []}
+    for i in range(iters + 3):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        runner._prepare(sched)
+        t1 = time.perf_counter()
+        torch.cuda.synchronize()
+        t2 = time.perf_counter()
+        graph.replay()
+        t3 = time.perf_counter()
+        torch.cuda.synchronize()
+        t4 = time.perf_counter()
+        pending = runner.launch(sched, 1.0)
+        t5 = time.perf_counter()
+        runner.collect(pending)
+        t6 = time.perf_counter()
+        if i >= 3:
+            for name, dt in (("prepare", t1 - t0), ("replay", t3 - t2), ("launch", t5 - t4), ("step", t6 - t4)):
+                timed[name].append(dt * 1e3)
+    return {k: statistics.median(v) for k, v in timed.items()}
+
+
 def shed_levels(k: int) -> list[int]:
     """The k' of the shed stage: k, k - 1, k / 2 and 1, distinct, largest first."""
     return sorted({k, max(1, k - 1), max(1, k // 2), 1}, reverse=True)
@@ -265,6 +296,7 @@ def stage_decode(runner, wb, bw, out_dir: Path, gen, graph_modes=(False, True)) 
                                  ratio=ms / roof, experts_touched_mean=sum(touched) / len(touched)))
                 if graphs and runner.graphs is not None:
                     rows[-1]["replay_ms"] = replay_ms(runner, sched)
+                    rows[-1]["host_ms"] = host_phases_ms(runner, sched)
                 log.info("decode %s", rows[-1])
     (out_dir / "decode.json").write_text(json.dumps(rows, indent=1))
     return rows

@@ -394,9 +394,10 @@ if triton is not None:
 # elements (4 warps, 64 a thread), which covers 8-row decode steps of Qwen1.5-MoE (k = 4 plus 4
 # shared slots, 94 slots).
 ALIGN_SMALL_MAX_TILE = 8192
-# opt-in until timed on a GPU against the atomics kernel (benchmarks/bench_align.py)
+# on where it fits: a third of the atomics kernel's time at decode sizes on an H200
+# (benchmarks/results/kernels/align_h200.md); BROWNOUT_SMALL_ALIGN=0 turns it off
 SMALL_ALIGN_ENV = "BROWNOUT_SMALL_ALIGN"
-SMALL_ALIGN = os.environ.get(SMALL_ALIGN_ENV) == "1"  # read once: the step path asks per layer
+SMALL_ALIGN = os.environ.get(SMALL_ALIGN_ENV, "1") != "0"  # read once: the step path asks per layer
 
 
 def _small_align_fits(n_assign: int, num_slots: int, block_m: int) -> bool:
@@ -414,7 +415,7 @@ def moe_align(topk_ids: torch.Tensor, num_slots: int, block_m: int,
     with -1 past the used length); P = T*k + min(T*k, S) * (block_m - 1) rounded up.
     `touched_out` (0-d int64), when given, receives the number of distinct slots used among
     the first `count_slots` (all of them by default). `small`: the register-only kernel for
-    few assignments (None: when BROWNOUT_SMALL_ALIGN=1 and the shapes fit); the order of
+    few assignments (None: where the shapes fit, unless BROWNOUT_SMALL_ALIGN=0); the order of
     the assignments inside a slot differs between the two, which no consumer depends on."""
     ids = topk_ids.reshape(-1)  # [T*k]
     n_assign = ids.numel()

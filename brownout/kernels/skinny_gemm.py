@@ -5,7 +5,7 @@ bytes over the bandwidth the launch reaches. cuBLAS picks 64-column tiles there:
 attention's QKV projection of a 2.7B-active MoE (6144 columns) gets 96 programs on a
 132-SM GPU, its output projection (2048 columns) 32, and the router (61 columns) a GEMV
 split into a dot kernel and a reduction kernel. This kernel gives the weight's rows to
-enough programs to fill the GPU: 16-column tiles, and where that still leaves SMs idle, the
+enough programs to fill the GPU: 32-column tiles, and where that still leaves SMs idle, the
 K dimension split among programs, whose float32 partials the last program of each tile to
 finish sums (an arrival counter per tile, reset by that program, so one launch does all of
 it and CUDA graphs replay it as is).
@@ -33,14 +33,15 @@ except ImportError:  # CPU installs without triton use F.linear
     triton = None
 
 SKINNY_MAX_ROWS = 16  # the rows one 16-wide tensor-core tile holds; past it cuBLAS's tiles fill
-BLOCK_N = 16  # weight rows per program: the smallest tensor-core tile, the most programs
-BLOCK_K = 256  # columns per loop step: 8 KB of weight per program per step, several in flight
+SKINNY_MAX_N = 4096  # outputs up to which cuBLAS's 64-column tiles leave half of 132 SMs idle
+BLOCK_N = 32  # weight rows per program: the fastest of 16 and 32 in the tile sweep
+BLOCK_K = 128  # columns per loop step (8 KB of weight per program), the sweep's fastest
 MAX_SPLIT_K = 16  # partial sums per tile: beyond it the reduction outweighs the gain
-MIN_K_PER_SPLIT = 256  # a program streams at least this many columns (one loop step)
-NUM_STAGES = 4  # loop steps in flight per program (software pipelining of the weight loads)
+MIN_K_PER_SPLIT = 256  # a program streams at least this many columns (two loop steps)
+NUM_STAGES = 3  # loop steps in flight per program (software pipelining of the weight loads)
 PROGRAMS_PER_SM = 2  # programs in flight per SM that saturate its share of the bandwidth
 WORKSPACE_FLOATS = 1 << 20  # float32 partials shared by all calls (4 MiB); larger calls don't split
-MAX_TILES = 1 << 14  # arrival counters: tiles of up to 256K weight rows
+MAX_TILES = 1 << 14  # arrival counters, one a tile: far more tiles than SKINNY_MAX_N gives
 ENV = "BROWNOUT_SKINNY_GEMM"
 
 
@@ -133,8 +134,10 @@ def choose_split_k(n_tiles: int, K: int, device: torch.device, block_n: int = BL
 
 def usable(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether `skinny_linear` takes this call: triton present, a CUDA (or interpreted)
-    tensor without autograd, at most SKINNY_MAX_ROWS rows, contiguous rows of the weight."""
+    tensor without autograd, at most SKINNY_MAX_ROWS rows and SKINNY_MAX_N outputs (wider
+    layers fill the GPU with cuBLAS's own tiles), contiguous rows of the weight."""
     return (triton is not None and x.dim() == 2 and 0 < x.shape[0] <= SKINNY_MAX_ROWS
+            and weight.shape[0] <= SKINNY_MAX_N
             and (x.is_cuda or _kernels_interpreted()) and not torch.is_grad_enabled()
             and x.stride(-1) == 1 and weight.stride(-1) == 1 and x.dtype == weight.dtype
             and -(-weight.shape[0] // BLOCK_N) <= MAX_TILES)
