@@ -38,6 +38,7 @@ of replaying: the padding logic can then be checked without a GPU (kernels inter
 from __future__ import annotations
 
 import bisect
+from itertools import accumulate
 import logging
 from dataclasses import dataclass
 from typing import Optional
@@ -61,8 +62,27 @@ PAD_SLOT = -1
 PAD_BLOCK = 0
 # context length of a padding decode sequence: one token, so attention has a key to read
 PAD_DECODE_SEQ_LEN = 1
+# host staging mirrors of the graphs' inputs: one being written while the last step's copy runs
+STAGING_BUFFERS = 2
 
 DECODE, MIXED = "decode", "mixed"
+
+
+@dataclass
+class HostStep:
+    """A step's inputs as host lists, before any device copy: what a graph replay stages in
+    one pass and what the eager path turns into `AttnMeta`."""
+
+    token_ids: list[int]
+    positions: list[int]
+    slots: list[int]  # cache slot of each token
+    query_lens_list: list[int]
+    seq_lens_list: list[int]  # context length of each sequence after this step
+    block_tables_list: list[list[int]]
+
+    @property
+    def max_query_len(self) -> int:
+        return max(self.query_lens_list, default=0)
 
 
 def bucket_sizes(max_batch: int) -> list[int]:
@@ -169,15 +189,29 @@ class StepGraphs:
         dev = tau.device
         n_rows = max([max_batch] + self.dispatcher.token_sizes)
         n_seqs = max_batch + 1  # + the padding sequence of mixed steps
-        self.input_ids = torch.zeros(n_rows, dtype=torch.long, device=dev)
-        self.positions = torch.zeros(n_rows, dtype=torch.long, device=dev)
-        self.slots = torch.full((n_rows,), PAD_SLOT, dtype=torch.long, device=dev)
+        self.n_rows, self.n_seqs, self.max_blocks = n_rows, n_seqs, max_blocks
+        # The inputs live in two device tensors, so a step reaches them in two copies from
+        # pinned host mirrors: token ids, positions and slots (int64), then context lengths,
+        # mixed-step query offsets and block tables (int32), block tables last so that a step
+        # copies only the prefix holding its own sequences' rows.
+        self._longs = torch.zeros(3, n_rows, dtype=torch.long, device=dev)
+        self.input_ids, self.positions, self.slots = self._longs[0], self._longs[1], self._longs[2]
+        self.slots.fill_(PAD_SLOT)
+        self._ints = torch.zeros(2 * n_seqs + 1 + n_seqs * max_blocks, dtype=torch.int32, device=dev)
+        self.seq_lens = self._ints[:n_seqs]
+        self.mixed_qsl = self._ints[n_seqs:2 * n_seqs + 1]
+        self.block_tables = self._ints[2 * n_seqs + 1:].view(n_seqs, max_blocks)
+        self.seq_lens.fill_(PAD_DECODE_SEQ_LEN)
         self.valid = torch.zeros(n_rows, dtype=torch.bool, device=dev)
-        self.rows = torch.arange(n_rows, device=dev)
-        self.block_tables = torch.full((n_seqs, max_blocks), PAD_BLOCK, dtype=torch.int32, device=dev)
-        self.seq_lens = torch.full((n_seqs,), PAD_DECODE_SEQ_LEN, dtype=torch.int32, device=dev)
         self.decode_qsl = torch.arange(max_batch + 1, dtype=torch.int32, device=dev)
-        self.mixed_qsl = torch.zeros(n_seqs + 1, dtype=torch.int32, device=dev)
+        # host mirrors, two of each: a step writes one while the copy from the other (the
+        # previous step's) may still be in flight; an event says when a mirror is free again
+        pin = dev.type == "cuda"
+        self._host = [(torch.zeros(self._longs.shape, dtype=torch.long, pin_memory=pin),
+                       torch.zeros(self._ints.shape, dtype=torch.int32, pin_memory=pin))
+                      for _ in range(STAGING_BUFFERS)]
+        self._host_free: list[Optional[torch.cuda.Event]] = [None] * STAGING_BUFFERS
+        self._turn = 0
         self.graphs: dict[GraphKey, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[GraphKey, ForwardOutput] = {}  # each graph's static outputs
 
@@ -189,9 +223,9 @@ class StepGraphs:
         if not self.graphed:
             return
         pool = torch.cuda.graph_pool_handle()
-        idle = _idle_step(self.tau.device)
+        idle = HostStep([], [], [], [], [], [])  # no token, no sequence: every row is padding
         for key in self.dispatcher.keys():
-            self._fill(key, *idle)
+            self._fill(key, idle)
             self._forward(key)  # warm-up: compiles kernels outside the capture
             torch.cuda.synchronize()
             graph = torch.cuda.CUDAGraph()
@@ -201,44 +235,63 @@ class StepGraphs:
         log.info("captured CUDA graphs: decode batch sizes %s, mixed-step token counts %s",
                  self.dispatcher.sizes, self.dispatcher.token_sizes)
 
-    def run(self, key: GraphKey, input_ids: torch.Tensor, positions: torch.Tensor,
-            meta: AttnMeta) -> ForwardOutput:
-        """Replay graph `key` (from `dispatch`) on a step of T tokens over B sequences:
-        input_ids, positions [T]; meta as for an eager forward. Returns hidden [T, D] (a view
-        of the graph's output buffer) and the expert slots touched ([M] int64 or None)."""
-        self._fill(key, input_ids, positions, meta.slot_mapping, meta.block_tables, meta.seq_lens,
-                   meta.query_start_loc)
+    def run(self, key: GraphKey, step: HostStep) -> ForwardOutput:
+        """Replay graph `key` (from `dispatch`) on a step of T tokens over B sequences.
+        Returns hidden [T, D] (a view of the graph's output buffer) and the expert slots
+        touched ([M] int64 or None)."""
+        self._fill(key, step)
         if self.graphed:
             self.graphs[key].replay()
             out = self.outputs[key]
         else:
             out = self._forward(key)
-        return ForwardOutput(out.hidden[:input_ids.shape[0]], out.experts_touched)
+        return ForwardOutput(out.hidden[:len(step.token_ids)], out.experts_touched)
 
-    def _fill(self, key: GraphKey, input_ids, positions, slots, block_tables, seq_lens,
-              query_start_loc) -> None:
-        """Copy a step of T tokens over B sequences into the buffers of graph `key` (n rows):
-        rows T..n-1 are padding, and so are the sequences after B."""
-        T, B, n = input_ids.shape[0], seq_lens.shape[0], key.size
-        self.input_ids[:T].copy_(input_ids)
-        self.positions[:T].copy_(positions)
-        self.positions[T:n].zero_()  # padding rows: any position inside the rotary table
-        self.slots[:T].copy_(slots)
-        self.slots[T:n].fill_(PAD_SLOT)
-        torch.lt(self.rows[:n], T, out=self.valid[:n])
-        self.block_tables[:B, :block_tables.shape[1]].copy_(block_tables)
-        self.seq_lens[:B].copy_(seq_lens)
+    def _fill(self, key: GraphKey, step: HostStep) -> None:
+        """Write a step of T tokens over B sequences into the inputs of graph `key` (n rows):
+        rows T..n-1 are padding, and so are the sequences after B. The values are laid out in
+        a pinned host mirror and reach the device in two copies, whatever the step's size:
+        each device operation here would cost the host more than the copy does."""
+        turn = self._turn = (self._turn + 1) % STAGING_BUFFERS
+        if self._host_free[turn] is not None:
+            self._host_free[turn].synchronize()  # that mirror's last copy has left it
+        longs_h, ints_h = self._host[turn]
+        longs, ints = longs_h.numpy(), ints_h.numpy()
+        T, B, n, ns = len(step.token_ids), len(step.seq_lens_list), key.size, self.n_seqs
+        longs[0, :T] = step.token_ids
+        longs[1, :T] = step.positions
+        longs[1, T:n] = 0  # padding rows: any position inside the rotary table
+        longs[2, :T] = step.slots
+        longs[2, T:n] = PAD_SLOT
+        seq_lens, qsl = ints[:ns], ints[ns:2 * ns + 1]
+        tables = ints[2 * ns + 1:].reshape(ns, self.max_blocks)
+        for b, table in enumerate(step.block_tables_list):
+            tables[b, :len(table)] = table
+        seq_lens[:B] = step.seq_lens_list
         if key.kind == DECODE:  # n sequences: B real, the rest one padding token each
-            self.block_tables[B:n].fill_(PAD_BLOCK)
-            self.seq_lens[B:n].fill_(PAD_DECODE_SEQ_LEN)
+            tables[B:n] = PAD_BLOCK
+            seq_lens[B:n] = PAD_DECODE_SEQ_LEN
+            rows = n
         else:  # the padding rows form sequence B; later sequences have no query
-            self.block_tables[B].fill_(PAD_BLOCK)
-            self.seq_lens[B:].fill_(n - T)
-            self.mixed_qsl[:B + 1].copy_(query_start_loc)
-            self.mixed_qsl[B + 1:].fill_(n)
+            tables[B] = PAD_BLOCK
+            seq_lens[B:] = n - T
+            qsl[0] = 0
+            qsl[1:B + 1] = list(accumulate(step.query_lens_list))
+            qsl[B + 1:] = n
+            rows = B + 1
+        self._longs.copy_(longs_h, non_blocking=True)
+        used = 2 * ns + 1 + rows * self.max_blocks
+        self._ints[:used].copy_(ints_h[:used], non_blocking=True)
+        if self._longs.is_cuda:
+            event = self._host_free[turn] or torch.cuda.Event()
+            event.record()
+            self._host_free[turn] = event
 
     def _forward(self, key: GraphKey) -> ForwardOutput:
         n = key.size
+        # padding rows are the ones without a cache slot; computed inside the graph, where
+        # it costs no host launch
+        torch.ne(self.slots[:n], PAD_SLOT, out=self.valid[:n])
         if key.kind == DECODE:
             meta = AttnMeta(slot_mapping=self.slots[:n], block_tables=self.block_tables[:n],
                             seq_lens=self.seq_lens[:n], query_start_loc=self.decode_qsl[:n + 1],
@@ -250,10 +303,3 @@ class StepGraphs:
                              top_k=self.top_k if key.routed else None,
                              valid=self.valid[:n], use_kernels=True)
         return self.model(self.input_ids[:n], self.positions[:n], ctx)
-
-
-def _idle_step(device: torch.device) -> tuple[torch.Tensor, ...]:
-    """A step with no token and no sequence: `_fill` makes every row of a graph padding."""
-    empty_long = torch.zeros(0, dtype=torch.long, device=device)
-    return (empty_long, empty_long, empty_long, torch.zeros(0, 0, dtype=torch.int32, device=device),
-            torch.zeros(0, dtype=torch.int32, device=device), torch.zeros(1, dtype=torch.int32, device=device))

@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from itertools import accumulate
 from typing import Optional
 
 import torch
 
 from brownout.config import CacheConfig
 from brownout.models.context import AttnMeta, ForwardContext, ForwardOutput
-from brownout.runner.cuda_graphs import PAD_BLOCK, StepDescriptor, StepGraphs
+from brownout.runner.cuda_graphs import PAD_BLOCK, HostStep, StepDescriptor, StepGraphs
 from brownout.runner.loader import LoadedModel
 from brownout.runner.sampler import SamplingMetadata, sample, to_device, token_logprobs
 from brownout.types import Logprob, Rungs, RunnerOutput, SamplingParams, ScheduledSeq, SchedulerOutput
@@ -129,7 +130,9 @@ class ModelRunner:
             self._generators[request_id] = torch.Generator(device=self.device).manual_seed(seed)
         return self._generators[request_id]
 
-    def _prepare(self, sched: SchedulerOutput) -> tuple[torch.Tensor, torch.Tensor, AttnMeta]:
+    def _host_step(self, sched: SchedulerOutput) -> HostStep:
+        """The step's inputs as host lists: token ids, positions, cache slots, query and
+        context lengths, block tables."""
         bs = self.block_size
         ids, pos, slots, q_lens, seq_lens, tables = [], [], [], [], [], []
         for s in sched.seqs:
@@ -137,23 +140,30 @@ class ModelRunner:
             ids.extend(s.token_ids)
             positions = range(s.start_pos, s.start_pos + n)
             pos.extend(positions)
-            slots.extend(s.block_table[p // bs] * bs + p % bs for p in positions)
+            table = s.block_table
+            slots.extend(table[p // bs] * bs + p % bs for p in positions)
             q_lens.append(n)
             seq_lens.append(s.start_pos + n)
-            tables.append(s.block_table)
+            tables.append(table)
+        return HostStep(ids, pos, slots, q_lens, seq_lens, tables)
+
+    def _prepare(self, sched: SchedulerOutput) -> tuple[torch.Tensor, torch.Tensor, AttnMeta]:
+        """The step's inputs as device tensors and attention metadata (the eager path)."""
+        return self._to_device(self._host_step(sched))
+
+    def _to_device(self, step: HostStep) -> tuple[torch.Tensor, torch.Tensor, AttnMeta]:
+        tables = step.block_tables_list
         width = max(len(t) for t in tables)
         dev = self.device
-        qsl = [0]
-        for n in q_lens:
-            qsl.append(qsl[-1] + n)
+        qsl = [0, *accumulate(step.query_lens_list)]
         meta = AttnMeta(
-            slot_mapping=to_device(slots, dev, torch.long),
+            slot_mapping=to_device(step.slots, dev, torch.long),
             block_tables=to_device([t + [PAD_BLOCK] * (width - len(t)) for t in tables], dev, torch.int32),
-            seq_lens=to_device(seq_lens, dev, torch.int32),
+            seq_lens=to_device(step.seq_lens_list, dev, torch.int32),
             query_start_loc=to_device(qsl, dev, torch.int32),
-            max_query_len=max(q_lens), block_tables_list=tables, seq_lens_list=seq_lens,
-            query_lens_list=q_lens)
-        return to_device(ids, dev, torch.long), to_device(pos, dev, torch.long), meta
+            max_query_len=step.max_query_len, block_tables_list=tables,
+            seq_lens_list=step.seq_lens_list, query_lens_list=step.query_lens_list)
+        return to_device(step.token_ids, dev, torch.long), to_device(step.positions, dev, torch.long), meta
 
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput, rungs: "Rungs | float" = 1.0) -> RunnerOutput:
@@ -166,14 +176,17 @@ class ModelRunner:
         the previous step meanwhile. `collect` waits for the results. `rungs`: the step's
         `Rungs`, or a bare tau (the model's k)."""
         rungs = as_rungs(rungs)
-        out, meta = self.forward(sched, rungs)
+        out, step = self.forward(sched, rungs)
         sampled = [s for s in sched.seqs if s.sample]
-        offsets = _offsets(meta.query_lens_list)
+        offsets = _offsets(step.query_lens_list)
         tokens = logits = sampling = None
         if sampled:
             rows = [offsets[i] + len(s.token_ids) - 1 for i, s in enumerate(sched.seqs) if s.sample]
-            rows_t = to_device(rows, self.device, torch.long)
-            logits = self.model.compute_logits(out.hidden.index_select(0, rows_t))  # [B, V]
+            if len(rows) == out.hidden.shape[0]:  # every row samples (a decode step): no gather
+                picked = out.hidden
+            else:
+                picked = out.hidden.index_select(0, to_device(rows, self.device, torch.long))
+            logits = self.model.compute_logits(picked)  # [B, V]
             gens = [self._generator(s.request_id, s.sampling.seed) for s in sampled]
             sampling = SamplingMetadata.build([s.sampling for s in sampled], gens, logits.shape[1], self.device)
             tokens = sample(logits, sampling)
@@ -215,11 +228,12 @@ class ModelRunner:
         return max(MIN_TOP_K, int(rungs.top_k))
 
     @torch.inference_mode()
-    def forward(self, sched: SchedulerOutput, rungs: "Rungs | float" = 1.0) -> tuple[ForwardOutput, AttnMeta]:
+    def forward(self, sched: SchedulerOutput, rungs: "Rungs | float" = 1.0) -> tuple[ForwardOutput, HostStep]:
         """Run the model on one step: a CUDA-graph replay where the dispatcher has a graph for
-        it, else eager -> (hidden [T, D] and expert slots touched [M] or None, meta); no sampling."""
+        it, else eager -> (hidden [T, D] and expert slots touched [M] or None, the step's host
+        inputs); no sampling."""
         rungs = as_rungs(rungs)
-        input_ids, positions, meta = self._prepare(sched)
+        step = self._host_step(sched)
         tau = rungs.tau
         if self.brownout_ready:
             self.tau.fill_(tau)
@@ -233,13 +247,14 @@ class ModelRunner:
         if self.graphs is not None and exempt is None:
             key = self.graphs.dispatch(StepDescriptor.of(sched, routed=tau < 1.0, shed=top_k is not None))
         if key is not None:
-            return self.graphs.run(key, input_ids, positions, meta), meta
+            return self.graphs.run(key, step), step
+        input_ids, positions, meta = self._to_device(step)
         # eager: at tau = 1 routing is skipped altogether (it would change nothing), and so
         # is shedding at the model's k
         ctx = ForwardContext(attn=meta, kv_caches=self.kv_caches, tau=self.tau if brownout else None,
                              top_k=self.top_k if top_k is not None else None,
                              use_kernels=self.use_kernels, exempt=exempt)
-        return self.model(input_ids, positions, ctx), meta
+        return self.model(input_ids, positions, ctx), step
 
     def _exempt_mask(self, sched: SchedulerOutput) -> Optional[torch.Tensor]:
         """[T] bool: the step's tokens of exempt sequences; None when it carries none."""

@@ -91,12 +91,11 @@ def _padded(runner, sched, tau, graphed, kind, shed=False):
 def _run(runner, graphs, sched, tau, kind=None, shed=False):
     from brownout.runner.cuda_graphs import StepDescriptor
 
-    ids, pos, meta = runner._prepare(sched)
     runner.tau.fill_(tau)
     key = graphs.dispatch(StepDescriptor.of(sched, routed=tau < 1, shed=shed))
     assert key is not None and kind in (None, key.kind)
     assert key.routed == ((tau < 1 or shed) and runner.brownout_ready)
-    return graphs.run(key, ids, pos, meta)
+    return graphs.run(key, runner._host_step(sched))
 
 
 def _decoy_sched(vocab):
