@@ -10,8 +10,9 @@ K dimension split among programs, whose float32 partials the last program of eac
 finish sums (an arrival counter per tile, reset by that program, so one launch does all of
 it and CUDA graphs replay it as is).
 
-The rows ride as the N side of a [BLOCK_N, BLOCK_K] x [BLOCK_K, 16] product (x transposed,
-padded to the 16 rows a tensor-core tile needs). Float32 accumulation, one rounding to the
+The rows ride as the N side of a [BLOCK_N, BLOCK_K] x [BLOCK_K, BLOCK_M] product (x
+transposed, padded to a power of two of at least the 16 rows a tensor-core tile needs), so
+the weight is read once for all of them. Float32 accumulation, one rounding to the
 output's dtype, bias added in float32 before it, as cuBLAS's bf16 GEMM does; results match
 `torch.nn.functional.linear` to bf16 rounding, not bitwise.
 
@@ -32,7 +33,7 @@ try:
 except ImportError:  # CPU installs without triton use F.linear
     triton = None
 
-SKINNY_MAX_ROWS = 16  # the rows one 16-wide tensor-core tile holds; past it cuBLAS's tiles fill
+SKINNY_MAX_ROWS = 64  # decode batches up to 64 ride in one tile; beyond, cuBLAS's own tiles fill
 SKINNY_MAX_N = 4096  # outputs up to which cuBLAS's 64-column tiles leave half of 132 SMs idle
 BLOCK_N = 32  # weight rows per program: the fastest of 16 and 32 in the tile sweep
 BLOCK_K = 128  # columns per loop step (8 KB of weight per program), the sweep's fastest
@@ -117,7 +118,8 @@ def _scratch(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
             torch.zeros(MAX_TILES, dtype=torch.int32, device=device))
 
 
-def choose_split_k(n_tiles: int, K: int, device: torch.device, block_n: int = BLOCK_N) -> int:
+def choose_split_k(n_tiles: int, K: int, device: torch.device, block_n: int = BLOCK_N,
+                   block_m: int = 16) -> int:
     """Split K only as far as it takes to give every SM `PROGRAMS_PER_SM` programs, keeping at
     least `MIN_K_PER_SPLIT` columns a program; a power of two (few compiled variants)."""
     if device.type != "cuda" or _kernels_interpreted():
@@ -127,7 +129,7 @@ def choose_split_k(n_tiles: int, K: int, device: torch.device, block_n: int = BL
     want = -(-PROGRAMS_PER_SM * sms // n_tiles)
     split = max(1, min(want, K // MIN_K_PER_SPLIT, MAX_SPLIT_K))
     split = 1 << (split.bit_length() - 1)
-    if split > 1 and split * n_tiles * block_n * SKINNY_MAX_ROWS > WORKSPACE_FLOATS:
+    if split > 1 and split * n_tiles * block_n * block_m > WORKSPACE_FLOATS:
         return 1
     return split
 
@@ -143,6 +145,11 @@ def usable(x: torch.Tensor, weight: torch.Tensor) -> bool:
             and -(-weight.shape[0] // BLOCK_N) <= MAX_TILES)
 
 
+def row_block(M: int) -> int:
+    """The row tile: a power of two of at least 16 (the smallest tensor-core tile)."""
+    return max(16, 1 << max(0, (M - 1).bit_length()))
+
+
 def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
                   split_k: int | None = None, block_n: int = BLOCK_N, block_k: int = BLOCK_K,
                   num_stages: int = NUM_STAGES) -> torch.Tensor:
@@ -153,14 +160,15 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     N = weight.shape[0]
     out = torch.empty(M, N, dtype=x.dtype, device=x.device)
     n_tiles = triton.cdiv(N, block_n)
-    split = choose_split_k(n_tiles, K, x.device, block_n) if split_k is None else split_k
+    block_m = row_block(M)
+    split = choose_split_k(n_tiles, K, x.device, block_n, block_m) if split_k is None else split_k
     ws, counts = _scratch(x.device)
     k_per_split = triton.cdiv(triton.cdiv(K, split), block_k) * block_k
     on_gpu = x.is_cuda and not _kernels_interpreted()
     _skinny_kernel[(n_tiles, split)](
         x, weight, bias if bias is not None else x, out, ws, counts, M, N, K, k_per_split,
         x.stride(0), weight.stride(0), out.stride(0),
-        HAS_BIAS=bias is not None, SPLIT_K=split, BLOCK_M=SKINNY_MAX_ROWS, BLOCK_N=block_n,
+        HAS_BIAS=bias is not None, SPLIT_K=split, BLOCK_M=block_m, BLOCK_N=block_n,
         BLOCK_K=block_k, DOT_F32=not on_gpu, PRECISION="ieee" if x.dtype == torch.float32 else None,
         num_warps=4, num_stages=num_stages if on_gpu else 1)
     return out

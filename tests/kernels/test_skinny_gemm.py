@@ -38,6 +38,7 @@ def _case(M, N, K, bias, dtype, seed=0):
     (3, 40, 512, True, 2),    # QKV-like with bias, two partial sums
     (16, 33, 1024, False, 4), # the largest row count, four partial sums
     (5, 16, 700, True, 8),    # more splits than full steps: some programs sum nothing
+    (40, 50, 256, True, 2),   # a 64-row tile
 ])
 def test_matches_f_linear(M, N, K, bias, split):
     x, w, b = _case(M, N, K, bias, torch.float32)
