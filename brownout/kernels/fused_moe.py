@@ -458,8 +458,11 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
               config: dict | None = None, out: torch.Tensor | None = None,
               busy_slots: int | None = None,
               touched_out: torch.Tensor | None = None,
-              count_slots: int | None = None) -> torch.Tensor:
+              count_slots: int | None = None, sum_slots: bool = True):
     """out[t] = sum_j w[t,j] * expert_{id[t,j]}(x[t]) over j with id >= 0; dtype of x.
+    With `sum_slots` False: (y [T*k, D], ids [T, k]) instead, the weighted per-assignment
+    outputs whose sum over j with id >= 0 is out (rows of id < 0 hold garbage); the caller
+    sums them, e.g. inside the next norm (`norm_rope.add_slots_rms_norm`).
 
     x [T, D]; w13 [S, 2I, D] (gate rows then up rows); w2 [S, D, I];
     topk_weights [T, k] float; topk_ids [T, k] int in [-1, S). `out` [T, D] contiguous,
@@ -480,7 +483,7 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
     if T == 0:
         if touched_out is not None:
             touched_out.zero_()
-        return out
+        return out if sum_slots else (torch.empty(0, D, dtype=x.dtype, device=x.device), topk_ids)
     cfg = config or get_config(T, top_k, S, inter, D, x.dtype, x.device, busy_slots)
     down = {**cfg, **cfg.get("down", {})}
     x, w13, w2 = x.contiguous(), w13.contiguous(), w2.contiguous()
@@ -512,6 +515,19 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
         PRECISION=precision,
         num_warps=down["num_warps"], num_stages=down["num_stages"])
 
+    if not sum_slots:
+        return y, ids
+    return moe_sum(y, ids, out)
+
+
+def moe_sum(y: torch.Tensor, ids: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """out[t] = sum of y[t * k + j] over j with ids[t, j] >= 0 (y [T*k, D], ids [T, k])."""
+    T, top_k = ids.shape
+    D = y.shape[1]
+    if out is None:
+        out = torch.empty(T, D, dtype=y.dtype, device=y.device)
+    if T == 0:
+        return out
     block_d = min(1024, _next_pow2(D))
     _topk_sum_kernel[(T, triton.cdiv(D, block_d))](y, ids, out, top_k, D, BLOCK_D=block_d,
                                                     num_warps=4)

@@ -10,6 +10,8 @@ k) were the largest groups of them. These kernels compute the same float32 arith
   rms_norm(x, w, eps)         out = w * (x * rsqrt(mean(x^2) + eps)).to(x.dtype), float32 stats
   add_rms_norm(x, r, w, eps)  s = x + r (rounded to x's dtype), out = rms_norm(s): the
                               residual add of a decoder layer and the norm after it, one pass
+  add_slots_rms_norm(y, ids, r, w, eps)  the same with x the sum of a MoE layer's
+                              per-assignment outputs, which then needs no launch of its own
   rotary_(x, pos, cos, sin)   x [T, H, Dh] rotated in place (neox halves); called for q and k
   silu_and_mul(h)             silu(h[:, :I]) * h[:, I:] (SwiGLU), one pass over h
   gated_add(out, g, shared)   out + sigmoid(g) * shared (the shared expert's gate), one pass
@@ -73,6 +75,30 @@ if triton is not None:
         w = tl.load(w_ptr + offs, mask=ok, other=0.0)
         out = normed.to(tl.float32) * w.to(tl.float32)
         tl.store(out_ptr + row * stride_o + offs, out.to(out_ptr.dtype.element_ty), mask=ok)
+
+    @triton.jit
+    def _add_slots_rms_norm_kernel(y_ptr, ids_ptr, r_ptr, w_ptr, out_ptr, sum_ptr, top_k, D, eps,
+                                   BLOCK_D: tl.constexpr):
+        # the MoE layer's per-assignment outputs summed (as fused_moe's last kernel rounds
+        # them), then the residual add and the norm, as _add_rms_norm_kernel
+        row = tl.program_id(0).to(tl.int64)
+        offs = tl.arange(0, BLOCK_D)
+        ok = offs < D
+        acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+        for j in range(0, top_k):
+            e = tl.load(ids_ptr + row * top_k + j + offs * 0)  # broadcast: [BLOCK_D] copies
+            y = tl.load(y_ptr + (row * top_k + j) * D + offs, mask=ok & (e >= 0), other=0.0)
+            acc += y.to(tl.float32)
+        x = acc.to(sum_ptr.dtype.element_ty).to(tl.float32)
+        r = tl.load(r_ptr + row * D + offs, mask=ok, other=0.0).to(tl.float32)
+        s = (x + r).to(sum_ptr.dtype.element_ty)
+        tl.store(sum_ptr + row * D + offs, s, mask=ok)
+        sf = s.to(tl.float32)
+        inv = tl.rsqrt(tl.sum(sf * sf, axis=0) / D + eps)
+        normed = (sf * inv).to(out_ptr.dtype.element_ty)
+        w = tl.load(w_ptr + offs, mask=ok, other=0.0)
+        out = normed.to(tl.float32) * w.to(tl.float32)
+        tl.store(out_ptr + row * D + offs, out.to(out_ptr.dtype.element_ty), mask=ok)
 
     @triton.jit
     def _rotary_kernel(x_ptr, pos_ptr, cos_ptr, sin_ptr, stride_t, stride_h, stride_c, H,
@@ -169,6 +195,26 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
                                               float(eps), BLOCK_D=block_d,
                                               num_warps=4 if block_d <= 2048 else 8)
     return out.reshape(x.shape), total.reshape(x.shape)
+
+
+def add_slots_rms_norm(y: torch.Tensor, ids: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                       eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """`add_rms_norm(moe, residual)` where moe[t] = sum over j with ids[t, j] >= 0 of
+    y[t * k + j] (a MoE layer's unsummed outputs, y [T * k, D] contiguous, ids [T, k]), with
+    the sum rounded to y's dtype as fused_moe rounds it: one launch where the sum took its own."""
+    T, k = ids.shape
+    D = residual.shape[-1]
+    if y.shape != (T * k, D) or residual.shape != (T, D) or weight.shape != (D,) or y.dtype != residual.dtype:
+        raise ValueError(f"add_slots_rms_norm: y {tuple(y.shape)} {y.dtype}, ids {tuple(ids.shape)}, "
+                         f"residual {tuple(residual.shape)} {residual.dtype}, weight {tuple(weight.shape)}")
+    y, ids, residual = y.contiguous(), ids.contiguous(), residual.contiguous()
+    out = torch.empty_like(residual)
+    total = torch.empty_like(residual)
+    if T:
+        block_d = _next_pow2(D)
+        _add_slots_rms_norm_kernel[(T,)](y, ids, residual, weight, out, total, k, D, float(eps),
+                                         BLOCK_D=block_d, num_warps=4 if block_d <= 2048 else 8)
+    return out, total
 
 
 def rotary_(x: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:

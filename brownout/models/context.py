@@ -26,6 +26,20 @@ class AttnMeta:
     query_lens_list: list[int] = field(default_factory=list)
 
 
+class SlotOutputs(NamedTuple):
+    """A MoE layer's output before the sum over each token's assignments: y [T*k, D] (weighted
+    expert outputs, rows of id < 0 unused), ids [T, k]. `total()` sums them; the next norm
+    (`RMSNorm.add_forward`) sums them in its own launch."""
+
+    y: torch.Tensor
+    ids: torch.Tensor
+
+    def total(self) -> torch.Tensor:
+        from brownout.kernels.fused_moe import moe_sum  # lazy: triton; only the kernel path defers
+
+        return moe_sum(self.y, self.ids)
+
+
 @dataclass
 class ForwardContext:
     attn: Optional[AttnMeta] = None  # None: plain causal attention over [B, L] (no cache)
@@ -38,6 +52,9 @@ class ForwardContext:
     # the step is dimmed or shed (a class exempt from dimming); None: none
     exempt: Optional[torch.Tensor] = None
     count_touched: bool = True  # MoE layers count the distinct expert slots they use
+    # MoE layers may hand their per-assignment outputs on unsummed (`SlotOutputs`), for the
+    # next norm to sum in its own launch; only the single-device CUDA step paths set it
+    defer_moe_sum: bool = False
     use_kernels: bool = False  # Triton kernels (GPU) instead of the plain-torch path
 
 

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from brownout.parallel.info import SINGLE, ParallelInfo
-from brownout.models.context import ForwardContext, ForwardOutput
+from brownout.models.context import ForwardContext, ForwardOutput, SlotOutputs
 from brownout.models.layers.attention import Attention
 from brownout.models.layers.common import RMSNorm, Rotary, SwiGLU
 from brownout.models.layers.moe import SparseMoE
@@ -46,7 +46,8 @@ class DecoderLayer(nn.Module):
     def forward(self, x, positions, ctx: ForwardContext, residual: Optional[torch.Tensor] = None
                 ) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
         """x: the embeddings (residual None) or the previous layer's MLP output, not yet added
-        to the residual stream -> (this layer's MLP output, the residual stream before it,
+        to the residual stream (maybe unsummed `SlotOutputs`) -> (this layer's MLP output, the
+        residual stream before it,
         distinct expert slots touched: 0-d int64, None in a dense layer or when the context
         does not count them). Each residual add travels into the next norm, where it is fused."""
         if residual is None:
@@ -61,7 +62,11 @@ class DecoderLayer(nn.Module):
             mlp, touched = self.mlp(h, ctx)
         else:
             mlp = self.mlp(h)
-        return (mlp if self.reduce is None else self.reduce(mlp)), residual, touched
+        if self.reduce is None:
+            return mlp, residual, touched  # an unsummed MoE output is summed by the next norm
+        if isinstance(mlp, SlotOutputs):
+            mlp = mlp.total()
+        return self.reduce(mlp), residual, touched
 
 
 class MoEForCausalLM(nn.Module):

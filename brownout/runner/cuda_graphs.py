@@ -184,6 +184,7 @@ class StepGraphs:
         self.tau = tau
         self.top_k = top_k
         self.graphed = graphed
+        self.across_ranks = across_ranks
         self.dispatcher = GraphDispatcher(max_batch, max_blocks, with_brownout, max_step_tokens,
                                           block_size, across_ranks)
         dev = tau.device
@@ -301,5 +302,6 @@ class StepGraphs:
                             seq_lens=self.seq_lens, query_start_loc=self.mixed_qsl, max_query_len=n)
         ctx = ForwardContext(attn=meta, kv_caches=self.kv_caches, tau=self.tau if key.routed else None,
                              top_k=self.top_k if key.routed else None,
-                             valid=self.valid[:n], use_kernels=True)
+                             valid=self.valid[:n], use_kernels=True,
+                             defer_moe_sum=not self.across_ranks)
         return self.model(self.input_ids[:n], self.positions[:n], ctx)

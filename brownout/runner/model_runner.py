@@ -253,7 +253,8 @@ class ModelRunner:
         # is shedding at the model's k
         ctx = ForwardContext(attn=meta, kv_caches=self.kv_caches, tau=self.tau if brownout else None,
                              top_k=self.top_k if top_k is not None else None,
-                             use_kernels=self.use_kernels, exempt=exempt)
+                             use_kernels=self.use_kernels, exempt=exempt,
+                             defer_moe_sum=not self.loaded.parallel.active)
         return self.model(input_ids, positions, ctx), step
 
     def _exempt_mask(self, sched: SchedulerOutput) -> Optional[torch.Tensor]:

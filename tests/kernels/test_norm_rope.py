@@ -229,3 +229,27 @@ def test_layer_add_forward_is_the_add_then_the_norm():
     r = torch.randn(5, 48, generator=g).to(torch.bfloat16)
     out, total = norm.add_forward(x, r)
     assert torch.equal(total, r + x) and torch.equal(out, norm(r + x))
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_add_slots_rms_norm_is_the_moe_sum_then_add_rms_norm(dtype):
+    """A MoE layer's unsummed outputs summed inside the norm: the same values as fused_moe's
+    own sum followed by add_rms_norm, with unused assignments (id -1, garbage rows) skipped."""
+    fm = pytest.importorskip("brownout.kernels.fused_moe")
+    g = torch.Generator().manual_seed(11)
+    T, k, D = 5, 3, 96
+    y = (torch.randn(T * k, D, generator=g) * 2).to(DEVICE, dtype)
+    ids = torch.randint(0, 7, (T, k), generator=g, dtype=torch.int32)
+    ids[1, 2] = -1
+    ids[3] = -1  # a padding row: every assignment unused
+    ids = ids.to(DEVICE)
+    y[ids.reshape(-1).cpu() < 0] = float("nan")  # garbage the sum must never read
+    r = torch.randn(T, D, generator=g).to(DEVICE, dtype)
+    w = (torch.rand(D, generator=g) + 0.5).to(DEVICE, dtype)
+    want_out, want_total = nr.add_rms_norm(fm.moe_sum(y, ids), r, w, 1e-6)
+    out, total = nr.add_slots_rms_norm(y, ids, r, w, 1e-6)
+    assert torch.equal(total, want_total) and torch.equal(out, want_out)
+    assert not out.isnan().any()
+    with pytest.raises(ValueError, match="add_slots_rms_norm"):
+        nr.add_slots_rms_norm(y[:-1], ids, r, w, 1e-6)

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from brownout.models.context import SlotOutputs
 from brownout.parallel.info import SINGLE, ParallelInfo
 
 
@@ -43,9 +44,16 @@ class RMSNorm(nn.Module):
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * xf.to(x.dtype)
 
-    def add_forward(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def add_forward(self, x: "torch.Tensor | SlotOutputs", residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(norm(x + residual), x + residual): a decoder layer's residual add and the norm
-        after it, fused into one kernel on CUDA."""
+        after it, fused into one kernel on CUDA; x may be a MoE layer's unsummed
+        `SlotOutputs`, summed in that same kernel."""
+        if isinstance(x, SlotOutputs):
+            from brownout.kernels import norm_rope
+
+            if norm_rope.kernels_usable(residual) and self.weight.dtype == residual.dtype:
+                return norm_rope.add_slots_rms_norm(x.y, x.ids, residual, self.weight, self.eps)
+            x = x.total()
         if x.is_cuda and self.weight.dtype == x.dtype and residual.dtype == x.dtype:
             from brownout.kernels import norm_rope
 

@@ -37,7 +37,7 @@ from brownout.parallel.sharding import shard_dim, shard_gate_up
 from brownout.kernels.moe_ref import moe_experts_ref
 from brownout.kernels.brownout_routing import brownout_route, count_touched
 from brownout.kernels.routing import SharedSlots, append_shared, route_experts
-from brownout.models.context import ForwardContext
+from brownout.models.context import ForwardContext, SlotOutputs
 from brownout.models.layers.common import DecodeLinear, SwiGLU
 from brownout.models.spec import MoESpec
 
@@ -155,9 +155,11 @@ class SparseMoE(nn.Module):
             self.w2 = nn.Parameter(w2, requires_grad=False)
         self.local_of.copy_(local_slots(rank_of, local, p.rank).to(self.local_of.device))
 
-    def forward(self, x: torch.Tensor, ctx: ForwardContext) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """x [..., D] -> (this rank's partial output [..., D], distinct slots touched: 0-d
-        int64 on x's device, None when `ctx.count_touched` is off)."""
+    def forward(self, x: torch.Tensor, ctx: ForwardContext
+                ) -> tuple["torch.Tensor | SlotOutputs", Optional[torch.Tensor]]:
+        """x [..., D] -> (this rank's partial output [..., D], or its unsummed `SlotOutputs`
+        where `ctx.defer_moe_sum` allows; distinct slots touched: 0-d int64 on x's device,
+        None when `ctx.count_touched` is off)."""
         shape = x.shape
         x = x.reshape(-1, shape[-1])  # [T, D]
         in_slots = self.shared_slots is not None and x.shape[0] <= FOLDED_MAX_TOKENS
@@ -171,7 +173,13 @@ class SparseMoE(nn.Module):
             touched: Optional[torch.Tensor] = torch.empty((), dtype=torch.int64, device=x.device)
         else:
             touched = count_touched(ids[:, :self.top_k], self.num_slots) if ctx.count_touched else None
-        out = self._experts(x, weights, ids, ctx, routed, touched if in_kernel else None)
+        # the sum over each token's assignments can wait for the next norm when nothing is
+        # added to it here (no shared expert outside the slots) and no other rank adds to it
+        defer = (ctx.defer_moe_sum and ctx.use_kernels and self.shared_expert is None
+                 and (self.shared_slots is None or in_slots) and len(shape) == 2)
+        out = self._experts(x, weights, ids, ctx, routed, touched if in_kernel else None, defer)
+        if defer:
+            return out, touched
         if self.shared_slots is not None and not in_slots:
             out = self._shared_dense(x, logits, out)
         elif self.shared_expert is not None:
@@ -236,7 +244,9 @@ class SparseMoE(nn.Module):
         return weights, ids, routed, router_logits
 
     def _experts(self, x, weights, ids, ctx: ForwardContext, routed: bool = False,
-                 touched: Optional[torch.Tensor] = None) -> torch.Tensor:
+                 touched: Optional[torch.Tensor] = None, defer: bool = False):
+        """The weighted sum of each token's experts [T, D], or with `defer` (kernels only)
+        its unsummed `SlotOutputs`."""
         if self.local_of is not None:  # expert parallel: only the slots held here
             ids = localize(ids, self.local_of)
         if ctx.use_kernels:
@@ -245,9 +255,10 @@ class SparseMoE(nn.Module):
             # routed: tiles sized for the low-tau case, where the rows crowd into the united
             # slots (the routed path only runs at tau < 1; tau = 1 takes the plain one)
             n_shared = ids.shape[1] - self.top_k  # the folded shared expert's columns, if present
-            return fused_moe(x, self.w13, self.w2, weights, ids,
-                             busy_slots=self.num_groups + n_shared if routed else None,
-                             touched_out=touched, count_slots=self.num_slots)
+            out = fused_moe(x, self.w13, self.w2, weights, ids,
+                            busy_slots=self.num_groups + n_shared if routed else None,
+                            touched_out=touched, count_slots=self.num_slots, sum_slots=not defer)
+            return SlotOutputs(*out) if defer else out
         return moe_experts_ref(x, self.w13, self.w2, weights, ids)
 
 
