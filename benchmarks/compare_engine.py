@@ -24,13 +24,24 @@ from make_tables import routing_overhead_table
 GRAPHED_ONLY = True
 
 
+def _load(path: Path):
+    """A JSON file, or its gzipped form (compacted raw folders gzip the larger files)."""
+    if path.exists():
+        return json.loads(path.read_text())
+    return json.loads(gzip.open(f"{path}.gz", "rt").read())
+
+
+def _exists(path: Path) -> bool:
+    return path.exists() or Path(f"{path}.gz").exists()
+
+
 def _rows(run_dir: Path) -> dict[tuple, dict]:
     rows = {}
     for stage in ("decode", "prefill"):
         path = run_dir / f"{stage}.json"
-        if not path.exists():
+        if not _exists(path):
             continue
-        for r in json.loads(path.read_text()):
+        for r in _load(path):
             if GRAPHED_ONLY and not r["cuda_graph"]:
                 continue
             if stage == "decode":
@@ -94,8 +105,7 @@ def _geomean(values: list[float]) -> float:
 def render_brownout(run_dir: Path) -> str:
     """The `brownout` stage's decode steps by way and batch at tau 1 and 0, and the routing
     path's cost at tau 1 inside one MoE layer."""
-    path = run_dir / "brownout.json"
-    d = json.loads(path.read_text() if path.exists() else gzip.open(f"{path}.gz", "rt").read())
+    d = _load(run_dir / "brownout.json")
     by = {(r["way"], r["batch"], r["tau"]): r for r in d["decode"]}
     lines = ["## Brownout decode steps by way (context 512, CUDA-graphed, uncalibrated united experts)", "",
              "`vs tau 1`: the same step at tau 1 in the same run; `/ roofline`: bytes read (dense weights, "
@@ -118,9 +128,9 @@ def render_profiles(before: Path, after: Path, tags: list[str], top: int = 12) -
     lines = []
     for tag in tags:
         runs = {name: d / f"profile_{tag}.json" for name, d in (("before", before), ("after", after))}
-        if not all(p.exists() for p in runs.values()):
+        if not all(_exists(p) for p in runs.values()):
             continue
-        prof = {name: json.loads(p.read_text()) for name, p in runs.items()}
+        prof = {name: _load(p) for name, p in runs.items()}
         b, a = prof["before"], prof["after"]
         lines += [f"## Kernels of the step `{tag}` ({a['tokens']} tokens, {a['seqs']} sequences, tau "
                   f"{a['tau']:g}, CUDA graph; torch.profiler over 5 replays)", "",
@@ -128,12 +138,66 @@ def render_profiles(before: Path, after: Path, tags: list[str], top: int = 12) -
         for name, d in prof.items():
             lines.append(f"| {name} | {sum(k['calls'] for k in d['kernels'])} | "
                          f"{d['total_device_us_per_step']:.0f} |")
+        if all("timeline" in d for d in prof.values()):
+            lines += ["", "The profiled step's GPU timeline (last of the 5): span from its first kernel's "
+                      "start to its last kernel's end, kernel time in it, and the idle time inside the "
+                      "graph (gaps under 10 us) vs outside it (the host's share).", "",
+                      "| run | span us | kernels us | idle in graph us | idle waiting for the host us |",
+                      "|---|---|---|---|---|"]
+            for name, d in prof.items():
+                in_graph, host = _idle_split(d["timeline"]["kernels"])
+                lines.append(f"| {name} | {d['timeline']['span_us']:.0f} | {d['timeline']['busy_us']:.0f} | "
+                             f"{in_graph:.0f} | {host:.0f} |")
         for name, d in prof.items():
             lines += ["", f"{name}: top {top} kernels", "", "| kernel | calls / step | us / step |", "|---|---|---|"]
             for k in d["kernels"][:top]:
                 lines.append(f"| `{k['name'][:70]}` | {k['calls']} | {k['device_us_per_step']:.0f} |")
         lines.append("")
     return "\n".join(lines)
+
+
+GRAPH_GAP_US = 10.0  # kernels of one graph follow each other within this; longer gaps wait on the host
+
+
+def _idle_split(kernels: list[dict]) -> tuple[float, float]:
+    """Idle GPU time between consecutive kernels, split into gaps shorter than GRAPH_GAP_US
+    (launch latency inside a graph) and longer ones (the GPU waiting for the host)."""
+    short = long = 0.0
+    for prev, k in zip(kernels, kernels[1:]):
+        gap = max(0.0, k["start_us"] - prev["start_us"] - prev["dur_us"])
+        if gap < GRAPH_GAP_US:
+            short += gap
+        else:
+            long += gap
+    return short, long
+
+
+def render_host(before: Path, after: Path) -> str:
+    """Where a graphed decode step's time goes besides the graph (`bench_engine.py` decode
+    stage: `replay_ms`, `host_ms`), before and after."""
+    old, new = _rows(before), _rows(after)
+    keys = [k for k in sorted(set(old) & set(new), key=str)
+            if "replay_ms" in old[k] and "replay_ms" in new[k]]
+    if not keys:
+        return ""
+    lines = ["## A graphed decode step: the graph replayed alone, and the rest", "",
+             "`replay`: the step's CUDA graph replayed alone (CUDA events); `rest` = step - replay: the "
+             "host's preparation before the replay, the LM head and sampler after it, the copies back.",
+             ""]
+    with_host = all("host_ms" in old[k] and "host_ms" in new[k] for k in keys)
+    head = "| step | before step ms | before replay ms | before rest ms | after step ms | after replay ms | after rest ms |"
+    if with_host:
+        head += " before prepare ms (host) | after prepare ms (host) | before launch ms (host) | after launch ms (host) |"
+    lines += [head, "|" + "---|" * (head.count("|") - 1)]
+    for k in keys:
+        o, n = old[k], new[k]
+        row = (f"| {k[1]} | {o['step_ms']:.3f} | {o['replay_ms']:.3f} | {o['step_ms'] - o['replay_ms']:.3f} | "
+               f"{n['step_ms']:.3f} | {n['replay_ms']:.3f} | {n['step_ms'] - n['replay_ms']:.3f} |")
+        if with_host:
+            row += (f" {o['host_ms']['prepare']:.3f} | {n['host_ms']['prepare']:.3f} | "
+                    f"{o['host_ms']['launch']:.3f} | {n['host_ms']['launch']:.3f} |")
+        lines.append(row)
+    return "\n".join(lines) + "\n"
 
 
 def main() -> None:
@@ -159,6 +223,9 @@ def main() -> None:
         if len(args.brownout) > 1:
             part = part.replace("## Brownout decode steps", f"## {run.name}: brownout decode steps", 1)
         text = text.rstrip("\n") + "\n\n" + part
+    host = render_host(args.before, args.after)
+    if host:
+        text = text.rstrip("\n") + "\n\n" + host
     if args.profiles:
         text = text.rstrip("\n") + "\n\n" + render_profiles(args.before, args.after, args.profiles.split(","))
     args.out.write_text(text)
