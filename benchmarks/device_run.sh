@@ -45,7 +45,7 @@ for part in ${parts//,/ }; do
     tests)
       timeout ${TESTS_S:-240} python3 -m pytest -q -p no:cacheprovider -x tests/engine/test_gpu.py \
         tests/kernels/test_step_graphs.py tests/kernels/test_paged_attention.py \
-        tests/kernels/test_routing_triton.py tests/kernels/test_skinny_gemm.py \
+        tests/kernels/test_routing_triton.py tests/kernels/test_skinny_gemm.py tests/kernels/test_norm_rope.py \
         tests/kernels/test_fused_moe.py::test_align_groups_every_assignment_once \
         tests/kernels/test_fused_moe.py::test_fused_moe_with_the_small_align_matches_the_reference \
         2>&1 | tail -30 | tee "$work/tests.txt" ;;
