@@ -203,9 +203,22 @@ def replay_ms(runner: ModelRunner, sched: SchedulerOutput) -> float | None:
     return cuda_time_ms(runner.graphs.graphs[key].replay, iters=20)
 
 
+def stage(runner: ModelRunner, key, sched: SchedulerOutput) -> None:
+    """Stage a step's inputs into graph `key`'s buffers as `ModelRunner.forward` does (this
+    engine: host lists then two copies; an engine without `_host_step`: its device uploads,
+    then the graph's fill)."""
+    if hasattr(runner, "_host_step"):
+        runner.graphs._fill(key, runner._host_step(sched))
+    else:
+        ids, pos, meta = runner._prepare(sched)
+        runner.graphs._fill(key, ids, pos, meta.slot_mapping, meta.block_tables, meta.seq_lens,
+                            meta.query_start_loc)
+
+
 def host_phases_ms(runner: ModelRunner, sched: SchedulerOutput, iters: int = 20) -> dict:
     """Host (CPU) milliseconds of a graphed step's phases, medians, each started on an idle GPU:
-    `prepare` (the step's inputs to device tensors), `replay` (the graph launch call alone),
+    `prepare` (the step's inputs as host lists, staged into the graph's inputs: two copies),
+    `replay` (the graph launch call alone),
     `launch` (`ModelRunner.launch`: prepare, fill, replay, logits and sampler queued) and
     `step` (launch + collect, the GPU included). The GPU idles for what precedes the replay."""
     import statistics
@@ -216,7 +229,7 @@ def host_phases_ms(runner: ModelRunner, sched: SchedulerOutput, iters: int = 20)
     for i in range(iters + 3):
         torch.cuda.synchronize()
         t0 = time.perf_counter()
-        runner._prepare(sched)
+        stage(runner, key, sched)
         t1 = time.perf_counter()
         torch.cuda.synchronize()
         t2 = time.perf_counter()

@@ -104,6 +104,8 @@ def main() -> None:
                     for split in sorted({1, max(1, auto // 2), auto, min(sk.MAX_SPLIT_K, 2 * auto)}):
                         if split > 1 and K // split < cfg["block_k"]:
                             continue
+                        if not sk.fits_workspace(split, -(-N // cfg["block_n"]), cfg["block_n"], sk.row_block(M)):
+                            continue
                         call = lambda i, cfg=cfg, split=split: sk.skinny_linear(x, ws[i], b, split_k=split, **cfg)  # noqa: E731
                         out = call(0)
                         ok = float((out.float() - ref).abs().max() / ref.abs().max()) < 2e-2

@@ -91,7 +91,8 @@ if triton is not None:
             if arrived == SPLIT_K - 1:
                 acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
                 for s in range(0, SPLIT_K):
-                    acc += tl.load(ws_ptr + (s * n_tiles + tile) * (BLOCK_N * BLOCK_M) + cell, cache_modifier=".cg")
+                    acc += tl.load(ws_ptr + (s * n_tiles + tile).to(tl.int64) * (BLOCK_N * BLOCK_M) + cell,
+                                   cache_modifier=".cg")
                 tl.store(count_ptr + tile, 0)  # ready for the next launch (graph replays)
                 if HAS_BIAS:
                     acc += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[:, None]
@@ -129,9 +130,14 @@ def choose_split_k(n_tiles: int, K: int, device: torch.device, block_n: int = BL
     want = -(-PROGRAMS_PER_SM * sms // n_tiles)
     split = max(1, min(want, K // MIN_K_PER_SPLIT, MAX_SPLIT_K))
     split = 1 << (split.bit_length() - 1)
-    if split > 1 and split * n_tiles * block_n * block_m > WORKSPACE_FLOATS:
-        return 1
+    while split > 1 and not fits_workspace(split, n_tiles, block_n, block_m):
+        split //= 2
     return split
+
+
+def fits_workspace(split: int, n_tiles: int, block_n: int, block_m: int) -> bool:
+    """Whether a launch's float32 partials and arrival counters fit the shared scratch."""
+    return split == 1 or (split * n_tiles * block_n * block_m <= WORKSPACE_FLOATS and n_tiles <= MAX_TILES)
 
 
 def usable(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -162,6 +168,9 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     n_tiles = triton.cdiv(N, block_n)
     block_m = row_block(M)
     split = choose_split_k(n_tiles, K, x.device, block_n, block_m) if split_k is None else split_k
+    if not 1 <= split <= MAX_SPLIT_K or not fits_workspace(split, n_tiles, block_n, block_m):
+        raise ValueError(f"split_k {split} for {n_tiles} tiles of {block_n} x {block_m}: at most "
+                         f"{MAX_SPLIT_K} splits whose partials fit {WORKSPACE_FLOATS} floats")
     ws, counts = _scratch(x.device)
     k_per_split = triton.cdiv(triton.cdiv(K, split), block_k) * block_k
     on_gpu = x.is_cuda and not _kernels_interpreted()

@@ -266,6 +266,8 @@ class StepGraphs:
         longs[2, T:n] = PAD_SLOT
         seq_lens, qsl = ints[:ns], ints[ns:2 * ns + 1]
         tables = ints[2 * ns + 1:].reshape(ns, self.max_blocks)
+        # columns past a table's length keep older steps' block ids: valid ids, and attention
+        # reads no position at or past the sequence's length
         for b, table in enumerate(step.block_tables_list):
             tables[b, :len(table)] = table
         seq_lens[:B] = step.seq_lens_list

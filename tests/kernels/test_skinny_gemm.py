@@ -99,3 +99,13 @@ def test_decode_linear_takes_the_kernel_when_enabled(monkeypatch):
         out = lin(x)
     torch.testing.assert_close(out, F.linear(x, lin.weight, lin.bias), rtol=1e-4, atol=1e-4)
     assert len(calls) == (1 if CUDA else 0)
+
+
+@needs_kernels
+def test_a_split_beyond_the_workspace_is_refused():
+    x, w, _ = _case(64, 4096, 512, False, torch.float32)
+    n_tiles = 4096 // 16
+    assert not sk.fits_workspace(16, n_tiles, 16, 64)
+    with torch.inference_mode(), pytest.raises(ValueError, match="split_k"):
+        sk.skinny_linear(x, w, split_k=16, block_n=16)
+    assert sk.fits_workspace(sk.choose_split_k(n_tiles, 512, x.device, 16, 64), n_tiles, 16, 64)

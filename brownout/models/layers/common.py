@@ -51,7 +51,8 @@ class RMSNorm(nn.Module):
         if isinstance(x, SlotOutputs):
             from brownout.kernels import norm_rope
 
-            if norm_rope.kernels_usable(residual) and self.weight.dtype == residual.dtype:
+            if (norm_rope.kernels_usable(residual) and self.weight.dtype == residual.dtype == x.y.dtype
+                    and residual.dim() == 2):
                 return norm_rope.add_slots_rms_norm(x.y, x.ids, residual, self.weight, self.eps)
             x = x.total()
         if x.is_cuda and self.weight.dtype == x.dtype and residual.dtype == x.dtype:
