@@ -7,8 +7,8 @@
 # $ENGINE_STAGES, more flags in $ENGINE_EXTRA, an older package tree in $ENGINE_TREE), kernels (fused MoE tile sweep at $KERNEL_TOKENS; KERNEL_EXTRA=--crowded
 # for the tau = 0 case), install (that table into brownout/kernels/configs for the later
 # parts), topk (the fused router top-k vs the torch ops), skinny (the decode-size linear
-# kernel vs cuBLAS; BROWNOUT_SKINNY_GEMM=1 with the engine part times the step with it), align (the small align vs the atomics
-# one; BROWNOUT_SMALL_ALIGN=1 with the engine part times the decode step with it), headline (benchmarks/headline.py),
+# kernel vs cuBLAS; BROWNOUT_SKINNY_GEMM=0 with the engine part times the step without it), align (the small align vs the atomics
+# one; BROWNOUT_SMALL_ALIGN=0 with the engine part times the decode step without it), headline (benchmarks/headline.py),
 # sweep (headline rate sweep, needs $CALIBRATION). Wheels in .whl/ (fastapi, uvicorn, pydantic...) for the server; the trace in
 # .gpu_data/ (a copy of ../shared/data/traces, never committed).
 # The tarball is transport only, never committed. Back on the development machine, each part's

@@ -394,8 +394,8 @@ if triton is not None:
 # elements (4 warps, 64 a thread), which covers 8-row decode steps of Qwen1.5-MoE (k = 4 plus 4
 # shared slots, 94 slots).
 ALIGN_SMALL_MAX_TILE = 8192
-# on where it fits: a third of the atomics kernel's time at decode sizes on an H200
-# (benchmarks/results/kernels/align_h200.md); BROWNOUT_SMALL_ALIGN=0 turns it off
+# on where it fits: one program without atomics, scratch or barriers beats the atomics
+# kernel at decode sizes; BROWNOUT_SMALL_ALIGN=0 turns it off
 SMALL_ALIGN_ENV = "BROWNOUT_SMALL_ALIGN"
 SMALL_ALIGN = os.environ.get(SMALL_ALIGN_ENV, "1") != "0"  # read once: the step path asks per layer
 

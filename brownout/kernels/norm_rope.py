@@ -77,17 +77,18 @@ if triton is not None:
         tl.store(out_ptr + row * stride_o + offs, out.to(out_ptr.dtype.element_ty), mask=ok)
 
     @triton.jit
-    def _add_slots_rms_norm_kernel(y_ptr, ids_ptr, r_ptr, w_ptr, out_ptr, sum_ptr, top_k, D, eps,
-                                   BLOCK_D: tl.constexpr):
+    def _add_slots_rms_norm_kernel(y_ptr, ids_ptr, r_ptr, w_ptr, out_ptr, sum_ptr, D, eps,
+                                   TOP_K: tl.constexpr, BLOCK_D: tl.constexpr):
         # the MoE layer's per-assignment outputs summed (as fused_moe's last kernel rounds
-        # them), then the residual add and the norm, as _add_rms_norm_kernel
+        # them), then the residual add and the norm, as _add_rms_norm_kernel; the slot loop is
+        # unrolled so that its loads are in flight together, not one latency after another
         row = tl.program_id(0).to(tl.int64)
         offs = tl.arange(0, BLOCK_D)
         ok = offs < D
         acc = tl.zeros([BLOCK_D], dtype=tl.float32)
-        for j in range(0, top_k):
-            e = tl.load(ids_ptr + row * top_k + j + offs * 0)  # broadcast: [BLOCK_D] copies
-            y = tl.load(y_ptr + (row * top_k + j) * D + offs, mask=ok & (e >= 0), other=0.0)
+        for j in tl.static_range(TOP_K):
+            e = tl.load(ids_ptr + row * TOP_K + j + offs * 0)  # broadcast: [BLOCK_D] copies
+            y = tl.load(y_ptr + (row * TOP_K + j) * D + offs, mask=ok & (e >= 0), other=0.0)
             acc += y.to(tl.float32)
         x = acc.to(sum_ptr.dtype.element_ty).to(tl.float32)
         r = tl.load(r_ptr + row * D + offs, mask=ok, other=0.0).to(tl.float32)
@@ -212,7 +213,7 @@ def add_slots_rms_norm(y: torch.Tensor, ids: torch.Tensor, residual: torch.Tenso
     total = torch.empty_like(residual)
     if T:
         block_d = _next_pow2(D)
-        _add_slots_rms_norm_kernel[(T,)](y, ids, residual, weight, out, total, k, D, float(eps),
+        _add_slots_rms_norm_kernel[(T,)](y, ids, residual, weight, out, total, D, float(eps), TOP_K=k,
                                          BLOCK_D=block_d, num_warps=4 if block_d <= 2048 else 8)
     return out, total
 

@@ -16,8 +16,8 @@ the weight is read once for all of them. Float32 accumulation, one rounding to t
 output's dtype, bias added in float32 before it, as cuBLAS's bf16 GEMM does; results match
 `torch.nn.functional.linear` to bf16 rounding, not bitwise.
 
-`BROWNOUT_SKINNY_GEMM=1` turns it on for the layers that ask (`DecodeLinear`); off by
-default until the engine benchmark shows it faster than cuBLAS on the GPU at hand.
+`DecodeLinear` layers take it where it applies (up to SKINNY_MAX_ROWS rows and SKINNY_MAX_N
+outputs, where cuBLAS's tiles leave SMs idle); `BROWNOUT_SKINNY_GEMM=0` turns it off.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ MAX_TILES = 1 << 14  # arrival counters, one a tile: far more tiles than SKINNY_
 ENV = "BROWNOUT_SKINNY_GEMM"
 
 
-ENABLED = os.environ.get(ENV, "0") == "1"  # read once: DecodeLinear asks on every call
+ENABLED = os.environ.get(ENV, "1") != "0"  # read once: DecodeLinear asks on every call
 
 
 def _kernels_interpreted() -> bool:

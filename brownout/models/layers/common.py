@@ -14,7 +14,7 @@ from brownout.parallel.info import SINGLE, ParallelInfo
 
 class DecodeLinear(nn.Linear):
     """nn.Linear whose decode-size calls (a few rows on CUDA, autograd off) may take the
-    skinny Triton GEMM (`brownout.kernels.skinny_gemm`, on with BROWNOUT_SKINNY_GEMM=1), which
+    skinny Triton GEMM (`brownout.kernels.skinny_gemm`; BROWNOUT_SKINNY_GEMM=0 turns it off), which
     spreads a weight over every SM where cuBLAS's tiles leave most of them idle."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
