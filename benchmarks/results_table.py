@@ -23,11 +23,12 @@ ASSETS = Path(__file__).resolve().parents[1] / "brownout" / "assets" / "demo"
 HELD_OUT_TARGETS = {2: 0.08, 4: 0.20, 8: 0.40}
 # the three repeats of the headline workload on the current code
 HEADLINE_RUNS = ("headline_h200_run15", "headline_h200_run16", "headline_h200_run17")
-# the engine run that measured the decode step and brownout with today's kernels (the
-# folded shared expert, one routing launch); its files are the raw folder of that name
-DECODE_RUN = "engine_h200_run9"
+# the engine run that measured the decode step and brownout with today's engine (staged
+# graph inputs, the MoE sum in the next norm, small align, skinny GEMM); its files are the
+# raw folder of that name
+DECODE_RUN = "engine_h200_run12"
 # the comparison page that run belongs to (before / after, kernel tables)
-DECODE_PAGE = "engine_h200_fold"
+DECODE_PAGE = "engine_h200_host"
 # engine runs with both H200 tile tables (tau 1 and the crowded tau 0 one)
 TILED_RUNS = ("engine_h200_run5", "engine_h200_run6")
 # every run of the main job on the CPU box
