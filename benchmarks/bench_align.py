@@ -42,18 +42,9 @@ def main() -> None:
 
     if not torch.cuda.is_available():
         sys.exit("bench_align.py needs a CUDA GPU")
-    from gpu_timing import cuda_time_ms
+    from gpu_timing import graph_call_us
 
     from brownout.kernels import fused_moe as fm
-
-    def graph_us(fn) -> float:
-        fn()
-        torch.cuda.synchronize()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            for _ in range(GRAPH_CALLS):
-                fn()
-        return cuda_time_ms(graph.replay, iters=30, warmup=5) * 1e3 / GRAPH_CALLS
 
     args.out.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -68,7 +59,7 @@ def main() -> None:
             for name, small in (("atomics", False), ("small", True)):
                 call = lambda small=small: fm.moe_align(ids, S, BLOCK_M, touched, small=small)  # noqa: E731
                 row[f"{name}_grouped_ok"] = grouped_ok(ids, *call(), BLOCK_M)
-                row[f"{name}_graph_us"] = graph_us(call)
+                row[f"{name}_graph_us"] = graph_call_us(lambda i, call=call: call(), GRAPH_CALLS)
             rows.append(row)
             print(json.dumps(row), flush=True)
     meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, script="benchmarks/bench_align.py",

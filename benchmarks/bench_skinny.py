@@ -5,8 +5,8 @@ Shapes: the dense linears of a decode step of Qwen1.5-MoE-A2.7B (QKV with bias, 
 projection, router with the folded shared gate's row, the unfolded shared expert's gate/up
 and down) and Qwen3-30B-A3B (QKV, output projection, router). Each case is checked against
 F.linear first (bf16 rounding). Timings: per call inside a captured CUDA graph that cycles
-through copies of the weight (128 MB of them, 10-512 calls), so each call reads HBM as a
-model's layers do; replays between CUDA events, median; GB/s is the weight's bytes over that
+through copies of the weight (128 MB of them, 10-512 calls: `gpu_timing.graph_call_us`), so
+each call reads HBM as a model's layers do; replays between CUDA events, median; GB/s is the weight's bytes over that
 time.
 Writes skinny.json and skinny.md under --out.
 Usage: python benchmarks/bench_skinny.py --out DIR   (CUDA GPU with triton required)
@@ -47,20 +47,9 @@ def main() -> None:
 
     if not torch.cuda.is_available():
         sys.exit("bench_skinny.py needs a CUDA GPU")
-    from gpu_timing import cuda_time_ms
+    from gpu_timing import graph_call_us
 
     from brownout.kernels import skinny_gemm as sk
-
-    def graph_us(fn, copies: int) -> float:
-        """Per call of fn(i) over weight copies i = 0..copies-1 in one graph: every call reads
-        its weight from HBM, as a model's layers do, not from the L2 the previous call filled."""
-        fn(0)
-        torch.cuda.synchronize()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            for i in range(copies):
-                fn(i)
-        return cuda_time_ms(graph.replay, iters=20, warmup=3) * 1e3 / copies
 
     args.out.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -78,8 +67,8 @@ def main() -> None:
                 out = sk.skinny_linear(x, w, b)
                 err = float((out.float() - ref).abs().max() / ref.abs().max())
                 split = sk.choose_split_k(-(-N // sk.BLOCK_N), K, x.device, sk.BLOCK_N, sk.row_block(M))
-                cublas = graph_us(lambda i: F.linear(x, ws[i], b), copies)
-                skinny = graph_us(lambda i: sk.skinny_linear(x, ws[i], b), copies)
+                cublas = graph_call_us(lambda i: F.linear(x, ws[i], b), copies, iters=20, warmup=3)
+                skinny = graph_call_us(lambda i: sk.skinny_linear(x, ws[i], b), copies, iters=20, warmup=3)
                 row = dict(shape=shape, N=N, K=K, rows=M, split_k=split, max_rel_err=err,
                            cublas_us=cublas, skinny_us=skinny, cublas_GBps=nbytes / cublas / 1e3,
                            skinny_GBps=nbytes / skinny / 1e3)
@@ -109,7 +98,8 @@ def main() -> None:
                         call = lambda i, cfg=cfg, split=split: sk.skinny_linear(x, ws[i], b, split_k=split, **cfg)  # noqa: E731
                         out = call(0)
                         ok = float((out.float() - ref).abs().max() / ref.abs().max()) < 2e-2
-                        sweep.append(dict(shape=shape, rows=M, split_k=split, ok=ok, us=graph_us(call, copies), **cfg))
+                        us = graph_call_us(call, copies, iters=20, warmup=3)
+                        sweep.append(dict(shape=shape, rows=M, split_k=split, ok=ok, us=us, **cfg))
                 best = min((r for r in sweep if r["shape"] == shape and r["rows"] == M and r["ok"]),
                            key=lambda r: r["us"])
                 print("best", json.dumps(best), flush=True)
