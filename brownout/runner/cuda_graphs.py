@@ -6,10 +6,11 @@ width, whether it is a plain decode step, asks for prompt logprobs, routes by br
 to a `GraphKey`, or to None when the step runs eager. Capture walks the same keys.
 
 Every input the captured forward reads lives in a persistent device buffer: token ids,
-positions, cache slots, block tables, context lengths, query offsets, the padding mask and
-the degradation rungs (brownout threshold `tau`, routed experts kept per token `top_k`).
-A replay copies the step's values into those buffers (one
-routine, `_fill`, for both kinds); nothing is recaptured when tau changes. The graph's
+positions, cache slots, block tables, context lengths, query offsets, the padding mask
+(computed inside the graph from the slots) and the degradation rungs (brownout threshold
+`tau`, routed experts kept per token `top_k`). A replay writes the step's values into
+pinned host mirrors of those buffers and copies them over in two copies (one routine,
+`_fill`, for both kinds); nothing is recaptured when tau changes. The graph's
 outputs (hidden states and the expert slots each MoE layer touched) are static tensors
 too, read after the replay.
 
