@@ -148,13 +148,22 @@ def test_router_sends_work_to_the_idle_replica_and_a_disconnect_frees_it(fleet):
     try:
         wait_for("the long request running", lambda: per_replica(fleet.url, "vllm:num_requests_running")
                  .get(busy) == 1)
-        time.sleep(2.0)  # four stats periods: the router's view includes the running request
-        for _ in range(3):  # skewed: one replica holds a long request, the other none
+
+        def probe() -> str:
             r = httpx.post(fleet.url + "/v1/completions", timeout=REQUEST_TIMEOUT_S,
                            json={"model": "demo", "prompt": "Hi", "max_tokens": 2})
+            assert r.status_code == 200
+            return r.headers[REPLICA_HEADER]
+
+        # the router's view includes the running request once the busy replica's stats reach
+        # it: a few stats periods, more when the replica's CPU-bound engine delays its loop
+        wait_for("the router sending work to the idle replica", lambda: probe() != busy, timeout_s=20.0)
+        for _ in range(3):  # skewed: one replica holds a long request, the other none
+            chosen = probe()
             seen = {m: per_replica(fleet.url, m) for m in
                     ("brownout_tau", "brownout_predicted_ttft_seconds", "vllm:num_requests_running")}
-            assert r.status_code == 200 and r.headers[REPLICA_HEADER] != busy, (busy, seen)
+            assert chosen != busy, (busy, seen)
+            assert seen["vllm:num_requests_running"].get(busy) == 1  # the long request still runs
     finally:
         resp.close()  # the client goes away mid-stream
         client.close()
