@@ -16,6 +16,9 @@ Stages (each writes its raw JSON under --out as soon as it finishes):
   shed        expert shedding: steps of 512 / 1024 / 2048 fresh prompt tokens and a decode
               step of batch 64, graphed, at k' in {k, k-1, k/2, 1} x tau in {1, 0}, vs the
               step roofline at that k' and vs k' = k, tau = 1
+  loop        the engine's own loop (`LLMEngine.step`, scheduler and outputs included): B
+              requests of a 512-token prompt decoding together, the period between
+              collected decode steps with async scheduling on and off, vs the roofline
 
 Run: python benchmarks/bench_engine.py --out $OUT [--stages decode,brownout,offline,shed]
 The stages' JSON files, with `meta` and the command, make one results file
@@ -247,6 +250,31 @@ def host_phases_ms(runner: ModelRunner, sched: SchedulerOutput, iters: int = 20)
     return {k: statistics.median(v) for k, v in timed.items()}
 
 
+def pipelined_ms(runner: ModelRunner, sched: SchedulerOutput, steps: int = 20) -> float | None:
+    """Milliseconds per decode step when each step is launched before the previous one is
+    collected and reads its input tokens from that step's samples on the device (the
+    engine's async scheduling): the period at which the host's work hides behind the GPU's.
+    None for an engine without steps planned ahead."""
+    import inspect
+
+    if "prev" not in inspect.signature(runner.launch).parameters:
+        return None
+    ahead = SchedulerOutput(seqs=sched.seqs, num_prefill_tokens=0, num_decode_tokens=len(sched.seqs),
+                            prev_rows=list(range(len(sched.seqs))))
+    pending = runner.launch(sched, 1.0)
+    for timed in (False, True):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(steps if timed else 3):
+            nxt = runner.launch(ahead, 1.0, prev=pending)
+            runner.collect(pending)
+            pending = nxt
+        if timed:
+            runner.collect(pending)
+            return (time.perf_counter() - t0) * 1e3 / steps
+    return None
+
+
 def shed_levels(k: int) -> list[int]:
     """The k' of the shed stage: k, k - 1, k / 2 and 1, distinct, largest first."""
     return sorted({k, max(1, k - 1), max(1, k // 2), 1}, reverse=True)
@@ -310,6 +338,7 @@ def stage_decode(runner, wb, bw, out_dir: Path, gen, graph_modes=(False, True)) 
                 if graphs and runner.graphs is not None:
                     rows[-1]["replay_ms"] = replay_ms(runner, sched)
                     rows[-1]["host_ms"] = host_phases_ms(runner, sched)
+                    rows[-1]["pipelined_ms"] = pipelined_ms(runner, sched)
                 log.info("decode %s", rows[-1])
     (out_dir / "decode.json").write_text(json.dumps(rows, indent=1))
     return rows
@@ -483,6 +512,67 @@ def stage_offline(out_dir: Path, n_prompts: int = 64, prompt_len: int = 128, out
     return result
 
 
+LOOP_BATCHES = (1, 8, 64)
+LOOP_PROMPT = 512  # prompt tokens of each request: the decode stage's context
+LOOP_OUTPUT = 48  # tokens each request generates: enough steady decode steps to take a median
+
+
+def stage_loop(out_dir: Path, wb: dict, bw: float, preset: str = PRESET, device: str = "cuda",
+               batches=LOOP_BATCHES, prompt_len: int = LOOP_PROMPT, out_len: int = LOOP_OUTPUT) -> list[dict]:
+    """The engine's loop on dummy weights: per batch size B, B requests of LOOP_PROMPT random
+    tokens generate LOOP_OUTPUT tokens each (EOS ignored), once with async scheduling and once
+    without, in one engine. The period of a decode step is the median time between two
+    `step()` calls that each collected a decode step of all B requests: what a streaming
+    client sees between tokens, the scheduler and the output building included."""
+    import dataclasses
+    import statistics
+
+    from brownout.config import SchedulerConfig
+    from brownout.engine.llm import LLM
+
+    gen = torch.Generator().manual_seed(1)
+    blocks = max(batches) * -(-(prompt_len + out_len + 16) // 16) + 64
+    llm = LLM(preset, load_format="dummy", device=device, dtype="bfloat16" if device == "cuda" else "float32",
+              cache=CacheConfig(num_blocks=blocks, enable_prefix_caching=False),
+              scheduler=SchedulerConfig(max_num_seqs=max(batches)))
+    engine = llm.engine
+    vocab = engine.spec.vocab_size
+    sp = SamplingParams(max_tokens=out_len, temperature=0.0, ignore_eos=True)
+    llm.generate([[1, 2, 3, 4]], SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))
+    rows = []
+    for B in batches:
+        for on in (True, False):
+            engine.config = dataclasses.replace(
+                engine.config, scheduler=dataclasses.replace(engine.config.scheduler, async_scheduling=on))
+            for i in range(B):
+                prompt = torch.randint(0, vocab, (prompt_len,), generator=gen).tolist()
+                engine.add_request(f"loop{B}-{on}-{i}", prompt, sp)
+            stamps, touched = [], []
+            while engine.has_unfinished_requests():
+                engine.step()
+                st = engine.fresh_step_stats
+                full = st is not None and not st.has_prefill and st.batch_size == B
+                stamps.append((time.perf_counter(), full))
+                if full:
+                    touched.append(st.experts_touched)
+            gaps = [b[0] - a[0] for a, b in zip(stamps, stamps[1:]) if a[1] and b[1]]
+            ctx = prompt_len + out_len // 2
+            slots = [sum(t) / len(t) for t in zip(*touched)] if touched else []
+            roof = step_roofline_s(wb, slots, B, ctx, bw) * 1e3 if slots else None
+            period = statistics.median(gaps) * 1e3 if gaps else None
+            rows.append(dict(batch=B, async_scheduling=on, prompt=prompt_len, output=out_len,
+                             decode_steps_timed=len(gaps), period_ms=period, roofline_ms=roof,
+                             ratio=period / roof if period and roof else None,
+                             period_p90_ms=sorted(gaps)[int(0.9 * (len(gaps) - 1))] * 1e3 if gaps else None))
+            log.info("loop %s", rows[-1])
+    (out_dir / "loop.json").write_text(json.dumps(rows, indent=1))
+    del llm, engine
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return rows
+
+
 # the steps the profile stage knows, by tag (decode batches at context 512, mixed and prefill steps)
 PROFILE_TAGS = ("b1", "b8", "b64", "b64_tau0", "mixed575", "mixed575_tau0", "mixed1087", "mixed1087_tau0",
                 "prefill2048")
@@ -552,6 +642,16 @@ def main() -> None:
         del runner, loaded
         gc.collect()
         torch.cuda.empty_cache()
+    if "loop" in stages:
+        if "weight_bytes" not in meta:  # the loop's roofline needs the byte counts
+            loaded = load_model(ModelLoadConfig(model=PRESET, load_format="dummy", device="cuda",
+                                                dtype="bfloat16"))
+            meta["weight_bytes"] = weight_bytes(loaded.model)
+            (args.out / "meta.json").write_text(json.dumps(meta, indent=1))
+            del loaded
+            gc.collect()
+            torch.cuda.empty_cache()
+        stage_loop(args.out, meta["weight_bytes"], bw)
     if "offline" in stages:
         stage_offline(args.out)
 

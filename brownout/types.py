@@ -186,6 +186,10 @@ class SchedulerOutput:
     num_prefill_tokens: int  # tokens of requests still in prefill
     num_decode_tokens: int  # one per decoding request
     preempted: list[str] = field(default_factory=list)  # ids preempted while scheduling this step
+    # a step planned before the previous one was collected (`Scheduler.schedule_ahead`): each
+    # sequence's input token is the previous step's sampled token in this row of its output,
+    # still on the device (its `token_ids` hold a placeholder); None: the tokens are known
+    prev_rows: Optional[list[int]] = None
 
     @property
     def has_prefill(self) -> bool:

@@ -116,6 +116,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="refuse (429) a request whose predicted wait for its first token exceeds this many "
                         "TTFT SLOs (--slo-ttft), so the admitted ones can meet it (default: admit while the "
                         "queue has room)")
+    g.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
+                   help="plan and launch each decode step before the previous one is collected, so the "
+                        "host's work per step hides behind the GPU's (default: on)")
     g.add_argument("--num-kv-blocks", type=int, default=None,
                    help="KV cache blocks (default: as many as the memory budget holds)")
     g.add_argument("--block-size", type=int, default=None,
@@ -207,7 +210,8 @@ def build_configs(args, environ: Mapping[str, str] = os.environ) -> tuple[Engine
     scheduler = SchedulerConfig(**_given(args, {
         "max_num_seqs": "max_num_seqs", "max_num_batched_tokens": "max_num_batched_tokens",
         "max_waiting_requests": "max_waiting_requests", "queue_timeout": "queue_timeout_s",
-        "admission_ttft_factor": "admission_ttft_factor", "scheduling_policy": "policy"}))
+        "admission_ttft_factor": "admission_ttft_factor", "scheduling_policy": "policy",
+        "async_scheduling": "async_scheduling"}))
     engine = EngineConfig(load=load, cache=cache, scheduler=scheduler,
                           brownout=BrownoutConfig(united_experts=united, rung_prices=rung_prices, **tau),
                           slo=SLOConfig(policy=policy, **_given(args, {**SLO_FLAGS,

@@ -79,7 +79,7 @@ class LLMEngine:
         self.controller.exempt_per_token = True  # the runner masks exempt tokens per token
         self.last_step_stats: Optional[StepStats] = None
         self.fresh_step_stats: Optional[StepStats] = None  # the step collected by the last call
-        self._inflight = None  # (SchedulerOutput, launched step, start time, requests left waiting)
+        self._inflight: Optional[InFlight] = None  # the step launched and not yet collected
         self._failed_steps = 0  # consecutive steps whose launch or collect raised
 
     # ---- requests ----------------------------------------------------------------------
@@ -126,24 +126,51 @@ class LLMEngine:
         launched before the collected step's text is detokenised and its outputs are built:
         on a GPU that host work (and the caller's, until the next call) overlaps the next
         step's GPU work. A stop string found then finishes its request one step late: the
-        token the launched step computes for it is dropped."""
+        token the launched step computes for it is dropped.
+
+        With async scheduling, a step of decodes only is planned and launched before the
+        previous step is collected (`Scheduler.schedule_ahead`), its input tokens read on
+        the device: the collect, the scheduler's update and the planning then overlap the
+        GPU too, and a request that the collected step's token ends (EOS, a stop id) has one
+        token computed and dropped, as with a stop string."""
         self.fresh_step_stats = None
         outs = [self._finish(r) for r in self.scheduler.expire_waiting(self.clock())]
         new_tokens, collected_at = [], 0.0
-        if self._inflight is not None:
-            step_requests = self._step_requests(self._inflight[0])
+        prev, ahead = self._inflight, None
+        if prev is not None:
+            ahead = self._launch_ahead(prev, outs)
+            step_requests = self._step_requests(prev.sched)
             try:
-                new_tokens, collected_at = self._collect()
+                new_tokens, collected_at = self._collect(prev)
             except Exception:
                 outs += self._fail_step(step_requests, "collect")
-        scheduler_output = self._schedule()
-        if scheduler_output.seqs:
-            step_requests = self._step_requests(scheduler_output)
-            try:
-                self._launch(scheduler_output)
-            except Exception:
-                outs += self._fail_step(step_requests, "launch")
+            if ahead is not None:  # its GPU work starts when the collected step's ends
+                ahead.start = max(ahead.start, collected_at)
+        if ahead is None:
+            scheduler_output = self._schedule()
+            if scheduler_output.seqs:
+                step_requests = self._step_requests(scheduler_output)
+                try:
+                    self._launch(scheduler_output)
+                except Exception:
+                    outs += self._fail_step(step_requests, "launch")
         return outs + [self._emit_or_fail(t, collected_at) for t in new_tokens]
+
+    def _launch_ahead(self, prev: "InFlight", outs: list[RequestOutput]) -> Optional["InFlight"]:
+        """Plan and launch the decode step after `prev` before collecting it; None when async
+        scheduling is off, the engine spans several ranks, the plan needs `prev`'s results
+        (`Scheduler.schedule_ahead`) or the launch failed (its requests then end with an
+        error, their outputs added to `outs`, and the next step is planned after the collect)."""
+        if not self.config.scheduler.async_scheduling or self.workers is not None:
+            return None
+        scheduler_output = self.scheduler.schedule_ahead(prev.sched)
+        if scheduler_output is None:
+            return None
+        try:
+            return self._launch(scheduler_output, prev)
+        except Exception:
+            outs += self._fail_step(self._step_requests(scheduler_output), "launch")
+            return None
 
     def _schedule(self) -> SchedulerOutput:
         """The next step, under the controller's running cap and token budget (rungs 4, 3)."""
@@ -195,14 +222,18 @@ class LLMEngine:
         self._inflight = None
         return self._fail_requests(list(self.scheduler.requests.values()))
 
-    def _launch(self, scheduler_output: SchedulerOutput) -> None:
+    def _launch(self, scheduler_output: SchedulerOutput, prev: Optional["InFlight"] = None) -> "InFlight":
         start = self.clock()
         planned = self._planned(scheduler_output)
         if planned.exempt:
             self._mark_exempt(scheduler_output)
         rungs = self.controller.choose_rungs(planned)
-        pending = self.runner.launch(scheduler_output, rungs)
-        self._inflight = (scheduler_output, pending, start, self.scheduler.view.num_waiting > 0)
+        if prev is None:
+            pending = self.runner.launch(scheduler_output, rungs)
+        else:
+            pending = self.runner.launch(scheduler_output, rungs, prev=prev.pending)
+        self._inflight = InFlight(scheduler_output, pending, start, self.scheduler.view.num_waiting > 0)
+        return self._inflight
 
     def _mark_exempt(self, scheduler_output: SchedulerOutput) -> None:
         """Flag the sequences of an exempt class: the runner keeps their tokens undimmed."""
@@ -211,9 +242,10 @@ class LLMEngine:
             req = self.scheduler.requests.get(s.request_id)
             s.exempt = req is not None and req.priority <= limit
 
-    def _collect(self) -> tuple[list[NewToken], float]:
-        scheduler_output, pending, start, queue_left = self._inflight
-        self._inflight = None
+    def _collect(self, step: "InFlight") -> tuple[list[NewToken], float]:
+        scheduler_output, pending, start, queue_left = step.sched, step.pending, step.start, step.queue_left
+        if self._inflight is step:
+            self._inflight = None
         runner_output = self.runner.collect(pending)
         now = self.clock()
         self._failed_steps = 0
@@ -298,6 +330,16 @@ class LLMEngine:
                     slo_violations=dict(self.controller.violations),
                     brownout_ready=self.runner.brownout_ready,
                     **self.admission.snapshot(self.clock()))
+
+
+@dataclasses.dataclass
+class InFlight:
+    """A launched step the engine has not collected yet."""
+
+    sched: SchedulerOutput
+    pending: object  # the runner's handle (`PendingStep`)
+    start: float  # when its GPU work could start: its launch, or the collect of the step before
+    queue_left: bool  # requests were left waiting when it was planned
 
 
 def rung_price_table(brownout: BrownoutConfig, model_dir: Optional[Path], top_k: int) -> Optional[PriceTable]:

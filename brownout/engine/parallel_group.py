@@ -195,7 +195,9 @@ class ParallelRunner:
     def execute(self, sched, rungs=1.0):
         return self.collect(self.launch(sched, rungs))
 
-    def launch(self, sched, rungs=1.0):  # `Rungs` or a bare tau, as `ModelRunner.launch`
+    def launch(self, sched, rungs=1.0, prev=None):  # as `ModelRunner.launch`
+        if sched.prev_rows is not None:  # the other ranks have no sampled tokens to read
+            raise ValueError("a tensor-parallel engine does not plan steps ahead")
         self.workers.broadcast(("step", sched, rungs))
         return self.runner.launch(sched, rungs)
 

@@ -39,6 +39,10 @@ from brownout.engine.request import Request, Status
 from brownout.engine.request_queue import make_request_queue
 from brownout.types import FinishReason, Logprob, RunnerOutput, ScheduledSeq, SchedulerOutput
 
+# input token of a step planned ahead (`schedule_ahead`): any valid id, the runner replaces it
+# on the device with the previous step's sampled token
+AHEAD_PLACEHOLDER_TOKEN = 0
+
 
 @dataclass(slots=True)
 class QueueView:
@@ -189,6 +193,44 @@ class Scheduler:
         out.preempted[:0] = yielded
         return out
 
+    def schedule_ahead(self, prev: SchedulerOutput) -> Optional[SchedulerOutput]:
+        """The decode step after `prev`, planned while `prev` still runs (its tokens unknown):
+        every running request decodes the token `prev` samples for it, read on the device
+        (`SchedulerOutput.prev_rows`), except one that token ends by length. None when the
+        step needs `prev`'s results or a choice this plan cannot make: a request waits to be
+        admitted, a running request was not in `prev` or did not sample there, `prev` asked
+        for prompt logprobs, or the KV blocks would need a preemption. A request that `prev`'s
+        token ends otherwise (EOS, a stop token or string) is finished when `prev` is
+        collected, and the scheduler drops what this step computed for it."""
+        if self.waiting or not self.running or len(self.running) != len(prev.seqs):
+            return None
+        rows = {s.request_id: i for i, s in enumerate(prev.seqs)
+                if s.sample and s.prompt_logprob_targets is None}
+        plan = []
+        for req in self.running:
+            row = rows.get(req.request_id)
+            if row is None:
+                return None
+            s = prev.seqs[row]
+            pos = s.start_pos + len(s.token_ids)  # where prev's token goes
+            if len(req.output_token_ids) + 1 >= req.sampling.max_tokens or pos + 1 >= self.max_model_len:
+                continue  # prev's token is its last
+            plan.append((req, row, pos))
+        if not plan:
+            return None
+        need = sum(self.blocks.blocks_needed(req.request_id, pos + 1) for req, _, pos in plan)
+        if need > self.blocks.num_free:
+            return None
+        out = SchedulerOutput(seqs=[], num_prefill_tokens=0, num_decode_tokens=len(plan),
+                              prev_rows=[row for _, row, _ in plan])
+        for req, _, pos in plan:
+            table = self.blocks.allocate(req.request_id, pos + 1)
+            out.seqs.append(ScheduledSeq(
+                request_id=req.request_id, token_ids=[AHEAD_PLACEHOLDER_TOKEN], start_pos=pos,
+                block_table=list(table), sample=True, sampling=req.sampling,
+                output_len=len(req.output_token_ids) + 1))
+        return out
+
     def prefill_queue(self) -> tuple[tuple[int, float], ...]:
         """(prompt tokens still to compute, arrival time) of every request not yet through
         its prefill, in the order the scheduler serves them: the running ones (batch order,
@@ -265,7 +307,8 @@ class Scheduler:
         self.tau = result.tau
         for s in sched.seqs:
             req = self.requests.get(s.request_id)
-            if req is None or req.status is not Status.RUNNING:
+            # a request finished (or finished and its id reused) while the step ran gets nothing
+            if req is None or req.status is not Status.RUNNING or req.num_computed != s.start_pos:
                 continue
             self._advance(req, len(s.token_ids))
             self._commit_blocks(req, len(s.token_ids), result.tau)

@@ -237,11 +237,14 @@ class StepGraphs:
         log.info("captured CUDA graphs: decode batch sizes %s, mixed-step token counts %s",
                  self.dispatcher.sizes, self.dispatcher.token_sizes)
 
-    def run(self, key: GraphKey, step: HostStep) -> ForwardOutput:
+    def run(self, key: GraphKey, step: HostStep, token_ids: Optional[torch.Tensor] = None) -> ForwardOutput:
         """Replay graph `key` (from `dispatch`) on a step of T tokens over B sequences.
         Returns hidden [T, D] (a view of the graph's output buffer) and the expert slots
-        touched ([M] int64 or None)."""
+        touched ([M] int64 or None). `token_ids`: [T] device tensor that replaces the step's
+        host token ids (a step planned ahead reads the previous step's samples)."""
         self._fill(key, step)
+        if token_ids is not None:
+            self.input_ids[:len(step.token_ids)].copy_(token_ids)
         if self.graphed:
             self.graphs[key].replay()
             out = self.outputs[key]

@@ -170,13 +170,15 @@ class ModelRunner:
         return self.collect(self.launch(sched, rungs))
 
     @torch.inference_mode()
-    def launch(self, sched: SchedulerOutput, rungs: "Rungs | float" = 1.0) -> "PendingStep":
+    def launch(self, sched: SchedulerOutput, rungs: "Rungs | float" = 1.0,
+               prev: Optional["PendingStep"] = None) -> "PendingStep":
         """Queue the step's forward, sampling and the copy of the sampled tokens to the host;
         on a GPU this returns before the GPU is done, so the engine can do its host work for
         the previous step meanwhile. `collect` waits for the results. `rungs`: the step's
-        `Rungs`, or a bare tau (the model's k)."""
+        `Rungs`, or a bare tau (the model's k). `prev`: the launched step whose sampled
+        tokens a step planned ahead takes as its input (`SchedulerOutput.prev_rows`)."""
         rungs = as_rungs(rungs)
-        out, step = self.forward(sched, rungs)
+        out, step = self.forward(sched, rungs, prev)
         sampled = [s for s in sched.seqs if s.sample]
         offsets = _offsets(step.query_lens_list)
         tokens = logits = sampling = None
@@ -228,12 +230,14 @@ class ModelRunner:
         return max(MIN_TOP_K, int(rungs.top_k))
 
     @torch.inference_mode()
-    def forward(self, sched: SchedulerOutput, rungs: "Rungs | float" = 1.0) -> tuple[ForwardOutput, HostStep]:
+    def forward(self, sched: SchedulerOutput, rungs: "Rungs | float" = 1.0,
+                prev: Optional["PendingStep"] = None) -> tuple[ForwardOutput, HostStep]:
         """Run the model on one step: a CUDA-graph replay where the dispatcher has a graph for
         it, else eager -> (hidden [T, D] and expert slots touched [M] or None, the step's host
-        inputs); no sampling."""
+        inputs); no sampling. `prev`: as in `launch`."""
         rungs = as_rungs(rungs)
         step = self._host_step(sched)
+        ahead_ids = self._ahead_ids(sched, prev)
         tau = rungs.tau
         if self.brownout_ready:
             self.tau.fill_(tau)
@@ -247,8 +251,10 @@ class ModelRunner:
         if self.graphs is not None and exempt is None:
             key = self.graphs.dispatch(StepDescriptor.of(sched, routed=tau < 1.0, shed=top_k is not None))
         if key is not None:
-            return self.graphs.run(key, step), step
+            return self.graphs.run(key, step, ahead_ids), step
         input_ids, positions, meta = self._to_device(step)
+        if ahead_ids is not None:
+            input_ids.copy_(ahead_ids)
         # eager: at tau = 1 routing is skipped altogether (it would change nothing), and so
         # is shedding at the model's k
         ctx = ForwardContext(attn=meta, kv_caches=self.kv_caches, tau=self.tau if brownout else None,
@@ -256,6 +262,18 @@ class ModelRunner:
                              use_kernels=self.use_kernels, exempt=exempt,
                              defer_moe_sum=not self.loaded.parallel.active)
         return self.model(input_ids, positions, ctx), step
+
+    def _ahead_ids(self, sched: SchedulerOutput, prev: Optional["PendingStep"]) -> Optional[torch.Tensor]:
+        """[T] int64 on the device: the input tokens of a step planned ahead, taken from the
+        previous step's sampled tokens without a host round trip; None for other steps."""
+        rows = sched.prev_rows
+        if rows is None:
+            return None
+        if prev is None or prev.tokens is None or len(rows) != len(sched.seqs):
+            raise ValueError("a step planned ahead needs the sampled tokens of the step before it")
+        if rows == list(range(len(rows))):  # the same batch, fewer at its end: no gather
+            return prev.tokens[:len(rows)]
+        return prev.tokens.index_select(0, to_device(rows, self.device, torch.long))
 
     def _exempt_mask(self, sched: SchedulerOutput) -> Optional[torch.Tensor]:
         """[T] bool: the step's tokens of exempt sequences; None when it carries none."""

@@ -36,10 +36,10 @@ class FaultyRunner:
     def __init__(self, runner):
         self._runner = runner
 
-    def launch(self, sched, tau: float = 1.0):
+    def launch(self, sched, tau: float = 1.0, prev=None):
         if any(s.sampling.seed == POISON_SEED for s in sched.seqs):
             raise InjectedFault("launch")
-        return self._runner.launch(sched, tau)
+        return self._runner.launch(sched, tau, prev)
 
     def collect(self, pending):
         out = self._runner.collect(pending)

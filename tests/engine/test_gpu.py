@@ -90,3 +90,37 @@ def test_gpu_exempt_tokens_keep_their_experts_inside_a_dimmed_step(tiny_models):
     exact, _ = run(1.0, None)
     dimmed, eng = run(0.0, 0)
     assert dimmed["vip"] == exact["vip"] and eng.controller.num_exempt_steps > 0
+
+
+def test_gpu_async_scheduling_gives_the_synchronous_tokens(tiny_models):
+    """Decode steps planned ahead read their input tokens from the previous step's samples
+    on the device (graph replays included; requests ending at different steps make the row
+    gather non-trivial) and give the synchronous loop's tokens; the launch of such a step
+    does not wait for the GPU."""
+    from brownout.config import SchedulerConfig
+
+    path = str(tiny_models["qwen2_moe"])
+    prompts = [list(range(3, 3 + n)) for n in (4, 9, 17, 33, 5)]
+    params = [SamplingParams(max_tokens=m, temperature=0.0, ignore_eos=True) for m in (16, 3, 9, 16, 1)]
+    runs = {}
+    for on in (False, True):
+        llm = LLM(path, device="cuda", dtype="float32", cache=SMALL,
+                  scheduler=SchedulerConfig(async_scheduling=on))
+        runner, ahead = llm.engine.runner, []
+        launch = runner.launch
+
+        def checked(sched, rungs=1.0, prev=None, launch=launch, ahead=ahead):
+            if sched.prev_rows is None:
+                return launch(sched, rungs, prev)
+            ahead.append(sched.prev_rows)
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                return launch(sched, rungs, prev)
+            finally:
+                torch.cuda.set_sync_debug_mode(0)
+
+        runner.launch = checked
+        runs[on] = ([c.token_ids for c in llm.generate(prompts, params)], ahead)
+    assert runs[True][0] == runs[False][0]
+    assert not runs[False][1] and runs[True][1]
+    assert any(rows != list(range(len(rows))) for rows in runs[True][1])  # a gather happened

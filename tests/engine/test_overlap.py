@@ -10,7 +10,7 @@ def test_next_step_is_launched_before_outputs_are_built(tiny_models):
     engine = llm.engine
     events = []
     launch, emit = engine.runner.launch, engine._emit
-    engine.runner.launch = lambda sched, tau=1.0: (events.append("launch"), launch(sched, tau))[1]
+    engine.runner.launch = lambda sched, tau=1.0, prev=None: (events.append("launch"), launch(sched, tau, prev))[1]
     engine._emit = lambda *a: (events.append("emit"), emit(*a))[1]
     llm.generate([[5, 6, 7, 8]], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
     # prefill, then 3 decodes; every step's outputs come after the next launch (none after the last)
@@ -25,8 +25,8 @@ def test_stop_string_in_flight_step_is_dropped_and_blocks_freed(tiny_models):
     snippet = next(text[i:i + 2] for i in range(2, len(text) - 2) if text[i:i + 2].strip())
     launched = []
     launch = engine.runner.launch
-    engine.runner.launch = lambda sched, tau=1.0: (launched.append([s.request_id for s in sched.seqs]),
-                                                    launch(sched, tau))[1]
+    engine.runner.launch = lambda sched, tau=1.0, prev=None: (
+        launched.append([s.request_id for s in sched.seqs]), launch(sched, tau, prev))[1]
     long = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
     outs = llm.generate(["The quick brown fox", "A different prompt here"],
                         [SamplingParams(max_tokens=24, temperature=0, ignore_eos=True, stop=[snippet]), long])

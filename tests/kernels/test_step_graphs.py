@@ -191,3 +191,27 @@ def test_mixed_bucket_choice_and_limits(tiny_models):
     assert graphs.dispatcher.token_sizes == [16, 32]
     assert mixed(32, 8, 2) == GraphKey("mixed", 32, False) and mixed(33, 8, 2) is None
     assert mixed(16, 9, 2) is None and mixed(16, 8, 3) is None
+
+
+@needs_kernels
+def test_device_token_ids_replace_the_host_ones(tiny_models):
+    """A step planned ahead stages placeholder ids and passes the previous step's sampled
+    tokens as a device tensor: the replay reads those, not the placeholders."""
+    import dataclasses
+
+    from brownout.runner.cuda_graphs import StepDescriptor, StepGraphs
+
+    loaded, runner = _setup(tiny_models, "qwen2_moe", None)
+    graphs = StepGraphs(runner.model, runner.kv_caches, runner.tau, 8, 16, runner.brownout_ready,
+                        max_step_tokens=64, block_size=16, graphed=CUDA, top_k=runner.top_k)
+    graphs.capture()
+    sched = _decode_sched(loaded.spec.vocab_size)
+    blank = dataclasses.replace(sched, seqs=[dataclasses.replace(s, token_ids=[0]) for s in sched.seqs])
+    key = graphs.dispatch(StepDescriptor.of(sched, routed=False))
+    outs = []
+    for step, ids in ((sched, None), (blank, None),
+                      (blank, torch.tensor([s.token_ids[0] for s in sched.seqs], device=DEVICE))):
+        _fill_cache(runner, 1)
+        outs.append(graphs.run(key, runner._host_step(step), ids).hidden.clone())
+    assert torch.equal(outs[2], outs[0])
+    assert not torch.equal(outs[1], outs[0])  # the placeholders alone give another step

@@ -1,0 +1,206 @@
+"""Async scheduling: a decode step planned and launched before the previous step is
+collected, its input tokens read on the device. Outputs are those of the synchronous loop
+(greedy and seeded, with stop tokens, length limits, chunked prefill, preemption and the
+prefix cache), a request that ends in flight has its extra token dropped and its blocks
+freed, and the scheduler plans ahead only when nothing it needs is unknown."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from brownout.config import CacheConfig, SchedulerConfig
+from brownout.engine.block_manager import BlockManager
+from brownout.engine.llm import LLM
+from brownout.engine.request import Request
+from brownout.engine.scheduler import Scheduler
+from brownout.types import FinishReason, RunnerOutput, SamplingParams
+
+
+def _engine(path, async_scheduling: bool, **sched):
+    cache = sched.pop("cache", CacheConfig())
+    return LLM(path, device="cpu", cache=cache,
+               scheduler=SchedulerConfig(async_scheduling=async_scheduling, **sched)).engine
+
+
+def _count_ahead(engine) -> list[int]:
+    """Patch the runner to count launches of steps planned ahead; returns the counter."""
+    launch, count = engine.runner.launch, [0]
+
+    def counted(sched, rungs=1.0, prev=None):
+        count[0] += sched.prev_rows is not None
+        return launch(sched, rungs, prev)
+
+    engine.runner.launch = counted
+    return count
+
+
+def _drive(engine, arrivals: list[tuple[int, str, list[int], SamplingParams]]) -> dict:
+    """Add each request at its step, step until idle; request id -> (tokens, finish reason)."""
+    done, step = {}, 0
+    pending = sorted(arrivals, key=lambda a: a[0])
+    while pending or engine.has_unfinished_requests():
+        while pending and pending[0][0] <= step:
+            _, rid, prompt, params = pending.pop(0)
+            engine.add_request(rid, prompt, params)
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = (out.output_token_ids, out.finish_reason)
+        step += 1
+        assert step < 2000, "engine did not finish its requests"
+    assert engine.blocks.num_used == 0 and not engine.requests
+    return done
+
+
+def _workload(vocab: int, stops: dict[str, list[int]]):
+    """Requests arriving at different steps: greedy and seeded-sampled, various lengths, some
+    with stop token ids (`stops`: request id -> ids)."""
+    rng = random.Random(11)
+    out = []
+    for i in range(8):
+        prompt = [rng.randrange(3, vocab) for _ in range(rng.randint(3, 40))]
+        kw = dict(max_tokens=rng.randint(1, 24), ignore_eos=True,
+                  stop_token_ids=stops.get(f"r{i}", []))
+        if i % 3 == 1:  # sampled, seeded: the draw must not depend on the loop
+            kw.update(temperature=0.8, top_p=0.9, seed=100 + i)
+        else:
+            kw.update(temperature=0.0)
+        out.append((rng.choice([0, 0, 2, 5, 9]), f"r{i}", prompt, SamplingParams(**kw)))
+    return out
+
+
+@pytest.mark.parametrize("setup", [
+    dict(),  # roomy cache, the default step budget
+    dict(max_num_batched_tokens=16, max_num_seqs=4,
+         cache=CacheConfig(block_size=4, num_blocks=20)),  # chunked prefill and preemption
+])
+def test_outputs_match_the_synchronous_loop(tiny_models, setup):
+    path = str(tiny_models["qwen2_moe"])
+    sync = _engine(path, False, **dict(setup))
+    vocab = sync.spec.vocab_size
+    # stop ids the greedy requests meet: a token from the middle of their plain outputs
+    plain = _drive(sync, _workload(vocab, {}))
+    stops = {rid: [toks[len(toks) // 2]] for rid, (toks, _) in plain.items()
+             if rid in ("r0", "r2", "r5") and len(toks) > 2}
+    work = _workload(vocab, stops)
+    expected = _drive(sync, work)
+    fast = _engine(path, True, **dict(setup))
+    ahead = _count_ahead(fast)
+    got = _drive(fast, work)
+    assert got == expected
+    assert ahead[0] > 0  # the loop did plan steps ahead
+    assert any(reason == FinishReason.STOP for _, reason in expected.values())
+    if setup:
+        assert sync.scheduler.num_preemptions > 0 and fast.scheduler.num_preemptions > 0
+
+
+def test_off_never_plans_ahead(tiny_models):
+    engine = _engine(str(tiny_models["qwen2_moe"]), False)
+    ahead = _count_ahead(engine)
+    _drive(engine, [(0, "a", [5, 6, 7], SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))])
+    assert ahead[0] == 0
+
+
+def test_token_after_a_stop_id_is_dropped_and_blocks_freed(tiny_models):
+    path = str(tiny_models["qwen2_moe"])
+    base = _drive(_engine(path, False), [(0, "b", [5, 6, 7, 8], SamplingParams(
+        max_tokens=20, temperature=0, ignore_eos=True))])["b"][0]
+    stop = base[4]
+    cut = base[:base.index(stop) + 1]
+    engine = _engine(path, True)
+    launched = []
+    launch = engine.runner.launch
+    engine.runner.launch = lambda sched, rungs=1.0, prev=None: (
+        launched.append(sched.prev_rows is not None), launch(sched, rungs, prev))[1]
+    got = _drive(engine, [(0, "s", [5, 6, 7, 8], SamplingParams(max_tokens=20, temperature=0,
+                                                                 ignore_eos=True, stop_token_ids=[stop]))])
+    assert got["s"] == (cut, FinishReason.STOP)
+    # one step was launched past the stop token: its token was computed and dropped
+    assert len(launched) == len(cut) + 1 and launched[-1]
+
+
+# ---- the scheduler's plan ---------------------------------------------------------------
+BS = 4
+
+
+def _sched(num_blocks=32, max_num_seqs=8) -> Scheduler:
+    return Scheduler(SchedulerConfig(max_num_seqs=max_num_seqs), BlockManager(num_blocks, BS))
+
+
+def _req(rid, n_prompt=6, max_tokens=10) -> Request:
+    return Request(rid, list(range(1, n_prompt + 1)), SamplingParams(max_tokens=max_tokens, temperature=0),
+                   arrival_time=0.0)
+
+
+def _collect(s: Scheduler, out, tokens: dict):
+    return s.update_from_output(out, RunnerOutput(sampled=tokens), now=1.0)
+
+
+def test_plan_follows_the_previous_step():
+    s = _sched()
+    for rid in ("a", "b"):
+        s.add(_req(rid))
+    first = s.schedule()  # both prompts
+    ahead = s.schedule_ahead(first)
+    assert ahead is not None and ahead.prev_rows == [0, 1] and ahead.num_decode_tokens == 2
+    assert [(q.request_id, q.start_pos, q.output_len) for q in ahead.seqs] == [("a", 6, 1), ("b", 6, 1)]
+    assert all(len(q.block_table) * BS >= 7 for q in ahead.seqs)
+    _collect(s, first, {"a": 50, "b": 51})
+    new = _collect(s, ahead, {"a": 60, "b": 61})
+    assert [(t.request.request_id, t.token_id) for t in new] == [("a", 60), ("b", 61)]
+    assert s.requests["a"].output_token_ids == [50, 60] and s.requests["a"].num_computed == 7
+
+
+def test_plan_skips_a_request_its_last_token_ends_and_maps_rows():
+    s = _sched()
+    s.add(_req("short", max_tokens=1))
+    s.add(_req("long"))
+    first = s.schedule()
+    ahead = s.schedule_ahead(first)
+    assert [q.request_id for q in ahead.seqs] == ["long"] and ahead.prev_rows == [1]
+
+
+@pytest.mark.parametrize("case", ["waiting", "no_blocks", "not_in_prev", "finished_in_flight"])
+def test_no_plan_when_it_needs_the_collect(case):
+    s = _sched(num_blocks=4 if case == "no_blocks" else 32, max_num_seqs=1 if case == "waiting" else 8)
+    s.add(_req("a", n_prompt=8 if case == "no_blocks" else 6))
+    if case == "no_blocks":
+        s.add(_req("b", n_prompt=8))  # two requests hold all 4 blocks, full
+    if case == "waiting":
+        s.add(_req("b"))  # no room in the batch: it waits
+    first = s.schedule()
+    if case == "not_in_prev":
+        s.add(_req("c"))
+        s._from_waiting(s.waiting.pop())  # running, not in `first` (as after a resume)
+        s._to_running(s.requests["c"])
+    if case == "finished_in_flight":
+        s.finish_requests(["a"], FinishReason.ABORT)
+        assert s.schedule_ahead(first) is None
+        return
+    assert s.schedule_ahead(first) is None
+
+
+def test_result_of_a_finished_request_is_dropped():
+    s = _sched()
+    s.add(_req("a"))
+    s.add(_req("b"))
+    first = s.schedule()
+    ahead = s.schedule_ahead(first)
+    s.update_from_output(first, RunnerOutput(sampled={"a": 50, "b": 51}), now=1.0)
+    s.finish_requests(["a"], FinishReason.STOP)  # a stop string in a's first token
+    new = _collect(s, ahead, {"a": 60, "b": 61})
+    assert [t.request.request_id for t in new] == ["b"]
+    assert "a" not in s.requests and s.requests["b"].output_token_ids == [51, 61]
+
+
+def test_flag_turns_it_off():
+    import argparse
+
+    from brownout.api.launch import add_arguments, build_configs
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    on, _ = build_configs(parser.parse_args([]))
+    off, _ = build_configs(parser.parse_args(["--no-async-scheduling"]))
+    assert on.scheduler.async_scheduling and not off.scheduler.async_scheduling
