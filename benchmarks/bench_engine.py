@@ -250,7 +250,8 @@ def host_phases_ms(runner: ModelRunner, sched: SchedulerOutput, iters: int = 20)
     return {k: statistics.median(v) for k, v in timed.items()}
 
 
-def pipelined_ms(runner: ModelRunner, sched: SchedulerOutput, steps: int = 20) -> float | None:
+def pipelined_ms(runner: ModelRunner, sched: SchedulerOutput, tau: "float | Rungs" = 1.0,
+                 steps: int = 20) -> float | None:
     """Milliseconds per decode step when each step is launched before the previous one is
     collected and reads its input tokens from that step's samples on the device (the
     engine's async scheduling): the period at which the host's work hides behind the GPU's.
@@ -261,12 +262,12 @@ def pipelined_ms(runner: ModelRunner, sched: SchedulerOutput, steps: int = 20) -
         return None
     ahead = SchedulerOutput(seqs=sched.seqs, num_prefill_tokens=0, num_decode_tokens=len(sched.seqs),
                             prev_rows=list(range(len(sched.seqs))))
-    pending = runner.launch(sched, 1.0)
+    pending = runner.launch(sched, tau)
     for timed in (False, True):
         torch.cuda.synchronize()
         t0 = time.perf_counter()
         for _ in range(steps if timed else 3):
-            nxt = runner.launch(ahead, 1.0, prev=pending)
+            nxt = runner.launch(ahead, tau, prev=pending)
             runner.collect(pending)
             pending = nxt
         if timed:
@@ -441,14 +442,19 @@ def stage_brownout(runner, wb, bw, out_dir: Path, gen) -> dict:
                 log.info("moe %s", result["moe_layer"][-1])
         for B in (8, 32, 64, 128):
             sched = decode_sched(B, 512, runner.block_size, model.spec.vocab_size)
-            base_ms = None
+            base_ms = base_period = None
             for tau in TAUS:
                 ms, touched = time_step(runner, sched, tau, graphs=True)
                 base_ms = base_ms or ms
+                period = pipelined_ms(runner, sched, tau)
+                base_period = base_period or period
                 roof = step_roofline_s(wb, touched, B, 512, bw) * 1e3
                 result["decode"].append(dict(way=way, batch=B, ctx=512, tau=tau, step_ms=ms,
                                              vs_tau1=ms / base_ms, roofline_ms=roof, ratio_roofline=ms / roof,
-                                             experts_touched_mean=sum(touched) / len(touched)))
+                                             experts_touched_mean=sum(touched) / len(touched),
+                                             pipelined_ms=period,
+                                             pipelined_vs_tau1=period / base_period if period else None,
+                                             pipelined_ratio_roofline=period / roof if period else None))
                 log.info("decode-tau %s", result["decode"][-1])
     (out_dir / "brownout.json").write_text(json.dumps(result, indent=1))
     return result

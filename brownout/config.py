@@ -59,9 +59,10 @@ class SchedulerConfig:
     # refuse (429) a request whose predicted wait for its first token exceeds this many
     # TTFT SLOs (None: admit while the queue has room); see brownout.engine.admission
     admission_ttft_factor: Optional[float] = None
-    # plan and launch a decode step before the previous step is collected, its input tokens
-    # taken on the device, so the host's scheduling hides behind the GPU's work (steps with
-    # prompt work, a queue to admit from or several ranks still wait for the collect)
+    # plan and launch each step before the previous one is collected, its decodes' input
+    # tokens taken on the device, so the host's scheduling hides behind the GPU's work (a
+    # step that needs a preemption or the previous step's prompt logprobs, and every step
+    # of a tensor-parallel engine, is still planned after the collect)
     async_scheduling: bool = True
 
     def __post_init__(self) -> None:

@@ -128,10 +128,10 @@ class LLMEngine:
         step's GPU work. A stop string found then finishes its request one step late: the
         token the launched step computes for it is dropped.
 
-        With async scheduling, a step of decodes only is planned and launched before the
-        previous step is collected (`Scheduler.schedule_ahead`), its input tokens read on
-        the device: the collect, the scheduler's update and the planning then overlap the
-        GPU too, and a request that the collected step's token ends (EOS, a stop id) has one
+        With async scheduling, the next step is planned and launched before the previous
+        step is collected (`Scheduler.schedule_ahead`), its decodes' input tokens read on the
+        device: the collect, the scheduler's update and the planning then overlap the GPU
+        too, and a request that the collected step's token ends (EOS, a stop id) has one
         token computed and dropped, as with a stop string."""
         self.fresh_step_stats = None
         outs = [self._finish(r) for r in self.scheduler.expire_waiting(self.clock())]
@@ -157,13 +157,13 @@ class LLMEngine:
         return outs + [self._emit_or_fail(t, collected_at) for t in new_tokens]
 
     def _launch_ahead(self, prev: "InFlight", outs: list[RequestOutput]) -> Optional["InFlight"]:
-        """Plan and launch the decode step after `prev` before collecting it; None when async
+        """Plan and launch the step after `prev` before collecting it; None when async
         scheduling is off, the engine spans several ranks, the plan needs `prev`'s results
         (`Scheduler.schedule_ahead`) or the launch failed (its requests then end with an
         error, their outputs added to `outs`, and the next step is planned after the collect)."""
         if not self.config.scheduler.async_scheduling or self.workers is not None:
             return None
-        scheduler_output = self.scheduler.schedule_ahead(prev.sched)
+        scheduler_output = self._schedule(prev)
         if scheduler_output is None:
             return None
         try:
@@ -172,11 +172,15 @@ class LLMEngine:
             outs += self._fail_step(self._step_requests(scheduler_output), "launch")
             return None
 
-    def _schedule(self) -> SchedulerOutput:
-        """The next step, under the controller's running cap and token budget (rungs 4, 3)."""
+    def _schedule(self, prev: Optional["InFlight"] = None) -> Optional[SchedulerOutput]:
+        """The next step, under the controller's running cap and token budget (rungs 4, 3);
+        with `prev`, planned before `prev` is collected (None: it cannot be)."""
         view = self.scheduler.view
         self.admission.set_running_cap(self.controller.running_cap(view))
-        return self.scheduler.schedule(self.controller.choose_token_budget(view))
+        budget = self.controller.choose_token_budget(view)
+        if prev is None:
+            return self.scheduler.schedule(budget)
+        return self.scheduler.schedule_ahead(prev.sched, budget)
 
     # ---- a failed step ends its own requests -----------------------------------------
     def _step_requests(self, scheduler_output: SchedulerOutput) -> list[Request]:

@@ -193,42 +193,66 @@ class Scheduler:
         out.preempted[:0] = yielded
         return out
 
-    def schedule_ahead(self, prev: SchedulerOutput) -> Optional[SchedulerOutput]:
-        """The decode step after `prev`, planned while `prev` still runs (its tokens unknown):
-        every running request decodes the token `prev` samples for it, read on the device
-        (`SchedulerOutput.prev_rows`), except one that token ends by length. None when the
-        step needs `prev`'s results or a choice this plan cannot make: a request waits to be
-        admitted, a running request was not in `prev` or did not sample there, `prev` asked
-        for prompt logprobs, or the KV blocks would need a preemption. A request that `prev`'s
-        token ends otherwise (EOS, a stop token or string) is finished when `prev` is
-        collected, and the scheduler drops what this step computed for it."""
-        if self.waiting or not self.running or len(self.running) != len(prev.seqs):
+    def schedule_ahead(self, prev: SchedulerOutput, token_budget: Optional[int] = None) -> Optional[SchedulerOutput]:
+        """The step after `prev`, planned while `prev` still runs. A request `prev` samples
+        for decodes that token, read on the device (`SchedulerOutput.prev_rows`), unless it
+        is its last by length; a request `prev` took a prompt chunk of gets its next chunk;
+        waiting requests are admitted as `schedule` admits them (`token_budget` likewise).
+        None when the plan needs `prev`'s results or a choice made only after it: a running
+        request was not in `prev`, `prev` asked for prompt logprobs, or the running requests'
+        KV blocks would need a preemption. A request that `prev`'s token ends otherwise (EOS,
+        a stop id or string) is finished when `prev` is collected, and the scheduler drops
+        what this step computed for it."""
+        if not self.running:
             return None
-        rows = {s.request_id: i for i, s in enumerate(prev.seqs)
-                if s.sample and s.prompt_logprob_targets is None}
-        plan = []
+        in_prev = {s.request_id: (i, s) for i, s in enumerate(prev.seqs)}
+        budget = self.config.max_num_batched_tokens
+        plan = []  # (request, row in prev's samples or -1, start, tokens)
         for req in self.running:
-            row = rows.get(req.request_id)
-            if row is None:
+            hit = in_prev.get(req.request_id)
+            if hit is None or hit[1].prompt_logprob_targets is not None:
                 return None
-            s = prev.seqs[row]
-            pos = s.start_pos + len(s.token_ids)  # where prev's token goes
-            if len(req.output_token_ids) + 1 >= req.sampling.max_tokens or pos + 1 >= self.max_model_len:
-                continue  # prev's token is its last
-            plan.append((req, row, pos))
-        if not plan:
+            row, s = hit
+            start = s.start_pos + len(s.token_ids)
+            if s.sample:
+                if len(req.output_token_ids) + 1 >= req.sampling.max_tokens or start + 1 >= self.max_model_len:
+                    continue  # prev's token is its last
+                plan.append((req, row, start, 1))
+            else:
+                plan.append((req, -1, start, req.num_tokens - start))
+        decodes = sum(1 for _, row, _, _ in plan if row >= 0)
+        prefill_budget = budget
+        if token_budget is not None:
+            prefill_budget = max(0, min(budget, int(token_budget)) - decodes)
+        out = SchedulerOutput(seqs=[], num_prefill_tokens=0, num_decode_tokens=0, prev_rows=[])
+        sized = []
+        for req, row, start, left in plan:  # budget in batch order, as `schedule` does
+            n = min(left, budget) if row >= 0 else min(left, budget, prefill_budget)
+            if n <= 0:
+                continue
+            sized.append((req, row, start, n))
+            budget -= n
+            if row < 0:
+                prefill_budget -= n
+        need = sum(self.blocks.blocks_needed(req.request_id, start + n) for req, _, start, n in sized)
+        if not sized or need > self.blocks.num_free:
             return None
-        need = sum(self.blocks.blocks_needed(req.request_id, pos + 1) for req, _, pos in plan)
-        if need > self.blocks.num_free:
-            return None
-        out = SchedulerOutput(seqs=[], num_prefill_tokens=0, num_decode_tokens=len(plan),
-                              prev_rows=[row for _, row, _ in plan])
-        for req, _, pos in plan:
-            table = self.blocks.allocate(req.request_id, pos + 1)
+        for req, row, start, n in sized:
+            table = self.blocks.allocate(req.request_id, start + n)
+            decode = row >= 0
             out.seqs.append(ScheduledSeq(
-                request_id=req.request_id, token_ids=[AHEAD_PLACEHOLDER_TOKEN], start_pos=pos,
-                block_table=list(table), sample=True, sampling=req.sampling,
-                output_len=len(req.output_token_ids) + 1))
+                request_id=req.request_id,
+                token_ids=[AHEAD_PLACEHOLDER_TOKEN] if decode else req.token_slice(start, n),
+                start_pos=start, block_table=list(table), sample=decode or start + n == req.num_tokens,
+                sampling=req.sampling, output_len=len(req.output_token_ids) + decode))
+            out.prev_rows.append(row)
+            if decode:
+                out.num_decode_tokens += 1
+            else:
+                out.num_prefill_tokens += n
+        admitted = len(out.seqs)
+        self._admit_waiting(out, min(budget, prefill_budget))
+        out.prev_rows += [-1] * (len(out.seqs) - admitted)
         return out
 
     def prefill_queue(self) -> tuple[tuple[int, float], ...]:

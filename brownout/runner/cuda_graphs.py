@@ -86,6 +86,21 @@ class HostStep:
         return max(self.query_lens_list, default=0)
 
 
+@dataclass
+class TokenPatch:
+    """Input token ids already on the device: `values` go to rows `rows` of a step's token
+    ids (None: rows 0..len(values)-1)."""
+
+    rows: Optional[torch.Tensor]  # [n] int64
+    values: torch.Tensor  # [n] int64
+
+    def apply(self, input_ids: torch.Tensor) -> None:
+        if self.rows is None:
+            input_ids[:self.values.numel()].copy_(self.values)
+        else:
+            input_ids.index_copy_(0, self.rows, self.values)
+
+
 def bucket_sizes(max_batch: int) -> list[int]:
     """Batch sizes of the decode graphs."""
     return [s for s in DECODE_BATCH_BUCKETS if s < max_batch] + [max_batch]
@@ -237,14 +252,14 @@ class StepGraphs:
         log.info("captured CUDA graphs: decode batch sizes %s, mixed-step token counts %s",
                  self.dispatcher.sizes, self.dispatcher.token_sizes)
 
-    def run(self, key: GraphKey, step: HostStep, token_ids: Optional[torch.Tensor] = None) -> ForwardOutput:
+    def run(self, key: GraphKey, step: HostStep, patch: Optional["TokenPatch"] = None) -> ForwardOutput:
         """Replay graph `key` (from `dispatch`) on a step of T tokens over B sequences.
         Returns hidden [T, D] (a view of the graph's output buffer) and the expert slots
-        touched ([M] int64 or None). `token_ids`: [T] device tensor that replaces the step's
-        host token ids (a step planned ahead reads the previous step's samples)."""
+        touched ([M] int64 or None). `patch`: token ids on the device that replace some of
+        the step's host ones (a step planned ahead reads the previous step's samples)."""
         self._fill(key, step)
-        if token_ids is not None:
-            self.input_ids[:len(step.token_ids)].copy_(token_ids)
+        if patch is not None:
+            patch.apply(self.input_ids)
         if self.graphed:
             self.graphs[key].replay()
             out = self.outputs[key]

@@ -22,7 +22,7 @@ import torch
 
 from brownout.config import CacheConfig
 from brownout.models.context import AttnMeta, ForwardContext, ForwardOutput
-from brownout.runner.cuda_graphs import PAD_BLOCK, HostStep, StepDescriptor, StepGraphs
+from brownout.runner.cuda_graphs import PAD_BLOCK, HostStep, StepDescriptor, StepGraphs, TokenPatch
 from brownout.runner.loader import LoadedModel
 from brownout.runner.sampler import SamplingMetadata, sample, to_device, token_logprobs
 from brownout.types import Logprob, Rungs, RunnerOutput, SamplingParams, ScheduledSeq, SchedulerOutput
@@ -237,7 +237,7 @@ class ModelRunner:
         inputs); no sampling. `prev`: as in `launch`."""
         rungs = as_rungs(rungs)
         step = self._host_step(sched)
-        ahead_ids = self._ahead_ids(sched, prev)
+        ahead_ids = self._ahead_ids(sched, step, prev)
         tau = rungs.tau
         if self.brownout_ready:
             self.tau.fill_(tau)
@@ -254,7 +254,7 @@ class ModelRunner:
             return self.graphs.run(key, step, ahead_ids), step
         input_ids, positions, meta = self._to_device(step)
         if ahead_ids is not None:
-            input_ids.copy_(ahead_ids)
+            ahead_ids.apply(input_ids)
         # eager: at tau = 1 routing is skipped altogether (it would change nothing), and so
         # is shedding at the model's k
         ctx = ForwardContext(attn=meta, kv_caches=self.kv_caches, tau=self.tau if brownout else None,
@@ -263,17 +263,22 @@ class ModelRunner:
                              defer_moe_sum=not self.loaded.parallel.active)
         return self.model(input_ids, positions, ctx), step
 
-    def _ahead_ids(self, sched: SchedulerOutput, prev: Optional["PendingStep"]) -> Optional[torch.Tensor]:
-        """[T] int64 on the device: the input tokens of a step planned ahead, taken from the
-        previous step's sampled tokens without a host round trip; None for other steps."""
+    def _ahead_ids(self, sched: SchedulerOutput, step: HostStep,
+                   prev: Optional["PendingStep"]) -> Optional[TokenPatch]:
+        """Where a step planned ahead takes input tokens from the previous step's sampled
+        tokens, on the device without a host round trip; None for other steps."""
         rows = sched.prev_rows
-        if rows is None:
+        if rows is None or all(r < 0 for r in rows):
             return None
         if prev is None or prev.tokens is None or len(rows) != len(sched.seqs):
             raise ValueError("a step planned ahead needs the sampled tokens of the step before it")
-        if rows == list(range(len(rows))):  # the same batch, fewer at its end: no gather
-            return prev.tokens[:len(rows)]
-        return prev.tokens.index_select(0, to_device(rows, self.device, torch.long))
+        if rows == list(range(len(rows))) and len(step.token_ids) == len(rows):
+            return TokenPatch(None, prev.tokens[:len(rows)])  # the same batch, fewer at its end
+        offsets = _offsets(step.query_lens_list)
+        dest = [offsets[i] for i, r in enumerate(rows) if r >= 0]
+        src = [r for r in rows if r >= 0]
+        idx = to_device(dest + src, self.device, torch.long)
+        return TokenPatch(idx[:len(dest)], prev.tokens.index_select(0, idx[len(dest):]))
 
     def _exempt_mask(self, sched: SchedulerOutput) -> Optional[torch.Tensor]:
         """[T] bool: the step's tokens of exempt sequences; None when it carries none."""

@@ -2,7 +2,8 @@
 collected, its input tokens read on the device. Outputs are those of the synchronous loop
 (greedy and seeded, with stop tokens, length limits, chunked prefill, preemption and the
 prefix cache), a request that ends in flight has its extra token dropped and its blocks
-freed, and the scheduler plans ahead only when nothing it needs is unknown."""
+freed, and the scheduler plans ahead (decodes, prompt chunks, admissions) only when nothing
+it needs is unknown."""
 
 from __future__ import annotations
 
@@ -25,11 +26,14 @@ def _engine(path, async_scheduling: bool, **sched):
 
 
 def _count_ahead(engine) -> list[int]:
-    """Patch the runner to count launches of steps planned ahead; returns the counter."""
-    launch, count = engine.runner.launch, [0]
+    """Patch the runner to count launches of steps planned ahead: [all of them, those with
+    known tokens too (a prompt chunk or an admission)]."""
+    launch, count = engine.runner.launch, [0, 0]
 
     def counted(sched, rungs=1.0, prev=None):
-        count[0] += sched.prev_rows is not None
+        if sched.prev_rows is not None:
+            count[0] += 1
+            count[1] += min(sched.prev_rows) < 0
         return launch(sched, rungs, prev)
 
     engine.runner.launch = counted
@@ -89,7 +93,7 @@ def test_outputs_match_the_synchronous_loop(tiny_models, setup):
     ahead = _count_ahead(fast)
     got = _drive(fast, work)
     assert got == expected
-    assert ahead[0] > 0  # the loop did plan steps ahead
+    assert ahead[0] > 0 and ahead[1] > 0  # the loop planned steps ahead, some with prompt work
     assert any(reason == FinishReason.STOP for _, reason in expected.values())
     if setup:
         assert sync.scheduler.num_preemptions > 0 and fast.scheduler.num_preemptions > 0
@@ -161,14 +165,14 @@ def test_plan_skips_a_request_its_last_token_ends_and_maps_rows():
     assert [q.request_id for q in ahead.seqs] == ["long"] and ahead.prev_rows == [1]
 
 
-@pytest.mark.parametrize("case", ["waiting", "no_blocks", "not_in_prev", "finished_in_flight"])
+@pytest.mark.parametrize("case", ["no_blocks", "not_in_prev", "finished_in_flight", "prompt_logprobs"])
 def test_no_plan_when_it_needs_the_collect(case):
-    s = _sched(num_blocks=4 if case == "no_blocks" else 32, max_num_seqs=1 if case == "waiting" else 8)
+    s = _sched(num_blocks=4 if case == "no_blocks" else 32)
     s.add(_req("a", n_prompt=8 if case == "no_blocks" else 6))
+    if case == "prompt_logprobs":
+        s.requests["a"].sampling = SamplingParams(max_tokens=10, temperature=0, prompt_logprobs=1)
     if case == "no_blocks":
         s.add(_req("b", n_prompt=8))  # two requests hold all 4 blocks, full
-    if case == "waiting":
-        s.add(_req("b"))  # no room in the batch: it waits
     first = s.schedule()
     if case == "not_in_prev":
         s.add(_req("c"))
@@ -176,9 +180,32 @@ def test_no_plan_when_it_needs_the_collect(case):
         s._to_running(s.requests["c"])
     if case == "finished_in_flight":
         s.finish_requests(["a"], FinishReason.ABORT)
-        assert s.schedule_ahead(first) is None
-        return
     assert s.schedule_ahead(first) is None
+
+
+def test_plan_admits_a_waiting_request_where_the_batch_has_room():
+    s = _sched(max_num_seqs=2)
+    s.add(_req("a"))
+    first = s.schedule()
+    s.add(_req("b"))
+    s.add(_req("c"))  # no room for it: the batch holds two
+    ahead = s.schedule_ahead(first)
+    assert [q.request_id for q in ahead.seqs] == ["a", "b"] and ahead.prev_rows == [0, -1]
+    assert ahead.seqs[1].token_ids == s.requests["b"].prompt_token_ids
+    assert ahead.num_decode_tokens == 1 and ahead.num_prefill_tokens == 6
+    assert [r.request_id for r in s.waiting] == ["c"]
+
+
+def test_plan_continues_a_prompt_chunk_with_known_tokens():
+    s = Scheduler(SchedulerConfig(max_num_batched_tokens=4), BlockManager(32, BS))
+    s.add(_req("a", n_prompt=10))
+    first = s.schedule()  # tokens 0..3
+    ahead = s.schedule_ahead(first)
+    q = ahead.seqs[0]
+    assert (q.start_pos, q.token_ids, q.sample, ahead.prev_rows) == (4, [5, 6, 7, 8], False, [-1])
+    _collect(s, first, {})
+    _collect(s, ahead, {})
+    assert s.requests["a"].num_computed == 8
 
 
 def test_result_of_a_finished_request_is_dropped():
@@ -204,3 +231,33 @@ def test_flag_turns_it_off():
     on, _ = build_configs(parser.parse_args([]))
     off, _ = build_configs(parser.parse_args(["--no-async-scheduling"]))
     assert on.scheduler.async_scheduling and not off.scheduler.async_scheduling
+
+
+def test_runner_puts_device_tokens_on_their_rows(tiny_models):
+    """In a step planned ahead whose first sequence is a prompt chunk, the decode's input
+    token (from the previous step's samples) lands on that decode's row, after the chunk."""
+    import dataclasses
+
+    import torch
+
+    from brownout.types import ScheduledSeq, SchedulerOutput
+
+    runner = LLM(str(tiny_models["qwen2_moe"]), device="cpu").engine.runner
+    p = SamplingParams(max_tokens=8, temperature=0)
+
+    def seq(rid, ids, start, table):
+        return ScheduledSeq(request_id=rid, token_ids=ids, start_pos=start, block_table=table,
+                            sample=True, sampling=p, output_len=0)
+
+    prev = runner.launch(SchedulerOutput(seqs=[seq("a", [5, 6, 7], 0, [1]), seq("b", [9, 10], 0, [2])],
+                                         num_prefill_tokens=5, num_decode_tokens=0))
+    sampled = runner.collect(prev).sampled["b"]
+    chunk = seq("c", [11, 12, 13, 14, 15], 0, [3])
+    known = SchedulerOutput(seqs=[chunk, seq("b", [sampled], 2, [2])], num_prefill_tokens=5,
+                            num_decode_tokens=1)
+    ahead = dataclasses.replace(known, seqs=[chunk, seq("b", [0], 2, [2])], prev_rows=[-1, 1])
+    ref = runner.forward(known)[0].hidden.clone()
+    got = runner.forward(ahead, prev=prev)[0].hidden.clone()
+    blank = runner.forward(dataclasses.replace(ahead, prev_rows=None))[0].hidden.clone()
+    assert torch.equal(got, ref)
+    assert not torch.equal(blank[5], ref[5])  # the placeholder alone gives another row

@@ -199,7 +199,7 @@ def test_device_token_ids_replace_the_host_ones(tiny_models):
     tokens as a device tensor: the replay reads those, not the placeholders."""
     import dataclasses
 
-    from brownout.runner.cuda_graphs import StepDescriptor, StepGraphs
+    from brownout.runner.cuda_graphs import StepDescriptor, StepGraphs, TokenPatch
 
     loaded, runner = _setup(tiny_models, "qwen2_moe", None)
     graphs = StepGraphs(runner.model, runner.kv_caches, runner.tau, 8, 16, runner.brownout_ready,
@@ -209,8 +209,8 @@ def test_device_token_ids_replace_the_host_ones(tiny_models):
     blank = dataclasses.replace(sched, seqs=[dataclasses.replace(s, token_ids=[0]) for s in sched.seqs])
     key = graphs.dispatch(StepDescriptor.of(sched, routed=False))
     outs = []
-    for step, ids in ((sched, None), (blank, None),
-                      (blank, torch.tensor([s.token_ids[0] for s in sched.seqs], device=DEVICE))):
+    real = torch.tensor([s.token_ids[0] for s in sched.seqs], device=DEVICE)
+    for step, ids in ((sched, None), (blank, None), (blank, TokenPatch(None, real))):
         _fill_cache(runner, 1)
         outs.append(graphs.run(key, runner._host_step(step), ids).hidden.clone())
     assert torch.equal(outs[2], outs[0])
