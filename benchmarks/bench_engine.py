@@ -18,7 +18,8 @@ Stages (each writes its raw JSON under --out as soon as it finishes):
               step roofline at that k' and vs k' = k, tau = 1
   loop        the engine's own loop (`LLMEngine.step`, scheduler and outputs included): B
               requests of a 512-token prompt decoding together, the period between
-              collected decode steps with async scheduling on and off, vs the roofline
+              collected decode steps with async scheduling on and off, vs the roofline;
+              then 512 such requests offered at once (chunks beside decodes), wall time
 
 Run: python benchmarks/bench_engine.py --out $OUT [--stages decode,brownout,offline,shed]
 The stages' JSON files, with `meta` and the command, make one results file
@@ -521,6 +522,7 @@ def stage_offline(out_dir: Path, n_prompts: int = 64, prompt_len: int = 128, out
 LOOP_BATCHES = (1, 8, 64)
 LOOP_PROMPT = 512  # prompt tokens of each request: the decode stage's context
 LOOP_OUTPUT = 48  # tokens each request generates: enough steady decode steps to take a median
+LOOP_QUEUE_REQUESTS = 512  # the queue part: eight batches' worth, so steps mix chunks and decodes
 
 
 def stage_loop(out_dir: Path, wb: dict, bw: float, preset: str = PRESET, device: str = "cuda",
@@ -571,6 +573,23 @@ def stage_loop(out_dir: Path, wb: dict, bw: float, preset: str = PRESET, device:
                              ratio=period / roof if period and roof else None,
                              period_p90_ms=sorted(gaps)[int(0.9 * (len(gaps) - 1))] * 1e3 if gaps else None))
             log.info("loop %s", rows[-1])
+    # a queue: LOOP_QUEUE_REQUESTS requests offered at once to a batch of max(batches), so
+    # most steps carry prompt chunks and admissions beside the decodes
+    n_req = LOOP_QUEUE_REQUESTS if device == "cuda" else 2 * max(batches)
+    for on in (True, False):
+        engine.config = dataclasses.replace(
+            engine.config, scheduler=dataclasses.replace(engine.config.scheduler, async_scheduling=on))
+        prompts = [torch.randint(0, vocab, (prompt_len,), generator=gen).tolist() for _ in range(n_req)]
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        outs = llm.generate(prompts, sp)
+        wall = time.perf_counter() - t0
+        rows.append(dict(kind="queue", async_scheduling=on, requests=n_req, prompt=prompt_len, output=out_len,
+                         max_num_seqs=max(batches), wall_s=wall,
+                         output_tok_s=sum(len(o.token_ids) for o in outs) / wall,
+                         total_tok_s=n_req * (prompt_len + out_len) / wall))
+        log.info("loop %s", rows[-1])
     (out_dir / "loop.json").write_text(json.dumps(rows, indent=1))
     del llm, engine
     gc.collect()
