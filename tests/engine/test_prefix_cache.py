@@ -228,10 +228,12 @@ def test_greedy_outputs_equal_with_and_without_caching(reference):
     assert 0 < snap["prefix_cache_hits_total"] < snap["prefix_cache_queries_total"]
 
 
-def test_greedy_outputs_equal_under_preemption_and_chunked_prefill(reference):
+@pytest.mark.parametrize("async_scheduling", [True, False])
+def test_greedy_outputs_equal_under_preemption_and_chunked_prefill(reference, async_scheduling):
     prompts, expected = reference
-    llm = LLM(device="cpu", cache=CacheConfig(block_size=BS, num_blocks=24),
-              scheduler=SchedulerConfig(max_num_batched_tokens=12, max_num_seqs=4))
+    llm = LLM(device="cpu", cache=CacheConfig(block_size=BS, num_blocks=20),
+              scheduler=SchedulerConfig(max_num_batched_tokens=12, max_num_seqs=4,
+                                        async_scheduling=async_scheduling))
     assert _run(llm, prompts, every=1) == expected
     sched = llm.engine.scheduler
     assert sched.num_preemptions > 0 and sched.num_prefix_cache_hits > 0
