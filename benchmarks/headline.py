@@ -109,8 +109,15 @@ def calibrate(args, out: Path) -> dict:
     return cal
 
 
-def policy_flags(policy: str, cal: dict, args) -> list[str]:
-    return ["--slo-policy", policy, "--slo-ttft", str(cal["slo_ttft_s"]), "--slo-tpot", str(cal["slo_tpot_s"]),
+# a policy run labelled with this suffix (e.g. off-sync) serves with async scheduling off: the
+# same policy's A/B against the engine's default loop in one call
+SYNC_SUFFIX = "-sync"
+
+
+def policy_flags(label: str, cal: dict, args) -> list[str]:
+    policy = label.removesuffix(SYNC_SUFFIX)
+    loop = ["--no-async-scheduling"] if label.endswith(SYNC_SUFFIX) else []
+    return loop + ["--slo-policy", policy, "--slo-ttft", str(cal["slo_ttft_s"]), "--slo-tpot", str(cal["slo_tpot_s"]),
             "--slo-decode-step", str(cal["slo_decode_step_s"]),
             "--slo-prefill-step", str(cal["slo_prefill_step_s"]),
             "--slo-window", "2", "--slo-check-interval", str(args.check_interval)]
@@ -222,7 +229,9 @@ def main() -> None:
     ap.add_argument("--rung-prices", type=Path, default=None,
                     help="the rungs' accuracy prices every server uses (shedding, accuracy spent); the "
                          "dummy weights have none of their own")
-    ap.add_argument("--policies", default="off,aimd,predictive", help="policy runs, comma-separated (off first)")
+    ap.add_argument("--policies", default="off,aimd,predictive",
+                    help=f"policy runs, comma-separated (off first); a policy with the suffix {SYNC_SUFFIX} "
+                         "runs with async scheduling off")
     ap.add_argument("--calibration", type=Path, default=None,
                     help="calibration.json (or the headline.json / committed result) of an earlier "
                          "run instead of calibrating again: the same SLOs and offered load, so two "

@@ -178,6 +178,9 @@ class ScheduledSeq:
     # its tokens keep tau 1 and the model's k in a dimmed or shed step (a class exempt from
     # dimming, --dim-exempt-priority)
     exempt: bool = False
+    # the scheduler's serial number of the request (`Request.seq`): a request that reuses the
+    # id of one finished while this step ran is not this one; None: not checked
+    req_seq: Optional[int] = None
 
 
 @dataclass(slots=True)

@@ -138,7 +138,7 @@ class LLMEngine:
         new_tokens, collected_at = [], 0.0
         prev, ahead = self._inflight, None
         if prev is not None:
-            ahead = self._launch_ahead(prev, outs)
+            ahead = self._launch_ahead(prev)
             step_requests = self._step_requests(prev.sched)
             try:
                 new_tokens, collected_at = self._collect(prev)
@@ -156,11 +156,13 @@ class LLMEngine:
                     outs += self._fail_step(step_requests, "launch")
         return outs + [self._emit_or_fail(t, collected_at) for t in new_tokens]
 
-    def _launch_ahead(self, prev: "InFlight", outs: list[RequestOutput]) -> Optional["InFlight"]:
+    def _launch_ahead(self, prev: "InFlight") -> Optional["InFlight"]:
         """Plan and launch the step after `prev` before collecting it; None when async
         scheduling is off, the engine spans several ranks, the plan needs `prev`'s results
-        (`Scheduler.schedule_ahead`) or the launch failed (its requests then end with an
-        error, their outputs added to `outs`, and the next step is planned after the collect)."""
+        (`Scheduler.schedule_ahead`) or the launch failed. A failed launch ends no request:
+        the next step is planned again after the collect, from the same scheduler state (the
+        plan only allocated blocks and admitted requests, which that plan keeps), so a fault
+        of a request's own fails it there, and one of the launch ahead alone costs nothing."""
         if not self.config.scheduler.async_scheduling or self.workers is not None:
             return None
         scheduler_output = self._schedule(prev)
@@ -169,7 +171,7 @@ class LLMEngine:
         try:
             return self._launch(scheduler_output, prev)
         except Exception:
-            outs += self._fail_step(self._step_requests(scheduler_output), "launch")
+            log.exception("a step planned ahead failed to launch; planning it after the collect")
             return None
 
     def _schedule(self, prev: Optional["InFlight"] = None) -> Optional[SchedulerOutput]:
@@ -185,8 +187,8 @@ class LLMEngine:
     # ---- a failed step ends its own requests -----------------------------------------
     def _step_requests(self, scheduler_output: SchedulerOutput) -> list[Request]:
         """The unfinished requests of a step, kept before it runs: those a failed step ends."""
-        reqs = (self.scheduler.requests.get(s.request_id) for s in scheduler_output.seqs)
-        return [r for r in reqs if r is not None]
+        reqs = ((self.scheduler.requests.get(s.request_id), s.req_seq) for s in scheduler_output.seqs)
+        return [r for r, seq in reqs if r is not None and seq in (None, r.seq)]
 
     def _fail_step(self, reqs: list[Request], phase: str) -> list[RequestOutput]:
         """Finish the requests of a step whose launch or collect raised with an error, free
@@ -199,7 +201,6 @@ class LLMEngine:
             raise EngineBrokenError(f"{self._failed_steps} steps in a row failed")
         if self.workers is not None:  # ranks 1..N-1 may be inside the step's collectives
             raise EngineBrokenError("a failed step leaves the tensor-parallel ranks out of step")
-        self._inflight = None
         return self._fail_requests(reqs)
 
     def _fail_requests(self, reqs: list[Request]) -> list[RequestOutput]:

@@ -199,19 +199,25 @@ class Scheduler:
         is its last by length; a request `prev` took a prompt chunk of gets its next chunk;
         waiting requests are admitted as `schedule` admits them (`token_budget` likewise).
         None when the plan needs `prev`'s results or a choice made only after it: a running
-        request was not in `prev`, `prev` asked for prompt logprobs, or the running requests'
-        KV blocks would need a preemption. A request that `prev`'s token ends otherwise (EOS,
+        request was not in `prev`, `prev` asked for logprobs or prompt logprobs, or the plan
+        would need a preemption (for KV blocks, or by the priority policy). A request that `prev`'s token ends otherwise (EOS,
         a stop id or string) is finished when `prev` is collected, and the scheduler drops
         what this step computed for it."""
-        if not self.running:
+        if not self.running or self._priority_victim() is not None:
             return None
-        in_prev = {s.request_id: (i, s) for i, s in enumerate(prev.seqs)}
+        # logprobs are computed when a step is collected, on the device: behind a step launched
+        # ahead, that collect would wait for it
+        if any(s.prompt_logprob_targets is not None or (s.sample and s.sampling.logprobs is not None)
+               for s in prev.seqs):
+            return None
+        sampled_rows = itertools.count()  # the runner's sampled tokens: one row per sampling seq
+        in_prev = {s.request_id: (next(sampled_rows) if s.sample else -1, s) for s in prev.seqs}
         budget = self.config.max_num_batched_tokens
         plan = []  # (request, row in prev's samples or -1, start, tokens)
         for req in self.running:
             hit = in_prev.get(req.request_id)
-            if hit is None or hit[1].prompt_logprob_targets is not None:
-                return None
+            if hit is None or hit[1].req_seq not in (None, req.seq) or hit[1].start_pos != req.num_computed:
+                return None  # not in prev, or another request under the same id
             row, s = hit
             start = s.start_pos + len(s.token_ids)
             if s.sample:
@@ -244,7 +250,7 @@ class Scheduler:
                 request_id=req.request_id,
                 token_ids=[AHEAD_PLACEHOLDER_TOKEN] if decode else req.token_slice(start, n),
                 start_pos=start, block_table=list(table), sample=decode or start + n == req.num_tokens,
-                sampling=req.sampling, output_len=len(req.output_token_ids) + decode))
+                sampling=req.sampling, output_len=len(req.output_token_ids) + decode, req_seq=req.seq))
             out.prev_rows.append(row)
             if decode:
                 out.num_decode_tokens += 1
@@ -276,13 +282,18 @@ class Scheduler:
         overload the least important class gives way first. One a step, and only into a slot
         the waiting request then takes: a batch over a lowered running cap drains by finishes
         instead (preempting it down to the cap would recompute many requests for one)."""
-        if not (self.waiting and self.running and len(self.running) == self.view.max_running):
-            return
-        head = self.waiting.peek()
-        victim = max(self.running, key=self.waiting.key)
-        if victim.priority > head.priority:
+        victim = self._priority_victim()
+        if victim is not None:
             self._preempt(victim)
             preempted.append(victim.request_id)
+
+    def _priority_victim(self) -> Optional[Request]:
+        """The running request the priority policy preempts for the first waiting one, or None."""
+        if not (self.config.policy == "priority" and self.waiting and self.running
+                and len(self.running) == self.view.max_running):
+            return None
+        victim = max(self.running, key=self.waiting.key)
+        return victim if victim.priority > self.waiting.peek().priority else None
 
     def _admit_waiting(self, out: SchedulerOutput, budget: int) -> int:
         while self.waiting and budget > 0 and len(self.running) < self.view.max_running:
@@ -332,7 +343,8 @@ class Scheduler:
         for s in sched.seqs:
             req = self.requests.get(s.request_id)
             # a request finished (or finished and its id reused) while the step ran gets nothing
-            if req is None or req.status is not Status.RUNNING or req.num_computed != s.start_pos:
+            if (req is None or req.status is not Status.RUNNING or req.num_computed != s.start_pos
+                    or s.req_seq not in (None, req.seq)):
                 continue
             self._advance(req, len(s.token_ids))
             self._commit_blocks(req, len(s.token_ids), result.tau)
@@ -393,7 +405,7 @@ class Scheduler:
         out.seqs.append(ScheduledSeq(
             request_id=req.request_id, token_ids=req.token_slice(start, n), start_pos=start,
             block_table=list(table), sample=start + n == req.num_tokens, sampling=req.sampling,
-            output_len=len(req.output_token_ids), prompt_logprob_targets=targets))
+            output_len=len(req.output_token_ids), prompt_logprob_targets=targets, req_seq=req.seq))
         if decode:
             out.num_decode_tokens += 1
         else:

@@ -165,22 +165,63 @@ def test_plan_skips_a_request_its_last_token_ends_and_maps_rows():
     assert [q.request_id for q in ahead.seqs] == ["long"] and ahead.prev_rows == [1]
 
 
-@pytest.mark.parametrize("case", ["no_blocks", "not_in_prev", "finished_in_flight", "prompt_logprobs"])
+@pytest.mark.parametrize("case", ["no_blocks", "not_in_prev", "nothing_running", "prompt_logprobs", "logprobs",
+                                  "priority", "reused_id"])
 def test_no_plan_when_it_needs_the_collect(case):
-    s = _sched(num_blocks=4 if case == "no_blocks" else 32)
+    s = Scheduler(SchedulerConfig(max_num_seqs=2 if case == "priority" else 8,
+                                  policy="priority" if case == "priority" else "fcfs"),
+                  BlockManager(4 if case == "no_blocks" else 32, BS))
     s.add(_req("a", n_prompt=8 if case == "no_blocks" else 6))
-    if case == "prompt_logprobs":
-        s.requests["a"].sampling = SamplingParams(max_tokens=10, temperature=0, prompt_logprobs=1)
-    if case == "no_blocks":
-        s.add(_req("b", n_prompt=8))  # two requests hold all 4 blocks, full
+    if case in ("prompt_logprobs", "logprobs"):
+        s.requests["a"].sampling = SamplingParams(max_tokens=10, temperature=0, **{case: 1})
+    if case in ("no_blocks", "priority"):
+        s.add(_req("b", n_prompt=8))  # no_blocks: two requests hold all 4 blocks, full
     first = s.schedule()
     if case == "not_in_prev":
         s.add(_req("c"))
         s._from_waiting(s.waiting.pop())  # running, not in `first` (as after a resume)
         s._to_running(s.requests["c"])
-    if case == "finished_in_flight":
+    if case == "nothing_running":
         s.finish_requests(["a"], FinishReason.ABORT)
+    if case == "priority":  # a more important request waits for a full batch: a preemption
+        vip = _req("vip")
+        vip.priority = -1
+        s.add(vip)
+    if case == "reused_id":  # "a" ends while `first` runs; a new request takes its id
+        s.finish_requests(["a"], FinishReason.ABORT)
+        s.add(_req("a", n_prompt=9))
+        s._from_waiting(s.waiting.pop())
+        s._to_running(s.requests["a"])
     assert s.schedule_ahead(first) is None
+
+
+def test_a_finished_request_leaves_the_plan_and_rows_follow_the_samples():
+    s = Scheduler(SchedulerConfig(max_num_batched_tokens=8), BlockManager(32, BS))
+    s.add(_req("a", n_prompt=3))
+    s.add(_req("b", n_prompt=2))
+    s.add(_req("c", n_prompt=10))  # a chunk of 3 of its 10 tokens: it does not sample
+    first = s.schedule()
+    assert [q.sample for q in first.seqs] == [True, True, False]
+    s.finish_requests(["a"], FinishReason.STOP)  # a stop string while `first` runs
+    ahead = s.schedule_ahead(first)
+    assert [q.request_id for q in ahead.seqs] == ["b", "c"]
+    assert ahead.prev_rows == [1, -1]  # b's token is the second sampled one; c's are known
+
+
+def test_reused_id_does_not_take_the_old_requests_token():
+    s = _sched()
+    s.add(_req("a", n_prompt=5))
+    s.add(_req("b", n_prompt=3))
+    first = s.schedule()
+    s.finish_requests(["a"], FinishReason.ABORT)
+    s.add(_req("a", n_prompt=9))  # a new request under the finished one's id
+    ahead = s.schedule_ahead(first)  # admits the new "a" at position 0
+    assert [q.request_id for q in ahead.seqs] == ["b", "a"] and ahead.prev_rows == [1, -1]
+    _collect(s, first, {"a": 50, "b": 51})  # the old "a"'s token
+    assert s.requests["a"].output_token_ids == [] and s.requests["a"].num_computed == 0
+    new = _collect(s, ahead, {"a": 60, "b": 61})
+    assert s.requests["a"].output_token_ids == [60] and s.requests["a"].num_computed == 9
+    assert [t.token_id for t in new] == [61, 60]
 
 
 def test_plan_admits_a_waiting_request_where_the_batch_has_room():
@@ -261,3 +302,50 @@ def test_runner_puts_device_tokens_on_their_rows(tiny_models):
     blank = runner.forward(dataclasses.replace(ahead, prev_rows=None))[0].hidden.clone()
     assert torch.equal(got, ref)
     assert not torch.equal(blank[5], ref[5])  # the placeholder alone gives another row
+
+
+class _Faulty:
+    """The engine's runner, raising in the launch of steps planned ahead or in a collect."""
+
+    def __init__(self, runner, fail_ahead=False, fail_collect_at=None):
+        self.runner, self.fail_ahead, self.fail_collect_at, self.collects = runner, fail_ahead, fail_collect_at, 0
+
+    def launch(self, sched, rungs=1.0, prev=None):
+        if self.fail_ahead and sched.prev_rows is not None:
+            raise RuntimeError("injected: launch ahead")
+        return self.runner.launch(sched, rungs, prev)
+
+    def collect(self, pending):
+        self.collects += 1
+        if self.collects == self.fail_collect_at:
+            raise RuntimeError("injected: collect")
+        return self.runner.collect(pending)
+
+    def __getattr__(self, name):
+        return getattr(self.runner, name)
+
+
+def test_a_failed_launch_ahead_falls_back_and_ends_no_request(tiny_models):
+    path = str(tiny_models["qwen2_moe"])
+    work = [(i, f"r{i}", [5 + i, 6, 7, 8], SamplingParams(max_tokens=6, temperature=0, ignore_eos=True))
+            for i in range(4)]
+    expected = _drive(_engine(path, False), work)
+    engine = _engine(path, True)
+    engine.runner = _Faulty(engine.runner, fail_ahead=True)
+    assert _drive(engine, work) == expected
+    assert engine._failed_steps == 0
+
+
+def test_a_failed_collect_keeps_the_step_launched_ahead(tiny_models):
+    """The collect of step 2 fails while step 3 (planned ahead, with a request admitted in it)
+    runs: step 2's requests end with an error, the admitted one goes on from step 3 and gets
+    the tokens it gets without the fault."""
+    path = str(tiny_models["qwen2_moe"])
+    p = SamplingParams(max_tokens=6, temperature=0.9, seed=7, ignore_eos=True)
+    work = [(0, "first", [5, 6, 7, 8], p), (2, "late", [9, 10, 11], p)]
+    expected = _drive(_engine(path, True), work)
+    engine = _engine(path, True)
+    engine.runner = _Faulty(engine.runner, fail_collect_at=2)
+    got = _drive(engine, work)
+    assert got["first"][1] == FinishReason.ERROR
+    assert got["late"] == expected["late"]
