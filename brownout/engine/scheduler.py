@@ -400,7 +400,8 @@ class Scheduler:
         table = self.blocks.allocate(req.request_id, req.num_computed + n, cached)
         start = req.num_computed
         targets: Optional[list[int]] = None
-        if req.sampling.prompt_logprobs is not None and start < len(req.prompt_token_ids):
+        if (req.sampling.prompt_logprobs is not None and start < len(req.prompt_token_ids)
+                and not _prompt_logprobs_done(req)):
             targets = req.prompt_token_ids[start + 1:start + n + 1]
         out.seqs.append(ScheduledSeq(
             request_id=req.request_id, token_ids=req.token_slice(start, n), start_pos=start,
@@ -430,7 +431,8 @@ class Scheduler:
         self._from_running(req)
         self.blocks.free(req.request_id)
         req.num_computed = 0
-        req.prompt_logprobs = []
+        if not _prompt_logprobs_done(req):  # its recompute computes them all again
+            req.prompt_logprobs = []
         req.metrics.num_preemptions += 1
         self.num_preemptions += 1
         self._to_waiting(req)
@@ -479,6 +481,12 @@ class Scheduler:
         after = _prefill_left(req)
         self.view.running_prefill_tokens += after - before
         self.view.num_prefilling += (after > 0) - (before > 0)
+
+
+def _prompt_logprobs_done(req: Request) -> bool:
+    """Whether the request holds the logprob of each prompt token after the first: a request
+    preempted after that keeps them (its output may not have sent them yet)."""
+    return len(req.prompt_logprobs) >= len(req.prompt_token_ids) - 1
 
 
 def _prefill_left(req: Request) -> int:

@@ -321,3 +321,28 @@ class SchedulerMachine(RuleBasedStateMachine):
 SchedulerMachine.TestCase.settings = settings(max_examples=150, stateful_step_count=40,
                                               deadline=None)
 test_scheduler_invariants = SchedulerMachine.TestCase
+
+
+def test_prompt_logprobs_survive_a_preemption_after_the_prefill():
+    """A request preempted after its prompt's logprobs came back (before its output, which
+    carries them, is built) keeps them, and its recompute does not ask for them again; one
+    preempted mid-prompt starts them over."""
+    sched = _scheduler(budget=64)
+    p = SamplingParams(max_tokens=100, ignore_eos=True, prompt_logprobs=1)
+    req = _add(sched, "a", 6, p)
+    out = sched.schedule()
+    assert out.seqs[0].prompt_logprob_targets == [2, 3, 4, 5, 6]
+    lps = RunnerOutput(sampled={"a": 7}, prompt_logprobs={"a": ["lp"] * 5})
+    sched.update_from_output(out, lps, 0.0)
+    sched._preempt(req)
+    assert req.prompt_logprobs == ["lp"] * 5
+    again = sched.schedule()
+    assert again.seqs[0].prompt_logprob_targets is None and again.seqs[0].start_pos == 0
+    small = _scheduler(budget=4)
+    half = _add(small, "b", 9, p)
+    part = small.schedule()  # 4 of its 9 prompt tokens
+    small.update_from_output(part, RunnerOutput(sampled={}, prompt_logprobs={"b": ["lp"] * 4}), 0.0)
+    assert half.num_computed == 4 and len(half.prompt_logprobs) == 4
+    small._preempt(half)  # mid-prompt: its recompute computes them all again
+    assert half.prompt_logprobs == []
+    assert small.schedule().seqs[0].prompt_logprob_targets == [2, 3, 4, 5]
