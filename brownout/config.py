@@ -61,8 +61,8 @@ class SchedulerConfig:
     admission_ttft_factor: Optional[float] = None
     # plan and launch each step before the previous one is collected, its decodes' input
     # tokens taken on the device, so the host's scheduling hides behind the GPU's work (a
-    # step that needs a preemption or the previous step's prompt logprobs, and every step
-    # of a tensor-parallel engine, is still planned after the collect)
+    # step that needs a preemption or follows one asking for logprobs, and every step of a
+    # tensor-parallel engine, is still planned after the collect)
     async_scheduling: bool = True
 
     def __post_init__(self) -> None:

@@ -189,9 +189,10 @@ class SchedulerOutput:
     num_prefill_tokens: int  # tokens of requests still in prefill
     num_decode_tokens: int  # one per decoding request
     preempted: list[str] = field(default_factory=list)  # ids preempted while scheduling this step
-    # a step planned before the previous one was collected (`Scheduler.schedule_ahead`): each
-    # sequence's input token is the previous step's sampled token in this row of its output,
-    # still on the device (its `token_ids` hold a placeholder); None: the tokens are known
+    # a step planned before the previous one was collected (`Scheduler.schedule_ahead`), one
+    # entry a sequence: the row of the previous step's sampled tokens (still on the device)
+    # that is its input token, its `token_ids` holding a placeholder; -1 where its tokens are
+    # known (a prompt chunk). None: a step whose tokens are all known
     prev_rows: Optional[list[int]] = None
 
     @property

@@ -117,7 +117,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "TTFT SLOs (--slo-ttft), so the admitted ones can meet it (default: admit while the "
                         "queue has room)")
     g.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
-                   help="plan and launch each decode step before the previous one is collected, so the "
+                   help="plan and launch each step before the previous one is collected, so the "
                         "host's work per step hides behind the GPU's (default: on)")
     g.add_argument("--num-kv-blocks", type=int, default=None,
                    help="KV cache blocks (default: as many as the memory budget holds)")

@@ -200,9 +200,9 @@ class Scheduler:
         waiting requests are admitted as `schedule` admits them (`token_budget` likewise).
         None when the plan needs `prev`'s results or a choice made only after it: a running
         request was not in `prev`, `prev` asked for logprobs or prompt logprobs, or the plan
-        would need a preemption (for KV blocks, or by the priority policy). A request that `prev`'s token ends otherwise (EOS,
-        a stop id or string) is finished when `prev` is collected, and the scheduler drops
-        what this step computed for it."""
+        would need a preemption (for KV blocks, or by the priority policy). A request that
+        `prev`'s token ends otherwise (EOS, a stop id or string) is finished when `prev` is
+        collected, and the scheduler drops what this step computed for it."""
         if not self.running or self._priority_victim() is not None:
             return None
         # logprobs are computed when a step is collected, on the device: behind a step launched
