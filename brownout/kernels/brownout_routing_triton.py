@@ -21,6 +21,8 @@ from typing import Optional
 
 import torch
 
+from brownout.kernels import pdl
+
 try:
     import triton
     import triton.language as tl
@@ -52,6 +54,7 @@ def triton_route_available(device: torch.device, num_experts: int, top_k: int) -
 
 
 if triton is not None:
+    from brownout.kernels.pdl import pdl_launch, pdl_wait, prefetch_l2  # noqa: F401
 
     @triton.jit
     def _apply_block(t0, ids_ptr, w_ptr, valid_ptr, slot_ptr, out_ids_ptr, out_w_ptr,
@@ -92,9 +95,11 @@ if triton is not None:
                      s_it, s_ik, s_wt, s_wk, s_v, s_g, s_ot,
                      HAS_VALID: tl.constexpr, TAU_IS_PTR: tl.constexpr, FUSED: tl.constexpr,
                      E_PAD: tl.constexpr, HBINS: tl.constexpr, CH: tl.constexpr,
-                     BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, K_PAD: tl.constexpr):
+                     BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, K_PAD: tl.constexpr, USE_PDL: tl.constexpr):
         """Counts, keep set, lone-member rule -> slot_of in scratch[2E:3E]; then, if FUSED,
         the apply loop over all tokens. scratch: counts [E], redirected [E], slot_of [E]."""
+        pdl_wait(USE_PDL)
+        pdl_launch(USE_PDL)
         cnt_ptr = scratch_ptr
         red_ptr = scratch_ptr + E
         slot_ptr = scratch_ptr + 2 * E
@@ -153,7 +158,9 @@ if triton is not None:
     @triton.jit(do_not_specialize=["T"])
     def _apply_kernel(ids_ptr, w_ptr, valid_ptr, slot_ptr, out_ids_ptr, out_w_ptr,
                       T, K, E, s_it, s_ik, s_wt, s_wk, s_v, s_ot,
-                      HAS_VALID: tl.constexpr, BLOCK_T: tl.constexpr, K_PAD: tl.constexpr):
+                      HAS_VALID: tl.constexpr, BLOCK_T: tl.constexpr, K_PAD: tl.constexpr, USE_PDL: tl.constexpr):
+        pdl_wait(USE_PDL)
+        pdl_launch(USE_PDL)
         _apply_block(tl.program_id(0) * BLOCK_T, ids_ptr, w_ptr, valid_ptr, slot_ptr,
                      out_ids_ptr, out_w_ptr, T, K, E, s_it, s_ik, s_wt, s_wk, s_v, s_ot,
                      HAS_VALID, BLOCK_T, K_PAD)
@@ -226,10 +233,11 @@ def brownout_route_triton(
         T, k, E, *strides, group_of.stride(0), out_ids.stride(0),
         HAS_VALID=has_valid, TAU_IS_PTR=tau_is_ptr, FUSED=fused, E_PAD=e_pad,
         HBINS=_pow2(E + 1), CH=min(e_pad, max(8, 4096 // e_pad)), BLOCK_N=block_n, BLOCK_T=block_t,
-        K_PAD=k_pad, num_warps=warps)
+        K_PAD=k_pad, num_warps=warps, **pdl.launch_opts(topk_ids))
     if not fused:
         _apply_kernel[(triton.cdiv(T, block_t),)](
             topk_ids, topk_weights, v, scratch[2 * E:], out_ids, out_w, T, k, E, *strides,
             out_ids.stride(0),
-            HAS_VALID=has_valid, BLOCK_T=block_t, K_PAD=k_pad, num_warps=4)
+            HAS_VALID=has_valid, BLOCK_T=block_t, K_PAD=k_pad, num_warps=4,
+            **pdl.launch_opts(topk_ids))
     return out_ids, out_w

@@ -24,6 +24,8 @@ from pathlib import Path
 
 import torch
 
+from brownout.kernels import pdl
+
 try:
     import triton
     import triton.language as tl
@@ -195,15 +197,18 @@ def get_config(num_tokens: int, top_k: int, num_slots: int, inter: int, hidden: 
 # ----------------------------------------------------------------------------- kernels
 
 if triton is not None:
+    from brownout.kernels.pdl import pdl_launch, pdl_wait, prefetch_l2  # noqa: F401
 
     # per-step sizes are not specialised on: one binary, no compile while serving
     @triton.jit(do_not_specialize=["n_assign", "n_blocks"])
     def _align_kernel(ids_ptr, counts_ptr, rank_ptr, offsets_ptr, sorted_ptr, block_slot_ptr,
                       touched_ptr, n_assign, num_slots, n_blocks, count_slots,
                       BLOCK_M: tl.constexpr, S_PAD: tl.constexpr, CHUNK: tl.constexpr,
-                      BCHUNK: tl.constexpr, COUNT_TOUCHED: tl.constexpr):
+                      BCHUNK: tl.constexpr, COUNT_TOUCHED: tl.constexpr, USE_PDL: tl.constexpr):
         # one program: ids [T*k] -> sorted_ptr [padded] flat ids grouped by slot,
         # block_slot_ptr [n_blocks] slot of each BLOCK_M rows (-1: past the end)
+        pdl_wait(USE_PDL)
+        pdl_launch(USE_PDL)
         s = tl.arange(0, S_PAD)
         tl.store(counts_ptr + s, tl.zeros([S_PAD], tl.int32), mask=s < num_slots)
         tl.debug_barrier()
@@ -247,9 +252,11 @@ if triton is not None:
     @triton.jit(do_not_specialize=["n_assign", "n_blocks"])
     def _align_small_kernel(ids_ptr, sorted_ptr, block_slot_ptr, touched_ptr, n_assign, num_slots,
                             n_blocks, count_slots, BLOCK_M: tl.constexpr, N_PAD: tl.constexpr,
-                            S_PAD: tl.constexpr, B_PAD: tl.constexpr, COUNT_TOUCHED: tl.constexpr):
+                            S_PAD: tl.constexpr, B_PAD: tl.constexpr, COUNT_TOUCHED: tl.constexpr, USE_PDL: tl.constexpr):
         # one program, everything in registers (no atomics, no scratch, no barriers): counts
         # per slot from an [N, S] one-hot, each assignment's rank from an [N, N] comparison
+        pdl_wait(USE_PDL)
+        pdl_launch(USE_PDL)
         i = tl.arange(0, N_PAD)
         e = tl.load(ids_ptr + i, mask=i < n_assign, other=-1).to(tl.int32)  # [N]; -1 matches no slot
         s = tl.arange(0, S_PAD)
@@ -294,8 +301,9 @@ if triton is not None:
                         stride_xt, stride_ws, stride_wn, stride_ht,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                         GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, DOT_F32: tl.constexpr,
-                        PRECISION: tl.constexpr):
+                        PRECISION: tl.constexpr, USE_PDL: tl.constexpr):
         # h [T*k, I] = silu(x W_gate^T) * (x W_up^T) for the rows of one slot
+        pdl_wait(USE_PDL)
         pid_m, pid_n = _block_coords(n_blocks, I, BLOCK_N, GROUP_M)
         slot = tl.load(block_slot_ptr + pid_m).to(tl.int64)
         if slot < 0:
@@ -329,6 +337,7 @@ if triton is not None:
             a_ptrs += BLOCK_K
             g_ptrs += BLOCK_K
             u_ptrs += BLOCK_K
+        pdl_launch(USE_PDL)
         h = acc_g * tl.sigmoid(acc_g) * acc_u
         h_ptrs = h_ptr + aid.to(tl.int64)[:, None] * stride_ht + offs_n[None, :]
         tl.store(h_ptrs, h.to(h_ptr.dtype.element_ty), mask=row_ok[:, None] & n_ok[None, :])
@@ -340,9 +349,18 @@ if triton is not None:
                      stride_ht, stride_ws, stride_wn, stride_yt,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                      GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, DOT_F32: tl.constexpr,
-                     PRECISION: tl.constexpr):
+                     PRECISION: tl.constexpr, PF_LINES: tl.constexpr, PF_STEP: tl.constexpr,
+                     USE_PDL: tl.constexpr):
         # y [T*k, D] = routing_weight * (h W_down^T) for the rows of one slot
         pid_m, pid_n = _block_coords(n_blocks, D, BLOCK_N, GROUP_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < D
+        if USE_PDL:  # the align (two launches back) is done: the first lines of this block's
+            pf_slot = tl.load(block_slot_ptr + pid_m).to(tl.int64)  # weight rows, before the wait
+            if pf_slot >= 0:
+                prefetch_l2(w2_ptr + pf_slot * stride_ws + tl.minimum(offs_n, D - 1)[:, None] * stride_wn
+                            + tl.minimum(tl.arange(0, PF_LINES) * PF_STEP, I - 1)[None, :], USE_PDL)
+        pdl_wait(USE_PDL)
         slot = tl.load(block_slot_ptr + pid_m).to(tl.int64)
         if slot < 0:
             return
@@ -350,8 +368,6 @@ if triton is not None:
         aid = tl.load(sorted_ptr + offs_m)
         row_ok = aid < n_assign
         aid64 = aid.to(tl.int64)
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < D
         offs_k = tl.arange(0, BLOCK_K)
         a_ptrs = h_ptr + aid64[:, None] * stride_ht + offs_k[None, :]  # [BM, BK]
         b_ptrs = w2_ptr + slot * stride_ws + offs_n[None, :] * stride_wn + offs_k[:, None]
@@ -369,14 +385,17 @@ if triton is not None:
             acc = tl.dot(a, b, acc, input_precision=PRECISION)
             a_ptrs += BLOCK_K
             b_ptrs += BLOCK_K
+        pdl_launch(USE_PDL)
         w = tl.load(weights_ptr + aid, mask=row_ok, other=0.0).to(tl.float32)
         y = acc * w[:, None]
         y_ptrs = y_ptr + aid64[:, None] * stride_yt + offs_n[None, :]
         tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=row_ok[:, None] & n_ok[None, :])
 
     @triton.jit
-    def _topk_sum_kernel(y_ptr, ids_ptr, out_ptr, top_k, D, BLOCK_D: tl.constexpr):
+    def _topk_sum_kernel(y_ptr, ids_ptr, out_ptr, top_k, D, BLOCK_D: tl.constexpr, USE_PDL: tl.constexpr):
         # out[t] = sum_j y[t*k + j] over j with id >= 0 (skipped rows were never written)
+        pdl_wait(USE_PDL)
+        pdl_launch(USE_PDL)
         t = tl.program_id(0).to(tl.int64)
         offs = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
         d_ok = offs < D
@@ -433,7 +452,7 @@ def moe_align(topk_ids: torch.Tensor, num_slots: int, block_m: int,
             ids, sorted_ids, block_slot, block_slot if touched_out is None else touched_out,
             n_assign, num_slots, n_blocks, num_slots if count_slots is None else count_slots,
             BLOCK_M=block_m, N_PAD=_next_pow2(max(2, n_assign)), S_PAD=_next_pow2(max(16, num_slots)),
-            B_PAD=_next_pow2(max(2, n_blocks)), COUNT_TOUCHED=touched_out is not None, num_warps=4)
+            B_PAD=_next_pow2(max(2, n_blocks)), COUNT_TOUCHED=touched_out is not None, num_warps=4, **pdl.launch_opts(ids))
         return sorted_ids, block_slot
     scratch = torch.empty(2 * num_slots + n_assign, dtype=torch.int32, device=dev)
     counts, offsets, rank = scratch[:num_slots], scratch[num_slots:2 * num_slots], \
@@ -449,7 +468,7 @@ def moe_align(topk_ids: torch.Tensor, num_slots: int, block_m: int,
                         num_slots if count_slots is None else count_slots,
                         BLOCK_M=block_m, S_PAD=max(16, _next_pow2(num_slots)),
                         CHUNK=1024 if wide else 256, BCHUNK=256,
-                        COUNT_TOUCHED=touched_out is not None, num_warps=8 if wide else 4)
+                        COUNT_TOUCHED=touched_out is not None, num_warps=8 if wide else 4, **pdl.launch_opts(ids))
     return sorted_ids, block_slot
 
 
@@ -503,7 +522,7 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
         x.stride(0), w13.stride(0), w13.stride(1), h.stride(0),
         BLOCK_M=bm, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], GROUP_M=cfg["GROUP_M"],
         EVEN_K=D % cfg["BLOCK_K"] == 0, DOT_F32=dot_f32, PRECISION=precision,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **pdl.launch_opts(x))
 
     y = torch.empty(n_assign, D, dtype=x.dtype, device=x.device)  # [T*k, D]
     grid = (n_blocks * triton.cdiv(D, down["BLOCK_N"]),)
@@ -512,8 +531,8 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
         h.stride(0), w2.stride(0), w2.stride(1), y.stride(0),
         BLOCK_M=bm, BLOCK_N=down["BLOCK_N"], BLOCK_K=down["BLOCK_K"],
         GROUP_M=down["GROUP_M"], EVEN_K=inter % down["BLOCK_K"] == 0, DOT_F32=dot_f32,
-        PRECISION=precision,
-        num_warps=down["num_warps"], num_stages=down["num_stages"])
+        PRECISION=precision, PF_LINES=pdl.PREFETCH_LINES, PF_STEP=pdl.L2_LINE_BYTES // w2.element_size(),
+        num_warps=down["num_warps"], num_stages=down["num_stages"], **pdl.launch_opts(h))
 
     if not sum_slots:
         return y, ids
@@ -530,5 +549,5 @@ def moe_sum(y: torch.Tensor, ids: torch.Tensor, out: torch.Tensor | None = None)
         return out
     block_d = min(1024, _next_pow2(D))
     _topk_sum_kernel[(T, triton.cdiv(D, block_d))](y, ids, out, top_k, D, BLOCK_D=block_d,
-                                                    num_warps=4)
+                                                    num_warps=4, **pdl.launch_opts(y))
     return out

@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import torch
 
+from brownout.kernels import pdl
+
 try:
     import triton
     import triton.language as tl
@@ -45,10 +47,13 @@ def _next_pow2(n: int) -> int:
 
 
 if triton is not None:
+    from brownout.kernels.pdl import pdl_launch, pdl_wait, prefetch_l2  # noqa: F401
 
     @triton.jit
     def _rms_norm_kernel(x_ptr, w_ptr, out_ptr, stride_x, stride_o, D, eps,
-                         BLOCK_D: tl.constexpr):
+                         BLOCK_D: tl.constexpr, USE_PDL: tl.constexpr):
+        pdl_wait(USE_PDL)
+        pdl_launch(USE_PDL)
         row = tl.program_id(0).to(tl.int64)
         offs = tl.arange(0, BLOCK_D)
         ok = offs < D
@@ -61,7 +66,9 @@ if triton is not None:
 
     @triton.jit
     def _add_rms_norm_kernel(x_ptr, r_ptr, w_ptr, out_ptr, sum_ptr, stride_x, stride_r, stride_o,
-                             stride_s, D, eps, BLOCK_D: tl.constexpr):
+                             stride_s, D, eps, BLOCK_D: tl.constexpr, USE_PDL: tl.constexpr):
+        pdl_wait(USE_PDL)
+        pdl_launch(USE_PDL)
         row = tl.program_id(0).to(tl.int64)
         offs = tl.arange(0, BLOCK_D)
         ok = offs < D
@@ -78,10 +85,12 @@ if triton is not None:
 
     @triton.jit
     def _add_slots_rms_norm_kernel(y_ptr, ids_ptr, r_ptr, w_ptr, out_ptr, sum_ptr, D, eps,
-                                   TOP_K: tl.constexpr, BLOCK_D: tl.constexpr):
+                                   TOP_K: tl.constexpr, BLOCK_D: tl.constexpr, USE_PDL: tl.constexpr):
         # the MoE layer's per-assignment outputs summed (as fused_moe's last kernel rounds
         # them), then the residual add and the norm, as _add_rms_norm_kernel; the slot loop is
         # unrolled so that its loads are in flight together, not one latency after another
+        pdl_wait(USE_PDL)
+        pdl_launch(USE_PDL)
         row = tl.program_id(0).to(tl.int64)
         offs = tl.arange(0, BLOCK_D)
         ok = offs < D
@@ -103,8 +112,10 @@ if triton is not None:
 
     @triton.jit
     def _rotary_kernel(x_ptr, pos_ptr, cos_ptr, sin_ptr, stride_t, stride_h, stride_c, H,
-                       HALF: tl.constexpr, BLOCK_H: tl.constexpr):
+                       HALF: tl.constexpr, BLOCK_H: tl.constexpr, USE_PDL: tl.constexpr):
         # one program: one token, all H heads of q (or k), rotated in place
+        pdl_wait(USE_PDL)
+        pdl_launch(USE_PDL)
         t = tl.program_id(0).to(tl.int64)
         pos = tl.load(pos_ptr + t).to(tl.int64)
         h = tl.arange(0, BLOCK_H)
@@ -121,7 +132,9 @@ if triton is not None:
         tl.store(base + HALF, o2.to(x_ptr.dtype.element_ty), mask=ok)
 
     @triton.jit
-    def _silu_mul_kernel(h_ptr, out_ptr, stride_h, stride_o, inter, BLOCK: tl.constexpr):
+    def _silu_mul_kernel(h_ptr, out_ptr, stride_h, stride_o, inter, BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
+        pdl_wait(USE_PDL)
+        pdl_launch(USE_PDL)
         row = tl.program_id(0).to(tl.int64)
         offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         ok = offs < inter
@@ -133,7 +146,9 @@ if triton is not None:
 
     @triton.jit
     def _gated_add_kernel(base_ptr, g_ptr, x_ptr, out_ptr, stride_b, stride_g, stride_x, stride_o, D,
-                          BLOCK: tl.constexpr):
+                          BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
+        pdl_wait(USE_PDL)
+        pdl_launch(USE_PDL)
         row = tl.program_id(0).to(tl.int64)
         offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         ok = offs < D
@@ -167,7 +182,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     block_d = _next_pow2(D)
     _rms_norm_kernel[(rows.shape[0],)](rows, weight, out, rows.stride(0), out.stride(0), D,
                                       float(eps), BLOCK_D=block_d,
-                                      num_warps=4 if block_d <= 2048 else 8)
+                                      num_warps=4 if block_d <= 2048 else 8, **pdl.launch_opts(rows))
     return out.reshape(x.shape)
 
 
@@ -194,7 +209,7 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
         _add_rms_norm_kernel[(rows.shape[0],)](rows, res, weight, out, total, rows.stride(0),
                                               res.stride(0), out.stride(0), total.stride(0), D,
                                               float(eps), BLOCK_D=block_d,
-                                              num_warps=4 if block_d <= 2048 else 8)
+                                              num_warps=4 if block_d <= 2048 else 8, **pdl.launch_opts(rows))
     return out.reshape(x.shape), total.reshape(x.shape)
 
 
@@ -214,7 +229,7 @@ def add_slots_rms_norm(y: torch.Tensor, ids: torch.Tensor, residual: torch.Tenso
     if T:
         block_d = _next_pow2(D)
         _add_slots_rms_norm_kernel[(T,)](y, ids, residual, weight, out, total, D, float(eps), TOP_K=k,
-                                         BLOCK_D=block_d, num_warps=4 if block_d <= 2048 else 8)
+                                         BLOCK_D=block_d, num_warps=4 if block_d <= 2048 else 8, **pdl.launch_opts(y))
     return out, total
 
 
@@ -228,7 +243,7 @@ def rotary_(x: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: to
     if T == 0:
         return
     _rotary_kernel[(T,)](x, positions.reshape(-1), cos, sin, x.stride(0), x.stride(1),
-                         cos.stride(0), H, HALF=half, BLOCK_H=max(1, _next_pow2(H)), num_warps=4)
+                         cos.stride(0), H, HALF=half, BLOCK_H=max(1, _next_pow2(H)), num_warps=4, **pdl.launch_opts(x))
 
 
 _EW_BLOCK = 1024  # elements per program of the two elementwise kernels
@@ -243,7 +258,7 @@ def silu_and_mul(h: torch.Tensor) -> torch.Tensor:
     out = torch.empty(T, inter, dtype=h.dtype, device=h.device)
     if T and inter:
         _silu_mul_kernel[(T, triton.cdiv(inter, _EW_BLOCK))](h, out, h.stride(0), out.stride(0), inter,
-                                                             BLOCK=_EW_BLOCK, num_warps=4)
+                                                             BLOCK=_EW_BLOCK, num_warps=4, **pdl.launch_opts(h))
     return out
 
 
@@ -258,5 +273,5 @@ def gated_add(base: torch.Tensor, gate_logit: torch.Tensor, x: torch.Tensor) -> 
     if T and D:
         _gated_add_kernel[(T, triton.cdiv(D, _EW_BLOCK))](
             base, gate_logit, x, out, base.stride(0), gate_logit.stride(0), x.stride(0), out.stride(0), D,
-            BLOCK=_EW_BLOCK, num_warps=4)
+            BLOCK=_EW_BLOCK, num_warps=4, **pdl.launch_opts(base))
     return out

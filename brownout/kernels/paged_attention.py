@@ -16,6 +16,8 @@ import math
 
 import torch
 
+from brownout.kernels import pdl
+
 try:
     import triton
     import triton.language as tl
@@ -35,6 +37,7 @@ def _next_pow2(n: int) -> int:
 
 
 if triton is not None:
+    from brownout.kernels.pdl import pdl_launch, pdl_wait, prefetch_l2  # noqa: F401
 
     # per-step sizes are not specialised on: one binary, no compile while serving
     @triton.jit
@@ -61,7 +64,8 @@ if triton is not None:
                      G: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr,
                      BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                      KV_BLOCK: tl.constexpr, NUM_SPLITS: tl.constexpr, DOT_F32: tl.constexpr,
-                     PRECISION: tl.constexpr, FLAT: tl.constexpr):
+                     PRECISION: tl.constexpr, FLAT: tl.constexpr, USE_PDL: tl.constexpr):
+        pdl_wait(USE_PDL)
         if FLAT:  # programs over the step's query tiles, T // BLOCK_Q + B of them
             b, q_tile = _find_tile(tl.program_id(0), qsl_ptr, B, BLOCK_Q)
         else:  # n_q_tiles programs per sequence
@@ -120,6 +124,7 @@ if triton is not None:
             l_i = l_i * alpha + tl.sum(p, 1)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
             m_i = m_new
+        pdl_launch(USE_PDL)
         t_row = (q_start + qi).to(tl.int64)
         st_ok = row_ok[:, None] & d_ok[None, :]
         if NUM_SPLITS == 1:
@@ -137,8 +142,10 @@ if triton is not None:
     @triton.jit(do_not_specialize=["T"])
     def _merge_kernel(part_acc_ptr, part_ml_ptr, out_ptr, T, Hq, stride_ot, stride_oh,
                       HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                      NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr):
+                      NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr, USE_PDL: tl.constexpr):
         # out = sum_s 2^(m_s - M) acc_s / sum_s 2^(m_s - M) l_s for one (token, head)
+        pdl_wait(USE_PDL)
+        pdl_launch(USE_PDL)
         t = tl.program_id(0).to(tl.int64)
         h = tl.program_id(1)
         s = tl.arange(0, SPLITS_PAD)
@@ -160,7 +167,9 @@ if triton is not None:
                          stride_kt, stride_kh, stride_vt, stride_vh,
                          stride_cb, stride_cs, stride_ch, stride_vcb, stride_vcs, stride_vch,
                          HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
-                         KV_BLOCK: tl.constexpr):
+                         KV_BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
+        pdl_wait(USE_PDL)
+        pdl_launch(USE_PDL)
         t = tl.program_id(0).to(tl.int64)
         slot = tl.load(slot_ptr + t).to(tl.int64)
         if slot < 0:  # padding token
@@ -184,9 +193,11 @@ if triton is not None:
                               stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
                               stride_c, stride_cb, stride_cs, stride_ch, stride_vcb, stride_vcs, stride_vch,
                               HALF: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr,
-                              KV_BLOCK: tl.constexpr):
+                              KV_BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
         # one program: one token; rotate its q and k heads in place (neox halves), then
         # write k and v into the paged cache (slot -1: a padding token, no write)
+        pdl_wait(USE_PDL)
+        pdl_launch(USE_PDL)
         t = tl.program_id(0).to(tl.int64)
         pos = tl.load(pos_ptr + t).to(tl.int64)
         j = tl.arange(0, HALF)
@@ -289,7 +300,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
             G=G, BLOCK_Q=bq, BLOCK_M=bm, BLOCK_N=block_n, HEAD_DIM=Dh, BLOCK_D=block_d,
             KV_BLOCK=block_size, NUM_SPLITS=num_splits, DOT_F32=_kernels_interpreted(),
             PRECISION="tf32x3" if q.dtype == torch.float32 and on_gpu else None, FLAT=is_flat,
-            num_warps=4 if bm <= 64 else 8, num_stages=3 if on_gpu else 1)
+            num_warps=4 if bm <= 64 else 8, num_stages=3 if on_gpu else 1, **pdl.launch_opts(q))
 
     # A mixed step (a prompt chunk beside decodes) would give every one-token query the
     # prompt's BLOCK_Q-row tile: BLOCK_Q / short times the decode work. Its short queries
@@ -305,7 +316,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     if num_splits > 1:
         _merge_kernel[(T, Hq)](part_acc, part_ml, out, T, Hq, out.stride(0), out.stride(1),
                                HEAD_DIM=Dh, BLOCK_D=block_d, NUM_SPLITS=num_splits,
-                               SPLITS_PAD=max(2, _next_pow2(num_splits)), num_warps=4)
+                               SPLITS_PAD=max(2, _next_pow2(num_splits)), num_warps=4, **pdl.launch_opts(out))
     return out
 
 
@@ -324,7 +335,7 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
         v.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         HEAD_DIM=Dh, BLOCK_H=_next_pow2(Hkv), BLOCK_D=_next_pow2(Dh), KV_BLOCK=k_cache.shape[1],
-        num_warps=4)
+        num_warps=4, **pdl.launch_opts(k))
 
 
 def rope_write_kv_usable(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor) -> bool:
@@ -356,4 +367,4 @@ def rope_write_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: 
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         HALF=Dh // 2, BLOCK_HQ=_next_pow2(Hq), BLOCK_HK=_next_pow2(Hkv), KV_BLOCK=k_cache.shape[1],
-        num_warps=4)
+        num_warps=4, **pdl.launch_opts(q))

@@ -30,6 +30,8 @@ from typing import Optional
 
 import torch
 
+from brownout.kernels import pdl
+
 try:
     import triton
     import triton.language as tl
@@ -57,15 +59,18 @@ def triton_topk_available(device: torch.device, num_experts: int, top_k: int,
 
 
 if triton is not None:
+    from brownout.kernels.pdl import pdl_launch, pdl_wait, prefetch_l2  # noqa: F401
 
     @triton.jit(do_not_specialize=["T"])  # one binary for every step length
     def _topk_kernel(logits_ptr, active_ptr, valid_ptr, out_w_ptr, out_ids_ptr, T, E, s_t, s_e,
                      shared_first, s_v,
                      K: tl.constexpr, RENORM: tl.constexpr, HAS_ACTIVE: tl.constexpr,
                      N_SHARED: tl.constexpr, GATED: tl.constexpr, HAS_VALID: tl.constexpr,
-                     E_PAD: tl.constexpr, K_PAD: tl.constexpr, BLOCK_T: tl.constexpr):
+                     E_PAD: tl.constexpr, K_PAD: tl.constexpr, BLOCK_T: tl.constexpr, USE_PDL: tl.constexpr):
         """Rows [pid * BT, pid * BT + BT). Shapes: BT rows, EP experts, KP output columns
         (k routed, then N_SHARED shared)."""
+        pdl_wait(USE_PDL)
+        pdl_launch(USE_PDL)
         offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)  # [BT]
         offs_e = tl.arange(0, E_PAD)  # [EP]
         offs_k = tl.arange(0, K_PAD)  # [KP]
@@ -160,5 +165,5 @@ def select_experts_triton(
         K=top_k, RENORM=bool(renormalize), HAS_ACTIVE=has_active, N_SHARED=n_shared, GATED=gated,
         HAS_VALID=valid is not None, E_PAD=max(2, _pow2(E)),
         K_PAD=max(2, _pow2(cols)), BLOCK_T=block_t,
-        num_warps=num_warps if num_warps is not None else min(4, block_t))
+        num_warps=num_warps if num_warps is not None else min(4, block_t), **pdl.launch_opts(router_logits))
     return out_w, out_ids

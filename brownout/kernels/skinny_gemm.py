@@ -27,6 +27,8 @@ import os
 
 import torch
 
+from brownout.kernels import pdl
+
 try:
     import triton
     import triton.language as tl
@@ -34,7 +36,9 @@ except ImportError:  # CPU installs without triton use F.linear
     triton = None
 
 SKINNY_MAX_ROWS = 64  # decode batches up to 64 ride in one tile; beyond, cuBLAS's own tiles fill
-SKINNY_MAX_N = 4096  # outputs up to which cuBLAS's 64-column tiles leave half of 132 SMs idle
+# outputs up to which cuBLAS's 64-column tiles leave half of 132 SMs idle; BROWNOUT_SKINNY_MAX_N
+# moves the bound (the benchmark times the QKV projection on either side of it)
+SKINNY_MAX_N = int(os.environ.get("BROWNOUT_SKINNY_MAX_N", "4096"))
 BLOCK_N = 32  # weight rows per program: the fastest of 16 and 32 in the tile sweep
 BLOCK_K = 128  # columns per loop step (8 KB of weight per program), the sweep's fastest
 MAX_SPLIT_K = 16  # partial sums per tile: beyond it the reduction outweighs the gain
@@ -54,13 +58,15 @@ def _kernels_interpreted() -> bool:
 
 
 if triton is not None:
+    from brownout.kernels.pdl import pdl_launch, pdl_wait, prefetch_l2  # noqa: F401
 
     @triton.jit
     def _skinny_kernel(x_ptr, w_ptr, b_ptr, out_ptr, ws_ptr, count_ptr, M, N, K, K_PER_SPLIT,
                        stride_xm, stride_wn, stride_om,
                        HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr,
                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_F32: tl.constexpr,
-                       PRECISION: tl.constexpr):
+                       PRECISION: tl.constexpr, PF_LINES: tl.constexpr, PF_STEP: tl.constexpr,
+                       USE_PDL: tl.constexpr):
         tile = tl.program_id(0)
         split = tl.program_id(1)
         rn = tile * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -70,6 +76,11 @@ if triton is not None:
         m_ok = rm < M
         k_lo = split * K_PER_SPLIT
         k_hi = tl.minimum(K, k_lo + K_PER_SPLIT)
+        # the first lines of this program's weight rows, asked of L2 before the wait
+        pf_k = tl.minimum(k_lo + tl.arange(0, PF_LINES) * PF_STEP, k_hi - 1)
+        prefetch_l2(w_ptr + tl.minimum(rn, N - 1)[:, None].to(tl.int64) * stride_wn + pf_k[None, :],
+                    USE_PDL)
+        pdl_wait(USE_PDL)
         acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
         for k0 in range(k_lo, k_hi, BLOCK_K):
             kk = k0 + rk
@@ -81,6 +92,7 @@ if triton is not None:
             if DOT_F32:  # the CPU interpreter's dot is wrong on bf16 operands
                 w, xt = w.to(tl.float32), xt.to(tl.float32)
             acc += tl.dot(w, xt, input_precision=PRECISION)
+        pdl_launch(USE_PDL)
         if SPLIT_K > 1:
             # partials [SPLIT_K, tiles, BLOCK_N, BLOCK_M]; the last program to arrive sums them
             cell = tl.arange(0, BLOCK_N)[:, None] * BLOCK_M + rm[None, :]
@@ -178,5 +190,6 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         x.stride(0), weight.stride(0), out.stride(0),
         HAS_BIAS=bias is not None, SPLIT_K=split, BLOCK_M=block_m, BLOCK_N=block_n,
         BLOCK_K=block_k, DOT_F32=not on_gpu, PRECISION="ieee" if x.dtype == torch.float32 else None,
-        num_warps=4, num_stages=num_stages if on_gpu else 1)
+        PF_LINES=pdl.PREFETCH_LINES, PF_STEP=pdl.L2_LINE_BYTES // weight.element_size(),
+        num_warps=4, num_stages=num_stages if on_gpu else 1, **pdl.launch_opts(x))
     return out

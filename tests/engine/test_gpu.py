@@ -124,3 +124,36 @@ def test_gpu_async_scheduling_gives_the_synchronous_tokens(tiny_models):
     assert runs[True][0] == runs[False][0]
     assert not runs[False][1] and runs[True][1]
     assert any(rows != list(range(len(rows))) for rows in runs[True][1])  # a gather happened
+
+
+
+@pytest.mark.parametrize("tau", [1.0, 0.0])
+def test_gpu_pdl_gives_the_tokens_without_it(tiny_models, monkeypatch, tau):
+    """Kernels launched with programmatic dependent launch (overlapping the previous kernel's
+    tail, weights prefetched before the wait) give bit-identical greedy tokens against the
+    ordinary launches, in bf16 with graphs, at tau 1 and with brownout routing at tau 0."""
+    from brownout.config import BrownoutConfig, EngineConfig, ModelLoadConfig, SLOConfig
+    from brownout.engine.llm_engine import LLMEngine
+    from brownout.kernels import pdl
+
+    path = str(tiny_models["qwen2_moe"])
+    prompts = [list(range(3, 3 + n)) for n in (4, 9, 17, 33, 5)]
+    runs = {}
+    for on in (True, False):
+        monkeypatch.setattr(pdl, "ENABLED", on)
+        eng = LLMEngine(EngineConfig(
+            load=ModelLoadConfig(model=path, device="cuda", dtype="bfloat16"), cache=SMALL,
+            brownout=BrownoutConfig(united_experts="average:4", tau_prefill=tau, tau_decode=tau),
+            slo=SLOConfig(policy="fixed")))
+        assert eng.runner.graphs is not None
+        assert pdl.active(torch.zeros(1, device="cuda")) == (on and torch.cuda.get_device_capability() >= (9, 0))
+        for i, prompt in enumerate(prompts):
+            eng.add_request(str(i), prompt, SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True))
+        tokens = {}
+        while eng.has_unfinished_requests():
+            for out in eng.step():
+                tokens[out.request_id] = list(out.output_token_ids)
+        runs[on] = tokens
+        del eng
+        torch.cuda.empty_cache()
+    assert runs[True] == runs[False] and len(runs[True]) == len(prompts)
