@@ -283,13 +283,9 @@ if triton is not None:
         tl.store(block_slot_ptr + b, tl.where(row < total, slot, -1), mask=b < n_blocks)
 
     @triton.jit
-    def _block_coords(n_blocks, N, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr,
-                      LAST_FIRST: tl.constexpr = False):
-        # grouped order: GROUP_M row blocks share each weight tile while it sits in L2;
-        # LAST_FIRST: programs take the blocks from the last slot backwards
+    def _block_coords(n_blocks, N, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+        # grouped order: GROUP_M row blocks share each weight tile while it sits in L2
         pid = tl.program_id(0)
-        if LAST_FIRST:
-            pid = tl.num_programs(0) - 1 - pid
         num_n = tl.cdiv(N, BLOCK_N)
         per_group = GROUP_M * num_n
         first_m = (pid // per_group) * GROUP_M
@@ -305,10 +301,10 @@ if triton is not None:
                         stride_xt, stride_ws, stride_wn, stride_ht,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                         GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, DOT_F32: tl.constexpr,
-                        PRECISION: tl.constexpr, LAST_FIRST: tl.constexpr, USE_PDL: tl.constexpr):
+                        PRECISION: tl.constexpr, USE_PDL: tl.constexpr):
         # h [T*k, I] = silu(x W_gate^T) * (x W_up^T) for the rows of one slot
         pdl_wait(USE_PDL)
-        pid_m, pid_n = _block_coords(n_blocks, I, BLOCK_N, GROUP_M, LAST_FIRST)
+        pid_m, pid_n = _block_coords(n_blocks, I, BLOCK_N, GROUP_M)
         slot = tl.load(block_slot_ptr + pid_m).to(tl.int64)
         if slot < 0:
             return
@@ -481,7 +477,7 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
               config: dict | None = None, out: torch.Tensor | None = None,
               busy_slots: int | None = None,
               touched_out: torch.Tensor | None = None,
-              count_slots: int | None = None, sum_slots: bool = True, last_first: bool = False):
+              count_slots: int | None = None, sum_slots: bool = True):
     """out[t] = sum_j w[t,j] * expert_{id[t,j]}(x[t]) over j with id >= 0; dtype of x.
     With `sum_slots` False: (y [T*k, D], ids [T, k]) instead, the weighted per-assignment
     outputs whose sum over j with id >= 0 is out (rows of id < 0 hold garbage); the caller
@@ -493,9 +489,7 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
     use when routing concentrates rows (tile choice only; see `get_config`). `touched_out`
     (0-d int64): receives the number of distinct slots with an assignment, counted by the
     align kernel (saves the ~6 small kernels of `count_touched` per layer), among the first
-    `count_slots` slots when given (the slots after them hold the folded shared expert).
-    `last_first`: the gate/up GEMM's programs take the last slots' blocks first (the folded
-    shared expert's, whose weights a side stream may have put in L2; same results)."""
+    `count_slots` slots when given (the slots after them hold the folded shared expert)."""
     T, D = x.shape
     S, two_i, _ = w13.shape
     inter = two_i // 2
@@ -527,7 +521,7 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
         x, w13, h, sorted_ids, block_slot, n_assign, top_k, n_blocks, D, inter,
         x.stride(0), w13.stride(0), w13.stride(1), h.stride(0),
         BLOCK_M=bm, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], GROUP_M=cfg["GROUP_M"],
-        EVEN_K=D % cfg["BLOCK_K"] == 0, DOT_F32=dot_f32, PRECISION=precision, LAST_FIRST=last_first,
+        EVEN_K=D % cfg["BLOCK_K"] == 0, DOT_F32=dot_f32, PRECISION=precision,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **pdl.launch_opts(x))
 
     y = torch.empty(n_assign, D, dtype=x.dtype, device=x.device)  # [T*k, D]

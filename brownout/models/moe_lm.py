@@ -54,17 +54,14 @@ class DecoderLayer(nn.Module):
             h, residual = self.input_layernorm(x), x
         else:
             h, residual = self.input_layernorm.add_forward(x, residual)
-        prefetch = self.mlp.l2_prefetch(h, ctx) if isinstance(self.mlp, SparseMoE) else None
-        attn = self.self_attn(h, positions, ctx, after_attention=prefetch)
+        attn = self.self_attn(h, positions, ctx)
         h, residual = self.post_attention_layernorm.add_forward(
             attn if self.reduce is None else self.reduce(attn), residual)
         touched = None
         if isinstance(self.mlp, SparseMoE):
-            mlp, touched = self.mlp(h, ctx, last_first=prefetch is not None)
+            mlp, touched = self.mlp(h, ctx)
         else:
             mlp = self.mlp(h)
-        if prefetch is not None:
-            self.mlp.l2_join(h.device)
         if self.reduce is None:
             return mlp, residual, touched  # an unsummed MoE output is summed by the next norm
         if isinstance(mlp, SlotOutputs):

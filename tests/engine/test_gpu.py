@@ -128,33 +128,25 @@ def test_gpu_async_scheduling_gives_the_synchronous_tokens(tiny_models):
 
 
 @pytest.mark.parametrize("tau", [1.0, 0.0])
-@pytest.mark.parametrize("knob", ["pdl", "l2_prefetch"])
-def test_gpu_launch_knobs_give_the_tokens_without_them(tiny_models, monkeypatch, tau, knob):
+def test_gpu_pdl_gives_the_tokens_without_it(tiny_models, monkeypatch, tau):
     """Kernels launched with programmatic dependent launch (overlapping the previous kernel's
-    tail, weights prefetched before the wait), and the shared expert's weights prefetched on
-    a side stream (the gate/up GEMM then takes the shared slots first), give bit-identical
-    greedy tokens against neither, in bf16 with graphs, at tau 1 and with brownout routing
-    at tau 0."""
+    tail, weights prefetched before the wait) give bit-identical greedy tokens against the
+    ordinary launches, in bf16 with graphs, at tau 1 and with brownout routing at tau 0."""
     from brownout.config import BrownoutConfig, EngineConfig, ModelLoadConfig, SLOConfig
     from brownout.engine.llm_engine import LLMEngine
-    from brownout.kernels import l2_prefetch, pdl
+    from brownout.kernels import pdl
 
     path = str(tiny_models["qwen2_moe"])
     prompts = [list(range(3, 3 + n)) for n in (4, 9, 17, 33, 5)]
-    runs, forks = {}, []
-    fork = l2_prefetch.fork
-    monkeypatch.setattr(l2_prefetch, "fork", lambda w, *a: (forks.append(w.shape), fork(w, *a)))
+    runs = {}
     for on in (True, False):
-        monkeypatch.setattr(pdl if knob == "pdl" else l2_prefetch, "ENABLED", on)
+        monkeypatch.setattr(pdl, "ENABLED", on)
         eng = LLMEngine(EngineConfig(
             load=ModelLoadConfig(model=path, device="cuda", dtype="bfloat16"), cache=SMALL,
             brownout=BrownoutConfig(united_experts="average:4", tau_prefill=tau, tau_decode=tau),
             slo=SLOConfig(policy="fixed")))
         assert eng.runner.graphs is not None
-        if knob == "pdl":
-            assert pdl.active(torch.zeros(1, device="cuda")) == (on and torch.cuda.get_device_capability() >= (9, 0))
-        else:
-            assert l2_prefetch.wanted(torch.zeros(1, 8, device="cuda")) == on
+        assert pdl.active(torch.zeros(1, device="cuda")) == (on and torch.cuda.get_device_capability() >= (9, 0))
         for i, prompt in enumerate(prompts):
             eng.add_request(str(i), prompt, SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True))
         tokens = {}
@@ -165,4 +157,3 @@ def test_gpu_launch_knobs_give_the_tokens_without_them(tiny_models, monkeypatch,
         del eng
         torch.cuda.empty_cache()
     assert runs[True] == runs[False] and len(runs[True]) == len(prompts)
-    assert bool(forks) == (knob == "l2_prefetch")  # the side stream ran (capture and eager steps)

@@ -320,22 +320,3 @@ def test_fused_moe_with_the_small_align_matches_the_reference(monkeypatch):
     w = torch.rand(T, k, generator=g).to(DEVICE)
     out = fm.fused_moe(x, w13, w2, w, ids)
     torch.testing.assert_close(out.cpu(), moe_experts_ref(x, w13, w2, w, ids).cpu(), rtol=1e-4, atol=1e-4)
-
-
-@needs_kernels
-@pytest.mark.parametrize("T", [1, 6])
-def test_last_slots_first_gives_the_same_output(T):
-    """`last_first` only reorders which program takes which block (the shared slots' blocks
-    first, for the L2 prefetch): the output is bit-identical."""
-    g = torch.Generator().manual_seed(11)
-    D, inter, S, k = 32, 48, 12, 3
-    x = torch.randn(T, D, generator=g).to(DEVICE)
-    w13 = (0.1 * torch.randn(S, 2 * inter, D, generator=g)).to(DEVICE)
-    w2 = (0.1 * torch.randn(S, D, inter, generator=g)).to(DEVICE)
-    ids = torch.randint(-1, S, (T, k), generator=g, dtype=torch.int32).to(DEVICE)
-    w = torch.rand(T, k, generator=g).to(DEVICE)
-    cfg = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP_M=2, num_warps=4, num_stages=1)
-    plain = fm.fused_moe(x, w13, w2, w, ids, config=cfg)
-    last = fm.fused_moe(x, w13, w2, w, ids, config=cfg, last_first=True)
-    assert torch.equal(plain, last)
-    torch.testing.assert_close(last.cpu(), moe_experts_ref(x, w13, w2, w, ids).cpu(), rtol=1e-4, atol=1e-4)

@@ -7,7 +7,7 @@ decoder layer all-reduces it."""
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -37,10 +37,7 @@ class Attention(nn.Module):
         self.rotary = rotary
         self.scale = spec.head_dim ** -0.5
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext,
-                after_attention: Optional[Callable[[], None]] = None) -> torch.Tensor:
-        """`after_attention`: called once the attention kernels are queued, before the output
-        projection (the layer forks its L2 prefetch there)."""
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         s = self.spec
         # x [..., T, D] -> q [..., T, Hq, Dh], k/v [..., T, Hkv, Dh]
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
@@ -54,8 +51,6 @@ class Attention(nn.Module):
         else:
             q, k = self.rotary.apply_qk(q, k, positions)
             out = self._full(q, k, v) if ctx.attn is None else self._paged(q, k, v, ctx)
-        if after_attention is not None:
-            after_attention()
         return self.o_proj(out.flatten(-2))
 
     def _paged_kernels(self, q, k, v, positions, ctx: ForwardContext) -> torch.Tensor:

@@ -26,7 +26,7 @@ of cuBLAS's rate, and the saved launches are noise.
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 from torch import nn
@@ -155,36 +155,11 @@ class SparseMoE(nn.Module):
             self.w2 = nn.Parameter(w2, requires_grad=False)
         self.local_of.copy_(local_slots(rank_of, local, p.rank).to(self.local_of.device))
 
-    def l2_prefetch(self, x: torch.Tensor, ctx: ForwardContext) -> Optional[Callable[[], None]]:
-        """For a decode step of x's rows whose folded shared expert runs in the expert kernels:
-        the call that forks the fetch of the shared slots' first gate/up bytes into L2
-        (`brownout.kernels.l2_prefetch`); None where it does not apply."""
-        sh = self.shared_slots
-        rows = x.reshape(-1, x.shape[-1])
-        if sh is None or not ctx.use_kernels or self.local_of is not None or not rows.is_cuda \
-                or rows.shape[0] > FOLDED_MAX_TOKENS:
-            return None
-        from brownout.kernels import triton_module  # lazy: CPU processes never import triton
-
-        lp = triton_module("l2_prefetch")
-        if lp is None or not lp.wanted(rows):
-            return None
-        block = self.w13[sh.first:sh.first + sh.count]  # [n, 2I, D]: the last slots, contiguous
-        return lambda: lp.fork(block)
-
-    @staticmethod
-    def l2_join(device: torch.device) -> None:
-        """The step's stream waits for the prefetch branch forked by `l2_prefetch`."""
-        from brownout.kernels import triton_module
-
-        triton_module("l2_prefetch").join(device)
-
-    def forward(self, x: torch.Tensor, ctx: ForwardContext, last_first: bool = False
+    def forward(self, x: torch.Tensor, ctx: ForwardContext
                 ) -> tuple["torch.Tensor | SlotOutputs", Optional[torch.Tensor]]:
         """x [..., D] -> (this rank's partial output [..., D], or its unsummed `SlotOutputs`
         where `ctx.defer_moe_sum` allows; distinct slots touched: 0-d int64 on x's device,
-        None when `ctx.count_touched` is off). `last_first`: the gate/up GEMM takes the last
-        slots' blocks first (where `l2_prefetch` put the shared expert's weights)."""
+        None when `ctx.count_touched` is off)."""
         shape = x.shape
         x = x.reshape(-1, shape[-1])  # [T, D]
         in_slots = self.shared_slots is not None and x.shape[0] <= FOLDED_MAX_TOKENS
@@ -202,8 +177,7 @@ class SparseMoE(nn.Module):
         # added to it here (no shared expert outside the slots) and no other rank adds to it
         defer = (ctx.defer_moe_sum and ctx.use_kernels and self.shared_expert is None
                  and (self.shared_slots is None or in_slots) and len(shape) == 2)
-        out = self._experts(x, weights, ids, ctx, routed, touched if in_kernel else None, defer,
-                            last_first)
+        out = self._experts(x, weights, ids, ctx, routed, touched if in_kernel else None, defer)
         if defer:
             return out, touched
         if self.shared_slots is not None and not in_slots:
@@ -270,7 +244,7 @@ class SparseMoE(nn.Module):
         return weights, ids, routed, router_logits
 
     def _experts(self, x, weights, ids, ctx: ForwardContext, routed: bool = False,
-                 touched: Optional[torch.Tensor] = None, defer: bool = False, last_first: bool = False):
+                 touched: Optional[torch.Tensor] = None, defer: bool = False):
         """The weighted sum of each token's experts [T, D], or with `defer` (kernels only)
         its unsummed `SlotOutputs`."""
         if self.local_of is not None:  # expert parallel: only the slots held here
@@ -283,8 +257,7 @@ class SparseMoE(nn.Module):
             n_shared = ids.shape[1] - self.top_k  # the folded shared expert's columns, if present
             out = fused_moe(x, self.w13, self.w2, weights, ids,
                             busy_slots=self.num_groups + n_shared if routed else None,
-                            touched_out=touched, count_slots=self.num_slots, sum_slots=not defer,
-                            last_first=last_first)
+                            touched_out=touched, count_slots=self.num_slots, sum_slots=not defer)
             return SlotOutputs(*out) if defer else out
         return moe_experts_ref(x, self.w13, self.w2, weights, ids)
 
