@@ -36,9 +36,12 @@ except ImportError:  # CPU installs without triton use F.linear
     triton = None
 
 SKINNY_MAX_ROWS = 64  # decode batches up to 64 ride in one tile; beyond, cuBLAS's own tiles fill
-# outputs up to which cuBLAS's 64-column tiles leave half of 132 SMs idle; BROWNOUT_SKINNY_MAX_N
-# moves the bound (the benchmark times the QKV projection on either side of it)
-SKINNY_MAX_N = int(os.environ.get("BROWNOUT_SKINNY_MAX_N", "4096"))
+SKINNY_MAX_N = 4096  # outputs up to which cuBLAS's 64-column tiles leave half of 132 SMs idle
+# Wider layers (a QKV projection) take the kernel at steps of up to WIDE_MAX_ROWS rows when it
+# launches with PDL: its weights' first lines then arrive during the previous kernel, which
+# cuBLAS's launch does not overlap; at more rows cuBLAS's own tiles are faster.
+WIDE_MAX_N = 8192
+WIDE_MAX_ROWS = 8
 BLOCK_N = 32  # weight rows per program: the fastest of 16 and 32 in the tile sweep
 BLOCK_K = 128  # columns per loop step (8 KB of weight per program), the sweep's fastest
 MAX_SPLIT_K = 16  # partial sums per tile: beyond it the reduction outweighs the gain
@@ -155,9 +158,11 @@ def fits_workspace(split: int, n_tiles: int, block_n: int, block_m: int) -> bool
 def usable(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether `skinny_linear` takes this call: triton present, a CUDA (or interpreted)
     tensor without autograd, at most SKINNY_MAX_ROWS rows and SKINNY_MAX_N outputs (wider
-    layers fill the GPU with cuBLAS's own tiles), contiguous rows of the weight."""
+    layers fill the GPU with cuBLAS's own tiles; up to WIDE_MAX_N at WIDE_MAX_ROWS rows under
+    PDL), contiguous rows of the weight."""
+    wide = x.dim() == 2 and x.shape[0] <= WIDE_MAX_ROWS and pdl.active(x)
     return (triton is not None and x.dim() == 2 and 0 < x.shape[0] <= SKINNY_MAX_ROWS
-            and weight.shape[0] <= SKINNY_MAX_N
+            and weight.shape[0] <= (WIDE_MAX_N if wide else SKINNY_MAX_N)
             and (x.is_cuda or _kernels_interpreted()) and not torch.is_grad_enabled()
             and x.stride(-1) == 1 and weight.stride(-1) == 1 and x.dtype == weight.dtype)
 

@@ -83,6 +83,21 @@ def test_usable_only_for_few_rows_without_autograd():
 
 
 @needs_kernels
+def test_wide_layers_only_at_few_rows_under_pdl(monkeypatch):
+    """A QKV-wide weight (over SKINNY_MAX_N outputs) takes the kernel only at up to
+    WIDE_MAX_ROWS rows and only when the launch overlaps the previous kernel (PDL)."""
+    w = torch.zeros(sk.SKINNY_MAX_N + 64, 32, device=DEVICE)
+    few, many = (torch.zeros(m, 32, device=DEVICE) for m in (sk.WIDE_MAX_ROWS, sk.WIDE_MAX_ROWS + 1))
+    with torch.inference_mode():
+        local = CUDA or sk._kernels_interpreted()
+        monkeypatch.setattr(sk.pdl, "active", lambda t: False)
+        assert not sk.usable(few, w)
+        monkeypatch.setattr(sk.pdl, "active", lambda t: True)
+        assert sk.usable(few, w) == local and not sk.usable(many, w)
+        assert not sk.usable(few, torch.zeros(sk.WIDE_MAX_N + 64, 32, device=DEVICE))
+
+
+@needs_kernels
 def test_decode_linear_takes_the_kernel_when_enabled(monkeypatch):
     """DecodeLinear routes few-row CUDA calls to the kernel (on CUDA only: CPU tensors keep
     F.linear even under the interpreter)."""
