@@ -1,12 +1,15 @@
 """The fused MoE's align step on a GPU: the atomics kernel against the register-only one
-(`fused_moe.moe_align(..., small=True)`), at decode sizes.
+(`fused_moe.moe_align(..., method="small")`) at decode sizes, and against the sorted one
+(`method="sorted"`: a histogram and a sort in registers) from 8 to 128 tokens.
 
 Shapes: Qwen1.5-MoE-A2.7B serving (94 slots: 60 experts, 30 united, 4 folded shared; 8
-assignments a token) and Qwen3-MoE (160 slots: 128 experts, 32 united; 8 a token), at 1-16
-tokens where the small kernel's tiles fit. Each variant's grouping is checked first (every
-assignment once, in its slot's blocks). Timings: per call inside a captured CUDA graph of 10
-calls, replays between CUDA events, median; the per-layer saving times the model's MoE layers
-is what a decode step would gain.
+assignments a token) and Qwen3-MoE (160 slots: 128 experts, 32 united; 8 a token). The small
+kernel runs at 1-16 tokens where its tiles fit, the sorted one at 8-128 tokens (up to its
+bound); the atomics kernel at every size, as the baseline. Each variant's grouping is checked
+first (every assignment once, in its slot's blocks). Timings: per call inside a captured CUDA
+graph of 10 calls, replays between CUDA events, median; the per-layer saving times the model's
+MoE layers is what a decode step would gain. The `default` column names the kernel
+`moe_align` picks at that size.
 Writes align.json and align.md under --out.
 Usage: python benchmarks/bench_align.py --out DIR   (CUDA GPU with triton required)
 """
@@ -19,9 +22,11 @@ import sys
 from pathlib import Path
 
 SHAPES = {"qwen1.5-moe (94 slots, 8 a token)": (94, 8), "qwen3-moe (160 slots, 8 a token)": (160, 8)}
-TOKENS = (1, 2, 4, 8, 16)
+SMALL_TOKENS = (1, 2, 4, 8, 16)  # decode sizes: the small kernel where its tiles fit
+SORTED_TOKENS = (8, 16, 32, 64, 128)  # from where the small kernel stops to the sorted one's bound
 BLOCK_M = 16  # the decode tiles' row block
 GRAPH_CALLS = 10  # calls per captured graph: replay overhead spread over several launches
+METHODS = ("atomics", "small", "sorted")
 
 
 def grouped_ok(ids, sorted_ids, block_slot, bm: int) -> bool:
@@ -32,6 +37,21 @@ def grouped_ok(ids, sorted_ids, block_slot, bm: int) -> bool:
     if sorted(rows[rows < n].tolist()) != [i for i in range(n) if flat[i] >= 0]:
         return False
     return all((flat[rows[b][rows[b] < n].long()] == int(block_slot[b])).all() for b in range(used))
+
+
+def methods_at(fm, tokens: int, n_assign: int, slots: int) -> list[str]:
+    """The kernels timed at this size: the atomics baseline, then each other one in its range."""
+    out = ["atomics"]
+    if tokens in SMALL_TOKENS and fm._small_align_fits(n_assign, slots, BLOCK_M):
+        out.append("small")
+    if tokens in SORTED_TOKENS and fm._sorted_align_fits(n_assign):
+        out.append("sorted")
+    return out
+
+
+def _us(r: dict, name: str) -> str:
+    v = r.get(f"{name}_graph_us")
+    return "-" if v is None else f"{v:.2f}"
 
 
 def main() -> None:
@@ -49,15 +69,20 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     rows = []
     for shape, (S, k) in SHAPES.items():
-        for T in TOKENS:
-            if not fm._small_align_fits(T * k, S, BLOCK_M):
+        for T in sorted(set(SMALL_TOKENS) | set(SORTED_TOKENS)):
+            methods = methods_at(fm, T, T * k, S)
+            if len(methods) < 2:
                 continue
             g = torch.Generator().manual_seed(T * 100 + S)
             ids = torch.randint(0, S, (T, k), generator=g, dtype=torch.int32).cuda()
             touched = torch.empty((), dtype=torch.int64, device="cuda")
-            row = dict(shape=shape, slots=S, tokens=T, assignments=T * k)
-            for name, small in (("atomics", False), ("small", True)):
-                call = lambda small=small: fm.moe_align(ids, S, BLOCK_M, touched, small=small)  # noqa: E731
+            row = dict(shape=shape, slots=S, tokens=T, assignments=T * k,
+                       default=fm.align_method(T * k, S, BLOCK_M))
+            for name in METHODS:
+                if name not in methods:
+                    row[f"{name}_grouped_ok"], row[f"{name}_graph_us"] = None, None
+                    continue
+                call = lambda name=name: fm.moe_align(ids, S, BLOCK_M, touched, method=name)  # noqa: E731
                 row[f"{name}_grouped_ok"] = grouped_ok(ids, *call(), BLOCK_M)
                 row[f"{name}_graph_us"] = graph_call_us(lambda i, call=call: call(), GRAPH_CALLS)
             rows.append(row)
@@ -65,13 +90,16 @@ def main() -> None:
     meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, script="benchmarks/bench_align.py",
                 command=" ".join(sys.argv))
     (args.out / "align.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
-    lines = [f"# The fused MoE's align at decode sizes: atomics kernel vs register-only ({meta['device']})", "",
+    lines = [f"# The fused MoE's align: atomics kernel vs register-only and sorted ({meta['device']})", "",
              f"Made by `python {' '.join(sys.argv)}` (benchmarks/bench_align.py); torch {meta['torch']}. "
-             f"Per call in a captured graph of {GRAPH_CALLS} calls, median of CUDA-event timings.", "",
-             "| shape | tokens | assignments | atomics us | small us | grouping ok |", "|---|---|---|---|---|---|"]
+             f"Per call in a captured graph of {GRAPH_CALLS} calls, median of CUDA-event timings; "
+             "'-': that kernel is not timed at this size.", "",
+             "| shape | tokens | assignments | atomics us | small us | sorted us | default | grouping ok |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['shape']} | {r['tokens']} | {r['assignments']} | {r['atomics_graph_us']:.2f} | "
-                     f"{r['small_graph_us']:.2f} | {r['atomics_grouped_ok'] and r['small_grouped_ok']} |")
+        ok = all(r[f"{m}_grouped_ok"] is not False for m in METHODS)
+        lines.append(f"| {r['shape']} | {r['tokens']} | {r['assignments']} | {_us(r, 'atomics')} | "
+                     f"{_us(r, 'small')} | {_us(r, 'sorted')} | {r['default']} | {ok} |")
     (args.out / "align.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -7,8 +7,9 @@
 # $ENGINE_STAGES, more flags in $ENGINE_EXTRA, an older package tree in $ENGINE_TREE), kernels (fused MoE tile sweep at $KERNEL_TOKENS; KERNEL_EXTRA=--crowded
 # for the tau = 0 case), install (that table into brownout/kernels/configs for the later
 # parts), topk (the fused router top-k vs the torch ops), skinny (the decode-size linear
-# kernel vs cuBLAS; BROWNOUT_SKINNY_GEMM=0 with the engine part times the step without it), align (the small align vs the atomics
-# one; BROWNOUT_SMALL_ALIGN=0 with the engine part times the decode step without it), headline (benchmarks/headline.py),
+# kernel vs cuBLAS; BROWNOUT_SKINNY_GEMM=0 with the engine part times the step without it), align (the small and sorted aligns vs
+# the atomics one; BROWNOUT_SMALL_ALIGN=0 / BROWNOUT_SORT_ALIGN=0 with the engine part time the step without them; BROWNOUT_PDL=0
+# without programmatic dependent launch), headline (benchmarks/headline.py),
 # sweep (headline rate sweep, needs $CALIBRATION). Wheels in .whl/ (fastapi, uvicorn, pydantic...) for the server; the trace in
 # .gpu_data/ (a copy of ../shared/data/traces, never committed).
 # The tarball is transport only, never committed. Back on the development machine, each part's
@@ -48,6 +49,8 @@ for part in ${parts//,/ }; do
         tests/kernels/test_routing_triton.py tests/kernels/test_skinny_gemm.py tests/kernels/test_norm_rope.py \
         tests/kernels/test_fused_moe.py::test_align_groups_every_assignment_once \
         tests/kernels/test_fused_moe.py::test_fused_moe_with_the_small_align_matches_the_reference \
+        tests/kernels/test_fused_moe.py::test_fused_moe_with_the_sorted_align_matches_the_reference \
+        tests/kernels/test_pdl.py \
         2>&1 | tail -30 | tee "$work/tests.txt" ;;
     engine)  # ENGINE_TREE: a folder holding an older `brownout` package to time instead
       pp=$PYTHONPATH; [ -n "${ENGINE_TREE:-}" ] && pp=$PWD/$ENGINE_TREE:$PYTHONPATH

@@ -3,10 +3,13 @@
 Same semantics as `moe_ref.moe_experts_ref`: expert slot ids may point past the routed
 experts (united experts sit in the extra slots) and an id of -1 skips the assignment.
 Four launches and no host synchronisation, so the whole call can live in a CUDA graph:
-  1. `_align_kernel` (one program): count assignments per slot, pad each slot's list to a
-     multiple of BLOCK_M, and write the flat assignment ids grouped by slot plus the slot
-     of every BLOCK_M rows (-1 past the end). The padded length has the fixed bound
-     T*k + min(T*k, S) * (BLOCK_M - 1), so grids depend on shapes only.
+  1. align (one program): count assignments per slot, pad each slot's list to a multiple
+     of BLOCK_M, and write the flat assignment ids grouped by slot plus the slot of every
+     BLOCK_M rows (-1 past the end). The padded length has the fixed bound
+     T*k + min(T*k, S) * (BLOCK_M - 1), so grids depend on shapes only. Three kernels by
+     size (`align_method`): `_align_small_kernel` (register comparisons, decode steps of a
+     few tokens), `_align_sorted_kernel` (a histogram and a sort in registers, up to
+     ALIGN_SORTED_MAX_ASSIGN assignments) and `_align_kernel` (atomics, any size).
   2. `_gate_up_kernel`: per row block, h = silu(x W_gate^T) * (x W_up^T) for its slot.
   3. `_down_kernel`: y = routing_weight * (h W_down^T), one row per assignment.
   4. `_topk_sum_kernel`: out[t] = sum over the token's assignments with id >= 0.
@@ -282,6 +285,49 @@ if triton is not None:
         slot = tl.sum(before.to(tl.int32), 1)
         tl.store(block_slot_ptr + b, tl.where(row < total, slot, -1), mask=b < n_blocks)
 
+    @triton.jit(do_not_specialize=["n_assign", "n_blocks"])
+    def _align_sorted_kernel(ids_ptr, sorted_ptr, block_slot_ptr, touched_ptr, n_assign, num_slots,
+                             n_blocks, count_slots, BLOCK_M: tl.constexpr, N_PAD: tl.constexpr,
+                             S_PAD: tl.constexpr, PAD_CHUNK: tl.constexpr, B_CHUNK: tl.constexpr,
+                             COUNT_TOUCHED: tl.constexpr, USE_PDL: tl.constexpr):
+        # one program that reads the ids once and then only stores (no global atomics, no
+        # scratch read back): counts per slot from a histogram, each assignment's place from
+        # one sort of the keys slot * N_PAD + i, which lists every slot's assignments in a run
+        pdl_wait(USE_PDL)
+        pdl_launch(USE_PDL)
+        i = tl.arange(0, N_PAD)
+        e = tl.load(ids_ptr + i, mask=i < n_assign, other=-1).to(tl.int32)  # [N]; -1: skipped
+        ok = e >= 0
+        s = tl.arange(0, S_PAD)
+        cnt = tl.histogram(tl.where(ok, e, 0), S_PAD, mask=ok)  # [S]
+        if COUNT_TOUCHED:
+            tl.store(touched_ptr, tl.sum(((cnt > 0) & (s < count_slots)).to(tl.int64), 0))
+        padded = (cnt + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+        end = tl.cumsum(padded, 0)
+        start = end - padded
+        total = tl.sum(padded, 0)
+        # the run of slot s starts at sorted position cumsum(cnt)[s] - cnt[s] and its rows at
+        # start[s]: a sorted position moves by the padding rows of the slots before its own
+        shift = start - (tl.cumsum(cnt, 0) - cnt)  # [S]
+        key = tl.sort(tl.where(ok, e * N_PAD + i, S_PAD * N_PAD + i))  # skipped ones sort last
+        real = key < S_PAD * N_PAD
+        slot = tl.where(real, key // N_PAD, 0)
+        dest = tl.arange(0, N_PAD) + tl.gather(shift, slot, 0)  # [N]
+        tl.store(sorted_ptr + dest, key % N_PAD, mask=real)
+        # owner of each used row block: every such block starts with a real row (a slot's
+        # padding is shorter than a block), whose assignment writes the block's slot
+        tl.store(block_slot_ptr + dest // BLOCK_M, slot, mask=real & (dest % BLOCK_M == 0))
+        for b0 in range(0, n_blocks, B_CHUNK):  # -1 past the used length
+            b = b0 + tl.arange(0, B_CHUNK)
+            tl.store(block_slot_ptr + b, tl.full([B_CHUNK], -1, tl.int32),
+                     mask=(b * BLOCK_M >= total) & (b < n_blocks))
+        for j0 in range(0, BLOCK_M, PAD_CHUNK):  # each slot's padding rows get the sentinel n_assign
+            j = j0 + tl.arange(0, PAD_CHUNK)
+            pad_pos = (start + cnt)[:, None] + j[None, :]
+            pad_ok = (j[None, :] < (padded - cnt)[:, None]) & (s < num_slots)[:, None]
+            tl.store(sorted_ptr + pad_pos, tl.full([S_PAD, PAD_CHUNK], 0, tl.int32) + n_assign,
+                     mask=pad_ok)
+
     @triton.jit
     def _block_coords(n_blocks, N, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
         # grouped order: GROUP_M row blocks share each weight tile while it sits in L2
@@ -425,34 +471,84 @@ def _small_align_fits(n_assign: int, num_slots: int, block_m: int) -> bool:
     return n_pad * max(s_pad, n_pad) <= ALIGN_SMALL_MAX_TILE and s_pad * block_m <= ALIGN_SMALL_MAX_TILE
 
 
+# The sorted align up to this many assignments (128 tokens of 8): its [N] sort holds 4 keys a
+# thread in 8 warps; past it the atomics kernel's chunked rounds keep the registers bounded.
+ALIGN_SORTED_MAX_ASSIGN = 1024
+ALIGN_SORTED_PAD_TILE = 4096  # elements of its [S, j] padding-row tile per step, 16 a thread in 8 warps
+ALIGN_SORTED_B_CHUNK = 256  # row blocks marked unused per step of its tail loop, 1 a thread in 8 warps
+# on up to its bound: one program that reads the ids once and sorts them in registers beats
+# the atomics kernel's dependent rounds through L2; BROWNOUT_SORT_ALIGN=0 turns it off
+SORT_ALIGN_ENV = "BROWNOUT_SORT_ALIGN"
+SORT_ALIGN = os.environ.get(SORT_ALIGN_ENV, "1") != "0"  # read once: the step path asks per layer
+ALIGN_METHODS = ("small", "sorted", "atomics")
+
+
+def _sorted_align_fits(n_assign: int) -> bool:
+    """The sorted align's [N] keys stay within its bound."""
+    return n_assign <= ALIGN_SORTED_MAX_ASSIGN
+
+
+def align_method(n_assign: int, num_slots: int, block_m: int) -> str:
+    """The align kernel `moe_align` picks by default: the register-only one where its tiles
+    fit, else the sorted one up to its bound, else the atomics one (each of the first two
+    unless its switch is off)."""
+    if SMALL_ALIGN and _small_align_fits(n_assign, num_slots, block_m):
+        return "small"
+    if SORT_ALIGN and _sorted_align_fits(n_assign):
+        return "sorted"
+    return "atomics"
+
+
 def moe_align(topk_ids: torch.Tensor, num_slots: int, block_m: int,
               touched_out: torch.Tensor | None = None, count_slots: int | None = None,
-              small: bool | None = None):
+              small: bool | None = None, method: str | None = None):
     """Flat assignment ids grouped by slot and padded to `block_m`, plus each block's slot.
 
     Returns (sorted_ids [P] int32 with n_assign as padding, block_slot [P // block_m] int32
     with -1 past the used length); P = T*k + min(T*k, S) * (block_m - 1) rounded up.
     `touched_out` (0-d int64), when given, receives the number of distinct slots used among
-    the first `count_slots` (all of them by default). `small`: the register-only kernel for
-    few assignments (None: where the shapes fit, unless BROWNOUT_SMALL_ALIGN=0); the order of
-    the assignments inside a slot differs between the two, which no consumer depends on."""
+    the first `count_slots` (all of them by default). `method`: "small" (the register-only
+    kernel for few assignments), "sorted" (the histogram-and-sort kernel up to
+    ALIGN_SORTED_MAX_ASSIGN assignments) or "atomics" (any size); None picks by `align_method`
+    (BROWNOUT_SMALL_ALIGN=0 and BROWNOUT_SORT_ALIGN=0 take the first two out). `small`
+    True / False is "small" / "atomics". The order of the assignments inside a slot differs
+    between the kernels, which no consumer depends on."""
     ids = topk_ids.reshape(-1)  # [T*k]
     n_assign = ids.numel()
     n_blocks = triton.cdiv(n_assign + min(n_assign, num_slots) * (block_m - 1), block_m)
     dev = ids.device
     sorted_ids = torch.empty(n_blocks * block_m, dtype=torch.int32, device=dev)
     block_slot = torch.empty(n_blocks, dtype=torch.int32, device=dev)
-    if small is None:
-        small = SMALL_ALIGN and _small_align_fits(n_assign, num_slots, block_m)
-    if small:
+    if small is not None:
+        if method is not None and method != ("small" if small else "atomics"):
+            raise ValueError(f"small={small} contradicts method={method!r}")
+        method = "small" if small else "atomics"
+    if method is None:
+        method = align_method(n_assign, num_slots, block_m)
+    if method not in ALIGN_METHODS:
+        raise ValueError(f"unknown align method {method!r}; one of {ALIGN_METHODS}")
+    touched = block_slot if touched_out is None else touched_out
+    count = num_slots if count_slots is None else count_slots
+    s_pad = _next_pow2(max(16, num_slots))
+    if method == "small":
         if not _small_align_fits(n_assign, num_slots, block_m):
             raise ValueError(f"{n_assign} assignments over {num_slots} slots exceed the small align's "
                              f"{ALIGN_SMALL_MAX_TILE}-element tiles")
         _align_small_kernel[(1,)](
-            ids, sorted_ids, block_slot, block_slot if touched_out is None else touched_out,
-            n_assign, num_slots, n_blocks, num_slots if count_slots is None else count_slots,
-            BLOCK_M=block_m, N_PAD=_next_pow2(max(2, n_assign)), S_PAD=_next_pow2(max(16, num_slots)),
+            ids, sorted_ids, block_slot, touched, n_assign, num_slots, n_blocks, count,
+            BLOCK_M=block_m, N_PAD=_next_pow2(max(2, n_assign)), S_PAD=s_pad,
             B_PAD=_next_pow2(max(2, n_blocks)), COUNT_TOUCHED=touched_out is not None, num_warps=4, **pdl.launch_opts(ids))
+        return sorted_ids, block_slot
+    if method == "sorted":
+        if not _sorted_align_fits(n_assign):
+            raise ValueError(f"{n_assign} assignments exceed the sorted align's bound of "
+                             f"{ALIGN_SORTED_MAX_ASSIGN}")
+        n_pad = _next_pow2(max(2, n_assign))
+        _align_sorted_kernel[(1,)](
+            ids, sorted_ids, block_slot, touched, n_assign, num_slots, n_blocks, count,
+            BLOCK_M=block_m, N_PAD=n_pad, S_PAD=s_pad,
+            PAD_CHUNK=max(1, min(block_m, ALIGN_SORTED_PAD_TILE // s_pad)), B_CHUNK=ALIGN_SORTED_B_CHUNK,
+            COUNT_TOUCHED=touched_out is not None, num_warps=8 if n_pad > 256 else 4, **pdl.launch_opts(ids))
         return sorted_ids, block_slot
     scratch = torch.empty(2 * num_slots + n_assign, dtype=torch.int32, device=dev)
     counts, offsets, rank = scratch[:num_slots], scratch[num_slots:2 * num_slots], \
@@ -464,9 +560,8 @@ def moe_align(topk_ids: torch.Tensor, num_slots: int, block_m: int,
     wide = n_assign > 1024
     _align_kernel[(1,)](ids, counts, rank, offsets, sorted_ids, block_slot,
                         counts if touched_out is None else touched_out,
-                        n_assign, num_slots, n_blocks,
-                        num_slots if count_slots is None else count_slots,
-                        BLOCK_M=block_m, S_PAD=max(16, _next_pow2(num_slots)),
+                        n_assign, num_slots, n_blocks, count,
+                        BLOCK_M=block_m, S_PAD=s_pad,
                         CHUNK=1024 if wide else 256, BCHUNK=256,
                         COUNT_TOUCHED=touched_out is not None, num_warps=8 if wide else 4, **pdl.launch_opts(ids))
     return sorted_ids, block_slot

@@ -126,23 +126,34 @@ def test_all_skipped_gives_zeros():
 
 
 @needs_kernels
-@pytest.mark.parametrize("S,T,k,bm,small", [(11, 13, 3, 16, False),
-                                            # a prefill step's size: the wide-chunk path, and
-                                            # more row blocks than one block-owner chunk
-                                            (90, 1087, 4, 16, False), (90, 1087, 4, 128, False),
-                                            # the register-only kernel at decode sizes
-                                            (11, 13, 3, 16, True), (94, 8, 8, 16, True),
-                                            (94, 1, 8, 16, True), (160, 4, 8, 16, True)])
-def test_align_groups_every_assignment_once(S, T, k, bm, small):
+@pytest.mark.parametrize("S,T,k,bm,method", [(11, 13, 3, 16, "atomics"),
+                                             # a prefill step's size: the wide-chunk path, and
+                                             # more row blocks than one block-owner chunk
+                                             (90, 1087, 4, 16, "atomics"), (90, 1087, 4, 128, "atomics"),
+                                             # the register-only kernel at decode sizes
+                                             (11, 13, 3, 16, "small"), (94, 8, 8, 16, "small"),
+                                             (94, 1, 8, 16, "small"), (160, 4, 8, 16, "small"),
+                                             # the sorted kernel from where the small one stops
+                                             # to its bound; padding rows in several steps at 128
+                                             (11, 13, 3, 16, "sorted"), (94, 9, 8, 16, "sorted"),
+                                             (94, 16, 8, 16, "sorted"), (94, 64, 8, 16, "sorted"),
+                                             (94, 128, 8, 16, "sorted"), (94, 128, 8, 128, "sorted"),
+                                             (160, 128, 8, 64, "sorted"), (160, 32, 8, 16, "sorted")])
+def test_align_groups_every_assignment_once(S, T, k, bm, method):
     g = torch.Generator().manual_seed(5)
-    ids = torch.randint(-1, S, (T, k), generator=g, dtype=torch.int32).to(DEVICE)
-    if small and T > 1:
+    ids = torch.randint(-1, S, (T, k), generator=g, dtype=torch.int32)
+    if method != "atomics" and T > 1:
         ids[1, :2] = ids[0, 0]  # several assignments of one slot: ranks inside a slot
+    if method == "sorted":
+        ids[:, 0] = S - 1  # one slot over several row blocks
+        ids[::3, -1] = -1  # many skipped assignments
+        ids[-1, -1] = -1  # the last one too
+    ids = ids.to(DEVICE)
     touched = torch.full((), -1, dtype=torch.int64, device=DEVICE)
-    sorted_ids, block_slot = fm.moe_align(ids, S, bm, touched_out=touched, small=small)
+    sorted_ids, block_slot = fm.moe_align(ids, S, bm, touched_out=touched, method=method)
     assert int(touched) == len(set(ids.reshape(-1).cpu().tolist()) - {-1})
     limit = S // 2  # slots past it (a folded shared expert's) are grouped but not counted
-    fm.moe_align(ids, S, bm, touched_out=touched, count_slots=limit, small=small)
+    fm.moe_align(ids, S, bm, touched_out=touched, count_slots=limit, method=method)
     assert int(touched) == len({i for i in ids.reshape(-1).cpu().tolist() if 0 <= i < limit})
     sorted_ids, block_slot, flat = sorted_ids.cpu(), block_slot.cpu(), ids.reshape(-1).cpu()
     n = flat.numel()
@@ -154,6 +165,11 @@ def test_align_groups_every_assignment_once(S, T, k, bm, small):
     for b in range(used):
         members = rows[b][rows[b] < n].long()
         assert len(members) > 0 and (flat[members] == block_slot[b]).all()
+        assert (rows[b][len(members):] == n).all()  # a block's real rows come first
+    if method != "atomics":  # the same blocks as the atomics kernel: only the order inside a slot differs
+        ref_ids, ref_slot = (t.cpu() for t in fm.moe_align(ids, S, bm, method="atomics"))
+        assert torch.equal(block_slot, ref_slot)
+        assert torch.equal(rows.sort(dim=1).values, ref_ids[:used * bm].view(used, bm).sort(dim=1).values)
 
 
 @needs_kernels
@@ -320,3 +336,81 @@ def test_fused_moe_with_the_small_align_matches_the_reference(monkeypatch):
     w = torch.rand(T, k, generator=g).to(DEVICE)
     out = fm.fused_moe(x, w13, w2, w, ids)
     torch.testing.assert_close(out.cpu(), moe_experts_ref(x, w13, w2, w, ids).cpu(), rtol=1e-4, atol=1e-4)
+
+
+class _LaunchSpy:
+    """Stands in for a kernel: records its name at each launch, then launches it."""
+
+    def __init__(self, name, kernel, launched):
+        self.name, self.kernel, self.launched = name, kernel, launched
+
+    def __getitem__(self, grid):
+        self.launched.append(self.name)
+        return self.kernel[grid]
+
+
+def _spy_align_kernels(monkeypatch):
+    launched = []
+    for method, name in (("small", "_align_small_kernel"), ("sorted", "_align_sorted_kernel"),
+                         ("atomics", "_align_kernel")):
+        monkeypatch.setattr(fm, name, _LaunchSpy(method, getattr(fm, name), launched))
+    return launched
+
+
+@needs_kernels
+def test_fused_moe_with_the_sorted_align_matches_the_reference(monkeypatch):
+    """The whole expert call at a size past the small align's tiles runs the sorted align
+    (as BROWNOUT_SORT_ALIGN=1 does) and gives the reference's output."""
+    monkeypatch.setattr(fm, "SMALL_ALIGN", True)
+    monkeypatch.setattr(fm, "SORT_ALIGN", True)
+    launched = _spy_align_kernels(monkeypatch)
+    g = torch.Generator().manual_seed(11)
+    T, D, inter, S, k = 24, 32, 48, 12, 4  # 96 assignments: past the small align's tiles
+    x = torch.randn(T, D, generator=g).to(DEVICE)
+    w13 = (0.1 * torch.randn(S, 2 * inter, D, generator=g)).to(DEVICE)
+    w2 = (0.1 * torch.randn(S, D, inter, generator=g)).to(DEVICE)
+    ids = torch.randint(-1, S, (T, k), generator=g, dtype=torch.int32)
+    ids[::4, 1] = -1
+    ids[:, 0] = 3  # one slot over several row blocks
+    ids = ids.to(DEVICE)
+    w = torch.rand(T, k, generator=g).to(DEVICE)
+    touched = torch.full((), -1, dtype=torch.int64, device=DEVICE)
+    out = fm.fused_moe(x, w13, w2, w, ids, touched_out=touched)
+    assert launched == ["sorted"]
+    assert int(touched) == int(count_touched(ids, S))
+    torch.testing.assert_close(out.cpu(), moe_experts_ref(x, w13, w2, w, ids).cpu(), rtol=1e-4, atol=1e-4)
+
+
+@needs_kernels
+@pytest.mark.parametrize("n,S,bm,small_on,sort_on,expect", [
+    (64, 94, 16, True, True, "small"),  # 8 tokens x 8: the small align's last size
+    (65, 94, 16, True, True, "sorted"),
+    (1024, 94, 16, True, True, "sorted"),  # 128 tokens x 8: the sorted align's bound
+    (1025, 94, 16, True, True, "atomics"),
+    (8, 94, 128, True, True, "sorted"),  # the small align's [S, BLOCK_M] tile over its budget
+    (64, 94, 16, False, True, "sorted"),  # BROWNOUT_SMALL_ALIGN=0
+    (65, 94, 16, True, False, "atomics"),  # BROWNOUT_SORT_ALIGN=0
+    (64, 94, 16, False, False, "atomics")])
+def test_align_dispatch_at_the_boundaries(monkeypatch, n, S, bm, small_on, sort_on, expect):
+    monkeypatch.setattr(fm, "SMALL_ALIGN", small_on)
+    monkeypatch.setattr(fm, "SORT_ALIGN", sort_on)
+    assert fm.align_method(n, S, bm) == expect
+    launched = _spy_align_kernels(monkeypatch)
+    ids = (torch.arange(n, dtype=torch.int32) % S).view(n, 1).to(DEVICE)
+    sorted_ids, block_slot = fm.moe_align(ids, S, bm)
+    assert launched == [expect]
+    used = int((block_slot >= 0).sum())
+    assert sorted(sorted_ids[:used * bm][sorted_ids[:used * bm] < n].tolist()) == list(range(n))
+    fm.moe_align(ids, S, bm, small=False)  # small=False: the atomics kernel, as before
+    assert launched[-1] == "atomics"
+
+
+@needs_kernels
+def test_align_overrides_refuse_what_they_cannot_do():
+    ids = torch.zeros(fm.ALIGN_SORTED_MAX_ASSIGN + 1, 1, dtype=torch.int32, device=DEVICE)
+    with pytest.raises(ValueError, match="sorted align"):
+        fm.moe_align(ids, 94, 16, method="sorted")
+    with pytest.raises(ValueError, match="contradicts"):
+        fm.moe_align(ids[:8], 94, 16, small=True, method="sorted")
+    with pytest.raises(ValueError, match="unknown align method"):
+        fm.moe_align(ids[:8], 94, 16, method="bitonic")
