@@ -474,6 +474,9 @@ def _small_align_fits(n_assign: int, num_slots: int, block_m: int) -> bool:
 # The sorted align up to this many assignments (128 tokens of 8): its [N] sort holds 4 keys a
 # thread in 8 warps; past it the atomics kernel's chunked rounds keep the registers bounded.
 ALIGN_SORTED_MAX_ASSIGN = 1024
+# from this many assignments the sorted align beats the register comparisons, whose [N, N]
+# rank tile grows with the square of the assignments while the sort grows as N log^2 N
+ALIGN_SORTED_MIN_ASSIGN = 64
 ALIGN_SORTED_PAD_TILE = 4096  # elements of its [S, j] padding-row tile per step, 16 a thread in 8 warps
 ALIGN_SORTED_B_CHUNK = 256  # row blocks marked unused per step of its tail loop, 1 a thread in 8 warps
 # on up to its bound: one program that reads the ids once and sorts them in registers beats
@@ -489,9 +492,11 @@ def _sorted_align_fits(n_assign: int) -> bool:
 
 
 def align_method(n_assign: int, num_slots: int, block_m: int) -> str:
-    """The align kernel `moe_align` picks by default: the register-only one where its tiles
-    fit, else the sorted one up to its bound, else the atomics one (each of the first two
-    unless its switch is off)."""
+    """The align kernel `moe_align` picks by default: the sorted one from
+    ALIGN_SORTED_MIN_ASSIGN assignments up to its bound, the register-only one below where its
+    tiles fit, else the atomics one (each of the first two unless its switch is off)."""
+    if SORT_ALIGN and ALIGN_SORTED_MIN_ASSIGN <= n_assign and _sorted_align_fits(n_assign):
+        return "sorted"
     if SMALL_ALIGN and _small_align_fits(n_assign, num_slots, block_m):
         return "small"
     if SORT_ALIGN and _sorted_align_fits(n_assign):
