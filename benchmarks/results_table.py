@@ -24,11 +24,11 @@ HELD_OUT_TARGETS = {2: 0.08, 4: 0.20, 8: 0.40}
 # the three repeats of the headline workload on the current code
 HEADLINE_RUNS = ("headline_h200_run15", "headline_h200_run16", "headline_h200_run17")
 # the engine run that measured the decode step and brownout with today's engine (async
-# scheduling, staged graph inputs, the MoE sum in the next norm, small align, skinny GEMM);
-# its files are the raw folder of that name
-DECODE_RUN = "engine_h200_run14"
-# the page rendered from that run (benchmarks/async_tables.py)
-DECODE_PAGE = "engine_h200_async"
+# scheduling, programmatic dependent launch, staged graph inputs, the MoE sum in the next
+# norm, the small and sorted aligns, skinny GEMM); its files are the raw folder of that name
+DECODE_RUN = "engine_h200_run16"
+# the page rendered from that run (benchmarks/variant_tables.py)
+DECODE_PAGE = "engine_h200_pdl"
 # engine runs with both H200 tile tables (tau 1 and the crowded tau 0 one)
 TILED_RUNS = ("engine_h200_run5", "engine_h200_run6")
 # every run of the main job on the CPU box
@@ -184,7 +184,7 @@ def brownout_rows() -> list[list[str]]:
                 mixed.setdefault(r["tokens"], []).append(r["vs_tau1"])
     return [
         ["Brownout at tau 0 (way 4) vs tau 1, batch-64 decode step (pipelined) / one MoE layer", "H200",
-         f"{step:.2f} / {layer:.2f}", f"step {verdict([step], BROWNOUT_STEP_TARGET).split(' (')[0]}; "
+         f"{step:.3f} / {layer:.2f}", f"step {verdict([step], BROWNOUT_STEP_TARGET).split(' (')[0]}; "
          f"MoE layer {verdict([layer], MOE_LAYER_TARGET).split(' (')[0]}",
          links("engine", [DECODE_PAGE]) + " (one run)"],
         ["Brownout at tau 0 vs tau 1, steps with prefill work: 575 / 1087 / 2048 tokens", "H200",
