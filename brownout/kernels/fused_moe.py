@@ -252,6 +252,16 @@ if triton is not None:
             o = tl.load(offsets_ptr + e, mask=ok, other=0, cache_modifier=".cg")
             tl.store(sorted_ptr + o + r, offs.to(tl.int32), mask=ok)
 
+    @triton.jit
+    def _slot_rows(cnt, s, count_slots, touched_ptr, BLOCK_M: tl.constexpr, COUNT_TOUCHED: tl.constexpr):
+        # from each slot's count: its rows padded to BLOCK_M, where they end and start, and
+        # all rows; the touched count (slots under count_slots with an assignment) when asked
+        if COUNT_TOUCHED:
+            tl.store(touched_ptr, tl.sum(((cnt > 0) & (s < count_slots)).to(tl.int64), 0))
+        padded = (cnt + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+        end = tl.cumsum(padded, 0)
+        return padded, end, end - padded, tl.sum(padded, 0)
+
     @triton.jit(do_not_specialize=["n_assign", "n_blocks"])
     def _align_small_kernel(ids_ptr, sorted_ptr, block_slot_ptr, touched_ptr, n_assign, num_slots,
                             n_blocks, count_slots, BLOCK_M: tl.constexpr, N_PAD: tl.constexpr,
@@ -265,12 +275,7 @@ if triton is not None:
         s = tl.arange(0, S_PAD)
         hit = e[:, None] == s[None, :]  # [N, S]
         cnt = tl.sum(hit.to(tl.int32), 0)  # [S]
-        if COUNT_TOUCHED:
-            tl.store(touched_ptr, tl.sum(((cnt > 0) & (s < count_slots)).to(tl.int64), 0))
-        padded = (cnt + BLOCK_M - 1) // BLOCK_M * BLOCK_M
-        end = tl.cumsum(padded, 0)
-        start = end - padded
-        total = tl.sum(padded, 0)
+        padded, end, start, total = _slot_rows(cnt, s, count_slots, touched_ptr, BLOCK_M, COUNT_TOUCHED)
         earlier = (e[:, None] == e[None, :]) & (i[None, :] < i[:, None])  # [N, N]: j < i, same slot
         rank = tl.sum(earlier.to(tl.int32), 1)
         own_start = tl.sum(tl.where(hit, start[None, :], 0), 1)  # [N]
@@ -300,12 +305,7 @@ if triton is not None:
         ok = e >= 0
         s = tl.arange(0, S_PAD)
         cnt = tl.histogram(tl.where(ok, e, 0), S_PAD, mask=ok)  # [S]
-        if COUNT_TOUCHED:
-            tl.store(touched_ptr, tl.sum(((cnt > 0) & (s < count_slots)).to(tl.int64), 0))
-        padded = (cnt + BLOCK_M - 1) // BLOCK_M * BLOCK_M
-        end = tl.cumsum(padded, 0)
-        start = end - padded
-        total = tl.sum(padded, 0)
+        padded, end, start, total = _slot_rows(cnt, s, count_slots, touched_ptr, BLOCK_M, COUNT_TOUCHED)
         # the run of slot s starts at sorted position cumsum(cnt)[s] - cnt[s] and its rows at
         # start[s]: a sorted position moves by the padding rows of the slots before its own
         shift = start - (tl.cumsum(cnt, 0) - cnt)  # [S]
