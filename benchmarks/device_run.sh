@@ -50,6 +50,8 @@ for part in ${parts//,/ }; do
         tests/kernels/test_fused_moe.py::test_align_groups_every_assignment_once \
         tests/kernels/test_fused_moe.py::test_fused_moe_with_the_small_align_matches_the_reference \
         tests/kernels/test_fused_moe.py::test_fused_moe_with_the_sorted_align_matches_the_reference \
+        tests/kernels/test_fused_moe.py::test_align_dispatch_at_the_boundaries \
+        tests/kernels/test_fused_moe.py::test_the_down_gemm_runs_two_launches_after_the_align \
         tests/kernels/test_pdl.py \
         2>&1 | tail -30 | tee "$work/tests.txt" ;;
     engine)  # ENGINE_TREE: a folder holding an older `brownout` package to time instead

@@ -59,7 +59,8 @@ def render(variants: list[tuple[str, Path]], title: str, note: str = "") -> str:
     if note:
         lines += [note, ""]
 
-    decode = {label: {(r["batch"], r["ctx"]): r for r in runs[label]["decode"] if r.get("cuda_graph")}
+    decode = {label: {(r["batch"], r["ctx"]): r for r in runs[label]["decode"]
+                      if r.get("cuda_graph") and r.get("pipelined_ms") and r.get("replay_ms")}
               for label in labels}
     keys = [k for k in decode[base] if all(k in decode[label] for label in labels)]
     lines += ["## CUDA-graphed decode steps, pipelined (ms; / roofline)", "",
@@ -76,7 +77,8 @@ def render(variants: list[tuple[str, Path]], title: str, note: str = "") -> str:
         ratios = [f"{decode[label][k]['pipelined_ms'] / decode[base][k]['pipelined_ms']:.3f}" for label in labels[1:]]
         lines.append(f"| {k[0]}, {k[1]} | " + " | ".join(cells) + " | " + " | ".join(ratios) + " |")
 
-    loops = {label: [r for r in (runs[label]["loop"] or []) if r.get("async_scheduling") and "batch" in r]
+    loops = {label: [r for r in (runs[label]["loop"] or []) if r.get("async_scheduling") and "batch" in r
+                     and r.get("period_ms") and r.get("roofline_ms")]
              for label in labels}
     if all(loops.values()):
         lines += ["", "## The engine's loop with async scheduling (period ms; / roofline)", "",
@@ -97,7 +99,8 @@ def render(variants: list[tuple[str, Path]], title: str, note: str = "") -> str:
                   "`vs tau 1`: the same step at tau 1 in the same process.", "",
                   "| way | batch | " + " | ".join(f"{label} ms | vs tau 1 | / roofline" for label in labels) + " |",
                   "|---|---|" + "---|---|---|" * len(labels)]
-        tau0 = {label: {(r["way"], r["batch"]): r for r in runs[label]["brownout"]["decode"] if r["tau"] == 0.0}
+        tau0 = {label: {(r["way"], r["batch"]): r for r in runs[label]["brownout"]["decode"]
+                        if r["tau"] == 0.0 and r.get("pipelined_ms") and r.get("pipelined_vs_tau1")}
                 for label in labels}
         for way in TAU0_WAYS:
             for batch in TAU0_BATCHES:

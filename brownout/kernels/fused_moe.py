@@ -402,7 +402,9 @@ if triton is not None:
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = offs_n < D
         if USE_PDL:  # the align (two launches back) is done: the first lines of this block's
-            pf_slot = tl.load(block_slot_ptr + pid_m).to(tl.int64)  # weight rows, before the wait
+            # weight rows, before the wait; read at L2, so the read after the wait cannot be
+            # served from an L1 line filled here
+            pf_slot = tl.load(block_slot_ptr + pid_m, cache_modifier=".cg").to(tl.int64)
             if pf_slot >= 0:
                 prefetch_l2(w2_ptr + pf_slot * stride_ws + tl.minimum(offs_n, D - 1)[:, None] * stride_wn
                             + tl.minimum(tl.arange(0, PF_LINES) * PF_STEP, I - 1)[None, :], USE_PDL)

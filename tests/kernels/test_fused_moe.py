@@ -421,3 +421,26 @@ def test_align_overrides_refuse_what_they_cannot_do():
         fm.moe_align(ids[:8], 94, 16, small=True, method="sorted")
     with pytest.raises(ValueError, match="unknown align method"):
         fm.moe_align(ids[:8], 94, 16, method="bitonic")
+
+
+@needs_kernels
+def test_the_down_gemm_runs_two_launches_after_the_align(monkeypatch):
+    """The down GEMM reads the align's block slots before its PDL wait, which is safe only
+    because the align is the launch before the gate/up GEMM, which is the launch before it
+    (`brownout.kernels.pdl`, rule 2): no kernel may come between them."""
+    launched = _spy_align_kernels(monkeypatch)
+    for name in ("_gate_up_kernel", "_down_kernel", "_topk_sum_kernel"):
+        monkeypatch.setattr(fm, name, _LaunchSpy(name, getattr(fm, name), launched))
+    g = torch.Generator().manual_seed(3)
+    D, inter, S, k = 32, 48, 12, 3
+    w13 = (0.1 * torch.randn(S, 2 * inter, D, generator=g)).to(DEVICE)
+    w2 = (0.1 * torch.randn(S, D, inter, generator=g)).to(DEVICE)
+    for T in (2, 30, 400):  # the small, sorted and atomics aligns
+        launched.clear()
+        x = torch.randn(T, D, generator=g).to(DEVICE)
+        ids = torch.randint(-1, S, (T, k), generator=g, dtype=torch.int32).to(DEVICE)
+        w = torch.rand(T, k, generator=g).to(DEVICE)
+        fm.fused_moe(x, w13, w2, w, ids)
+        down = launched.index("_down_kernel")
+        assert launched[down - 1] == "_gate_up_kernel" and launched[down - 2] in fm.ALIGN_METHODS
+
