@@ -17,8 +17,9 @@ The rules every kernel here follows when launched with `USE_PDL`:
   3. Short kernels signal right after the wait. Kernels that stream weights signal after
      their main loop: the next kernel's prefetch then lands in L2 just before it is read,
      not while this kernel still streams tens of MB through the cache.
-Kernels launched without PDL (cuBLAS, torch, NCCL) keep the ordinary stream order: a PDL
-kernel after one of them starts when it exits, and a kernel after a PDL kernel waits for it.
+Kernels launched without PDL (cuBLAS, torch, NCCL) keep the ordinary stream order: a kernel
+after a PDL kernel waits for it, and a PDL kernel after one of them starts when it exits (or
+signals, as some library kernels do), then waits at its own `pdl_wait` all the same.
 CUDA graphs capture the relaxed edges, so the replayed step keeps them.
 
 On by default where the GPU supports it; `BROWNOUT_PDL=0` turns it off. Under the CPU
