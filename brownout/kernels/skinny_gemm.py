@@ -160,9 +160,9 @@ def usable(x: torch.Tensor, weight: torch.Tensor) -> bool:
     tensor without autograd, at most SKINNY_MAX_ROWS rows and SKINNY_MAX_N outputs (wider
     layers fill the GPU with cuBLAS's own tiles; up to WIDE_MAX_N at WIDE_MAX_ROWS rows under
     PDL), contiguous rows of the weight."""
-    wide = x.dim() == 2 and x.shape[0] <= WIDE_MAX_ROWS and pdl.active(x)
     return (triton is not None and x.dim() == 2 and 0 < x.shape[0] <= SKINNY_MAX_ROWS
-            and weight.shape[0] <= (WIDE_MAX_N if wide else SKINNY_MAX_N)
+            and (weight.shape[0] <= SKINNY_MAX_N
+                 or (weight.shape[0] <= WIDE_MAX_N and x.shape[0] <= WIDE_MAX_ROWS and pdl.active(x)))
             and (x.is_cuda or _kernels_interpreted()) and not torch.is_grad_enabled()
             and x.stride(-1) == 1 and weight.stride(-1) == 1 and x.dtype == weight.dtype)
 
