@@ -9,10 +9,12 @@ Measures device-to-device copy bandwidth, then
     against its roofline (KV bytes read) and torch SDPA on gathered KV.
 Kernel times are CUDA-graph replays timed by triton.testing.do_bench (median, L2 flushed
 before each replay); routing sets rotate so the slots touched are sampled, not fixed.
+With --folded: only the fused MoE in the engine's decode layout (the shared expert's slots
+on every token), swept per token count and keyed by assignments per token.
 With --crowded: only the fused MoE at tau = 0 (every row in a united slot), swept per token
 count and keyed by rows per busy slot, the winners added to the device's committed table.
 Usage: python benchmarks/bench_kernels.py --out DIR [--budget-s 240] [--smoke] [--tokens ...]
-       [--skip-attention] [--crowded]
+       [--skip-attention] [--crowded | --folded]
 kernels_raw.json under DIR is committed as benchmarks/results/kernels/kernels_<gpu>.json (its
 table by `make_tables.py`), the winning tiles as brownout/kernels/configs/<device>.json.
 """
@@ -81,8 +83,20 @@ def brownout_routing(T, E, way, k, cold, gen):
 
 
 def moe_shape(smoke):
-    return dict(D=64, I=32, E=8, way=4, k=2) if smoke else \
-        dict(D=2048, I=1408, E=60, way=4, k=4)
+    """`shared`: the shared expert's width in expert slots (Qwen1.5-MoE: 5632 / 1408)."""
+    return dict(D=64, I=32, E=8, way=4, k=2, shared=2) if smoke else \
+        dict(D=2048, I=1408, E=60, way=4, k=4, shared=4)
+
+
+def folded_routing(T, E, k, first, count, gen):
+    """Router top-k over E experts, then the folded shared expert's `count` slots from
+    `first` on every token with its sigmoid gate (what `routing.append_shared` gives)."""
+    probs = torch.softmax(torch.randn(T, E, generator=gen), -1)
+    w, ids = torch.topk(probs, k, -1)  # [T, k]
+    w_sh = torch.sigmoid(torch.randn(T, 1, generator=gen)).expand(T, count)
+    ids_sh = torch.arange(first, first + count).expand(T, count)
+    return (torch.cat([w, w_sh], 1).to(DEVICE),
+            torch.cat([ids, ids_sh], 1).to(torch.int32).to(DEVICE))
 
 
 class MoECase:
@@ -91,6 +105,8 @@ class MoECase:
     def __init__(self, smoke, bw_gbs, scenario, weights_from=None):
         s = self.shape = moe_shape(smoke)
         self.S = s["E"] + s["E"] // s["way"]
+        if scenario == "folded":  # the engine's layout: room for way-2 united slots, then shared
+            self.S = s["E"] + s["E"] // 2 + s["shared"]
         gen = torch.Generator().manual_seed({"brownout": 0, "plain": 1}.get(scenario, 2))
         if weights_from is not None:
             self.w13, self.w2 = weights_from.w13, weights_from.w2
@@ -108,7 +124,10 @@ class MoECase:
         for T in TOKENS:
             sets = []
             for _ in range(N_ROT):
-                w, ids = brownout_routing(T, s["E"], s["way"], s["k"], cold, gen)
+                if scenario == "folded":
+                    w, ids = folded_routing(T, s["E"], s["k"], self.S - s["shared"], s["shared"], gen)
+                else:
+                    w, ids = brownout_routing(T, s["E"], s["way"], s["k"], cold, gen)
                 x = torch.randn(T, s["D"], generator=gen).to(DTYPE).to(DEVICE)
                 sets.append((x, w, ids, torch.empty_like(x)))
             self.sets[T] = sets
@@ -162,12 +181,31 @@ class MoECase:
         return float((got - ref).norm() / ref.norm())
 
 
-def candidates(T, smoke, rows_per_slot=None):
+# gate/up tiles of the folded sweep (BLOCK_M, BLOCK_N, BLOCK_K, stages, warps): at one to a
+# few rows per routed slot the weights stream once, and the program count against the SMs'
+# resident programs (the last wave's fill) decides more than the tile's arithmetic
+FOLDED_TILES = [(16, 16, 128, 4, 4), (16, 16, 256, 3, 4), (16, 16, 256, 4, 4), (16, 32, 128, 4, 4),
+                (16, 32, 128, 5, 4), (16, 32, 256, 3, 4), (16, 32, 256, 4, 4), (16, 64, 128, 3, 4),
+                (16, 64, 128, 4, 4), (16, 64, 256, 3, 4), (16, 32, 128, 4, 2)]
+# the shared slots hold every token's row: past a few dozen tokens they need taller tiles
+FOLDED_TALL_TILES = [(32, 64, 128, 4, 4), (32, 32, 128, 4, 4), (64, 64, 128, 3, 4), (64, 128, 64, 4, 8)]
+FOLDED_TALL_MIN_TOKENS = 32
+# the down GEMM's tiles of the folded sweep (BLOCK_N over D, BLOCK_K over I, stages)
+FOLDED_DOWN = [(16, 128, 4), (16, 256, 3), (32, 128, 4), (32, 128, 5), (32, 256, 3), (64, 64, 5),
+               (64, 128, 4), (64, 256, 3), (128, 64, 4)]
+
+
+def candidates(T, smoke, rows_per_slot=None, folded=False):
     """Tile candidates (gate/up tiles; the down GEMM is tuned after, see sweep).
-    `rows_per_slot`: crowded calls (tau = 0), candidates sized for that many rows."""
+    `rows_per_slot`: crowded calls (tau = 0), candidates sized for that many rows.
+    `folded`: the shared expert's slots ride along with every token."""
     if smoke:
         return [{"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 1, "num_warps": 4,
                  "num_stages": 1}]
+    if folded:
+        tiles = FOLDED_TILES + (FOLDED_TALL_TILES if T >= FOLDED_TALL_MIN_TOKENS else [])
+        return [{"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 1 if bm == 16 else 4,
+                 "num_warps": w, "num_stages": st} for bm, bn, bk, st, w in tiles]
     if rows_per_slot is not None:
         if rows_per_slot >= 96:  # tens to hundreds of rows per united slot
             return candidates(4096, smoke)
@@ -202,10 +240,10 @@ DOWN_CANDIDATES = [{"BLOCK_N": bn, "BLOCK_K": bk, "num_stages": st}
                                       (128, 128, 3), (64, 256, 3)]]
 
 
-def sweep(case, T, smoke, deadline, rows_per_slot=None):
+def sweep(case, T, smoke, deadline, rows_per_slot=None, folded=False):
     """Gate/up tiles first (down = same tiles), then the down GEMM's own tiles."""
     best, best_us, tried = None, float("inf"), []
-    for cfg in candidates(T, smoke, rows_per_slot):
+    for cfg in candidates(T, smoke, rows_per_slot, folded):
         if time.time() > deadline:
             break
         try:
@@ -216,7 +254,9 @@ def sweep(case, T, smoke, deadline, rows_per_slot=None):
         tried.append({"config": cfg, "us": us})
         if us < best_us:
             best, best_us = cfg, us
-    for down in ([] if smoke else DOWN_CANDIDATES):
+    downs = DOWN_CANDIDATES if not folded else \
+        [{"BLOCK_N": bn, "BLOCK_K": bk, "num_stages": st} for bn, bk, st in FOLDED_DOWN]
+    for down in ([] if smoke else downs):
         if best is None or time.time() > deadline:
             break
         cfg = {**best, "down": {**down, "GROUP_M": best["GROUP_M"],
@@ -298,6 +338,46 @@ def bench_moe_crowded(bw, smoke, deadline):
         results["rows"].append(row)
         log.info("moe united T=%d %.1f us (default %.1f, roof %.1f)", T, row["tuned_us"],
                  row["default_us"], roof)
+    return results, table
+
+
+# the folded sweep's token counts, most wanted first (a deadline cuts the tail): batch 1
+# and 8 are the latency-bound decode steps, 64 the busy one
+FOLDED_TOKENS = [1, 8, 64, 4, 16, 32, 2, 128]
+
+
+def bench_moe_folded(bw, smoke, deadline, committed: dict):
+    """The engine's decode layout (`SparseMoE.fold_shared_expert`): each token's k routed
+    slots plus the shared expert's slots, in a slot table with room for way-2 united experts.
+    A sweep per token count; the winners go under the width key (`fused_moe.width_key`),
+    timed against the tiles the engine ran before (the `committed` table's plain entry)."""
+    results = {"sweep": {}, "rows": []}
+    case = MoECase(smoke, bw, "folded")
+    s = case.shape
+    width = s["k"] + s["shared"]
+    key = fm.config_key(case.S, s["I"], s["D"], DTYPE) + fm.width_key(width)
+    table = {key: {}}
+    tokens = [T for T in FOLDED_TOKENS if T in TOKENS]
+    for T in tokens:
+        best, best_us, tried = sweep(case, T, smoke, deadline, folded=True)
+        results["sweep"][T] = tried
+        if best is not None:
+            table[key][str(T)] = best
+    for T in tokens:
+        if str(T) not in table[key]:
+            continue
+        before = fm.lookup_config(committed, T, case.S, s["I"], s["D"], DTYPE) or \
+            fm.default_config(T, width, case.S, s["I"], s["D"], on_gpu=not smoke)
+        roof, slots = case.roofline_us(T)
+        row = {"scenario": "folded", "tokens": T, "slots_touched": slots, "roofline_us": roof,
+               "tuned_us": case.time_us(T, table[key][str(T)], smoke),
+               "before_us": case.time_us(T, before, smoke),
+               "rel_err_vs_fp64": case.check(T, table[key][str(T)]),
+               "config": table[key][str(T)], "before_config": before}
+        row["ratio"] = row["tuned_us"] / roof
+        results["rows"].append(row)
+        log.info("moe folded T=%d %.1f us (before %.1f, roof %.1f)", T, row["tuned_us"],
+                 row["before_us"], roof)
     return results, table
 
 
@@ -391,6 +471,9 @@ def main():
     ap.add_argument("--crowded", action="store_true",
                     help="sweep the tau = 0 (united slots only) case instead of plain routing; "
                          "the device's committed table is kept and the crowded entries added")
+    ap.add_argument("--folded", action="store_true",
+                    help="sweep the decode layout with the shared expert folded into the slots; "
+                         "the device's committed table is kept and the width-keyed entries added")
     ap.add_argument("--breakdown", action="store_true",
                     help="only the per-kernel profile of fused_moe (tuned configs from JSON)")
     args = ap.parse_args()
@@ -424,6 +507,17 @@ def main():
         for r in res["moe_crowded"]["rows"]:
             print(f"moe united {r['tokens']} rows/slot {r['rows_per_busy_slot']:.0f} roof {r['roofline_us']:.1f} "
                   f"tuned {r['tuned_us']:.1f} default {r['default_us']:.1f} err {r['rel_err_vs_fp64']:.1e}")
+        return
+    if args.folded:
+        committed = json.loads(cfg_file.read_text()) if cfg_file.is_file() else {}
+        res["moe_folded"], folded = bench_moe_folded(res["copy_bw_gbs"], args.smoke,
+                                                     t_start + args.budget_s, committed)
+        (args.out / "kernels_raw.json").write_text(json.dumps(res, indent=1))
+        (args.out / cfg_file.name).write_text(json.dumps({**committed, **folded}, indent=1, sort_keys=True))
+        for r in res["moe_folded"]["rows"]:
+            print(f"moe folded {r['tokens']} slots {r['slots_touched']:.1f} roof {r['roofline_us']:.1f} "
+                  f"tuned {r['tuned_us']:.1f} ({r['ratio']:.2f}x) before {r['before_us']:.1f} "
+                  f"err {r['rel_err_vs_fp64']:.1e} {r['config']}")
         return
     res["moe"], table = bench_moe(res["copy_bw_gbs"], args.smoke, t_start + args.budget_s)
     (args.out / "kernels_raw.json").write_text(json.dumps(res, indent=1))

@@ -130,16 +130,27 @@ def default_config(num_tokens: int, top_k: int, num_slots: int, inter: int, hidd
     return fit_shared_memory(cfg, elem_bytes)
 
 
+def width_key(top_k: int) -> str:
+    """Key suffix of the tiles swept at `top_k` assignments per token (`bench_kernels.py
+    --folded`): a folded shared expert adds its slots to every token, so a decode step
+    runs twice the row blocks of a plain one and its best tiles differ."""
+    return f",k={top_k}"
+
+
 def lookup_config(table: dict, num_tokens: int, num_slots: int, inter: int, hidden: int,
-                  dtype: torch.dtype) -> dict | None:
+                  dtype: torch.dtype, top_k: int | None = None) -> dict | None:
     """The tuned tiles of the nearest token-count bucket for this weight shape, or None.
+    With `top_k`: the table swept at that many assignments per token when there is one,
+    else the plain one.
 
     A table swept at another slot count with the same N, K and dtype serves too (the
     nearest one): slots beyond the routed experts are room for united experts, and the
     tiles depend on rows per slot and the weight shape, not on how many spare slots exist
     (the engine keeps room for way-2 united experts, 90 slots on Qwen1.5-MoE, while the
     sweep ran the way-4 layout's 75)."""
-    by_m = _shape_table(table, config_key(num_slots, inter, hidden, dtype), num_slots)
+    key = config_key(num_slots, inter, hidden, dtype)
+    by_m = _shape_table(table, key + width_key(top_k), num_slots) if top_k is not None else None
+    by_m = by_m or _shape_table(table, key, num_slots)
     if not by_m:
         return None
     bucket = min(by_m, key=lambda m: (abs(int(m) - num_tokens), int(m)))
@@ -188,7 +199,7 @@ def get_config(num_tokens: int, top_k: int, num_slots: int, inter: int, hidden: 
     if on_gpu:
         table = _load_device_configs(torch.cuda.get_device_name(device))
         if spread == num_slots or rows <= 16:
-            cfg = lookup_config(table, num_tokens, num_slots, inter, hidden, dtype)
+            cfg = lookup_config(table, num_tokens, num_slots, inter, hidden, dtype, top_k)
         else:
             cfg = lookup_crowded_config(table, rows, num_slots, inter, hidden, dtype)
         if cfg is not None:

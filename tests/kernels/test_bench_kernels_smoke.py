@@ -31,3 +31,20 @@ def test_crowded_sweep_smoke_writes_a_readable_table(tmp_path):
     out = subprocess.run([sys.executable, "-c", probe, str(table_file)], check=True, env=env, cwd=ROOT,
                          timeout=300, capture_output=True, text=True).stdout
     assert json.loads(out.strip().splitlines()[-1]) == table["S=10,N=32,K=64,dtype=float32,crowded"]["32"]
+
+
+def test_folded_sweep_smoke_adds_a_width_keyed_table(tmp_path):
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_kernels.py"), "--smoke", "--out",
+                    str(tmp_path), "--tokens", "1,8", "--skip-attention", "--folded"],
+                   check=True, env=env, cwd=ROOT, timeout=600, capture_output=True)
+    raw = json.loads((tmp_path / "kernels_raw.json").read_text())
+    rows = raw["moe_folded"]["rows"]
+    assert sorted(r["tokens"] for r in rows) == [1, 8]
+    for r in rows:
+        assert r["rel_err_vs_fp64"] < 1e-4 and r["tuned_us"] > 0 and r["before_us"] > 0
+        # every token reads the shared expert's 2 slots beside its routed ones
+        assert r["slots_touched"] >= 2 + 1
+    table = json.loads((tmp_path / "cpu-interpreter.json").read_text())
+    # smoke layout: 8 experts, room for 4 way-2 united slots, 2 shared slots; 2 + 2 per token
+    assert set(table["S=14,N=32,K=64,dtype=float32,k=4"]) == {"1", "8"}

@@ -190,6 +190,16 @@ def test_lookup_config_picks_nearest_bucket():
 
 
 @needs_kernels
+def test_lookup_config_prefers_the_table_swept_at_the_calls_width():
+    key = fm.config_key(94, 1408, 2048, torch.bfloat16)
+    table = {key: {"1": {"BLOCK_M": 16}}, key + fm.width_key(8): {"1": {"BLOCK_M": 32}}}
+    pick = lambda k: fm.lookup_config(table, 1, 94, 1408, 2048, torch.bfloat16, top_k=k)["BLOCK_M"]  # noqa: E731
+    assert pick(8) == 32  # the folded decode layout's own sweep
+    assert pick(4) == 16 and pick(None) == 16  # no table at that width: the plain one
+    # another slot count of the same shape and width serves too
+    assert fm.lookup_config(table, 1, 90, 1408, 2048, torch.bfloat16, top_k=8)["BLOCK_M"] == 32
+
+
 def test_lookup_config_serves_other_slot_counts_of_the_same_shape():
     """The engine keeps room for way-2 united experts (90 slots on Qwen1.5-MoE); a table
     swept with the way-4 layout's 75 slots serves it, from the nearest slot count."""
