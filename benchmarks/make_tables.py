@@ -214,6 +214,16 @@ def kernels(name: str) -> None:
             md.append(f"| {r['tokens']} | {r['rows_per_busy_slot']:.0f} | {r['slots_touched']:.1f} | "
                       f"{r['roofline_us']:.1f} | {r['tuned_us']:.1f} | {r['ratio']:.2f} | {r['default_us']:.1f} | "
                       f"{r['tuned_us'] / r['default_us']:.3f} | {_f(r.get('tflops_achieved'), 0)} | {tiles} |")
+    if "moe_folded" in data:
+        md[-2:] = ["| tokens | slots touched | bytes roofline us | tuned us | tuned / roofline | before us "
+                   "| tuned / before | tuned tiles (gate/up; down) |", "|---|---|---|---|---|---|---|---|"]
+        for r in sorted(data["moe_folded"]["rows"], key=lambda r: r["tokens"]):
+            c = r["config"]
+            dn = {**c, **c.get("down", {})}
+            tiles = (f"{c['BLOCK_M']}x{c['BLOCK_N']}x{c['BLOCK_K']} w{c['num_warps']} s{c['num_stages']}; "
+                     f"{dn['BLOCK_N']}x{dn['BLOCK_K']} s{dn['num_stages']}")
+            md.append(f"| {r['tokens']} | {r['slots_touched']:.1f} | {r['roofline_us']:.1f} | {r['tuned_us']:.1f} | "
+                      f"{r['ratio']:.2f} | {r['before_us']:.1f} | {r['tuned_us'] / r['before_us']:.3f} | {tiles} |")
     (KERNELS / f"{name}.md").write_text("\n".join(md) + "\n")
 
 

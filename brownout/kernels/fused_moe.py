@@ -218,18 +218,22 @@ if triton is not None:
     def _align_kernel(ids_ptr, counts_ptr, rank_ptr, offsets_ptr, sorted_ptr, block_slot_ptr,
                       touched_ptr, n_assign, num_slots, n_blocks, count_slots,
                       BLOCK_M: tl.constexpr, S_PAD: tl.constexpr, CHUNK: tl.constexpr,
-                      BCHUNK: tl.constexpr, COUNT_TOUCHED: tl.constexpr, USE_PDL: tl.constexpr):
+                      BCHUNK: tl.constexpr, COUNT_TOUCHED: tl.constexpr,
+                      EARLY_LAUNCH: tl.constexpr, USE_PDL: tl.constexpr):
         # one program: ids [T*k] -> sorted_ptr [padded] flat ids grouped by slot,
         # block_slot_ptr [n_blocks] slot of each BLOCK_M rows (-1: past the end)
+        if EARLY_LAUNCH:  # the caller vouches for the gate/up GEMM's reads before its wait
+            pdl_launch(USE_PDL)
         pdl_wait(USE_PDL)
-        pdl_launch(USE_PDL)
+        if not EARLY_LAUNCH:
+            pdl_launch(USE_PDL)
         s = tl.arange(0, S_PAD)
         tl.store(counts_ptr + s, tl.zeros([S_PAD], tl.int32), mask=s < num_slots)
         tl.debug_barrier()
         for c0 in range(0, n_assign, CHUNK):  # rank of each assignment inside its slot
             offs = c0 + tl.arange(0, CHUNK)
             e = tl.load(ids_ptr + offs, mask=offs < n_assign, other=-1).to(tl.int32)
-            ok = (offs < n_assign) & (e >= 0)
+            ok = (offs < n_assign) & (e >= 0) & (e < num_slots)
             r = tl.atomic_add(counts_ptr + e, 1, mask=ok)
             tl.store(rank_ptr + offs, r, mask=ok)
         tl.debug_barrier()
@@ -258,7 +262,7 @@ if triton is not None:
         for c0 in range(0, n_assign, CHUNK):
             offs = c0 + tl.arange(0, CHUNK)
             e = tl.load(ids_ptr + offs, mask=offs < n_assign, other=-1).to(tl.int32)
-            ok = (offs < n_assign) & (e >= 0)
+            ok = (offs < n_assign) & (e >= 0) & (e < num_slots)
             r = tl.load(rank_ptr + offs, mask=ok, other=0, cache_modifier=".cg")
             o = tl.load(offsets_ptr + e, mask=ok, other=0, cache_modifier=".cg")
             tl.store(sorted_ptr + o + r, offs.to(tl.int32), mask=ok)
@@ -276,13 +280,18 @@ if triton is not None:
     @triton.jit(do_not_specialize=["n_assign", "n_blocks"])
     def _align_small_kernel(ids_ptr, sorted_ptr, block_slot_ptr, touched_ptr, n_assign, num_slots,
                             n_blocks, count_slots, BLOCK_M: tl.constexpr, N_PAD: tl.constexpr,
-                            S_PAD: tl.constexpr, B_PAD: tl.constexpr, COUNT_TOUCHED: tl.constexpr, USE_PDL: tl.constexpr):
+                            S_PAD: tl.constexpr, B_PAD: tl.constexpr, COUNT_TOUCHED: tl.constexpr,
+                      EARLY_LAUNCH: tl.constexpr, USE_PDL: tl.constexpr):
         # one program, everything in registers (no atomics, no scratch, no barriers): counts
         # per slot from an [N, S] one-hot, each assignment's rank from an [N, N] comparison
+        if EARLY_LAUNCH:  # the caller vouches for the gate/up GEMM's reads before its wait
+            pdl_launch(USE_PDL)
         pdl_wait(USE_PDL)
-        pdl_launch(USE_PDL)
+        if not EARLY_LAUNCH:
+            pdl_launch(USE_PDL)
         i = tl.arange(0, N_PAD)
-        e = tl.load(ids_ptr + i, mask=i < n_assign, other=-1).to(tl.int32)  # [N]; -1 matches no slot
+        e = tl.load(ids_ptr + i, mask=i < n_assign, other=-1).to(tl.int32)
+        e = tl.where(e < num_slots, e, -1)  # [N]; -1 (skipped) matches no slot
         s = tl.arange(0, S_PAD)
         hit = e[:, None] == s[None, :]  # [N, S]
         cnt = tl.sum(hit.to(tl.int32), 0)  # [S]
@@ -305,15 +314,19 @@ if triton is not None:
     def _align_sorted_kernel(ids_ptr, sorted_ptr, block_slot_ptr, touched_ptr, n_assign, num_slots,
                              n_blocks, count_slots, BLOCK_M: tl.constexpr, N_PAD: tl.constexpr,
                              S_PAD: tl.constexpr, PAD_CHUNK: tl.constexpr, B_CHUNK: tl.constexpr,
-                             COUNT_TOUCHED: tl.constexpr, USE_PDL: tl.constexpr):
+                             COUNT_TOUCHED: tl.constexpr,
+                      EARLY_LAUNCH: tl.constexpr, USE_PDL: tl.constexpr):
         # one program that reads the ids once and then only stores (no global atomics, no
         # scratch read back): counts per slot from a histogram, each assignment's place from
         # one sort of the keys slot * N_PAD + i, which lists every slot's assignments in a run
+        if EARLY_LAUNCH:  # the caller vouches for the gate/up GEMM's reads before its wait
+            pdl_launch(USE_PDL)
         pdl_wait(USE_PDL)
-        pdl_launch(USE_PDL)
+        if not EARLY_LAUNCH:
+            pdl_launch(USE_PDL)
         i = tl.arange(0, N_PAD)
         e = tl.load(ids_ptr + i, mask=i < n_assign, other=-1).to(tl.int32)  # [N]; -1: skipped
-        ok = e >= 0
+        ok = (e >= 0) & (e < num_slots)
         s = tl.arange(0, S_PAD)
         cnt = tl.histogram(tl.where(ok, e, 0), S_PAD, mask=ok)  # [S]
         padded, end, start, total = _slot_rows(cnt, s, count_slots, touched_ptr, BLOCK_M, COUNT_TOUCHED)
@@ -340,9 +353,8 @@ if triton is not None:
                      mask=pad_ok)
 
     @triton.jit
-    def _block_coords(n_blocks, N, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    def _block_coords(pid, n_blocks, N, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
         # grouped order: GROUP_M row blocks share each weight tile while it sits in L2
-        pid = tl.program_id(0)
         num_n = tl.cdiv(N, BLOCK_N)
         per_group = GROUP_M * num_n
         first_m = (pid // per_group) * GROUP_M
@@ -351,33 +363,30 @@ if triton is not None:
         pid_n = (pid % per_group) // group_rows
         return pid_m, pid_n
 
-    # per-step sizes are not specialised on: one binary, no compile while serving
-    @triton.jit(do_not_specialize=["n_assign", "n_blocks"])
-    def _gate_up_kernel(x_ptr, w13_ptr, h_ptr, sorted_ptr, block_slot_ptr,
-                        n_assign, top_k, n_blocks, D, I,
-                        stride_xt, stride_ws, stride_wn, stride_ht,
-                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                        GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, DOT_F32: tl.constexpr,
-                        PRECISION: tl.constexpr, USE_PDL: tl.constexpr):
-        # h [T*k, I] = silu(x W_gate^T) * (x W_up^T) for the rows of one slot
-        pdl_wait(USE_PDL)
-        pid_m, pid_n = _block_coords(n_blocks, I, BLOCK_N, GROUP_M)
-        slot = tl.load(block_slot_ptr + pid_m).to(tl.int64)
-        if slot < 0:
-            return
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        aid = tl.load(sorted_ptr + offs_m)  # flat assignment ids, n_assign = padding
-        row_ok = aid < n_assign
-        tok = (aid // top_k).to(tl.int64)
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < I
+    @triton.jit
+    def _shared_rows(pid, N, T, top_k, sh_first, sh_col, sh_blocks, BLOCK_M: tl.constexpr,
+                     BLOCK_N: tl.constexpr):
+        # a program of the shared slots' fixed row blocks (sh_blocks per slot, tokens in
+        # order): its slot, its tile of N, and each row's flat assignment id t * k + column
+        num_n = tl.cdiv(N, BLOCK_N)
+        b = pid // num_n
+        j = b // sh_blocks
+        t = (b % sh_blocks) * BLOCK_M + tl.arange(0, BLOCK_M)
+        return sh_first + j, pid % num_n, t * top_k + sh_col + j, t < T
+
+    @triton.jit
+    def _gate_up_tile(x_ptr, w13_ptr, tok, row_ok, slot, offs_n, n_ok, n_k, D, I,
+                      stride_xt, stride_ws, stride_wn, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                      BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, DOT_F32: tl.constexpr,
+                      PRECISION: tl.constexpr):
+        # silu(x W_gate^T) * (x W_up^T) for rows `tok` of x over n_k steps of K (0: zeros)
         offs_k = tl.arange(0, BLOCK_K)
         a_ptrs = x_ptr + tok[:, None] * stride_xt + offs_k[None, :]  # [BM, BK]
         g_ptrs = w13_ptr + slot * stride_ws + offs_n[None, :] * stride_wn + offs_k[:, None]
         u_ptrs = g_ptrs + I * stride_wn  # up rows follow the I gate rows
         acc_g = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         acc_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        for k0 in range(0, tl.cdiv(D, BLOCK_K)):
+        for k0 in range(0, n_k):
             if EVEN_K:
                 a = tl.load(a_ptrs, mask=row_ok[:, None], other=0.0)
                 g = tl.load(g_ptrs, mask=n_ok[None, :], other=0.0)
@@ -394,38 +403,87 @@ if triton is not None:
             a_ptrs += BLOCK_K
             g_ptrs += BLOCK_K
             u_ptrs += BLOCK_K
+        return acc_g * tl.sigmoid(acc_g) * acc_u
+
+    # per-step sizes are not specialised on: one binary, no compile while serving
+    @triton.jit(do_not_specialize=["n_assign", "n_blocks", "T", "sh_first", "sh_col", "sh_blocks", "n_sh_progs"])
+    def _gate_up_kernel(x_ptr, w13_ptr, h_ptr, sorted_ptr, block_slot_ptr,
+                        n_assign, top_k, n_blocks, D, I, T, sh_first, sh_col, sh_blocks, n_sh_progs,
+                        stride_xt, stride_ws, stride_wn, stride_ht,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                        GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, DOT_F32: tl.constexpr,
+                        PRECISION: tl.constexpr, USE_PDL: tl.constexpr):
+        # h [T*k, I] = silu(x W_gate^T) * (x W_up^T) for the rows of one slot. The first
+        # n_sh_progs programs take the shared slots' fixed row blocks: they need nothing the
+        # align writes, so they stream their weights before the wait and only store after it
+        # (rule 2 of `pdl`: x was written before the align's predecessor finished)
+        pid = tl.program_id(0)
+        n_k = tl.cdiv(D, BLOCK_K)
+        if pid < n_sh_progs:
+            slot, pid_n, aid, row_ok = _shared_rows(pid, I, T, top_k, sh_first, sh_col, sh_blocks,
+                                                    BLOCK_M, BLOCK_N)
+            offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+            n_ok = offs_n < I
+            h = _gate_up_tile(x_ptr, w13_ptr, (aid // top_k).to(tl.int64), row_ok, slot.to(tl.int64),
+                              offs_n, n_ok, n_k, D, I, stride_xt, stride_ws, stride_wn, BLOCK_M, BLOCK_N,
+                              BLOCK_K, EVEN_K, DOT_F32, PRECISION)
+            pdl_wait(USE_PDL)
+        else:
+            pdl_wait(USE_PDL)
+            pid_m, pid_n = _block_coords(pid - n_sh_progs, n_blocks, I, BLOCK_N, GROUP_M)
+            slot = tl.load(block_slot_ptr + pid_m)
+            offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+            aid = tl.load(sorted_ptr + offs_m)  # flat assignment ids, n_assign = padding
+            aid = tl.where(slot >= 0, aid, n_assign)  # no row of a block past the used length
+            row_ok = aid < n_assign
+            offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+            n_ok = offs_n < I
+            # a block past the used length (slot -1) streams nothing and stores nothing
+            h = _gate_up_tile(x_ptr, w13_ptr, (aid // top_k).to(tl.int64), row_ok,
+                              tl.maximum(slot, 0).to(tl.int64), offs_n, n_ok, tl.where(slot >= 0, n_k, 0),
+                              D, I, stride_xt, stride_ws, stride_wn, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K,
+                              DOT_F32, PRECISION)
         pdl_launch(USE_PDL)
-        h = acc_g * tl.sigmoid(acc_g) * acc_u
         h_ptrs = h_ptr + aid.to(tl.int64)[:, None] * stride_ht + offs_n[None, :]
         tl.store(h_ptrs, h.to(h_ptr.dtype.element_ty), mask=row_ok[:, None] & n_ok[None, :])
 
     # per-step sizes are not specialised on: one binary, no compile while serving
-    @triton.jit(do_not_specialize=["n_assign", "n_blocks"])
+    @triton.jit(do_not_specialize=["n_assign", "n_blocks", "T", "sh_first", "sh_col", "sh_blocks", "n_sh_progs"])
     def _down_kernel(h_ptr, w2_ptr, y_ptr, weights_ptr, sorted_ptr, block_slot_ptr,
-                     n_assign, n_blocks, D, I,
+                     n_assign, top_k, n_blocks, D, I, T, sh_first, sh_col, sh_blocks, n_sh_progs,
                      stride_ht, stride_ws, stride_wn, stride_yt,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                      GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, DOT_F32: tl.constexpr,
                      PRECISION: tl.constexpr, PF_LINES: tl.constexpr, PF_STEP: tl.constexpr,
                      USE_PDL: tl.constexpr):
-        # y [T*k, D] = routing_weight * (h W_down^T) for the rows of one slot
-        pid_m, pid_n = _block_coords(n_blocks, D, BLOCK_N, GROUP_M)
+        # y [T*k, D] = routing_weight * (h W_down^T) for the rows of one slot; the first
+        # n_sh_progs programs take the shared slots' fixed row blocks (as in _gate_up_kernel)
+        pid = tl.program_id(0)
+        shared = pid < n_sh_progs
+        sh_slot, sh_n, sh_aid, sh_ok = _shared_rows(tl.minimum(pid, n_sh_progs - 1), D, T, top_k, sh_first,
+                                                    sh_col, sh_blocks, BLOCK_M, BLOCK_N)
+        # a shared program reads block 0's slot and rows (always there) and then drops them
+        pid_m, pid_n = _block_coords(tl.maximum(pid - n_sh_progs, 0), n_blocks, D, BLOCK_N, GROUP_M)
+        pid_n = tl.where(shared, sh_n, pid_n)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = offs_n < D
         if USE_PDL:  # the align (two launches back) is done: the first lines of this block's
             # weight rows, before the wait; read at L2, so the read after the wait cannot be
             # served from an L1 line filled here
-            pf_slot = tl.load(block_slot_ptr + pid_m, cache_modifier=".cg").to(tl.int64)
+            pf_slot = tl.load(block_slot_ptr + pid_m, cache_modifier=".cg")
+            pf_slot = tl.where(shared, sh_slot, pf_slot).to(tl.int64)
             if pf_slot >= 0:
                 prefetch_l2(w2_ptr + pf_slot * stride_ws + tl.minimum(offs_n, D - 1)[:, None] * stride_wn
                             + tl.minimum(tl.arange(0, PF_LINES) * PF_STEP, I - 1)[None, :], USE_PDL)
         pdl_wait(USE_PDL)
-        slot = tl.load(block_slot_ptr + pid_m).to(tl.int64)
+        slot = tl.load(block_slot_ptr + pid_m)
+        slot = tl.where(shared, sh_slot, slot).to(tl.int64)
         if slot < 0:
             return
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         aid = tl.load(sorted_ptr + offs_m)
-        row_ok = aid < n_assign
+        aid = tl.where(shared, sh_aid, aid)
+        row_ok = tl.where(shared, sh_ok, aid < n_assign)
         aid64 = aid.to(tl.int64)
         offs_k = tl.arange(0, BLOCK_K)
         a_ptrs = h_ptr + aid64[:, None] * stride_ht + offs_k[None, :]  # [BM, BK]
@@ -497,6 +555,15 @@ ALIGN_SORTED_B_CHUNK = 256  # row blocks marked unused per step of its tail loop
 SORT_ALIGN_ENV = "BROWNOUT_SORT_ALIGN"
 SORT_ALIGN = os.environ.get(SORT_ALIGN_ENV, "1") != "0"  # read once: the step path asks per layer
 ALIGN_METHODS = ("small", "sorted", "atomics")
+# on: a folded shared expert's row blocks are fixed, so the gate/up GEMM's programs for them
+# start while the align runs; BROWNOUT_STATIC_SHARED=0 aligns its columns with the routed ones
+STATIC_SHARED_ENV = "BROWNOUT_STATIC_SHARED"
+STATIC_SHARED = os.environ.get(STATIC_SHARED_ENV, "1") != "0"  # read once: the step path asks per layer
+# on: with fixed shared blocks and a caller's `x_settled`, the align signals before its wait,
+# so the shared blocks' programs also overlap the top-k (and brownout's plan) before it;
+# BROWNOUT_EARLY_ALIGN=0 keeps the ordinary order
+EARLY_ALIGN_ENV = "BROWNOUT_EARLY_ALIGN"
+EARLY_ALIGN = os.environ.get(EARLY_ALIGN_ENV, "1") != "0"  # read once: the step path asks per layer
 
 
 def _sorted_align_fits(n_assign: int) -> bool:
@@ -519,18 +586,21 @@ def align_method(n_assign: int, num_slots: int, block_m: int) -> str:
 
 def moe_align(topk_ids: torch.Tensor, num_slots: int, block_m: int,
               touched_out: torch.Tensor | None = None, count_slots: int | None = None,
-              small: bool | None = None, method: str | None = None):
+              small: bool | None = None, method: str | None = None, early_launch: bool = False):
     """Flat assignment ids grouped by slot and padded to `block_m`, plus each block's slot.
 
     Returns (sorted_ids [P] int32 with n_assign as padding, block_slot [P // block_m] int32
     with -1 past the used length); P = T*k + min(T*k, S) * (block_m - 1) rounded up.
+    Ids outside [0, num_slots) are skipped, as -1 is.
     `touched_out` (0-d int64), when given, receives the number of distinct slots used among
     the first `count_slots` (all of them by default). `method`: "small" (the register-only
     kernel for few assignments), "sorted" (the histogram-and-sort kernel up to
     ALIGN_SORTED_MAX_ASSIGN assignments) or "atomics" (any size); None picks by `align_method`
     (BROWNOUT_SMALL_ALIGN=0 and BROWNOUT_SORT_ALIGN=0 take the first two out). `small`
     True / False is "small" / "atomics". The order of the assignments inside a slot differs
-    between the kernels, which no consumer depends on."""
+    between the kernels, which no consumer depends on. `early_launch`: under PDL the align
+    lets the next kernel launch before it waits for the kernel before it (see `fused_moe`'s
+    `x_settled`)."""
     ids = topk_ids.reshape(-1)  # [T*k]
     n_assign = ids.numel()
     n_blocks = triton.cdiv(n_assign + min(n_assign, num_slots) * (block_m - 1), block_m)
@@ -555,7 +625,8 @@ def moe_align(topk_ids: torch.Tensor, num_slots: int, block_m: int,
         _align_small_kernel[(1,)](
             ids, sorted_ids, block_slot, touched, n_assign, num_slots, n_blocks, count,
             BLOCK_M=block_m, N_PAD=_next_pow2(max(2, n_assign)), S_PAD=s_pad,
-            B_PAD=_next_pow2(max(2, n_blocks)), COUNT_TOUCHED=touched_out is not None, num_warps=4, **pdl.launch_opts(ids))
+            B_PAD=_next_pow2(max(2, n_blocks)), COUNT_TOUCHED=touched_out is not None, EARLY_LAUNCH=early_launch,
+            num_warps=4, **pdl.launch_opts(ids))
         return sorted_ids, block_slot
     if method == "sorted":
         if not _sorted_align_fits(n_assign):
@@ -566,7 +637,8 @@ def moe_align(topk_ids: torch.Tensor, num_slots: int, block_m: int,
             ids, sorted_ids, block_slot, touched, n_assign, num_slots, n_blocks, count,
             BLOCK_M=block_m, N_PAD=n_pad, S_PAD=s_pad,
             PAD_CHUNK=max(1, min(block_m, ALIGN_SORTED_PAD_TILE // s_pad)), B_CHUNK=ALIGN_SORTED_B_CHUNK,
-            COUNT_TOUCHED=touched_out is not None, num_warps=8 if n_pad > 256 else 4, **pdl.launch_opts(ids))
+            COUNT_TOUCHED=touched_out is not None, EARLY_LAUNCH=early_launch,
+            num_warps=8 if n_pad > 256 else 4, **pdl.launch_opts(ids))
         return sorted_ids, block_slot
     scratch = torch.empty(2 * num_slots + n_assign, dtype=torch.int32, device=dev)
     counts, offsets, rank = scratch[:num_slots], scratch[num_slots:2 * num_slots], \
@@ -581,7 +653,8 @@ def moe_align(topk_ids: torch.Tensor, num_slots: int, block_m: int,
                         n_assign, num_slots, n_blocks, count,
                         BLOCK_M=block_m, S_PAD=s_pad,
                         CHUNK=1024 if wide else 256, BCHUNK=256,
-                        COUNT_TOUCHED=touched_out is not None, num_warps=8 if wide else 4, **pdl.launch_opts(ids))
+                        COUNT_TOUCHED=touched_out is not None, EARLY_LAUNCH=early_launch,
+                        num_warps=8 if wide else 4, **pdl.launch_opts(ids))
     return sorted_ids, block_slot
 
 
@@ -590,7 +663,8 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
               config: dict | None = None, out: torch.Tensor | None = None,
               busy_slots: int | None = None,
               touched_out: torch.Tensor | None = None,
-              count_slots: int | None = None, sum_slots: bool = True):
+              count_slots: int | None = None, sum_slots: bool = True,
+              shared_slots: tuple[int, int] | None = None, x_settled: bool = False):
     """out[t] = sum_j w[t,j] * expert_{id[t,j]}(x[t]) over j with id >= 0; dtype of x.
     With `sum_slots` False: (y [T*k, D], ids [T, k]) instead, the weighted per-assignment
     outputs whose sum over j with id >= 0 is out (rows of id < 0 hold garbage); the caller
@@ -602,7 +676,16 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
     use when routing concentrates rows (tile choice only; see `get_config`). `touched_out`
     (0-d int64): receives the number of distinct slots with an assignment, counted by the
     align kernel (saves the ~6 small kernels of `count_touched` per layer), among the first
-    `count_slots` slots when given (the slots after them hold the folded shared expert)."""
+    `count_slots` slots when given (the slots after them hold the folded shared expert).
+    `shared_slots` (first, count): the last `count` columns of every row are the slots
+    first .. first + count - 1 (a folded shared expert; -1 across padding rows). Their row
+    blocks are then fixed, not aligned: those programs of the gate/up GEMM stream their
+    weights while the align runs (see `_gate_up_kernel`), and the align sorts only the
+    routed columns (BROWNOUT_STATIC_SHARED=0 aligns them all instead). `x_settled`: x was
+    written before the kernel that wrote `topk_ids` started (a MoE layer runs its router GEMM
+    and top-k in between); under PDL the align then lets the gate/up GEMM launch before the
+    align waits, so those programs also overlap the kernel that wrote the ids
+    (BROWNOUT_EARLY_ALIGN=0 keeps the align's ordinary signal)."""
     T, D = x.shape
     S, two_i, _ = w13.shape
     inter = two_i // 2
@@ -623,24 +706,34 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
     weights = topk_weights.contiguous()
     n_assign = T * top_k
     bm = cfg["BLOCK_M"]
-    sorted_ids, block_slot = moe_align(ids, S, bm, touched_out, count_slots)
+    sh_first, sh_count = shared_slots if shared_slots is not None and STATIC_SHARED else (S, 0)
+    if not (0 <= sh_count <= top_k and sh_first + sh_count <= S):
+        raise ValueError(f"shared slots {shared_slots} do not fit {top_k} columns over {S} slots")
+    sh_blocks = triton.cdiv(T, bm)  # fixed row blocks per shared slot
+    # the align groups the routed columns only: a shared slot's id is past its num_slots
+    sorted_ids, block_slot = moe_align(ids, sh_first, bm, touched_out, count_slots,
+                                       early_launch=x_settled and sh_count > 0 and EARLY_ALIGN)
     n_blocks = block_slot.numel()
     dot_f32 = _kernels_interpreted()  # the interpreter's bf16 dot is wrong
     precision = _dot_precision(x.dtype)
 
     h = torch.empty(n_assign, inter, dtype=x.dtype, device=x.device)  # [T*k, I]
-    grid = (n_blocks * triton.cdiv(inter, cfg["BLOCK_N"]),)
+    n_sh_progs = sh_count * sh_blocks * triton.cdiv(inter, cfg["BLOCK_N"])
+    grid = (n_sh_progs + n_blocks * triton.cdiv(inter, cfg["BLOCK_N"]),)
     _gate_up_kernel[grid](
         x, w13, h, sorted_ids, block_slot, n_assign, top_k, n_blocks, D, inter,
+        T, sh_first, top_k - sh_count, sh_blocks, n_sh_progs,
         x.stride(0), w13.stride(0), w13.stride(1), h.stride(0),
         BLOCK_M=bm, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], GROUP_M=cfg["GROUP_M"],
         EVEN_K=D % cfg["BLOCK_K"] == 0, DOT_F32=dot_f32, PRECISION=precision,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **pdl.launch_opts(x))
 
     y = torch.empty(n_assign, D, dtype=x.dtype, device=x.device)  # [T*k, D]
-    grid = (n_blocks * triton.cdiv(D, down["BLOCK_N"]),)
+    n_sh_progs = sh_count * sh_blocks * triton.cdiv(D, down["BLOCK_N"])
+    grid = (n_sh_progs + n_blocks * triton.cdiv(D, down["BLOCK_N"]),)
     _down_kernel[grid](
-        h, w2, y, weights, sorted_ids, block_slot, n_assign, n_blocks, D, inter,
+        h, w2, y, weights, sorted_ids, block_slot, n_assign, top_k, n_blocks, D, inter,
+        T, sh_first, top_k - sh_count, sh_blocks, n_sh_progs,
         h.stride(0), w2.stride(0), w2.stride(1), y.stride(0),
         BLOCK_M=bm, BLOCK_N=down["BLOCK_N"], BLOCK_K=down["BLOCK_K"],
         GROUP_M=down["GROUP_M"], EVEN_K=inter % down["BLOCK_K"] == 0, DOT_F32=dot_f32,

@@ -17,6 +17,13 @@ The rules every kernel here follows when launched with `USE_PDL`:
   3. Short kernels signal right after the wait. Kernels that stream weights signal after
      their main loop: the next kernel's prefetch then lands in L2 just before it is read,
      not while this kernel still streams tens of MB through the cache.
+  4. One exception to rule 1's order: the fused MoE's align signals before its wait when
+     its caller vouches that the MoE input was written before the kernel that wrote the
+     expert ids started (`fused_moe`'s `x_settled`). The gate/up GEMM after it then starts
+     with the align, and its programs for the folded shared expert's fixed row blocks read
+     only that input and the weights before their wait: they stream while the top-k and the
+     align run. Every other program of the gate/up GEMM waits first, and so signals only
+     after the align, and the kernel before it, have finished.
 Kernels launched without PDL (cuBLAS, torch, NCCL) keep the ordinary stream order: a kernel
 after a PDL kernel waits for it, and a PDL kernel after one of them starts when it exits (or
 signals, as some library kernels do), then waits at its own `pdl_wait` all the same.

@@ -353,6 +353,79 @@ def test_fused_moe_with_the_small_align_matches_the_reference(monkeypatch):
     torch.testing.assert_close(out.cpu(), moe_experts_ref(x, w13, w2, w, ids).cpu(), rtol=1e-4, atol=1e-4)
 
 
+@needs_kernels
+@pytest.mark.parametrize("method,T", [("small", 4), ("sorted", 16), ("atomics", 16)])
+def test_align_skips_ids_past_its_slots(method, T):
+    """Ids in [num_slots, S) (a folded shared expert's, aligned apart) are skipped as -1 is,
+    also where the padded slot count would have room for them."""
+    g = torch.Generator().manual_seed(9)
+    S, k, limit, bm = 94, 8, 90, 16
+    ids = torch.randint(-1, limit, (T, k), generator=g, dtype=torch.int32)
+    ids[:, -4:] = torch.arange(limit, S, dtype=torch.int32)
+    cut = torch.where(ids < limit, ids, torch.full_like(ids, -1))
+    (got_ids, got_slot), (want_ids, want_slot) = (
+        [t.cpu() for t in fm.moe_align(i.to(DEVICE), limit, bm, method=method)] for i in (ids, cut))
+    assert torch.equal(got_slot, want_slot)
+    n, used = ids.numel(), int((want_slot >= 0).sum())
+
+    def members(sorted_ids):  # each used row block's assignments
+        rows = sorted_ids[:used * bm].view(used, bm)
+        return [sorted(r[r < n].tolist()) for r in rows]
+    if method == "atomics":  # the order inside a slot is the atomics' arrival order
+        assert sorted(sum(members(got_ids), [])) == sorted(sum(members(want_ids), []))
+    else:
+        assert members(got_ids) == members(want_ids)
+
+
+@needs_kernels
+@pytest.mark.parametrize("T,method", [(1, "small"), (5, "small"), (16, "sorted"), (40, "sorted"),
+                                      (200, "atomics")])
+def test_fixed_shared_slots_give_the_aligned_output_bit_for_bit(monkeypatch, T, method):
+    """A folded shared expert's row blocks taken as fixed (`shared_slots`) compute each row as
+    the aligned path does: the same output, bit for bit, with a padding row (-1 across the
+    row, NaN input), skipped routed ids and united slots, and the same touched count."""
+    monkeypatch.setattr(fm, "SMALL_ALIGN", method == "small")
+    monkeypatch.setattr(fm, "SORT_ALIGN", method == "sorted")
+    g = torch.Generator().manual_seed(T)
+    D, inter, E, extra, n_sh, k = 32, 48, 8, 4, 2, 3
+    S = E + extra + n_sh
+    w13 = (0.1 * torch.randn(S, 2 * inter, D, generator=g)).to(DEVICE)
+    w2 = (0.1 * torch.randn(S, D, inter, generator=g)).to(DEVICE)
+    x = torch.randn(T, D, generator=g)
+    routed = torch.randint(-1, E + extra, (T, k), generator=g, dtype=torch.int32)
+    shared = torch.arange(E + extra, S, dtype=torch.int32).expand(T, n_sh).clone()
+    real = T - (T > 2)  # rows that are not padding
+    if T > 2:
+        routed[-1], shared[-1] = -1, -1  # a CUDA graph's padding row
+        x[-1] = float("nan")  # its input is whatever the buffer held
+    ids = torch.cat([routed, shared], 1).to(DEVICE)
+    w = torch.rand(T, k + n_sh, generator=g).to(DEVICE)
+    x = x.to(DEVICE)
+    touched = [torch.full((), -1, dtype=torch.int64, device=DEVICE) for _ in range(2)]
+    fixed = fm.fused_moe(x, w13, w2, w, ids, shared_slots=(E + extra, n_sh), touched_out=touched[0],
+                         count_slots=E + extra)
+    aligned = fm.fused_moe(x, w13, w2, w, ids, touched_out=touched[1], count_slots=E + extra)
+    assert torch.equal(fixed[:real], aligned[:real])
+    assert int(touched[0]) == int(touched[1])
+    ref = moe_experts_ref(x[:real].double(), w13.double(), w2.double(), w[:real], ids[:real])
+    assert (fixed[:real].double() - ref).abs().max() < 1e-3
+    monkeypatch.setattr(fm, "STATIC_SHARED", False)  # the switch: the aligned path, same output
+    off = fm.fused_moe(x, w13, w2, w, ids, shared_slots=(E + extra, n_sh))
+    assert torch.equal(off[:real], aligned[:real])
+
+
+@needs_kernels
+def test_fixed_shared_slots_must_fit():
+    x = torch.zeros(2, 32, device=DEVICE)
+    w13, w2 = torch.zeros(6, 96, 32, device=DEVICE), torch.zeros(6, 32, 48, device=DEVICE)
+    ids = torch.zeros(2, 3, dtype=torch.int32, device=DEVICE)
+    w = torch.zeros(2, 3, device=DEVICE)
+    with pytest.raises(ValueError, match="shared slots"):
+        fm.fused_moe(x, w13, w2, w, ids, shared_slots=(5, 2))  # past the 6 slots
+    with pytest.raises(ValueError, match="shared slots"):
+        fm.fused_moe(x, w13, w2, w, ids, shared_slots=(2, 4))  # more columns than the 3
+
+
 class _LaunchSpy:
     """Stands in for a kernel: records its name at each launch, then launches it."""
 

@@ -19,87 +19,206 @@ from brownout.kernels import pdl
 KERNEL_DIR = Path(pdl.__file__).parent
 WRITES = {"store", "atomic_add", "atomic_cas", "atomic_xchg", "atomic_max", "atomic_min", "atomic_and",
           "atomic_or", "atomic_xor"}
-MEMORY = WRITES | {"load", "inline_asm_elementwise"}  # what a helper called before the wait may not do
-# what a kernel may read before its wait: what the kernel two launches back wrote (rule 2)
-PRE_WAIT_READS = {"_down_kernel": {"block_slot_ptr"}}  # the align's slots (align, gate/up, down)
+PDL_CALLS = {"pdl_wait", "pdl_launch", "prefetch_l2"}
+# what a kernel may read before its wait (rule 2): what the kernel two launches back wrote,
+# or what was written before the launch before it finished
+PRE_WAIT_READS = {
+    "_down_kernel": {"block_slot_ptr"},  # the align's slots (align, gate/up, down)
+    # the shared slots' programs: x, written before the align's predecessor finished, and weights
+    "_gate_up_kernel": {"x_ptr", "w13_ptr"},
+}
 # what a kernel may ask L2 for before its wait: weights, which no kernel of a step writes
 PREFETCHED = {"_skinny_kernel": {"w_ptr"}, "_down_kernel": {"w2_ptr"}}
+# kernels that may signal before their wait (rule 4): the aligns, when `fused_moe`'s caller
+# vouches that the gate/up GEMM's pre-wait reads were written before the align's predecessor
+EARLY_SIGNAL = {"_align_kernel", "_align_small_kernel", "_align_sorted_kernel"}
 
 
-def _functions(path: Path) -> dict[str, ast.FunctionDef]:
-    return {n.name: n for n in ast.walk(ast.parse(path.read_text())) if isinstance(n, ast.FunctionDef)}
+def _functions(tree) -> dict[str, ast.FunctionDef]:
+    return {n.name: n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef)}
 
 
 def _pdl_kernels():
     for path in sorted(KERNEL_DIR.glob("*.py")):
-        for node in _functions(path).values():
+        functions = _functions(ast.parse(path.read_text()))
+        for node in functions.values():
             if any(a.arg == "USE_PDL" for a in node.args.args) and node.name.startswith("_"):
-                yield path.name, node
+                yield path.name, node, functions
 
 
 def _pointers(node) -> set[str]:
     return {n.id for n in ast.walk(node) if isinstance(n, ast.Name) and n.id.endswith("_ptr")}
 
 
-def _touches_memory(fn: ast.FunctionDef, functions: dict, seen: set) -> bool:
-    """Whether a helper (or a helper it calls, in the same module) loads, stores or runs asm."""
-    if fn.name in seen:
-        return False
-    seen.add(fn.name)
-    for call in _calls(fn, set(functions) | MEMORY):
-        name = call.func.id if isinstance(call.func, ast.Name) else call.func.attr
-        if name in MEMORY or _touches_memory(functions[name], functions, seen):
-            return True
-    return False
+def _name(call: ast.Call) -> str:
+    return call.func.id if isinstance(call.func, ast.Name) else getattr(call.func, "attr", "")
 
 
 def _calls(node, names):
-    return [c for c in ast.walk(node) if isinstance(c, ast.Call)
-            and ((isinstance(c.func, ast.Name) and c.func.id in names)
-                 or (isinstance(c.func, ast.Attribute) and c.func.attr in names))]
+    return [c for c in ast.walk(node) if isinstance(c, ast.Call) and _name(c) in names]
 
 
-def _under_use_pdl(stmt) -> bool:
-    return isinstance(stmt, ast.If) and isinstance(stmt.test, ast.Name) and stmt.test.id == "USE_PDL"
+def _writes(fn: ast.FunctionDef, functions: dict, seen: set) -> bool:
+    """Whether a helper (or a helper it calls, in the same module) stores or runs atomics."""
+    if fn.name in seen:
+        return False
+    seen.add(fn.name)
+    return any(_name(c) in WRITES or (_name(c) in functions and _writes(functions[_name(c)], functions, seen))
+               for c in _calls(fn, WRITES | set(functions)))
+
+
+def violations(kernel: ast.FunctionDef, functions: dict) -> list[str]:
+    """The PDL rules broken on some path through `kernel`: a write, a return, a signal, or a
+    read of memory other than PRE_WAIT_READS / PREFETCHED before that path's `pdl_wait`, or
+    a path that never waits. Each `if` is followed down both branches; a wait inside a loop
+    does not count (the loop may not run)."""
+    found: list[str] = []
+    name = kernel.name
+    helpers = {n: f for n, f in functions.items() if n not in PDL_CALLS and n != name}
+    may_read = PRE_WAIT_READS.get(name, set())
+
+    def before_wait(node) -> None:
+        for call in _calls(node, WRITES):
+            found.append(f"{name} writes ({_name(call)}) before pdl_wait, line {call.lineno}")
+        if any(isinstance(n, ast.Return) for n in ast.walk(node)):
+            found.append(f"{name} can return before pdl_wait, line {node.lineno}")
+        for call in _calls(node, {"pdl_launch"}) if name not in EARLY_SIGNAL else []:
+            found.append(f"{name} signals before pdl_wait, line {call.lineno}")
+        for call in _calls(node, {"load"}):
+            if not _pointers(call.args[0]) <= may_read:
+                found.append(f"{name} reads {sorted(_pointers(call.args[0]))} before pdl_wait, line {call.lineno}")
+        for call in _calls(node, {"prefetch_l2"}):
+            if not _pointers(call.args[0]) <= PREFETCHED.get(name, set()):
+                found.append(f"{name} prefetches {sorted(_pointers(call.args[0]))}, not weights, before pdl_wait")
+        for call in _calls(node, set(helpers)):
+            if _writes(helpers[_name(call)], helpers, set()):
+                found.append(f"{name} calls {_name(call)}, which writes, before pdl_wait")
+            if not _pointers(call) <= may_read:
+                found.append(f"{name} hands {sorted(_pointers(call))} to {_name(call)} before pdl_wait")
+
+    def walk(stmts, waited: bool) -> bool:
+        for st in stmts:
+            if isinstance(st, ast.If):
+                if not waited:
+                    before_wait(st.test)
+                waited = walk(st.body, waited) & walk(st.orelse, waited)
+            elif isinstance(st, (ast.For, ast.While)):
+                if not waited:
+                    before_wait(st.iter if isinstance(st, ast.For) else st.test)
+                walk(st.body, waited)
+            elif isinstance(st, ast.Expr) and isinstance(st.value, ast.Call) and _name(st.value) == "pdl_wait":
+                waited = True
+            elif not waited:
+                before_wait(st)
+        return waited
+
+    if not walk(kernel.body, False):
+        found.append(f"{name}: some path never calls pdl_wait")
+    return found
 
 
 KERNELS = list(_pdl_kernels())
 
 
 def test_every_step_kernel_takes_pdl():
-    names = {n.name for _, n in KERNELS}
+    names = {n.name for _, n, _ in KERNELS}
     for name in ("_skinny_kernel", "_gate_up_kernel", "_down_kernel", "_attn_kernel", "_merge_kernel",
                  "_rope_write_kv_kernel", "_add_rms_norm_kernel", "_add_slots_rms_norm_kernel",
                  "_topk_kernel", "_align_small_kernel", "_plan_kernel"):
         assert name in names
 
 
-@pytest.mark.parametrize("where,kernel", KERNELS, ids=[n.name for _, n in KERNELS])
-def test_the_wait_comes_before_any_write_return_or_unguarded_read(where, kernel):
-    body = kernel.body
-    waits = [i for i, s in enumerate(body) if _calls(s, {"pdl_wait"})]
-    assert waits, f"{where}:{kernel.name} never calls pdl_wait"
-    first = waits[0]
-    assert isinstance(body[first], ast.Expr), f"{where}:{kernel.name}: pdl_wait must be a top-level statement"
-    functions = _functions(KERNEL_DIR / where)
-    helpers = set(functions) - {"pdl_wait", "pdl_launch", "prefetch_l2", kernel.name}
-    for stmt in body[:first]:
-        assert not _calls(stmt, WRITES), f"{where}:{kernel.name} writes before pdl_wait"
-        assert not any(isinstance(n, ast.Return) for n in ast.walk(stmt)), \
-            f"{where}:{kernel.name} can return before pdl_wait"
-        for call in _calls(stmt, helpers):
-            assert not _touches_memory(functions[call.func.id], functions, set()), \
-                f"{where}:{kernel.name} calls {call.func.id}, which touches memory, before pdl_wait"
-        for call in _calls(stmt, {"load"}):  # reads before the wait: the prefetch branch's (rule 2)
-            assert _under_use_pdl(stmt), f"{where}:{kernel.name} reads outside `if USE_PDL:` before pdl_wait"
-            assert _pointers(call.args[0]) <= PRE_WAIT_READS.get(kernel.name, set()), \
-                f"{where}:{kernel.name} reads {_pointers(call.args[0])} before pdl_wait"
-        for call in _calls(stmt, {"prefetch_l2"}):
-            assert _pointers(call.args[0]) <= PREFETCHED.get(kernel.name, set()), \
-                f"{where}:{kernel.name} prefetches {_pointers(call.args[0])}, not weights, before pdl_wait"
-    launches = [c.lineno for c in _calls(kernel, {"pdl_launch"})]
-    wait_line = body[first].lineno
-    assert launches and min(launches) > wait_line, f"{where}:{kernel.name}: pdl_launch must follow pdl_wait"
+@pytest.mark.parametrize("where,kernel,functions", KERNELS, ids=[n.name for _, n, _ in KERNELS])
+def test_the_wait_comes_before_any_write_return_signal_or_unlisted_read(where, kernel, functions):
+    assert violations(kernel, functions) == [], where
+
+
+BROKEN = {  # one broken rule each, on one path only
+    "reads the previous kernel's output": """
+def _k(ids_ptr, out_ptr, USE_PDL: tl.constexpr):
+    e = tl.load(ids_ptr)
+    pdl_wait(USE_PDL)
+    tl.store(out_ptr, e)
+""",
+    "writes in one branch": """
+def _k(out_ptr, n, USE_PDL: tl.constexpr):
+    if n > 0:
+        tl.store(out_ptr, n)
+        pdl_wait(USE_PDL)
+    else:
+        pdl_wait(USE_PDL)
+""",
+    "never waits on one branch": """
+def _k(out_ptr, n, USE_PDL: tl.constexpr):
+    if n > 0:
+        pdl_wait(USE_PDL)
+    tl.store(out_ptr, n)
+""",
+    "waits only inside a loop": """
+def _k(out_ptr, n, USE_PDL: tl.constexpr):
+    for i in range(0, n):
+        pdl_wait(USE_PDL)
+    tl.store(out_ptr, n)
+""",
+    "signals first": """
+def _k(out_ptr, n, USE_PDL: tl.constexpr):
+    pdl_launch(USE_PDL)
+    pdl_wait(USE_PDL)
+""",
+    "returns early": """
+def _k(out_ptr, n, USE_PDL: tl.constexpr):
+    if n > 0:
+        return
+    pdl_wait(USE_PDL)
+""",
+    "hands an output to a reading helper": """
+def _read(p):
+    return tl.load(p)
+
+def _gate_up_kernel(x_ptr, h_ptr, USE_PDL: tl.constexpr):
+    v = _read(h_ptr)
+    pdl_wait(USE_PDL)
+""",
+    "calls a writing helper": """
+def _put(p, v):
+    tl.store(p, v)
+
+def _gate_up_kernel(x_ptr, USE_PDL: tl.constexpr):
+    _put(x_ptr, 1)
+    pdl_wait(USE_PDL)
+""",
+    "prefetches an activation": """
+def _skinny_kernel(x_ptr, w_ptr, USE_PDL: tl.constexpr):
+    prefetch_l2(x_ptr, USE_PDL)
+    pdl_wait(USE_PDL)
+""",
+}
+
+
+@pytest.mark.parametrize("case", sorted(BROKEN))
+def test_the_check_catches_a_broken_rule(case):
+    functions = _functions(ast.parse(BROKEN[case]))
+    kernel = [f for f in functions.values() if any(a.arg == "USE_PDL" for a in f.args.args)][0]
+    assert violations(kernel, functions), case
+
+
+def test_the_check_passes_a_kernel_that_streams_before_its_wait():
+    src = """
+def _tile(x_ptr, w13_ptr):
+    return tl.load(x_ptr) * tl.load(w13_ptr)
+
+def _gate_up_kernel(x_ptr, w13_ptr, h_ptr, slot_ptr, n, USE_PDL: tl.constexpr):
+    if n > 0:
+        h = _tile(x_ptr, w13_ptr)
+        pdl_wait(USE_PDL)
+    else:
+        pdl_wait(USE_PDL)
+        h = tl.load(slot_ptr)
+    pdl_launch(USE_PDL)
+    tl.store(h_ptr, h)
+"""
+    functions = _functions(ast.parse(src))
+    assert violations(functions["_gate_up_kernel"], functions) == []
 
 
 def test_no_pdl_off_the_gpu():
@@ -116,12 +235,16 @@ def test_the_switch_turns_it_off(monkeypatch):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_gpu_chained_kernels_under_pdl_match_ordinary_launches(monkeypatch):
-    """Back-to-back fused MoE calls (the small, sorted and atomics aligns) and a QKV-wide
-    skinny GEMM with split K, replayed in one CUDA graph, give bit-identical outputs with
-    and without PDL: a kernel that reads before its wait, or a counter reset racing the next
+    """Back-to-back fused MoE calls (the small, sorted and atomics aligns), a QKV-wide
+    skinny GEMM with split K, and a MoE layer's chain (input GEMM, router GEMM, top-k with
+    the folded shared expert's columns, the fused MoE with fixed shared blocks and the align
+    signalling early), replayed in one CUDA graph, give bit-identical outputs with and
+    without PDL: a kernel that reads before its wait, or a counter reset racing the next
     launch, would show here."""
     from brownout.kernels import fused_moe as fm
     from brownout.kernels import skinny_gemm as sk
+    from brownout.kernels.routing import SharedSlots
+    from brownout.kernels.routing_triton import select_experts_triton
 
     g = torch.Generator().manual_seed(0)
     D, inter, S, k = 2048, 1408, 94, 8
@@ -134,10 +257,19 @@ def test_gpu_chained_kernels_under_pdl_match_ordinary_launches(monkeypatch):
         inputs.append((torch.randn(T, D, generator=g).to("cuda", torch.bfloat16), ids,
                        torch.rand(T, k, generator=g).cuda()))
     xq = torch.randn(8, D, generator=g).to("cuda", torch.bfloat16)
+    wx = (0.02 * torch.randn(D, D, generator=g)).to("cuda", torch.bfloat16)
+    wr = torch.randn(61, D, generator=g).to("cuda", torch.bfloat16)  # 60 experts and the shared gate
+    shared = SharedSlots(first=S - 4, count=4, gated=True)
+
+    def layer(rows):
+        x = sk.skinny_linear(xq[:rows], wx)  # the MoE input, written inside the graph
+        w, ids = select_experts_triton(sk.skinny_linear(x, wr), 4, False, num_experts=60, shared=shared)
+        return fm.fused_moe(x, w13, w2, w, ids, shared_slots=(shared.first, shared.count), x_settled=True)
 
     def step():
         outs = [fm.fused_moe(x, w13, w2, w, ids) for x, ids, w in inputs]
-        return outs + [sk.skinny_linear(xq, wq), sk.skinny_linear(outs[0][:, :D].contiguous(), wq)]
+        return outs + [sk.skinny_linear(xq, wq), sk.skinny_linear(outs[0][:, :D].contiguous(), wq),
+                       layer(1), layer(8)]
 
     results = {}
     with torch.inference_mode():

@@ -255,9 +255,13 @@ class SparseMoE(nn.Module):
             # routed: tiles sized for the low-tau case, where the rows crowd into the united
             # slots (the routed path only runs at tau < 1; tau = 1 takes the plain one)
             n_shared = ids.shape[1] - self.top_k  # the folded shared expert's columns, if present
+            # their slots are fixed (global ids, so not under expert parallel's local ones)
+            fixed = (self.shared_slots.first, n_shared) if n_shared and self.local_of is None else None
             out = fused_moe(x, self.w13, self.w2, weights, ids,
                             busy_slots=self.num_groups + n_shared if routed else None,
-                            touched_out=touched, count_slots=self.num_slots, sum_slots=not defer)
+                            touched_out=touched, count_slots=self.num_slots, sum_slots=not defer,
+                            # x predates the router GEMM and the top-k that wrote the ids
+                            shared_slots=fixed, x_settled=True)
             return SlotOutputs(*out) if defer else out
         return moe_experts_ref(x, self.w13, self.w2, weights, ids)
 
