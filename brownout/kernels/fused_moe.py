@@ -422,12 +422,7 @@ if triton is not None:
         if pid < n_sh_progs:
             slot, pid_n, aid, row_ok = _shared_rows(pid, I, T, top_k, sh_first, sh_col, sh_blocks,
                                                     BLOCK_M, BLOCK_N)
-            offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-            n_ok = offs_n < I
-            h = _gate_up_tile(x_ptr, w13_ptr, (aid // top_k).to(tl.int64), row_ok, slot.to(tl.int64),
-                              offs_n, n_ok, n_k, D, I, stride_xt, stride_ws, stride_wn, BLOCK_M, BLOCK_N,
-                              BLOCK_K, EVEN_K, DOT_F32, PRECISION)
-            pdl_wait(USE_PDL)
+            n_run = n_k
         else:
             pdl_wait(USE_PDL)
             pid_m, pid_n = _block_coords(pid - n_sh_progs, n_blocks, I, BLOCK_N, GROUP_M)
@@ -436,13 +431,15 @@ if triton is not None:
             aid = tl.load(sorted_ptr + offs_m)  # flat assignment ids, n_assign = padding
             aid = tl.where(slot >= 0, aid, n_assign)  # no row of a block past the used length
             row_ok = aid < n_assign
-            offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-            n_ok = offs_n < I
-            # a block past the used length (slot -1) streams nothing and stores nothing
-            h = _gate_up_tile(x_ptr, w13_ptr, (aid // top_k).to(tl.int64), row_ok,
-                              tl.maximum(slot, 0).to(tl.int64), offs_n, n_ok, tl.where(slot >= 0, n_k, 0),
-                              D, I, stride_xt, stride_ws, stride_wn, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K,
-                              DOT_F32, PRECISION)
+            n_run = tl.where(slot >= 0, n_k, 0)  # such a block streams nothing, stores nothing
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < I
+        # one main loop for both kinds of program: a loop in each branch would each get
+        # their own pipeline buffers, twice the shared memory
+        h = _gate_up_tile(x_ptr, w13_ptr, (aid // top_k).to(tl.int64), row_ok, tl.maximum(slot, 0).to(tl.int64),
+                          offs_n, n_ok, n_run, D, I, stride_xt, stride_ws, stride_wn, BLOCK_M, BLOCK_N,
+                          BLOCK_K, EVEN_K, DOT_F32, PRECISION)
+        pdl_wait(USE_PDL)  # the shared programs' wait; for the others a second wait, which returns at once
         pdl_launch(USE_PDL)
         h_ptrs = h_ptr + aid.to(tl.int64)[:, None] * stride_ht + offs_n[None, :]
         tl.store(h_ptrs, h.to(h_ptr.dtype.element_ty), mask=row_ok[:, None] & n_ok[None, :])

@@ -5,10 +5,8 @@ owns the query rows query_start_loc[b]:query_start_loc[b+1], which are the last 
 context of seq_lens[b] tokens (causal mask). One program serves one query tile of one KV head
 and all its GQA query heads, so each KV tile is read once for the group. When batch x heads
 cannot fill the GPU (small-batch decode), the context is split across programs
-(flash-decoding) and the last program of each query tile to finish its slice merges the
-partial softmaxes (an arrival counter per tile, reset by that program: one launch). No host
-synchronisation: every data-dependent bound is read on the device. Online softmax after
-FlashAttention-2.
+(flash-decoding) and a second kernel merges the partial softmaxes. No host synchronisation:
+every data-dependent bound is read on the device. Online softmax after FlashAttention-2.
 """
 
 from __future__ import annotations
@@ -58,15 +56,14 @@ if triton is not None:
 
     # per-step sizes are not specialised on: one binary, no compile while serving
     @triton.jit(do_not_specialize=["n_q_tiles", "T", "B", "q_len_lo", "q_len_hi"])
-    def _attn_kernel(q_ptr, k_ptr, v_ptr, out_ptr, part_acc_ptr, part_ml_ptr, count_ptr,
+    def _attn_kernel(q_ptr, k_ptr, v_ptr, out_ptr, part_acc_ptr, part_ml_ptr,
                      block_tables_ptr, seq_lens_ptr, qsl_ptr, scale_log2, n_q_tiles, T, Hq, B,
                      q_len_lo, q_len_hi,
                      stride_qt, stride_qh, stride_kb, stride_ks, stride_kh,
                      stride_vb, stride_vs, stride_vh, stride_bt, stride_ot, stride_oh,
                      G: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr,
                      BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                     KV_BLOCK: tl.constexpr, NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr,
-                     DOT_F32: tl.constexpr,
+                     KV_BLOCK: tl.constexpr, NUM_SPLITS: tl.constexpr, DOT_F32: tl.constexpr,
                      PRECISION: tl.constexpr, FLAT: tl.constexpr, USE_PDL: tl.constexpr):
         pdl_wait(USE_PDL)
         if FLAT:  # programs over the step's query tiles, T // BLOCK_Q + B of them
@@ -135,38 +132,35 @@ if triton is not None:
             o_off = t_row * stride_ot + head * stride_oh
             tl.store(out_ptr + o_off[:, None] + d[None, :], o.to(out_ptr.dtype.element_ty),
                      mask=st_ok)
-        else:  # unnormalised partials [NUM_SPLITS, T, Hq, ...]; the last split to arrive merges
+        else:  # unnormalised partials [NUM_SPLITS, T, Hq, ...] for _merge_kernel
             row = (split * T + t_row) * Hq + head
             tl.store(part_acc_ptr + row[:, None] * HEAD_DIM + d[None, :], acc, mask=st_ok)
             tl.store(part_ml_ptr + row * 2, m_i, mask=row_ok)
             tl.store(part_ml_ptr + row * 2 + 1, l_i, mask=row_ok)
-            tl.debug_barrier()  # every thread's partial is written before the arrival
-            cell = tl.program_id(0) * tl.num_programs(1) + kvh  # this query tile of this kv head
-            arrived = tl.atomic_add(count_ptr + cell, 1, sem="acq_rel")
-            if arrived == NUM_SPLITS - 1:
-                # out = sum_s 2^(m_s - M) acc_s / sum_s 2^(m_s - M) l_s; ".cg" reads at L2,
-                # where the other programs' partials are
-                s_idx = tl.arange(0, SPLITS_PAD)
-                rows = (s_idx[:, None] * T + t_row[None, :]) * Hq + head[None, :]  # [SP, BM]
-                ok = (s_idx < NUM_SPLITS)[:, None] & row_ok[None, :]
-                m_s = tl.load(part_ml_ptr + rows * 2, mask=ok, other=float("-inf"), cache_modifier=".cg")
-                m_max = tl.max(m_s, 0)  # [BM]
-                m_use = tl.where(m_max == float("-inf"), 0.0, m_max)
-                o = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-                l_tot = tl.zeros([BLOCK_M], dtype=tl.float32)
-                for sp in range(0, NUM_SPLITS):
-                    r_s = (sp * T + t_row) * Hq + head
-                    m_p = tl.load(part_ml_ptr + r_s * 2, mask=row_ok, other=float("-inf"), cache_modifier=".cg")
-                    l_p = tl.load(part_ml_ptr + r_s * 2 + 1, mask=row_ok, other=0.0, cache_modifier=".cg")
-                    w = tl.where(m_p == float("-inf"), 0.0, tl.exp2(m_p - m_use))
-                    a_p = tl.load(part_acc_ptr + r_s[:, None] * HEAD_DIM + d[None, :], mask=st_ok, other=0.0,
-                                  cache_modifier=".cg")
-                    o += a_p * w[:, None]
-                    l_tot += l_p * w
-                tl.store(count_ptr + cell, 0)  # ready for the next launch (graph replays)
-                o_off = t_row * stride_ot + head * stride_oh
-                tl.store(out_ptr + o_off[:, None] + d[None, :], (o / l_tot[:, None]).to(out_ptr.dtype.element_ty),
-                         mask=st_ok)
+
+    # per-step sizes are not specialised on: one binary, no compile while serving
+    @triton.jit(do_not_specialize=["T"])
+    def _merge_kernel(part_acc_ptr, part_ml_ptr, out_ptr, T, Hq, stride_ot, stride_oh,
+                      HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                      NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr, USE_PDL: tl.constexpr):
+        # out = sum_s 2^(m_s - M) acc_s / sum_s 2^(m_s - M) l_s for one (token, head)
+        pdl_wait(USE_PDL)
+        pdl_launch(USE_PDL)
+        t = tl.program_id(0).to(tl.int64)
+        h = tl.program_id(1)
+        s = tl.arange(0, SPLITS_PAD)
+        s_ok = s < NUM_SPLITS
+        row = (s * T + t) * Hq + h
+        m = tl.load(part_ml_ptr + row * 2, mask=s_ok, other=float("-inf"))
+        l = tl.load(part_ml_ptr + row * 2 + 1, mask=s_ok, other=0.0)
+        m_max = tl.max(m, 0)
+        w = tl.where(m == float("-inf"), 0.0, tl.exp2(m - m_max))
+        d = tl.arange(0, BLOCK_D)
+        acc = tl.load(part_acc_ptr + row[:, None] * HEAD_DIM + d[None, :],
+                      mask=s_ok[:, None] & (d < HEAD_DIM)[None, :], other=0.0)
+        o = tl.sum(acc * w[:, None], 0) / tl.sum(l * w, 0)
+        tl.store(out_ptr + t * stride_ot + h * stride_oh + d, o.to(out_ptr.dtype.element_ty),
+                 mask=d < HEAD_DIM)
 
     @triton.jit
     def _write_kv_kernel(k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_ptr, Hkv,
@@ -238,19 +232,6 @@ if triton is not None:
             tl.store(vc + HALF, tl.load(vb + HALF, mask=okk).to(v_cache_ptr.dtype.element_ty), mask=okk)
 
 
-# arrival counters of a split launch, one per (query tile, kv head): a split launch only
-# happens while those cells cannot fill the GPU twice, far below this
-MAX_SPLIT_CELLS = 1 << 14
-
-
-@functools.cache
-def _counters(device: torch.device) -> torch.Tensor:
-    """The split launches' arrival counters on `device`: zero, and every launch leaves them
-    at zero (the last program of a cell resets it), so CUDA graph replays can share them.
-    Allocated on the first call, which serving makes in the warm-up forward before capture."""
-    return torch.zeros(MAX_SPLIT_CELLS, dtype=torch.int32, device=device)
-
-
 @functools.cache
 def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
@@ -302,7 +283,6 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     if num_splits is None:
         num_splits = choose_num_splits(n_programs * Hkv, block_tables.shape[1] * block_size,
                                        q.device)
-    counters = _counters(q.device)
     if num_splits > 1:
         part_acc = torch.empty(num_splits, T, Hq, Dh, dtype=torch.float32, device=q.device)
         part_ml = torch.empty(num_splits, T, Hq, 2, dtype=torch.float32, device=q.device)
@@ -311,18 +291,14 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     block_d = _next_pow2(Dh)
 
     def launch(grid, q_tiles, bq, bm, is_flat, lo, hi):
-        if grid[0] * grid[1] > MAX_SPLIT_CELLS and num_splits > 1:
-            raise ValueError(f"{grid[0]} query tiles x {grid[1]} kv heads exceed the {MAX_SPLIT_CELLS} "
-                             "arrival counters of a split launch")
         _attn_kernel[grid](
-            q, k_cache, v_cache, out, part_acc, part_ml, counters, block_tables, seq_lens, query_start_loc,
+            q, k_cache, v_cache, out, part_acc, part_ml, block_tables, seq_lens, query_start_loc,
             scale * math.log2(math.e), q_tiles, T, Hq, B, lo, hi,
             q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
             v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
             out.stride(0), out.stride(1),
             G=G, BLOCK_Q=bq, BLOCK_M=bm, BLOCK_N=block_n, HEAD_DIM=Dh, BLOCK_D=block_d,
-            KV_BLOCK=block_size, NUM_SPLITS=num_splits, SPLITS_PAD=max(2, _next_pow2(num_splits)),
-            DOT_F32=_kernels_interpreted(),
+            KV_BLOCK=block_size, NUM_SPLITS=num_splits, DOT_F32=_kernels_interpreted(),
             PRECISION="tf32x3" if q.dtype == torch.float32 and on_gpu else None, FLAT=is_flat,
             num_warps=4 if bm <= 64 else 8, num_stages=3 if on_gpu else 1, **pdl.launch_opts(q))
 
@@ -337,6 +313,10 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         launch((B, Hkv, 1), 1, short, max(16, _next_pow2(short * G)), False, 0, short)
     else:
         launch((n_programs, Hkv, num_splits), n_q_tiles, block_q, block_m, flat, 0, big)
+    if num_splits > 1:
+        _merge_kernel[(T, Hq)](part_acc, part_ml, out, T, Hq, out.stride(0), out.stride(1),
+                               HEAD_DIM=Dh, BLOCK_D=block_d, NUM_SPLITS=num_splits,
+                               SPLITS_PAD=max(2, _next_pow2(num_splits)), num_warps=4, **pdl.launch_opts(out))
     return out
 
 

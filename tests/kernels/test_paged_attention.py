@@ -107,14 +107,9 @@ def test_mixed_step_short_queries_get_their_own_launch(hq, hkv):
 @needs_kernels
 @pytest.mark.parametrize("num_splits", [2, 3, 16])
 def test_split_context_merge(num_splits):
-    """Split contexts (16: more splits than some contexts have keys, so some slices are
-    empty) merged by the last program of each query tile; its arrival counters are left at
-    zero, so the next launch (or graph replay) merges again."""
-    counters = pa._counters(torch.device(DEVICE))
-    for _ in range(2):
-        check([5, 70, 33, 0], [1, 1, 4, 0], 4, 2, 32, 8, torch.float32, seed=num_splits,
-              num_splits=num_splits)
-        assert int(counters.count_nonzero()) == 0
+    # 16: more splits than some contexts have keys (empty slices); an empty sequence too
+    check([5, 70, 33, 0], [1, 1, 4, 0], 4, 2, 32, 8, torch.float32, seed=num_splits,
+          num_splits=num_splits)
 
 
 @needs_kernels
