@@ -12,39 +12,48 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_crowded_sweep_smoke_writes_a_readable_table(tmp_path):
-    env = dict(os.environ, TRITON_INTERPRET="1")
+ENV = dict(os.environ, TRITON_INTERPRET="1")
+
+
+def _sweep(out: Path, tokens: str, mode: str) -> dict:
+    """Run the kernel benchmark's sweep (`mode`: --crowded or --folded) at smoke shapes."""
     subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_kernels.py"), "--smoke", "--out",
-                    str(tmp_path), "--tokens", "8,32", "--skip-attention", "--crowded"],
-                   check=True, env=env, cwd=ROOT, timeout=600, capture_output=True)
-    raw = json.loads((tmp_path / "kernels_raw.json").read_text())
-    rows = raw["moe_crowded"]["rows"]
+                    str(out), "--tokens", tokens, "--skip-attention", mode],
+                   check=True, env=ENV, cwd=ROOT, timeout=600, capture_output=True)
+    return json.loads((out / "kernels_raw.json").read_text())
+
+
+def _lookup(table_file: Path, call: str):
+    """`call` on the fused MoE module (`t`: the table) in a process of its own: importing the
+    kernels here would fix triton's mode for the rest of the session (see triton_interpret.py)."""
+    probe = ("import json, sys, torch; from brownout.kernels import fused_moe as fm; "
+             f"t = json.load(open(sys.argv[1])); print(json.dumps({call}))")
+    out = subprocess.run([sys.executable, "-c", probe, str(table_file)], check=True, env=ENV, cwd=ROOT,
+                         timeout=300, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def test_crowded_sweep_smoke_writes_a_readable_table(tmp_path):
+    rows = _sweep(tmp_path, "8,32", "--crowded")["moe_crowded"]["rows"]
     assert [r["tokens"] for r in rows] == [32]  # 8 tokens: 8 rows per united slot, plain table
     assert rows[0]["rel_err_vs_fp64"] < 1e-4 and rows[0]["tuned_us"] > 0
     table_file = tmp_path / "cpu-interpreter.json"
     table = json.loads(table_file.read_text())
-    # the lookup in a process of its own: importing the kernels here would fix triton's
-    # mode for the rest of the session (see triton_interpret.py)
-    probe = ("import json, sys, torch; from brownout.kernels import fused_moe as fm; "
-             "t = json.load(open(sys.argv[1])); "
-             "print(json.dumps(fm.lookup_crowded_config(t, 30.0, 10, 32, 64, torch.float32)))")
-    out = subprocess.run([sys.executable, "-c", probe, str(table_file)], check=True, env=env, cwd=ROOT,
-                         timeout=300, capture_output=True, text=True).stdout
-    assert json.loads(out.strip().splitlines()[-1]) == table["S=10,N=32,K=64,dtype=float32,crowded"]["32"]
+    got = _lookup(table_file, "fm.lookup_crowded_config(t, 30.0, 10, 32, 64, torch.float32)")
+    assert got == table["S=10,N=32,K=64,dtype=float32,crowded"]["32"]
 
 
 def test_folded_sweep_smoke_adds_a_width_keyed_table(tmp_path):
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_kernels.py"), "--smoke", "--out",
-                    str(tmp_path), "--tokens", "1,8", "--skip-attention", "--folded"],
-                   check=True, env=env, cwd=ROOT, timeout=600, capture_output=True)
-    raw = json.loads((tmp_path / "kernels_raw.json").read_text())
-    rows = raw["moe_folded"]["rows"]
+    rows = _sweep(tmp_path, "1,8", "--folded")["moe_folded"]["rows"]
     assert sorted(r["tokens"] for r in rows) == [1, 8]
     for r in rows:
         assert r["rel_err_vs_fp64"] < 1e-4 and r["tuned_us"] > 0 and r["before_us"] > 0
         # every token reads the shared expert's 2 slots beside its routed ones
         assert r["slots_touched"] >= 2 + 1
-    table = json.loads((tmp_path / "cpu-interpreter.json").read_text())
+    table_file = tmp_path / "cpu-interpreter.json"
+    table = json.loads(table_file.read_text())
     # smoke layout: 8 experts, room for 4 way-2 united slots, 2 shared slots; 2 + 2 per token
-    assert set(table["S=14,N=32,K=64,dtype=float32,k=4"]) == {"1", "8"}
+    folded = table["S=14,N=32,K=64,dtype=float32,k=4"]
+    assert set(folded) == {"1", "8"}
+    got = _lookup(table_file, "fm.lookup_config(t, 8, 14, 32, 64, torch.float32, top_k=4)")
+    assert got == folded["8"]
