@@ -416,7 +416,8 @@ if triton is not None:
         # h [T*k, I] = silu(x W_gate^T) * (x W_up^T) for the rows of one slot. The first
         # n_sh_progs programs take the shared slots' fixed row blocks: they need nothing the
         # align writes, so they stream their weights before the wait and only store after it
-        # (rule 2 of `pdl`: x was written before the align's predecessor finished)
+        # (rules 2 and 4 of `pdl`: x was complete before the align, or under rule 4 the
+        # kernel before it, started)
         pid = tl.program_id(0)
         n_k = tl.cdiv(D, BLOCK_K)
         if pid < n_sh_progs:
@@ -507,7 +508,7 @@ if triton is not None:
 
     @triton.jit
     def _topk_sum_kernel(y_ptr, ids_ptr, out_ptr, top_k, D, BLOCK_D: tl.constexpr, USE_PDL: tl.constexpr):
-        # out[t] = sum_j y[t*k + j] over j with id >= 0 (skipped rows were never written)
+        # out[t] = sum_j y[t*k + j] over j with id >= 0 (skipped rows hold garbage or nothing)
         pdl_wait(USE_PDL)
         pdl_launch(USE_PDL)
         t = tl.program_id(0).to(tl.int64)
@@ -557,7 +558,8 @@ ALIGN_METHODS = ("small", "sorted", "atomics")
 STATIC_SHARED_ENV = "BROWNOUT_STATIC_SHARED"
 STATIC_SHARED = os.environ.get(STATIC_SHARED_ENV, "1") != "0"  # read once: the step path asks per layer
 # on: with fixed shared blocks and a caller's `x_settled`, the align signals before its wait,
-# so the shared blocks' programs also overlap the top-k (and brownout's plan) before it;
+# so the shared blocks' programs also overlap the kernel before it (the top-k, or brownout's
+# last routing kernel);
 # BROWNOUT_EARLY_ALIGN=0 keeps the ordinary order
 EARLY_ALIGN_ENV = "BROWNOUT_EARLY_ALIGN"
 EARLY_ALIGN = os.environ.get(EARLY_ALIGN_ENV, "1") != "0"  # read once: the step path asks per layer
@@ -583,7 +585,8 @@ def align_method(n_assign: int, num_slots: int, block_m: int) -> str:
 
 def moe_align(topk_ids: torch.Tensor, num_slots: int, block_m: int,
               touched_out: torch.Tensor | None = None, count_slots: int | None = None,
-              small: bool | None = None, method: str | None = None, early_launch: bool = False):
+              small: bool | None = None, method: str | None = None, early_launch: bool = False,
+              max_grouped: int | None = None):
     """Flat assignment ids grouped by slot and padded to `block_m`, plus each block's slot.
 
     Returns (sorted_ids [P] int32 with n_assign as padding, block_slot [P // block_m] int32
@@ -597,10 +600,12 @@ def moe_align(topk_ids: torch.Tensor, num_slots: int, block_m: int,
     True / False is "small" / "atomics". The order of the assignments inside a slot differs
     between the kernels, which no consumer depends on. `early_launch`: under PDL the align
     lets the next kernel launch before it waits for the kernel before it (see `fused_moe`'s
-    `x_settled`)."""
+    `x_settled`). `max_grouped`: at most this many ids are in [0, num_slots) (the routed
+    columns when the others are a fixed shared expert's), which bounds the row blocks."""
     ids = topk_ids.reshape(-1)  # [T*k]
     n_assign = ids.numel()
-    n_blocks = triton.cdiv(n_assign + min(n_assign, num_slots) * (block_m - 1), block_m)
+    grouped = n_assign if max_grouped is None else min(n_assign, max_grouped)
+    n_blocks = max(1, triton.cdiv(grouped + min(grouped, num_slots) * (block_m - 1), block_m))
     dev = ids.device
     sorted_ids = torch.empty(n_blocks * block_m, dtype=torch.int32, device=dev)
     block_slot = torch.empty(n_blocks, dtype=torch.int32, device=dev)
@@ -675,7 +680,8 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
     align kernel (saves the ~6 small kernels of `count_touched` per layer), among the first
     `count_slots` slots when given (the slots after them hold the folded shared expert).
     `shared_slots` (first, count): the last `count` columns of every row are the slots
-    first .. first + count - 1 (a folded shared expert; -1 across padding rows). Their row
+    first .. first + count - 1 (a folded shared expert; padding rows may hold -1 there,
+    and their rows are computed anyway, from whatever x holds, and skipped by the sum). Their row
     blocks are then fixed, not aligned: those programs of the gate/up GEMM stream their
     weights while the align runs (see `_gate_up_kernel`), and the align sorts only the
     routed columns (BROWNOUT_STATIC_SHARED=0 aligns them all instead). `x_settled`: x was
@@ -706,10 +712,14 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
     sh_first, sh_count = shared_slots if shared_slots is not None and STATIC_SHARED else (S, 0)
     if not (0 <= sh_count <= top_k and sh_first + sh_count <= S):
         raise ValueError(f"shared slots {shared_slots} do not fit {top_k} columns over {S} slots")
+    if shared_slots is not None and touched_out is not None and (count_slots is None or count_slots > shared_slots[0]):
+        raise ValueError(f"touched_out with shared_slots {shared_slots} counts the routed slots: "
+                         f"pass count_slots <= {shared_slots[0]}")
     sh_blocks = triton.cdiv(T, bm)  # fixed row blocks per shared slot
     # the align groups the routed columns only: a shared slot's id is past its num_slots
     sorted_ids, block_slot = moe_align(ids, sh_first, bm, touched_out, count_slots,
-                                       early_launch=x_settled and sh_count > 0 and EARLY_ALIGN)
+                                       early_launch=x_settled and sh_count > 0 and EARLY_ALIGN,
+                                       max_grouped=T * (top_k - sh_count))
     n_blocks = block_slot.numel()
     dot_f32 = _kernels_interpreted()  # the interpreter's bf16 dot is wrong
     precision = _dot_precision(x.dtype)

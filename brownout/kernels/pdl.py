@@ -11,19 +11,23 @@ The rules every kernel here follows when launched with `USE_PDL`:
   1. `pdl_wait` comes first, before the kernel reads anything an earlier kernel writes and
      before it writes anything, on every path, early returns included; `pdl_launch` (the
      signal that lets the next kernel launch) comes after it. So a kernel only starts once
-     the kernel two launches back has finished and its writes are visible.
+     the kernel two launches back has finished and its writes are visible (except after an
+     align that signals early, rule 4).
   2. Before the wait a kernel only reads what no kernel of the step writes (the weights,
-     prefetched into L2) or what the kernel two launches back or earlier wrote (rule 1).
+     prefetched into L2) or what the kernel two launches back or earlier wrote (rule 1);
+     the gate/up GEMM, which rule 4 can start earlier, only the weights and its input.
   3. Short kernels signal right after the wait. Kernels that stream weights signal after
      their main loop: the next kernel's prefetch then lands in L2 just before it is read,
      not while this kernel still streams tens of MB through the cache.
   4. One exception to rule 1's order: the fused MoE's align signals before its wait when
-     its caller vouches that the MoE input was written before the kernel that wrote the
-     expert ids started (`fused_moe`'s `x_settled`). The gate/up GEMM after it then starts
-     with the align, and its programs for the folded shared expert's fixed row blocks read
-     only that input and the weights before their wait: they stream while the top-k and the
-     align run. Every other program of the gate/up GEMM waits first, and so signals only
-     after the align, and the kernel before it, have finished.
+     its caller vouches that the MoE input was complete before the kernel that wrote the
+     expert ids started, and that this kernel signals only after its own wait (`fused_moe`'s
+     `x_settled`; a torch kernel, which never signals, serves too). The gate/up GEMM after
+     the align then starts with it, and its programs for the folded shared expert's fixed
+     row blocks read only that input and the weights before their wait: they stream while
+     the kernel before the align (the top-k, or brownout's last routing kernel) and the align
+     run. Every program of the gate/up GEMM signals only after its wait, so the down GEMM
+     after it still starts once the align has finished.
 Kernels launched without PDL (cuBLAS, torch, NCCL) keep the ordinary stream order: a kernel
 after a PDL kernel waits for it, and a PDL kernel after one of them starts when it exits (or
 signals, as some library kernels do), then waits at its own `pdl_wait` all the same.

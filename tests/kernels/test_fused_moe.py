@@ -424,6 +424,9 @@ def test_fixed_shared_slots_must_fit():
         fm.fused_moe(x, w13, w2, w, ids, shared_slots=(5, 2))  # past the 6 slots
     with pytest.raises(ValueError, match="shared slots"):
         fm.fused_moe(x, w13, w2, w, ids, shared_slots=(2, 4))  # more columns than the 3
+    touched = torch.zeros((), dtype=torch.int64, device=DEVICE)
+    with pytest.raises(ValueError, match="count_slots"):  # the shared slots are not aligned, so not counted
+        fm.fused_moe(x, w13, w2, w, ids, shared_slots=(4, 2), touched_out=touched)
 
 
 class _LaunchSpy:

@@ -19,19 +19,21 @@ from brownout.kernels import pdl
 KERNEL_DIR = Path(pdl.__file__).parent
 WRITES = {"store", "atomic_add", "atomic_cas", "atomic_xchg", "atomic_max", "atomic_min", "atomic_and",
           "atomic_or", "atomic_xor"}
+ASM = "inline_asm_elementwise"  # may touch memory: a helper running it is held to the write rule
 PDL_CALLS = {"pdl_wait", "pdl_launch", "prefetch_l2"}
 # what a kernel may read before its wait (rule 2): what the kernel two launches back wrote,
-# or what was written before the launch before it finished
+# or, for the gate/up GEMM under rule 4, what was complete before the align's predecessor started
 PRE_WAIT_READS = {
     "_down_kernel": {"block_slot_ptr"},  # the align's slots (align, gate/up, down)
-    # the shared slots' programs: x, written before the align's predecessor finished, and weights
+    # the shared slots' programs: the MoE input and the weights (rule 4)
     "_gate_up_kernel": {"x_ptr", "w13_ptr"},
 }
 # what a kernel may ask L2 for before its wait: weights, which no kernel of a step writes
 PREFETCHED = {"_skinny_kernel": {"w_ptr"}, "_down_kernel": {"w2_ptr"}}
-# kernels that may signal before their wait (rule 4): the aligns, when `fused_moe`'s caller
-# vouches that the gate/up GEMM's pre-wait reads were written before the align's predecessor
+# kernels that may signal before their wait (rule 4), and only under `if EARLY_LAUNCH:`: the
+# aligns, when `fused_moe`'s caller vouches for the gate/up GEMM's reads before its wait
 EARLY_SIGNAL = {"_align_kernel", "_align_small_kernel", "_align_sorted_kernel"}
+EARLY_FLAG = "EARLY_LAUNCH"
 
 
 def _functions(tree) -> dict[str, ast.FunctionDef]:
@@ -46,10 +48,6 @@ def _pdl_kernels():
                 yield path.name, node, functions
 
 
-def _pointers(node) -> set[str]:
-    return {n.id for n in ast.walk(node) if isinstance(n, ast.Name) and n.id.endswith("_ptr")}
-
-
 def _name(call: ast.Call) -> str:
     return call.func.id if isinstance(call.func, ast.Name) else getattr(call.func, "attr", "")
 
@@ -58,49 +56,97 @@ def _calls(node, names):
     return [c for c in ast.walk(node) if isinstance(c, ast.Call) and _name(c) in names]
 
 
+def _expr_roots(expr, roots: dict[str, set[str]]) -> set[str]:
+    """The pointer arguments an expression's address can come from: names it uses that are
+    pointers or copies of them, except inside a `load`, whose result is data."""
+    out: set[str] = set()
+
+    def visit(n) -> None:
+        if isinstance(n, ast.Call) and _name(n) == "load":
+            return
+        if isinstance(n, ast.Name) and n.id in roots:
+            out.update(roots[n.id])
+        for child in ast.iter_child_nodes(n):
+            visit(child)
+    visit(expr)
+    return out
+
+
+def _pointer_roots(kernel: ast.FunctionDef) -> dict[str, set[str]]:
+    """Each pointer argument (`*_ptr`) and each local assigned from one (`a_ptrs = x_ptr +
+    ...`, `p = q`, `p += BLOCK`), mapped to the arguments it can point into."""
+    roots = {a.arg: {a.arg} for a in kernel.args.args if a.arg.endswith("_ptr")}
+    changed = True
+    while changed:  # to a fixed point: copies of copies
+        changed = False
+        for node in ast.walk(kernel):
+            if isinstance(node, ast.Assign):
+                targets, value = node.targets, node.value
+            elif isinstance(node, ast.AugAssign):
+                targets, value = [node.target], node.value
+            else:
+                continue
+            found = _expr_roots(value, roots)
+            for t in targets:
+                for n in ast.walk(t):
+                    if isinstance(n, ast.Name) and not found <= roots.get(n.id, set()):
+                        roots[n.id] = roots.get(n.id, set()) | found
+                        changed = True
+    return roots
+
+
 def _writes(fn: ast.FunctionDef, functions: dict, seen: set) -> bool:
-    """Whether a helper (or a helper it calls, in the same module) stores or runs atomics."""
+    """Whether a helper (or a helper it calls, in the same module) stores, runs atomics or
+    inline asm."""
     if fn.name in seen:
         return False
     seen.add(fn.name)
-    return any(_name(c) in WRITES or (_name(c) in functions and _writes(functions[_name(c)], functions, seen))
-               for c in _calls(fn, WRITES | set(functions)))
+    return any(_name(c) in WRITES | {ASM} or (_name(c) in functions and _writes(functions[_name(c)], functions, seen))
+               for c in _calls(fn, WRITES | {ASM} | set(functions)))
 
 
 def violations(kernel: ast.FunctionDef, functions: dict) -> list[str]:
     """The PDL rules broken on some path through `kernel`: a write, a return, a signal, or a
-    read of memory other than PRE_WAIT_READS / PREFETCHED before that path's `pdl_wait`, or
-    a path that never waits. Each `if` is followed down both branches; a wait inside a loop
-    does not count (the loop may not run)."""
+    read of memory other than PRE_WAIT_READS / PREFETCHED (through the pointer or any copy
+    of it) before that path's `pdl_wait`, or a path that never waits. Each `if` is followed
+    down both branches; a wait inside a loop does not count (the loop may not run)."""
     found: list[str] = []
     name = kernel.name
     helpers = {n: f for n, f in functions.items() if n not in PDL_CALLS and n != name}
     may_read = PRE_WAIT_READS.get(name, set())
+    roots = _pointer_roots(kernel)
 
-    def before_wait(node) -> None:
-        for call in _calls(node, WRITES):
+    def before_wait(node, early_ok: bool = False) -> None:
+        for call in _calls(node, WRITES | {ASM}):
             found.append(f"{name} writes ({_name(call)}) before pdl_wait, line {call.lineno}")
         if any(isinstance(n, ast.Return) for n in ast.walk(node)):
             found.append(f"{name} can return before pdl_wait, line {node.lineno}")
-        for call in _calls(node, {"pdl_launch"}) if name not in EARLY_SIGNAL else []:
+        for call in _calls(node, {"pdl_launch"}) if not early_ok else []:
             found.append(f"{name} signals before pdl_wait, line {call.lineno}")
         for call in _calls(node, {"load"}):
-            if not _pointers(call.args[0]) <= may_read:
-                found.append(f"{name} reads {sorted(_pointers(call.args[0]))} before pdl_wait, line {call.lineno}")
+            if not _expr_roots(call.args[0], roots) <= may_read:
+                found.append(f"{name} reads {sorted(_expr_roots(call.args[0], roots))} before pdl_wait, "
+                             f"line {call.lineno}")
         for call in _calls(node, {"prefetch_l2"}):
-            if not _pointers(call.args[0]) <= PREFETCHED.get(name, set()):
-                found.append(f"{name} prefetches {sorted(_pointers(call.args[0]))}, not weights, before pdl_wait")
+            if not _expr_roots(call.args[0], roots) <= PREFETCHED.get(name, set()):
+                found.append(f"{name} prefetches {sorted(_expr_roots(call.args[0], roots))}, not weights, "
+                             "before pdl_wait")
         for call in _calls(node, set(helpers)):
             if _writes(helpers[_name(call)], helpers, set()):
                 found.append(f"{name} calls {_name(call)}, which writes, before pdl_wait")
-            if not _pointers(call) <= may_read:
-                found.append(f"{name} hands {sorted(_pointers(call))} to {_name(call)} before pdl_wait")
+            if not _expr_roots(call, roots) <= may_read:
+                found.append(f"{name} hands {sorted(_expr_roots(call, roots))} to {_name(call)} before pdl_wait")
 
     def walk(stmts, waited: bool) -> bool:
         for st in stmts:
             if isinstance(st, ast.If):
+                early = name in EARLY_SIGNAL and isinstance(st.test, ast.Name) and st.test.id == EARLY_FLAG
                 if not waited:
                     before_wait(st.test)
+                    if early:  # rule 4's signal, and nothing else the rules forbid
+                        for inner in st.body:
+                            before_wait(inner, early_ok=True)
+                        continue
                 waited = walk(st.body, waited) & walk(st.orelse, waited)
             elif isinstance(st, (ast.For, ast.While)):
                 if not waited:
@@ -187,6 +233,43 @@ def _gate_up_kernel(x_ptr, USE_PDL: tl.constexpr):
     _put(x_ptr, 1)
     pdl_wait(USE_PDL)
 """,
+    "reads through a copy of a pointer": """
+def _k(ids_ptr, out_ptr, USE_PDL: tl.constexpr):
+    p = ids_ptr + 4
+    q = p
+    e = tl.load(q)
+    pdl_wait(USE_PDL)
+""",
+    "hands a copy of an output pointer to a helper": """
+def _read(p):
+    return tl.load(p)
+
+def _gate_up_kernel(x_ptr, h_ptr, USE_PDL: tl.constexpr):
+    hp = h_ptr
+    hp += 16
+    v = _read(hp)
+    pdl_wait(USE_PDL)
+""",
+    "an align signals early without its flag": """
+def _align_small_kernel(ids_ptr, EARLY_LAUNCH: tl.constexpr, USE_PDL: tl.constexpr):
+    pdl_launch(USE_PDL)
+    pdl_wait(USE_PDL)
+""",
+    "an align reads under its early flag": """
+def _align_small_kernel(ids_ptr, EARLY_LAUNCH: tl.constexpr, USE_PDL: tl.constexpr):
+    if EARLY_LAUNCH:
+        pdl_launch(USE_PDL)
+        e = tl.load(ids_ptr)
+    pdl_wait(USE_PDL)
+""",
+    "calls a helper that runs inline asm": """
+def _asm(p):
+    return tl.inline_asm_elementwise("st.global.u32 [$1], 0;", "=r,l", [p], dtype=tl.int32, is_pure=False, pack=1)
+
+def _k(out_ptr, USE_PDL: tl.constexpr):
+    _asm(out_ptr)
+    pdl_wait(USE_PDL)
+""",
     "prefetches an activation": """
 def _skinny_kernel(x_ptr, w_ptr, USE_PDL: tl.constexpr):
     prefetch_l2(x_ptr, USE_PDL)
@@ -200,6 +283,20 @@ def test_the_check_catches_a_broken_rule(case):
     functions = _functions(ast.parse(BROKEN[case]))
     kernel = [f for f in functions.values() if any(a.arg == "USE_PDL" for a in f.args.args)][0]
     assert violations(kernel, functions), case
+
+
+def test_the_check_passes_an_align_that_signals_under_its_flag():
+    src = """
+def _align_small_kernel(ids_ptr, out_ptr, EARLY_LAUNCH: tl.constexpr, USE_PDL: tl.constexpr):
+    if EARLY_LAUNCH:
+        pdl_launch(USE_PDL)
+    pdl_wait(USE_PDL)
+    if not EARLY_LAUNCH:
+        pdl_launch(USE_PDL)
+    tl.store(out_ptr, tl.load(ids_ptr))
+"""
+    functions = _functions(ast.parse(src))
+    assert violations(functions["_align_small_kernel"], functions) == []
 
 
 def test_the_check_passes_a_kernel_that_streams_before_its_wait():
