@@ -53,6 +53,8 @@ for part in ${parts//,/ }; do
         tests/kernels/test_fused_moe.py::test_fused_moe_with_the_sorted_align_matches_the_reference \
         tests/kernels/test_fused_moe.py::test_align_dispatch_at_the_boundaries \
         tests/kernels/test_fused_moe.py::test_the_down_gemm_runs_two_launches_after_the_align \
+        tests/kernels/test_fused_moe.py::test_fixed_shared_slots_give_the_aligned_output_bit_for_bit \
+        tests/kernels/test_fused_moe.py::test_align_skips_ids_past_its_slots \
         tests/kernels/test_pdl.py} \
         2>&1 | tail -30 | tee "$work/tests.txt" ;;
     engine)  # ENGINE_TREE: a folder holding an older `brownout` package to time instead
