@@ -281,7 +281,7 @@ if triton is not None:
     def _align_small_kernel(ids_ptr, sorted_ptr, block_slot_ptr, touched_ptr, n_assign, num_slots,
                             n_blocks, count_slots, BLOCK_M: tl.constexpr, N_PAD: tl.constexpr,
                             S_PAD: tl.constexpr, B_PAD: tl.constexpr, COUNT_TOUCHED: tl.constexpr,
-                      EARLY_LAUNCH: tl.constexpr, USE_PDL: tl.constexpr):
+                            EARLY_LAUNCH: tl.constexpr, USE_PDL: tl.constexpr):
         # one program, everything in registers (no atomics, no scratch, no barriers): counts
         # per slot from an [N, S] one-hot, each assignment's rank from an [N, N] comparison
         if EARLY_LAUNCH:  # the caller vouches for the gate/up GEMM's reads before its wait
@@ -314,8 +314,8 @@ if triton is not None:
     def _align_sorted_kernel(ids_ptr, sorted_ptr, block_slot_ptr, touched_ptr, n_assign, num_slots,
                              n_blocks, count_slots, BLOCK_M: tl.constexpr, N_PAD: tl.constexpr,
                              S_PAD: tl.constexpr, PAD_CHUNK: tl.constexpr, B_CHUNK: tl.constexpr,
-                             COUNT_TOUCHED: tl.constexpr,
-                      EARLY_LAUNCH: tl.constexpr, USE_PDL: tl.constexpr):
+                             COUNT_TOUCHED: tl.constexpr, EARLY_LAUNCH: tl.constexpr,
+                             USE_PDL: tl.constexpr):
         # one program that reads the ids once and then only stores (no global atomics, no
         # scratch read back): counts per slot from a histogram, each assignment's place from
         # one sort of the keys slot * N_PAD + i, which lists every slot's assignments in a run
