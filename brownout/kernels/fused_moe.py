@@ -2,7 +2,7 @@
 
 Same semantics as `moe_ref.moe_experts_ref`: expert slot ids may point past the routed
 experts (united experts sit in the extra slots) and an id of -1 skips the assignment.
-Four launches and no host synchronisation, so the whole call can live in a CUDA graph:
+Up to four launches and no host synchronisation, so the whole call can live in a CUDA graph:
   1. align (one program): count assignments per slot, pad each slot's list to a multiple
      of BLOCK_M, and write the flat assignment ids grouped by slot plus the slot of every
      BLOCK_M rows (-1 past the end). The padded length has the fixed bound
@@ -10,6 +10,8 @@ Four launches and no host synchronisation, so the whole call can live in a CUDA 
      size (`align_method`): `_align_small_kernel` (register comparisons, decode steps of a
      few tokens), `_align_sorted_kernel` (a histogram and a sort in registers, up to
      ALIGN_SORTED_MAX_ASSIGN assignments) and `_align_kernel` (atomics, any size).
+     Plain-routed steps of a few tokens skip it (direct mode): each routed assignment is a
+     row block of its own, whose slot the GEMMs read from the ids.
   2. `_gate_up_kernel`: per row block, h = silu(x W_gate^T) * (x W_up^T) for its slot.
   3. `_down_kernel`: y = routing_weight * (h W_down^T), one row per assignment.
   4. `_topk_sum_kernel`: out[t] = sum over the token's assignments with id >= 0.
@@ -375,6 +377,44 @@ if triton is not None:
         return sh_first + j, pid % num_n, t * top_k + sh_col + j, t < T
 
     @triton.jit
+    def _block_index(pid_m, top_k, sh_col, DIRECT: tl.constexpr):
+        # where a routed row block's slot is read: the align's block_slot[pid_m], or in DIRECT
+        # mode (no align) the ids themselves, block pid_m being the routed assignment
+        # (pid_m // sh_col) * k + pid_m % sh_col alone
+        if DIRECT:
+            return (pid_m // sh_col) * top_k + pid_m % sh_col
+        else:
+            return pid_m
+
+    @triton.jit
+    def _routed_rows(pid_m, block_slot_ptr, sorted_ptr, n_assign, top_k, sh_col, sh_first,
+                     BLOCK_M: tl.constexpr, DIRECT: tl.constexpr):
+        # a routed row block's slot (-1: the block is empty) and its rows' flat assignment ids
+        # (n_assign: no row); DIRECT reads the slot from the ids (block_slot_ptr holds them)
+        # and skips ids outside [0, sh_first), as the aligns do
+        b = _block_index(pid_m, top_k, sh_col, DIRECT)
+        slot = tl.load(block_slot_ptr + b).to(tl.int32)
+        r = tl.arange(0, BLOCK_M)
+        if DIRECT:
+            slot = tl.where((slot >= 0) & (slot < sh_first), slot, -1)
+            aid = tl.where(r == 0, b, n_assign)
+        else:
+            aid = tl.load(sorted_ptr + pid_m * BLOCK_M + r)
+        aid = tl.where(slot >= 0, aid, n_assign)  # no row of an empty block
+        return slot, aid
+
+    @triton.jit
+    def _count_distinct(ids_ptr, n_assign, count_slots, touched_ptr, N_PAD: tl.constexpr):
+        # the number of distinct ids in [0, count_slots) among the first n_assign: the
+        # touched count the align gives in aligned mode
+        i = tl.arange(0, N_PAD)
+        e = tl.load(ids_ptr + i, mask=i < n_assign, other=-1).to(tl.int32)
+        ok = (e >= 0) & (e < count_slots)
+        earlier = (e[:, None] == e[None, :]) & (i[None, :] < i[:, None])  # [N, N]: an equal id before
+        first = ok & (tl.sum(earlier.to(tl.int32), 1) == 0)
+        tl.store(touched_ptr, tl.sum(first.to(tl.int64), 0))
+
+    @triton.jit
     def _gate_up_tile(x_ptr, w13_ptr, tok, row_ok, slot, offs_n, n_ok, n_k, D, I,
                       stride_xt, stride_ws, stride_wn, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                       BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, DOT_F32: tl.constexpr,
@@ -407,17 +447,20 @@ if triton is not None:
 
     # per-step sizes are not specialised on: one binary, no compile while serving
     @triton.jit(do_not_specialize=["n_assign", "n_blocks", "T", "sh_first", "sh_col", "sh_blocks", "n_sh_progs"])
-    def _gate_up_kernel(x_ptr, w13_ptr, h_ptr, sorted_ptr, block_slot_ptr,
+    def _gate_up_kernel(x_ptr, w13_ptr, h_ptr, sorted_ptr, block_slot_ptr, touched_ptr,
                         n_assign, top_k, n_blocks, D, I, T, sh_first, sh_col, sh_blocks, n_sh_progs,
-                        stride_xt, stride_ws, stride_wn, stride_ht,
+                        count_slots, stride_xt, stride_ws, stride_wn, stride_ht,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                         GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, DOT_F32: tl.constexpr,
-                        PRECISION: tl.constexpr, USE_PDL: tl.constexpr):
+                        PRECISION: tl.constexpr, DIRECT: tl.constexpr, COUNT_TOUCHED: tl.constexpr,
+                        N_PAD: tl.constexpr, USE_PDL: tl.constexpr):
         # h [T*k, I] = silu(x W_gate^T) * (x W_up^T) for the rows of one slot. The first
         # n_sh_progs programs take the shared slots' fixed row blocks: they need nothing the
         # align writes, so they stream their weights before the wait and only store after it
         # (rules 2 and 4 of `pdl`: x was complete before the align, or under rule 4 the
-        # kernel before it, started)
+        # kernel before it, started). DIRECT: no align ran; each routed block is one
+        # assignment, its slot read from the ids (block_slot_ptr), and the first routed
+        # program writes the touched count the align would have
         pid = tl.program_id(0)
         n_k = tl.cdiv(D, BLOCK_K)
         if pid < n_sh_progs:
@@ -426,11 +469,13 @@ if triton is not None:
             n_run = n_k
         else:
             pdl_wait(USE_PDL)
+            if COUNT_TOUCHED:
+                if pid == n_sh_progs:
+                    _count_distinct(block_slot_ptr, n_assign, count_slots, touched_ptr, N_PAD)
             pid_m, pid_n = _block_coords(pid - n_sh_progs, n_blocks, I, BLOCK_N, GROUP_M)
-            slot = tl.load(block_slot_ptr + pid_m)
-            offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-            aid = tl.load(sorted_ptr + offs_m)  # flat assignment ids, n_assign = padding
-            aid = tl.where(slot >= 0, aid, n_assign)  # no row of a block past the used length
+            # flat assignment ids, n_assign = padding or a block past the used length
+            slot, aid = _routed_rows(pid_m, block_slot_ptr, sorted_ptr, n_assign, top_k, sh_col,
+                                     sh_first, BLOCK_M, DIRECT)
             row_ok = aid < n_assign
             n_run = tl.where(slot >= 0, n_k, 0)  # such a block streams nothing, stores nothing
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -453,9 +498,10 @@ if triton is not None:
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                      GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, DOT_F32: tl.constexpr,
                      PRECISION: tl.constexpr, PF_LINES: tl.constexpr, PF_STEP: tl.constexpr,
-                     USE_PDL: tl.constexpr):
+                     DIRECT: tl.constexpr, USE_PDL: tl.constexpr):
         # y [T*k, D] = routing_weight * (h W_down^T) for the rows of one slot; the first
-        # n_sh_progs programs take the shared slots' fixed row blocks (as in _gate_up_kernel)
+        # n_sh_progs programs take the shared slots' fixed row blocks (as in _gate_up_kernel);
+        # DIRECT as there
         pid = tl.program_id(0)
         shared = pid < n_sh_progs
         sh_slot, sh_n, sh_aid, sh_ok = _shared_rows(tl.minimum(pid, n_sh_progs - 1), D, T, top_k, sh_first,
@@ -465,21 +511,21 @@ if triton is not None:
         pid_n = tl.where(shared, sh_n, pid_n)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = offs_n < D
-        if USE_PDL:  # the align (two launches back) is done: the first lines of this block's
-            # weight rows, before the wait; read at L2, so the read after the wait cannot be
-            # served from an L1 line filled here
-            pf_slot = tl.load(block_slot_ptr + pid_m, cache_modifier=".cg")
+        if USE_PDL:  # the align (or in DIRECT mode the top-k: two launches back) is done: the
+            # first lines of this block's weight rows, before the wait; read at L2, so the read
+            # after the wait cannot be served from an L1 line filled here
+            pf_slot = tl.load(block_slot_ptr + _block_index(pid_m, top_k, sh_col, DIRECT),
+                              cache_modifier=".cg")
             pf_slot = tl.where(shared, sh_slot, pf_slot).to(tl.int64)
-            if pf_slot >= 0:
+            if (pf_slot >= 0) & (shared | (pf_slot < sh_first)):  # DIRECT reads raw ids
                 prefetch_l2(w2_ptr + pf_slot * stride_ws + tl.minimum(offs_n, D - 1)[:, None] * stride_wn
                             + tl.minimum(tl.arange(0, PF_LINES) * PF_STEP, I - 1)[None, :], USE_PDL)
         pdl_wait(USE_PDL)
-        slot = tl.load(block_slot_ptr + pid_m)
+        slot, aid = _routed_rows(pid_m, block_slot_ptr, sorted_ptr, n_assign, top_k, sh_col, sh_first,
+                                 BLOCK_M, DIRECT)
         slot = tl.where(shared, sh_slot, slot).to(tl.int64)
         if slot < 0:
             return
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        aid = tl.load(sorted_ptr + offs_m)
         aid = tl.where(shared, sh_aid, aid)
         row_ok = tl.where(shared, sh_ok, aid < n_assign)
         aid64 = aid.to(tl.int64)
@@ -563,6 +609,16 @@ STATIC_SHARED = os.environ.get(STATIC_SHARED_ENV, "1") != "0"  # read once: the 
 # BROWNOUT_EARLY_ALIGN=0 keeps the ordinary order
 EARLY_ALIGN_ENV = "BROWNOUT_EARLY_ALIGN"
 EARLY_ALIGN = os.environ.get(EARLY_ALIGN_ENV, "1") != "0"  # read once: the step path asks per layer
+# Direct mode up to this many routed assignments (4 tokens of top-4): each routed assignment is
+# a row block of its own, its slot read from the ids, and no align runs. Up to here the
+# assignments of a plain-routed step fall on nearly as many distinct slots (the aligned
+# blocks read about as many weights), so the align's launch is all it would save; past it
+# tokens share experts and the aligned blocks read each expert once.
+DIRECT_MAX_ASSIGN = 16
+# on: plain-routed steps of up to DIRECT_MAX_ASSIGN routed assignments skip the align;
+# BROWNOUT_DIRECT_MOE=0 aligns them
+DIRECT_ENV = "BROWNOUT_DIRECT_MOE"
+DIRECT = os.environ.get(DIRECT_ENV, "1") != "0"  # read once: the step path asks per layer
 
 
 def _sorted_align_fits(n_assign: int) -> bool:
@@ -666,7 +722,8 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
               busy_slots: int | None = None,
               touched_out: torch.Tensor | None = None,
               count_slots: int | None = None, sum_slots: bool = True,
-              shared_slots: tuple[int, int] | None = None, x_settled: bool = False):
+              shared_slots: tuple[int, int] | None = None, x_settled: bool = False,
+              direct: bool | None = None):
     """out[t] = sum_j w[t,j] * expert_{id[t,j]}(x[t]) over j with id >= 0; dtype of x.
     With `sum_slots` False: (y [T*k, D], ids [T, k]) instead, the weighted per-assignment
     outputs whose sum over j with id >= 0 is out (rows of id < 0 hold garbage); the caller
@@ -688,7 +745,11 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
     written before the kernel that wrote `topk_ids` started (a MoE layer runs its router GEMM
     and top-k in between); under PDL the align then lets the gate/up GEMM launch before the
     align waits, so those programs also overlap the kernel that wrote the ids
-    (BROWNOUT_EARLY_ALIGN=0 keeps the align's ordinary signal)."""
+    (BROWNOUT_EARLY_ALIGN=0 keeps the align's ordinary signal). `direct`: no align; every
+    routed assignment is a row block of its own, whose slot the GEMMs read from the ids
+    (ids outside [0, the first shared slot) skipped, as the aligns skip them). None takes it
+    for plain routing (no `busy_slots`) of up to DIRECT_MAX_ASSIGN routed assignments
+    (BROWNOUT_DIRECT_MOE=0: never)."""
     T, D = x.shape
     S, two_i, _ = w13.shape
     inter = two_i // 2
@@ -716,11 +777,21 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
         raise ValueError(f"touched_out with shared_slots {shared_slots} counts the routed slots: "
                          f"pass count_slots <= {shared_slots[0]}")
     sh_blocks = triton.cdiv(T, bm)  # fixed row blocks per shared slot
-    # the align groups the routed columns only: a shared slot's id is past its num_slots
-    sorted_ids, block_slot = moe_align(ids, sh_first, bm, touched_out, count_slots,
-                                       early_launch=x_settled and sh_count > 0 and EARLY_ALIGN,
-                                       max_grouped=T * (top_k - sh_count))
-    n_blocks = block_slot.numel()
+    routed_cols = top_k - sh_count
+    if direct is None:
+        direct = DIRECT and busy_slots is None and 0 < T * routed_cols <= DIRECT_MAX_ASSIGN
+    elif direct and routed_cols == 0:
+        raise ValueError(f"direct mode needs a routed column; all {top_k} are shared slots")
+    if direct:  # the GEMMs read each routed block's slot from the ids
+        n_blocks = T * routed_cols
+        sorted_ids = block_slot = ids.reshape(-1)
+    else:
+        # the align groups the routed columns only: a shared slot's id is past its num_slots
+        sorted_ids, block_slot = moe_align(ids, sh_first, bm, touched_out, count_slots,
+                                           early_launch=x_settled and sh_count > 0 and EARLY_ALIGN,
+                                           max_grouped=T * routed_cols)
+        n_blocks = block_slot.numel()
+    count_direct = direct and touched_out is not None  # the gate/up GEMM counts in place of the align
     dot_f32 = _kernels_interpreted()  # the interpreter's bf16 dot is wrong
     precision = _dot_precision(x.dtype)
 
@@ -728,11 +799,13 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
     n_sh_progs = sh_count * sh_blocks * triton.cdiv(inter, cfg["BLOCK_N"])
     grid = (n_sh_progs + n_blocks * triton.cdiv(inter, cfg["BLOCK_N"]),)
     _gate_up_kernel[grid](
-        x, w13, h, sorted_ids, block_slot, n_assign, top_k, n_blocks, D, inter,
-        T, sh_first, top_k - sh_count, sh_blocks, n_sh_progs,
+        x, w13, h, sorted_ids, block_slot, touched_out if count_direct else block_slot,
+        n_assign, top_k, n_blocks, D, inter, T, sh_first, routed_cols, sh_blocks, n_sh_progs,
+        sh_first if count_slots is None else count_slots,
         x.stride(0), w13.stride(0), w13.stride(1), h.stride(0),
         BLOCK_M=bm, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], GROUP_M=cfg["GROUP_M"],
-        EVEN_K=D % cfg["BLOCK_K"] == 0, DOT_F32=dot_f32, PRECISION=precision,
+        EVEN_K=D % cfg["BLOCK_K"] == 0, DOT_F32=dot_f32, PRECISION=precision, DIRECT=direct,
+        COUNT_TOUCHED=count_direct, N_PAD=_next_pow2(max(2, n_assign)) if count_direct else 2,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **pdl.launch_opts(x))
 
     y = torch.empty(n_assign, D, dtype=x.dtype, device=x.device)  # [T*k, D]
@@ -740,12 +813,12 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
     grid = (n_sh_progs + n_blocks * triton.cdiv(D, down["BLOCK_N"]),)
     _down_kernel[grid](
         h, w2, y, weights, sorted_ids, block_slot, n_assign, top_k, n_blocks, D, inter,
-        T, sh_first, top_k - sh_count, sh_blocks, n_sh_progs,
+        T, sh_first, routed_cols, sh_blocks, n_sh_progs,
         h.stride(0), w2.stride(0), w2.stride(1), y.stride(0),
         BLOCK_M=bm, BLOCK_N=down["BLOCK_N"], BLOCK_K=down["BLOCK_K"],
         GROUP_M=down["GROUP_M"], EVEN_K=inter % down["BLOCK_K"] == 0, DOT_F32=dot_f32,
         PRECISION=precision, PF_LINES=pdl.PREFETCH_LINES, PF_STEP=pdl.L2_LINE_BYTES // w2.element_size(),
-        num_warps=down["num_warps"], num_stages=down["num_stages"], **pdl.launch_opts(h))
+        DIRECT=direct, num_warps=down["num_warps"], num_stages=down["num_stages"], **pdl.launch_opts(h))
 
     if not sum_slots:
         return y, ids

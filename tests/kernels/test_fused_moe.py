@@ -404,14 +404,84 @@ def test_fixed_shared_slots_give_the_aligned_output_bit_for_bit(monkeypatch, T, 
     touched = [torch.full((), -1, dtype=torch.int64, device=DEVICE) for _ in range(2)]
     fixed = fm.fused_moe(x, w13, w2, w, ids, shared_slots=(E + extra, n_sh), touched_out=touched[0],
                          count_slots=E + extra)
-    aligned = fm.fused_moe(x, w13, w2, w, ids, touched_out=touched[1], count_slots=E + extra)
+    aligned = fm.fused_moe(x, w13, w2, w, ids, touched_out=touched[1], count_slots=E + extra, direct=False)
     assert torch.equal(fixed[:real], aligned[:real])
     assert int(touched[0]) == int(touched[1])
     ref = moe_experts_ref(x[:real].double(), w13.double(), w2.double(), w[:real], ids[:real])
     assert (fixed[:real].double() - ref).abs().max() < 1e-3
     monkeypatch.setattr(fm, "STATIC_SHARED", False)  # the switch: the aligned path, same output
-    off = fm.fused_moe(x, w13, w2, w, ids, shared_slots=(E + extra, n_sh))
+    off = fm.fused_moe(x, w13, w2, w, ids, shared_slots=(E + extra, n_sh), direct=False)
     assert torch.equal(off[:real], aligned[:real])
+
+
+@needs_kernels
+@pytest.mark.parametrize("T,n_sh", [(1, 2), (1, 0), (4, 2), (5, 0)])
+def test_direct_mode_gives_the_aligned_output_bit_for_bit(monkeypatch, T, n_sh):
+    """Direct mode (no align; each routed assignment its own row block, its slot read from
+    the ids) computes each row as the aligned path does: the same output and unsummed rows,
+    bit for bit, with skipped ids, a repeated slot, a padding row with NaN input, and the same
+    touched count; an id past every slot (out of contract) is skipped, as the aligns skip it."""
+    g = torch.Generator().manual_seed(40 + T)
+    D, inter, E, extra, k = 32, 48, 8, 4, 3
+    S = E + extra + n_sh
+    w13 = (0.1 * torch.randn(S, 2 * inter, D, generator=g)).to(DEVICE)
+    w2 = (0.1 * torch.randn(S, D, inter, generator=g)).to(DEVICE)
+    x = torch.randn(T, D, generator=g)
+    routed = torch.randint(-1, E + extra, (T, k), generator=g, dtype=torch.int32)
+    routed[0, :2] = 5  # one slot twice in a row
+    if T > 1:
+        routed[0, 2] = -1
+    shared = torch.arange(E + extra, S, dtype=torch.int32).expand(T, n_sh).clone()
+    real = T - (T > 2)
+    if T > 2:
+        routed[-1], shared[-1] = -1, -1  # a CUDA graph's padding row
+        x[-1] = float("nan")
+    ids = torch.cat([routed, shared], 1).to(DEVICE)
+    w = torch.rand(T, k + n_sh, generator=g).to(DEVICE)
+    x = x.to(DEVICE)
+    fixed = (E + extra, n_sh) if n_sh else None
+    touched = [torch.full((), -1, dtype=torch.int64, device=DEVICE) for _ in range(2)]
+    outs = [fm.fused_moe(x, w13, w2, w, ids, shared_slots=fixed, touched_out=touched[i],
+                         count_slots=E + extra, direct=d) for i, d in enumerate((True, False))]
+    assert torch.equal(outs[0][:real], outs[1][:real])
+    assert int(touched[0]) == int(touched[1]) == int(count_touched(ids[:, :k], E + extra))
+    ref = moe_experts_ref(x[:real].double(), w13.double(), w2.double(), w[:real], ids[:real])
+    assert (outs[0][:real].double() - ref).abs().max() < 1e-3
+    ids[0, 0] = S  # past every slot: no read out of bounds, the other rows as before
+    ys = [fm.fused_moe(x, w13, w2, w, ids, shared_slots=fixed, sum_slots=False, direct=d)[0]
+          for d in (True, False)]
+    used = (ids[:real] >= 0) & (ids[:real] < S)
+    rows = used.reshape(-1).nonzero().squeeze(1)
+    assert torch.equal(ys[0][rows], ys[1][rows])
+
+
+@needs_kernels
+def test_direct_mode_is_taken_for_a_few_plainly_routed_assignments(monkeypatch):
+    """Direct mode by default for plain routing up to DIRECT_MAX_ASSIGN routed assignments;
+    aligned for brownout-routed steps (`busy_slots`), past the bound, or with the switch off."""
+    launched = _spy_align_kernels(monkeypatch)
+    g = torch.Generator().manual_seed(5)
+    D, inter, S, k, n_sh = 32, 48, 12, 4, 2
+    w13 = (0.1 * torch.randn(S, 2 * inter, D, generator=g)).to(DEVICE)
+    w2 = (0.1 * torch.randn(S, D, inter, generator=g)).to(DEVICE)
+
+    def call(T, **kw):
+        launched.clear()
+        ids = torch.cat([torch.randint(0, S - n_sh, (T, k - n_sh), generator=g, dtype=torch.int32),
+                         torch.arange(S - n_sh, S, dtype=torch.int32).expand(T, n_sh)], 1).to(DEVICE)
+        fm.fused_moe(torch.randn(T, D, generator=g).to(DEVICE), w13, w2, torch.rand(T, k, generator=g).to(DEVICE),
+                     ids, shared_slots=(S - n_sh, n_sh), **kw)
+        return launched == []
+
+    bound = fm.DIRECT_MAX_ASSIGN // (k - n_sh)  # tokens whose routed columns fill the bound
+    assert call(bound) and not call(bound + 1)
+    assert not call(1, busy_slots=3)
+    monkeypatch.setattr(fm, "DIRECT", False)
+    assert not call(1)
+    with pytest.raises(ValueError, match="routed column"):
+        fm.fused_moe(torch.zeros(1, D, device=DEVICE), w13, w2, torch.zeros(1, 2, device=DEVICE),
+                     torch.tensor([[10, 11]], dtype=torch.int32, device=DEVICE), shared_slots=(10, 2),
+                     direct=True)
 
 
 @needs_kernels
@@ -513,7 +583,9 @@ def test_align_overrides_refuse_what_they_cannot_do():
 def test_the_down_gemm_runs_two_launches_after_the_align(monkeypatch):
     """The down GEMM reads the align's block slots before its PDL wait, which is safe only
     because the align is the launch before the gate/up GEMM, which is the launch before it
-    (`brownout.kernels.pdl`, rule 2): no kernel may come between them."""
+    (`brownout.kernels.pdl`, rule 2): no kernel may come between them. In direct mode no
+    align runs and the down GEMM reads the ids, which the caller's launch before the call
+    wrote: the gate/up GEMM is then the call's first launch."""
     launched = _spy_align_kernels(monkeypatch)
     for name in ("_gate_up_kernel", "_down_kernel", "_topk_sum_kernel"):
         monkeypatch.setattr(fm, name, _LaunchSpy(name, getattr(fm, name), launched))
@@ -526,7 +598,12 @@ def test_the_down_gemm_runs_two_launches_after_the_align(monkeypatch):
         x = torch.randn(T, D, generator=g).to(DEVICE)
         ids = torch.randint(-1, S, (T, k), generator=g, dtype=torch.int32).to(DEVICE)
         w = torch.rand(T, k, generator=g).to(DEVICE)
-        fm.fused_moe(x, w13, w2, w, ids)
+        fm.fused_moe(x, w13, w2, w, ids, direct=False)
         down = launched.index("_down_kernel")
         assert launched[down - 1] == "_gate_up_kernel" and launched[down - 2] in fm.ALIGN_METHODS
+    launched.clear()
+    T = 2
+    fm.fused_moe(torch.randn(T, D, generator=g).to(DEVICE), w13, w2, torch.rand(T, k, generator=g).to(DEVICE),
+                 torch.randint(-1, S, (T, k), generator=g, dtype=torch.int32).to(DEVICE), direct=True)
+    assert launched == ["_gate_up_kernel", "_down_kernel", "_topk_sum_kernel"]
 
