@@ -8,6 +8,10 @@ row per program (the default) and at 4 rows per program. Each is checked against
 version first (ids equal, weights to 1e-6). Timings: per call inside a captured CUDA graph
 of 10 calls, replays between CUDA events, median (device time and node gaps only, as a
 serving step's graph runs it); "eager" = one call as issued from Python, for reference.
+Then the router GEMM with its top-k (hidden size ROUTER_HIDDEN, T in FUSED_TOKENS, up to
+`routing_triton.ROUTER_MAX_ROWS`): `skinny_linear` then `select_experts_triton` (two
+launches, the reference) against `router_topk` (one launch), Qwen1.5-MoE with its folded,
+gated shared expert and Qwen3-MoE.
 Writes routing_topk.json and routing_topk.md under --out, committed as
 benchmarks/results/routing/routing_topk_<gpu>.{json,md}.
 Usage: python benchmarks/bench_routing_topk.py --out DIR   (CUDA GPU with triton required)
@@ -26,6 +30,8 @@ SHAPES = {  # name: (experts, top_k, renormalize)
 }
 TOKENS = (1, 8, 64, 128, 256)
 GRAPH_CALLS = 10  # calls per captured graph: replay overhead spread over several launches
+ROUTER_HIDDEN = 2048  # both families' hidden size: the router weight is [E (+1), 2048]
+FUSED_TOKENS = (1, 4, 8, 16)  # decode steps up to routing_triton.ROUTER_MAX_ROWS
 
 
 def main() -> None:
@@ -114,11 +120,42 @@ def main() -> None:
             record(row, name, fn, ref_w, ref_ids)
         rows.append(row)
         print(json.dumps(row), flush=True)
+    # the router GEMM and its top-k: two launches (skinny GEMM, top-k) against one
+    from brownout.kernels import skinny_gemm as sk
+
+    router_rows = []
+    router_shapes = {  # name: (experts, top_k, renormalize, folded shared expert)
+        "qwen1.5-moe+shared": (60, 4, False, routing.SharedSlots(first=90, count=4, gated=True)),
+        "qwen3-moe": (128, 8, True, None),
+    }
+    for shape, (E, k, renorm, shared) in router_shapes.items():
+        N = E + int(shared is not None and shared.gated)
+        g = torch.Generator().manual_seed(N)
+        weight = (torch.randn(N, ROUTER_HIDDEN, generator=g) / ROUTER_HIDDEN ** 0.5).to(torch.bfloat16).cuda()
+        for T in FUSED_TOKENS:
+            x = torch.randn(T, ROUTER_HIDDEN, generator=g).to(torch.bfloat16).cuda()
+            valid = torch.arange(T, device="cuda") < max(1, T - 1)
+            with torch.inference_mode():
+                routes = {
+                    "two_launches": lambda: rt.select_experts_triton(
+                        sk.skinny_linear(x, weight), k, renorm, num_experts=E, shared=shared, valid=valid),
+                    "fused": lambda: rt.router_topk(x, weight, k, renorm, num_experts=E, shared=shared,
+                                                    valid=valid)[:2],
+                }
+                ref_w, ref_ids = routes["two_launches"]()
+                row = dict(shape=shape, experts=E, top_k=k, renormalize=renorm, tokens=T, hidden=ROUTER_HIDDEN,
+                           fused_usable=rt.router_topk_usable(x, weight, k, shared.count if shared else 0,
+                                                              num_experts=E))
+                for name, fn in routes.items():
+                    record(row, name, fn, ref_w, ref_ids)
+            router_rows.append(row)
+            print(json.dumps(row), flush=True)
     meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
                 triton=triton.__version__, script="benchmarks/bench_routing_topk.py",
                 command=" ".join(sys.argv), timing=f"CUDA events, median; graph = per call in a "
                 f"captured graph of {GRAPH_CALLS} calls; logits bf16 randn")
-    (args.out / "routing_topk.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
+    (args.out / "routing_topk.json").write_text(json.dumps(dict(meta=meta, rows=rows, router_rows=router_rows),
+                                                           indent=1))
     names = list(variants)
     lines = [f"# Router top-k: torch ops vs one Triton launch ({meta['device']})", "",
              f"Made by `python {' '.join(sys.argv)}` (benchmarks/bench_routing_topk.py); "
@@ -134,6 +171,15 @@ def main() -> None:
         dw = max((v for key, v in r.items() if key.endswith("_max_w_diff")), default=float("inf"))
         lines.append(f"| {r['shape']} | {r['tokens']} | {r['active_k_tensor']} | {g} | {e} | "
                      f"{eq} | {dw:.1e} |")
+    lines += ["", f"## The router GEMM and its top-k: two launches vs `router_topk` (hidden {ROUTER_HIDDEN}, "
+              "bf16)", "",
+              "| shape | T | two launches graph us | fused graph us | two launches eager us | fused eager us "
+              "| ids equal | max w diff |", "|" + "---|" * 8]
+    for r in router_rows:
+        us = " | ".join(f"{r.get(f'{n}_{kind}_us', float('nan')):.2f}" for kind in ("graph", "eager")
+                        for n in ("two_launches", "fused"))
+        lines.append(f"| {r['shape']} | {r['tokens']} | {us} | {r.get('fused_ids_equal', False)} | "
+                     f"{r.get('fused_max_w_diff', float('inf')):.1e} |")
     (args.out / "routing_topk.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -741,10 +741,11 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
     and their rows are computed anyway, from whatever x holds, and skipped by the sum). Their row
     blocks are then fixed, not aligned: those programs of the gate/up GEMM stream their
     weights while the align runs (see `_gate_up_kernel`), and the align sorts only the
-    routed columns (BROWNOUT_STATIC_SHARED=0 aligns them all instead). `x_settled`: x was
-    written before the kernel that wrote `topk_ids` started (a MoE layer runs its router GEMM
-    and top-k in between); under PDL the align then lets the gate/up GEMM launch before the
-    align waits, so those programs also overlap the kernel that wrote the ids
+    routed columns (BROWNOUT_STATIC_SHARED=0 aligns them all instead). `x_settled`: a kernel
+    before the one that wrote `topk_ids` wrote x, and that one signals only after its PDL
+    wait (a MoE layer's top-k, or its router GEMM and top-k in one launch, each is such a
+    kernel); under PDL the align then lets the gate/up GEMM launch before the align waits,
+    so those programs also overlap the kernel that wrote the ids
     (BROWNOUT_EARLY_ALIGN=0 keeps the align's ordinary signal). `direct`: no align; every
     routed assignment is a row block of its own, whose slot the GEMMs read from the ids
     (ids outside [0, the first shared slot) skipped, as the aligns skip them). None takes it

@@ -20,9 +20,10 @@ The rules every kernel here follows when launched with `USE_PDL`:
      their main loop: the next kernel's prefetch then lands in L2 just before it is read,
      not while this kernel still streams tens of MB through the cache.
   4. One exception to rule 1's order: the fused MoE's align signals before its wait when
-     its caller vouches that the MoE input was complete before the kernel that wrote the
-     expert ids started, and that this kernel signals only after its own wait (`fused_moe`'s
-     `x_settled`; a torch kernel, which never signals, serves too). The gate/up GEMM after
+     its caller vouches that an earlier kernel than the one that wrote the expert ids wrote
+     the MoE input, and that this kernel signals only after its own wait (`fused_moe`'s
+     `x_settled`; a torch kernel, which never signals, serves too): the align then starts
+     only once that earlier kernel has finished. The gate/up GEMM after
      the align then starts with it, and its programs for the folded shared expert's fixed
      row blocks read only that input and the weights before their wait: they stream while
      the kernel before the align (the top-k, or brownout's last routing kernel) and the align

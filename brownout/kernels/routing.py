@@ -24,6 +24,8 @@ calls: on CUDA with triton installed, for steps of at most TRITON_MAX_TOKENS tok
 one-launch kernel of `routing_triton` (same outputs, see its docstring for the tie rule);
 the torch ops everywhere else, and everywhere with BROWNOUT_FUSED_TOPK=0 in the environment
 (the switch `benchmarks/bench_routing_topk.py` and A/B engine runs use).
+`route_with_router` takes the router GEMM into that launch where the router fits one tile
+(`routing_triton.router_topk`: decode-size steps; BROWNOUT_ROUTER_TOPK=0 keeps two launches).
 """
 
 from __future__ import annotations
@@ -42,6 +44,9 @@ TRITON_MAX_TOKENS = 256
 # "0" turns the fused kernel off (the torch ops then run on CUDA too), for A/B timings
 FUSED_TOPK_ENV = "BROWNOUT_FUSED_TOPK"
 FUSED_TOPK = os.environ.get(FUSED_TOPK_ENV, "1") != "0"  # read once: the step path asks per layer
+# "0" keeps the router GEMM and the top-k as two launches where `route_with_router` would fuse them
+ROUTER_TOPK_ENV = "BROWNOUT_ROUTER_TOPK"
+ROUTER_TOPK = os.environ.get(ROUTER_TOPK_ENV, "1") != "0"  # read once: the step path asks per layer
 
 
 @dataclass(frozen=True)
@@ -121,3 +126,28 @@ def route_experts(
     if shared is not None:
         weights, ids = append_shared(weights, ids, router_logits, E, shared, valid)
     return weights, ids
+
+
+def route_with_router(
+    x: torch.Tensor,  # [T, D]: the MoE input
+    weight: torch.Tensor,  # [E (+1 shared gate), D]: the router's weight
+    top_k: int,
+    renormalize: bool,
+    active_k: Optional[torch.Tensor] = None,
+    *,
+    num_experts: Optional[int] = None,
+    shared: Optional[SharedSlots] = None,
+    valid: Optional[torch.Tensor] = None,
+) -> Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """The router GEMM and `route_experts` in one launch (`routing_triton.router_topk`):
+    (weights, ids, logits) as `route_experts(x @ weight^T, ...)` gives them with those logits,
+    or None where that kernel does not take the call (no CUDA, a long step, a wide router,
+    either switch off); the caller then runs the two launches."""
+    if not (x.is_cuda and FUSED_TOPK and ROUTER_TOPK):
+        return None
+    kern = triton_module("routing_triton")
+    n_shared = shared.count if shared is not None else 0
+    if kern is None or not kern.router_topk_usable(x, weight, top_k, n_shared, num_experts=num_experts):
+        return None
+    return kern.router_topk(x, weight, top_k, renormalize, active_k, num_experts=num_experts,
+                            shared=shared, valid=valid)

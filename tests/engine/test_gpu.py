@@ -34,6 +34,29 @@ def test_gpu_cuda_graph_equals_eager(tiny_models):
     assert torch.cuda.is_available()
 
 
+@pytest.mark.parametrize("family", ["qwen2_moe", "mixtral"])  # with and without the qkv bias
+def test_gpu_qkv_epilogue_keeps_the_greedy_tokens(tiny_models, family, monkeypatch):
+    """The QKV projection with rotary and the KV-cache write in its epilogue (one launch,
+    captured in the CUDA graphs) gives the greedy tokens of the projection and
+    `rope_write_kv` apart (BROWNOUT_QKV_EPILOGUE=0)."""
+    from brownout.kernels import skinny_gemm as sk
+
+    path = str(tiny_models[family])
+    prompts = [[5, 17, 42, 9, 88, 120], list(range(30, 70)), [7]]
+    params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+    calls = []
+    real = sk.qkv_rope_write_kv
+    monkeypatch.setattr(sk, "qkv_rope_write_kv", lambda *a, **k: calls.append(1) or real(*a, **k))
+    tokens = {}
+    for on in (False, True):
+        monkeypatch.setattr(sk, "QKV_EPILOGUE", on)
+        llm = LLM(path, device="cuda", dtype="float32", cache=SMALL)
+        assert llm.engine.runner.use_kernels and llm.engine.runner.graphs is not None
+        tokens[on] = [c.token_ids for c in llm.generate(prompts, params)]
+        assert bool(calls) == on
+    assert tokens[True] == tokens[False]
+
+
 def test_gpu_launch_does_not_wait_for_the_gpu(tiny_models):
     """`launch` queues a whole step (inputs, graph replay, sampling, token copy) without one
     synchronising call, so the engine's host work overlaps it; `collect` gets the tokens."""

@@ -29,7 +29,9 @@ PRE_WAIT_READS = {
     "_gate_up_kernel": {"x_ptr", "w13_ptr"},
 }
 # what a kernel may ask L2 for before its wait: weights, which no kernel of a step writes
-PREFETCHED = {"_skinny_kernel": {"w_ptr"}, "_down_kernel": {"w2_ptr"}}
+# (`_router_topk_kernel`: the router's weight, ahead of the GEMM it runs before its top-k)
+PREFETCHED = {"_skinny_kernel": {"w_ptr"}, "_qkv_rope_kernel": {"w_ptr"}, "_down_kernel": {"w2_ptr"},
+              "_router_topk_kernel": {"w_ptr"}}
 # kernels that may signal before their wait (rule 4), and only under `if EARLY_LAUNCH:`: the
 # aligns, when `fused_moe`'s caller vouches for the gate/up GEMM's reads before its wait
 EARLY_SIGNAL = {"_align_kernel", "_align_small_kernel", "_align_sorted_kernel"}
@@ -56,13 +58,26 @@ def _calls(node, names):
     return [c for c in ast.walk(node) if isinstance(c, ast.Call) and _name(c) in names]
 
 
-def _expr_roots(expr, roots: dict[str, set[str]]) -> set[str]:
+def _expr_roots(expr, roots: dict[str, set[str]], helpers: dict | None = None) -> set[str]:
     """The pointer arguments an expression's address can come from: names it uses that are
-    pointers or copies of them, except inside a `load`, whose result is data."""
+    pointers or copies of them, except inside a `load`, whose result is data, and inside a
+    helper's arguments that none of its return values can point into."""
     out: set[str] = set()
+    helpers = helpers or {}
 
     def visit(n) -> None:
         if isinstance(n, ast.Call) and _name(n) == "load":
+            return
+        if isinstance(n, ast.Call) and _name(n) in helpers:
+            fn = helpers[_name(n)]
+            kept = _returned_pointer_params(fn, helpers)
+            params = [a.arg for a in fn.args.args]
+            for i, arg in enumerate(n.args):
+                if i < len(params) and params[i] in kept:
+                    visit(arg)
+            for kw in n.keywords:
+                if kw.arg in kept:
+                    visit(kw.value)
             return
         if isinstance(n, ast.Name) and n.id in roots:
             out.update(roots[n.id])
@@ -72,9 +87,18 @@ def _expr_roots(expr, roots: dict[str, set[str]]) -> set[str]:
     return out
 
 
-def _pointer_roots(kernel: ast.FunctionDef) -> dict[str, set[str]]:
+def _returned_pointer_params(fn: ast.FunctionDef, helpers: dict) -> set[str]:
+    """The pointer parameters of a helper that one of its return values can point into (a
+    helper returning loaded data or indices returns none)."""
+    roots = _pointer_roots(fn, {n: f for n, f in helpers.items() if n != fn.name})
+    return {r for n in ast.walk(fn) if isinstance(n, ast.Return) and n.value is not None
+            for r in _expr_roots(n.value, roots)}
+
+
+def _pointer_roots(kernel: ast.FunctionDef, helpers: dict | None = None) -> dict[str, set[str]]:
     """Each pointer argument (`*_ptr`) and each local assigned from one (`a_ptrs = x_ptr +
-    ...`, `p = q`, `p += BLOCK`), mapped to the arguments it can point into."""
+    ...`, `p = q`, `p += BLOCK`, or a helper's return that can point into one), mapped to
+    the arguments it can point into."""
     roots = {a.arg: {a.arg} for a in kernel.args.args if a.arg.endswith("_ptr")}
     changed = True
     while changed:  # to a fixed point: copies of copies
@@ -86,7 +110,7 @@ def _pointer_roots(kernel: ast.FunctionDef) -> dict[str, set[str]]:
                 targets, value = [node.target], node.value
             else:
                 continue
-            found = _expr_roots(value, roots)
+            found = _expr_roots(value, roots, helpers)
             for t in targets:
                 for n in ast.walk(t):
                     if isinstance(n, ast.Name) and not found <= roots.get(n.id, set()):
@@ -114,7 +138,7 @@ def violations(kernel: ast.FunctionDef, functions: dict) -> list[str]:
     name = kernel.name
     helpers = {n: f for n, f in functions.items() if n not in PDL_CALLS and n != name}
     may_read = PRE_WAIT_READS.get(name, set())
-    roots = _pointer_roots(kernel)
+    roots = _pointer_roots(kernel, helpers)
 
     def before_wait(node, early_ok: bool = False) -> None:
         for call in _calls(node, WRITES | {ASM}):
@@ -134,8 +158,9 @@ def violations(kernel: ast.FunctionDef, functions: dict) -> list[str]:
         for call in _calls(node, set(helpers)):
             if _writes(helpers[_name(call)], helpers, set()):
                 found.append(f"{name} calls {_name(call)}, which writes, before pdl_wait")
-            if not _expr_roots(call, roots) <= may_read:
-                found.append(f"{name} hands {sorted(_expr_roots(call, roots))} to {_name(call)} before pdl_wait")
+            handed = set().union(*(_expr_roots(a, roots, helpers) for a in [*call.args, *(k.value for k in call.keywords)]))
+            if not handed <= may_read:
+                found.append(f"{name} hands {sorted(handed)} to {_name(call)} before pdl_wait")
 
     def walk(stmts, waited: bool) -> bool:
         for st in stmts:
@@ -168,9 +193,9 @@ KERNELS = list(_pdl_kernels())
 
 def test_every_step_kernel_takes_pdl():
     names = {n.name for _, n, _ in KERNELS}
-    for name in ("_skinny_kernel", "_gate_up_kernel", "_down_kernel", "_attn_kernel", "_merge_kernel",
+    for name in ("_skinny_kernel", "_qkv_rope_kernel", "_gate_up_kernel", "_down_kernel", "_attn_kernel", "_merge_kernel",
                  "_rope_write_kv_kernel", "_add_rms_norm_kernel", "_add_slots_rms_norm_kernel",
-                 "_topk_kernel", "_align_small_kernel", "_plan_kernel"):
+                 "_topk_kernel", "_router_topk_kernel", "_align_small_kernel", "_plan_kernel"):
         assert name in names
 
 
@@ -270,6 +295,15 @@ def _k(out_ptr, USE_PDL: tl.constexpr):
     _asm(out_ptr)
     pdl_wait(USE_PDL)
 """,
+    "reads through a pointer a helper returns": """
+def _row(p, i):
+    return p + i * 16
+
+def _gate_up_kernel(x_ptr, h_ptr, USE_PDL: tl.constexpr):
+    q = _row(h_ptr, 2)
+    v = tl.load(q)
+    pdl_wait(USE_PDL)
+""",
     "prefetches an activation": """
 def _skinny_kernel(x_ptr, w_ptr, USE_PDL: tl.constexpr):
     prefetch_l2(x_ptr, USE_PDL)
@@ -297,6 +331,30 @@ def _align_small_kernel(ids_ptr, out_ptr, EARLY_LAUNCH: tl.constexpr, USE_PDL: t
 """
     functions = _functions(ast.parse(src))
     assert violations(functions["_align_small_kernel"], functions) == []
+
+
+def test_the_check_passes_data_a_helper_loaded_after_the_wait_on_another_path():
+    """A helper's loaded values are data, not pointers: a value from it on the waited path
+    may feed a helper that streams on the other, unwaited path."""
+    src = """
+def _rows(ids_ptr, i):
+    return tl.load(ids_ptr + i), i + 1
+
+def _tile(x_ptr, w13_ptr, r):
+    return tl.load(x_ptr + r) * tl.load(w13_ptr)
+
+def _gate_up_kernel(x_ptr, w13_ptr, ids_ptr, h_ptr, n, USE_PDL: tl.constexpr):
+    if n > 0:
+        r = 0
+    else:
+        pdl_wait(USE_PDL)
+        e, r = _rows(ids_ptr, n)
+    h = _tile(x_ptr, w13_ptr, r)
+    pdl_wait(USE_PDL)
+    tl.store(h_ptr, h)
+"""
+    functions = _functions(ast.parse(src))
+    assert violations(functions["_gate_up_kernel"], functions) == []
 
 
 def test_the_check_passes_a_kernel_that_streams_before_its_wait():
@@ -335,13 +393,13 @@ def test_gpu_chained_kernels_under_pdl_match_ordinary_launches(monkeypatch):
     """Back-to-back fused MoE calls (the small, sorted and atomics aligns), a QKV-wide
     skinny GEMM with split K, and a MoE layer's chain (input GEMM, router GEMM, top-k with
     the folded shared expert's columns, the fused MoE with fixed shared blocks and the align
-    signalling early), replayed in one CUDA graph, give bit-identical outputs with and
-    without PDL: a kernel that reads before its wait, or a counter reset racing the next
-    launch, would show here."""
+    signalling early; once more with the router GEMM and top-k as one launch), replayed in
+    one CUDA graph, give bit-identical outputs with and without PDL: a kernel that reads
+    before its wait, or a counter reset racing the next launch, would show here."""
     from brownout.kernels import fused_moe as fm
     from brownout.kernels import skinny_gemm as sk
     from brownout.kernels.routing import SharedSlots
-    from brownout.kernels.routing_triton import select_experts_triton
+    from brownout.kernels.routing_triton import router_topk, select_experts_triton
 
     g = torch.Generator().manual_seed(0)
     D, inter, S, k = 2048, 1408, 94, 8
@@ -358,15 +416,18 @@ def test_gpu_chained_kernels_under_pdl_match_ordinary_launches(monkeypatch):
     wr = torch.randn(61, D, generator=g).to("cuda", torch.bfloat16)  # 60 experts and the shared gate
     shared = SharedSlots(first=S - 4, count=4, gated=True)
 
-    def layer(rows):
+    def layer(rows, fused=False):
         x = sk.skinny_linear(xq[:rows], wx)  # the MoE input, written inside the graph
-        w, ids = select_experts_triton(sk.skinny_linear(x, wr), 4, False, num_experts=60, shared=shared)
+        if fused:  # the router GEMM and the top-k in one launch
+            w, ids, _ = router_topk(x, wr, 4, False, num_experts=60, shared=shared)
+        else:
+            w, ids = select_experts_triton(sk.skinny_linear(x, wr), 4, False, num_experts=60, shared=shared)
         return fm.fused_moe(x, w13, w2, w, ids, shared_slots=(shared.first, shared.count), x_settled=True)
 
     def step():
         outs = [fm.fused_moe(x, w13, w2, w, ids) for x, ids, w in inputs]
         return outs + [sk.skinny_linear(xq, wq), sk.skinny_linear(outs[0][:, :D].contiguous(), wq),
-                       layer(1), layer(8)]
+                       layer(1), layer(8), layer(8, fused=True)]
 
     results = {}
     with torch.inference_mode():

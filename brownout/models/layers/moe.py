@@ -36,7 +36,7 @@ from brownout.parallel.info import SINGLE, ParallelInfo
 from brownout.parallel.sharding import shard_dim, shard_gate_up
 from brownout.kernels.moe_ref import moe_experts_ref
 from brownout.kernels.brownout_routing import brownout_route, count_touched
-from brownout.kernels.routing import SharedSlots, append_shared, route_experts
+from brownout.kernels.routing import SharedSlots, append_shared, route_experts, route_with_router
 from brownout.models.context import ForwardContext, SlotOutputs
 from brownout.models.layers.common import DecodeLinear, SwiGLU
 from brownout.models.spec import MoESpec
@@ -211,14 +211,25 @@ class SparseMoE(nn.Module):
         Shedding (`ctx.top_k`) runs before brownout routing: it is then the model at top-k'
         whatever tau is (its price is measured alone), and brownout's keep set is chosen
         over the assignments the step computes."""
-        router_logits = self.gate(x)  # [T, E] (+ the shared gate's column when folded)
         E, shared = self.num_experts, (self.shared_slots if in_slots else None)
         routed = ctx.tau is not None and self.brownout_ready
-        if ctx.exempt is None and self.capture is None and (not routed or shared is not None):
+        one_launch = ctx.exempt is None and self.capture is None and (not routed or shared is not None)
+        # at decode sizes the router GEMM joins that launch on plain-routed steps; a
+        # brownout-routed step keeps the two launches, which time faster before its routing
+        # kernels than the fused one
+        fused = route_with_router(x, self.gate.weight, self.top_k, self.renormalize, ctx.top_k,
+                                  num_experts=E, shared=shared, valid=ctx.valid) \
+            if one_launch and not routed else None
+        if fused is not None:
+            weights, ids, router_logits = fused
+        else:
+            router_logits = self.gate(x)  # [T, E] (+ the shared gate's column when folded)
+        if one_launch:
             # top-k, shared columns and padding rows in one launch; a routed step then
             # redirects the first k columns in place (the shared ones are never redirected)
-            weights, ids = route_experts(router_logits, self.top_k, self.renormalize, ctx.top_k,
-                                         num_experts=E, shared=shared, valid=ctx.valid)
+            if fused is None:
+                weights, ids = route_experts(router_logits, self.top_k, self.renormalize, ctx.top_k,
+                                             num_experts=E, shared=shared, valid=ctx.valid)
             if routed:
                 k = self.top_k
                 brownout_route(ids[:, :k], weights[:, :k], ctx.tau, self.group_of, E, ctx.valid,
@@ -260,7 +271,8 @@ class SparseMoE(nn.Module):
             out = fused_moe(x, self.w13, self.w2, weights, ids,
                             busy_slots=self.num_groups + n_shared if routed else None,
                             touched_out=touched, count_slots=self.num_slots, sum_slots=not defer,
-                            # x predates the router GEMM and the top-k that wrote the ids
+                            # x was written before the routing launches that wrote the ids,
+                            # which signal after their waits
                             shared_slots=fixed, x_settled=True)
             return SlotOutputs(*out) if defer else out
         return moe_experts_ref(x, self.w13, self.w2, weights, ids)
