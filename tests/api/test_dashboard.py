@@ -14,6 +14,7 @@ import logging
 import os
 import re
 import shutil
+import signal
 import subprocess
 import tempfile
 import threading
@@ -223,7 +224,8 @@ async def _drive(browser: str, url: str, profile: str) -> None:
                              "--disable-dev-shm-usage", "--no-first-run", "--remote-debugging-port=0",
                              f"--user-data-dir={profile}", f"--window-size={WINDOW[0]},{WINDOW[1]}",
                              f"{url}/dashboard?key={API_KEY}"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)  # its own group: the helpers end with it
     try:
         port = _devtools_port(proc)
         async with aiohttp.ClientSession() as session:
@@ -241,16 +243,28 @@ async def _drive(browser: str, url: str, profile: str) -> None:
                 if target := os.environ.get("BROWNOUT_DASHBOARD_SCREENSHOT"):
                     Path(target).write_bytes(shot)
     finally:
-        proc.terminate()
+        _end_group(proc)
+
+
+def _end_group(proc: subprocess.Popen) -> None:
+    """Stop chromium and its helper processes (renderer, GPU, crash handler), which write into
+    the profile until they exit."""
+    for sig, wait_s in ((signal.SIGTERM, 20), (signal.SIGKILL, None)):
         try:
-            proc.wait(timeout=20)
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            break
+        try:
+            proc.wait(timeout=wait_s)
+            break
         except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+            continue
 
 
 def test_page_renders_and_updates_in_chromium(server):
     browser = _browser()
-    with _Load(server.url), tempfile.TemporaryDirectory() as profile:
+    # a helper that outlives the group's signal may still write a file into the profile while
+    # it is removed; that is no fault of the page
+    with _Load(server.url), tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as profile:
         asyncio.run(_drive(browser, server.url, profile))
     assert API_KEY not in server.log_path.read_text()  # the access log shows no key
