@@ -458,9 +458,10 @@ if triton is not None:
         # n_sh_progs programs take the shared slots' fixed row blocks: they need nothing the
         # align writes, so they stream their weights before the wait and only store after it
         # (rules 2 and 4 of `pdl`: x was complete before the align, or under rule 4 the
-        # kernel before it, started). DIRECT: no align ran; each routed block is one
-        # assignment, its slot read from the ids (block_slot_ptr), and the first routed
-        # program writes the touched count the align would have
+        # kernel before it, started; in DIRECT mode the caller's x_settled vouches that the
+        # kernel before this one signals only once x is complete). DIRECT: no align ran;
+        # each routed block is one assignment, its slot read from the ids (block_slot_ptr),
+        # and the first routed program writes the touched count the align would have
         pid = tl.program_id(0)
         n_k = tl.cdiv(D, BLOCK_K)
         if pid < n_sh_progs:
@@ -748,8 +749,10 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
     so those programs also overlap the kernel that wrote the ids
     (BROWNOUT_EARLY_ALIGN=0 keeps the align's ordinary signal). `direct`: no align; every
     routed assignment is a row block of its own, whose slot the GEMMs read from the ids
-    (ids outside [0, the first shared slot) skipped, as the aligns skip them). None takes it
-    for plain routing (no `busy_slots`) of up to DIRECT_MAX_ASSIGN routed assignments
+    (ids outside [0, the first shared slot) skipped, as the aligns skip them); with shared
+    slots it needs `x_settled` (the shared blocks' programs read x before their wait, and no
+    align stands between them and the kernel before this call). None takes it for plain
+    routing (no `busy_slots`) of up to DIRECT_MAX_ASSIGN routed assignments where it may
     (BROWNOUT_DIRECT_MOE=0: never)."""
     T, D = x.shape
     S, two_i, _ = w13.shape
@@ -779,10 +782,14 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
                          f"pass count_slots <= {shared_slots[0]}")
     sh_blocks = triton.cdiv(T, bm)  # fixed row blocks per shared slot
     routed_cols = top_k - sh_count
+    # without the align, the shared blocks' programs read x before their wait while the
+    # kernel just before this call may still run: only a caller's `x_settled` allows that
+    x_ok = sh_count == 0 or x_settled
     if direct is None:
-        direct = DIRECT and busy_slots is None and 0 < T * routed_cols <= DIRECT_MAX_ASSIGN
-    elif direct and routed_cols == 0:
-        raise ValueError(f"direct mode needs a routed column; all {top_k} are shared slots")
+        direct = DIRECT and busy_slots is None and x_ok and 0 < T * routed_cols <= DIRECT_MAX_ASSIGN
+    elif direct and not (x_ok and 0 < T * routed_cols <= DIRECT_MAX_ASSIGN):
+        raise ValueError(f"direct mode takes 1 to {DIRECT_MAX_ASSIGN} routed assignments ({T} x "
+                         f"{routed_cols} given) and, with shared slots, x_settled")
     if direct:  # the GEMMs read each routed block's slot from the ids
         n_blocks = T * routed_cols
         sorted_ids = block_slot = ids.reshape(-1)
@@ -806,7 +813,8 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
         x.stride(0), w13.stride(0), w13.stride(1), h.stride(0),
         BLOCK_M=bm, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], GROUP_M=cfg["GROUP_M"],
         EVEN_K=D % cfg["BLOCK_K"] == 0, DOT_F32=dot_f32, PRECISION=precision, DIRECT=direct,
-        COUNT_TOUCHED=count_direct, N_PAD=_next_pow2(max(2, n_assign)) if count_direct else 2,
+        # one bound for every T direct mode takes: one binary
+        COUNT_TOUCHED=count_direct, N_PAD=_next_pow2(max(2, DIRECT_MAX_ASSIGN // max(1, routed_cols) * top_k)),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **pdl.launch_opts(x))
 
     y = torch.empty(n_assign, D, dtype=x.dtype, device=x.device)  # [T*k, D]

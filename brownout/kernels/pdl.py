@@ -15,7 +15,8 @@ The rules every kernel here follows when launched with `USE_PDL`:
      align that signals early, rule 4).
   2. Before the wait a kernel only reads what no kernel of the step writes (the weights,
      prefetched into L2) or what the kernel two launches back or earlier wrote (rule 1);
-     the gate/up GEMM, which rule 4 can start earlier, only the weights and its input.
+     the gate/up GEMM, which rule 4 can start earlier, only the weights and its input (so
+     in `fused_moe`'s direct mode, where no align precedes it, only under `x_settled`).
   3. Short kernels signal right after the wait. Kernels that stream weights signal after
      their main loop: the next kernel's prefetch then lands in L2 just before it is read,
      not while this kernel still streams tens of MB through the cache.

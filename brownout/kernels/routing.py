@@ -141,13 +141,14 @@ def route_with_router(
 ) -> Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """The router GEMM and `route_experts` in one launch (`routing_triton.router_topk`):
     (weights, ids, logits) as `route_experts(x @ weight^T, ...)` gives them with those logits,
-    or None where that kernel does not take the call (no CUDA, a long step, a wide router,
-    either switch off); the caller then runs the two launches."""
-    if not (x.is_cuda and FUSED_TOPK and ROUTER_TOPK):
+    or None where that kernel does not take the call (neither CUDA nor triton's interpreter,
+    a long step, a wide router, either switch off); the caller then runs the two launches."""
+    if not (FUSED_TOPK and ROUTER_TOPK):
         return None
     kern = triton_module("routing_triton")
     n_shared = shared.count if shared is not None else 0
-    if kern is None or not kern.router_topk_usable(x, weight, top_k, n_shared, num_experts=num_experts):
+    if kern is None or not kern.router_topk_usable(x, weight, top_k, n_shared, num_experts=num_experts,
+                                                   gated=shared is not None and shared.gated):
         return None
     return kern.router_topk(x, weight, top_k, renormalize, active_k, num_experts=num_experts,
                             shared=shared, valid=valid)

@@ -63,7 +63,6 @@ BLOCK_T = 1  # rows per program: one warp per row keeps every reduction in warp 
 # decode steps up to this many tokens: the last program routes every row alone, which at
 # 64 rows costs more than the separate top-k kernel's one program a row saves
 ROUTER_MAX_ROWS = 16
-ROUTER_SELECT_TILE = 4096  # logits a 4-warp program routes in registers (32 a thread); 8 warps past it
 ROUTER_MAX_COLUMNS = 256  # every logit column (E, the shared gate) sits in one register tile of the last program
 ROUTER_DTYPES = (torch.bfloat16, torch.float16, torch.float32)  # the dtypes tl.dot takes on both sides
 MIN_TILE = 16  # tl.dot's smallest tile side: the column tile and the step are at least this
@@ -317,23 +316,24 @@ def _router_scratch(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     without PDL the stream runs kernels one after another anyway. skinny_gemm's `_scratch`
     rests on the same rule and could serve here too; this kernel keeps its own (256 KB) so
     that neither kernel's layout or reset constrains the other's."""
-    return (torch.empty(ROUTER_MAX_SPLIT * ROUTER_MAX_COLUMNS * ROUTER_MAX_ROWS, dtype=torch.float32,
+    tile = skinny_gemm.row_block(ROUTER_MAX_ROWS) * max(MIN_TILE, _pow2(ROUTER_MAX_COLUMNS))  # the widest launch's
+    return (torch.empty(ROUTER_MAX_SPLIT * tile, dtype=torch.float32,
                         device=device),
             torch.zeros(1, dtype=torch.int32, device=device))
 
 
 def router_topk_usable(x: torch.Tensor, weight: torch.Tensor, top_k: int, num_shared: int = 0, *,
-                       num_experts: Optional[int] = None) -> bool:
+                       num_experts: Optional[int] = None, gated: bool = False) -> bool:
     """Whether `router_topk` takes this router: triton present, a CUDA (or interpreted)
     tensor without autograd, 1 to ROUTER_MAX_ROWS rows, at most ROUTER_MAX_COLUMNS logit
-    columns (the experts and the shared gate), x and the weight of one dtype with contiguous
-    rows, and a top-k the selection handles. Otherwise the caller runs the router GEMM and
+    columns (the experts and, `gated`, the shared gate's row after them), x and the weight
+    of one dtype with contiguous rows, and a top-k the selection handles. Otherwise the caller runs the router GEMM and
     `select_experts_triton` (or the torch path) as two launches."""
     if triton is None or x.dim() != 2 or weight.dim() != 2:
         return False
     E = weight.shape[0] if num_experts is None else num_experts
     return (1 <= x.shape[0] <= ROUTER_MAX_ROWS and 1 <= weight.shape[0] <= ROUTER_MAX_COLUMNS
-            and E <= weight.shape[0] and x.shape[1] == weight.shape[1] >= 1
+            and E + int(gated) <= weight.shape[0] and x.shape[1] == weight.shape[1] >= 1
             and x.dtype == weight.dtype and x.dtype in ROUTER_DTYPES
             and x.stride(-1) == 1 and weight.stride(-1) == 1 and not torch.is_grad_enabled()
             and triton_topk_available(x.device, E, top_k, num_shared))
@@ -397,6 +397,5 @@ def router_topk(
         PF_STEP=pdl.L2_LINE_BYTES // weight.element_size(),
         K=top_k, RENORM=bool(renormalize), HAS_ACTIVE=has_active, N_SHARED=n_shared, GATED=gated,
         HAS_VALID=valid is not None, K_PAD=max(2, _pow2(cols)),
-        num_warps=4 if block_m * block_n <= ROUTER_SELECT_TILE else 8,
-        num_stages=NUM_STAGES if on_gpu else 1, **pdl.launch_opts(x))
+        num_warps=4, num_stages=NUM_STAGES if on_gpu else 1, **pdl.launch_opts(x))
     return out_w, out_ids, logits

@@ -64,14 +64,15 @@ def poison_allocator():
         torch.full((64 << 20,), float("nan"), device=DEVICE)
 
 
-def check(T, E, k, D, I, dtype, seed, config=None):
+def check(T, E, k, D, I, dtype, seed, config=None, direct=False):
     x, w13, w2, weights, ids = make_case(T, E, k, D, I, dtype, seed)
     poison_allocator()
     out = torch.full((T, D), float("nan"), dtype=dtype, device=DEVICE)
     touched = torch.full((), -7, dtype=torch.int64, device=DEVICE)
-    res = fm.fused_moe(x, w13, w2, weights, ids, config=config, out=out, touched_out=touched)
+    res = fm.fused_moe(x, w13, w2, weights, ids, config=config, out=out, touched_out=touched, direct=direct)
     assert res is out and res.dtype == dtype
-    assert int(touched) == int(count_touched(ids, w13.shape[0]))  # counted in the align kernel
+    # counted in the align kernel, or in direct mode in the gate/up GEMM
+    assert int(touched) == int(count_touched(ids, w13.shape[0]))
     ref = reference(x, w13, w2, weights, ids)
     assert torch.isfinite(out).all(), "unwritten or non-finite output"
     err = ((out.double() - ref).norm() / ref.norm()).item()
@@ -107,6 +108,8 @@ def test_reference_matches_definition():
     (60, 4, 300, torch.float32)])  # 1200 assignments: the align kernel's wide chunks
 def test_small_grid(E, k, T, dtype):
     check(T, E, k, 64, 32, dtype, seed=E * 1000 + T)
+    if T * k <= fm.DIRECT_MAX_ASSIGN:
+        check(T, E, k, 64, 32, dtype, seed=E * 1000 + T, direct=True)
 
 
 @needs_kernels
@@ -121,8 +124,10 @@ def test_ragged_dims_and_config_override():
 def test_all_skipped_gives_zeros():
     x, w13, w2, weights, ids = make_case(4, 8, 2, 32, 16, torch.float32, 4)
     touched = torch.full((), -7, dtype=torch.int64, device=DEVICE)
-    out = fm.fused_moe(x, w13, w2, weights, torch.full_like(ids, -1), touched_out=touched)
-    assert (out == 0).all() and int(touched) == 0
+    for direct in (False, True):
+        touched.fill_(-7)
+        out = fm.fused_moe(x, w13, w2, weights, torch.full_like(ids, -1), touched_out=touched, direct=direct)
+        assert (out == 0).all() and int(touched) == 0
 
 
 @needs_kernels
@@ -349,7 +354,9 @@ def test_fused_moe_with_the_small_align_matches_the_reference(monkeypatch):
     w2 = (0.1 * torch.randn(S, D, inter, generator=g)).to(DEVICE)
     ids = torch.randint(-1, S, (T, k), generator=g, dtype=torch.int32).to(DEVICE)
     w = torch.rand(T, k, generator=g).to(DEVICE)
-    out = fm.fused_moe(x, w13, w2, w, ids)
+    launched = _spy_align_kernels(monkeypatch)
+    out = fm.fused_moe(x, w13, w2, w, ids, direct=False)  # 15 assignments: direct mode's by default
+    assert launched == ["small"]
     torch.testing.assert_close(out.cpu(), moe_experts_ref(x, w13, w2, w, ids).cpu(), rtol=1e-4, atol=1e-4)
 
 
@@ -403,7 +410,7 @@ def test_fixed_shared_slots_give_the_aligned_output_bit_for_bit(monkeypatch, T, 
     x = x.to(DEVICE)
     touched = [torch.full((), -1, dtype=torch.int64, device=DEVICE) for _ in range(2)]
     fixed = fm.fused_moe(x, w13, w2, w, ids, shared_slots=(E + extra, n_sh), touched_out=touched[0],
-                         count_slots=E + extra)
+                         count_slots=E + extra, direct=False)
     aligned = fm.fused_moe(x, w13, w2, w, ids, touched_out=touched[1], count_slots=E + extra, direct=False)
     assert torch.equal(fixed[:real], aligned[:real])
     assert int(touched[0]) == int(touched[1])
@@ -442,13 +449,13 @@ def test_direct_mode_gives_the_aligned_output_bit_for_bit(monkeypatch, T, n_sh):
     fixed = (E + extra, n_sh) if n_sh else None
     touched = [torch.full((), -1, dtype=torch.int64, device=DEVICE) for _ in range(2)]
     outs = [fm.fused_moe(x, w13, w2, w, ids, shared_slots=fixed, touched_out=touched[i],
-                         count_slots=E + extra, direct=d) for i, d in enumerate((True, False))]
+                         count_slots=E + extra, direct=d, x_settled=True) for i, d in enumerate((True, False))]
     assert torch.equal(outs[0][:real], outs[1][:real])
     assert int(touched[0]) == int(touched[1]) == int(count_touched(ids[:, :k], E + extra))
     ref = moe_experts_ref(x[:real].double(), w13.double(), w2.double(), w[:real], ids[:real])
     assert (outs[0][:real].double() - ref).abs().max() < 1e-3
     ids[0, 0] = S  # past every slot: no read out of bounds, the other rows as before
-    ys = [fm.fused_moe(x, w13, w2, w, ids, shared_slots=fixed, sum_slots=False, direct=d)[0]
+    ys = [fm.fused_moe(x, w13, w2, w, ids, shared_slots=fixed, sum_slots=False, direct=d, x_settled=True)[0]
           for d in (True, False)]
     used = (ids[:real] >= 0) & (ids[:real] < S)
     rows = used.reshape(-1).nonzero().squeeze(1)
@@ -457,8 +464,10 @@ def test_direct_mode_gives_the_aligned_output_bit_for_bit(monkeypatch, T, n_sh):
 
 @needs_kernels
 def test_direct_mode_is_taken_for_a_few_plainly_routed_assignments(monkeypatch):
-    """Direct mode by default for plain routing up to DIRECT_MAX_ASSIGN routed assignments;
-    aligned for brownout-routed steps (`busy_slots`), past the bound, or with the switch off."""
+    """Direct mode by default for plain routing up to DIRECT_MAX_ASSIGN routed assignments
+    with the caller's `x_settled`; aligned for brownout-routed steps (`busy_slots`), past the
+    bound, without `x_settled` (the shared blocks' programs read x before their wait), or with
+    the switch off; asked for where it may not run, it refuses."""
     launched = _spy_align_kernels(monkeypatch)
     g = torch.Generator().manual_seed(5)
     D, inter, S, k, n_sh = 32, 48, 12, 4, 2
@@ -470,18 +479,22 @@ def test_direct_mode_is_taken_for_a_few_plainly_routed_assignments(monkeypatch):
         ids = torch.cat([torch.randint(0, S - n_sh, (T, k - n_sh), generator=g, dtype=torch.int32),
                          torch.arange(S - n_sh, S, dtype=torch.int32).expand(T, n_sh)], 1).to(DEVICE)
         fm.fused_moe(torch.randn(T, D, generator=g).to(DEVICE), w13, w2, torch.rand(T, k, generator=g).to(DEVICE),
-                     ids, shared_slots=(S - n_sh, n_sh), **kw)
+                     ids, shared_slots=(S - n_sh, n_sh), **{"x_settled": True, **kw})
         return launched == []
 
     bound = fm.DIRECT_MAX_ASSIGN // (k - n_sh)  # tokens whose routed columns fill the bound
     assert call(bound) and not call(bound + 1)
     assert not call(1, busy_slots=3)
+    assert not call(1, x_settled=False)
+    for T, kw in ((bound + 1, {}), (1, {"x_settled": False})):
+        with pytest.raises(ValueError, match="direct mode takes"):
+            call(T, direct=True, **kw)
     monkeypatch.setattr(fm, "DIRECT", False)
     assert not call(1)
-    with pytest.raises(ValueError, match="routed column"):
+    with pytest.raises(ValueError, match="direct mode takes"):  # every column a shared slot
         fm.fused_moe(torch.zeros(1, D, device=DEVICE), w13, w2, torch.zeros(1, 2, device=DEVICE),
                      torch.tensor([[10, 11]], dtype=torch.int32, device=DEVICE), shared_slots=(10, 2),
-                     direct=True)
+                     direct=True, x_settled=True)
 
 
 @needs_kernels

@@ -22,9 +22,10 @@ WRITES = {"store", "atomic_add", "atomic_cas", "atomic_xchg", "atomic_max", "ato
 ASM = "inline_asm_elementwise"  # may touch memory: a helper running it is held to the write rule
 PDL_CALLS = {"pdl_wait", "pdl_launch", "prefetch_l2"}
 # what a kernel may read before its wait (rule 2): what the kernel two launches back wrote,
-# or, for the gate/up GEMM under rule 4, what was complete before the align's predecessor started
+# or, for the gate/up GEMM under rule 4 (or direct mode's x_settled), its input x
 PRE_WAIT_READS = {
-    "_down_kernel": {"block_slot_ptr"},  # the align's slots (align, gate/up, down)
+    # the align's slots (align, gate/up, down), or in direct mode the ids (routing, gate/up, down)
+    "_down_kernel": {"block_slot_ptr"},
     # the shared slots' programs: the MoE input and the weights (rule 4)
     "_gate_up_kernel": {"x_ptr", "w13_ptr"},
 }
@@ -88,18 +89,20 @@ def _expr_roots(expr, roots: dict[str, set[str]], helpers: dict | None = None) -
 
 
 def _returned_pointer_params(fn: ast.FunctionDef, helpers: dict) -> set[str]:
-    """The pointer parameters of a helper that one of its return values can point into (a
-    helper returning loaded data or indices returns none)."""
-    roots = _pointer_roots(fn, {n: f for n, f in helpers.items() if n != fn.name})
+    """The parameters of a helper that one of its return values can point into, whatever
+    their names (a helper returning loaded data or indices returns none)."""
+    roots = _pointer_roots(fn, {n: f for n, f in helpers.items() if n != fn.name}, every_arg=True)
     return {r for n in ast.walk(fn) if isinstance(n, ast.Return) and n.value is not None
             for r in _expr_roots(n.value, roots)}
 
 
-def _pointer_roots(kernel: ast.FunctionDef, helpers: dict | None = None) -> dict[str, set[str]]:
+def _pointer_roots(kernel: ast.FunctionDef, helpers: dict | None = None,
+                   every_arg: bool = False) -> dict[str, set[str]]:
     """Each pointer argument (`*_ptr`) and each local assigned from one (`a_ptrs = x_ptr +
     ...`, `p = q`, `p += BLOCK`, or a helper's return that can point into one), mapped to
-    the arguments it can point into."""
-    roots = {a.arg: {a.arg} for a in kernel.args.args if a.arg.endswith("_ptr")}
+    the arguments it can point into. `every_arg`: every argument counts as a pointer (a
+    helper's parameters need not be named `*_ptr`)."""
+    roots = {a.arg: {a.arg} for a in kernel.args.args if every_arg or a.arg.endswith("_ptr")}
     changed = True
     while changed:  # to a fixed point: copies of copies
         changed = False
@@ -299,8 +302,12 @@ def _k(out_ptr, USE_PDL: tl.constexpr):
 def _row(p, i):
     return p + i * 16
 
-def _gate_up_kernel(x_ptr, h_ptr, USE_PDL: tl.constexpr):
-    q = _row(h_ptr, 2)
+def _gate_up_kernel(x_ptr, h_ptr, n, USE_PDL: tl.constexpr):
+    if n > 0:
+        pdl_wait(USE_PDL)
+        q = _row(h_ptr, 2)
+    else:
+        q = x_ptr
     v = tl.load(q)
     pdl_wait(USE_PDL)
 """,
@@ -390,12 +397,13 @@ def test_the_switch_turns_it_off(monkeypatch):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_gpu_chained_kernels_under_pdl_match_ordinary_launches(monkeypatch):
-    """Back-to-back fused MoE calls (the small, sorted and atomics aligns), a QKV-wide
-    skinny GEMM with split K, and a MoE layer's chain (input GEMM, router GEMM, top-k with
-    the folded shared expert's columns, the fused MoE with fixed shared blocks and the align
-    signalling early; once more with the router GEMM and top-k as one launch), replayed in
-    one CUDA graph, give bit-identical outputs with and without PDL: a kernel that reads
-    before its wait, or a counter reset racing the next launch, would show here."""
+    """Back-to-back fused MoE calls (the small and sorted aligns), a QKV-wide skinny GEMM
+    with split K, and a MoE layer's chain (input GEMM, router GEMM, top-k with the folded
+    shared expert's columns, the fused MoE with fixed shared blocks, in direct mode at 1 and
+    4 rows and with the align signalling early at 8; each also with the router GEMM and top-k
+    as one launch; touched counts too), replayed in one CUDA graph, give bit-identical
+    outputs with and without PDL: a kernel that reads before its wait, or a counter reset
+    racing the next launch, would show here."""
     from brownout.kernels import fused_moe as fm
     from brownout.kernels import skinny_gemm as sk
     from brownout.kernels.routing import SharedSlots
@@ -422,12 +430,15 @@ def test_gpu_chained_kernels_under_pdl_match_ordinary_launches(monkeypatch):
             w, ids, _ = router_topk(x, wr, 4, False, num_experts=60, shared=shared)
         else:
             w, ids = select_experts_triton(sk.skinny_linear(x, wr), 4, False, num_experts=60, shared=shared)
-        return fm.fused_moe(x, w13, w2, w, ids, shared_slots=(shared.first, shared.count), x_settled=True)
+        touched = torch.empty((), dtype=torch.int64, device="cuda")
+        out = fm.fused_moe(x, w13, w2, w, ids, shared_slots=(shared.first, shared.count), x_settled=True,
+                           touched_out=touched, count_slots=shared.first)
+        return [out, touched]
 
     def step():
         outs = [fm.fused_moe(x, w13, w2, w, ids) for x, ids, w in inputs]
         return outs + [sk.skinny_linear(xq, wq), sk.skinny_linear(outs[0][:, :D].contiguous(), wq),
-                       layer(1), layer(8), layer(8, fused=True)]
+                       *(o for rows in (1, 4, 8) for fused in (False, True) for o in layer(rows, fused))]
 
     results = {}
     with torch.inference_mode():

@@ -175,6 +175,8 @@ def test_usable_only_where_the_router_fits_one_tile():
         assert not rt.router_topk_usable(x, w[:4], 8)  # k beyond E
         assert not rt.router_topk_usable(x, w, 8, 9)  # more output columns than MAX_COLUMNS
         assert not rt.router_topk_usable(x, w, 4, num_experts=62)  # E beyond the weight's rows
+        assert rt.router_topk_usable(x, w, 4, 1, num_experts=60, gated=True)  # the gate's row is row 60
+        assert not rt.router_topk_usable(x, w, 4, 1, num_experts=61, gated=True)  # no row for the gate
         with pytest.raises(ValueError):
             rt.router_topk(x, w, 4, False, split_k=rt.ROUTER_MAX_SPLIT + 1)
         with pytest.raises(ValueError):  # a gated shared expert needs the gate's row after E
@@ -206,3 +208,31 @@ def test_cuda_graph_replays_match_eager_calls():
                 for a, b in zip(out, ref):
                     assert torch.equal(a, b)
     assert int(rt._router_scratch(x.device)[1].abs().sum()) == 0
+
+
+@needs_kernels
+@pytest.mark.parametrize("family", ["qwen2_moe", "mixtral"])  # with and without a shared expert
+def test_engine_greedy_tokens_unchanged_with_the_fused_router(tiny_models, family, monkeypatch):
+    """The engine on the Triton path (interpreted here) gives the same greedy tokens with the
+    router GEMM and its top-k in one launch as in two (BROWNOUT_ROUTER_TOPK=0), and takes
+    the fused launch only for steps of up to ROUTER_MAX_ROWS tokens, only when on."""
+    from brownout.config import CacheConfig
+    from brownout.engine.llm import LLM
+    from brownout.types import SamplingParams
+
+    prompts = [[5, 17, 42, 9, 88, 120], list(range(30, 42)), [7]]  # a 19-token prefill, then 3-row decodes
+    params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+    calls = []
+    real = rt.router_topk
+    monkeypatch.setattr(rt, "router_topk", lambda *a, **k: calls.append(a[0].shape[0]) or real(*a, **k))
+    tokens = {}
+    for on in (False, True):
+        monkeypatch.setattr(routing, "ROUTER_TOPK", on)
+        llm = LLM(str(tiny_models[family]), device=DEVICE, dtype="float32", enforce_eager=True,
+                  cache=CacheConfig(num_blocks=64))
+        llm.engine.runner.use_kernels = True  # the CPU engine runs torch; here the kernels, interpreted
+        tokens[on] = [c.token_ids for c in llm.generate(prompts, params)]
+        assert bool(calls) == on
+    assert tokens[True] == tokens[False]
+    assert set(calls) == {3}  # the decode steps; the 19-token prefill keeps two launches
+

@@ -219,7 +219,7 @@ class SparseMoE(nn.Module):
         # kernels than the fused one
         fused = route_with_router(x, self.gate.weight, self.top_k, self.renormalize, ctx.top_k,
                                   num_experts=E, shared=shared, valid=ctx.valid) \
-            if one_launch and not routed else None
+            if one_launch and not routed and ctx.use_kernels else None
         if fused is not None:
             weights, ids, router_logits = fused
         else:
