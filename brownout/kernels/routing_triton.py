@@ -88,6 +88,7 @@ def triton_topk_available(device: torch.device, num_experts: int, top_k: int,
 
 if triton is not None:
     from brownout.kernels.pdl import pdl_launch, pdl_wait, prefetch_l2  # noqa: F401
+    from brownout.kernels.skinny_gemm import _accumulate  # the skinny GEMM's main loop
 
     @triton.jit
     def _select_rows(x, g, offs_t, mt, active_ptr, valid_ptr, out_w_ptr, out_ids_ptr, E, shared_first, s_v,
@@ -206,7 +207,6 @@ if triton is not None:
         split = tl.program_id(0)
         rn = tl.arange(0, BLOCK_N)  # every logit column: E experts, the shared gate, padding
         rm = tl.arange(0, BLOCK_M)
-        rk = tl.arange(0, BLOCK_K)
         n_ok = rn < N
         m_ok = rm < T
         k_lo = split * D_PER_SPLIT
@@ -216,17 +216,8 @@ if triton is not None:
         prefetch_l2(w_ptr + tl.minimum(rn, N - 1)[:, None].to(tl.int64) * stride_wn + pf_k[None, :],
                     USE_PDL)
         pdl_wait(USE_PDL)
-        acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
-        for k0 in range(k_lo, k_hi, BLOCK_K):
-            kk = k0 + rk
-            k_ok = kk < k_hi
-            w = tl.load(w_ptr + rn[:, None].to(tl.int64) * stride_wn + kk[None, :],
-                        mask=n_ok[:, None] & k_ok[None, :], other=0.0)
-            xt = tl.load(x_ptr + rm[None, :] * stride_xm + kk[:, None],
-                         mask=m_ok[None, :] & k_ok[:, None], other=0.0)
-            if DOT_F32:  # the CPU interpreter's dot is wrong on bf16 operands
-                w, xt = w.to(tl.float32), xt.to(tl.float32)
-            acc += tl.dot(w, xt, input_precision=PRECISION)
+        acc = _accumulate(x_ptr, w_ptr, rn, n_ok, T, k_lo, k_hi, stride_xm, stride_wn,
+                          BLOCK_N, BLOCK_M, BLOCK_K, DOT_F32, PRECISION)
         pdl_launch(USE_PDL)  # after the weight stream (rule 3)
         if SPLIT_K > 1:
             # partials [SPLIT_K, BN, BM]; the last program to arrive sums them and routes

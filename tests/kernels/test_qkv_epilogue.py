@@ -16,7 +16,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from triton_interpret import CUDA, DEVICE, import_kernels, rerun_in_fresh_process
+from triton_interpret import CUDA, DEVICE, engine_tokens_with_switch, import_kernels, rerun_in_fresh_process
 
 sk = import_kernels("brownout.kernels.skinny_gemm")
 pa = import_kernels("brownout.kernels.paged_attention")
@@ -155,22 +155,7 @@ def test_engine_greedy_tokens_unchanged_with_the_epilogue(tiny_models, family, m
     """The engine on the Triton path (interpreted here) gives the same greedy tokens with the
     fused QKV epilogue as with the projection and `rope_write_kv` apart, and takes the fused
     path for its prefill and decode steps only when on."""
-    from brownout.config import CacheConfig
-    from brownout.engine.llm import LLM
-    from brownout.types import SamplingParams
-
-    prompts = [[5, 17, 42, 9, 88, 120], list(range(30, 42)), [7]]
-    params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
-    calls = []
-    real = sk.qkv_rope_write_kv
-    monkeypatch.setattr(sk, "qkv_rope_write_kv", lambda *a, **k: calls.append(a[0].shape[0]) or real(*a, **k))
-    tokens = {}
-    for on in (False, True):
-        monkeypatch.setattr(sk, "QKV_EPILOGUE", on)
-        llm = LLM(str(tiny_models[family]), device=DEVICE, dtype="float32", enforce_eager=True,
-                  cache=CacheConfig(num_blocks=64))
-        llm.engine.runner.use_kernels = True  # the CPU engine runs torch; here the kernels, interpreted
-        tokens[on] = [c.token_ids for c in llm.generate(prompts, params)]
-        assert bool(calls) == on
+    tokens, calls = engine_tokens_with_switch(tiny_models[family], monkeypatch, (sk, "QKV_EPILOGUE"),
+                                              (sk, "qkv_rope_write_kv"))
     assert tokens[True] == tokens[False]
     assert 3 in calls and 19 in calls  # the decode steps and the prefill

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from brownout.kernels import routing
 
-from triton_interpret import CUDA, DEVICE, import_kernels, rerun_in_fresh_process
+from triton_interpret import CUDA, DEVICE, engine_tokens_with_switch, import_kernels, rerun_in_fresh_process
 
 rt = import_kernels("brownout.kernels.routing_triton")
 
@@ -216,23 +216,8 @@ def test_engine_greedy_tokens_unchanged_with_the_fused_router(tiny_models, famil
     """The engine on the Triton path (interpreted here) gives the same greedy tokens with the
     router GEMM and its top-k in one launch as in two (BROWNOUT_ROUTER_TOPK=0), and takes
     the fused launch only for steps of up to ROUTER_MAX_ROWS tokens, only when on."""
-    from brownout.config import CacheConfig
-    from brownout.engine.llm import LLM
-    from brownout.types import SamplingParams
-
-    prompts = [[5, 17, 42, 9, 88, 120], list(range(30, 42)), [7]]  # a 19-token prefill, then 3-row decodes
-    params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
-    calls = []
-    real = rt.router_topk
-    monkeypatch.setattr(rt, "router_topk", lambda *a, **k: calls.append(a[0].shape[0]) or real(*a, **k))
-    tokens = {}
-    for on in (False, True):
-        monkeypatch.setattr(routing, "ROUTER_TOPK", on)
-        llm = LLM(str(tiny_models[family]), device=DEVICE, dtype="float32", enforce_eager=True,
-                  cache=CacheConfig(num_blocks=64))
-        llm.engine.runner.use_kernels = True  # the CPU engine runs torch; here the kernels, interpreted
-        tokens[on] = [c.token_ids for c in llm.generate(prompts, params)]
-        assert bool(calls) == on
+    tokens, calls = engine_tokens_with_switch(tiny_models[family], monkeypatch, (routing, "ROUTER_TOPK"),
+                                              (rt, "router_topk"))
     assert tokens[True] == tokens[False]
     assert set(calls) == {3}  # the decode steps; the 19-token prefill keeps two launches
 

@@ -44,3 +44,31 @@ def rerun_in_fresh_process(path: str) -> None:
     res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
                           "-m", "not gpu", path], env=env, capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stdout[-5000:] + res.stderr[-2000:]
+
+
+# three sequences: a 19-token prefill step, then decode steps of 3 rows
+ENGINE_PROMPTS = [[5, 17, 42, 9, 88, 120], list(range(30, 42)), [7]]
+
+
+def engine_tokens_with_switch(model_dir, monkeypatch, switch, spied) -> tuple[dict, list]:
+    """Greedy tokens of the engine on its Triton path (interpreted without CUDA) with the
+    module attribute `switch` = (module, name) off and then on, and the row counts of the
+    calls made to `spied` = (module, function name): ({False: tokens, True: tokens}, rows)."""
+    from brownout.config import CacheConfig
+    from brownout.engine.llm import LLM
+    from brownout.types import SamplingParams
+
+    params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+    calls: list = []
+    module, name = spied
+    real = getattr(module, name)
+    monkeypatch.setattr(module, name, lambda *a, **k: calls.append(a[0].shape[0]) or real(*a, **k))
+    tokens = {}
+    for on in (False, True):
+        monkeypatch.setattr(*switch, on)
+        llm = LLM(str(model_dir), device=DEVICE, dtype="float32", enforce_eager=True,
+                  cache=CacheConfig(num_blocks=64))
+        llm.engine.runner.use_kernels = True  # the CPU engine runs torch; here the kernels
+        tokens[on] = [c.token_ids for c in llm.generate(ENGINE_PROMPTS, params)]
+        assert bool(calls) == on
+    return tokens, calls
