@@ -13,8 +13,11 @@ With --folded: only the fused MoE in the engine's decode layout (the shared expe
 on every token), swept per token count and keyed by assignments per token.
 With --crowded: only the fused MoE at tau = 0 (every row in a united slot), swept per token
 count and keyed by rows per busy slot, the winners added to the device's committed table.
+With both: tau = 0 in the engine's layout (the folded shared expert's fixed blocks beside
+the united slots, called as the MoE layer calls it), timed against the tiles the engine
+takes from the committed table before the sweep.
 Usage: python benchmarks/bench_kernels.py --out DIR [--budget-s 240] [--smoke] [--tokens ...]
-       [--skip-attention] [--crowded | --folded]
+       [--skip-attention] [--crowded] [--folded]
 kernels_raw.json under DIR is committed as benchmarks/results/kernels/kernels_<gpu>.json (its
 table by `make_tables.py`), the winning tiles as brownout/kernels/configs/<device>.json.
 """
@@ -105,8 +108,12 @@ class MoECase:
     def __init__(self, smoke, bw_gbs, scenario, weights_from=None):
         s = self.shape = moe_shape(smoke)
         self.S = s["E"] + s["E"] // s["way"]
-        if scenario == "folded":  # the engine's layout: room for way-2 united slots, then shared
+        self.call_kw = {}  # how the engine calls fused_moe in this scenario
+        if scenario in ("folded", "folded_united"):  # the engine's layout: room for way-2 united slots, then shared
             self.S = s["E"] + s["E"] // 2 + s["shared"]
+        if scenario == "folded_united":  # a brownout-routed step: fixed shared blocks, the early align
+            self.call_kw = dict(shared_slots=(self.S - s["shared"], s["shared"]), x_settled=True,
+                                busy_slots=s["E"] // s["way"] + s["shared"])
         gen = torch.Generator().manual_seed({"brownout": 0, "plain": 1}.get(scenario, 2))
         if weights_from is not None:
             self.w13, self.w2 = weights_from.w13, weights_from.w2
@@ -118,7 +125,7 @@ class MoECase:
         cold = torch.zeros(s["E"], dtype=torch.bool)
         if scenario == "brownout":  # a third of the experts redirected (a mid-tau state)
             cold[torch.randperm(s["E"], generator=gen)[: s["E"] // 3]] = True
-        elif scenario == "united":  # tau = 0: every assignment in a united slot
+        elif scenario in ("united", "folded_united"):  # tau = 0: every assignment in a united slot
             cold[:] = True
         self.sets = {}
         for T in TOKENS:
@@ -128,6 +135,9 @@ class MoECase:
                     w, ids = folded_routing(T, s["E"], s["k"], self.S - s["shared"], s["shared"], gen)
                 else:
                     w, ids = brownout_routing(T, s["E"], s["way"], s["k"], cold, gen)
+                if scenario == "folded_united":  # the shared slots after the redirected k
+                    w_sh, ids_sh = folded_routing(T, s["E"], 1, self.S - s["shared"], s["shared"], gen)
+                    w, ids = torch.cat([w, w_sh[:, 1:]], 1), torch.cat([ids, ids_sh[:, 1:]], 1)
                 x = torch.randn(T, s["D"], generator=gen).to(DTYPE).to(DEVICE)
                 sets.append((x, w, ids, torch.empty_like(x)))
             self.sets[T] = sets
@@ -145,7 +155,7 @@ class MoECase:
     def time_us(self, T, cfg, smoke, graph=True):
         """Median us of one call, cycling through the routing sets (one graph per set)."""
         fns = [(lambda x=x, w=w, ids=ids, out=out:
-                fm.fused_moe(x, self.w13, self.w2, w, ids, config=cfg, out=out))
+                fm.fused_moe(x, self.w13, self.w2, w, ids, config=cfg, out=out, **self.call_kw))
                for x, w, ids, out in self.sets[T]]
         if smoke or not graph:
             calls = itertools.cycle(fns)
@@ -176,7 +186,7 @@ class MoECase:
         if self.w64 is None:
             self.w64 = (self.w13.double(), self.w2.double())
         x, w, ids, _ = self.sets[T][0]
-        got = fm.fused_moe(x, self.w13, self.w2, w, ids, config=cfg).double()
+        got = fm.fused_moe(x, self.w13, self.w2, w, ids, config=cfg, **self.call_kw).double()
         ref = moe_experts_ref(x.double(), *self.w64, w, ids)
         return float((got - ref).norm() / ref.norm())
 
@@ -307,18 +317,22 @@ def bench_moe(bw, smoke, deadline):
     return results, table
 
 
-def bench_moe_crowded(bw, smoke, deadline):
+def bench_moe_crowded(bw, smoke, deadline, committed: dict | None = None):
     """Brownout at tau = 0 (every row in one of E / way united slots): a sweep per token count,
     the winners keyed by expected rows per busy slot (T * k / G, as the engine's routed calls
-    ask for them, `fused_moe.lookup_crowded_config`), against the default crowded tiles."""
+    ask for them, `fused_moe.lookup_crowded_config`), against the default crowded tiles.
+    With the `committed` table: the engine's folded layout (k + shared columns a token over
+    G + shared busy slots), against the tiles the engine takes from that table."""
     results = {"sweep": {}, "rows": []}
-    case = MoECase(smoke, bw, "united")
+    folded = committed is not None
+    case = MoECase(smoke, bw, "folded_united" if folded else "united")
     s = case.shape
     G = s["E"] // s["way"]
+    width, busy = (s["k"] + s["shared"], G + s["shared"]) if folded else (s["k"], G)
     key = fm.config_key(case.S, s["I"], s["D"], DTYPE) + fm.CROWDED
     table = {key: {}}
     for T in TOKENS:
-        rows = T * s["k"] / G
+        rows = T * width / busy
         if rows <= 16:  # served by the plain table (one row block per slot)
             continue
         best, best_us, tried = sweep(case, T, smoke, deadline, rows_per_slot=rows)
@@ -326,9 +340,11 @@ def bench_moe_crowded(bw, smoke, deadline):
         if best is None:
             continue
         table[key][str(round(rows))] = best
-        dflt = fm.default_config(T, s["k"], G, s["I"], s["D"], on_gpu=not smoke, crowded=True)
+        dflt = fm.default_config(T, width, busy, s["I"], s["D"], on_gpu=not smoke, crowded=True)
+        if folded:  # what the engine ran: the committed crowded table (nearest slot count), else default
+            dflt = fm.lookup_crowded_config(committed, rows, case.S, s["I"], s["D"], DTYPE) or dflt
         roof, slots = case.roofline_us(T)
-        row = {"scenario": "united", "tokens": T, "rows_per_busy_slot": rows, "slots_touched": slots,
+        row = {"scenario": case_name(folded), "tokens": T, "rows_per_busy_slot": rows, "slots_touched": slots,
                "roofline_us": roof, "tuned_us": case.time_us(T, best, smoke),
                "default_us": case.time_us(T, dflt, smoke), "rel_err_vs_fp64": case.check(T, best),
                "config": best, "default_config": dflt}
@@ -336,9 +352,13 @@ def bench_moe_crowded(bw, smoke, deadline):
         n_assign = sum(int((ids >= 0).sum()) for _, _, ids, _ in case.sets[T]) / len(case.sets[T])
         row["tflops_achieved"] = 6 * s["I"] * s["D"] * n_assign / (row["tuned_us"] * 1e-6) / 1e12
         results["rows"].append(row)
-        log.info("moe united T=%d %.1f us (default %.1f, roof %.1f)", T, row["tuned_us"],
+        log.info("moe %s T=%d %.1f us (default %.1f, roof %.1f)", row["scenario"], T, row["tuned_us"],
                  row["default_us"], roof)
     return results, table
+
+
+def case_name(folded: bool) -> str:
+    return "folded_united" if folded else "united"
 
 
 # the folded sweep's token counts, most wanted first (a deadline cuts the tail): batch 1
@@ -498,14 +518,14 @@ def main():
     (args.out / "kernels_raw.json").write_text(json.dumps(res, indent=1))
     cfg_file = fm.device_config_file(name)
     if args.crowded:
-        res["moe_crowded"], crowded = bench_moe_crowded(res["copy_bw_gbs"], args.smoke,
-                                                        t_start + args.budget_s)
-        (args.out / "kernels_raw.json").write_text(json.dumps(res, indent=1))
         table = json.loads(cfg_file.read_text()) if cfg_file.is_file() else {}
+        res["moe_crowded"], crowded = bench_moe_crowded(res["copy_bw_gbs"], args.smoke, t_start + args.budget_s,
+                                                        committed=table if args.folded else None)
+        (args.out / "kernels_raw.json").write_text(json.dumps(res, indent=1))
         table.update(crowded)
         (args.out / cfg_file.name).write_text(json.dumps(table, indent=1, sort_keys=True))
         for r in res["moe_crowded"]["rows"]:
-            print(f"moe united {r['tokens']} rows/slot {r['rows_per_busy_slot']:.0f} roof {r['roofline_us']:.1f} "
+            print(f"moe {r['scenario']} {r['tokens']} rows/slot {r['rows_per_busy_slot']:.0f} roof {r['roofline_us']:.1f} "
                   f"tuned {r['tuned_us']:.1f} default {r['default_us']:.1f} err {r['rel_err_vs_fp64']:.1e}")
         return
     if args.folded:

@@ -1,5 +1,5 @@
-"""The kernel benchmark's crowded sweep runs end to end under the interpreter (tiny shapes),
-and the table it writes is one `fused_moe.lookup_crowded_config` reads."""
+"""The kernel benchmark's sweeps run end to end under the interpreter (tiny shapes), and the
+tables they write are ones `fused_moe`'s lookups read."""
 
 from __future__ import annotations
 
@@ -16,9 +16,9 @@ ENV = dict(os.environ, TRITON_INTERPRET="1")
 
 
 def _sweep(out: Path, tokens: str, mode: str) -> dict:
-    """Run the kernel benchmark's sweep (`mode`: --crowded or --folded) at smoke shapes."""
+    """Run the kernel benchmark's sweep (`mode`: --crowded, --folded or both) at smoke shapes."""
     subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_kernels.py"), "--smoke", "--out",
-                    str(out), "--tokens", tokens, "--skip-attention", mode],
+                    str(out), "--tokens", tokens, "--skip-attention", *mode.split()],
                    check=True, env=ENV, cwd=ROOT, timeout=600, capture_output=True)
     return json.loads((out / "kernels_raw.json").read_text())
 
@@ -57,3 +57,19 @@ def test_folded_sweep_smoke_adds_a_width_keyed_table(tmp_path):
     assert set(folded) == {"1", "8"}
     got = _lookup(table_file, "fm.lookup_config(t, 8, 14, 32, 64, torch.float32, top_k=4)")
     assert got == folded["8"]
+
+
+def test_crowded_folded_sweep_smoke_keys_the_engine_layout(tmp_path):
+    """Tau = 0 in the engine's layout: the united slots beside the folded shared expert's
+    fixed blocks, keyed by the rows per busy slot the MoE layer asks with (T x (k + shared) /
+    (united + shared)), under the engine's slot count."""
+    rows = _sweep(tmp_path, "8,32", "--crowded --folded")["moe_crowded"]["rows"]
+    # smoke layout: 8 experts in 2 way-4 groups, 2 shared slots; 8 tokens: 8 rows a busy slot
+    assert [r["tokens"] for r in rows] == [32] and rows[0]["scenario"] == "folded_united"
+    assert rows[0]["rel_err_vs_fp64"] < 1e-4 and rows[0]["tuned_us"] > 0
+    assert rows[0]["slots_touched"] == 4  # both united slots and both shared ones
+    table_file = tmp_path / "cpu-interpreter.json"
+    table = json.loads(table_file.read_text())
+    got = _lookup(table_file, "fm.lookup_crowded_config(t, 30.0, 14, 32, 64, torch.float32)")
+    assert got == table["S=14,N=32,K=64,dtype=float32,crowded"]["32"]
+
