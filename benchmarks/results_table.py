@@ -29,6 +29,10 @@ HEADLINE_RUNS = ("headline_h200_run15", "headline_h200_run16", "headline_h200_ru
 DECODE_RUN = "engine_h200_run16"
 # the page rendered from that run (benchmarks/variant_tables.py)
 DECODE_PAGE = "engine_h200_pdl"
+# the latest engine run of brownout at tau < 1 (decode and brownout stages; no loop stage),
+# whose kernels at batch 64 are today's, and its page
+BROWNOUT_RUN = "engine_h200_run21_new"
+BROWNOUT_PAGE = "engine_h200_launch_merges_run21"
 # engine runs with both H200 tile tables (tau 1 and the crowded tau 0 one)
 TILED_RUNS = ("engine_h200_run5", "engine_h200_run6")
 # every run of the main job on the CPU box
@@ -171,7 +175,7 @@ def decode_rows() -> list[list[str]]:
 
 
 def brownout_rows() -> list[list[str]]:
-    run = load("engine", DECODE_RUN)
+    run = load("engine", BROWNOUT_RUN)
     b = run["brownout"]
     step = next(r["pipelined_vs_tau1"] for r in b["decode"]
                 if r["way"] == 4 and r["batch"] == 64 and r["tau"] == 0)
@@ -186,7 +190,7 @@ def brownout_rows() -> list[list[str]]:
         ["Brownout at tau 0 (way 4) vs tau 1, batch-64 decode step (pipelined) / one MoE layer", "H200",
          f"{step:.3f} / {layer:.2f}", f"step {verdict([step], BROWNOUT_STEP_TARGET).split(' (')[0]}; "
          f"MoE layer {verdict([layer], MOE_LAYER_TARGET).split(' (')[0]}",
-         links("engine", [DECODE_PAGE]) + " (one run)"],
+         links("engine", [BROWNOUT_PAGE]) + " (one run)"],
         ["Brownout at tau 0 vs tau 1, steps with prefill work: 575 / 1087 / 2048 tokens", "H200",
          " / ".join(spread(mixed[t]) for t in (575, 1087, 2048)), "", links("engine", TILED_RUNS)],
     ]
