@@ -12,7 +12,9 @@ every data-dependent bound is read on the device. Online softmax after FlashAtte
 from __future__ import annotations
 
 import functools
+import json
 import math
+from pathlib import Path
 
 import torch
 
@@ -64,14 +66,18 @@ if triton is not None:
                      G: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr,
                      BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                      KV_BLOCK: tl.constexpr, NUM_SPLITS: tl.constexpr, DOT_F32: tl.constexpr,
-                     PRECISION: tl.constexpr, FLAT: tl.constexpr, USE_PDL: tl.constexpr):
+                     PRECISION: tl.constexpr, FLAT: tl.constexpr, HEADS_FIRST: tl.constexpr,
+                     USE_PDL: tl.constexpr):
         pdl_wait(USE_PDL)
+        # HEADS_FIRST: the grid's first axis walks the KV heads, so the programs running at once
+        # read every head of a few sequences' blocks (each cache row holds all heads of a position)
+        tile_pid = tl.program_id(1) if HEADS_FIRST else tl.program_id(0)
+        kvh = tl.program_id(0) if HEADS_FIRST else tl.program_id(1)
         if FLAT:  # programs over the step's query tiles, T // BLOCK_Q + B of them
-            b, q_tile = _find_tile(tl.program_id(0), qsl_ptr, B, BLOCK_Q)
+            b, q_tile = _find_tile(tile_pid, qsl_ptr, B, BLOCK_Q)
         else:  # n_q_tiles programs per sequence
-            b = tl.program_id(0) // n_q_tiles
-            q_tile = tl.program_id(0) % n_q_tiles
-        kvh = tl.program_id(1)
+            b = tile_pid // n_q_tiles
+            q_tile = tile_pid % n_q_tiles
         split = tl.program_id(2)
         q_start = tl.load(qsl_ptr + b)
         q_len = tl.load(qsl_ptr + b + 1) - q_start
@@ -115,14 +121,21 @@ if triton is not None:
                         other=0.0)  # [BN, BD]
             if DOT_F32:
                 k, v = k.to(tl.float32), v.to(tl.float32)
-            s = tl.dot(q, k, input_precision=PRECISION) * scale_log2  # [BM, BN], log2 domain
+            if BLOCK_M == 1:  # one query row: products and sums, no padded tensor-core tile
+                s = tl.sum(q.to(tl.float32)[:, :, None] * k.to(tl.float32)[None, :, :], 1)
+                s = s * scale_log2  # [1, BN], log2 domain
+            else:
+                s = tl.dot(q, k, input_precision=PRECISION) * scale_log2  # [BM, BN], log2 domain
             s = tl.where(pos_ok[None, :] & (pos[None, :] <= q_pos[:, None]), s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no key yet
             p = tl.exp2(s - m_use[:, None])
             alpha = tl.exp2(m_i - m_use)
             l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+            if BLOCK_M == 1:
+                acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v.to(tl.float32)[None, :, :], 1)
+            else:
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
             m_i = m_new
         pdl_launch(USE_PDL)
         t_row = (q_start + qi).to(tl.int64)
@@ -237,6 +250,50 @@ def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
+# ----------------------------------------------------------------------------- decode tiles
+
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+TILE_KEYS = ("block_n", "num_stages", "num_warps", "num_splits", "vec", "heads_first")  # what a table entry sets
+
+
+def tiles_key(group: int, head_dim: int, kv_block: int, dtype: torch.dtype) -> str:
+    """JSON key of a decode shape: query heads per KV head, head dim, cache block, dtype."""
+    return f"G={group},D={head_dim},block={kv_block},dtype={str(dtype).replace('torch.', '')}"
+
+
+def tiles_file(device_name: str) -> Path:
+    return CONFIG_DIR / f"attention_{device_name.replace(' ', '_')}.json"
+
+
+@functools.cache
+def _device_tiles(device_name: str) -> dict:
+    path = tiles_file(device_name)
+    if not path.is_file():
+        return {}
+    with open(path) as f:
+        return json.load(f)
+
+
+def decode_tiles(batch: int, group: int, head_dim: int, kv_block: int, dtype: torch.dtype,
+                 device: torch.device) -> dict:
+    """The tuned tiles of a one-token-a-sequence step on `device` (`bench_attention.py` writes
+    them, per batch size swept): the entry of the smallest swept batch >= `batch`, else the
+    largest; {} where nothing was tuned (the launch keeps its defaults)."""
+    if device.type != "cuda" or _kernels_interpreted():
+        return {}
+    table = _device_tiles(torch.cuda.get_device_name(device))
+    return pick_tiles(table.get(tiles_key(group, head_dim, kv_block, dtype), []), batch)
+
+
+def pick_tiles(entries: list[dict], batch: int) -> dict:
+    """The tiles of the entry with the smallest `max_batch` >= batch, else of the largest."""
+    if not entries:
+        return {}
+    entries = sorted(entries, key=lambda e: e["max_batch"])
+    pick = next((e for e in entries if e["max_batch"] >= batch), entries[-1])
+    return {k: pick[k] for k in TILE_KEYS if k in pick}
+
+
 def choose_num_splits(num_programs: int, max_context: int, device: torch.device) -> int:
     """Split the context only when batch x heads x query tiles leaves the GPU half idle."""
     if device.type != "cuda" or _kernels_interpreted():
@@ -252,14 +309,17 @@ def choose_num_splits(num_programs: int, max_context: int, device: torch.device)
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                     block_tables: torch.Tensor, seq_lens: torch.Tensor,
                     query_start_loc: torch.Tensor, max_query_len: int, scale: float,
-                    *, num_splits: int | None = None,
+                    *, num_splits: int | None = None, tiles: dict | None = None,
                     out: torch.Tensor | None = None) -> torch.Tensor:
     """Causal attention of q [T, Hq, Dh] over each sequence's paged context; out like q.
 
     k_cache/v_cache [num_blocks, block_size, Hkv, Dh]; block_tables [B, max_blocks] int32;
     seq_lens [B] int32 (context including this step's tokens); query_start_loc [B+1] int32;
     max_query_len a host int (an upper bound is fine); num_splits overrides the context
-    split; out [T, Hq, Dh] optional (a static buffer for graph capture)."""
+    split; tiles overrides a decode step's tuned tiles (`decode_tiles`; keys `TILE_KEYS`,
+    `vec` for the one-row path without tensor cores, which needs one query head per KV head,
+    `heads_first` for the grid that walks the KV heads first);
+    out [T, Hq, Dh] optional (a static buffer for graph capture)."""
     T, Hq, Dh = q.shape
     _, block_size, Hkv, _ = k_cache.shape
     if Hq % Hkv != 0 or k_cache.shape[-1] != Dh or v_cache.shape != k_cache.shape:
@@ -276,6 +336,20 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     n_q_tiles = triton.cdiv(max(1, max_query_len), block_q)
     on_gpu = q.device.type == "cuda" and not _kernels_interpreted()
     block_n = 64 if on_gpu else 16
+    stages, warps, heads_first = (3 if on_gpu else 1), None, False
+    if max_query_len <= 1:  # a decode step: the device's tuned tiles, else the defaults
+        if tiles is None:
+            tiles = decode_tiles(B, G, Dh, block_size, q.dtype, q.device)
+        block_n = tiles.get("block_n", block_n)
+        stages = tiles.get("num_stages", stages) if on_gpu else 1
+        warps = tiles.get("num_warps")
+        if num_splits is None:
+            num_splits = tiles.get("num_splits")
+        if tiles.get("vec") and G == 1:
+            block_m = 1
+        heads_first = bool(tiles.get("heads_first"))
+    elif tiles:
+        raise ValueError("tiles apply to decode steps (max_query_len 1) only")
     # with long and short queries in one step (a prefill beside decodes), per-sequence
     # tiles would give every sequence the longest one's tile count: walk the step's tiles
     flat = n_q_tiles > 1 and B > 1
@@ -291,6 +365,8 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     block_d = _next_pow2(Dh)
 
     def launch(grid, q_tiles, bq, bm, is_flat, lo, hi):
+        if heads_first:
+            grid = (grid[1], grid[0], grid[2])
         _attn_kernel[grid](
             q, k_cache, v_cache, out, part_acc, part_ml, block_tables, seq_lens, query_start_loc,
             scale * math.log2(math.e), q_tiles, T, Hq, B, lo, hi,
@@ -300,7 +376,8 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
             G=G, BLOCK_Q=bq, BLOCK_M=bm, BLOCK_N=block_n, HEAD_DIM=Dh, BLOCK_D=block_d,
             KV_BLOCK=block_size, NUM_SPLITS=num_splits, DOT_F32=_kernels_interpreted(),
             PRECISION="tf32x3" if q.dtype == torch.float32 and on_gpu else None, FLAT=is_flat,
-            num_warps=4 if bm <= 64 else 8, num_stages=3 if on_gpu else 1, **pdl.launch_opts(q))
+            HEADS_FIRST=heads_first,
+            num_warps=warps or (4 if bm <= 64 else 8), num_stages=stages, **pdl.launch_opts(q))
 
     # A mixed step (a prompt chunk beside decodes) would give every one-token query the
     # prompt's BLOCK_Q-row tile: BLOCK_Q / short times the decode work. Its short queries

@@ -73,3 +73,25 @@ def test_crowded_folded_sweep_smoke_keys_the_engine_layout(tmp_path):
     got = _lookup(table_file, "fm.lookup_crowded_config(t, 30.0, 14, 32, 64, torch.float32)")
     assert got == table["S=14,N=32,K=64,dtype=float32,crowded"]["32"]
 
+
+
+def test_attention_sweep_smoke_writes_the_table_decode_tiles_reads(tmp_path):
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_attention.py"), "--smoke", "--out",
+                    str(tmp_path), "--batches", "1,2"],
+                   check=True, env=ENV, cwd=ROOT, timeout=600, capture_output=True)
+    raw = json.loads((tmp_path / "attention_raw.json").read_text())
+    assert [b["batch"] for b in raw["batches"]] == [1, 2]
+    for b in raw["batches"]:
+        timed = [r for r in b["tried"] if "us" in r]
+        assert timed and all(r["rel_err"] <= 2e-2 for r in timed)
+        assert any(r["tiles"].get("vec") for r in timed)  # the one-row path ran and matched
+    table = json.loads((tmp_path / "attention_smoke.json").read_text())
+    entries = table["G=1,D=32,block=16,dtype=bfloat16"]
+    winners = {b["batch"]: b["best"] for b in raw["batches"]}
+    probe = ("import json, sys; from brownout.kernels.paged_attention import pick_tiles; "
+             "t = json.loads(sys.argv[1]); print(json.dumps([pick_tiles(t, b) for b in (1, 2, 9)]))")
+    out = subprocess.run([sys.executable, "-c", probe, json.dumps(entries)], check=True, env=ENV,
+                         cwd=ROOT, timeout=300, capture_output=True, text=True).stdout
+    picked = json.loads(out.strip().splitlines()[-1])
+    assert picked[:2] == [winners[1], winners[2]]
+    assert picked[2] == winners[2]  # past the sweep: the largest batch's tiles

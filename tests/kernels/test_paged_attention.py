@@ -70,13 +70,13 @@ def reference(q, k_cache, v_cache, tables, seq_lens, qsl, scale):
     return out
 
 
-def check(seq_lens, q_lens, hq, hkv, dh, block_size, dtype, seed, num_splits=None):
+def check(seq_lens, q_lens, hq, hkv, dh, block_size, dtype, seed, num_splits=None, tiles=None):
     q, kc, vc, tables, lens, qsl = make_batch(seq_lens, q_lens, hq, hkv, dh, block_size, dtype,
                                               seed)
     scale = dh ** -0.5
     out = torch.full_like(q, float("nan"))
     res = pa.paged_attention(q, kc, vc, tables, lens, qsl, max(q_lens), scale,
-                             num_splits=num_splits, out=out)
+                             num_splits=num_splits, tiles=tiles, out=out)
     assert res is out
     assert torch.isfinite(out).all(), "unwritten or non-finite output"
     ref = reference(q, kc, vc, tables, lens, qsl, scale)
@@ -110,6 +110,38 @@ def test_split_context_merge(num_splits):
     # 16: more splits than some contexts have keys (empty slices); an empty sequence too
     check([5, 70, 33, 0], [1, 1, 4, 0], 4, 2, 32, 8, torch.float32, seed=num_splits,
           num_splits=num_splits)
+
+
+@needs_kernels
+@pytest.mark.parametrize("tiles", [
+    {"vec": True, "block_n": 16},  # the one-row path: products and sums, no dot
+    {"vec": True, "block_n": 32, "num_splits": 4},
+    {"block_n": 32, "num_splits": 2},
+    {"heads_first": True},  # the grid walks the KV heads first
+    {"heads_first": True, "num_splits": 3, "vec": True},
+])
+@pytest.mark.parametrize("hq,hkv", [(4, 4), (4, 2)])  # vec applies to one head a KV head only
+def test_decode_tiles_give_the_same_attention(tiles, hq, hkv):
+    check([5, 70, 33, 1], [1, 1, 1, 1], hq, hkv, 32, 8, torch.float32, seed=len(tiles) + hkv,
+          tiles=tiles)
+
+
+@needs_kernels
+def test_tiles_are_refused_for_prefill():
+    q, kc, vc, tables, lens, qsl = make_batch([9], [4], 2, 2, 16, 8, torch.float32, 0)
+    with pytest.raises(ValueError, match="decode"):
+        pa.paged_attention(q, kc, vc, tables, lens, qsl, 4, 0.25, tiles={"block_n": 16})
+
+
+def test_pick_tiles_takes_the_smallest_swept_batch_that_covers():
+    from brownout.kernels.paged_attention import pick_tiles
+    entries = [{"max_batch": 64, "block_n": 64}, {"max_batch": 1, "block_n": 16, "vec": True},
+               {"max_batch": 8, "block_n": 32, "note": "not a tile"}]
+    assert pick_tiles(entries, 1) == {"block_n": 16, "vec": True}
+    assert pick_tiles(entries, 2) == {"block_n": 32}
+    assert pick_tiles(entries, 64) == {"block_n": 64}
+    assert pick_tiles(entries, 500) == {"block_n": 64}  # past the sweep: its largest batch
+    assert pick_tiles([], 4) == {}
 
 
 @needs_kernels
