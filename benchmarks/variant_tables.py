@@ -59,16 +59,17 @@ def render(variants: list[tuple[str, Path]], title: str, note: str = "") -> str:
     if note:
         lines += [note, ""]
 
-    decode = {label: {(r["batch"], r["ctx"]): r for r in runs[label]["decode"]
+    decode = {label: {(r["batch"], r["ctx"]): r for r in runs[label]["decode"] or []
                       if r.get("cuda_graph") and r.get("pipelined_ms") and r.get("replay_ms")}
               for label in labels}
     keys = [k for k in decode[base] if all(k in decode[label] for label in labels)]
-    lines += ["## CUDA-graphed decode steps, pipelined (ms; / roofline)", "",
-              "Each step launched before the previous one is collected, as the engine's loop runs "
-              "with async scheduling; `replay`: the step's graph replayed alone.", "",
-              "| batch, context | " + " | ".join(f"{label} ms | / roofline | replay ms" for label in labels)
-              + " | " + " | ".join(f"{label} / {base}" for label in labels[1:]) + " |",
-              "|---|" + "---|---|---|" * len(labels) + "---|" * (len(labels) - 1)]
+    if keys:  # runs of the brownout stage alone have no decode table
+        lines += ["## CUDA-graphed decode steps, pipelined (ms; / roofline)", "",
+                  "Each step launched before the previous one is collected, as the engine's loop runs "
+                  "with async scheduling; `replay`: the step's graph replayed alone.", "",
+                  "| batch, context | " + " | ".join(f"{label} ms | / roofline | replay ms" for label in labels)
+                  + " | " + " | ".join(f"{label} / {base}" for label in labels[1:]) + " |",
+                  "|---|" + "---|---|---|" * len(labels) + "---|" * (len(labels) - 1)]
     for k in keys:
         cells = []
         for label in labels:

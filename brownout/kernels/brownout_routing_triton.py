@@ -9,6 +9,9 @@ Same outputs as `brownout_routing.brownout_route_torch`, without its ~25 small l
   2. `_apply_kernel` (grid over token blocks): gather `slot_of[ids]`, merge a token's
      assignments that land on one united slot through a [BLOCK_T, K, K] comparison, write
      ids and weights. For small steps the plan program runs this loop itself (one launch).
+Decode-sized steps take `_route_regs_kernel` instead: one program that loads the ids once
+and keeps counts, keep set, groups and remap table in registers, so no phase waits on a
+store, a block barrier and a load of the one before it.
 No host synchronisation, grids depend on shapes only and `tau` may be a 0-d device
 tensor, so a call can be captured in a CUDA graph. The keep test is done in float64 on
 integers, exactly as the torch version (`before < float64(tau) * total`).
@@ -35,6 +38,14 @@ MAX_TOP_K = 16
 # (benchmarks/results/routing/routing_h100.md): one launch 73 us eager vs 121 us for two (host launch
 # cost dominates), but 20 vs 11 us inside a CUDA graph; steps this long run eager.
 FUSED_MAX_ASSIGNMENTS = 8192
+# The register kernel up to this many padded assignments (T_pad x k_pad: 128 tokens of top-8):
+# its [T, k, k] merge tile stays at 8K elements
+REGS_MAX_ASSIGNMENTS = 1024
+REGS_MAX_EXPERTS = 128  # and up to this many (padded) experts: its [E, E] rank tile is 16K elements
+# on: decode-sized steps route in the register kernel; BROWNOUT_REGS_ROUTE=0 takes the plan
+# kernel's phases through scratch instead
+REGS_ROUTE_ENV = "BROWNOUT_REGS_ROUTE"
+REGS_ROUTE = os.environ.get(REGS_ROUTE_ENV, "1") != "0"  # read once: the step path asks per layer
 
 
 def _interpreting() -> bool:
@@ -70,8 +81,15 @@ if triton is not None:
         live = e_in >= 0  # [BT, KP] False where shed: no slot, never merged
         e = tl.minimum(tl.maximum(e_in, 0), E - 1)  # the torch version clamps too
         w = tl.load(w_ptr + offs_t[:, None] * s_wt + offs_j[None, :] * s_wk, mask=m2, other=0.0)
-        wf = w.to(tl.float32)
         slot = tl.load(slot_ptr + e, mask=m2 & live, other=-1)  # [BT, KP]
+        _merge_store(offs_t, offs_j, mj, m2, live, slot, w.to(tl.float32), valid_ptr, out_ids_ptr,
+                     out_w_ptr, T, E, s_v, s_ot, HAS_VALID)
+
+    @triton.jit
+    def _merge_store(offs_t, offs_j, mj, m2, live, slot, wf, valid_ptr, out_ids_ptr, out_w_ptr,
+                     T, E, s_v, s_ot, HAS_VALID: tl.constexpr):
+        """Merge a token's assignments that land on one united slot (the first keeps the summed
+        weight, the others become -1) and store ids and weights; [BT, KP] tiles."""
         united = slot >= E
         # same[t, j, j']: position j' holds the united slot of position j
         same = (slot[:, :, None] == slot[:, None, :]) & united[:, :, None] & mj[None, None, :]
@@ -155,6 +173,55 @@ if triton is not None:
                 _apply_block(t0, ids_ptr, w_ptr, valid_ptr, slot_ptr, out_ids_ptr, out_w_ptr,
                              T, K, E, s_it, s_ik, s_wt, s_wk, s_v, s_ot, HAS_VALID, BLOCK_T, K_PAD)
 
+    @triton.jit(do_not_specialize=["T"])  # one binary for every step length
+    def _route_regs_kernel(ids_ptr, w_ptr, valid_ptr, group_ptr, tau_ptr, tau_val,
+                           out_ids_ptr, out_w_ptr, T, K, E,
+                           s_it, s_ik, s_wt, s_wk, s_v, s_g, s_ot,
+                           HAS_VALID: tl.constexpr, TAU_IS_PTR: tl.constexpr, E_PAD: tl.constexpr,
+                           T_PAD: tl.constexpr, K_PAD: tl.constexpr, USE_PDL: tl.constexpr):
+        """The plan and the apply of one step in registers: every input is loaded once, up
+        front, and nothing goes through memory until the outputs are stored."""
+        pdl_wait(USE_PDL)
+        pdl_launch(USE_PDL)
+        offs_e = tl.arange(0, E_PAD)  # [EP]
+        me = offs_e < E
+        g_e = tl.load(group_ptr + offs_e * s_g, mask=me, other=-1).to(tl.int32)
+        offs_t = tl.arange(0, T_PAD)  # [TP]
+        offs_j = tl.arange(0, K_PAD)  # [KP]
+        mj = offs_j < K
+        m2 = (offs_t < T)[:, None] & mj[None, :]  # [TP, KP]
+        e_in = tl.load(ids_ptr + offs_t[:, None] * s_it + offs_j[None, :] * s_ik, mask=m2,
+                       other=-1).to(tl.int32)
+        w = tl.load(w_ptr + offs_t[:, None] * s_wt + offs_j[None, :] * s_wk, mask=m2, other=0.0)
+        live = e_in >= 0  # [TP, KP] False where shed or padding: no slot, never counted
+        e = tl.minimum(tl.maximum(e_in, 0), E - 1)  # the torch version clamps too
+        counted = live
+        if HAS_VALID:
+            v = tl.load(valid_ptr + offs_t * s_v, mask=offs_t < T, other=0) != 0  # [TP]
+            counted = counted & v[:, None]
+        # 1. counts per expert over the valid assignments
+        flat_e = tl.reshape(e, [T_PAD * K_PAD])
+        cnt = tl.histogram(flat_e, E_PAD, mask=tl.reshape(counted, [T_PAD * K_PAD]))  # [EP]
+        total = tl.sum(cnt, 0)
+        # 2. keep set: before[e] = counts of the experts ordered before e (count desc, id asc)
+        ahead = (cnt[None, :] > cnt[:, None]) | (
+            (cnt[None, :] == cnt[:, None]) & (offs_e[None, :] < offs_e[:, None]))  # [EP, EP]
+        before = tl.sum(tl.where(ahead, cnt[None, :], 0), axis=1)
+        if TAU_IS_PTR:
+            tau = tl.load(tau_ptr).to(tl.float64)
+        else:
+            tau = tl.cast(tau_val, tl.float64)  # a float argument is float32
+        kept = before.to(tl.float64) < tau * total.to(tl.float64)
+        redirected = (cnt > 0) & (kept == 0) & me  # [EP]
+        # 3. lone-member rule: a group needs >= 2 redirected members to use its united slot
+        n_red = tl.sum(((g_e[None, :] == g_e[:, None]) & redirected[None, :]).to(tl.int32), axis=1)
+        slot_of = tl.where(redirected & (n_red >= 2), E + g_e, offs_e)  # [EP]
+        # 4. apply: each assignment's slot, gathered from the table in registers
+        slot = tl.reshape(tl.gather(slot_of, flat_e, 0), [T_PAD, K_PAD])
+        slot = tl.where(m2 & live, slot, -1)
+        _merge_store(offs_t, offs_j, mj, m2, live, slot, w.to(tl.float32), valid_ptr, out_ids_ptr,
+                     out_w_ptr, T, E, s_v, s_ot, HAS_VALID)
+
     @triton.jit(do_not_specialize=["T"])
     def _apply_kernel(ids_ptr, w_ptr, valid_ptr, slot_ptr, out_ids_ptr, out_w_ptr,
                       T, K, E, s_it, s_ik, s_wt, s_wk, s_v, s_ot,
@@ -168,6 +235,12 @@ if triton is not None:
 
 def _pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
+
+
+def regs_route_fits(T: int, k: int, num_experts: int) -> bool:
+    """The register kernel's tiles hold a step of T tokens of top-k over these experts."""
+    return (max(2, _pow2(T)) * max(2, _pow2(k)) <= REGS_MAX_ASSIGNMENTS
+            and _pow2(num_experts) <= REGS_MAX_EXPERTS)
 
 
 def _plan_config(n_assign: int) -> tuple[int, int]:
@@ -189,10 +262,12 @@ def brownout_route_triton(
     valid: Optional[torch.Tensor] = None,  # [T] bool
     fused: Optional[bool] = None,  # one launch; None: by size (FUSED_MAX_ASSIGNMENTS)
     out: Optional[tuple[torch.Tensor, torch.Tensor]] = None,  # (ids, weights) [T, k] to write
+    regs: Optional[bool] = None,  # the register kernel; None: where it fits (`regs_route_fits`)
 ) -> tuple[torch.Tensor, torch.Tensor]:  # ids [T, k] (input dtype, -1 = skip), weights [T, k]
     """`brownout_route` in one or two Triton launches (see the module docstring). `out`:
     views to write instead of new tensors (unit column stride, one row stride for both); they
-    may be the inputs themselves, since every token's row is read before it is written."""
+    may be the inputs themselves, since every token's row is read before it is written.
+    `fused` applies to the plan kernel, which runs where `regs` is False or does not fit."""
     T, k = topk_ids.shape
     E = num_experts
     dev = topk_ids.device
@@ -220,10 +295,25 @@ def brownout_route_triton(
     v = valid.view(torch.uint8) if has_valid and valid.dtype == torch.bool else valid
     v = v if has_valid else scratch
     s_v = v.stride(0) if has_valid else 0
-    if fused is None:
-        fused = T * k <= FUSED_MAX_ASSIGNMENTS
     e_pad = max(2, _pow2(E))
     k_pad = max(2, _pow2(k))
+    fits = regs_route_fits(T, k, E)
+    if regs is None:
+        regs = REGS_ROUTE and fits
+    elif regs and not fits:
+        raise ValueError(f"{T} tokens of top-{k} over {E} experts exceed the register kernel's "
+                         f"{REGS_MAX_ASSIGNMENTS} padded assignments or {REGS_MAX_EXPERTS} experts")
+    if regs:
+        t_pad = max(2, _pow2(T))
+        _route_regs_kernel[(1,)](
+            topk_ids, topk_weights, v, group_of, tau_ptr, tau_val, out_ids, out_w,
+            T, k, E, topk_ids.stride(0), topk_ids.stride(1), topk_weights.stride(0),
+            topk_weights.stride(1), s_v, group_of.stride(0), out_ids.stride(0),
+            HAS_VALID=has_valid, TAU_IS_PTR=tau_is_ptr, E_PAD=e_pad, T_PAD=t_pad, K_PAD=k_pad,
+            num_warps=4 if t_pad * k_pad <= 256 and e_pad <= 64 else 8, **pdl.launch_opts(topk_ids))
+        return out_ids, out_w
+    if fused is None:
+        fused = T * k <= FUSED_MAX_ASSIGNMENTS
     block_t = min(256, 4096 // (k_pad * k_pad))  # [BT, KP, KP] tiles of <= 4K elements
     block_n, warps = _plan_config(T * k)
     strides = (topk_ids.stride(0), topk_ids.stride(1), topk_weights.stride(0),

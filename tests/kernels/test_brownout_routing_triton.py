@@ -58,17 +58,17 @@ def make_case(T, E, k, way, shape, seed, with_valid, device=DEVICE):
     return to(ids.to(torch.int32)), to(w.float()), to(group_of), to(valid)
 
 
-def check(ids, w, tau, group_of, E, valid, fused=None):
+def check(ids, w, tau, group_of, E, valid, fused=None, regs=None):
     """Triton == torch version on the same inputs; returns the torch outputs."""
     ref_ids, ref_w = brownout_route_torch(ids, w, tau, group_of, E, valid)
-    out_ids, out_w = bt.brownout_route_triton(ids, w, tau, group_of, E, valid, fused=fused)
+    out_ids, out_w = bt.brownout_route_triton(ids, w, tau, group_of, E, valid, fused=fused, regs=regs)
     assert out_ids.dtype == ids.dtype and out_w.dtype == w.dtype
     assert torch.equal(out_ids, ref_ids), (out_ids, ref_ids)
     torch.testing.assert_close(out_w, ref_w, atol=1e-6, rtol=0)
     return ref_ids, ref_w
 
 
-def run_grid(E, k, T, ways, with_valids, seed0=0):
+def run_grid(E, k, T, ways, with_valids, seed0=0, regs=None):
     """Every tau and routing shape for the given ways and valid-mask settings."""
     redirected = 0
     for wi, way in enumerate(ways):
@@ -77,7 +77,7 @@ def run_grid(E, k, T, ways, with_valids, seed0=0):
                 case = make_case(T, E, k, way, shape, seed0 + 100 * wi + 10 * vi + si, with_valid)
                 for tau in TAUS:
                     tau_t = torch.tensor(tau, dtype=torch.float32, device=DEVICE)
-                    ref_ids, _ = check(*case[:2], tau_t, case[2], E, case[3])
+                    ref_ids, _ = check(*case[:2], tau_t, case[2], E, case[3], regs=regs)
                     redirected += int((ref_ids >= E).sum())
     return redirected
 
@@ -95,6 +95,26 @@ def test_small_grid(E, k, T, way, with_valid):
 
 
 @needs_kernels
+@pytest.mark.parametrize("regs", [True, False])
+@pytest.mark.parametrize("E,k,T,way", [(60, 4, 64, 4), (8, 8, 33, 2), (128, 2, 5, 8)])
+def test_register_kernel_and_plan_kernel_match_torch(E, k, T, way, regs):
+    """Decode-sized steps route in the register kernel by default; the plan kernel, which
+    takes the larger steps, gives the same outputs on them."""
+    assert bt.regs_route_fits(T, k, E)
+    redirected = run_grid(E, k, T, (way,), (True,), seed0=E * k + T, regs=regs)
+    assert redirected > 0
+
+
+@needs_kernels
+def test_register_kernel_refuses_steps_past_its_tiles():
+    assert not bt.regs_route_fits(300, 4, 60) and not bt.regs_route_fits(4, 4, 256)
+    ids, w, group_of, valid = make_case(300, 60, 4, 4, "skew", 3, True)
+    with pytest.raises(ValueError, match="register kernel"):
+        bt.brownout_route_triton(ids, w, 0.5, group_of, 60, valid, regs=True)
+    check(ids, w, 0.5, group_of, 60, valid)  # the default takes the plan kernel there
+
+
+@needs_kernels
 @pytest.mark.parametrize("fused", [True, False])
 def test_one_and_two_launches(fused):
     ids, w, group_of, valid = make_case(300, 60, 4, 4, "skew", 1, True)
@@ -103,19 +123,19 @@ def test_one_and_two_launches(fused):
 
 
 @needs_kernels
-@pytest.mark.parametrize("fused", [True, False])
-def test_in_place_on_the_first_k_columns_of_a_wider_output(fused):
+@pytest.mark.parametrize("T,fused,regs", [(300, True, None), (300, False, None), (64, None, True)])
+def test_in_place_on_the_first_k_columns_of_a_wider_output(T, fused, regs):
     """`out` = the inputs' own views, the first k columns of a [T, k + 4] routing output (a
     folded shared expert's columns after them): the same result as new tensors, the extra
     columns untouched."""
-    T, E, k, n = 300, 60, 4, 4
+    E, k, n = 60, 4, 4
     ids, w, group_of, valid = make_case(T, E, k, 4, "skew", 2, True)
     wide_ids = torch.cat([ids, torch.arange(E + 15, E + 15 + n, dtype=ids.dtype, device=DEVICE).expand(T, n)], 1)
     wide_w = torch.cat([w, torch.full((T, n), 0.5, device=DEVICE)], 1)
     tau = torch.tensor(0.4, device=DEVICE)
     ref_ids, ref_w = brownout_route_torch(ids, w, tau, group_of, E, valid)
     views = (wide_ids[:, :k], wide_w[:, :k])
-    got = bt.brownout_route_triton(*views, tau, group_of, E, valid, fused=fused, out=views)
+    got = bt.brownout_route_triton(*views, tau, group_of, E, valid, fused=fused, out=views, regs=regs)
     assert got[0].data_ptr() == wide_ids.data_ptr()
     assert torch.equal(wide_ids[:, :k], ref_ids)
     torch.testing.assert_close(wide_w[:, :k], ref_w, atol=1e-6, rtol=0)
@@ -181,11 +201,12 @@ def test_availability_limits():
 # ----------------------------------------------------------------------------- GPU
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("regs", [None, False])
 @pytest.mark.parametrize("T", [1, 7, 64, 300])
 @pytest.mark.parametrize("k", [2, 4, 8])
 @pytest.mark.parametrize("E", [8, 60, 64, 128])
-def test_full_grid(E, k, T):
-    redirected = run_grid(E, k, T, (2, 4, 8), (False, True), seed0=1000 * E + 10 * k + T)
+def test_full_grid(E, k, T, regs):
+    redirected = run_grid(E, k, T, (2, 4, 8), (False, True), seed0=1000 * E + 10 * k + T, regs=regs)
     assert T == 1 or redirected > 0
 
 
@@ -202,7 +223,7 @@ def test_large_steps(E, k, T):
 def test_dispatcher_uses_triton_on_cuda(monkeypatch):
     calls = []
     real = bt.brownout_route_triton
-    monkeypatch.setattr(bt, "brownout_route_triton", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(bt, "brownout_route_triton", lambda *a, **kw: calls.append(1) or real(*a, **kw))
     ids, w, group_of, valid = make_case(64, 60, 4, 4, "skew", 7, True)
     a = brownout_routing.brownout_route(ids, w, torch.tensor(0.5, device="cuda"), group_of, 60, valid)
     b = brownout_route_torch(ids, w, torch.tensor(0.5, device="cuda"), group_of, 60, valid)

@@ -198,7 +198,8 @@ def test_every_step_kernel_takes_pdl():
     names = {n.name for _, n, _ in KERNELS}
     for name in ("_skinny_kernel", "_qkv_rope_kernel", "_gate_up_kernel", "_down_kernel", "_attn_kernel", "_merge_kernel",
                  "_rope_write_kv_kernel", "_add_rms_norm_kernel", "_add_slots_rms_norm_kernel",
-                 "_topk_kernel", "_router_topk_kernel", "_align_small_kernel", "_plan_kernel"):
+                 "_topk_kernel", "_router_topk_kernel", "_align_small_kernel", "_plan_kernel",
+                 "_route_regs_kernel"):
         assert name in names
 
 
