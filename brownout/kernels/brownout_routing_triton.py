@@ -107,6 +107,17 @@ if triton is not None:
         tl.store(out_ids_ptr + out, new_id.to(out_ids_ptr.dtype.element_ty), mask=m2)
         tl.store(out_w_ptr + out, new_w.to(out_w_ptr.dtype.element_ty), mask=m2)
 
+    @triton.jit
+    def _redirected(before, total, cnt, me, tau_ptr, tau_val, TAU_IS_PTR: tl.constexpr):
+        """Experts outside the keep set (before < tau * total, in float64 on integers, as the
+        torch version) that have assignments to redirect."""
+        if TAU_IS_PTR:
+            tau = tl.load(tau_ptr).to(tl.float64)
+        else:
+            tau = tl.cast(tau_val, tl.float64)  # a float argument is float32
+        kept = before.to(tl.float64) < tau * total.to(tl.float64)
+        return (cnt > 0) & (kept == 0) & me
+
     @triton.jit(do_not_specialize=["T"])  # one binary for every step length
     def _plan_kernel(ids_ptr, w_ptr, valid_ptr, group_ptr, tau_ptr, tau_val, scratch_ptr,
                      out_ids_ptr, out_w_ptr, T, K, E,
@@ -149,12 +160,7 @@ if triton is not None:
             ahead = (c_c[None, :] > c_e[:, None]) | (
                 (c_c[None, :] == c_e[:, None]) & (offs_c[None, :] < offs_e[:, None]))  # [EP, CH]
             before += tl.sum(tl.where(ahead, c_c[None, :], 0), axis=1)
-        if TAU_IS_PTR:
-            tau = tl.load(tau_ptr).to(tl.float64)
-        else:
-            tau = tl.cast(tau_val, tl.float64)  # a float argument is float32
-        kept = before.to(tl.float64) < tau * total.to(tl.float64)
-        redirected = (c_e > 0) & (kept == 0) & me  # [EP]
+        redirected = _redirected(before, total, c_e, me, tau_ptr, tau_val, TAU_IS_PTR)  # [EP]
         g_e = tl.load(group_ptr + offs_e * s_g, mask=me, other=-1).to(tl.int32)
         tl.store(red_ptr + offs_e, redirected.to(tl.int32), mask=me)
         tl.debug_barrier()
@@ -207,12 +213,7 @@ if triton is not None:
         ahead = (cnt[None, :] > cnt[:, None]) | (
             (cnt[None, :] == cnt[:, None]) & (offs_e[None, :] < offs_e[:, None]))  # [EP, EP]
         before = tl.sum(tl.where(ahead, cnt[None, :], 0), axis=1)
-        if TAU_IS_PTR:
-            tau = tl.load(tau_ptr).to(tl.float64)
-        else:
-            tau = tl.cast(tau_val, tl.float64)  # a float argument is float32
-        kept = before.to(tl.float64) < tau * total.to(tl.float64)
-        redirected = (cnt > 0) & (kept == 0) & me  # [EP]
+        redirected = _redirected(before, total, cnt, me, tau_ptr, tau_val, TAU_IS_PTR)  # [EP]
         # 3. lone-member rule: a group needs >= 2 redirected members to use its united slot
         n_red = tl.sum(((g_e[None, :] == g_e[:, None]) & redirected[None, :]).to(tl.int32), axis=1)
         slot_of = tl.where(redirected & (n_red >= 2), E + g_e, offs_e)  # [EP]

@@ -217,7 +217,9 @@ def test_lookup_config_serves_other_slot_counts_of_the_same_shape():
 
 @needs_kernels
 def test_committed_configs_are_valid():
-    files = sorted(fm.CONFIG_DIR.glob("*.json"))
+    # the folder also holds the decode attention tables (attention_<device>.json, checked in
+    # test_paged_attention.py)
+    files = sorted(p for p in fm.CONFIG_DIR.glob("*.json") if not p.name.startswith("attention_"))
     if not files:
         pytest.skip("no tuned configs committed")
     required = {"BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_stages"}

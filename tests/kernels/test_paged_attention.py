@@ -7,7 +7,9 @@ context shows; the output is poisoned with NaN before each call.
 
 from __future__ import annotations
 
+import json
 import math
+import re
 
 import pytest
 import torch
@@ -142,6 +144,37 @@ def test_pick_tiles_takes_the_smallest_swept_batch_that_covers():
     assert pick_tiles(entries, 64) == {"block_n": 64}
     assert pick_tiles(entries, 500) == {"block_n": 64}  # past the sweep: its largest batch
     assert pick_tiles([], 4) == {}
+
+
+def committed_tables():
+    """(file name, key, entry) of every committed decode attention table."""
+    from brownout.kernels import paged_attention
+    out = []
+    for path in sorted(paged_attention.CONFIG_DIR.glob("attention_*.json")):
+        for key, entries in json.loads(path.read_text()).items():
+            out += [(path.name, key, e) for e in entries]
+    return out
+
+
+def test_committed_attention_tables_are_well_formed():
+    from brownout.kernels.paged_attention import TILE_KEYS
+    rows = committed_tables()
+    if not rows:
+        pytest.skip("no decode attention tables committed")
+    for name, key, e in rows:
+        assert re.fullmatch(r"G=\d+,D=\d+,block=\d+,dtype=\w+", key), (name, key)
+        assert set(e) <= set(TILE_KEYS) | {"max_batch"} and e["max_batch"] >= 1, (name, e)
+        assert e.get("block_n", 16) >= 16 and e.get("block_n", 16) & (e.get("block_n", 16) - 1) == 0
+        assert 1 <= e.get("num_splits", 1) <= 64 and 1 <= e.get("num_stages", 1) <= 5
+        assert e.get("num_warps", 4) in (1, 2, 4, 8, 16)
+
+
+@needs_kernels
+@pytest.mark.parametrize("entry", [e for _, _, e in committed_tables()] or [{}])
+def test_committed_tiles_give_the_same_attention(entry):
+    """Each installed entry's tiles (all but the batch bound) on a small decode batch."""
+    tiles = {k: v for k, v in entry.items() if k != "max_batch"}
+    check([5, 70, 33, 1], [1, 1, 1, 1], 4, 4, 32, 8, torch.float32, seed=7, tiles=tiles)
 
 
 @needs_kernels
