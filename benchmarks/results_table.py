@@ -29,8 +29,8 @@ HEADLINE_RUNS = ("headline_h200_run15", "headline_h200_run16", "headline_h200_ru
 DECODE_RUN = "engine_h200_run16"
 # the page rendered from that run (benchmarks/variant_tables.py)
 DECODE_PAGE = "engine_h200_pdl"
-# the latest engine runs of brownout at tau < 1 (three processes of today's kernels, brownout
-# stage; no loop stage), and their page
+# the engine runs of brownout at tau < 1 on the kernels of commit 3516241 (three processes,
+# brownout stage; no loop stage), and their page
 BROWNOUT_RUNS = ("engine_h200_run24_regs1", "engine_h200_run24_regs2", "engine_h200_run24_regs3")
 BROWNOUT_PAGE = "engine_h200_regs_route_run24"
 # engine runs with both H200 tile tables (tau 1 and the crowded tau 0 one)

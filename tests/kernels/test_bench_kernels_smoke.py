@@ -88,6 +88,10 @@ def test_attention_sweep_smoke_writes_the_table_decode_tiles_reads(tmp_path):
     table = json.loads((tmp_path / "attention_smoke.json").read_text())
     entries = table["G=1,D=32,block=16,dtype=bfloat16"]
     winners = {b["batch"]: b["best"] for b in raw["batches"]}
+    # one entry a swept batch: its winner's tiles and the batch as its bound
+    assert sorted((e["max_batch"], json.dumps({k: v for k, v in e.items() if k != "max_batch"},
+                                              sort_keys=True)) for e in entries) == \
+        [(b, json.dumps(winners[b], sort_keys=True)) for b in (1, 2)]
     probe = ("import json, sys; from brownout.kernels.paged_attention import pick_tiles; "
              "t = json.loads(sys.argv[1]); print(json.dumps([pick_tiles(t, b) for b in (1, 2, 9)]))")
     out = subprocess.run([sys.executable, "-c", probe, json.dumps(entries)], check=True, env=ENV,

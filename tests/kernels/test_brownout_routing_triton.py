@@ -31,7 +31,7 @@ def test_cpu_suite_in_fresh_process():
 
 
 TAUS = (0.0, 0.3, 0.5, 0.8, 1.0)
-SHAPES = ("skew", "uniform", "ties", "shuffled")
+SHAPES = ("skew", "uniform", "ties", "shuffled", "shed")
 
 
 def make_case(T, E, k, way, shape, seed, with_valid, device=DEVICE):
@@ -39,8 +39,9 @@ def make_case(T, E, k, way, shape, seed, with_valid, device=DEVICE):
 
     skew: a few hot experts; uniform: iid logits; ties: round-robin ids, so every count
     ties and tau * total lands exactly on cumulative counts; shuffled: skewed routing with
-    a non-contiguous grouping. Groups are contiguous elsewhere (last one smaller when way
-    does not divide E)."""
+    a non-contiguous grouping; shed: skewed routing with each token's last columns shed (-1,
+    weight 0), as expert shedding leaves them. Groups are contiguous elsewhere (last one
+    smaller when way does not divide E)."""
     g = torch.Generator().manual_seed(seed)
     group_of = contiguous_groups(E, way)
     if shape == "ties":
@@ -48,11 +49,15 @@ def make_case(T, E, k, way, shape, seed, with_valid, device=DEVICE):
         w = torch.rand(T, k, generator=g)
     else:
         logits = torch.randn(T, E, generator=g)  # [T, E]
-        if shape in ("skew", "shuffled"):
+        if shape in ("skew", "shuffled", "shed"):
             logits = logits + 3.0 * torch.randn(E, generator=g)
         w, ids = torch.topk(torch.softmax(logits, -1), k)
         if shape == "shuffled":
             group_of = group_of[torch.randperm(E, generator=g)]
+        if shape == "shed":  # expert shedding: each token's last columns -1 with weight 0
+            kept = torch.randint(1, k + 1, (T, 1), generator=g)
+            gone = torch.arange(k)[None, :] >= kept
+            ids, w = ids.masked_fill(gone, -1), w.masked_fill(gone, 0.0)
     valid = torch.rand(T, generator=g) > 0.3 if with_valid else None
     to = lambda x: None if x is None else x.to(device)  # noqa: E731
     return to(ids.to(torch.int32)), to(w.float()), to(group_of), to(valid)

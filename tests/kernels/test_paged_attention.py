@@ -286,3 +286,30 @@ def test_no_host_sync_and_graph_capture_gpu():
     graph.replay()
     ref = reference(q, kc, vc, tables, lens, qsl, 0.1)
     assert ((out.cpu().double() - ref).norm() / ref.norm()).item() < TOL[torch.bfloat16]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("batch", [1, 16, 64])
+def test_table_tiles_under_graph_capture_gpu(batch):
+    """The device table's tiles (splits, the one-row path, the heads-first grid, by batch) on
+    the shape they were swept for, captured once and replayed over shorter contexts."""
+    dev = torch.device("cuda")
+    tiles = pa.decode_tiles(batch, 1, 128, 16, torch.bfloat16, dev)
+    if not tiles:
+        pytest.skip(f"no decode attention table for {torch.cuda.get_device_name()}")
+    g = torch.Generator().manual_seed(batch)
+    seq_lens = torch.randint(200, 700, (batch,), generator=g).tolist()
+    q, kc, vc, tables, lens, qsl = make_batch(seq_lens, [1] * batch, 16, 16, 128, 16,
+                                              torch.bfloat16, batch)
+    out = torch.empty_like(q)
+    pa.paged_attention(q, kc, vc, tables, lens, qsl, 1, 0.1, out=out)  # compile outside capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        pa.paged_attention(q, kc, vc, tables, lens, qsl, 1, 0.1, out=out)
+    lens.sub_(torch.randint(0, 150, (batch,), generator=g, dtype=torch.int32).to(dev))
+    out.fill_(float("nan"))
+    graph.replay()
+    ref = reference(q, kc, vc, tables, lens, qsl, 0.1)
+    assert ((out.cpu().double() - ref).norm() / ref.norm()).item() < TOL[torch.bfloat16], tiles
+
