@@ -69,7 +69,7 @@ MIN_HEAD_DIM = 16  # a head's rows are the M side of the main loop's tl.dot, whi
 MAX_HEAD_DIM = 128  # the largest head tile whose sm_90 build fits registers (no spills)
 MIN_HEAD_BLOCK_K = 32  # a head tile's columns per loop step: 64 bytes of each bf16 row, two DRAM sectors
 HEAD_TILE_8_WARPS = 24 << 10  # bytes of a head tile's loop step (weight and x) and accumulator above
-#                               which it runs 8 warps: 4 warps spill registers on sm_90 at 32 KiB
+#                               which it takes 8 warps: 4 warps spill registers on sm_90 at 32 KiB
 
 
 ENABLED = os.environ.get(ENV, "1") != "0"  # read once: DecodeLinear asks on every call
