@@ -65,18 +65,6 @@ def variants(batch: int, smoke: bool) -> list[dict]:
     return out
 
 
-def walk_variants(batch: int, smoke: bool) -> list[dict]:
-    """The walk (`paged_attention` tiles `walk`: programs an SM, each walking a run of items in
-    one pipelined loop) at the KV tiles and stages that fit one, two or three programs an SM."""
-    if smoke:
-        return [{"walk": 1, "block_n": 16}]
-    if batch * HEADS < SMALL_PROGRAMS // 2:
-        return []  # fewer items than SMs: nothing to walk, and the split path serves them
-    shapes = ((1, 64, 3), (1, 64, 4), (1, 128, 2), (1, 128, 3), (1, 32, 4),
-              (2, 64, 2), (2, 64, 3), (2, 32, 4), (3, 64, 2))
-    return [{"walk": w, "block_n": bn, "num_stages": st, "num_warps": 4} for w, bn, st in shapes]
-
-
 def split_variants(best: dict, batch: int, smoke: bool) -> list[dict]:
     """The best tiles at other context splits, where a batch leaves the GPU short of programs."""
     if smoke:
@@ -147,10 +135,7 @@ def measure(case: Case, tiles: dict, ref: torch.Tensor, smoke: bool) -> dict:
     return row
 
 
-def sweep_batch(batch: int, device: str, bw: float, smoke: bool, deadline: float,
-                family: str = "all") -> dict:
-    """family "all": every variant; "walk": the device table's entry for this batch and the
-    walk variants (a sweep of the walk alone against what the table holds)."""
+def sweep_batch(batch: int, device: str, bw: float, smoke: bool, deadline: float) -> dict:
     heads, dh = (2, 32) if smoke else (HEADS, HEAD_DIM)
     contexts = (64,) if smoke else CONTEXTS
     cases = [Case(batch, c, heads, dh, device, smoke) for c in contexts]
@@ -171,19 +156,13 @@ def sweep_batch(batch: int, device: str, bw: float, smoke: bool, deadline: float
         return math.exp(statistics.fmean(math.log(x) for x in ratios))
 
     best, best_score = {}, 1.0
-    if family == "walk":
-        table = {} if smoke else pa._device_tiles(torch.cuda.get_device_name())
-        held = pa.pick_tiles(table.get(pa.tiles_key(1, dh, KV_BLOCK, torch.bfloat16), []), batch)
-        candidates = ([held] if held else []) + walk_variants(batch, smoke)
-    else:
-        candidates = variants(batch, smoke) + walk_variants(batch, smoke)
-    for tiles in candidates:
+    for tiles in variants(batch, smoke):
         if time.monotonic() > deadline:
             break
         s = score(tiles)
         if s is not None and s < best_score:
             best, best_score = tiles, s
-    for tiles in ([] if best.get("walk") else split_variants(best, batch, smoke)):
+    for tiles in split_variants(best, batch, smoke):
         if time.monotonic() > deadline:
             break
         s = score(tiles)
@@ -237,8 +216,6 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--budget-s", type=float, default=150, help="wall time for the sweep")
     ap.add_argument("--batches", type=lambda v: [int(x) for x in v.split(",")], default=None)
-    ap.add_argument("--family", choices=("all", "walk"), default="all",
-                    help="walk: only the walk variants, against the device table's entries")
     ap.add_argument("--smoke", action="store_true")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -257,8 +234,7 @@ def main(argv: list[str] | None = None) -> dict:
     batches = args.batches or ([1, 2] if smoke else list(BATCHES))
     deadline = time.monotonic() + args.budget_s
     for batch in batches:  # past the deadline a batch gets its default timed, no sweep
-        res["batches"].append(sweep_batch(batch, device, res["copy_bw_gbs"], smoke, deadline,
-                                          args.family))
+        res["batches"].append(sweep_batch(batch, device, res["copy_bw_gbs"], smoke, deadline))
         if not smoke:
             torch.cuda.empty_cache()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -266,10 +242,6 @@ def main(argv: list[str] | None = None) -> dict:
         json.dump(res, f, indent=1)
     (args.out / "attention.md").write_text(table_md(res))
     table = device_table(res)
-    if args.family == "walk" and not smoke:  # the batches not swept keep the table's entries
-        key, swept = next(iter(table)), {b["batch"] for b in res["batches"]}
-        held = pa._device_tiles(name).get(key, [])
-        table[key] = [e for e in held if e["max_batch"] not in swept] + table[key]
     with open(args.out / pa.tiles_file(name).name, "w") as f:
         json.dump(table, f, indent=1)
     return res

@@ -6,7 +6,7 @@
 # Parts: tests (GPU tests of the engine and kernels), engine (bench_engine stages in
 # $ENGINE_STAGES, more flags in $ENGINE_EXTRA, an older package tree in $ENGINE_TREE), kernels (fused MoE tile sweep at $KERNEL_TOKENS; KERNEL_EXTRA=--crowded
 # for the tau = 0 case), install (that table into brownout/kernels/configs for the later
-# parts), attention (the decode attention tile sweep, more flags in $ATTN_EXTRA, installed for the later parts), topk (the fused router top-k vs the torch ops), skinny (the decode-size linear
+# parts), attention (the decode attention tile sweep, installed for the later parts), topk (the fused router top-k vs the torch ops), skinny (the decode-size linear
 # kernel vs cuBLAS; BROWNOUT_SKINNY_GEMM=0 with the engine part times the step without it), align (the small and sorted aligns vs
 # the atomics one; BROWNOUT_SMALL_ALIGN=0 / BROWNOUT_SORT_ALIGN=0 with the engine part time the step without them; BROWNOUT_PDL=0
 # without programmatic dependent launch), headline (benchmarks/headline.py),
@@ -74,7 +74,7 @@ for part in ${parts//,/ }; do
         | tee "$work/skinny.log" | tail -30 ;;
     attention)  # the decode attention tile sweep; its table goes into brownout/kernels/configs
       timeout ${ATTN_S:-300} python3 benchmarks/bench_attention.py --out "$work/attention" \
-        --budget-s ${ATTN_BUDGET_S:-180} ${ATTN_EXTRA:-} 2>&1 | tee "$work/attention.log" | tail -12
+        --budget-s ${ATTN_BUDGET_S:-180} 2>&1 | tee "$work/attention.log" | tail -12
       cp -v "$work"/attention/attention_NVIDIA*.json brownout/kernels/configs/ ;;
     topk)  # the one-launch router top-k against the torch ops, inside CUDA graphs
       timeout ${TOPK_S:-120} python3 benchmarks/bench_routing_topk.py --out "$work/topk" 2>&1 \

@@ -56,30 +56,6 @@ if triton is not None:
             hi = tl.where(start <= pid, hi, mid - 1)
         return lo, pid - (tl.load(qsl_ptr + lo) // BLOCK_Q + lo)
 
-    @triton.jit
-    def _kv_tile(q, k, v, keep, m_i, l_i, acc, scale_log2, BLOCK_M: tl.constexpr,
-                 DOT_F32: tl.constexpr, PRECISION: tl.constexpr):
-        # one KV tile of the online softmax: q [BM, BD], k [BD, BN], v [BN, BD], keep [BM, BN]
-        # (the keys each row sees); returns the running max, sum and unnormalised output
-        if DOT_F32:
-            k, v = k.to(tl.float32), v.to(tl.float32)
-        if BLOCK_M == 1:  # one query row: products and sums, no padded tensor-core tile
-            s = tl.sum(q.to(tl.float32)[:, :, None] * k.to(tl.float32)[None, :, :], 1)
-            s = s * scale_log2  # [1, BN], log2 domain
-        else:
-            s = tl.dot(q, k, input_precision=PRECISION) * scale_log2  # [BM, BN], log2 domain
-        s = tl.where(keep, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no key yet
-        p = tl.exp2(s - m_use[:, None])
-        alpha = tl.exp2(m_i - m_use)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        if BLOCK_M == 1:
-            acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v.to(tl.float32)[None, :, :], 1)
-        else:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        return m_new, l_i, acc
-
     # per-step sizes are not specialised on: one binary, no compile while serving
     @triton.jit(do_not_specialize=["n_q_tiles", "T", "B", "q_len_lo", "q_len_hi"])
     def _attn_kernel(q_ptr, k_ptr, v_ptr, out_ptr, part_acc_ptr, part_ml_ptr,
@@ -143,9 +119,24 @@ if triton is not None:
             v_off = blk * stride_vb + (pos % KV_BLOCK) * stride_vs + kvh * stride_vh
             v = tl.load(v_ptr + v_off[:, None] + d[None, :], mask=pos_ok[:, None] & d_ok[None, :],
                         other=0.0)  # [BN, BD]
-            keep = pos_ok[None, :] & (pos[None, :] <= q_pos[:, None])
-            m_i, l_i, acc = _kv_tile(q, k, v, keep, m_i, l_i, acc, scale_log2, BLOCK_M, DOT_F32,
-                                     PRECISION)
+            if DOT_F32:
+                k, v = k.to(tl.float32), v.to(tl.float32)
+            if BLOCK_M == 1:  # one query row: products and sums, no padded tensor-core tile
+                s = tl.sum(q.to(tl.float32)[:, :, None] * k.to(tl.float32)[None, :, :], 1)
+                s = s * scale_log2  # [1, BN], log2 domain
+            else:
+                s = tl.dot(q, k, input_precision=PRECISION) * scale_log2  # [BM, BN], log2 domain
+            s = tl.where(pos_ok[None, :] & (pos[None, :] <= q_pos[:, None]), s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no key yet
+            p = tl.exp2(s - m_use[:, None])
+            alpha = tl.exp2(m_i - m_use)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            if BLOCK_M == 1:
+                acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v.to(tl.float32)[None, :, :], 1)
+            else:
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+            m_i = m_new
         pdl_launch(USE_PDL)
         t_row = (q_start + qi).to(tl.int64)
         st_ok = row_ok[:, None] & d_ok[None, :]
@@ -159,97 +150,6 @@ if triton is not None:
             tl.store(part_acc_ptr + row[:, None] * HEAD_DIM + d[None, :], acc, mask=st_ok)
             tl.store(part_ml_ptr + row * 2, m_i, mask=row_ok)
             tl.store(part_ml_ptr + row * 2 + 1, l_i, mask=row_ok)
-
-    @triton.jit
-    def _first_item(x, starts, n_tiles, total, Hkv):
-        # the first tile of the first item (one sequence's one KV head) that starts at or after
-        # tile x of the step's walk, `total` when none does; items of sequence b start at
-        # starts[b] + h * n_tiles[b]
-        h = tl.cdiv(tl.maximum(x - starts, 0), tl.maximum(n_tiles, 1))
-        first = tl.where((n_tiles > 0) & (h < Hkv), starts + h * n_tiles, total)
-        return tl.min(first, 0)
-
-    # per-step sizes are not specialised on: one binary, no compile while serving
-    @triton.jit(do_not_specialize=["B", "Hkv"])
-    def _attn_decode_walk_kernel(q_ptr, k_ptr, v_ptr, out_ptr, block_tables_ptr, seq_lens_ptr,
-                                 qsl_ptr, scale_log2, B, Hkv,
-                                 stride_qt, stride_qh, stride_kb, stride_ks, stride_kh,
-                                 stride_vb, stride_vs, stride_vh, stride_bt, stride_ot, stride_oh,
-                                 G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                                 KV_BLOCK: tl.constexpr, B_PAD: tl.constexpr, DOT_F32: tl.constexpr,
-                                 PRECISION: tl.constexpr, USE_PDL: tl.constexpr):
-        # A decode step (one query token a sequence) as one walk over every (sequence, KV head,
-        # KV tile), sequence-major and head-major inside a sequence. Each program takes a run of
-        # whole items (one sequence's one KV head) holding about 1 / programs of the walk's
-        # tiles, and its one loop runs over its tiles across item boundaries, so the load
-        # pipeline fills once a program, not once an item.
-        pdl_wait(USE_PDL)
-        pid = tl.program_id(0)
-        n_prog = tl.num_programs(0)
-        bs = tl.arange(0, B_PAD)
-        b_ok = bs < B
-        q_first = tl.load(qsl_ptr + bs, mask=b_ok, other=0)
-        q_lens = tl.load(qsl_ptr + bs + 1, mask=b_ok, other=0) - q_first
-        lens = tl.load(seq_lens_ptr + bs, mask=b_ok, other=0)
-        # a sequence without a query token this step has no items; one with an empty context
-        # still gets one (fully masked) tile, so that its rows are written as `_attn_kernel` does
-        n_tiles = tl.where(b_ok & (q_lens > 0), tl.maximum(tl.cdiv(lens, BLOCK_N), 1), 0)
-        seq_tiles = n_tiles * Hkv
-        ends = tl.cumsum(seq_tiles, 0)
-        starts = ends - seq_tiles
-        total = tl.sum(seq_tiles, 0)
-        g_lo = _first_item((pid.to(tl.int64) * total // n_prog).to(tl.int32), starts, n_tiles, total, Hkv)
-        g_hi = _first_item(((pid + 1).to(tl.int64) * total // n_prog).to(tl.int32), starts, n_tiles,
-                           total, Hkv)
-        r = tl.arange(0, BLOCK_M)  # rows: the G query heads of the item's KV head
-        row_ok = r < G
-        d = tl.arange(0, BLOCK_D)
-        d_ok = d < HEAD_DIM
-        st_ok = row_ok[:, None] & d_ok[None, :]
-        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-        l_i = tl.zeros([BLOCK_M], tl.float32)
-        acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-        for g in range(g_lo, g_hi):
-            # tile g of the walk: its sequence b, KV head kvh, and tile t of that item, from the
-            # step's per-sequence vectors (no loop-carried position, so loads run ahead freely)
-            b = tl.sum((ends <= g).to(tl.int32), 0)
-            sel = bs == b
-            b_start = tl.sum(tl.where(sel, starts, 0), 0)
-            b_tiles = tl.maximum(tl.sum(tl.where(sel, n_tiles, 0), 0), 1)
-            seq_len = tl.sum(tl.where(sel, lens, 0), 0)
-            q_row = tl.sum(tl.where(sel, q_first, 0), 0).to(tl.int64)
-            kvh = (g - b_start) // b_tiles
-            t = g - b_start - kvh * b_tiles
-            head = kvh * G + r
-            q = tl.load(q_ptr + q_row * stride_qt + head[:, None] * stride_qh + d[None, :],
-                        mask=st_ok, other=0.0)  # [BM, BD]
-            if DOT_F32:  # the interpreter's bf16 dot is wrong; upcast there only
-                q = q.to(tl.float32)
-            pos = t * BLOCK_N + tl.arange(0, BLOCK_N)
-            pos_ok = pos < seq_len  # the query is the context's last token: it sees every key
-            blk = tl.load(block_tables_ptr + b.to(tl.int64) * stride_bt + pos // KV_BLOCK,
-                          mask=pos_ok, other=0).to(tl.int64)
-            k_off = blk * stride_kb + (pos % KV_BLOCK) * stride_ks + kvh * stride_kh
-            k = tl.load(k_ptr + k_off[None, :] + d[:, None], mask=pos_ok[None, :] & d_ok[:, None],
-                        other=0.0)  # [BD, BN]
-            v_off = blk * stride_vb + (pos % KV_BLOCK) * stride_vs + kvh * stride_vh
-            v = tl.load(v_ptr + v_off[:, None] + d[None, :], mask=pos_ok[:, None] & d_ok[None, :],
-                        other=0.0)  # [BN, BD]
-            # an item's first tile starts a fresh softmax
-            new_item = t == 0
-            m_i = tl.where(new_item, float("-inf"), m_i)
-            l_i = tl.where(new_item, 0.0, l_i)
-            acc = tl.where(new_item, 0.0, acc)
-            keep = pos_ok[None, :] & row_ok[:, None]
-            m_i, l_i, acc = _kv_tile(q, k, v, keep, m_i, l_i, acc, scale_log2, BLOCK_M, DOT_F32,
-                                     PRECISION)
-            if t == b_tiles - 1:  # the item's last tile: its rows are done
-                o = acc / l_i[:, None]
-                o_off = q_row * stride_ot + head * stride_oh
-                tl.store(out_ptr + o_off[:, None] + d[None, :], o.to(out_ptr.dtype.element_ty),
-                         mask=st_ok)
-        pdl_launch(USE_PDL)
 
     # per-step sizes are not specialised on: one binary, no compile while serving
     @triton.jit(do_not_specialize=["T"])
@@ -353,10 +253,7 @@ def _sm_count(index: int) -> int:
 # ----------------------------------------------------------------------------- decode tiles
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
-TILE_KEYS = ("block_n", "num_stages", "num_warps", "num_splits", "vec", "heads_first", "walk")  # what a table entry sets
-# the walk's programs without a GPU to size them by: more than one, and an uneven share of
-# items each, so that the interpreter's runs cross program and item boundaries
-WALK_INTERPRETED_PROGRAMS = 3
+TILE_KEYS = ("block_n", "num_stages", "num_warps", "num_splits", "vec", "heads_first")  # what a table entry sets
 
 
 def tiles_key(group: int, head_dim: int, kv_block: int, dtype: torch.dtype) -> str:
@@ -421,8 +318,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     max_query_len a host int (an upper bound is fine); num_splits overrides the context
     split; tiles overrides a decode step's tuned tiles (`decode_tiles`; keys `TILE_KEYS`,
     `vec` for the one-row path without tensor cores, which needs one query head per KV head,
-    `heads_first` for the grid that walks the KV heads first, `walk` for `walk` programs an SM
-    each walking a run of (sequence, KV head) items in one pipelined loop, no split);
+    `heads_first` for the grid that walks the KV heads first);
     out [T, Hq, Dh] optional (a static buffer for graph capture)."""
     T, Hq, Dh = q.shape
     _, block_size, Hkv, _ = k_cache.shape
@@ -452,13 +348,6 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         if tiles.get("vec") and G == 1:
             block_m = 1
         heads_first = bool(tiles.get("heads_first"))
-        walk = int(tiles.get("walk") or 0)
-        if walk and num_splits not in (None, 1):
-            raise ValueError(f"a walk ({walk} programs an SM) does not split the context "
-                             f"(num_splits {num_splits})")
-        if walk:
-            return _decode_walk(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale,
-                                out, walk, block_n, block_m, stages, warps)
     elif tiles:
         raise ValueError("tiles apply to decode steps (max_query_len 1) only")
     # with long and short queries in one step (a prefill beside decodes), per-sequence
@@ -505,31 +394,6 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         _merge_kernel[(T, Hq)](part_acc, part_ml, out, T, Hq, out.stride(0), out.stride(1),
                                HEAD_DIM=Dh, BLOCK_D=block_d, NUM_SPLITS=num_splits,
                                SPLITS_PAD=max(2, _next_pow2(num_splits)), num_warps=4, **pdl.launch_opts(out))
-    return out
-
-
-def _decode_walk(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, out,
-                 walk: int, block_n: int, block_m: int, stages: int, warps: int | None) -> torch.Tensor:
-    """A decode step through `_attn_decode_walk_kernel`: `walk` programs an SM (at most one an
-    item), each walking its run of items' KV tiles in one loop."""
-    T, Hq, Dh = q.shape
-    Hkv = k_cache.shape[2]
-    B = block_tables.shape[0]
-    G = Hq // Hkv
-    on_gpu = q.device.type == "cuda" and not _kernels_interpreted()
-    sms = _sm_count(q.device.index if q.device.index is not None else torch.cuda.current_device()) \
-        if on_gpu else WALK_INTERPRETED_PROGRAMS
-    programs = max(1, min(walk * sms, B * Hkv))
-    _attn_decode_walk_kernel[(programs,)](
-        q, k_cache, v_cache, out, block_tables, seq_lens, query_start_loc,
-        scale * math.log2(math.e), B, Hkv,
-        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
-        out.stride(0), out.stride(1),
-        G=G, BLOCK_M=block_m, BLOCK_N=block_n, HEAD_DIM=Dh, BLOCK_D=_next_pow2(Dh),
-        KV_BLOCK=k_cache.shape[1], B_PAD=max(16, _next_pow2(B)), DOT_F32=_kernels_interpreted(),
-        PRECISION="tf32x3" if q.dtype == torch.float32 and on_gpu else None,
-        num_warps=warps or (4 if block_m <= 64 else 8), num_stages=stages, **pdl.launch_opts(q))
     return out
 
 

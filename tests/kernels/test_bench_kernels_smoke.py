@@ -85,7 +85,6 @@ def test_attention_sweep_smoke_writes_the_table_decode_tiles_reads(tmp_path):
         timed = [r for r in b["tried"] if "us" in r]
         assert timed and all(r["rel_err"] <= 2e-2 for r in timed)
         assert any(r["tiles"].get("vec") for r in timed)  # the one-row path ran and matched
-        assert any(r["tiles"].get("walk") for r in timed)  # and the walk
     table = json.loads((tmp_path / "attention_smoke.json").read_text())
     entries = table["G=1,D=32,block=16,dtype=bfloat16"]
     winners = {b["batch"]: b["best"] for b in raw["batches"]}

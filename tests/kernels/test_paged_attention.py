@@ -121,32 +121,11 @@ def test_split_context_merge(num_splits):
     {"block_n": 32, "num_splits": 2},
     {"heads_first": True},  # the grid walks the KV heads first
     {"heads_first": True, "num_splits": 3, "vec": True},
-    {"walk": 1, "block_n": 16},  # the walk: runs of items crossing programs' bounds
-    {"walk": 2, "block_n": 32, "vec": True},
 ])
 @pytest.mark.parametrize("hq,hkv", [(4, 4), (4, 2)])  # vec applies to one head a KV head only
 def test_decode_tiles_give_the_same_attention(tiles, hq, hkv):
     check([5, 70, 33, 1], [1, 1, 1, 1], hq, hkv, 32, 8, torch.float32, seed=len(tiles) + hkv,
           tiles=tiles)
-
-
-@needs_kernels
-@pytest.mark.parametrize("hq,hkv", [(4, 4), (8, 2)])
-@pytest.mark.parametrize("block_n", [8, 16])
-def test_walk_over_uneven_items(hq, hkv, block_n):
-    """The walk's items hold 1 to 12 tiles; a sequence without a query token this step (the
-    engine's padding) has none, and a one-key context has one; the interpreter's three
-    programs split the walk between items, so each program's loop starts fresh items mid-run."""
-    seq_lens, q_lens = [30, 12, 90, 7, 1, 49], [1, 0, 1, 1, 1, 1]
-    check(seq_lens, q_lens, hq, hkv, 32, 8, torch.float32, seed=hq + block_n,
-          tiles={"walk": 1, "block_n": block_n})
-
-
-@needs_kernels
-def test_walk_refuses_a_split():
-    q, kc, vc, tables, lens, qsl = make_batch([9, 4], [1, 1], 2, 2, 16, 8, torch.float32, 0)
-    with pytest.raises(ValueError, match="split"):
-        pa.paged_attention(q, kc, vc, tables, lens, qsl, 1, 0.25, tiles={"walk": 1, "num_splits": 2})
 
 
 @needs_kernels
@@ -269,14 +248,12 @@ def test_rope_write_kv_is_rotary_then_write_kv(dtype, hq, hkv):
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("hq,hkv,dh", [(16, 16, 128), (32, 4, 128), (16, 2, 64)])
-@pytest.mark.parametrize("batch,ctx", [(1, 2048), (16, 512), (64, 100), (200, 700)])
-@pytest.mark.parametrize("walk", [0, 1, 2])
-def test_decode_grid_gpu(batch, ctx, hq, hkv, dh, dtype, walk):
+@pytest.mark.parametrize("batch,ctx", [(1, 2048), (16, 512), (64, 100)])
+def test_decode_grid_gpu(batch, ctx, hq, hkv, dh, dtype):
     g = torch.Generator().manual_seed(batch * ctx)
     lens = torch.randint(1, ctx + 1, (batch,), generator=g).tolist()
     lens[0] = ctx
-    check(lens, [1] * batch, hq, hkv, dh, 16, dtype, seed=batch + ctx + hq,
-          tiles={"walk": walk, "block_n": 64, "num_stages": 3} if walk else None)
+    check(lens, [1] * batch, hq, hkv, dh, 16, dtype, seed=batch + ctx + hq)
 
 
 @pytest.mark.gpu
