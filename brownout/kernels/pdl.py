@@ -17,10 +17,9 @@ The rules every kernel here follows when launched with `USE_PDL`:
      prefetched into L2) or what the kernel two launches back or earlier wrote (rule 1);
      the gate/up GEMM, which rule 4 can start earlier, only the weights and its input (so
      in `fused_moe`'s direct mode, where no align precedes it, only under `x_settled`).
-  3. Short kernels signal right after the wait, and so does the router's top-k, whose weight
-     is a few hundred KB. Kernels that stream weights signal after their main loop: the next
-     kernel's prefetch then lands in L2 just before it is read, not while this kernel still
-     streams tens of MB through the cache.
+  3. Short kernels signal right after the wait. Kernels that stream weights signal after
+     their main loop: the next kernel's prefetch then lands in L2 just before it is read,
+     not while this kernel still streams tens of MB through the cache.
   4. One exception to rule 1's order: the fused MoE's align signals before its wait when
      its caller vouches that an earlier kernel than the one that wrote the expert ids wrote
      the MoE input, and that this kernel signals only after its own wait (`fused_moe`'s

@@ -28,8 +28,8 @@ where the router fits one tile: at most ROUTER_MAX_ROWS tokens and ROUTER_MAX_CO
 columns (E and the shared gate), padded to a power of two (`router_topk_usable` says when;
 otherwise the router GEMM and `select_experts_triton` run as two launches). Its programs
 split the hidden dimension as `skinny_gemm` does: each asks L2 for the first lines of its
-slice of the weight before its `pdl_wait`, signals the next kernel (ROUTER_EARLY_SIGNAL), streams
-the slice, writes its float32 partial to a workspace and arrives on a counter. The
+slice of the weight before its `pdl_wait`, streams the slice, signals the next kernel
+(pdl.py rule 3), writes its float32 partial to a workspace and arrives on a counter. The
 last program to arrive sums the partials, rounds them once to x's dtype (what the GEMM
 would store), stores those logits and routes every row from exactly those rounded values
 (`_select_rows`, the body `_topk_kernel` runs too), so ids equal the two-kernel path's
@@ -43,7 +43,6 @@ complete when the align starts; x may still be in flight when this kernel starts
 from __future__ import annotations
 
 import functools
-import os
 from typing import Optional
 
 import torch
@@ -71,12 +70,6 @@ MAX_BLOCK_K = 128  # the longest step along D: skinny_gemm's fastest in its tile
 STEP_BYTES = 16 * 1024  # weight bytes per loop step: the NUM_STAGES steps in flight fit shared memory at any width
 NUM_STAGES = skinny_gemm.NUM_STAGES  # loop steps in flight per program, as the GEMM it replaces
 ROUTER_MAX_SPLIT = skinny_gemm.MAX_SPLIT_K  # partial sums per launch: D splits as skinny_gemm splits it
-# `router_topk` signals the next kernel right after its wait (pdl.py rule 3's short-kernel case),
-# not after its weight stream: its stream is the router's few hundred KB, and the kernel after
-# it (the gate/up GEMM, or the align before it) then starts while the router still runs, so the
-# folded shared expert's programs stream their weights through the whole routing.
-# BROWNOUT_ROUTER_EARLY_SIGNAL=0 signals after the stream instead.
-ROUTER_EARLY_SIGNAL = os.environ.get("BROWNOUT_ROUTER_EARLY_SIGNAL", "1") != "0"
 
 
 def _kernels_interpreted() -> bool:
@@ -207,7 +200,7 @@ if triton is not None:
                             PF_LINES: tl.constexpr, PF_STEP: tl.constexpr,
                             K: tl.constexpr, RENORM: tl.constexpr, HAS_ACTIVE: tl.constexpr,
                             N_SHARED: tl.constexpr, GATED: tl.constexpr, HAS_VALID: tl.constexpr,
-                            K_PAD: tl.constexpr, EARLY_SIGNAL: tl.constexpr, USE_PDL: tl.constexpr):
+                            K_PAD: tl.constexpr, USE_PDL: tl.constexpr):
         """Program `split` sums columns [split * D_PER_SPLIT, + D_PER_SPLIT) of x [T, D] @
         w [N, D]^T for all N logit columns (BN, one tile) and all T rows (BM); the last of
         the SPLIT_K programs to arrive sums the partials and routes every row."""
@@ -223,12 +216,9 @@ if triton is not None:
         prefetch_l2(w_ptr + tl.minimum(rn, N - 1)[:, None].to(tl.int64) * stride_wn + pf_k[None, :],
                     USE_PDL)
         pdl_wait(USE_PDL)
-        if EARLY_SIGNAL:  # see ROUTER_EARLY_SIGNAL
-            pdl_launch(USE_PDL)
         acc = _accumulate(x_ptr, w_ptr, rn, n_ok, T, k_lo, k_hi, stride_xm, stride_wn,
                           BLOCK_N, BLOCK_M, BLOCK_K, DOT_F32, PRECISION)
-        if not EARLY_SIGNAL:
-            pdl_launch(USE_PDL)  # after the weight stream (rule 3)
+        pdl_launch(USE_PDL)  # after the weight stream (rule 3)
         if SPLIT_K > 1:
             # partials [SPLIT_K, BN, BM]; the last program to arrive sums them and routes
             cell = rn[:, None] * BLOCK_M + rm[None, :]
@@ -397,6 +387,6 @@ def router_topk(
         PRECISION="ieee" if x.dtype == torch.float32 else None, PF_LINES=pdl.PREFETCH_LINES,
         PF_STEP=pdl.L2_LINE_BYTES // weight.element_size(),
         K=top_k, RENORM=bool(renormalize), HAS_ACTIVE=has_active, N_SHARED=n_shared, GATED=gated,
-        HAS_VALID=valid is not None, K_PAD=max(2, _pow2(cols)), EARLY_SIGNAL=ROUTER_EARLY_SIGNAL,
+        HAS_VALID=valid is not None, K_PAD=max(2, _pow2(cols)),
         num_warps=4, num_stages=NUM_STAGES if on_gpu else 1, **pdl.launch_opts(x))
     return out_w, out_ids, logits
