@@ -23,16 +23,12 @@ ASSETS = Path(__file__).resolve().parents[1] / "brownout" / "assets" / "demo"
 HELD_OUT_TARGETS = {2: 0.08, 4: 0.20, 8: 0.40}
 # the three repeats of the headline workload on the current code
 HEADLINE_RUNS = ("headline_h200_run15", "headline_h200_run16", "headline_h200_run17")
-# the engine run that measured the decode step and brownout with today's engine (async
-# scheduling, programmatic dependent launch, staged graph inputs, the MoE sum in the next
-# norm, the small and sorted aligns, skinny GEMM); its files are the raw folder of that name
-DECODE_RUN = "engine_h200_run16"
-# the page rendered from that run (benchmarks/variant_tables.py)
-DECODE_PAGE = "engine_h200_pdl"
-# the engine runs of brownout at tau < 1 on the kernels of commit 3516241 (three processes,
-# brownout stage; no loop stage), and their page
-BROWNOUT_RUNS = ("engine_h200_run24_regs1", "engine_h200_run24_regs2", "engine_h200_run24_regs3")
-BROWNOUT_PAGE = "engine_h200_regs_route_run24"
+# the engine runs of today's engine (async scheduling, programmatic dependent launch, the
+# decode attention tiles, the register-only brownout routing, ...): three processes of one
+# call with the decode, loop and brownout stages; their raw folders, and their page
+# (benchmarks/variant_tables.py). The decode and brownout rows both come from them.
+ENGINE_RUNS = ("engine_h200_run26_final1", "engine_h200_run26_final2", "engine_h200_run26_final3")
+ENGINE_PAGE = "engine_h200_run26"
 # engine runs with both H200 tile tables (tau 1 and the crowded tau 0 one)
 TILED_RUNS = ("engine_h200_run5", "engine_h200_run6")
 # every run of the main job on the CPU box
@@ -159,26 +155,30 @@ def ladder_sweep_row() -> list[str]:
 
 def decode_rows() -> list[list[str]]:
     """The decode step as the engine runs it (async scheduling): the period of the engine's
-    loop at context 512, and the pipelined step at context 2048."""
-    run = load("engine", DECODE_RUN)
-    loop = {r["batch"]: r["ratio"] for r in run["loop"] if r.get("async_scheduling") and "batch" in r}
-    long = next(r["pipelined_ms"] / r["roofline_ms"] for r in run["decode"]
-                if r["cuda_graph"] and r["batch"] == 64 and r["ctx"] == 2048)
+    loop at context 512, and the pipelined step at context 2048, over ENGINE_RUNS."""
     batches = sorted(DECODE_ROOFLINE_TARGETS)
-    short = [loop[b] for b in batches]
-    verdicts = [verdict([v], DECODE_ROOFLINE_TARGETS[b]).split(": ")[1] for v, b in zip(short, batches)]
-    source = links("engine", [DECODE_PAGE]) + " (one run)"
+    short: dict[int, list[float]] = {b: [] for b in batches}
+    long = []
+    for name in ENGINE_RUNS:
+        run = load("engine", name)
+        for r in run["loop"]:
+            if r.get("async_scheduling") and r.get("batch") in short:
+                short[r["batch"]].append(r["ratio"])
+        long.append(next(r["pipelined_ms"] / r["roofline_ms"] for r in run["decode"]
+                         if r["cuda_graph"] and r["batch"] == 64 and r["ctx"] == 2048))
+    verdicts = [verdict(short[b], DECODE_ROOFLINE_TARGETS[b]).split(": ", 1)[1] for b in batches]
+    source = links("engine", [ENGINE_PAGE]) + f" ({len(ENGINE_RUNS)} processes)"
     return [[f"Decode step period in the engine loop / its roofline, batch {' / '.join(map(str, batches))}, "
-             "context 512, CUDA graph, async scheduling", "H200", " / ".join(f"{v:.2f}" for v in short),
+             "context 512, CUDA graph, async scheduling", "H200", " / ".join(spread(short[b]) for b in batches),
              f"<= {' / '.join(f'{DECODE_ROOFLINE_TARGETS[b]:g}' for b in batches)}: {' / '.join(verdicts)}",
              source],
-            ["Decode step / its roofline, batch 64, context 2048, CUDA graph, pipelined", "H200", f"{long:.2f}",
-             verdict([long], DECODE_LONG_TARGET).split(" (")[0], source]]
+            ["Decode step / its roofline, batch 64, context 2048, CUDA graph, pipelined", "H200", spread(long),
+             verdict(long, DECODE_LONG_TARGET), source]]
 
 
 def brownout_rows() -> list[list[str]]:
     steps, roofs, layers = [], [], []
-    for name in BROWNOUT_RUNS:
+    for name in ENGINE_RUNS:
         b = load("engine", name)["brownout"]
         r = next(r for r in b["decode"] if r["way"] == 4 and r["batch"] == 64 and r["tau"] == 0)
         steps.append(r["pipelined_vs_tau1"])
@@ -197,7 +197,7 @@ def brownout_rows() -> list[list[str]]:
          f"{spread(steps, '{:.3f}')} / {spread(roofs)}; {spread(layers)}",
          f"step {verdict(steps, BROWNOUT_STEP_TARGET)}; roofline {verdict(roofs, BROWNOUT_ROOFLINE_TARGET)}; "
          f"MoE layer {verdict(layers, MOE_LAYER_TARGET)}",
-         links("engine", [BROWNOUT_PAGE]) + f" ({len(BROWNOUT_RUNS)} processes)"],
+         links("engine", [ENGINE_PAGE]) + f" ({len(ENGINE_RUNS)} processes)"],
         ["Brownout at tau 0 vs tau 1, steps with prefill work: 575 / 1087 / 2048 tokens", "H200",
          " / ".join(spread(mixed[t]) for t in (575, 1087, 2048)), "", links("engine", TILED_RUNS)],
     ]
