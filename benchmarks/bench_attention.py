@@ -135,7 +135,10 @@ def measure(case: Case, tiles: dict, ref: torch.Tensor, smoke: bool) -> dict:
     return row
 
 
-def sweep_batch(batch: int, device: str, bw: float, smoke: bool, deadline: float) -> dict:
+def sweep_batch(batch: int, device: str, bw: float, smoke: bool, deadline: float,
+                family: str = "all") -> dict:
+    """family "all": every variant; "splits": the device table's entry for this batch at 1, 2
+    and 4 context splits, whatever the batch size (`split_variants` splits small batches only)."""
     heads, dh = (2, 32) if smoke else (HEADS, HEAD_DIM)
     contexts = (64,) if smoke else CONTEXTS
     cases = [Case(batch, c, heads, dh, device, smoke) for c in contexts]
@@ -156,13 +159,19 @@ def sweep_batch(batch: int, device: str, bw: float, smoke: bool, deadline: float
         return math.exp(statistics.fmean(math.log(x) for x in ratios))
 
     best, best_score = {}, 1.0
-    for tiles in variants(batch, smoke):
+    if family == "splits":
+        table = {} if smoke else pa._device_tiles(torch.cuda.get_device_name())
+        held = pa.pick_tiles(table.get(pa.tiles_key(1, dh, KV_BLOCK, torch.bfloat16), []), batch)
+        candidates = [dict(held, num_splits=n) for n in (1, 2, 4)]
+    else:
+        candidates = variants(batch, smoke)
+    for tiles in candidates:
         if time.monotonic() > deadline:
             break
         s = score(tiles)
         if s is not None and s < best_score:
             best, best_score = tiles, s
-    for tiles in split_variants(best, batch, smoke):
+    for tiles in ([] if family == "splits" else split_variants(best, batch, smoke)):
         if time.monotonic() > deadline:
             break
         s = score(tiles)
@@ -216,6 +225,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--budget-s", type=float, default=150, help="wall time for the sweep")
     ap.add_argument("--batches", type=lambda v: [int(x) for x in v.split(",")], default=None)
+    ap.add_argument("--family", choices=("all", "splits"), default="all",
+                    help="splits: the device table's entries at 1, 2 and 4 context splits only")
     ap.add_argument("--smoke", action="store_true")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -234,7 +245,8 @@ def main(argv: list[str] | None = None) -> dict:
     batches = args.batches or ([1, 2] if smoke else list(BATCHES))
     deadline = time.monotonic() + args.budget_s
     for batch in batches:  # past the deadline a batch gets its default timed, no sweep
-        res["batches"].append(sweep_batch(batch, device, res["copy_bw_gbs"], smoke, deadline))
+        res["batches"].append(sweep_batch(batch, device, res["copy_bw_gbs"], smoke, deadline,
+                                          args.family))
         if not smoke:
             torch.cuda.empty_cache()
     args.out.mkdir(parents=True, exist_ok=True)
