@@ -45,9 +45,6 @@ CONTEXTS = (512, 2048)  # the contexts of the engine's decode stage
 LAYER_BYTES_MIN = 256 << 20  # a timed graph walks at least this many cache bytes: 5x the L2
 MAX_LAYERS = 48  # and at most this many layers' caches (small batches reach the bytes at 48)
 MAX_REL_ERR = 2e-2  # a variant whose output leaves the default's by more is wrong (bf16)
-# registers a thread the `regs` family caps the kernel at: 65536 registers an SM hold five
-# 128-thread programs at 96 or fewer, six at 80, eight at 64 (shared memory permitting)
-REG_CAPS = (96, 80, 64)
 SMALL_PROGRAMS = 2 * 132  # below this many (sequence, head) programs a split may pay: 2 per H200 SM
 
 
@@ -141,8 +138,7 @@ def measure(case: Case, tiles: dict, ref: torch.Tensor, smoke: bool) -> dict:
 def sweep_batch(batch: int, device: str, bw: float, smoke: bool, deadline: float,
                 family: str = "all") -> dict:
     """family "all": every variant; "splits": the device table's entry for this batch at 1, 2
-    and 4 context splits, whatever the batch size (`split_variants` splits small batches only);
-    "regs": that entry under each register cap of REG_CAPS."""
+    and 4 context splits, whatever the batch size (`split_variants` splits small batches only)."""
     heads, dh = (2, 32) if smoke else (HEADS, HEAD_DIM)
     contexts = (64,) if smoke else CONTEXTS
     cases = [Case(batch, c, heads, dh, device, smoke) for c in contexts]
@@ -163,11 +159,10 @@ def sweep_batch(batch: int, device: str, bw: float, smoke: bool, deadline: float
         return math.exp(statistics.fmean(math.log(x) for x in ratios))
 
     best, best_score = {}, 1.0
-    if family in ("splits", "regs"):
+    if family == "splits":
         table = {} if smoke else pa._device_tiles(torch.cuda.get_device_name())
         held = pa.pick_tiles(table.get(pa.tiles_key(1, dh, KV_BLOCK, torch.bfloat16), []), batch)
-        candidates = [dict(held, num_splits=n) for n in (1, 2, 4)] if family == "splits" else \
-            [held] + [dict(held, maxnreg=r) for r in REG_CAPS]
+        candidates = [dict(held, num_splits=n) for n in (1, 2, 4)]
     else:
         candidates = variants(batch, smoke)
     for tiles in candidates:
@@ -176,7 +171,7 @@ def sweep_batch(batch: int, device: str, bw: float, smoke: bool, deadline: float
         s = score(tiles)
         if s is not None and s < best_score:
             best, best_score = tiles, s
-    for tiles in ([] if family != "all" else split_variants(best, batch, smoke)):
+    for tiles in ([] if family == "splits" else split_variants(best, batch, smoke)):
         if time.monotonic() > deadline:
             break
         s = score(tiles)
@@ -230,9 +225,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--budget-s", type=float, default=150, help="wall time for the sweep")
     ap.add_argument("--batches", type=lambda v: [int(x) for x in v.split(",")], default=None)
-    ap.add_argument("--family", choices=("all", "splits", "regs"), default="all",
-                    help="splits: the device table's entries at 1, 2 and 4 context splits only; "
-                         "regs: those entries under each register cap in REG_CAPS")
+    ap.add_argument("--family", choices=("all", "splits"), default="all",
+                    help="splits: the device table's entries at 1, 2 and 4 context splits only")
     ap.add_argument("--smoke", action="store_true")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -260,10 +254,6 @@ def main(argv: list[str] | None = None) -> dict:
         json.dump(res, f, indent=1)
     (args.out / "attention.md").write_text(table_md(res))
     table = device_table(res)
-    if args.family != "all" and not smoke:  # the batches not swept keep the table's entries
-        key, swept = next(iter(table)), {b["batch"] for b in res["batches"]}
-        held = pa._device_tiles(name).get(key, [])
-        table[key] = [e for e in held if e["max_batch"] not in swept] + table[key]
     with open(args.out / pa.tiles_file(name).name, "w") as f:
         json.dump(table, f, indent=1)
     return res

@@ -253,8 +253,7 @@ def _sm_count(index: int) -> int:
 # ----------------------------------------------------------------------------- decode tiles
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
-TILE_KEYS = ("block_n", "num_stages", "num_warps", "num_splits", "vec", "heads_first",
-             "maxnreg")  # what a table entry sets
+TILE_KEYS = ("block_n", "num_stages", "num_warps", "num_splits", "vec", "heads_first")  # what a table entry sets
 
 
 def tiles_key(group: int, head_dim: int, kv_block: int, dtype: torch.dtype) -> str:
@@ -319,8 +318,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     max_query_len a host int (an upper bound is fine); num_splits overrides the context
     split; tiles overrides a decode step's tuned tiles (`decode_tiles`; keys `TILE_KEYS`,
     `vec` for the one-row path without tensor cores, which needs one query head per KV head,
-    `heads_first` for the grid that walks the KV heads first, `maxnreg` for a cap on the
-    registers a thread, which lets more programs share an SM; ignored by the interpreter);
+    `heads_first` for the grid that walks the KV heads first);
     out [T, Hq, Dh] optional (a static buffer for graph capture)."""
     T, Hq, Dh = q.shape
     _, block_size, Hkv, _ = k_cache.shape
@@ -338,7 +336,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     n_q_tiles = triton.cdiv(max(1, max_query_len), block_q)
     on_gpu = q.device.type == "cuda" and not _kernels_interpreted()
     block_n = 64 if on_gpu else 16
-    stages, warps, heads_first, maxnreg = (3 if on_gpu else 1), None, False, None
+    stages, warps, heads_first = (3 if on_gpu else 1), None, False
     if max_query_len <= 1:  # a decode step: the device's tuned tiles, else the defaults
         if tiles is None:
             tiles = decode_tiles(B, G, Dh, block_size, q.dtype, q.device)
@@ -350,7 +348,6 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         if tiles.get("vec") and G == 1:
             block_m = 1
         heads_first = bool(tiles.get("heads_first"))
-        maxnreg = tiles.get("maxnreg") if on_gpu else None
     elif tiles:
         raise ValueError("tiles apply to decode steps (max_query_len 1) only")
     # with long and short queries in one step (a prefill beside decodes), per-sequence
@@ -380,8 +377,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
             KV_BLOCK=block_size, NUM_SPLITS=num_splits, DOT_F32=_kernels_interpreted(),
             PRECISION="tf32x3" if q.dtype == torch.float32 and on_gpu else None, FLAT=is_flat,
             HEADS_FIRST=heads_first,
-            num_warps=warps or (4 if bm <= 64 else 8), num_stages=stages,
-            **({"maxnreg": maxnreg} if maxnreg else {}), **pdl.launch_opts(q))
+            num_warps=warps or (4 if bm <= 64 else 8), num_stages=stages, **pdl.launch_opts(q))
 
     # A mixed step (a prompt chunk beside decodes) would give every one-token query the
     # prompt's BLOCK_Q-row tile: BLOCK_Q / short times the decode work. Its short queries

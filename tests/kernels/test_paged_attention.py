@@ -121,7 +121,6 @@ def test_split_context_merge(num_splits):
     {"block_n": 32, "num_splits": 2},
     {"heads_first": True},  # the grid walks the KV heads first
     {"heads_first": True, "num_splits": 3, "vec": True},
-    {"heads_first": True, "maxnreg": 64},  # a register cap (the interpreter ignores it)
 ])
 @pytest.mark.parametrize("hq,hkv", [(4, 4), (4, 2)])  # vec applies to one head a KV head only
 def test_decode_tiles_give_the_same_attention(tiles, hq, hkv):
