@@ -65,6 +65,16 @@ def variants(batch: int, smoke: bool) -> list[dict]:
     return out
 
 
+def walk_variants(smoke: bool) -> list[dict]:
+    """The walk over a schedule (`paged_attention_walk`), `walk` programs an SM, at the KV tiles
+    and stages that fit that many an SM; timed without building its schedule (a step's
+    schedule is the host's to stage with the graph inputs)."""
+    if smoke:
+        return [{"walk": 1, "block_n": 16}]
+    shapes = ((4, 64, 4), (4, 64, 3), (4, 64, 2), (3, 64, 4), (2, 64, 4), (2, 128, 3), (8, 64, 2))
+    return [{"walk": w, "block_n": bn, "num_stages": st, "num_warps": 4} for w, bn, st in shapes]
+
+
 def split_variants(best: dict, batch: int, smoke: bool) -> list[dict]:
     """The best tiles at other context splits, where a batch leaves the GPU short of programs."""
     if smoke:
@@ -93,12 +103,26 @@ class Case:
         self.q = torch.randn(batch, heads, dh, **bf16)
         self.out = torch.empty_like(self.q)
         self.scale = dh ** -0.5
+        self.schedules: dict = {}  # the walk's, by (programs an SM, KV tile)
         self.bytes = 2 * batch * ctx * heads * dh * 2 + 2 * self.q.numel() * 2
 
     def call(self, tiles: dict, layer: int = 0) -> torch.Tensor:
         kc, vc = self.caches[layer]
+        if tiles and tiles.get("walk"):  # the walk, its schedule built once (outside the timing)
+            t = dict(tiles)
+            sched = self.schedule(t.pop("walk"), t["block_n"])
+            return pa.paged_attention_walk(self.q, kc, vc, sched, self.scale, out=self.out, **t)
         return pa.paged_attention(self.q, kc, vc, self.tables, self.lens, self.qsl, 1, self.scale,
                                   tiles=tiles, out=self.out)
+
+    def schedule(self, per_sm: int, block_n: int):
+        key = (per_sm, block_n)
+        if key not in self.schedules:
+            programs = (pa.WALK_INTERPRETED_PROGRAMS if self.q.device.type == "cpu" else
+                        per_sm * torch.cuda.get_device_properties(self.q.device).multi_processor_count)
+            self.schedules[key] = pa.walk_schedule(self.tables, self.lens, self.qsl, self.q.shape[1],
+                                                   block_n, KV_BLOCK, programs)
+        return self.schedules[key]
 
     def time_us(self, tiles: dict, smoke: bool) -> float:
         if smoke:
@@ -138,7 +162,8 @@ def measure(case: Case, tiles: dict, ref: torch.Tensor, smoke: bool) -> dict:
 def sweep_batch(batch: int, device: str, bw: float, smoke: bool, deadline: float,
                 family: str = "all") -> dict:
     """family "all": every variant; "splits": the device table's entry for this batch at 1, 2
-    and 4 context splits, whatever the batch size (`split_variants` splits small batches only)."""
+    and 4 context splits, whatever the batch size (`split_variants` splits small batches only);
+    "walk": that entry against `walk_variants`."""
     heads, dh = (2, 32) if smoke else (HEADS, HEAD_DIM)
     contexts = (64,) if smoke else CONTEXTS
     cases = [Case(batch, c, heads, dh, device, smoke) for c in contexts]
@@ -159,10 +184,11 @@ def sweep_batch(batch: int, device: str, bw: float, smoke: bool, deadline: float
         return math.exp(statistics.fmean(math.log(x) for x in ratios))
 
     best, best_score = {}, 1.0
-    if family == "splits":
+    if family in ("splits", "walk"):
         table = {} if smoke else pa._device_tiles(torch.cuda.get_device_name())
         held = pa.pick_tiles(table.get(pa.tiles_key(1, dh, KV_BLOCK, torch.bfloat16), []), batch)
-        candidates = [dict(held, num_splits=n) for n in (1, 2, 4)]
+        candidates = [dict(held, num_splits=n) for n in (1, 2, 4)] if family == "splits" else \
+            [held] + walk_variants(smoke)
     else:
         candidates = variants(batch, smoke)
     for tiles in candidates:
@@ -171,7 +197,7 @@ def sweep_batch(batch: int, device: str, bw: float, smoke: bool, deadline: float
         s = score(tiles)
         if s is not None and s < best_score:
             best, best_score = tiles, s
-    for tiles in ([] if family == "splits" else split_variants(best, batch, smoke)):
+    for tiles in ([] if family != "all" else split_variants(best, batch, smoke)):
         if time.monotonic() > deadline:
             break
         s = score(tiles)
@@ -225,8 +251,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--budget-s", type=float, default=150, help="wall time for the sweep")
     ap.add_argument("--batches", type=lambda v: [int(x) for x in v.split(",")], default=None)
-    ap.add_argument("--family", choices=("all", "splits"), default="all",
-                    help="splits: the device table's entries at 1, 2 and 4 context splits only")
+    ap.add_argument("--family", choices=("all", "splits", "walk"), default="all",
+                    help="splits: the device table's entries at 1, 2 and 4 context splits only; "
+                         "walk: those entries against the walk over a schedule")
     ap.add_argument("--smoke", action="store_true")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")

@@ -151,6 +151,86 @@ if triton is not None:
             tl.store(part_ml_ptr + row * 2, m_i, mask=row_ok)
             tl.store(part_ml_ptr + row * 2 + 1, l_i, mask=row_ok)
 
+    @triton.jit
+    def _kv_tile(q, k, v, keep, m_i, l_i, acc, scale_log2, BLOCK_M: tl.constexpr,
+                 DOT_F32: tl.constexpr, PRECISION: tl.constexpr):
+        # one KV tile of the online softmax: q [BM, BD], k [BD, BN], v [BN, BD], keep [BM, BN]
+        # (the keys each row sees); returns the running max, sum and unnormalised output
+        if DOT_F32:
+            k, v = k.to(tl.float32), v.to(tl.float32)
+        if BLOCK_M == 1:  # one query row: products and sums, no padded tensor-core tile
+            s = tl.sum(q.to(tl.float32)[:, :, None] * k.to(tl.float32)[None, :, :], 1) * scale_log2
+        else:
+            s = tl.dot(q, k, input_precision=PRECISION) * scale_log2  # [BM, BN], log2 domain
+        s = tl.where(keep, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no key yet
+        p = tl.exp2(s - m_use[:, None])
+        alpha = tl.exp2(m_i - m_use)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if BLOCK_M == 1:
+            acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v.to(tl.float32)[None, :, :], 1)
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        return m_new, l_i, acc
+
+    # per-step sizes are not specialised on: one binary, no compile while serving
+    @triton.jit
+    def _attn_walk_kernel(q_ptr, k_ptr, v_ptr, out_ptr, prog_ptr, meta_ptr, blocks_ptr, scale_log2,
+                          stride_qt, stride_qh, stride_kb, stride_ks, stride_kh,
+                          stride_vb, stride_vs, stride_vh, stride_ot, stride_oh,
+                          G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                          HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, KV_BLOCK: tl.constexpr,
+                          DOT_F32: tl.constexpr, PRECISION: tl.constexpr, USE_PDL: tl.constexpr):
+        # A decode step as a walk over a schedule (`walk_schedule`): program p takes the tiles
+        # prog[p]..prog[p+1] of the step's (sequence, KV head, KV tile) list, runs of whole
+        # items; each tile's query row, KV head, key count and first/last flags sit in meta and
+        # its cache blocks in blocks, all indexed by the tile alone, so the loop's loads run
+        # ahead as the per-item kernel's do and its pipeline fills once a program.
+        pdl_wait(USE_PDL)
+        pid = tl.program_id(0)
+        g_lo = tl.load(prog_ptr + pid)
+        g_hi = tl.load(prog_ptr + pid + 1)
+        r = tl.arange(0, BLOCK_M)  # rows: the G query heads of the tile's KV head
+        row_ok = r < G
+        d = tl.arange(0, BLOCK_D)
+        d_ok = d < HEAD_DIM
+        st_ok = row_ok[:, None] & d_ok[None, :]
+        j = tl.arange(0, BLOCK_N)
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        for g in range(g_lo, g_hi):
+            q_row = tl.load(meta_ptr + g * 4).to(tl.int64)
+            kvh = tl.load(meta_ptr + g * 4 + 1)
+            n_keys = tl.load(meta_ptr + g * 4 + 2)
+            flags = tl.load(meta_ptr + g * 4 + 3)  # bit 0: the item's first tile, bit 1: its last
+            head = kvh * G + r
+            q = tl.load(q_ptr + q_row * stride_qt + head[:, None] * stride_qh + d[None, :],
+                        mask=st_ok, other=0.0)  # [BM, BD]
+            if DOT_F32:  # the interpreter's bf16 dot is wrong; upcast there only
+                q = q.to(tl.float32)
+            pos_ok = j < n_keys
+            blk = tl.load(blocks_ptr + g * (BLOCK_N // KV_BLOCK) + j // KV_BLOCK, mask=pos_ok,
+                          other=0).to(tl.int64)
+            k_off = blk * stride_kb + (j % KV_BLOCK) * stride_ks + kvh * stride_kh
+            k = tl.load(k_ptr + k_off[None, :] + d[:, None], mask=pos_ok[None, :] & d_ok[:, None],
+                        other=0.0)  # [BD, BN]
+            v_off = blk * stride_vb + (j % KV_BLOCK) * stride_vs + kvh * stride_vh
+            v = tl.load(v_ptr + v_off[:, None] + d[None, :], mask=pos_ok[:, None] & d_ok[None, :],
+                        other=0.0)  # [BN, BD]
+            first = (flags & 1) != 0
+            m_i = tl.where(first, float("-inf"), m_i)
+            l_i = tl.where(first, 0.0, l_i)
+            acc = tl.where(first, 0.0, acc)
+            m_i, l_i, acc = _kv_tile(q, k, v, pos_ok[None, :] & row_ok[:, None], m_i, l_i, acc,
+                                     scale_log2, BLOCK_M, DOT_F32, PRECISION)
+            if (flags & 2) != 0:  # the item's last tile: its rows are done
+                o = acc / l_i[:, None]
+                tl.store(out_ptr + (q_row * stride_ot + head * stride_oh)[:, None] + d[None, :],
+                         o.to(out_ptr.dtype.element_ty), mask=st_ok)
+        pdl_launch(USE_PDL)
+
     # per-step sizes are not specialised on: one binary, no compile while serving
     @triton.jit(do_not_specialize=["T"])
     def _merge_kernel(part_acc_ptr, part_ml_ptr, out_ptr, T, Hq, stride_ot, stride_oh,
@@ -394,6 +474,81 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         _merge_kernel[(T, Hq)](part_acc, part_ml, out, T, Hq, out.stride(0), out.stride(1),
                                HEAD_DIM=Dh, BLOCK_D=block_d, NUM_SPLITS=num_splits,
                                SPLITS_PAD=max(2, _next_pow2(num_splits)), num_warps=4, **pdl.launch_opts(out))
+    return out
+
+
+WALK_INTERPRETED_PROGRAMS = 3  # the walk's programs under the interpreter: runs that cross items
+
+
+def walk_schedule(block_tables: torch.Tensor, seq_lens: torch.Tensor, query_start_loc: torch.Tensor,
+                  num_kv_heads: int, block_n: int, kv_block: int, programs: int
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A decode step's walk for `_attn_walk_kernel`, built by torch ops on the device (no host
+    synchronisation): its tiles, sequence-major and KV-head-major inside a sequence, one item
+    (a sequence's KV head) after another, and `programs` runs of whole items holding about
+    equal numbers of tiles. Returns (prog [programs + 1] int32, the tile bounds of each run;
+    meta [n, 4] int32: query row, KV head, keys in the tile, flags (1: the item's first tile,
+    2: its last); blocks [n, block_n // kv_block] int32: the tile's cache blocks), where n is
+    the most tiles the block tables allow; tiles past the step's are never read."""
+    dev = block_tables.device
+    B, max_blocks = block_tables.shape
+    per = block_n // kv_block  # cache blocks a tile covers
+    t_max = -(-max_blocks // per)  # tiles a sequence can hold
+    q_first = query_start_loc[:-1].to(torch.int64)
+    q_len = query_start_loc[1:].to(torch.int64) - q_first
+    lens = seq_lens.to(torch.int64)
+    # an item of a sequence with a query token has at least one (masked) tile, so its rows are
+    # written; a sequence without one (the graphs' padding) has none
+    n_t = torch.where(q_len > 0, torch.clamp((lens + block_n - 1) // block_n, min=1), 0)  # [B]
+    t = torch.arange(t_max, device=dev)
+    valid = (t[None, None, :] < n_t[:, None, None]).expand(B, num_kv_heads, t_max)  # [B, H, T]
+    flat = valid.reshape(-1)
+    index = torch.cumsum(flat.to(torch.int64), 0) - 1  # each valid tile's place in the walk
+    total = flat.sum()
+    where = torch.where(flat, index, flat.numel())  # invalid tiles go to a spare row
+    n = B * num_kv_heads * t_max
+    b_of = torch.arange(B, device=dev)[:, None, None].expand(B, num_kv_heads, t_max).reshape(-1)
+    h_of = torch.arange(num_kv_heads, device=dev)[None, :, None].expand(B, num_kv_heads, t_max).reshape(-1)
+    t_of = t[None, None, :].expand(B, num_kv_heads, t_max).reshape(-1)
+    keys = torch.clamp(lens[b_of] - t_of * block_n, 0, block_n)
+    flags = (t_of == 0).to(torch.int64) + 2 * (t_of == n_t[b_of] - 1).to(torch.int64)
+    meta = torch.zeros(n + 1, 4, dtype=torch.int32, device=dev)
+    meta[where] = torch.stack([q_first[b_of], h_of, keys, flags], 1).to(torch.int32)
+    cols = torch.clamp(t_of[:, None] * per + torch.arange(per, device=dev)[None, :], max=max_blocks - 1)
+    blocks = torch.zeros(n + 1, per, dtype=torch.int32, device=dev)
+    blocks[where] = block_tables.to(torch.int32)[b_of[:, None], cols]
+    # run p starts at the first item that starts at or after p * total / programs
+    item_tiles = n_t[:, None].expand(B, num_kv_heads).reshape(-1)  # [B * H]
+    item_start = torch.cumsum(item_tiles, 0) - item_tiles
+    item_start = torch.where(item_tiles > 0, item_start, total)  # empty items start nowhere
+    goal = (torch.arange(programs + 1, device=dev) * total) // programs
+    starts_sorted, _ = torch.sort(torch.cat([item_start, total.reshape(1)]))
+    at = torch.searchsorted(starts_sorted, goal)
+    prog = starts_sorted[torch.clamp(at, max=starts_sorted.numel() - 1)].to(torch.int32)
+    return prog, meta, blocks
+
+
+def paged_attention_walk(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                         schedule: tuple[torch.Tensor, torch.Tensor, torch.Tensor], scale: float, *,
+                         block_n: int, num_stages: int = 3, num_warps: int = 4, vec: bool = False,
+                         out: torch.Tensor | None = None) -> torch.Tensor:
+    """A decode step's attention (one query token a sequence) walking `schedule`
+    (`walk_schedule`, built with the same block_n and the cache's block size)."""
+    T, Hq, Dh = q.shape
+    Hkv = k_cache.shape[2]
+    G = Hq // Hkv
+    prog, meta, blocks = schedule
+    if out is None:
+        out = torch.empty_like(q)
+    on_gpu = q.device.type == "cuda" and not _kernels_interpreted()
+    _attn_walk_kernel[(prog.numel() - 1,)](
+        q, k_cache, v_cache, out, prog, meta, blocks, scale * math.log2(math.e),
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), out.stride(0), out.stride(1),
+        G=G, BLOCK_M=1 if (vec and G == 1) else max(16, _next_pow2(G)), BLOCK_N=block_n,
+        HEAD_DIM=Dh, BLOCK_D=_next_pow2(Dh), KV_BLOCK=k_cache.shape[1],
+        DOT_F32=_kernels_interpreted(), PRECISION="tf32x3" if q.dtype == torch.float32 and on_gpu else None,
+        num_warps=num_warps, num_stages=num_stages if on_gpu else 1, **pdl.launch_opts(q))
     return out
 
 

@@ -129,6 +129,25 @@ def test_decode_tiles_give_the_same_attention(tiles, hq, hkv):
 
 
 @needs_kernels
+@pytest.mark.parametrize("hq,hkv", [(4, 4), (8, 2)])
+@pytest.mark.parametrize("block_n,programs", [(16, 3), (32, 5), (16, 1)])
+def test_walk_over_a_schedule(hq, hkv, block_n, programs):
+    """The walk over `walk_schedule`: items of 1 to 12 tiles, a sequence without a query token
+    (no items), a one-key context; runs of items that end mid-sequence."""
+    seq_lens, q_lens = [30, 12, 90, 7, 1, 49], [1, 0, 1, 1, 1, 1]
+    q, kc, vc, tables, lens, qsl = make_batch(seq_lens, q_lens, hq, hkv, 32, 8, torch.float32,
+                                              seed=hq + block_n + programs)
+    sched = pa.walk_schedule(tables, lens, qsl, hkv, block_n, 8, programs)
+    prog = sched[0].cpu().tolist()
+    assert prog[0] == 0 and prog == sorted(prog) and len(prog) == programs + 1
+    out = torch.full_like(q, float("nan"))
+    pa.paged_attention_walk(q, kc, vc, sched, 32 ** -0.5, block_n=block_n, out=out)
+    assert torch.isfinite(out).all(), "unwritten or non-finite output"
+    ref = reference(q, kc, vc, tables, lens, qsl, 32 ** -0.5)
+    assert ((out.cpu().double() - ref).norm() / ref.norm()).item() < TOL[torch.float32]
+
+
+@needs_kernels
 def test_tiles_are_refused_for_prefill():
     q, kc, vc, tables, lens, qsl = make_batch([9], [4], 2, 2, 16, 8, torch.float32, 0)
     with pytest.raises(ValueError, match="decode"):
