@@ -56,6 +56,29 @@ if triton is not None:
             hi = tl.where(start <= pid, hi, mid - 1)
         return lo, pid - (tl.load(qsl_ptr + lo) // BLOCK_Q + lo)
 
+    @triton.jit
+    def _kv_tile(q, k, v, keep, m_i, l_i, acc, scale_log2, BLOCK_M: tl.constexpr,
+                 DOT_F32: tl.constexpr, PRECISION: tl.constexpr):
+        # one KV tile of the online softmax: q [BM, BD], k [BD, BN], v [BN, BD], keep [BM, BN]
+        # (the keys each row sees); returns the running max, sum and unnormalised output
+        if DOT_F32:
+            k, v = k.to(tl.float32), v.to(tl.float32)
+        if BLOCK_M == 1:  # one query row: products and sums, no padded tensor-core tile
+            s = tl.sum(q.to(tl.float32)[:, :, None] * k.to(tl.float32)[None, :, :], 1) * scale_log2
+        else:
+            s = tl.dot(q, k, input_precision=PRECISION) * scale_log2  # [BM, BN], log2 domain
+        s = tl.where(keep, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no key yet
+        p = tl.exp2(s - m_use[:, None])
+        alpha = tl.exp2(m_i - m_use)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if BLOCK_M == 1:
+            acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v.to(tl.float32)[None, :, :], 1)
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        return m_new, l_i, acc
+
     # per-step sizes are not specialised on: one binary, no compile while serving
     @triton.jit(do_not_specialize=["n_q_tiles", "T", "B", "q_len_lo", "q_len_hi"])
     def _attn_kernel(q_ptr, k_ptr, v_ptr, out_ptr, part_acc_ptr, part_ml_ptr,
@@ -119,24 +142,9 @@ if triton is not None:
             v_off = blk * stride_vb + (pos % KV_BLOCK) * stride_vs + kvh * stride_vh
             v = tl.load(v_ptr + v_off[:, None] + d[None, :], mask=pos_ok[:, None] & d_ok[None, :],
                         other=0.0)  # [BN, BD]
-            if DOT_F32:
-                k, v = k.to(tl.float32), v.to(tl.float32)
-            if BLOCK_M == 1:  # one query row: products and sums, no padded tensor-core tile
-                s = tl.sum(q.to(tl.float32)[:, :, None] * k.to(tl.float32)[None, :, :], 1)
-                s = s * scale_log2  # [1, BN], log2 domain
-            else:
-                s = tl.dot(q, k, input_precision=PRECISION) * scale_log2  # [BM, BN], log2 domain
-            s = tl.where(pos_ok[None, :] & (pos[None, :] <= q_pos[:, None]), s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no key yet
-            p = tl.exp2(s - m_use[:, None])
-            alpha = tl.exp2(m_i - m_use)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            if BLOCK_M == 1:
-                acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v.to(tl.float32)[None, :, :], 1)
-            else:
-                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-            m_i = m_new
+            keep = pos_ok[None, :] & (pos[None, :] <= q_pos[:, None])
+            m_i, l_i, acc = _kv_tile(q, k, v, keep, m_i, l_i, acc, scale_log2, BLOCK_M, DOT_F32,
+                                     PRECISION)
         pdl_launch(USE_PDL)
         t_row = (q_start + qi).to(tl.int64)
         st_ok = row_ok[:, None] & d_ok[None, :]
@@ -150,29 +158,6 @@ if triton is not None:
             tl.store(part_acc_ptr + row[:, None] * HEAD_DIM + d[None, :], acc, mask=st_ok)
             tl.store(part_ml_ptr + row * 2, m_i, mask=row_ok)
             tl.store(part_ml_ptr + row * 2 + 1, l_i, mask=row_ok)
-
-    @triton.jit
-    def _kv_tile(q, k, v, keep, m_i, l_i, acc, scale_log2, BLOCK_M: tl.constexpr,
-                 DOT_F32: tl.constexpr, PRECISION: tl.constexpr):
-        # one KV tile of the online softmax: q [BM, BD], k [BD, BN], v [BN, BD], keep [BM, BN]
-        # (the keys each row sees); returns the running max, sum and unnormalised output
-        if DOT_F32:
-            k, v = k.to(tl.float32), v.to(tl.float32)
-        if BLOCK_M == 1:  # one query row: products and sums, no padded tensor-core tile
-            s = tl.sum(q.to(tl.float32)[:, :, None] * k.to(tl.float32)[None, :, :], 1) * scale_log2
-        else:
-            s = tl.dot(q, k, input_precision=PRECISION) * scale_log2  # [BM, BN], log2 domain
-        s = tl.where(keep, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no key yet
-        p = tl.exp2(s - m_use[:, None])
-        alpha = tl.exp2(m_i - m_use)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        if BLOCK_M == 1:
-            acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v.to(tl.float32)[None, :, :], 1)
-        else:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        return m_new, l_i, acc
 
     # per-step sizes are not specialised on: one binary, no compile while serving
     @triton.jit
