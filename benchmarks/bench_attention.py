@@ -67,8 +67,9 @@ def variants(batch: int, smoke: bool) -> list[dict]:
 
 def walk_variants(smoke: bool) -> list[dict]:
     """The walk over a schedule (`paged_attention_walk`), `walk` programs an SM, at the KV tiles
-    and stages that fit that many an SM; timed without building its schedule (a step's
-    schedule is the host's to stage with the graph inputs)."""
+    and stages that fit that many an SM. Timed without building its schedule, which a step
+    would build once for all its layers (or the host would stage with the graph inputs): the
+    comparison is the kernels' alone."""
     if smoke:
         return [{"walk": 1, "block_n": 16}]
     shapes = ((4, 64, 4), (4, 64, 3), (4, 64, 2), (3, 64, 4), (2, 64, 4), (2, 128, 3), (8, 64, 2))
@@ -111,7 +112,7 @@ class Case:
         if tiles and tiles.get("walk"):  # the walk, its schedule built once (outside the timing)
             t = dict(tiles)
             sched = self.schedule(t.pop("walk"), t["block_n"])
-            return pa.paged_attention_walk(self.q, kc, vc, sched, self.scale, out=self.out, **t)
+            return pa.paged_attention_walk(self.q, kc, vc, sched, self.scale, 1, out=self.out, **t)
         return pa.paged_attention(self.q, kc, vc, self.tables, self.lens, self.qsl, 1, self.scale,
                                   tiles=tiles, out=self.out)
 
@@ -280,9 +281,9 @@ def main(argv: list[str] | None = None) -> dict:
     with open(args.out / "attention_raw.json", "w") as f:
         json.dump(res, f, indent=1)
     (args.out / "attention.md").write_text(table_md(res))
-    table = device_table(res)
-    with open(args.out / pa.tiles_file(name).name, "w") as f:
-        json.dump(table, f, indent=1)
+    if args.family == "all":  # a family's sweep is a comparison, never a table (a walk is not tiles)
+        with open(args.out / pa.tiles_file(name).name, "w") as f:
+            json.dump(device_table(res), f, indent=1)
     return res
 
 

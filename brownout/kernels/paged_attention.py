@@ -174,8 +174,8 @@ if triton is not None:
         # ahead as the per-item kernel's do and its pipeline fills once a program.
         pdl_wait(USE_PDL)
         pid = tl.program_id(0)
-        g_lo = tl.load(prog_ptr + pid)
-        g_hi = tl.load(prog_ptr + pid + 1)
+        g_lo = tl.load(prog_ptr + pid).to(tl.int64)
+        g_hi = tl.load(prog_ptr + pid + 1).to(tl.int64)
         r = tl.arange(0, BLOCK_M)  # rows: the G query heads of the tile's KV head
         row_ok = r < G
         d = tl.arange(0, BLOCK_D)
@@ -185,7 +185,7 @@ if triton is not None:
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-        for g in range(g_lo, g_hi):
+        for g in range(g_lo, g_hi):  # int64 tile indices: meta and blocks grow with the tables
             q_row = tl.load(meta_ptr + g * 4).to(tl.int64)
             kvh = tl.load(meta_ptr + g * 4 + 1)
             n_keys = tl.load(meta_ptr + g * 4 + 2)
@@ -475,6 +475,9 @@ def walk_schedule(block_tables: torch.Tensor, seq_lens: torch.Tensor, query_star
     meta [n, 4] int32: query row, KV head, keys in the tile, flags (1: the item's first tile,
     2: its last); blocks [n, block_n // kv_block] int32: the tile's cache blocks), where n is
     the most tiles the block tables allow; tiles past the step's are never read."""
+    if block_n < kv_block or block_n % kv_block or programs < 1:
+        raise ValueError(f"a walk's KV tile ({block_n}) is a whole number of cache blocks "
+                         f"({kv_block}) and it has at least one program ({programs})")
     dev = block_tables.device
     B, max_blocks = block_tables.shape
     per = block_n // kv_block  # cache blocks a tile covers
@@ -484,7 +487,9 @@ def walk_schedule(block_tables: torch.Tensor, seq_lens: torch.Tensor, query_star
     lens = seq_lens.to(torch.int64)
     # an item of a sequence with a query token has at least one (masked) tile, so its rows are
     # written; a sequence without one (the graphs' padding) has none
-    n_t = torch.where(q_len > 0, torch.clamp((lens + block_n - 1) // block_n, min=1), 0)  # [B]
+    # written (as 0/0, like `_attn_kernel`'s); a sequence without one (the graphs' padding) has
+    # none; no sequence has more tiles than its block table row can hold
+    n_t = torch.where(q_len > 0, torch.clamp((lens + block_n - 1) // block_n, min=1, max=t_max), 0)
     t = torch.arange(t_max, device=dev)
     valid = (t[None, None, :] < n_t[:, None, None]).expand(B, num_kv_heads, t_max)  # [B, H, T]
     flat = valid.reshape(-1)
@@ -514,15 +519,24 @@ def walk_schedule(block_tables: torch.Tensor, seq_lens: torch.Tensor, query_star
 
 
 def paged_attention_walk(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                         schedule: tuple[torch.Tensor, torch.Tensor, torch.Tensor], scale: float, *,
-                         block_n: int, num_stages: int = 3, num_warps: int = 4, vec: bool = False,
+                         schedule: tuple[torch.Tensor, torch.Tensor, torch.Tensor], scale: float,
+                         max_query_len: int, *, block_n: int, num_stages: int = 3,
+                         num_warps: int = 4, vec: bool = False,
                          out: torch.Tensor | None = None) -> torch.Tensor:
-    """A decode step's attention (one query token a sequence) walking `schedule`
-    (`walk_schedule`, built with the same block_n and the cache's block size)."""
+    """A decode step's attention (at most one query token a sequence: `max_query_len` <= 1)
+    walking `schedule` (`walk_schedule`, built with the same block_n and the cache's block
+    size)."""
     T, Hq, Dh = q.shape
-    Hkv = k_cache.shape[2]
+    _, kv_block, Hkv, _ = k_cache.shape
+    if Hq % Hkv != 0 or k_cache.shape[-1] != Dh or v_cache.shape != k_cache.shape:
+        raise ValueError(f"shape mismatch: q {tuple(q.shape)}, k_cache {tuple(k_cache.shape)}, "
+                         f"v_cache {tuple(v_cache.shape)}")
+    if max_query_len > 1:
+        raise ValueError(f"the walk serves decode steps (max_query_len 1), not {max_query_len}")
     G = Hq // Hkv
     prog, meta, blocks = schedule
+    if blocks.shape[1] * kv_block != block_n:
+        raise ValueError(f"the schedule's tiles hold {blocks.shape[1] * kv_block} keys, not block_n {block_n}")
     if out is None:
         out = torch.empty_like(q)
     on_gpu = q.device.type == "cuda" and not _kernels_interpreted()
