@@ -170,8 +170,9 @@ if triton is not None:
         # A decode step as a walk over a schedule (`walk_schedule`): program p takes the tiles
         # prog[p]..prog[p+1] of the step's (sequence, KV head, KV tile) list, runs of whole
         # items; each tile's query row, KV head, key count and first/last flags sit in meta and
-        # its cache blocks in blocks, all indexed by the tile alone, so the loop's loads run
-        # ahead as the per-item kernel's do and its pipeline fills once a program.
+        # its cache blocks in blocks, all indexed by the tile alone: the loop holds no search,
+        # its loads depend on the tile's index as the per-item kernel's depend on its position,
+        # and one program's pipeline runs on across its items.
         pdl_wait(USE_PDL)
         pid = tl.program_id(0)
         g_lo = tl.load(prog_ptr + pid).to(tl.int64)
