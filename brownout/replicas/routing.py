@@ -14,7 +14,8 @@ of the best one's (at least `tie_s`) count as tied, and the tie goes to the one 
 highest tau: it has spent the least accuracy, so sending it work keeps the fleet's mean tau
 highest (and a dimmed replica is the loaded one). Within a
 tie at the same tau, a replica that served the same session before (`affinity`) goes first:
-its prefix cache likely holds the conversation's prompt; then the one holding fewer requests. With any candidate's stats missing or older than
+its prefix cache likely holds the conversation's prompt; then the one whose stats hold fewer
+requests, then the lower score. With any candidate's stats missing or older than
 `stale_s`, `rank_replicas` returns None and the router falls back to power-of-two choices.
 """
 
@@ -113,11 +114,12 @@ def rank_replicas(candidates: Sequence[Hashable], stats: Mapping[Hashable, Optio
             # comparison would send more work to the replica that is already dimmed
             window = max(tie_s, fresh[leader].per_request_s)
             tied = [c for c in group if scored[c] <= best + window]
-            # highest tau first; then the session's replica; then the fewer requests held
-            # (the wait model counts a running request only once slots run out); then score
+            # highest tau first; then the session's replica; then the fewer requests its stats
+            # hold (the wait model counts a running request only once slots run out; the
+            # requests routed since are left to the score, since the router learns of their
+            # completion only after the client has its response); then score
             tied.sort(key=lambda c: (-fresh[c].tau, c != affinity,
-                                     fresh[c].num_running + fresh[c].num_waiting + routed_since.get(c, 0),
-                                     scored[c]))
+                                     fresh[c].num_running + fresh[c].num_waiting, scored[c]))
             out.append(tied[0])
             group.remove(tied[0])
     return out

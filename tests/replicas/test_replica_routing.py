@@ -61,6 +61,17 @@ def test_requests_routed_since_the_stats_count():
     assert score(stats["a"], 5) == pytest.approx(0.7)
 
 
+def test_a_routed_request_not_yet_seen_complete_does_not_outweigh_a_running_one():
+    # the idle replica served a request the router has not yet seen complete; the busy one
+    # runs a long request: within the tie the idle one still goes first
+    stats = {"busy": st(0.012, per_request=0.05, running=1), "idle": st(0.0, per_request=0.05)}
+    assert rank_replicas(["busy", "idle"], stats, NOW, {"idle": 1})[0] == "idle"
+    # and a burst between two stats updates still spreads over tied replicas by the score
+    stats = {"a": st(0.0, per_request=0.05), "b": st(0.0, per_request=0.05)}
+    assert rank_replicas(["a", "b"], stats, NOW, {"a": 1})[0] == "b"
+    assert rank_replicas(["a", "b"], stats, NOW, {"a": 1, "b": 1})[0] == "a"
+
+
 def test_stale_or_missing_stats_fall_back():
     assert rank_replicas(["a", "b"], {"a": st(0.1), "b": st(0.1, age=10)}, NOW, stale_s=3) is None
     assert rank_replicas(["a", "b"], {"a": st(0.1), "b": None}, NOW) is None
