@@ -97,7 +97,7 @@ def table(paths: list[Path], out: Path) -> None:
     lines.append("| metric | " + " | ".join(names) + " |")
     lines.append("|---" * (len(names) + 1) + "|")
     raw = any(k in c for c in cols for k in METRICS)
-    keys = {k: v for k, v in METRICS.items()} if raw else \
+    keys = dict(METRICS) if raw else \
         {k: k for k in dict.fromkeys(k for c in cols for k in c if k != "Kernel Name")}
     for key, label in keys.items():
         lines.append(f"| {label} | " + " | ".join(c.get(key, "-") for c in cols) + " |")
