@@ -72,8 +72,10 @@ def walk_variants(smoke: bool) -> list[dict]:
     comparison is the kernels' alone."""
     if smoke:
         return [{"walk": 1, "block_n": 16}]
-    shapes = ((4, 64, 4), (4, 64, 3), (4, 64, 2), (3, 64, 4), (2, 64, 4), (2, 128, 3), (8, 64, 2))
-    return [{"walk": w, "block_n": bn, "num_stages": st, "num_warps": 4} for w, bn, st in shapes]
+    shapes = ((4, 64, 4), (4, 64, 3), (4, 64, 2), (3, 64, 4), (2, 64, 4), (2, 128, 3), (8, 64, 2),
+              (4, 32, 4), (6, 32, 3))
+    return [{"walk": w, "block_n": bn, "num_stages": st, "num_warps": 4} for w, bn, st in shapes] + \
+        [{"walk": 2, "block_n": 64, "num_stages": 4, "num_warps": 8}]
 
 
 def split_variants(best: dict, batch: int, smoke: bool) -> list[dict]:
@@ -125,6 +127,23 @@ class Case:
                                                    block_n, KV_BLOCK, programs)
         return self.schedules[key]
 
+    def schedule_us(self, tiles: dict, smoke: bool) -> float:
+        """Time to build the walk's schedule by `walk_schedule`'s torch ops, in a CUDA graph."""
+        t = dict(tiles)
+        per_sm, block_n = t.pop("walk"), t["block_n"]
+        programs = (pa.WALK_INTERPRETED_PROGRAMS if smoke else
+                    per_sm * torch.cuda.get_device_properties(self.q.device).multi_processor_count)
+
+        def build(_layer: int):
+            pa.walk_schedule(self.tables, self.lens, self.qsl, self.q.shape[1], block_n, KV_BLOCK, programs)
+
+        if smoke:
+            t0 = time.perf_counter()
+            build(0)
+            return (time.perf_counter() - t0) * 1e6
+        from gpu_timing import graph_call_us
+        return graph_call_us(build, 1)
+
     def time_us(self, tiles: dict, smoke: bool) -> float:
         if smoke:
             t0 = time.perf_counter()
@@ -155,6 +174,8 @@ def measure(case: Case, tiles: dict, ref: torch.Tensor, smoke: bool) -> dict:
             row["error"] = f"output off the default's by {err:.3g}"
             return row
         row["us"] = case.time_us(tiles, smoke)
+        if tiles.get("walk"):  # what a step would pay to build the schedule it walks
+            row["schedule_us"] = case.schedule_us(tiles, smoke)
     except Exception as exc:  # a variant that does not compile (shared memory, registers)
         row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
     return row
@@ -240,6 +261,23 @@ def table_md(res: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def tried_md(res: dict) -> str:
+    """Every variant each batch tried, per context: its time against the first (the table's
+    entry in a family sweep), and a walk's schedule build time where it has one."""
+    lines = ["", "## Every variant", "", "| batch | context | tiles | us | / first | schedule us |",
+             "|---|---|---|---|---|---|"]
+    for b in res["batches"]:
+        first = {}
+        for r in b["tried"]:
+            base = first.setdefault(r["context"], r.get("us"))
+            t = ", ".join(f"{k}={v}" for k, v in r["tiles"].items()) or "default"
+            us = f"{r['us']:.1f}" if "us" in r else r.get("error", "")[:60]
+            rel = f"{r['us'] / base:.3f}" if "us" in r and base else ""
+            sched = f"{r['schedule_us']:.1f}" if r.get("schedule_us") is not None else ""
+            lines.append(f"| {b['batch']} | {r['context']} | {t} | {us} | {rel} | {sched} |")
+    return "\n".join(lines) + "\n"
+
+
 def device_table(res: dict) -> dict:
     """`decode_tiles`' table: each swept batch's winner (MHA, so one query head a KV head); an
     entry without tiles keeps that batch on the defaults."""
@@ -280,7 +318,7 @@ def main(argv: list[str] | None = None) -> dict:
     args.out.mkdir(parents=True, exist_ok=True)
     with open(args.out / "attention_raw.json", "w") as f:
         json.dump(res, f, indent=1)
-    (args.out / "attention.md").write_text(table_md(res))
+    (args.out / "attention.md").write_text(table_md(res) + (tried_md(res) if args.family != "all" else ""))
     if args.family == "all":  # a family's sweep is a comparison, never a table (a walk is not tiles)
         with open(args.out / pa.tiles_file(name).name, "w") as f:
             json.dump(device_table(res), f, indent=1)
