@@ -65,19 +65,6 @@ def variants(batch: int, smoke: bool) -> list[dict]:
     return out
 
 
-def walk_variants(smoke: bool) -> list[dict]:
-    """The walk over a schedule (`paged_attention_walk`), `walk` programs an SM, at the KV tiles
-    and stages that fit that many an SM. Timed without building its schedule, which a step
-    would build once for all its layers (or the host would stage with the graph inputs): the
-    comparison is the kernels' alone."""
-    if smoke:
-        return [{"walk": 1, "block_n": 16}]
-    shapes = ((4, 64, 4), (4, 64, 3), (4, 64, 2), (3, 64, 4), (2, 64, 4), (2, 128, 3), (8, 64, 2),
-              (4, 32, 4), (6, 32, 3))
-    return [{"walk": w, "block_n": bn, "num_stages": st, "num_warps": 4} for w, bn, st in shapes] + \
-        [{"walk": 2, "block_n": 64, "num_stages": 4, "num_warps": 8}]
-
-
 def split_variants(best: dict, batch: int, smoke: bool) -> list[dict]:
     """The best tiles at other context splits, where a batch leaves the GPU short of programs."""
     if smoke:
@@ -106,43 +93,12 @@ class Case:
         self.q = torch.randn(batch, heads, dh, **bf16)
         self.out = torch.empty_like(self.q)
         self.scale = dh ** -0.5
-        self.schedules: dict = {}  # the walk's, by (programs an SM, KV tile)
         self.bytes = 2 * batch * ctx * heads * dh * 2 + 2 * self.q.numel() * 2
 
     def call(self, tiles: dict, layer: int = 0) -> torch.Tensor:
         kc, vc = self.caches[layer]
-        if tiles and tiles.get("walk"):  # the walk, its schedule built once (outside the timing)
-            t = dict(tiles)
-            sched = self.schedule(t.pop("walk"), t["block_n"])
-            return pa.paged_attention_walk(self.q, kc, vc, sched, self.scale, 1, out=self.out, **t)
         return pa.paged_attention(self.q, kc, vc, self.tables, self.lens, self.qsl, 1, self.scale,
                                   tiles=tiles, out=self.out)
-
-    def schedule(self, per_sm: int, block_n: int):
-        key = (per_sm, block_n)
-        if key not in self.schedules:
-            programs = (pa.WALK_INTERPRETED_PROGRAMS if self.q.device.type == "cpu" else
-                        per_sm * torch.cuda.get_device_properties(self.q.device).multi_processor_count)
-            self.schedules[key] = pa.walk_schedule(self.tables, self.lens, self.qsl, self.q.shape[1],
-                                                   block_n, KV_BLOCK, programs)
-        return self.schedules[key]
-
-    def schedule_us(self, tiles: dict, smoke: bool) -> float:
-        """Time to build the walk's schedule by `walk_schedule`'s torch ops, in a CUDA graph."""
-        t = dict(tiles)
-        per_sm, block_n = t.pop("walk"), t["block_n"]
-        programs = (pa.WALK_INTERPRETED_PROGRAMS if smoke else
-                    per_sm * torch.cuda.get_device_properties(self.q.device).multi_processor_count)
-
-        def build(_layer: int):
-            pa.walk_schedule(self.tables, self.lens, self.qsl, self.q.shape[1], block_n, KV_BLOCK, programs)
-
-        if smoke:
-            t0 = time.perf_counter()
-            build(0)
-            return (time.perf_counter() - t0) * 1e6
-        from gpu_timing import graph_call_us
-        return graph_call_us(build, 1)
 
     def time_us(self, tiles: dict, smoke: bool) -> float:
         if smoke:
@@ -174,8 +130,6 @@ def measure(case: Case, tiles: dict, ref: torch.Tensor, smoke: bool) -> dict:
             row["error"] = f"output off the default's by {err:.3g}"
             return row
         row["us"] = case.time_us(tiles, smoke)
-        if tiles.get("walk"):  # what a step would pay to build the schedule it walks
-            row["schedule_us"] = case.schedule_us(tiles, smoke)
     except Exception as exc:  # a variant that does not compile (shared memory, registers)
         row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
     return row
@@ -184,8 +138,7 @@ def measure(case: Case, tiles: dict, ref: torch.Tensor, smoke: bool) -> dict:
 def sweep_batch(batch: int, device: str, bw: float, smoke: bool, deadline: float,
                 family: str = "all") -> dict:
     """family "all": every variant; "splits": the device table's entry for this batch at 1, 2
-    and 4 context splits, whatever the batch size (`split_variants` splits small batches only);
-    "walk": that entry against `walk_variants`."""
+    and 4 context splits, whatever the batch size (`split_variants` splits small batches only)."""
     heads, dh = (2, 32) if smoke else (HEADS, HEAD_DIM)
     contexts = (64,) if smoke else CONTEXTS
     cases = [Case(batch, c, heads, dh, device, smoke) for c in contexts]
@@ -206,11 +159,10 @@ def sweep_batch(batch: int, device: str, bw: float, smoke: bool, deadline: float
         return math.exp(statistics.fmean(math.log(x) for x in ratios))
 
     best, best_score = {}, 1.0
-    if family in ("splits", "walk"):
+    if family == "splits":
         table = {} if smoke else pa._device_tiles(torch.cuda.get_device_name())
         held = pa.pick_tiles(table.get(pa.tiles_key(1, dh, KV_BLOCK, torch.bfloat16), []), batch)
-        candidates = [dict(held, num_splits=n) for n in (1, 2, 4)] if family == "splits" else \
-            [held] + walk_variants(smoke)
+        candidates = [dict(held, num_splits=n) for n in (1, 2, 4)]
     else:
         candidates = variants(batch, smoke)
     for tiles in candidates:
@@ -263,9 +215,9 @@ def table_md(res: dict) -> str:
 
 def tried_md(res: dict) -> str:
     """Every variant each batch tried, per context: its time against the first (the table's
-    entry in a family sweep), and a walk's schedule build time where it has one."""
-    lines = ["", "## Every variant", "", "| batch | context | tiles | us | / first | schedule us |",
-             "|---|---|---|---|---|---|"]
+    entry in a family sweep)."""
+    lines = ["", "## Every variant", "", "| batch | context | tiles | us | / first |",
+             "|---|---|---|---|---|"]
     for b in res["batches"]:
         first = {}
         for r in b["tried"]:
@@ -273,8 +225,7 @@ def tried_md(res: dict) -> str:
             t = ", ".join(f"{k}={v}" for k, v in r["tiles"].items()) or "default"
             us = f"{r['us']:.1f}" if "us" in r else r.get("error", "")[:60]
             rel = f"{r['us'] / base:.3f}" if "us" in r and base else ""
-            sched = f"{r['schedule_us']:.1f}" if r.get("schedule_us") is not None else ""
-            lines.append(f"| {b['batch']} | {r['context']} | {t} | {us} | {rel} | {sched} |")
+            lines.append(f"| {b['batch']} | {r['context']} | {t} | {us} | {rel} |")
     return "\n".join(lines) + "\n"
 
 
@@ -290,9 +241,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--budget-s", type=float, default=150, help="wall time for the sweep")
     ap.add_argument("--batches", type=lambda v: [int(x) for x in v.split(",")], default=None)
-    ap.add_argument("--family", choices=("all", "splits", "walk"), default="all",
-                    help="splits: the device table's entries at 1, 2 and 4 context splits only; "
-                         "walk: those entries against the walk over a schedule")
+    ap.add_argument("--family", choices=("all", "splits"), default="all",
+                    help="splits: the device table's entries at 1, 2 and 4 context splits only")
     ap.add_argument("--smoke", action="store_true")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -319,7 +269,7 @@ def main(argv: list[str] | None = None) -> dict:
     with open(args.out / "attention_raw.json", "w") as f:
         json.dump(res, f, indent=1)
     (args.out / "attention.md").write_text(table_md(res) + (tried_md(res) if args.family != "all" else ""))
-    if args.family == "all":  # a family's sweep is a comparison, never a table (a walk is not tiles)
+    if args.family == "all":  # a family's sweep is a comparison, never a table
         with open(args.out / pa.tiles_file(name).name, "w") as f:
             json.dump(device_table(res), f, indent=1)
     return res

@@ -129,45 +129,6 @@ def test_decode_tiles_give_the_same_attention(tiles, hq, hkv):
 
 
 @needs_kernels
-@pytest.mark.parametrize("hq,hkv,vec", [(4, 4, False), (8, 2, False), (2, 2, True)])
-@pytest.mark.parametrize("block_n,programs", [(16, 3), (32, 5), (16, 1), (8, 50)])
-def test_walk_over_a_schedule(hq, hkv, vec, block_n, programs):
-    """The walk over `walk_schedule`: items of 1 to 12 tiles, a sequence without a query token
-    (no items), a one-key context; runs of whole items that end mid-sequence, of about equal
-    tiles; more programs than items (empty runs); the one-row path."""
-    seq_lens, q_lens = [30, 12, 90, 7, 1, 49], [1, 0, 1, 1, 1, 1]
-    q, kc, vc, tables, lens, qsl = make_batch(seq_lens, q_lens, hq, hkv, 32, 8, torch.float32,
-                                              seed=hq + block_n + programs)
-    sched = pa.walk_schedule(tables, lens, qsl, hkv, block_n, 8, programs)
-    prog = sched[0].cpu().tolist()
-    item_tiles = [math.ceil(s / block_n) if ql else 0 for s, ql in zip(seq_lens, q_lens) for _ in range(hkv)]
-    starts = [sum(item_tiles[:i]) for i in range(len(item_tiles)) if item_tiles[i]]
-    total = sum(item_tiles)
-    assert prog[0] == 0 and prog[-1] == total and prog == sorted(prog) and len(prog) == programs + 1
-    assert set(prog) <= set(starts) | {total}  # runs of whole items
-    assert max(b - a for a, b in zip(prog, prog[1:])) <= -(-total // programs) + max(item_tiles)
-    out = torch.full_like(q, float("nan"))
-    pa.paged_attention_walk(q, kc, vc, sched, 32 ** -0.5, 1, block_n=block_n, vec=vec, out=out)
-    assert torch.isfinite(out).all(), "unwritten or non-finite output"
-    ref = reference(q, kc, vc, tables, lens, qsl, 32 ** -0.5)
-    assert ((out.cpu().double() - ref).norm() / ref.norm()).item() < TOL[torch.float32]
-
-
-@needs_kernels
-def test_walk_refuses_what_it_does_not_serve():
-    q, kc, vc, tables, lens, qsl = make_batch([9, 4], [1, 1], 2, 2, 16, 8, torch.float32, 0)
-    with pytest.raises(ValueError, match="whole number"):
-        pa.walk_schedule(tables, lens, qsl, 2, 12, 8, 2)
-    sched = pa.walk_schedule(tables, lens, qsl, 2, 16, 8, 2)
-    with pytest.raises(ValueError, match="block_n"):
-        pa.paged_attention_walk(q, kc, vc, sched, 0.25, 1, block_n=32)
-    with pytest.raises(ValueError, match="decode"):
-        pa.paged_attention_walk(q, kc, vc, sched, 0.25, 4, block_n=16)
-    idle = pa.walk_schedule(tables, lens, torch.zeros_like(qsl), 2, 16, 8, 4)  # no query tokens
-    assert idle[0].cpu().tolist() == [0] * 5
-
-
-@needs_kernels
 def test_tiles_are_refused_for_prefill():
     q, kc, vc, tables, lens, qsl = make_batch([9], [4], 2, 2, 16, 8, torch.float32, 0)
     with pytest.raises(ValueError, match="decode"):
@@ -351,38 +312,3 @@ def test_table_tiles_under_graph_capture_gpu(batch):
     graph.replay()
     ref = reference(q, kc, vc, tables, lens, qsl, 0.1)
     assert ((out.cpu().double() - ref).norm() / ref.norm()).item() < TOL[torch.bfloat16], tiles
-
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not CUDA, reason="needs CUDA")
-@pytest.mark.parametrize("batch,per_sm", [(64, 4), (16, 2), (200, 3)])
-def test_walk_schedule_without_host_sync_under_graph_capture_gpu(batch, per_sm):
-    """The schedule and the walk in bf16 inside one captured graph, with no host synchronisation,
-    replayed over shorter contexts, against the float64 reference."""
-    g = torch.Generator().manual_seed(batch)
-    seq_lens = torch.randint(200, 700, (batch,), generator=g).tolist()
-    q, kc, vc, tables, lens, qsl = make_batch(seq_lens, [1] * batch, 16, 16, 128, 16,
-                                              torch.bfloat16, batch)
-    out = torch.empty_like(q)
-    programs = per_sm * torch.cuda.get_device_properties(q.device).multi_processor_count
-
-    def step():
-        sched = pa.walk_schedule(tables, lens, qsl, 16, 64, 16, programs)
-        pa.paged_attention_walk(q, kc, vc, sched, 0.1, 1, block_n=64, num_stages=4, out=out)
-
-    step()  # compile outside the capture
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        step()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            step()
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
-    lens.sub_(torch.randint(0, 150, (batch,), generator=g, dtype=torch.int32).to(lens.device))
-    out.fill_(float("nan"))
-    graph.replay()
-    ref = reference(q, kc, vc, tables, lens, qsl, 0.1)
-    assert ((out.cpu().double() - ref).norm() / ref.norm()).item() < TOL[torch.bfloat16]
