@@ -53,8 +53,9 @@ SKINNY_MAX_N = 4096  # outputs up to which cuBLAS's 64-column tiles leave half o
 # Wider layers (a QKV projection) take the kernel at steps of up to WIDE_MAX_ROWS rows when it
 # launches with PDL: its weights' first lines then arrive during the previous kernel, which
 # cuBLAS's launch does not overlap; at more rows cuBLAS's own tiles are faster.
+# BROWNOUT_WIDE_MAX_ROWS overrides the row limit, for timing the step at other limits.
 WIDE_MAX_N = 8192
-WIDE_MAX_ROWS = 8
+WIDE_MAX_ROWS = int(os.environ.get("BROWNOUT_WIDE_MAX_ROWS", "8"))
 BLOCK_N = 32  # weight rows per program: the fastest of 16 and 32 in the tile sweep
 BLOCK_K = 128  # columns per loop step (8 KB of weight per program), the sweep's fastest
 MAX_SPLIT_K = 16  # partial sums per tile: beyond it the reduction outweighs the gain

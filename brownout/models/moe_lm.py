@@ -111,6 +111,11 @@ class MoEForCausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()
 
+    def raw_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """lm_head's output in the model's dtype: what greedy decoding reads (`compute_logits`
+        widens it to float32 for sampling and logprobs)."""
+        return self.lm_head(hidden)
+
     @staticmethod
     def _full_inputs(B: int, L: int, device, tau: Optional[float]) -> tuple[torch.Tensor, ForwardContext]:
         """Positions [B, L] and the context of a causal [B, L] batch without KV cache."""

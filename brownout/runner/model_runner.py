@@ -24,7 +24,7 @@ from brownout.config import CacheConfig
 from brownout.models.context import AttnMeta, ForwardContext, ForwardOutput
 from brownout.runner.cuda_graphs import PAD_BLOCK, HostStep, StepDescriptor, StepGraphs, TokenPatch
 from brownout.runner.loader import LoadedModel
-from brownout.runner.sampler import SamplingMetadata, sample, to_device, token_logprobs
+from brownout.runner.sampler import SamplingMetadata, greedy, sample, to_device, token_logprobs
 from brownout.types import Logprob, Rungs, RunnerOutput, SamplingParams, ScheduledSeq, SchedulerOutput
 
 log = logging.getLogger(__name__)
@@ -188,10 +188,15 @@ class ModelRunner:
                 picked = out.hidden
             else:
                 picked = out.hidden.index_select(0, to_device(rows, self.device, torch.long))
-            logits = self.model.compute_logits(picked)  # [B, V]
             gens = [self._generator(s.request_id, s.sampling.seed) for s in sampled]
-            sampling = SamplingMetadata.build([s.sampling for s in sampled], gens, logits.shape[1], self.device)
-            tokens = sample(logits, sampling)
+            sampling = SamplingMetadata.build([s.sampling for s in sampled], gens,
+                                              self.model.spec.vocab_size, self.device)
+            if sampling.all_greedy and all(n is None for n in sampling.num_logprobs):
+                # greedy rows without logprobs read lm_head's output as it is: no float32 copy
+                tokens = greedy(self.model.raw_logits(picked))
+            else:
+                logits = self.model.compute_logits(picked)  # [B, V]
+                tokens = sample(logits, sampling)
         pending = PendingStep(sched=sched, hidden=out.hidden, offsets=offsets, sampled=sampled, logits=logits,
                               tokens=tokens, sampling=sampling,
                               tau=rungs.tau if self.brownout_ready else 1.0,

@@ -83,6 +83,18 @@ def filter_logits(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
     return torch.empty_like(logits).scatter_(1, order, sorted_logits)
 
 
+def greedy(logits: torch.Tensor) -> torch.Tensor:
+    """logits [B, V] in any float dtype -> each row's argmax [B] int64. On CUDA one Triton
+    launch over the logits as they are (`brownout.kernels.greedy`), with no float32 copy."""
+    if logits.is_cuda:
+        from brownout.kernels import triton_module  # lazy: triton on CUDA only
+
+        g = triton_module("greedy")
+        if g is not None and g.ENABLED and g.usable(logits):
+            return g.greedy_tokens(logits)
+    return logits.float().argmax(dim=1)
+
+
 def sample(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
     """logits [B, V] float32 -> sampled tokens [B] int64."""
     greedy_tokens = logits.argmax(dim=1)
