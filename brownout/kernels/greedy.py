@@ -11,8 +11,9 @@ Here the vocabulary is cut into CHUNK-wide pieces, one program each per row: a p
 its piece's maximum and the first index holding it, stores them as its row's partial, and the
 last program of the row to arrive (an arrival counter a row, reset by that program, as in
 `skinny_gemm`) picks the first piece holding the row's maximum. So ties resolve to the first
-index, as torch's do. `BROWNOUT_GREEDY_KERNEL=0` turns it off. A NaN counts as larger than every number, as in torch; a row holding
-both +inf and NaN takes its first of either (torch takes the first NaN).
+index, as torch's do; a NaN ranks above every number, as in torch, so a row holding one takes
+its first NaN. The counters are the device's, so launches on one device run one after another
+(the engine samples on one stream). `BROWNOUT_GREEDY_KERNEL=0` turns the kernel off.
 """
 
 from __future__ import annotations
@@ -55,9 +56,12 @@ if triton is not None:
         offs = piece * CHUNK + tl.arange(0, CHUNK)
         x = tl.load(x_ptr + row.to(tl.int64) * stride_x + offs, mask=offs < V,
                     other=float("-inf")).to(tl.float32)
-        x = tl.where(x != x, float("inf"), x)  # NaN above every number, as torch ranks it
-        best = tl.max(x, 0)
+        nan = x != x  # NaN ranks above every number, as torch ranks it: the first one wins
+        first_nan = tl.min(tl.where(nan, offs, V), 0)
+        best = tl.max(tl.where(nan, float("-inf"), x), 0)
         first = tl.min(tl.where(x == best, offs, V), 0)  # the piece's first index holding it
+        best = tl.where(first_nan < V, float("nan"), best)  # a piece with a NaN reports it
+        first = tl.where(first_nan < V, first_nan, first)
         cell = row * PIECES + piece
         tl.store(part_val_ptr + cell, best)
         tl.store(part_idx_ptr + cell, first)
@@ -69,8 +73,11 @@ if triton is not None:
             vals = tl.load(part_val_ptr + row * PIECES + p, mask=ok, other=float("-inf"),
                            cache_modifier=".cg")
             idx = tl.load(part_idx_ptr + row * PIECES + p, mask=ok, other=V, cache_modifier=".cg")
-            top = tl.max(vals, 0)
-            tl.store(out_ptr + row, tl.min(tl.where(vals == top, idx, V), 0).to(tl.int64))
+            nan = vals != vals
+            first_nan = tl.min(tl.where(nan, idx, V), 0)
+            top = tl.max(tl.where(nan, float("-inf"), vals), 0)
+            pick = tl.min(tl.where(vals == top, idx, V), 0)
+            tl.store(out_ptr + row, tl.where(first_nan < V, first_nan, pick).to(tl.int64))
             tl.store(count_ptr + row, 0)  # ready for the next launch
 
 

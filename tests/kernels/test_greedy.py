@@ -56,13 +56,17 @@ def test_ties_go_to_the_first_index_across_and_within_pieces():
 
 
 @needs_kernels
-def test_nan_ranks_above_every_number():
-    logits = torch.randn(2, 80)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_nan_ranks_above_every_number(dtype):
+    """The first NaN wins, before an earlier +inf too, within a piece and across pieces."""
+    logits = torch.randn(4, 80)
     logits[0, 45] = float("nan")
     logits[1, [10, 60]] = float("nan")
-    logits = logits.to(DEVICE)
+    logits[2, 3], logits[2, 70] = float("inf"), float("nan")  # +inf in an earlier piece
+    logits[3, 33], logits[3, 34] = float("inf"), float("nan")  # in the same piece
+    logits = logits.to(DEVICE, dtype)
     out = gr.greedy_tokens(logits, chunk=16).cpu().tolist()
-    assert out == reference(logits).cpu().tolist() == [45, 10]
+    assert out == reference(logits).cpu().tolist() == [45, 10, 70, 34]
 
 
 @needs_kernels
@@ -101,3 +105,17 @@ def test_greedy_tokens_at_a_real_vocabulary_gpu(rows):
     torch.cuda.synchronize()
     assert out.cpu().tolist() == reference(logits).cpu().tolist()
     assert out[0].item() == 5000
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_every_row_gets_its_last_arrival_under_contention_gpu():
+    """4096 rows of small-integer logits (ties everywhere) in pieces of 64, so that a row's
+    programs run on many SMs at once and arrive in any order; launched 50 times, each against
+    torch, and the arrival counters back at zero after."""
+    g = torch.Generator().manual_seed(0)
+    for i in range(50):
+        logits = torch.randint(-8, 8, (gr.MAX_ROWS, 4000), generator=g).to("cuda", torch.bfloat16)
+        out = gr.greedy_tokens(logits, chunk=64)
+        assert torch.equal(out, reference(logits)), f"launch {i}"
+    assert int(gr._counters(logits.device).abs().sum()) == 0
