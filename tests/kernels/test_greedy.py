@@ -80,7 +80,7 @@ def test_strided_rows_and_refusals():
 
 
 @needs_kernels
-def test_the_runner_takes_the_kernel_on_greedy_logits_only(monkeypatch):
+def test_sampler_greedy_takes_the_kernel_on_cuda_logits_only(monkeypatch):
     """`sampler.greedy` reads the kernel's tokens on CUDA logits, torch's elsewhere."""
     from brownout.runner import sampler
 
