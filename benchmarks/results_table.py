@@ -25,9 +25,9 @@ HELD_OUT_TARGETS = {2: 0.08, 4: 0.20, 8: 0.40}
 HEADLINE_RUNS = ("headline_h200_run15", "headline_h200_run16", "headline_h200_run17")
 # the engine runs of today's engine (async scheduling, programmatic dependent launch, the
 # decode attention tiles, the register-only brownout routing, greedy tokens from the bf16
-# logits, ...): three processes of one
-# call with the decode, loop and brownout stages; their raw folders, and their page
-# (benchmarks/variant_tables.py). The decode and brownout rows both come from them.
+# logits, ...): three processes of one call with the decode, loop and brownout stages; their
+# raw folders, and their page (benchmarks/variant_tables.py). The decode and brownout rows
+# both come from them.
 ENGINE_RUNS = ("engine_h200_run29_final1", "engine_h200_run29_final2", "engine_h200_run29_final3")
 ENGINE_PAGE = "engine_h200_run29"
 # engine runs with both H200 tile tables (tau 1 and the crowded tau 0 one)
