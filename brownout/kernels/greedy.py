@@ -73,11 +73,13 @@ if triton is not None:
             vals = tl.load(part_val_ptr + row * PIECES + p, mask=ok, other=float("-inf"),
                            cache_modifier=".cg")
             idx = tl.load(part_idx_ptr + row * PIECES + p, mask=ok, other=V, cache_modifier=".cg")
-            nan = vals != vals
-            first_nan = tl.min(tl.where(nan, idx, V), 0)
-            top = tl.max(tl.where(nan, float("-inf"), vals), 0)
+            # names of their own: the compiler types a name the branch rebinds by its value
+            # before the branch, and these are PIECES_PAD wide, not CHUNK
+            row_nan = vals != vals
+            row_first_nan = tl.min(tl.where(row_nan, idx, V), 0)
+            top = tl.max(tl.where(row_nan, float("-inf"), vals), 0)
             pick = tl.min(tl.where(vals == top, idx, V), 0)
-            tl.store(out_ptr + row, tl.where(first_nan < V, first_nan, pick).to(tl.int64))
+            tl.store(out_ptr + row, tl.where(row_first_nan < V, row_first_nan, pick).to(tl.int64))
             tl.store(count_ptr + row, 0)  # ready for the next launch
 
 
