@@ -129,49 +129,26 @@ if triton is not None:
         return (x + r).to(r_ptr.dtype.element_ty)
 
     @triton.jit
-    def _row_inv_rms(y_ptr, ids_ptr, r_ptr, M, D, eps, TOP_K: tl.constexpr, NORM_ROWS: tl.constexpr,
-                     BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
-        """[BLOCK_M] float32: 1 / rms of each row's s (`_slot_sum`) over its D columns, one
-        [BLOCK_D] row at a time as `norm_rope`'s kernel reduces it (0 past M)."""
-        rm = tl.arange(0, BLOCK_M)
+    def _norm_rows(y_ptr, ids_ptr, r_ptr, nw_ptr, h_ptr, sum_ptr, M, D, eps, k_lo, k_hi, sum_rows,
+                   TOP_K: tl.constexpr, NORM_ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
+        """Columns k_lo:k_hi of x = rms_norm(s) * nw into h_ptr [M, D], s = `_slot_sum` (the
+        decoder layer's residual add and input norm, with `norm_rope.add_slots_rms_norm`'s
+        roundings), each row's statistic over its whole [BLOCK_D] row as that kernel reduces
+        it; s's columns k_lo:k_hi of the first `sum_rows` rows (M or none) into sum_ptr [M, D]
+        (the residual stream after the add)."""
         offs = tl.arange(0, BLOCK_D)
-        inv = tl.zeros([BLOCK_M], dtype=tl.float32)
+        mine = (offs >= k_lo) & (offs < k_hi)
         for m in tl.static_range(NORM_ROWS):
             row = m + offs * 0  # [BLOCK_D] copies of the row index, as the norm kernel loads ids
             ok = (offs < D) & (row < M)
-            sf = _slot_sum(y_ptr, ids_ptr, r_ptr, row, offs, ok, ok, D, TOP_K).to(tl.float32)
-            inv_m = tl.rsqrt(tl.sum(sf * sf, axis=0) / D + eps)
-            inv = tl.where((rm == m) & (rm < M), inv_m, inv)
-        return inv
-
-    @triton.jit
-    def _accumulate_normed(y_ptr, ids_ptr, r_ptr, nw_ptr, sum_ptr, inv, sum_rows, w_ptr, rn, n_ok, M, D,
-                           k_lo, k_hi, stride_wn, TOP_K: tl.constexpr, BLOCK_N: tl.constexpr,
-                           BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, DOT_F32: tl.constexpr,
-                           PRECISION: tl.constexpr):
-        """`_accumulate` over x = rms_norm(s) * nw, s = `_slot_sum` (the decoder layer's
-        residual add and input norm, as `norm_rope.add_slots_rms_norm` rounds them), built
-        tile by tile from the slots and the residual; s's columns k_lo:k_hi of the first
-        `sum_rows` rows (M or none) go to sum_ptr [M, D] (the residual stream after the add)."""
-        rm = tl.arange(0, BLOCK_M)
-        rk = tl.arange(0, BLOCK_K)
-        m_ok = rm < M
-        acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
-        for k0 in range(k_lo, k_hi, BLOCK_K):
-            kk = k0 + rk
-            k_ok = kk < k_hi
-            w = tl.load(w_ptr + rn[:, None].to(tl.int64) * stride_wn + kk[None, :],
-                        mask=n_ok[:, None] & k_ok[None, :], other=0.0)
-            ok = m_ok[None, :] & k_ok[:, None]
-            s = _slot_sum(y_ptr, ids_ptr, r_ptr, rm[None, :], kk[:, None], m_ok[None, :], ok, D, TOP_K)
-            tl.store(sum_ptr + rm[None, :].to(tl.int64) * D + kk[:, None], s, mask=ok & (rm < sum_rows)[None, :])
-            normed = (s.to(tl.float32) * inv[None, :]).to(r_ptr.dtype.element_ty)
-            nw = tl.load(nw_ptr + kk, mask=k_ok, other=0.0).to(tl.float32)
-            xt = (normed.to(tl.float32) * nw[:, None]).to(r_ptr.dtype.element_ty)
-            if DOT_F32:  # the CPU interpreter's dot is wrong on bf16 operands
-                w, xt = w.to(tl.float32), xt.to(tl.float32)
-            acc += tl.dot(w, xt, input_precision=PRECISION)
-        return acc
+            s = _slot_sum(y_ptr, ids_ptr, r_ptr, row, offs, ok, ok, D, TOP_K)
+            sf = s.to(tl.float32)
+            inv = tl.rsqrt(tl.sum(sf * sf, axis=0) / D + eps)
+            normed = (sf * inv).to(r_ptr.dtype.element_ty)
+            nw = tl.load(nw_ptr + offs, mask=ok & mine, other=0.0).to(tl.float32)
+            x = (normed.to(tl.float32) * nw).to(h_ptr.dtype.element_ty)
+            tl.store(h_ptr + m * D + offs, x, mask=ok & mine)
+            tl.store(sum_ptr + m * D + offs, s, mask=ok & mine & (row < sum_rows))
 
     @triton.jit
     def _partial_ptrs(ws_ptr, tile, split, row0, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -255,7 +232,7 @@ if triton is not None:
 
     @triton.jit
     def _qkv_rope_kernel(x_ptr, w_ptr, b_ptr, q_ptr, ws_ptr, count_ptr, pos_ptr, cos_ptr, sin_ptr,
-                         k_cache_ptr, v_cache_ptr, slot_ptr, y_ptr, ids_ptr, nw_ptr, sum_ptr, eps,
+                         k_cache_ptr, v_cache_ptr, slot_ptr, y_ptr, ids_ptr, nw_ptr, h_ptr, sum_ptr, eps,
                          M, K, K_PER_SPLIT, Hq, Hkv,
                          stride_xm, stride_wn, stride_qt, stride_qh, stride_c,
                          stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
@@ -277,11 +254,15 @@ if triton is not None:
         pf_k = tl.minimum(k_lo + tl.arange(0, PF_LINES) * PF_STEP, k_hi - 1)
         prefetch_l2(w_ptr + rn[:, None].to(tl.int64) * stride_wn + pf_k[None, :], USE_PDL)
         pdl_wait(USE_PDL)
-        if NORM_IN:  # x is the input norm of the residual stream plus the MoE's slots (x_ptr: r)
-            inv = _row_inv_rms(y_ptr, ids_ptr, x_ptr, M, K, eps, TOP_K, NORM_ROWS, BLOCK_D, BLOCK_M)
-            acc = _accumulate_normed(y_ptr, ids_ptr, x_ptr, nw_ptr, sum_ptr, inv, tl.where(head == 0, M, 0), w_ptr, rn,
-                                     rn >= 0, M, K, k_lo, k_hi, stride_wn, TOP_K, HEAD_DIM, BLOCK_M,
-                                     BLOCK_K, DOT_F32, PRECISION)
+        if NORM_IN:
+            # x is the input norm of the residual stream (x_ptr) plus the MoE's slots: this
+            # program's columns of it go to its rows of h (every program of a split writes the
+            # same values there), and the block barrier makes them visible to its threads
+            _norm_rows(y_ptr, ids_ptr, x_ptr, nw_ptr, h_ptr, sum_ptr, M, K, eps, k_lo, k_hi,
+                       tl.where(head == 0, M, 0), TOP_K, NORM_ROWS, BLOCK_D)
+            tl.debug_barrier()
+            acc = _accumulate(h_ptr, w_ptr, rn, rn >= 0, M, k_lo, k_hi, K, stride_wn,
+                              HEAD_DIM, BLOCK_M, BLOCK_K, DOT_F32, PRECISION)
         else:
             acc = _accumulate(x_ptr, w_ptr, rn, rn >= 0, M, k_lo, k_hi, stride_xm, stride_wn,
                               HEAD_DIM, BLOCK_M, BLOCK_K, DOT_F32, PRECISION)
@@ -487,13 +468,14 @@ def qkv_norm_rope_write_kv(y: torch.Tensor, ids: torch.Tensor, residual: torch.T
     `qkv_rope_write_kv` on the normed rows, in one launch -> (the rotated q [T, Hq, Dh], the
     residual stream after the add [T, D]).
 
-    Every program computes each row's 1 / rms from the whole row (a few KB from L2), then
-    builds its slice of the normed rows tile by tile in its main loop; the programs of the
-    first head store the sum. So the norm costs no launch and no round trip of its own,
-    which at one to a few rows is most of what its kernel takes. Elementwise the same
-    roundings as the norm kernel, and each row's sum of squares reduced over the same
-    [BLOCK_D] vector: bit for bit the two launches under the interpreter; on a GPU the
-    compiler may order that reduction otherwise, which can move the statistic's last bit."""
+    Every program reads each whole row (a few KB from L2), computes its norm statistic and
+    writes the program's columns of the normed row to a scratch tensor, which its main loop
+    then streams as the plain launch streams x (so the weights' loads keep their pipeline);
+    the programs of the first head store the sum. The norm then costs no launch of its own.
+    Elementwise the same roundings as the norm kernel, and each row's sum of squares reduced
+    over the same [BLOCK_D] vector: bit for bit the two launches under the interpreter; on a
+    GPU the compiler may order that reduction otherwise, which can move the statistic's
+    last bit."""
     if not norm_in_usable(y, ids, residual, norm_weight):
         raise ValueError(f"qkv_norm_rope_write_kv: y {tuple(y.shape)} {y.dtype}, ids {tuple(ids.shape)}, "
                          f"residual {tuple(residual.shape)} {residual.dtype}, norm weight "
@@ -528,9 +510,10 @@ def _qkv_launch(x, norm, weight, bias, positions, cos, sin, k_cache, v_cache, sl
     k_per_split = triton.cdiv(triton.cdiv(K, split), block_k) * block_k
     on_gpu = x.is_cuda and not _kernels_interpreted()
     y, ids, norm_w, total, eps = norm if norm is not None else (x, x, x, x, 0.0)
+    h = torch.empty_like(x) if norm is not None else x  # the normed rows, written by the programs
     _qkv_rope_kernel[(n_heads, split)](
         x, weight, bias if bias is not None else x, q, ws, counts, positions.reshape(-1), cos, sin,
-        k_cache, v_cache, slot_mapping, y, ids, norm_w, total, eps, M, K, k_per_split, num_heads, num_kv_heads,
+        k_cache, v_cache, slot_mapping, y, ids, norm_w, h, total, eps, M, K, k_per_split, num_heads, num_kv_heads,
         x.stride(0), weight.stride(0), q.stride(0), q.stride(1), cos.stride(0),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),

@@ -243,5 +243,4 @@ def test_engine_greedy_tokens_unchanged_with_the_norm_in_the_launch(tiny_models,
     tokens, calls = engine_tokens_with_switch(tiny_models[family], monkeypatch, (sk, "NORM_IN"),
                                               (sk, "qkv_norm_rope_write_kv"), fold_shared_expert=True)
     assert tokens[True] == tokens[False]
-    rows = set(calls)  # y's rows: 3 tokens times the slots each
-    assert rows and all(r % 3 == 0 and r // 3 <= sk.NORM_IN_MAX_SLOTS for r in rows)
+    assert calls and max(calls) <= sk.NORM_IN_MAX_ROWS * sk.NORM_IN_MAX_SLOTS  # y's rows: tokens times slots

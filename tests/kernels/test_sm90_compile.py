@@ -33,7 +33,7 @@ CASES = [
 
 
 def _qkv_case(norm_in: bool) -> tuple:
-    ptrs = ["x_ptr", "w_ptr", "b_ptr", "q_ptr", "k_cache_ptr", "v_cache_ptr", "y_ptr", "nw_ptr", "sum_ptr"]
+    ptrs = ["x_ptr", "w_ptr", "b_ptr", "q_ptr", "k_cache_ptr", "v_cache_ptr", "y_ptr", "nw_ptr", "h_ptr", "sum_ptr"]
     types = {p: "*bf16" for p in ptrs}
     types.update({"ws_ptr": "*fp32", "count_ptr": "*i32", "pos_ptr": "*i64", "cos_ptr": "*fp32",
                   "sin_ptr": "*fp32", "slot_ptr": "*i64", "ids_ptr": "*i32", "eps": "fp32"})
