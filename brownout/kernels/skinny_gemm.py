@@ -66,13 +66,6 @@ WORKSPACE_FLOATS = 1 << 20  # float32 partials shared by all calls (4 MiB); larg
 MAX_TILES = 1 << 14  # arrival counters, one a tile: far more tiles than SKINNY_MAX_N gives
 ENV = "BROWNOUT_SKINNY_GEMM"
 QKV_ENV = "BROWNOUT_QKV_EPILOGUE"
-NORM_IN_ENV = "BROWNOUT_QKV_NORM"
-# `qkv_norm_rope_write_kv` (the input norm inside the QKV launch) at steps of up to this many
-# rows: every program rebuilds each row's norm statistic from the whole row, one row after
-# another, which at a few rows costs less than the norm kernel's launch and round trip
-NORM_IN_MAX_ROWS = 4
-NORM_IN_MAX_SLOTS = 16  # a MoE layer's unsummed outputs per token (routed plus folded shared), unrolled
-NORM_IN_MAX_D = 8192  # one row of the residual stream in a program's registers as the norm kernel holds it
 MIN_HEAD_DIM = 16  # a head's rows are the M side of the main loop's tl.dot, which takes 16 or more
 MAX_HEAD_DIM = 128  # the largest head tile whose sm_90 build fits registers (no spills)
 MIN_HEAD_BLOCK_K = 32  # a head tile's columns per loop step: 64 bytes of each bf16 row, two DRAM sectors
@@ -82,7 +75,6 @@ HEAD_TILE_8_WARPS = 24 << 10  # bytes of a head tile's loop step (weight and x) 
 
 ENABLED = os.environ.get(ENV, "1") != "0"  # read once: DecodeLinear asks on every call
 QKV_EPILOGUE = os.environ.get(QKV_ENV, "1") != "0"  # read once: every attention layer asks each step
-NORM_IN = os.environ.get(NORM_IN_ENV, "1") != "0"  # read once: every decoder layer asks each step
 
 
 def _kernels_interpreted() -> bool:
@@ -113,42 +105,6 @@ if triton is not None:
                 w, xt = w.to(tl.float32), xt.to(tl.float32)
             acc += tl.dot(w, xt, input_precision=PRECISION)
         return acc
-
-    @triton.jit
-    def _slot_sum(y_ptr, ids_ptr, r_ptr, rows, cols, row_ok, ok, D, TOP_K: tl.constexpr):
-        """s = y's slots summed (rows of id < 0 skipped) and rounded, plus the residual r,
-        rounded again: `norm_rope.add_slots_rms_norm`'s sum, elementwise, at rows x cols
-        (broadcast shapes; `row_ok` masks the rows, `ok` both) -> s in r's dtype."""
-        acc = tl.zeros(ok.shape, dtype=tl.float32)
-        for j in tl.static_range(TOP_K):
-            e = tl.load(ids_ptr + rows * TOP_K + j, mask=row_ok, other=-1)
-            acc += tl.load(y_ptr + (rows * TOP_K + j).to(tl.int64) * D + cols, mask=ok & (e >= 0),
-                           other=0.0).to(tl.float32)
-        x = acc.to(r_ptr.dtype.element_ty).to(tl.float32)
-        r = tl.load(r_ptr + rows.to(tl.int64) * D + cols, mask=ok, other=0.0).to(tl.float32)
-        return (x + r).to(r_ptr.dtype.element_ty)
-
-    @triton.jit
-    def _norm_rows(y_ptr, ids_ptr, r_ptr, nw_ptr, h_ptr, sum_ptr, M, D, eps, k_lo, k_hi, sum_rows,
-                   TOP_K: tl.constexpr, NORM_ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
-        """Columns k_lo:k_hi of x = rms_norm(s) * nw into h_ptr [M, D], s = `_slot_sum` (the
-        decoder layer's residual add and input norm, with `norm_rope.add_slots_rms_norm`'s
-        roundings), each row's statistic over its whole [BLOCK_D] row as that kernel reduces
-        it; s's columns k_lo:k_hi of the first `sum_rows` rows (M or none) into sum_ptr [M, D]
-        (the residual stream after the add)."""
-        offs = tl.arange(0, BLOCK_D)
-        mine = (offs >= k_lo) & (offs < k_hi)
-        for m in tl.static_range(NORM_ROWS):
-            row = m + offs * 0  # [BLOCK_D] copies of the row index, as the norm kernel loads ids
-            ok = (offs < D) & (row < M)
-            s = _slot_sum(y_ptr, ids_ptr, r_ptr, row, offs, ok, ok, D, TOP_K)
-            sf = s.to(tl.float32)
-            inv = tl.rsqrt(tl.sum(sf * sf, axis=0) / D + eps)
-            normed = (sf * inv).to(r_ptr.dtype.element_ty)
-            nw = tl.load(nw_ptr + offs, mask=ok & mine, other=0.0).to(tl.float32)
-            x = (normed.to(tl.float32) * nw).to(h_ptr.dtype.element_ty)
-            tl.store(h_ptr + m * D + offs, x, mask=ok & mine)
-            tl.store(sum_ptr + m * D + offs, s, mask=ok & mine & (row < sum_rows))
 
     @triton.jit
     def _partial_ptrs(ws_ptr, tile, split, row0, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -232,15 +188,13 @@ if triton is not None:
 
     @triton.jit
     def _qkv_rope_kernel(x_ptr, w_ptr, b_ptr, q_ptr, ws_ptr, count_ptr, pos_ptr, cos_ptr, sin_ptr,
-                         k_cache_ptr, v_cache_ptr, slot_ptr, y_ptr, ids_ptr, nw_ptr, h_ptr, sum_ptr, eps,
-                         M, K, K_PER_SPLIT, Hq, Hkv,
+                         k_cache_ptr, v_cache_ptr, slot_ptr, M, K, K_PER_SPLIT, Hq, Hkv,
                          stride_xm, stride_wn, stride_qt, stride_qh, stride_c,
                          stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
                          HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr,
                          HEAD_DIM: tl.constexpr, BLOCK_K: tl.constexpr, KV_BLOCK: tl.constexpr,
                          DOT_F32: tl.constexpr, PRECISION: tl.constexpr, PF_LINES: tl.constexpr,
-                         PF_STEP: tl.constexpr, NORM_IN: tl.constexpr, TOP_K: tl.constexpr,
-                         NORM_ROWS: tl.constexpr, BLOCK_D: tl.constexpr, USE_PDL: tl.constexpr):
+                         PF_STEP: tl.constexpr, USE_PDL: tl.constexpr):
         # one tile: one head's HEAD_DIM weight rows (q heads, then k heads, then v heads), so a
         # neox rotary pair (i, i + HEAD_DIM / 2) lies in one tile; program (head, split) sums
         # one K slice of it, and the head's last program to arrive finishes the head
@@ -254,18 +208,8 @@ if triton is not None:
         pf_k = tl.minimum(k_lo + tl.arange(0, PF_LINES) * PF_STEP, k_hi - 1)
         prefetch_l2(w_ptr + rn[:, None].to(tl.int64) * stride_wn + pf_k[None, :], USE_PDL)
         pdl_wait(USE_PDL)
-        if NORM_IN:
-            # x is the input norm of the residual stream (x_ptr) plus the MoE's slots: this
-            # program's columns of it go to its rows of h (every program of a split writes the
-            # same values there), and the block barrier makes them visible to its threads
-            _norm_rows(y_ptr, ids_ptr, x_ptr, nw_ptr, h_ptr, sum_ptr, M, K, eps, k_lo, k_hi,
-                       tl.where(head == 0, M, 0), TOP_K, NORM_ROWS, BLOCK_D)
-            tl.debug_barrier()
-            acc = _accumulate(h_ptr, w_ptr, rn, rn >= 0, M, k_lo, k_hi, K, stride_wn,
-                              HEAD_DIM, BLOCK_M, BLOCK_K, DOT_F32, PRECISION)
-        else:
-            acc = _accumulate(x_ptr, w_ptr, rn, rn >= 0, M, k_lo, k_hi, stride_xm, stride_wn,
-                              HEAD_DIM, BLOCK_M, BLOCK_K, DOT_F32, PRECISION)
+        acc = _accumulate(x_ptr, w_ptr, rn, rn >= 0, M, k_lo, k_hi, stride_xm, stride_wn,
+                          HEAD_DIM, BLOCK_M, BLOCK_K, DOT_F32, PRECISION)
         pdl_launch(USE_PDL)
         # the partial goes through the workspace at every split: the epilogue reads the head's
         # two halves back as separate [HALF, BLOCK_M] tiles (no register shuffle)
@@ -440,58 +384,6 @@ def qkv_rope_write_kv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     in x's dtype. The same bits as `skinny_linear(x, weight, bias, block_n=Dh, block_k=bk,
     split_k=s)` then `rope_write_kv` on its q, k, v, at the split s this call takes and bk of
     `head_tiles`. `split_k` overrides the K split (a power of two)."""
-    return _qkv_launch(x, None, weight, bias, positions, cos, sin, k_cache, v_cache, slot_mapping,
-                       num_heads, num_kv_heads, head_dim, split_k)
-
-
-def norm_in_usable(y: torch.Tensor, ids: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor) -> bool:
-    """Whether `qkv_norm_rope_write_kv` takes a MoE layer's unsummed outputs y [T * k, D],
-    ids [T, k] and the residual stream [T, D]: at most NORM_IN_MAX_ROWS rows, k at most
-    NORM_IN_MAX_SLOTS, one dtype, contiguous, a norm weight [D] of that dtype, D at most
-    NORM_IN_MAX_D (one row lives in a program's registers)."""
-    T = residual.shape[0] if residual.dim() == 2 else 0
-    return (residual.dim() == 2 and 0 < T <= NORM_IN_MAX_ROWS and ids.dim() == 2 and ids.shape[0] == T
-            and 0 < ids.shape[1] <= NORM_IN_MAX_SLOTS and y.shape == (T * ids.shape[1], residual.shape[1])
-            and residual.shape[1] <= NORM_IN_MAX_D and norm_weight.shape == (residual.shape[1],)
-            and y.dtype == residual.dtype == norm_weight.dtype and y.is_contiguous()
-            and ids.is_contiguous() and residual.is_contiguous())
-
-
-def qkv_norm_rope_write_kv(y: torch.Tensor, ids: torch.Tensor, residual: torch.Tensor,
-                           norm_weight: torch.Tensor, eps: float, weight: torch.Tensor,
-                           bias: torch.Tensor | None, positions: torch.Tensor, cos: torch.Tensor,
-                           sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                           slot_mapping: torch.Tensor, num_heads: int, num_kv_heads: int,
-                           head_dim: int, *, split_k: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """`norm_rope.add_slots_rms_norm(y, ids, residual, norm_weight, eps)` (the previous MoE
-    layer's unsummed outputs added to the residual stream, then the input norm), then
-    `qkv_rope_write_kv` on the normed rows, in one launch -> (the rotated q [T, Hq, Dh], the
-    residual stream after the add [T, D]).
-
-    Every program reads each whole row (a few KB from L2), computes its norm statistic and
-    writes the program's columns of the normed row to a scratch tensor, which its main loop
-    then streams as the plain launch streams x (so the weights' loads keep their pipeline);
-    the programs of the first head store the sum. The norm then costs no launch of its own.
-    Elementwise the same roundings as the norm kernel, and each row's sum of squares reduced
-    over the same [BLOCK_D] vector: bit for bit the two launches under the interpreter; on a
-    GPU the compiler may order that reduction otherwise, which can move the statistic's
-    last bit."""
-    if not norm_in_usable(y, ids, residual, norm_weight):
-        raise ValueError(f"qkv_norm_rope_write_kv: y {tuple(y.shape)} {y.dtype}, ids {tuple(ids.shape)}, "
-                         f"residual {tuple(residual.shape)} {residual.dtype}, norm weight "
-                         f"{tuple(norm_weight.shape)} {norm_weight.dtype}: needs at most "
-                         f"{NORM_IN_MAX_ROWS} contiguous rows of at most {NORM_IN_MAX_D} columns and "
-                         f"{NORM_IN_MAX_SLOTS} slots, one dtype")
-    total = torch.empty_like(residual)
-    q = _qkv_launch(residual, (y, ids, norm_weight, total, float(eps)), weight, bias, positions, cos, sin,
-                    k_cache, v_cache, slot_mapping, num_heads, num_kv_heads, head_dim, split_k)
-    return q, total
-
-
-def _qkv_launch(x, norm, weight, bias, positions, cos, sin, k_cache, v_cache, slot_mapping,
-                num_heads, num_kv_heads, head_dim, split_k):
-    """Launch `_qkv_rope_kernel` on x [T, K], or with `norm` = (y, ids, norm weight, sum out,
-    eps) on the norm of x (the residual stream) plus y's slots."""
     M, K = x.shape
     n_heads = num_heads + 2 * num_kv_heads
     if weight.shape[0] != n_heads * head_dim or head_dim < MIN_HEAD_DIM or head_dim & (head_dim - 1):
@@ -509,11 +401,9 @@ def _qkv_launch(x, norm, weight, bias, positions, cos, sin, k_cache, v_cache, sl
     block_k, num_warps = head_tiles(head_dim, block_m, x.element_size())
     k_per_split = triton.cdiv(triton.cdiv(K, split), block_k) * block_k
     on_gpu = x.is_cuda and not _kernels_interpreted()
-    y, ids, norm_w, total, eps = norm if norm is not None else (x, x, x, x, 0.0)
-    h = torch.empty_like(x) if norm is not None else x  # the normed rows, written by the programs
     _qkv_rope_kernel[(n_heads, split)](
         x, weight, bias if bias is not None else x, q, ws, counts, positions.reshape(-1), cos, sin,
-        k_cache, v_cache, slot_mapping, y, ids, norm_w, h, total, eps, M, K, k_per_split, num_heads, num_kv_heads,
+        k_cache, v_cache, slot_mapping, M, K, k_per_split, num_heads, num_kv_heads,
         x.stride(0), weight.stride(0), q.stride(0), q.stride(1), cos.stride(0),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
@@ -521,8 +411,5 @@ def _qkv_launch(x, norm, weight, bias, positions, cos, sin, k_cache, v_cache, sl
         KV_BLOCK=k_cache.shape[1], DOT_F32=not on_gpu,
         PRECISION="ieee" if x.dtype == torch.float32 else None,
         PF_LINES=pdl.PREFETCH_LINES, PF_STEP=pdl.L2_LINE_BYTES // weight.element_size(),
-        NORM_IN=norm is not None, TOP_K=ids.shape[1] if norm is not None else 1,
-        NORM_ROWS=max(1, 1 << (M - 1).bit_length()) if norm is not None else 1,
-        BLOCK_D=max(16, 1 << (K - 1).bit_length()) if norm is not None else 16,
         num_warps=num_warps, num_stages=NUM_STAGES if on_gpu else 1, **pdl.launch_opts(x))
     return q

@@ -50,18 +50,11 @@ class DecoderLayer(nn.Module):
         residual stream before it,
         distinct expert slots touched: 0-d int64, None in a dense layer or when the context
         does not count them). Each residual add travels into the next norm, where it is fused."""
-        fused = None
-        if isinstance(x, SlotOutputs) and residual is not None and self.reduce is None:
-            # the add and the norm inside the attention's QKV launch, where it takes them
-            fused = self.self_attn.forward_norm_in(x, residual, self.input_layernorm, positions, ctx)
-        if fused is not None:
-            attn, residual = fused
+        if residual is None:
+            h, residual = self.input_layernorm(x), x
         else:
-            if residual is None:
-                h, residual = self.input_layernorm(x), x
-            else:
-                h, residual = self.input_layernorm.add_forward(x, residual)
-            attn = self.self_attn(h, positions, ctx)
+            h, residual = self.input_layernorm.add_forward(x, residual)
+        attn = self.self_attn(h, positions, ctx)
         h, residual = self.post_attention_layernorm.add_forward(
             attn if self.reduce is None else self.reduce(attn), residual)
         touched = None

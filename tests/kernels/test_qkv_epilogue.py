@@ -9,11 +9,6 @@ cell outside the step's slots keeps its value. Two calls in a row check that the
 counters are back at zero. The engine's greedy tokens do not change with the fused path on
 (the tiny models, the Triton kernels interpreted on a CPU). Without CUDA the kernels run
 under triton's CPU interpreter.
-
-With the decoder layer's residual add and input norm inside the same launch
-(`qkv_norm_rope_write_kv`) the outputs are those of `norm_rope.add_slots_rms_norm` followed by
-the fused launch: bit for bit under the interpreter, to bf16 rounding on a GPU, whose compiler
-may order the norm's sum of squares otherwise in the two kernels.
 """
 
 from __future__ import annotations
@@ -25,13 +20,11 @@ from triton_interpret import CUDA, DEVICE, engine_tokens_with_switch, import_ker
 
 sk = import_kernels("brownout.kernels.skinny_gemm")
 pa = import_kernels("brownout.kernels.paged_attention")
-nr = import_kernels("brownout.kernels.norm_rope")
-needs_kernels = pytest.mark.skipif(sk is None or pa is None or nr is None,
-                                   reason="run by test_cpu_suite_in_fresh_process")
+needs_kernels = pytest.mark.skipif(sk is None or pa is None, reason="run by test_cpu_suite_in_fresh_process")
 NUM_BLOCKS, BLOCK_SIZE = 4, 4  # 16 cache slots: room for the largest step and untouched cells
 
 
-@pytest.mark.skipif(sk is not None and pa is not None and nr is not None, reason="kernels imported here")
+@pytest.mark.skipif(sk is not None and pa is not None, reason="kernels imported here")
 def test_cpu_suite_in_fresh_process():
     rerun_in_fresh_process(__file__)
 
@@ -166,81 +159,3 @@ def test_engine_greedy_tokens_unchanged_with_the_epilogue(tiny_models, family, m
                                               (sk, "qkv_rope_write_kv"))
     assert tokens[True] == tokens[False]
     assert 3 in calls and 19 in calls  # the decode steps and the prefill
-
-
-def _slots(T, k, D, dtype, seed):
-    """A MoE layer's unsummed outputs y [T * k, D] with unused assignments (id -1, NaN rows the
-    sum must skip; row 0 of steps over one row has none used), the residual stream and a norm
-    weight."""
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, 9, (T, k), generator=g, dtype=torch.int32)
-    ids[0, k - 1] = -1
-    if T > 1:
-        ids[T - 1] = -1
-    y = (2 * torch.randn(T * k, D, generator=g)).to(dtype)
-    y[ids.reshape(-1) < 0] = float("nan")
-    return dict(y=y.to(DEVICE), ids=ids.to(DEVICE),
-                residual=torch.randn(T, D, generator=g).to(DEVICE, dtype),
-                norm_weight=(torch.rand(D, generator=g) + 0.5).to(DEVICE, dtype))
-
-
-def _close(got, want):
-    if CUDA:
-        torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
-    else:
-        assert torch.equal(got, want)
-
-
-@needs_kernels
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("T,k,hq,hkv,dh,D,bias,split", [
-    (1, 3, 4, 2, 16, 300, False, 1),   # one decode row, a D that is not a power of two
-    (3, 5, 2, 2, 64, 300, True, 2),    # a padding row with every assignment unused
-    (4, 2, 4, 1, 16, 700, True, 4),    # four splits of which the last sums nothing
-])
-def test_norm_in_matches_add_slots_rms_norm_then_the_fused_launch(T, k, hq, hkv, dh, D, bias, split, dtype):
-    with torch.inference_mode():
-        for seed in (1, 2):  # two calls in a row: the counters were reset between them
-            a = _layer(T, hq, hkv, dh, D, bias, dtype, seed=seed)
-            n = _slots(T, k, D, dtype, seed=seed)
-            h, total_ref = nr.add_slots_rms_norm(n["y"], n["ids"], n["residual"], n["norm_weight"], 1e-6)
-            case = dict(a, x=h)
-            q_ref, kc_ref, vc_ref = _fused(case, hq, hkv, dh, split)
-            kc, vc = a["k_cache"].clone(), a["v_cache"].clone()
-            q, total = sk.qkv_norm_rope_write_kv(n["y"], n["ids"], n["residual"], n["norm_weight"], 1e-6,
-                                                 a["weight"], a["bias"], a["positions"], a["cos"], a["sin"],
-                                                 kc, vc, a["slot_mapping"], hq, hkv, dh, split_k=split)
-            assert torch.equal(total, total_ref)  # the sum is elementwise: the same bits anywhere
-            assert q.shape == (T, hq, dh) and not q.isnan().any()
-            for got, want in ((q, q_ref), (kc, kc_ref), (vc, vc_ref)):
-                _close(got, want)
-    _, counts = sk._scratch(torch.device(DEVICE))
-    assert int(counts.abs().sum()) == 0
-
-
-@needs_kernels
-def test_norm_in_usable_up_to_its_rows_slots_and_width():
-    n = _slots(2, 3, 64, torch.float32, seed=3)
-    y, ids, r, w = n["y"], n["ids"], n["residual"], n["norm_weight"]
-    assert sk.norm_in_usable(y, ids, r, w)
-    rows = sk.NORM_IN_MAX_ROWS + 1
-    big = _slots(rows, 3, 64, torch.float32, seed=3)
-    assert not sk.norm_in_usable(big["y"], big["ids"], big["residual"], big["norm_weight"])
-    assert not sk.norm_in_usable(y[:-1], ids, r, w)  # not k outputs a row
-    assert not sk.norm_in_usable(y, ids, r, w.double())  # a dtype apart
-    assert not sk.norm_in_usable(y, ids, r.t().contiguous().t(), w) or r.is_contiguous()
-    assert not sk.norm_in_usable(y.reshape(-1, 32)[:, :16], ids, r[:, :16], w[:16])  # strided slots
-    with pytest.raises(ValueError, match="at most"):
-        sk.qkv_norm_rope_write_kv(big["y"], big["ids"], big["residual"], big["norm_weight"], 1e-6,
-                                  *([None] * 8), 1, 1, 16)
-
-
-@needs_kernels
-@pytest.mark.parametrize("family", ["qwen2_moe", "mixtral"])  # a folded shared expert, and none
-def test_engine_greedy_tokens_unchanged_with_the_norm_in_the_launch(tiny_models, family, monkeypatch):
-    """The engine's greedy tokens are the same with the input norm inside the QKV launch as
-    with its own launch; the fused launch serves the decode steps (3 rows), not the prefill."""
-    tokens, calls = engine_tokens_with_switch(tiny_models[family], monkeypatch, (sk, "NORM_IN"),
-                                              (sk, "qkv_norm_rope_write_kv"), fold_shared_expert=True)
-    assert tokens[True] == tokens[False]
-    assert calls and max(calls) <= sk.NORM_IN_MAX_ROWS * sk.NORM_IN_MAX_SLOTS  # y's rows: tokens times slots

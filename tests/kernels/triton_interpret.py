@@ -50,11 +50,10 @@ def rerun_in_fresh_process(path: str) -> None:
 ENGINE_PROMPTS = [[5, 17, 42, 9, 88, 120], list(range(30, 42)), [7]]
 
 
-def engine_tokens_with_switch(model_dir, monkeypatch, switch, spied, **llm_kwargs) -> tuple[dict, list]:
+def engine_tokens_with_switch(model_dir, monkeypatch, switch, spied) -> tuple[dict, list]:
     """Greedy tokens of the engine on its Triton path (interpreted without CUDA) with the
     module attribute `switch` = (module, name) off and then on, and the row counts of the
-    calls made to `spied` = (module, function name): ({False: tokens, True: tokens}, rows).
-    `llm_kwargs` go to `LLM` (e.g. fold_shared_expert, which the CPU leaves off)."""
+    calls made to `spied` = (module, function name): ({False: tokens, True: tokens}, rows)."""
     from brownout.config import CacheConfig
     from brownout.engine.llm import LLM
     from brownout.types import SamplingParams
@@ -68,7 +67,7 @@ def engine_tokens_with_switch(model_dir, monkeypatch, switch, spied, **llm_kwarg
     for on in (False, True):
         monkeypatch.setattr(*switch, on)
         llm = LLM(str(model_dir), device=DEVICE, dtype="float32", enforce_eager=True,
-                  cache=CacheConfig(num_blocks=64), **llm_kwargs)
+                  cache=CacheConfig(num_blocks=64))
         llm.engine.runner.use_kernels = True  # the CPU engine runs torch; here the kernels
         tokens[on] = [c.token_ids for c in llm.generate(ENGINE_PROMPTS, params)]
         assert bool(calls) == on

@@ -4,8 +4,7 @@ over a paged KV cache (serving) or over a plain [B, L] batch (calibration, evalu
 On the Triton path at decode sizes the QKV projection rotates q and k and writes k and v
 into the paged cache in its own epilogue (`skinny_gemm.qkv_rope_write_kv`, one launch where
 the projection and `rope_write_kv` took two); models with q/k norms, larger steps and
-BROWNOUT_QKV_EPILOGUE=0 keep the two. At up to a few rows the decoder layer's residual add and
-input norm join that launch too (`forward_norm_in`, BROWNOUT_QKV_NORM=0 off).
+BROWNOUT_QKV_EPILOGUE=0 keep the two.
 
 Under tensor parallelism a rank holds only its heads (qkv_proj column parallel, o_proj row
 parallel, its KV cache only its kv heads) and returns its partial sum of o_proj; the
@@ -21,7 +20,7 @@ from torch import nn
 
 from brownout.parallel.info import SINGLE, ParallelInfo
 from brownout.kernels.attention_ref import paged_attention_ref, write_kv_ref
-from brownout.models.context import ForwardContext, SlotOutputs
+from brownout.models.context import ForwardContext
 from brownout.models.layers.common import DecodeLinear, RMSNorm, Rotary
 from brownout.models.spec import MoESpec
 
@@ -62,32 +61,6 @@ class Attention(nn.Module):
             q, k = self.rotary.apply_qk(q, k, positions)
             out = self._full(q, k, v) if ctx.attn is None else self._paged(q, k, v, ctx)
         return self.o_proj(out.flatten(-2))
-
-    def forward_norm_in(self, slots: SlotOutputs, residual: torch.Tensor, norm: RMSNorm, positions: torch.Tensor,
-                        ctx: ForwardContext) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
-        """The layer on norm(slots' sum + residual) with that add and norm inside the QKV
-        launch (`skinny_gemm.qkv_norm_rope_write_kv`) -> (o_proj's output, the residual
-        stream after the add); None where that launch does not apply (the caller then runs
-        the norm and `forward`): the Triton decode path of `_qkv_rope_write_kv` at steps of
-        up to NORM_IN_MAX_ROWS rows, BROWNOUT_QKV_NORM not 0."""
-        from brownout.kernels import triton_module
-
-        sk = triton_module("skinny_gemm")
-        if (ctx.attn is None or not ctx.use_kernels or sk is None
-                or not (sk.ENABLED and sk.QKV_EPILOGUE and sk.NORM_IN)
-                or not sk.norm_in_usable(slots.y, slots.ids, residual, norm.weight)):
-            return None
-        k_cache, v_cache = ctx.kv_caches[self.layer_idx]
-        proj, rot = self.qkv_proj, self.rotary
-        if not sk.qkv_rope_write_kv_usable(residual, proj.weight, rot.cos, rot.sin, k_cache, v_cache,
-                                           self.num_heads, self.num_kv_heads, self.spec.head_dim,
-                                           qk_norm=self.q_norm is not None):
-            return None
-        q, total = sk.qkv_norm_rope_write_kv(slots.y, slots.ids, residual, norm.weight, norm.eps, proj.weight,
-                                             proj.bias, positions, rot.cos, rot.sin, k_cache, v_cache,
-                                             ctx.attn.slot_mapping, self.num_heads, self.num_kv_heads,
-                                             self.spec.head_dim)
-        return self.o_proj(self._paged_attention(q, ctx).flatten(-2)), total
 
     def _qkv_rope_write_kv(self, x, positions, ctx: ForwardContext) -> Optional[torch.Tensor]:
         """The Triton path at decode sizes: the QKV projection, rotary and the cache write in
