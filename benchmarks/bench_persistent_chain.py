@@ -1,0 +1,241 @@
+"""A chain of dependent decode-size GEMVs: one launch a link (the skinny GEMM under PDL) against
+one persistent launch that hands each link's output to the next through flags in memory.
+
+The question it answers: what a kernel boundary costs a batch-1 decode step. A batch-1
+layer is a chain of small kernels whose time past their bytes is the hand-offs between
+them (the notebook's runs 19-31): each waits for the previous kernel to finish and then
+for its first bytes. A persistent kernel would keep every SM's programs resident and start
+each link's weight stream before the previous link is done, waiting only where it reads
+that link's output. This is that design at its simplest, over P links y_p = W_p x_{p-1}
+(W_p [D, D] bf16, x_0 given):
+
+- tasks (link, 32-row tile, K split) are numbered link by link; program g of G takes
+  tasks g, g + G, ... (all G programs are resident, so every task a program waits on was
+  taken by a program that runs: no deadlock; under the CPU interpreter G = 1, in order);
+- a task loads its weight tile first (it depends on nothing), asks L2 for its next task's
+  tile, then spins until the previous link's task counter is full, reads that link's
+  float32 partials of its K slice (summed in split order, rounded to bf16 as a GEMM's
+  output is), stores its partial and counts itself in (release, after a block barrier);
+- the last link's partials, summed, are the chain's output.
+
+Timings inside CUDA graphs, replays between CUDA events, median of REPEATS: the chain as P
+launches of `skinny_linear` (PDL on), as P `F.linear` calls (cuBLAS), and as the persistent
+launch at several programs per SM. The weight bytes over the copy bandwidth is the floor;
+(time - floor) / P is what each link costs past its bytes.
+Writes chain.json and chain.md under --out.
+Usage: python benchmarks/bench_persistent_chain.py --out DIR   (CUDA GPU with triton required)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # the CPU test skips without triton
+    triton = None
+
+D = 2048  # the model's hidden size: a Qwen1.5-MoE output projection per link (8 MB of bf16)
+LINKS = 24  # one link a layer of the model
+BLOCK_N = 32  # weight rows per task, as the skinny GEMM's tiles
+SPLITS = 8  # K splits per tile: 256 columns, 16 KB of weight per task
+PROGRAMS_PER_SM = (1, 2, 4)  # persistent programs an SM: more tiles in flight per link
+REPEATS = 5  # timing repeats per variant (graph replays each)
+REPLAYS = 50  # graph replays per repeat
+COPY_ROUNDS = 5  # device copies timed for the bandwidth: the fastest is the ceiling
+NUM_WARPS = 4  # a task's [32, 256] tile over 128 threads: 64 weights a thread
+SMEM_PER_SM = 228 * 1024  # a Hopper SM's shared memory: one limit on the programs resident there
+
+
+if triton is not None:
+
+    @triton.jit
+    def _chain_kernel(w_ptr, x0_ptr, part_ptr, done_ptr, P, D, TASKS_PER_LINK, G,
+                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLITS: tl.constexpr,
+                      ITERS: tl.constexpr, PREFETCH: tl.constexpr):
+        g = tl.program_id(0)
+        rn0 = tl.arange(0, BLOCK_N)
+        rk0 = tl.arange(0, BLOCK_K)
+        sp = tl.arange(0, SPLITS)
+        for i in range(0, ITERS):
+            t = i * G + g
+            if t < P * TASKS_PER_LINK:
+                link = t // TASKS_PER_LINK
+                r = t % TASKS_PER_LINK
+                rn = (r // SPLITS) * BLOCK_N + rn0
+                rk = (r % SPLITS) * BLOCK_K + rk0
+                w = tl.load(w_ptr + link.to(tl.int64) * D * D + rn[:, None] * D + rk[None, :])
+                if PREFETCH:  # the next task's tile, asked of L2 while this one waits
+                    nt = t + G
+                    if nt < P * TASKS_PER_LINK:
+                        nl = nt // TASKS_PER_LINK
+                        nr = nt % TASKS_PER_LINK
+                        nptr = (w_ptr + nl.to(tl.int64) * D * D + ((nr // SPLITS) * BLOCK_N + rn0)[:, None] * D
+                                + ((nr % SPLITS) * BLOCK_K + rk0)[None, :])
+                        tl.inline_asm_elementwise("prefetch.global.L2 [$1]; mov.u32 $0, 0;", "=r,l", [nptr],
+                                                  dtype=tl.int32, is_pure=False, pack=1)
+                if link == 0:
+                    x = tl.load(x0_ptr + rk).to(tl.float32)
+                else:
+                    # spin on plain reads of the counter (no atomics competing with the
+                    # producers' counts), then one acquire so the partials are read after it
+                    while tl.load(done_ptr + link - 1, volatile=True) < TASKS_PER_LINK:
+                        pass
+                    tl.atomic_add(done_ptr + link - 1, 0, sem="acquire")
+                    prev = part_ptr + (link - 1).to(tl.int64) * SPLITS * D
+                    x = tl.sum(tl.load(prev + sp[:, None] * D + rk[None, :], cache_modifier=".cg"), axis=0)
+                    x = x.to(tl.bfloat16).to(tl.float32)  # the link's output, rounded as a GEMM stores it
+                y = tl.sum(w.to(tl.float32) * x[None, :], axis=1)  # [BLOCK_N]
+                tl.store(part_ptr + link.to(tl.int64) * SPLITS * D + (r % SPLITS) * D + rn, y)
+                tl.debug_barrier()  # every thread's partial is written before the count
+                tl.atomic_add(done_ptr + link, 1, sem="release")
+
+
+def chain_persistent(w: torch.Tensor, x0: torch.Tensor, programs: int, prefetch: bool = False) -> torch.Tensor:
+    """w [P, D, D] bf16, x0 [D] bf16 -> the last link's output [D] (bf16) by the persistent
+    launch over `programs` programs (1 under the CPU interpreter)."""
+    P, n, k = w.shape
+    if n != k or n % BLOCK_N or k % SPLITS:
+        raise ValueError(f"links [{P}, {n}, {k}]: square, rows a multiple of {BLOCK_N}, columns of {SPLITS}")
+    tasks = (n // BLOCK_N) * SPLITS
+    part = torch.empty(P, SPLITS, n, dtype=torch.float32, device=w.device)
+    done = torch.zeros(P, dtype=torch.int32, device=w.device)
+    args = (w, x0, part, done, P, n, tasks, programs)
+    consts = dict(BLOCK_N=BLOCK_N, BLOCK_K=k // SPLITS, SPLITS=SPLITS, ITERS=triton.cdiv(P * tasks, programs),
+                  PREFETCH=prefetch, num_warps=NUM_WARPS)
+    if w.is_cuda:  # every program must be resident, or a spinning one can wait on one never started
+        compiled = _chain_kernel.warmup(*args, grid=(1,), **consts)
+        compiled._init_handles()
+        props = torch.cuda.get_device_properties(w.device)
+        per_sm = min(getattr(props, "regs_per_multiprocessor", 65536) // max(1, compiled.n_regs * 32 * NUM_WARPS),
+                     props.max_threads_per_multi_processor // (32 * NUM_WARPS),
+                     SMEM_PER_SM // max(1, compiled.metadata.shared))
+        if programs > per_sm * props.multi_processor_count:
+            raise ValueError(f"{programs} programs, but only {per_sm} an SM fit ({compiled.n_regs} registers a "
+                             f"thread, {compiled.metadata.shared} bytes of shared memory)")
+    _chain_kernel[(programs,)](*args, **consts)
+    return part[-1].sum(0).to(w.dtype)
+
+
+def chain_reference(w: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
+    """Each link's output rounded to bf16 from a float32 product, as the kernels round it."""
+    x = x0
+    for wp in w:
+        x = (wp.float() @ x.float()).to(w.dtype)
+    return x
+
+
+def copy_bandwidth(dev: torch.device) -> float:
+    """Bytes/s of a 1 GiB device copy (read + write), the fastest of COPY_ROUNDS: the floor's rate."""
+    src = torch.empty(1 << 29, dtype=torch.bfloat16, device=dev)
+    dst = torch.empty_like(src)
+    best = float("inf")
+    for _ in range(COPY_ROUNDS):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        dst.copy_(src)
+        a.record()
+        dst.copy_(src)
+        b.record()
+        b.synchronize()
+        best = min(best, a.elapsed_time(b) / 1e3)
+    return 2 * src.numel() * src.element_size() / best
+
+
+def _time_graph(fn, repeats: int = REPEATS, replays: int = REPLAYS) -> list[float]:
+    """us per call of fn, captured in a CUDA graph, median of `replays` per repeat."""
+    fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    out = []
+    for _ in range(repeats):
+        times = []
+        for _ in range(replays):
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            graph.replay()
+            b.record()
+            b.synchronize()
+            times.append(a.elapsed_time(b) * 1e3)
+        times.sort()
+        out.append(times[len(times) // 2])
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", required=True, type=Path)
+    args = ap.parse_args(argv)
+    from brownout.kernels import skinny_gemm as sk
+
+    dev = torch.device("cuda")
+    torch.manual_seed(0)
+    w = (0.02 * torch.randn(LINKS, D, D, device=dev)).to(torch.bfloat16)
+    x0 = torch.randn(D, device=dev).to(torch.bfloat16)
+    want = chain_reference(w, x0)
+    bw = copy_bandwidth(dev)
+    floor_us = w.numel() * w.element_size() / bw * 1e6
+    sms = torch.cuda.get_device_properties(dev).multi_processor_count
+    rows = []
+
+    def links_skinny():
+        x = x0.view(1, D)
+        for wp in w:
+            x = sk.skinny_linear(x, wp)
+        return x
+
+    def links_cublas():
+        x = x0.view(1, D)
+        for wp in w:
+            x = torch.nn.functional.linear(x, wp)
+        return x
+
+    variants = [("skinny GEMM a link (PDL)", links_skinny), ("cuBLAS a link", links_cublas)]
+    for pps in PROGRAMS_PER_SM:
+        for prefetch in (False, True):
+            variants.append((f"persistent, {pps} program(s) an SM{', next tile to L2' if prefetch else ''}",
+                             lambda pps=pps, prefetch=prefetch: chain_persistent(w, x0, sms * pps, prefetch)))
+    for name, fn in variants:
+        try:
+            got = fn().view(-1)
+        except Exception as e:  # one variant failing to compile or run leaves the others' rows
+            rows.append(dict(variant=name, error=f"{type(e).__name__}: {str(e)[-300:]}"))
+            print(json.dumps(rows[-1]), flush=True)
+            continue
+        err = (got.float() - want.float()).abs().max().item()
+        us = _time_graph(fn)
+        med = sorted(us)[len(us) // 2]
+        rows.append(dict(variant=name, us=us, median_us=med, floor_us=floor_us,
+                         past_bytes_per_link_us=(med - floor_us) / LINKS, max_abs_err=err,
+                         scale=want.float().abs().max().item()))
+        print(json.dumps(rows[-1]), flush=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    meta = dict(gpu=torch.cuda.get_device_name(dev), torch=torch.__version__, triton=triton.__version__,
+                links=LINKS, d=D, copy_bandwidth_tb_s=bw / 1e12, repeats=REPEATS, replays=REPLAYS)
+    (args.out / "chain.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
+    lines = [f"# A chain of {LINKS} dependent {D} x {D} bf16 GEMVs, {meta['gpu']}", "",
+             f"torch {meta['torch']}, triton {meta['triton']}; copy bandwidth {meta['copy_bandwidth_tb_s']:.2f} TB/s; "
+             f"floor (the weights' bytes at that bandwidth) {floor_us:.1f} us. Median of {REPEATS} repeats "
+             f"(each the median of {REPLAYS} graph replays). Made by `python benchmarks/bench_persistent_chain.py`.",
+             "", "| variant | us (repeats) | / floor | us a link past its bytes | max abs error (output scale) |",
+             "|---|---|---|---|---|"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['variant']} | failed: {r['error']} | | | |")
+            continue
+        lines.append(f"| {r['variant']} | {r['median_us']:.1f} ({min(r['us']):.1f}-{max(r['us']):.1f}) | "
+                     f"{r['median_us'] / floor_us:.2f}x | {r['past_bytes_per_link_us']:.2f} | "
+                     f"{r['max_abs_err']:.3g} ({r['scale']:.3g}) |")
+    (args.out / "chain.md").write_text("\n".join(lines) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

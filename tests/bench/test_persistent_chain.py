@@ -1,0 +1,39 @@
+"""The persistent chain of GEMVs (`benchmarks/bench_persistent_chain.py`) under triton's CPU
+interpreter, in one program (tasks in order): the chain's output against each link computed
+by torch with the same roundings."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+SCRIPT = r"""
+import importlib.util, sys, torch
+spec = importlib.util.spec_from_file_location("chain", sys.argv[1])
+chain = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(chain)
+assert chain.triton is not None
+g = torch.Generator().manual_seed(0)
+P, D = 3, 64
+w = (0.1 * torch.randn(P, D, D, generator=g)).to(torch.bfloat16)
+x0 = torch.randn(D, generator=g).to(torch.bfloat16)
+got = chain.chain_persistent(w, x0, programs=1, prefetch=False)
+want = chain.chain_reference(w, x0)
+assert got.shape == (D,) and got.dtype == torch.bfloat16
+torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
+assert not torch.equal(got, torch.zeros_like(got))
+print("ok")
+"""
+
+
+def test_chain_matches_the_links_under_the_interpreter():
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    res = subprocess.run([sys.executable, "-c", SCRIPT, str(ROOT / "benchmarks" / "bench_persistent_chain.py")],
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stderr[-3000:]
