@@ -13,7 +13,9 @@ that link's output. This is that design at its simplest, over P links y_p = W_p 
   tasks g, g + G, ... (all G programs are resident, so every task a program waits on was
   taken by a program that runs: no deadlock; under the CPU interpreter G = 1, in order);
 - a task loads its weight tile first (it depends on nothing), asks L2 for its next task's
-  tile, then spins until the previous link's task counter is full, reads that link's
+  tile, then spins until the previous link's counter of its K slice (the tasks that wrote
+  those rows, every split; one counter a slice, so the counts spread over SPLITS
+  addresses and a slice is read as soon as it is complete) is full, reads that link's
   float32 partials of its K slice (summed in split order, rounded to bf16 as a GEMM's
   output is), stores its partial and counts itself in (release, after a block barrier);
 - the last link's partials, summed, are the chain's output.
@@ -56,7 +58,7 @@ SMEM_PER_SM = 228 * 1024  # a Hopper SM's shared memory: one limit on the progra
 if triton is not None:
 
     @triton.jit
-    def _chain_kernel(w_ptr, x0_ptr, part_ptr, done_ptr, P, D, TASKS_PER_LINK, G,
+    def _chain_kernel(w_ptr, x0_ptr, part_ptr, done_ptr, P, D, TASKS_PER_LINK, SLICE_TASKS, G,
                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLITS: tl.constexpr,
                       ITERS: tl.constexpr, PREFETCH: tl.constexpr):
         g = tl.program_id(0)
@@ -83,30 +85,34 @@ if triton is not None:
                 if link == 0:
                     x = tl.load(x0_ptr + rk).to(tl.float32)
                 else:
-                    # spin on plain reads of the counter (no atomics competing with the
-                    # producers' counts), then one acquire so the partials are read after it
-                    while tl.load(done_ptr + link - 1, volatile=True) < TASKS_PER_LINK:
+                    # the previous link's rows this task reads are its K slice: the tiles of one
+                    # counter (SLICE_TASKS of them). Spin on plain reads of that counter (no
+                    # atomics competing with the producers' counts), then one acquire so the
+                    # partials are read after it
+                    cnt = done_ptr + (link - 1) * SPLITS + r % SPLITS
+                    while tl.load(cnt, volatile=True) < SLICE_TASKS:
                         pass
-                    tl.atomic_add(done_ptr + link - 1, 0, sem="acquire")
+                    tl.atomic_add(cnt, 0, sem="acquire")
                     prev = part_ptr + (link - 1).to(tl.int64) * SPLITS * D
                     x = tl.sum(tl.load(prev + sp[:, None] * D + rk[None, :], cache_modifier=".cg"), axis=0)
                     x = x.to(tl.bfloat16).to(tl.float32)  # the link's output, rounded as a GEMM stores it
                 y = tl.sum(w.to(tl.float32) * x[None, :], axis=1)  # [BLOCK_N]
                 tl.store(part_ptr + link.to(tl.int64) * SPLITS * D + (r % SPLITS) * D + rn, y)
                 tl.debug_barrier()  # every thread's partial is written before the count
-                tl.atomic_add(done_ptr + link, 1, sem="release")
+                tl.atomic_add(done_ptr + link * SPLITS + (r // SPLITS) * BLOCK_N // BLOCK_K, 1, sem="release")
 
 
 def chain_persistent(w: torch.Tensor, x0: torch.Tensor, programs: int, prefetch: bool = False) -> torch.Tensor:
     """w [P, D, D] bf16, x0 [D] bf16 -> the last link's output [D] (bf16) by the persistent
     launch over `programs` programs (1 under the CPU interpreter)."""
     P, n, k = w.shape
-    if n != k or n % BLOCK_N or k % SPLITS:
-        raise ValueError(f"links [{P}, {n}, {k}]: square, rows a multiple of {BLOCK_N}, columns of {SPLITS}")
+    if n != k or k % SPLITS or (k // SPLITS) % BLOCK_N:
+        raise ValueError(f"links [{P}, {n}, {k}]: square, a K slice (columns / {SPLITS}) a multiple of {BLOCK_N} rows")
     tasks = (n // BLOCK_N) * SPLITS
     part = torch.empty(P, SPLITS, n, dtype=torch.float32, device=w.device)
-    done = torch.zeros(P, dtype=torch.int32, device=w.device)
-    args = (w, x0, part, done, P, n, tasks, programs)
+    # a counter a (link, K slice of the next link): the tiles of that slice's rows, every split
+    done = torch.zeros(P * SPLITS, dtype=torch.int32, device=w.device)
+    args = (w, x0, part, done, P, n, tasks, (k // SPLITS) // BLOCK_N * SPLITS, programs)
     consts = dict(BLOCK_N=BLOCK_N, BLOCK_K=k // SPLITS, SPLITS=SPLITS, ITERS=triton.cdiv(P * tasks, programs),
                   PREFETCH=prefetch, num_warps=NUM_WARPS)
     if w.is_cuda:  # every program must be resident, or a spinning one can wait on one never started
