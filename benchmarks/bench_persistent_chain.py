@@ -12,8 +12,8 @@ that link's output. This is that design at its simplest, over P links y_p = W_p 
 - tasks (link, 32-row tile, K split) are numbered link by link; program g of G takes
   tasks g, g + G, ... (all G programs are resident, so every task a program waits on was
   taken by a program that runs: no deadlock; under the CPU interpreter G = 1, in order);
-- a task loads its weight tile first (it depends on nothing), asks L2 for its next task's
-  tile, then spins until the previous link's counter of its K slice (the tasks that wrote
+- a task loads its weight tile first (it depends on nothing; with AHEAD the program loads
+  its next task's tile before it waits on this one, two tiles in its registers), then spins until the previous link's counter of its K slice (the tasks that wrote
   those rows, every split; one counter a slice, so the counts spread over SPLITS
   addresses and a slice is read as soon as it is complete) is full, reads that link's
   float32 partials of its K slice (summed in split order, rounded to bf16 as a GEMM's
@@ -58,30 +58,39 @@ SMEM_PER_SM = 228 * 1024  # a Hopper SM's shared memory: one limit on the progra
 if triton is not None:
 
     @triton.jit
+    def _task_tile(w_ptr, t, D, TASKS_PER_LINK, TOTAL, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                   SPLITS: tl.constexpr):
+        """Task t's weight tile [BLOCK_N, BLOCK_K] (zeros past the last task)."""
+        link = t // TASKS_PER_LINK
+        r = t % TASKS_PER_LINK
+        rn = (r // SPLITS) * BLOCK_N + tl.arange(0, BLOCK_N)
+        rk = (r % SPLITS) * BLOCK_K + tl.arange(0, BLOCK_K)
+        ok = (tl.arange(0, BLOCK_N) * 0 + t) < TOTAL
+        return tl.load(w_ptr + link.to(tl.int64) * D * D + rn[:, None] * D + rk[None, :], mask=ok[:, None],
+                       other=0.0)
+
+    @triton.jit
     def _chain_kernel(w_ptr, x0_ptr, part_ptr, done_ptr, P, D, TASKS_PER_LINK, SLICE_TASKS, G,
                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLITS: tl.constexpr,
-                      ITERS: tl.constexpr, PREFETCH: tl.constexpr):
+                      ITERS: tl.constexpr, AHEAD: tl.constexpr):
         g = tl.program_id(0)
+        total = P * TASKS_PER_LINK
         rn0 = tl.arange(0, BLOCK_N)
         rk0 = tl.arange(0, BLOCK_K)
         sp = tl.arange(0, SPLITS)
+        w_next = _task_tile(w_ptr, g, D, TASKS_PER_LINK, total, BLOCK_N, BLOCK_K, SPLITS)
         for i in range(0, ITERS):
             t = i * G + g
-            if t < P * TASKS_PER_LINK:
+            w = w_next
+            if AHEAD:  # the next task's tile is loaded while this one waits and computes
+                w_next = _task_tile(w_ptr, t + G, D, TASKS_PER_LINK, total, BLOCK_N, BLOCK_K, SPLITS)
+            else:
+                w = _task_tile(w_ptr, t, D, TASKS_PER_LINK, total, BLOCK_N, BLOCK_K, SPLITS)
+            if t < total:
                 link = t // TASKS_PER_LINK
                 r = t % TASKS_PER_LINK
                 rn = (r // SPLITS) * BLOCK_N + rn0
                 rk = (r % SPLITS) * BLOCK_K + rk0
-                w = tl.load(w_ptr + link.to(tl.int64) * D * D + rn[:, None] * D + rk[None, :])
-                if PREFETCH:  # the next task's tile, asked of L2 while this one waits
-                    nt = t + G
-                    if nt < P * TASKS_PER_LINK:
-                        nl = nt // TASKS_PER_LINK
-                        nr = nt % TASKS_PER_LINK
-                        nptr = (w_ptr + nl.to(tl.int64) * D * D + ((nr // SPLITS) * BLOCK_N + rn0)[:, None] * D
-                                + ((nr % SPLITS) * BLOCK_K + rk0)[None, :])
-                        tl.inline_asm_elementwise("prefetch.global.L2 [$1]; mov.u32 $0, 0;", "=r,l", [nptr],
-                                                  dtype=tl.int32, is_pure=False, pack=1)
                 if link == 0:
                     x = tl.load(x0_ptr + rk).to(tl.float32)
                 else:
@@ -102,9 +111,10 @@ if triton is not None:
                 tl.atomic_add(done_ptr + link * SPLITS + (r // SPLITS) * BLOCK_N // BLOCK_K, 1, sem="release")
 
 
-def chain_persistent(w: torch.Tensor, x0: torch.Tensor, programs: int, prefetch: bool = False) -> torch.Tensor:
+def chain_persistent(w: torch.Tensor, x0: torch.Tensor, programs: int, ahead: bool = False) -> torch.Tensor:
     """w [P, D, D] bf16, x0 [D] bf16 -> the last link's output [D] (bf16) by the persistent
-    launch over `programs` programs (1 under the CPU interpreter)."""
+    launch over `programs` programs (1 under the CPU interpreter); `ahead`: each program
+    loads its next task's tile before it waits on the current one."""
     P, n, k = w.shape
     if n != k or k % SPLITS or (k // SPLITS) % BLOCK_N:
         raise ValueError(f"links [{P}, {n}, {k}]: square, a K slice (columns / {SPLITS}) a multiple of {BLOCK_N} rows")
@@ -114,7 +124,7 @@ def chain_persistent(w: torch.Tensor, x0: torch.Tensor, programs: int, prefetch:
     done = torch.zeros(P * SPLITS, dtype=torch.int32, device=w.device)
     args = (w, x0, part, done, P, n, tasks, (k // SPLITS) // BLOCK_N * SPLITS, programs)
     consts = dict(BLOCK_N=BLOCK_N, BLOCK_K=k // SPLITS, SPLITS=SPLITS, ITERS=triton.cdiv(P * tasks, programs),
-                  PREFETCH=prefetch, num_warps=NUM_WARPS)
+                  AHEAD=ahead, num_warps=NUM_WARPS)
     if w.is_cuda:  # every program must be resident, or a spinning one can wait on one never started
         compiled = _chain_kernel.warmup(*args, grid=(1,), **consts)
         compiled._init_handles()
@@ -205,9 +215,9 @@ def main(argv=None) -> int:
 
     variants = [("skinny GEMM a link (PDL)", links_skinny), ("cuBLAS a link", links_cublas)]
     for pps in PROGRAMS_PER_SM:
-        for prefetch in (False, True):
-            variants.append((f"persistent, {pps} program(s) an SM{', next tile to L2' if prefetch else ''}",
-                             lambda pps=pps, prefetch=prefetch: chain_persistent(w, x0, sms * pps, prefetch)))
+        for ahead in (False, True):
+            variants.append((f"persistent, {pps} program(s) an SM{', next tile loaded ahead' if ahead else ''}",
+                             lambda pps=pps, ahead=ahead: chain_persistent(w, x0, sms * pps, ahead)))
     for name, fn in variants:
         try:
             got = fn().view(-1)

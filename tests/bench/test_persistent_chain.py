@@ -22,11 +22,12 @@ g = torch.Generator().manual_seed(0)
 P, D = 3, 256
 w = (0.05 * torch.randn(P, D, D, generator=g)).to(torch.bfloat16)  # gain ~0.8 a link
 x0 = torch.randn(D, generator=g).to(torch.bfloat16)
-got = chain.chain_persistent(w, x0, programs=1, prefetch=False)
 want = chain.chain_reference(w, x0)
-assert got.shape == (D,) and got.dtype == torch.bfloat16
-torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
-assert not torch.equal(got, torch.zeros_like(got))
+for ahead in (False, True):
+    got = chain.chain_persistent(w, x0, programs=1, ahead=ahead)
+    assert got.shape == (D,) and got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
+    assert not torch.equal(got, torch.zeros_like(got))
 print("ok")
 """
 
