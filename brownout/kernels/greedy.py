@@ -74,7 +74,7 @@ if triton is not None:
                            cache_modifier=".cg")
             idx = tl.load(part_idx_ptr + row * PIECES + p, mask=ok, other=V, cache_modifier=".cg")
             # names of their own: the compiler types a name the branch rebinds by its value
-            # before the branch, and these are PIECES_PAD wide, not CHUNK
+            # before the branch, where the piece's NaN mask is CHUNK wide and this one PIECES_PAD
             row_nan = vals != vals
             row_first_nan = tl.min(tl.where(row_nan, idx, V), 0)
             top = tl.max(tl.where(row_nan, float("-inf"), vals), 0)

@@ -1,6 +1,9 @@
-"""The persistent chain of GEMVs (`benchmarks/bench_persistent_chain.py`) under triton's CPU
-interpreter, in one program (tasks in order): the chain's output against each link computed
-by torch with the same roundings."""
+"""The persistent chain of GEMVs (`benchmarks/bench_persistent_chain.py`): under triton's CPU
+interpreter, in one program (tasks in order), the chain's output against each link computed
+by torch with the same roundings; and its counters' protocol, which one program in order
+cannot test: each task counts into the counter of the rows it writes, each task waits on
+the counter of the rows it reads, and each counter expects exactly the tasks counting into
+it."""
 
 from __future__ import annotations
 
@@ -38,3 +41,29 @@ def test_chain_matches_the_links_under_the_interpreter():
     res = subprocess.run([sys.executable, "-c", SCRIPT, str(ROOT / "benchmarks" / "bench_persistent_chain.py")],
                          env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stderr[-3000:]
+
+
+def _chain_module():
+    import importlib.util
+
+    pytest.importorskip("triton")
+    spec = importlib.util.spec_from_file_location("chain", ROOT / "benchmarks" / "bench_persistent_chain.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("d", [256, 2048])  # the interpreter test's size, and the benchmark's
+def test_each_counter_counts_the_tasks_that_write_the_rows_its_readers_read(d):
+    chain = _chain_module()
+    n, splits, bk = chain.BLOCK_N, chain.SPLITS, d // chain.SPLITS
+    written = chain._slice_written.fn
+    read = chain._slice_read.fn
+    counts = [0] * splits
+    for r in range(d // n * splits):
+        rows = range((r // splits) * n, (r // splits + 1) * n)  # the rows task r writes
+        assert {row // bk for row in rows} == {written(r, splits, n, bk)}
+        counts[written(r, splits, n, bk)] += 1
+        cols = range((r % splits) * bk, (r % splits + 1) * bk)  # the previous link's rows it reads
+        assert {c // bk for c in cols} == {read(r, splits)}
+    assert counts == [chain.slice_tasks(d)] * splits
