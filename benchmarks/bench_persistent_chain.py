@@ -3,27 +3,30 @@ one persistent launch that hands each link's output to the next through counters
 
 The question it answers: what a kernel boundary costs a batch-1 decode step. A batch-1
 layer is a chain of small kernels whose time past their bytes is the hand-offs between
-them: each waits for the previous kernel to finish and then for its first bytes. A persistent kernel would keep every SM's programs resident and start
-each link's weight stream before the previous link is done, waiting only where it reads
-that link's output. This is that design at its simplest, over P links y_p = W_p x_{p-1}
-(W_p [D, D] bf16, x_0 given):
+them: each waits for the previous kernel to finish and then for its first bytes. A
+persistent kernel would keep every SM's programs resident and start each link's weight
+stream before the previous link is done, waiting only where it reads that link's output.
+This is that design at its simplest, over P links y_p = W_p x_{p-1} (W_p [D, D] bf16, x_0
+given):
 
 - tasks (link, 32-row tile, K split) are numbered link by link; program g of G takes
   tasks g, g + G, ... (all G programs are resident, so every task a program waits on was
   taken by a program that runs: no deadlock; under the CPU interpreter G = 1, in order);
 - a task loads its weight tile first (it depends on nothing; with AHEAD the program loads
-  its next task's tile before it waits on this one, two tiles in its registers), then spins until the previous link's counter of its K slice (the tasks that wrote
-  those rows, every split; one counter a slice, so the counts spread over SPLITS
-  addresses and a slice is read as soon as it is complete) is full, reads that link's
-  float32 partials of its K slice (summed in split order, rounded to bf16 as a GEMM's
-  output is), stores its partial and counts itself in (release, after a block barrier);
+  its next task's tile before it waits on this one, two tiles in its registers), then
+  spins until the previous link's counter of its K slice is full (the tasks that wrote
+  those rows, every split; one counter a slice, so the counts spread over SPLITS addresses
+  and a slice is read as soon as it is complete), reads that link's float32 partials of
+  its K slice (summed in split order, rounded to bf16 as a GEMM's output is), stores its
+  partial and counts itself in (release, after a block barrier);
 - the last link's partials, summed, are the chain's output.
 
 Timings inside CUDA graphs, replays between CUDA events, median of REPEATS: the chain as P
 launches of `skinny_linear` (PDL on), as P `F.linear` calls (cuBLAS), and as the persistent
 launch at several programs per SM (its graph also zeroes the counters and sums the last
-link's partials: three short kernels the others do not run). The weight bytes over the copy bandwidth is the floor;
-(time - floor) / P is what each link costs past its bytes.
+link's partials: three short kernels the others do not run). The weight bytes over the
+copy bandwidth (`bench_engine.copy_bandwidth`) is the floor; (time - floor) / P is what
+each link costs past its bytes.
 Writes chain.json and chain.md under --out.
 Usage: python benchmarks/bench_persistent_chain.py --out DIR   (CUDA GPU with triton required)
 """
@@ -50,7 +53,6 @@ SPLITS = 8  # K splits per tile: 512 tasks a link, about four per SM, as the ski
 PROGRAMS_PER_SM = (1, 2, 4)  # persistent programs an SM: more tiles in flight per link
 REPEATS = 5  # timing repeats per variant: the spread between them shows the noise
 REPLAYS = 50  # graph replays a repeat, whose median drops the odd slow replay
-COPY_ROUNDS = 5  # device copies timed for the bandwidth: the fastest is the ceiling
 MATCH_TOL = 0.05  # a variant's largest error over the output's scale: bf16 rounding over 24 links stays far under it
 NUM_WARPS = 4  # a task's [32, 256] tile over 128 threads: 64 weights a thread, no spills
 SMEM_PER_SM = 228 * 1024  # a Hopper SM's shared memory, where the device does not report it
@@ -168,22 +170,6 @@ def chain_reference(w: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def copy_bandwidth(dev: torch.device) -> float:
-    """Bytes/s of a 1 GiB device copy (read + write), the fastest of COPY_ROUNDS: the floor's rate."""
-    src = torch.empty(1 << 29, dtype=torch.bfloat16, device=dev)
-    dst = torch.empty_like(src)
-    best = float("inf")
-    for _ in range(COPY_ROUNDS):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        dst.copy_(src)
-        a.record()
-        dst.copy_(src)
-        b.record()
-        b.synchronize()
-        best = min(best, a.elapsed_time(b) / 1e3)
-    return 2 * src.numel() * src.element_size() / best
-
-
 def _time_graph(fn, repeats: int = REPEATS, replays: int = REPLAYS) -> list[float]:
     """us per call of fn, captured in a CUDA graph, median of `replays` per repeat."""
     fn()
@@ -210,6 +196,9 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True, type=Path)
     args = ap.parse_args(argv)
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from bench_engine import copy_bandwidth  # the engine runs' roofline rate, measured the same way
+
     from brownout.kernels import skinny_gemm as sk
 
     dev = torch.device("cuda")
@@ -217,7 +206,7 @@ def main(argv=None) -> int:
     w = (0.02 * torch.randn(LINKS, D, D, device=dev)).to(torch.bfloat16)
     x0 = torch.randn(D, device=dev).to(torch.bfloat16)
     want = chain_reference(w, x0)
-    bw = copy_bandwidth(dev)
+    bw = copy_bandwidth()
     floor_us = w.numel() * w.element_size() / bw * 1e6
     sms = torch.cuda.get_device_properties(dev).multi_processor_count
     rows = []

@@ -14,11 +14,11 @@ for sm_90 here, in a fresh process that imports triton for compiled kernels:
 - launches of every kernel the kernel tests launch (among them those the CPU engine does not
   make: its norms, rotary, the skinny GEMM and the greedy kernel serve CUDA tensors only,
   brownout routing needs united experts), from `sm90_launches.json`: argument types and
-  constants recorded, as the engine's are here, from those tests under the interpreter,
-  as few launches a kernel as cover
-  every value its tests give each branch-selecting constant (the compiler types only the
-  branch a constant selects). A kernel whose arguments change fails with the names it
-  lacks; `python tests/kernels/test_sm90_compile.py` records the file again.
+  constants recorded, as the engine's are here, from those tests under the interpreter, as
+  few launches a kernel as cover every value its tests give each branch-selecting constant
+  (the compiler types only the branch a constant selects). A kernel whose arguments change
+  fails with the names it lacks; `python tests/kernels/test_sm90_compile.py` records the
+  file again.
 
 Every kernel defined in `brownout/kernels` must be in one of these sets. The compiler here
 sees plain 32-bit integers where a GPU launch may specialise an argument equal to 1 or
