@@ -81,18 +81,25 @@ def render(variants: list[tuple[str, Path]], title: str, note: str = "") -> str:
     loops = {label: [r for r in (runs[label]["loop"] or []) if r.get("async_scheduling") and "batch" in r
                      and r.get("period_ms") and r.get("roofline_ms")]
              for label in labels}
-    if all(loops.values()):
-        lines += ["", "## The engine's loop with async scheduling (period ms; / roofline)", "",
-                  "| batch | " + " | ".join(f"{label} ms | / roofline" for label in labels) + " | "
-                  + " | ".join(f"{label} / {base}" for label in labels[1:]) + " |",
-                  "|---|" + "---|---|" * len(labels) + "---|" * (len(labels) - 1)]
-        for r0 in loops[base]:
-            match = {label: next((r for r in loops[label] if r["batch"] == r0["batch"]), None) for label in labels}
+    # the variants whose loop stage finished (a process cut by its time limit has none),
+    # against the first of them
+    have = [label for label in labels if loops[label]]
+    if len(have) > 1 or have == labels:
+        lbase = have[0]
+        missing = [label for label in labels if label not in have]
+        lines += ["", "## The engine's loop with async scheduling (period ms; / roofline)", ""]
+        if missing:
+            lines += [f"No loop stage in {', '.join(missing)}: the ratios are against {lbase}.", ""]
+        lines += ["| batch | " + " | ".join(f"{label} ms | / roofline" for label in have) + " | "
+                  + " | ".join(f"{label} / {lbase}" for label in have[1:]) + " |",
+                  "|---|" + "---|---|" * len(have) + "---|" * (len(have) - 1)]
+        for r0 in loops[lbase]:
+            match = {label: next((r for r in loops[label] if r["batch"] == r0["batch"]), None) for label in have}
             if any(v is None for v in match.values()):
                 continue
             cells = [f"{match[label]['period_ms']:.3f} | {match[label]['period_ms'] / roof(label, match[label]):.2f}x"
-                     for label in labels]
-            ratios = [f"{match[label]['period_ms'] / r0['period_ms']:.3f}" for label in labels[1:]]
+                     for label in have]
+            ratios = [f"{match[label]['period_ms'] / r0['period_ms']:.3f}" for label in have[1:]]
             lines.append(f"| {r0['batch']} | " + " | ".join(cells) + " | " + " | ".join(ratios) + " |")
 
     if all(runs[label]["brownout"] for label in labels):
