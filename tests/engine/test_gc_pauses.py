@@ -30,7 +30,9 @@ def test_freeze_moves_the_live_heap_out_of_full_collections():
     keep = [_Node() for _ in range(2000)]
     try:
         frozen = freeze_startup_heap()
-        assert frozen >= 2000 and gc.get_freeze_count() == frozen
+        # Frozen objects still die by reference count (a background thread's frames, say), so
+        # the count can only fall after the freeze, never below what this test keeps alive.
+        assert frozen >= 2000 and 2000 <= gc.get_freeze_count() <= frozen
         before = len(gc.get_objects(generation=2))
         garbage = [_Node() for _ in range(500)]
         del garbage
