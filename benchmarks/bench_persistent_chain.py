@@ -19,7 +19,10 @@ given):
   and a slice is read as soon as it is complete), reads that link's float32 partials of
   its K slice (summed in split order, rounded to bf16 as a GEMM's output is), stores its
   partial and counts itself in (release, after a block barrier);
-- the last link's partials, summed, are the chain's output.
+- the last link's partials, summed, are the chain's output;
+- with as many programs as a link has tasks, each program takes one task a link, and AHEAD
+  streams its next link's tile while it waits on this link: the whole next link's weights are
+  in flight during each hand-off (TASK_A_LINK's layouts).
 
 Timings inside CUDA graphs, replays between CUDA events, median of REPEATS: the chain as P
 launches of `skinny_linear` (PDL on), as P `F.linear` calls (cuBLAS), and as the persistent
@@ -51,6 +54,9 @@ LINKS = 24  # one link a layer of the model
 BLOCK_N = 32  # weight rows per task, as the skinny GEMM's tiles
 SPLITS = 8  # K splits per tile: 512 tasks a link, about four per SM, as the skinny GEMM spreads one
 PROGRAMS_PER_SM = (1, 2, 4)  # persistent programs an SM: more tiles in flight per link
+# (rows a tile, warps) of the layouts with one task a program a link: 16, 32 and 64 KB tiles, so
+# that with AHEAD each program streams the next link's tile while it waits on this one
+TASK_A_LINK = ((32, 4), (64, 8), (128, 8))
 REPEATS = 5  # timing repeats per variant: the spread between them shows the noise
 REPLAYS = 50  # graph replays a repeat, whose median drops the odd slow replay
 MATCH_TOL = 0.05  # a variant's largest error over the output's scale: bf16 rounding over 24 links stays far under it
@@ -127,33 +133,40 @@ if triton is not None:
                 tl.atomic_add(done_ptr + link * SPLITS + _slice_written(r, SPLITS, BLOCK_N, BLOCK_K), 1, sem="release")
 
 
-def slice_tasks(d: int) -> int:
+def slice_tasks(d: int, block_n: int = BLOCK_N, splits: int = SPLITS) -> int:
     """Tasks that write one K slice of a link's output: its rows' tiles, every split."""
-    return (d // SPLITS) // BLOCK_N * SPLITS
+    return (d // splits) // block_n * splits
 
 
-def chain_persistent(w: torch.Tensor, x0: torch.Tensor, programs: int, ahead: bool = False) -> torch.Tensor:
+def tasks_per_link(d: int, block_n: int = BLOCK_N, splits: int = SPLITS) -> int:
+    """A link's tasks: its row tiles times its K splits."""
+    return (d // block_n) * splits
+
+
+def chain_persistent(w: torch.Tensor, x0: torch.Tensor, programs: int, ahead: bool = False,
+                     block_n: int = BLOCK_N, splits: int = SPLITS, num_warps: int = NUM_WARPS) -> torch.Tensor:
     """w [P, D, D] bf16, x0 [D] bf16 -> the last link's output [D] (bf16) by the persistent
     launch over `programs` programs (1 under the CPU interpreter); `ahead`: each program
-    loads its next task's tile before it waits on the current one."""
+    loads its next task's tile before it waits on the current one. With `programs` equal to
+    a link's tasks, each program takes one task a link, and its next task is the next link's."""
     P, n, k = w.shape
-    if n != k or k % SPLITS or (k // SPLITS) % BLOCK_N:
-        raise ValueError(f"links [{P}, {n}, {k}]: square, a K slice (columns / {SPLITS}) a multiple of {BLOCK_N} rows")
-    tasks = (n // BLOCK_N) * SPLITS
-    part = torch.empty(P, SPLITS, n, dtype=torch.float32, device=w.device)
+    if n != k or k % splits or (k // splits) % block_n:
+        raise ValueError(f"links [{P}, {n}, {k}]: square, a K slice (columns / {splits}) a multiple of {block_n} rows")
+    tasks = tasks_per_link(n, block_n, splits)
+    part = torch.empty(P, splits, n, dtype=torch.float32, device=w.device)
     # a counter a (link, K slice of the next link): the tiles of that slice's rows, every split
-    done = torch.zeros(P * SPLITS, dtype=torch.int32, device=w.device)
-    args = (w, x0, part, done, P, n, tasks, slice_tasks(k), programs)
-    consts = dict(BLOCK_N=BLOCK_N, BLOCK_K=k // SPLITS, SPLITS=SPLITS, ITERS=triton.cdiv(P * tasks, programs),
-                  AHEAD=ahead, num_warps=NUM_WARPS)
+    done = torch.zeros(P * splits, dtype=torch.int32, device=w.device)
+    args = (w, x0, part, done, P, n, tasks, slice_tasks(k, block_n, splits), programs)
+    consts = dict(BLOCK_N=block_n, BLOCK_K=k // splits, SPLITS=splits, ITERS=triton.cdiv(P * tasks, programs),
+                  AHEAD=ahead, num_warps=num_warps)
     if w.is_cuda:  # every program must be resident, or a spinning one can wait on one never started
         compiled = _chain_kernel.warmup(*args, grid=(1,), **consts)
         compiled._init_handles()
         props = torch.cuda.get_device_properties(w.device)
-        regs = -(-compiled.n_regs // REG_GRANULE) * REG_GRANULE * 32 * NUM_WARPS
+        regs = -(-compiled.n_regs // REG_GRANULE) * REG_GRANULE * 32 * num_warps
         smem = getattr(props, "shared_memory_per_multiprocessor", SMEM_PER_SM)
         per_sm = min(getattr(props, "regs_per_multiprocessor", 65536) // max(1, regs),
-                     props.max_threads_per_multi_processor // (32 * NUM_WARPS),
+                     props.max_threads_per_multi_processor // (32 * num_warps),
                      smem // (compiled.metadata.shared + SMEM_RESERVED))
         if programs > per_sm * props.multi_processor_count:
             raise ValueError(f"{programs} programs, but only {per_sm} an SM fit ({compiled.n_regs} registers a "
@@ -228,6 +241,13 @@ def main(argv=None) -> int:
         for ahead in (False, True):
             variants.append((f"persistent, {pps} program(s) an SM{', next tile loaded ahead' if ahead else ''}",
                              lambda pps=pps, ahead=ahead: chain_persistent(w, x0, sms * pps, ahead)))
+    for block_n, warps in TASK_A_LINK:
+        g = tasks_per_link(D, block_n)
+        for ahead in (False, True):
+            variants.append((f"persistent, one {block_n}-row task a program a link ({g} programs, {warps} warps)"
+                             f"{', next link loaded ahead' if ahead else ''}",
+                             lambda g=g, ahead=ahead, block_n=block_n, warps=warps:
+                             chain_persistent(w, x0, g, ahead, block_n=block_n, num_warps=warps)))
     for name, fn in variants:
         try:
             got = fn().view(-1)

@@ -26,8 +26,8 @@ P, D = 3, 256
 w = (0.05 * torch.randn(P, D, D, generator=g)).to(torch.bfloat16)  # gain ~0.8 a link
 x0 = torch.randn(D, generator=g).to(torch.bfloat16)
 want = chain.chain_reference(w, x0)
-for ahead in (False, True):
-    got = chain.chain_persistent(w, x0, programs=1, ahead=ahead)
+for ahead, block_n, splits in ((False, 32, 8), (True, 32, 8), (True, 64, 4)):
+    got = chain.chain_persistent(w, x0, programs=1, ahead=ahead, block_n=block_n, splits=splits)
     assert got.shape == (D,) and got.dtype == torch.bfloat16
     torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
     assert not torch.equal(got, torch.zeros_like(got))
@@ -53,17 +53,18 @@ def _chain_module():
     return module
 
 
-@pytest.mark.parametrize("d", [256, 2048])  # the interpreter test's size, and the benchmark's
-def test_each_counter_counts_the_tasks_that_write_the_rows_its_readers_read(d):
+@pytest.mark.parametrize("d,n,splits", [(256, 32, 8), (256, 64, 4), (2048, 32, 8), (2048, 64, 8), (2048, 128, 8)])
+def test_each_counter_counts_the_tasks_that_write_the_rows_its_readers_read(d, n, splits):
+    """At the interpreter test's sizes and at each layout the benchmark times."""
     chain = _chain_module()
-    n, splits, bk = chain.BLOCK_N, chain.SPLITS, d // chain.SPLITS
+    bk = d // splits
     written = chain._slice_written.fn
     read = chain._slice_read.fn
     counts = [0] * splits
-    for r in range(d // n * splits):
+    for r in range(chain.tasks_per_link(d, n, splits)):
         rows = range((r // splits) * n, (r // splits + 1) * n)  # the rows task r writes
         assert {row // bk for row in rows} == {written(r, splits, n, bk)}
         counts[written(r, splits, n, bk)] += 1
         cols = range((r % splits) * bk, (r % splits + 1) * bk)  # the previous link's rows it reads
         assert {c // bk for c in cols} == {read(r, splits)}
-    assert counts == [chain.slice_tasks(d)] * splits
+    assert counts == [chain.slice_tasks(d, n, splits)] * splits
